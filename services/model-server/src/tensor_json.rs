@@ -1,0 +1,184 @@
+//! JSON <-> tensor conversion in TensorFlow Serving's REST conventions: a tensor is a
+//! (nested) JSON array in row-major order whose nesting gives the shape.
+//!
+//! Request bodies use TF Serving's two layouts: columnar `{"inputs": {"name": [...]}}`
+//! (or a bare value for a single-input signature) and row `{"instances": [...]}`, where
+//! each instance is an object keyed by input name or, for a single input, the row itself.
+
+use std::collections::BTreeMap;
+
+use savedmodel::{DatumType, SignatureSpec, Tensor};
+use serde_json::{Map, Value, json};
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum JsonTensorError {
+    #[error("request must be an object with \"inputs\" or \"instances\"")]
+    Layout,
+    #[error("input {name:?}: {detail}")]
+    Input { name: String, detail: String },
+    #[error("\"instances\" must be a non-empty array")]
+    EmptyInstances,
+    #[error("instance {index} is missing input {name:?}")]
+    InstanceMissing { index: usize, name: String },
+    #[error("signature has {0} inputs; name them in an object")]
+    Unnamed(usize),
+}
+
+/// Parses a request body into named tensors, typed by the signature's input dtypes.
+pub fn parse_request(body: &Value, spec: &SignatureSpec) -> Result<Vec<(String, Tensor)>, JsonTensorError> {
+    let object = body.as_object().ok_or(JsonTensorError::Layout)?;
+    let names: Vec<&String> = spec.inputs.keys().collect();
+    let columns: BTreeMap<String, Value> = if let Some(inputs) = object.get("inputs") {
+        match inputs {
+            Value::Object(map) if !(names.len() == 1 && !map.contains_key(names[0].as_str())) => {
+                map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+            }
+            single if names.len() == 1 => BTreeMap::from([(names[0].clone(), single.clone())]),
+            _ => return Err(JsonTensorError::Unnamed(names.len())),
+        }
+    } else if let Some(instances) = object.get("instances") {
+        let rows = instances.as_array().filter(|r| !r.is_empty()).ok_or(JsonTensorError::EmptyInstances)?;
+        let mut columns: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for (index, row) in rows.iter().enumerate() {
+            match row {
+                Value::Object(map) => {
+                    for name in &names {
+                        let value = map
+                            .get(name.as_str())
+                            .ok_or_else(|| JsonTensorError::InstanceMissing { index, name: name.to_string() })?;
+                        columns.entry(name.to_string()).or_default().push(value.clone());
+                    }
+                }
+                value if names.len() == 1 => columns.entry(names[0].clone()).or_default().push(value.clone()),
+                _ => return Err(JsonTensorError::Unnamed(names.len())),
+            }
+        }
+        columns.into_iter().map(|(k, v)| (k, Value::Array(v))).collect()
+    } else {
+        return Err(JsonTensorError::Layout);
+    };
+
+    columns
+        .into_iter()
+        .map(|(name, value)| {
+            // Unknown names are passed through: the engine rejects them naming the expected ones.
+            let datum_type = spec
+                .inputs
+                .get(&name)
+                .and_then(|s| DatumType::try_from(s.dtype).ok())
+                .unwrap_or(DatumType::F32);
+            let tensor = json_to_tensor(&value, datum_type)
+                .map_err(|detail| JsonTensorError::Input { name: name.clone(), detail })?;
+            Ok((name, tensor))
+        })
+        .collect()
+}
+
+/// Builds a tensor of `datum_type` from a nested JSON array (or a scalar).
+pub fn json_to_tensor(value: &Value, datum_type: DatumType) -> Result<Tensor, String> {
+    let mut shape = Vec::new();
+    let mut probe = value;
+    while let Value::Array(items) = probe {
+        shape.push(items.len());
+        match items.first() {
+            Some(first) => probe = first,
+            None => break,
+        }
+    }
+    let mut flat = Vec::new();
+    flatten(value, &shape, 0, &mut flat)?;
+    let tensor = match datum_type {
+        DatumType::F32 => Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_f64().map(|x| x as f32))?),
+        DatumType::F64 => Tensor::from_shape(&shape, &numbers(&flat, Value::as_f64)?),
+        DatumType::I32 => Tensor::from_shape(
+            &shape,
+            &numbers(&flat, |v| v.as_i64().and_then(|x| i32::try_from(x).ok()))?,
+        ),
+        DatumType::I64 => Tensor::from_shape(&shape, &numbers(&flat, Value::as_i64)?),
+        DatumType::Bool => Tensor::from_shape(&shape, &numbers(&flat, Value::as_bool)?),
+        other => return Err(format!("dtype {other:?} is not supported in JSON")),
+    };
+    tensor.map_err(|e| e.to_string())
+}
+
+fn flatten<'a>(value: &'a Value, shape: &[usize], depth: usize, out: &mut Vec<&'a Value>) -> Result<(), String> {
+    match value {
+        Value::Array(items) => {
+            if shape.get(depth) != Some(&items.len()) {
+                return Err(format!("ragged array: expected {} items at depth {depth}, found {}", shape.get(depth).copied().unwrap_or(0), items.len()));
+            }
+            items.iter().try_for_each(|item| flatten(item, shape, depth + 1, out))
+        }
+        scalar if depth == shape.len() => {
+            out.push(scalar);
+            Ok(())
+        }
+        _ => Err(format!("ragged array: a scalar at depth {depth} where {} levels are nested", shape.len())),
+    }
+}
+
+fn numbers<T>(flat: &[&Value], convert: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>, String> {
+    flat.iter()
+        .map(|v| convert(v).ok_or_else(|| format!("{v} is not a valid {}", std::any::type_name::<T>())))
+        .collect()
+}
+
+/// Renders a tensor as a nested JSON array.
+pub fn tensor_to_json(tensor: &Tensor) -> Value {
+    fn nest(values: &[Value], shape: &[usize]) -> Value {
+        match shape.split_first() {
+            None => values.first().cloned().unwrap_or(Value::Null),
+            Some((&n, rest)) => {
+                let stride = rest.iter().product::<usize>();
+                Value::Array((0..n).map(|i| nest(&values[i * stride..(i + 1) * stride], rest)).collect())
+            }
+        }
+    }
+    let values: Vec<Value> = match tensor.datum_type() {
+        DatumType::Bool => plain::<bool>(tensor).into_iter().map(Value::from).collect(),
+        DatumType::I32 | DatumType::I64 => match tensor.cast_to::<i64>() {
+            Ok(t) => plain::<i64>(&t).into_iter().map(Value::from).collect(),
+            Err(e) => return json!({ "error": e.to_string() }),
+        },
+        _ => match tensor.cast_to::<f64>() {
+            Ok(t) => plain::<f64>(&t).into_iter().map(Value::from).collect(),
+            Err(e) => return json!({ "error": e.to_string() }),
+        },
+    };
+    nest(&values, tensor.shape())
+}
+
+fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
+    tensor
+        .try_as_plain_ram()
+        .ok()
+        .and_then(|t| t.as_slice::<T>().ok().map(<[T]>::to_vec))
+        .unwrap_or_default()
+}
+
+/// `{"outputs": {name: nested array}}`, TF Serving's columnar response.
+pub fn outputs_to_json(outputs: &BTreeMap<String, Tensor>) -> Value {
+    let map: Map<String, Value> = outputs.iter().map(|(k, t)| (k.clone(), tensor_to_json(t))).collect();
+    json!({ "outputs": map })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nested_arrays_round_trip_with_their_shape() {
+        let value = json!([[1.5, 2.0, -3.0], [4.0, 5.0, 6.25]]);
+        let tensor = json_to_tensor(&value, DatumType::F32).unwrap();
+        assert_eq!(tensor.shape(), &[2, 3]);
+        assert_eq!(tensor_to_json(&tensor), value);
+    }
+
+    #[test]
+    fn ragged_arrays_and_wrong_types_are_rejected() {
+        assert!(json_to_tensor(&json!([[1.0, 2.0], [3.0]]), DatumType::F32).unwrap_err().contains("ragged"));
+        assert!(json_to_tensor(&json!([1.5]), DatumType::I64).unwrap_err().contains("not a valid"));
+        assert!(json_to_tensor(&json!([3_000_000_000i64]), DatumType::I32).is_err());
+    }
+}

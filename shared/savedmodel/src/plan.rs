@@ -1,0 +1,177 @@
+//! A compiled signature: an optimized tract plan plus the mapping between signature
+//! keys and plan inputs/outputs.
+//!
+//! Unknown dimensions become tract symbols: axis 0 of every input shares the symbol `N`
+//! (the batch, which TF requires to agree across inputs), other unknown axes get their own
+//! symbol. The plan is therefore built once and runs any batch size.
+
+use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_tensorflow::tract_hir::internal::*;
+use tract_tensorflow::tract_hir::prelude::{InferenceModelExt, TypedRunnableModel};
+
+use crate::error::{LoadError, PredictError};
+use crate::freeze::FrozenGraph;
+use crate::saved_model::{SignatureSpec, engine};
+
+/// Symbol used for the batch axis of every input.
+const BATCH_SYMBOL: &str = "N";
+
+/// An input's datum type and shape as the plan expects them (`None` = any size).
+#[derive(Debug, Clone)]
+struct InputCheck {
+    key: String,
+    datum_type: DatumType,
+    dims: Vec<Option<usize>>,
+}
+
+/// A signature ready to run. Cheap to share: clone the `Arc` it is usually held in.
+#[derive(Debug)]
+pub struct SignaturePlan {
+    spec: SignatureSpec,
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<InputCheck>,
+    /// Signature output key -> index in the plan's outputs.
+    outputs: Vec<(String, usize)>,
+}
+
+impl SignaturePlan {
+    pub(crate) fn build(pb_path: &Path, spec: SignatureSpec, frozen: &FrozenGraph) -> Result<Self, LoadError> {
+        let error = |detail: String| LoadError::Plan { path: pb_path.to_owned(), signature: spec.name.clone(), detail };
+        let mut inputs = Vec::new();
+        for (key, _) in &frozen.inputs {
+            let tensor = &spec.inputs[key];
+            let datum_type = DatumType::try_from(tensor.dtype)
+                .ok()
+                .filter(|dt| dt.is_number() || *dt == DatumType::Bool)
+                .ok_or_else(|| error(format!("input {key:?} has dtype {}; only numeric inputs are supported", tensor.dtype.as_str_name())))?;
+            let shape = tensor
+                .shape
+                .as_ref()
+                .ok_or_else(|| error(format!("input {key:?} has an unknown rank; the engine needs a rank")))?;
+            let dims = shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+            inputs.push(InputCheck { key: key.clone(), datum_type, dims });
+        }
+
+        // tract may panic on graphs it does not expect; a bad model must not take the
+        // process down, so a panic becomes a load error like any other.
+        let built = catch_unwind(AssertUnwindSafe(|| build_plan(frozen, &inputs)))
+            .map_err(|panic| error(format!("the engine panicked: {}", panic_message(&panic))))?
+            .map_err(|e| error(format!("{e:#}")))?;
+        let (plan, outputs) = built;
+        Ok(Self { spec, plan, inputs, outputs })
+    }
+
+    pub fn spec(&self) -> &SignatureSpec {
+        &self.spec
+    }
+
+    /// Runs the signature. Inputs are keyed by signature input name; outputs likewise.
+    pub fn run(
+        &self,
+        inputs: impl IntoIterator<Item = (String, Tensor)>,
+    ) -> Result<BTreeMap<String, Tensor>, PredictError> {
+        let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
+        for (name, tensor) in inputs {
+            if !self.inputs.iter().any(|i| i.key == name) {
+                return Err(PredictError::UnknownInput {
+                    name,
+                    expected: self.inputs.iter().map(|i| i.key.clone()).collect(),
+                });
+            }
+            given.insert(name, tensor);
+        }
+        let mut ordered = TVec::new();
+        let mut batch: Option<(&str, usize)> = None;
+        for check in &self.inputs {
+            let tensor = given.remove(&check.key).ok_or_else(|| PredictError::MissingInput { name: check.key.clone() })?;
+            check.validate(&tensor)?;
+            if check.dims.first() == Some(&None) {
+                let size = tensor.shape()[0];
+                match batch {
+                    Some((other, expected)) if expected != size => {
+                        return Err(PredictError::Batch {
+                            detail: format!("{other:?} has {expected} rows, {:?} has {size}", check.key),
+                        });
+                    }
+                    _ => batch = Some((&check.key, size)),
+                }
+            }
+            ordered.push(tensor.into_tvalue());
+        }
+        let results = catch_unwind(AssertUnwindSafe(|| self.plan.run(ordered)))
+            .map_err(|panic| PredictError::Engine(format!("the engine panicked: {}", panic_message(&panic))))?
+            .map_err(|e| PredictError::Engine(format!("{e:#}")))?;
+        Ok(self
+            .outputs
+            .iter()
+            .map(|(key, index)| (key.clone(), results[*index].clone().into_tensor()))
+            .collect())
+    }
+}
+
+impl InputCheck {
+    fn validate(&self, tensor: &Tensor) -> Result<(), PredictError> {
+        if tensor.datum_type() != self.datum_type {
+            return Err(PredictError::Dtype {
+                name: self.key.clone(),
+                expected: format!("{:?}", self.datum_type).to_lowercase(),
+                got: format!("{:?}", tensor.datum_type()).to_lowercase(),
+            });
+        }
+        let shape = tensor.shape();
+        let fits = shape.len() == self.dims.len() && self.dims.iter().zip(shape).all(|(d, s)| d.is_none_or(|d| d == *s));
+        if !fits {
+            let expected = self.dims.iter().map(|d| d.map_or("-1".to_owned(), |d| d.to_string())).collect::<Vec<_>>();
+            return Err(PredictError::Shape {
+                name: self.key.clone(),
+                expected: format!("[{}]", expected.join(",")),
+                got: shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn build_plan(frozen: &FrozenGraph, inputs: &[InputCheck]) -> TractResult<(Arc<TypedRunnableModel>, Vec<(String, usize)>)> {
+    let mut model = engine().parse_graph(&frozen.graph)?.0;
+    let batch = model.symbols.sym(BATCH_SYMBOL);
+    for (ix, check) in inputs.iter().enumerate() {
+        let shape: TVec<TDim> = check
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match d {
+                Some(d) => d.to_dim(),
+                None if axis == 0 => batch.to_dim(),
+                None => model.symbols.sym(&format!("{}_{axis}", check.key)).to_dim(),
+            })
+            .collect();
+        model.set_input_fact(ix, InferenceFact::dt_shape(check.datum_type, shape))?;
+    }
+    // Several signature outputs may name the same tensor: give the plan each tensor once.
+    let mut outlets: Vec<OutletId> = Vec::new();
+    let mut outputs = Vec::new();
+    for (key, node, index) in &frozen.outputs {
+        let outlet = OutletId::new(model.node_id_by_name(node)?, *index);
+        let position = outlets.iter().position(|o| *o == outlet).unwrap_or_else(|| {
+            outlets.push(outlet);
+            outlets.len() - 1
+        });
+        outputs.push((key.clone(), position));
+    }
+    model.select_output_outlets(&outlets)?;
+    let plan = model.into_optimized()?.into_runnable()?;
+    Ok((plan, outputs))
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
