@@ -65,11 +65,8 @@ impl Report {
                 }
             }
             let _ = writeln!(out, "  variables read: {}", s.frozen_variables);
-            let ops: Vec<String> = s
-                .ops
-                .iter()
-                .map(|o| format!("{}{}x{}", if o.supported { "" } else { "!" }, o.op, o.count))
-                .collect();
+            let ops: Vec<String> =
+                s.ops.iter().map(|o| format!("{}{}x{}", if o.supported { "" } else { "!" }, o.op, o.count)).collect();
             let _ = writeln!(out, "  ops ({} nodes): {}", s.ops.iter().map(|o| o.count).sum::<usize>(), ops.join(" "));
             match &s.engine {
                 Ok(took) => {

@@ -31,7 +31,8 @@ pub fn parse_request(body: &Value, spec: &SignatureSpec) -> Result<Vec<(String, 
     let names: Vec<&String> = spec.inputs.keys().collect();
     let columns: BTreeMap<String, Value> = if let Some(inputs) = object.get("inputs") {
         match inputs {
-            Value::Object(map) if !(names.len() == 1 && !map.contains_key(names[0].as_str())) => {
+            // An object keyed by input names; a single-input signature may also take the bare value.
+            Value::Object(map) if names.len() != 1 || map.contains_key(names[0].as_str()) => {
                 map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
             }
             single if names.len() == 1 => BTreeMap::from([(names[0].clone(), single.clone())]),
@@ -63,11 +64,8 @@ pub fn parse_request(body: &Value, spec: &SignatureSpec) -> Result<Vec<(String, 
         .into_iter()
         .map(|(name, value)| {
             // Unknown names are passed through: the engine rejects them naming the expected ones.
-            let datum_type = spec
-                .inputs
-                .get(&name)
-                .and_then(|s| DatumType::try_from(s.dtype).ok())
-                .unwrap_or(DatumType::F32);
+            let datum_type =
+                spec.inputs.get(&name).and_then(|s| DatumType::try_from(s.dtype).ok()).unwrap_or(DatumType::F32);
             let tensor = json_to_tensor(&value, datum_type)
                 .map_err(|detail| JsonTensorError::Input { name: name.clone(), detail })?;
             Ok((name, tensor))
@@ -91,10 +89,9 @@ pub fn json_to_tensor(value: &Value, datum_type: DatumType) -> Result<Tensor, St
     let tensor = match datum_type {
         DatumType::F32 => Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_f64().map(|x| x as f32))?),
         DatumType::F64 => Tensor::from_shape(&shape, &numbers(&flat, Value::as_f64)?),
-        DatumType::I32 => Tensor::from_shape(
-            &shape,
-            &numbers(&flat, |v| v.as_i64().and_then(|x| i32::try_from(x).ok()))?,
-        ),
+        DatumType::I32 => {
+            Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_i64().and_then(|x| i32::try_from(x).ok()))?)
+        }
         DatumType::I64 => Tensor::from_shape(&shape, &numbers(&flat, Value::as_i64)?),
         DatumType::Bool => Tensor::from_shape(&shape, &numbers(&flat, Value::as_bool)?),
         other => return Err(format!("dtype {other:?} is not supported in JSON")),
@@ -106,7 +103,11 @@ fn flatten<'a>(value: &'a Value, shape: &[usize], depth: usize, out: &mut Vec<&'
     match value {
         Value::Array(items) => {
             if shape.get(depth) != Some(&items.len()) {
-                return Err(format!("ragged array: expected {} items at depth {depth}, found {}", shape.get(depth).copied().unwrap_or(0), items.len()));
+                return Err(format!(
+                    "ragged array: expected {} items at depth {depth}, found {}",
+                    shape.get(depth).copied().unwrap_or(0),
+                    items.len()
+                ));
             }
             items.iter().try_for_each(|item| flatten(item, shape, depth + 1, out))
         }
@@ -150,11 +151,7 @@ pub fn tensor_to_json(tensor: &Tensor) -> Value {
 }
 
 fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
-    tensor
-        .try_as_plain_ram()
-        .ok()
-        .and_then(|t| t.as_slice::<T>().ok().map(<[T]>::to_vec))
-        .unwrap_or_default()
+    tensor.try_as_plain_ram().ok().and_then(|t| t.as_slice::<T>().ok().map(<[T]>::to_vec)).unwrap_or_default()
 }
 
 /// `{"outputs": {name: nested array}}`, TF Serving's columnar response.

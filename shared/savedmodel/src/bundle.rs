@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use tract_tensorflow::tfpb::tensorflow::{DataType, TensorShapeProto, TensorProto, VersionDef};
+use tract_tensorflow::tfpb::tensorflow::{DataType, TensorProto, TensorShapeProto, VersionDef};
 
 use crate::error::LoadError;
 use crate::sstable::{self, mask_crc};
@@ -77,7 +77,8 @@ impl TensorBundle {
                 header = Some(h);
                 continue;
             }
-            let key = String::from_utf8(key).map_err(|e| corrupt(format!("non-UTF-8 tensor key {:?}", e.as_bytes())))?;
+            let key =
+                String::from_utf8(key).map_err(|e| corrupt(format!("non-UTF-8 tensor key {:?}", e.as_bytes())))?;
             let entry = BundleEntryProto::decode(value.as_slice())
                 .map_err(|e| corrupt(format!("entry for {key:?} does not decode: {e}")))?;
             entries.insert(key, entry);
@@ -164,10 +165,9 @@ impl TensorBundle {
             }
         }
         let checksum_end = pos + 4;
-        let body = bytes
-            .get(checksum_end..)
-            .filter(|body| body.len() as u64 == len)
-            .ok_or_else(|| corrupt(format!("{key:?}: string length {len} does not match its {} stored bytes", bytes.len())))?;
+        let body = bytes.get(checksum_end..).filter(|body| body.len() as u64 == len).ok_or_else(|| {
+            corrupt(format!("{key:?}: string length {len} does not match its {} stored bytes", bytes.len()))
+        })?;
         // TF checksums each length as a u32 when it fits (backwards compatibility), else as u64.
         let mut crc = match u32::try_from(len) {
             Ok(len) => crc32c::crc32c(&len.to_le_bytes()),
@@ -192,10 +192,10 @@ impl TensorBundle {
     }
 
     fn entry(&self, key: &str) -> Result<&BundleEntryProto, LoadError> {
-        let entry = self.entries.get(key).ok_or_else(|| LoadError::MissingVariable {
-            path: self.index_path.clone(),
-            key: key.into(),
-        })?;
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| LoadError::MissingVariable { path: self.index_path.clone(), key: key.into() })?;
         if !entry.slices.is_empty() {
             return Err(LoadError::UnsupportedVariable {
                 path: self.index_path.clone(),
@@ -273,7 +273,10 @@ mod tests {
     use tract_tensorflow::tfpb::tensorflow::tensor_shape_proto::Dim;
 
     fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
-        Some(TensorShapeProto { dim: dims.iter().map(|&size| Dim { size, name: String::new() }).collect(), unknown_rank: false })
+        Some(TensorShapeProto {
+            dim: dims.iter().map(|&size| Dim { size, name: String::new() }).collect(),
+            unknown_rank: false,
+        })
     }
 
     /// Writes a one-shard bundle with one float tensor and returns its prefix.

@@ -107,7 +107,8 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
     inputs.sort_by_key(|(key, _)| key.as_str());
     let mut input_nodes = Vec::new();
     for (key, info) in inputs {
-        let tensor = dense_name(info.encoding.as_ref()).ok_or_else(|| invalid(format!("input {key:?} is not a dense tensor")))?;
+        let tensor = dense_name(info.encoding.as_ref())
+            .ok_or_else(|| invalid(format!("input {key:?} is not a dense tensor")))?;
         let (node_name, _) = parse_tensor_name(tensor);
         let node = freezer
             .top_nodes
@@ -122,7 +123,13 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
             attr.insert("shape".to_owned(), AttrValue { value: Some(AttrValueKind::Shape(shape.clone())) });
         }
         let flat = freezer.unique_name(node_name);
-        freezer.nodes.push(NodeDef { name: flat.clone(), op: "Placeholder".into(), input: vec![], device: String::new(), attr });
+        freezer.nodes.push(NodeDef {
+            name: flat.clone(),
+            op: "Placeholder".into(),
+            input: vec![],
+            device: String::new(),
+            attr,
+        });
         freezer.placeholders.insert(node_name.to_owned(), flat.clone());
         input_nodes.push((key.clone(), flat));
     }
@@ -131,11 +138,12 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
     outputs.sort_by_key(|(key, _)| key.as_str());
     let mut output_tensors = Vec::new();
     for (key, info) in outputs {
-        let tensor = dense_name(info.encoding.as_ref()).ok_or_else(|| invalid(format!("output {key:?} is not a dense tensor")))?;
+        let tensor = dense_name(info.encoding.as_ref())
+            .ok_or_else(|| invalid(format!("output {key:?} is not a dense tensor")))?;
         let (node_name, index) = parse_tensor_name(tensor);
         let index = index.ok_or_else(|| invalid(format!("output {key:?} has a malformed tensor name {tensor:?}")))?;
         let value = freezer.resolve_output(TOP, node_name, index)?;
-        let tensor = freezer.to_tensor(value, Some(info.dtype), node_name)?;
+        let tensor = freezer.materialize(value, Some(info.dtype), node_name)?;
         let (node, index) = parse_tensor_name(&tensor);
         output_tensors.push((key.clone(), node.to_owned(), index.unwrap_or(0)));
     }
@@ -143,12 +151,7 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
     let graph = GraphDef { node: freezer.nodes, versions: input.graph.versions.clone(), ..Default::default() };
     let mut frozen_variables: Vec<String> = freezer.constants.keys().cloned().collect();
     frozen_variables.sort();
-    Ok(FrozenGraph {
-        graph,
-        inputs: input_nodes,
-        outputs: output_tensors,
-        frozen_variables,
-    })
+    Ok(FrozenGraph { graph, inputs: input_nodes, outputs: output_tensors, frozen_variables })
 }
 
 /// The dense tensor name of a `TensorInfo`, or `None` for sparse/composite encodings.
@@ -188,7 +191,6 @@ impl<'a> FunctionIndex<'a> {
     fn new(def: &'a FunctionDef) -> Self {
         Self { def, nodes: def.node_def.iter().map(|n| (n.name.as_str(), n)).collect() }
     }
-
 }
 
 /// One instantiation of the top-level graph or of an inlined function call.
@@ -315,14 +317,16 @@ impl<'a, 'i> Freezer<'a, 'i> {
             return self.guarded(scope, name, |f| f.resolve_ref(scope, input));
         }
         if op == "ReadVariableOp" {
-            let input = Self::data_inputs(node).next().ok_or_else(|| self.error(scope, name, "ReadVariableOp without input"))?;
+            let input = Self::data_inputs(node)
+                .next()
+                .ok_or_else(|| self.error(scope, name, "ReadVariableOp without input"))?;
             let value = self.guarded(scope, name, |f| f.resolve_ref(scope, input))?;
             let dtype = match node.attr.get("dtype").and_then(|a| a.value.as_ref()) {
                 Some(AttrValueKind::Type(t)) => Some(*t),
                 _ => None,
             };
             return match value {
-                Value::Variable { .. } => Ok(Value::Tensor(self.to_tensor(value, dtype, name)?)),
+                Value::Variable { .. } => Ok(Value::Tensor(self.materialize(value, dtype, name)?)),
                 Value::Tensor(_) => Err(self.error(scope, name, "reads something that is not a variable")),
             };
         }
@@ -337,7 +341,8 @@ impl<'a, 'i> Freezer<'a, 'i> {
                 return Ok(Value::Tensor(format!("{flat}:{index}")));
             }
             if op == "PlaceholderWithDefault" {
-                let input = Self::data_inputs(node).next().ok_or_else(|| self.error(scope, name, "no default value"))?;
+                let input =
+                    Self::data_inputs(node).next().ok_or_else(|| self.error(scope, name, "no default value"))?;
                 return self.guarded(scope, name, |f| f.resolve_ref(scope, input));
             }
             return Err(self.error(scope, name, "is a placeholder the signature does not feed"));
@@ -350,10 +355,9 @@ impl<'a, 'i> Freezer<'a, 'i> {
             let out = outputs
                 .get(index)
                 .ok_or_else(|| self.error(scope, name, format!("function {function_name} has no output {index}")))?;
-            let ret: &'a str = def
-                .ret
-                .get(&out.name)
-                .ok_or_else(|| self.error(scope, name, format!("function {function_name} does not return {:?}", out.name)))?;
+            let ret: &'a str = def.ret.get(&out.name).ok_or_else(|| {
+                self.error(scope, name, format!("function {function_name} does not return {:?}", out.name))
+            })?;
             return self.guarded(scope, name, |f| f.resolve_ref(callee, ret));
         }
         if op == "NoOp" {
@@ -368,7 +372,7 @@ impl<'a, 'i> Freezer<'a, 'i> {
             Self::data_inputs(node)
                 .map(|input| {
                     let value = f.resolve_ref(scope, input)?;
-                    f.to_tensor(value, None, input)
+                    f.materialize(value, None, input)
                 })
                 .collect::<Result<Vec<_>, _>>()
         })?;
@@ -377,7 +381,13 @@ impl<'a, 'i> Freezer<'a, 'i> {
         let mut attr = node.attr.clone();
         // Function bodies omit attrs equal to their default; tract's builders need them.
         op_defaults::fill(op, &mut attr);
-        self.nodes.push(NodeDef { name: flat.clone(), op: node.op.clone(), input: inputs, device: String::new(), attr });
+        self.nodes.push(NodeDef {
+            name: flat.clone(),
+            op: node.op.clone(),
+            input: inputs,
+            device: String::new(),
+            attr,
+        });
         self.emitted.insert((scope, name), flat.clone());
         Ok(Value::Tensor(format!("{flat}:{index}")))
     }
@@ -460,16 +470,18 @@ impl<'a, 'i> Freezer<'a, 'i> {
         };
         let candidates: Vec<String> = shared.into_iter().chain([node.name.clone()]).collect();
         match self.input.bundle {
-            Some(bundle) => candidates.iter().find(|k| bundle.contains(k)).cloned().ok_or_else(|| LoadError::MissingVariable {
-                path: bundle.index_path().to_owned(),
-                key: format!("{} (for variable node {:?})", candidates.join(" or "), node.name),
-            }),
+            Some(bundle) => {
+                candidates.iter().find(|k| bundle.contains(k)).cloned().ok_or_else(|| LoadError::MissingVariable {
+                    path: bundle.index_path().to_owned(),
+                    key: format!("{} (for variable node {:?})", candidates.join(" or "), node.name),
+                })
+            }
             None => Err(self.error(TOP, &node.name, "is a variable but the SavedModel has no variables/ checkpoint")),
         }
     }
 
     /// Makes `value` a real tensor, reading a variable into a `Const` node (once per key).
-    fn to_tensor(&mut self, value: Value, dtype: Option<i32>, reader: &str) -> Result<String, LoadError> {
+    fn materialize(&mut self, value: Value, dtype: Option<i32>, reader: &str) -> Result<String, LoadError> {
         let key = match value {
             Value::Tensor(t) => return Ok(t),
             Value::Variable { key } => key,
@@ -477,10 +489,9 @@ impl<'a, 'i> Freezer<'a, 'i> {
         if let Some(name) = self.constants.get(&key) {
             return Ok(format!("{name}:0"));
         }
-        let bundle = self
-            .input
-            .bundle
-            .ok_or_else(|| self.error(TOP, reader, "reads a variable but the SavedModel has no variables/ checkpoint"))?;
+        let bundle = self.input.bundle.ok_or_else(|| {
+            self.error(TOP, reader, "reads a variable but the SavedModel has no variables/ checkpoint")
+        })?;
         let tensor: TensorProto = bundle.read_tensor(&key)?;
         if let Some(expected) = dtype
             && expected != tensor.dtype

@@ -3,7 +3,10 @@
 //!
 //! Unknown dimensions become tract symbols: axis 0 of every input shares the symbol `N`
 //! (the batch, which TF requires to agree across inputs), other unknown axes get their own
-//! symbol. The plan is therefore built once and runs any batch size.
+//! symbol. The plan is therefore built once and runs any batch size. (A second plan with
+//! the batch fixed to 1 was tried for single-row calls: tract optimizes it into more nodes,
+//! not fewer, and it was no faster; pooling execution states made no measurable difference
+//! either. See docs/benchmarks.md.)
 
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -28,14 +31,16 @@ struct InputCheck {
     dims: Vec<Option<usize>>,
 }
 
-/// A signature ready to run. Cheap to share: clone the `Arc` it is usually held in.
+/// Signature output key -> index in the plan's outputs.
+type OutputMap = Vec<(String, usize)>;
+
+/// A signature ready to run, safe to share across threads (hold it in an `Arc`).
 #[derive(Debug)]
 pub struct SignaturePlan {
     spec: SignatureSpec,
     plan: Arc<TypedRunnableModel>,
     inputs: Vec<InputCheck>,
-    /// Signature output key -> index in the plan's outputs.
-    outputs: Vec<(String, usize)>,
+    outputs: OutputMap,
 }
 
 impl SignaturePlan {
@@ -47,7 +52,12 @@ impl SignaturePlan {
             let datum_type = DatumType::try_from(tensor.dtype)
                 .ok()
                 .filter(|dt| dt.is_number() || *dt == DatumType::Bool)
-                .ok_or_else(|| error(format!("input {key:?} has dtype {}; only numeric inputs are supported", tensor.dtype.as_str_name())))?;
+                .ok_or_else(|| {
+                    error(format!(
+                        "input {key:?} has dtype {}; only numeric inputs are supported",
+                        tensor.dtype.as_str_name()
+                    ))
+                })?;
             let shape = tensor
                 .shape
                 .as_ref()
@@ -58,10 +68,9 @@ impl SignaturePlan {
 
         // tract may panic on graphs it does not expect; a bad model must not take the
         // process down, so a panic becomes a load error like any other.
-        let built = catch_unwind(AssertUnwindSafe(|| build_plan(frozen, &inputs)))
+        let (plan, outputs) = catch_unwind(AssertUnwindSafe(|| build_plan(frozen, &inputs)))
             .map_err(|panic| error(format!("the engine panicked: {}", panic_message(&panic))))?
             .map_err(|e| error(format!("{e:#}")))?;
-        let (plan, outputs) = built;
         Ok(Self { spec, plan, inputs, outputs })
     }
 
@@ -87,7 +96,8 @@ impl SignaturePlan {
         let mut ordered = TVec::new();
         let mut batch: Option<(&str, usize)> = None;
         for check in &self.inputs {
-            let tensor = given.remove(&check.key).ok_or_else(|| PredictError::MissingInput { name: check.key.clone() })?;
+            let tensor =
+                given.remove(&check.key).ok_or_else(|| PredictError::MissingInput { name: check.key.clone() })?;
             check.validate(&tensor)?;
             if check.dims.first() == Some(&None) {
                 let size = tensor.shape()[0];
@@ -102,14 +112,19 @@ impl SignaturePlan {
             }
             ordered.push(tensor.into_tvalue());
         }
-        let results = catch_unwind(AssertUnwindSafe(|| self.plan.run(ordered)))
+        let mut results = catch_unwind(AssertUnwindSafe(|| self.plan.run(ordered)))
             .map_err(|panic| PredictError::Engine(format!("the engine panicked: {}", panic_message(&panic))))?
             .map_err(|e| PredictError::Engine(format!("{e:#}")))?;
-        Ok(self
-            .outputs
-            .iter()
-            .map(|(key, index)| (key.clone(), results[*index].clone().into_tensor()))
-            .collect())
+        // Each plan output is moved out once; outputs sharing a tensor get a copy.
+        let mut taken: Vec<Option<TValue>> = results.drain(..).map(Some).collect();
+        let mut outputs = BTreeMap::new();
+        for (position, (key, index)) in self.outputs.iter().enumerate() {
+            let shared = self.outputs[position + 1..].iter().any(|(_, i)| i == index);
+            let value = if shared { taken[*index].clone() } else { taken[*index].take() };
+            let value = value.ok_or_else(|| PredictError::Engine(format!("output {key:?} was not produced")))?;
+            outputs.insert(key.clone(), value.into_tensor());
+        }
+        Ok(outputs)
     }
 }
 
@@ -123,7 +138,8 @@ impl InputCheck {
             });
         }
         let shape = tensor.shape();
-        let fits = shape.len() == self.dims.len() && self.dims.iter().zip(shape).all(|(d, s)| d.is_none_or(|d| d == *s));
+        let fits =
+            shape.len() == self.dims.len() && self.dims.iter().zip(shape).all(|(d, s)| d.is_none_or(|d| d == *s));
         if !fits {
             let expected = self.dims.iter().map(|d| d.map_or("-1".to_owned(), |d| d.to_string())).collect::<Vec<_>>();
             return Err(PredictError::Shape {
@@ -136,9 +152,9 @@ impl InputCheck {
     }
 }
 
-fn build_plan(frozen: &FrozenGraph, inputs: &[InputCheck]) -> TractResult<(Arc<TypedRunnableModel>, Vec<(String, usize)>)> {
+fn build_plan(frozen: &FrozenGraph, inputs: &[InputCheck]) -> TractResult<(Arc<TypedRunnableModel>, OutputMap)> {
     let mut model = engine().parse_graph(&frozen.graph)?.0;
-    let batch = model.symbols.sym(BATCH_SYMBOL);
+    let batch = model.symbols.sym(BATCH_SYMBOL).to_dim();
     for (ix, check) in inputs.iter().enumerate() {
         let shape: TVec<TDim> = check
             .dims
@@ -146,7 +162,7 @@ fn build_plan(frozen: &FrozenGraph, inputs: &[InputCheck]) -> TractResult<(Arc<T
             .enumerate()
             .map(|(axis, d)| match d {
                 Some(d) => d.to_dim(),
-                None if axis == 0 => batch.to_dim(),
+                None if axis == 0 => batch.clone(),
                 None => model.symbols.sym(&format!("{}_{axis}", check.key)).to_dim(),
             })
             .collect();
@@ -174,4 +190,13 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_plan_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<super::SignaturePlan>();
+    }
 }

@@ -117,10 +117,16 @@ impl SavedModel {
         let dir = dir.as_ref().to_owned();
         let pb_path = dir.join("saved_model.pb");
         let bytes = std::fs::read(&pb_path).map_err(|source| LoadError::Io { path: pb_path.clone(), source })?;
-        let saved = SavedModelProto::decode(bytes.as_slice())
-            .map_err(|source| LoadError::Decode { path: pb_path.clone(), what: "SavedModel", source })?;
-        let available: Vec<Vec<String>> =
-            saved.meta_graphs.iter().map(|m| m.meta_info_def.as_ref().map(|i| i.tags.clone()).unwrap_or_default()).collect();
+        let saved = SavedModelProto::decode(bytes.as_slice()).map_err(|source| LoadError::Decode {
+            path: pb_path.clone(),
+            what: "SavedModel",
+            source,
+        })?;
+        let available: Vec<Vec<String>> = saved
+            .meta_graphs
+            .iter()
+            .map(|m| m.meta_info_def.as_ref().map(|i| i.tags.clone()).unwrap_or_default())
+            .collect();
         let meta_graph = saved
             .meta_graphs
             .into_iter()
@@ -201,7 +207,11 @@ impl SavedModel {
 /// as trailing inputs; `object_graph_def.concrete_functions[f].bound_inputs` lists, in
 /// the same order, the object-graph ids of those variables, and the checkpoint's
 /// `TrackableObjectGraph` node with the same id names the key of its `VARIABLE_VALUE`.
-fn variable_keys(meta: &MetaGraphDef, bundle: &TensorBundle, index: &Path) -> Result<HashMap<String, String>, LoadError> {
+fn variable_keys(
+    meta: &MetaGraphDef,
+    bundle: &TensorBundle,
+    index: &Path,
+) -> Result<HashMap<String, String>, LoadError> {
     let raw = bundle.read_scalar_string(OBJECT_GRAPH_KEY)?;
     let trackable = TrackableObjectGraph::decode(raw.as_slice()).map_err(|source| LoadError::Decode {
         path: index.to_owned(),

@@ -18,6 +18,9 @@ const BLOCK_TRAILER_LEN: usize = 5;
 /// CRC mask delta used by LevelDB and TensorFlow (`crc32c::Mask`).
 const CRC_MASK_DELTA: u32 = 0xa282_ead8;
 
+/// One key and its value.
+pub(crate) type Entry = (Vec<u8>, Vec<u8>);
+
 /// Why a table could not be read. The caller adds the file name.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub(crate) enum TableError {
@@ -27,7 +30,9 @@ pub(crate) enum TableError {
     BadMagic { found: u64 },
     #[error("{what} at byte {at}: {detail}")]
     Malformed { what: &'static str, at: usize, detail: String },
-    #[error("block at byte {offset} ({size} bytes) fails its CRC32C check (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "block at byte {offset} ({size} bytes) fails its CRC32C check (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     BlockCrc { offset: u64, size: u64, stored: u32, computed: u32 },
     #[error("block at byte {offset} uses compression type {kind}; only uncompressed tables (type 0) are supported")]
     Compressed { offset: u64, kind: u8 },
@@ -40,7 +45,7 @@ pub(crate) fn mask_crc(crc: u32) -> u32 {
 }
 
 /// Reads every `(key, value)` of a table held in memory, in key order.
-pub(crate) fn read_entries(file: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TableError> {
+pub(crate) fn read_entries(file: &[u8]) -> Result<Vec<Entry>, TableError> {
     if file.len() < FOOTER_LEN {
         return Err(TableError::TooShort(file.len()));
     }
@@ -104,7 +109,7 @@ fn read_block(file: &[u8], handle: BlockHandle) -> Result<&[u8], TableError> {
 }
 
 /// Decodes a block's prefix-compressed entries. `base` is the block's file offset, for errors.
-fn block_entries(block: &[u8], base: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TableError> {
+fn block_entries(block: &[u8], base: usize) -> Result<Vec<Entry>, TableError> {
     let malformed = |at: usize, detail: String| TableError::Malformed { what: "block", at: base + at, detail };
     if block.len() < 4 {
         return Err(malformed(0, format!("{} bytes is too short for a restart count", block.len())));
@@ -147,13 +152,12 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn take(&mut self, len: usize, what: &'static str) -> Result<&'a [u8], TableError> {
-        let end = self.pos.checked_add(len).filter(|&end| end <= self.data.len()).ok_or_else(|| {
-            TableError::Malformed {
+        let end =
+            self.pos.checked_add(len).filter(|&end| end <= self.data.len()).ok_or_else(|| TableError::Malformed {
                 what,
                 at: self.base + self.pos,
                 detail: format!("{len} bytes declared, {} left", self.data.len() - self.pos),
-            }
-        })?;
+            })?;
         let bytes = &self.data[self.pos..end];
         self.pos = end;
         Ok(bytes)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Vigil's whole test suite: the README's test command, and what .ci/run runs.
+# Needs only the Rust toolchain: fixtures are committed, servers start in-process.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "formatting (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "lints (cargo clippy -D warnings)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests (cargo test --workspace)"
+cargo test --workspace --locked
