@@ -81,6 +81,17 @@ fn arg_max(_: &ParsingContext, node: &NodeDef) -> TractResult<Box<dyn InferenceO
     Ok(expand(ArgMax { output_type }))
 }
 
+/// Resolves a TF axis argument against `positions` valid positions (the rank, or the
+/// rank + 1 for ops that insert an axis); negative axes count from the end.
+fn tf_axis(op: &str, axis: &Tensor, positions: i64) -> TractResult<usize> {
+    let axis = axis.cast_to_scalar::<i64>()?;
+    let resolved = if axis < 0 { axis + positions } else { axis };
+    if !(0..positions).contains(&resolved) {
+        bail!("{op} axis {axis} is out of range ({positions} positions)");
+    }
+    Ok(resolved as usize)
+}
+
 /// A constant of `value` with `like`'s datum type, broadcastable against it.
 fn scalar_like(model: &mut TypedModel, name: String, like: OutletId, value: f32) -> TractResult<OutletId> {
     let fact = model.outlet_fact(like)?.clone();
@@ -250,17 +261,6 @@ struct ArgMax {
     output_type: DatumType,
 }
 
-impl ArgMax {
-    fn axis(axis: &Tensor, rank: i64) -> TractResult<usize> {
-        let axis = axis.cast_to_scalar::<i64>()?;
-        let resolved = if axis < 0 { axis + rank } else { axis };
-        if !(0..rank).contains(&resolved) {
-            bail!("ArgMax axis {axis} is out of range for rank {rank}");
-        }
-        Ok(resolved as usize)
-    }
-}
-
 impl Expansion for ArgMax {
     fn name(&self) -> StaticName {
         "ArgMax".into()
@@ -277,7 +277,7 @@ impl Expansion for ArgMax {
         s.equals(&outputs[0].datum_type, self.output_type)?;
         s.equals(inputs[0].rank.bex() - 1, &outputs[0].rank)?;
         s.given_2(&inputs[0].shape, &inputs[1].value, move |s, shape, axis| {
-            let axis = Self::axis(&axis, shape.len() as i64)?;
+            let axis = tf_axis("ArgMax", &axis, shape.len() as i64)?;
             let mut out = shape.clone();
             out.remove(axis);
             s.equals(&outputs[0].shape, out)
@@ -287,7 +287,7 @@ impl Expansion for ArgMax {
     fn wire(&self, name: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let rank = model.outlet_fact(inputs[0])?.rank() as i64;
         let axis = model.outlet_fact(inputs[1])?.konst.clone().context("ArgMax needs a constant axis")?;
-        let axis = Self::axis(&axis, rank)?;
+        let axis = tf_axis("ArgMax", &axis, rank)?;
         let reduce = ops::nn::Reduce::new(Some(vec![axis as i64]), false, ops::nn::Reducer::ArgMax(false));
         let wire = reduce.wire(&format!("{name}.argmax"), model, &inputs[..1])?;
         if self.output_type == DatumType::I64 {
@@ -301,17 +301,6 @@ impl Expansion for ArgMax {
 /// TF `ExpandDims(input, axis)`: a negative axis counts from the end of the *output*.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 struct ExpandDims;
-
-impl ExpandDims {
-    fn axis(axis: &Tensor, input_rank: i64) -> TractResult<usize> {
-        let axis = axis.cast_to_scalar::<i64>()?;
-        let resolved = if axis < 0 { axis + input_rank + 1 } else { axis };
-        if !(0..=input_rank).contains(&resolved) {
-            bail!("ExpandDims axis {axis} is out of range for rank {input_rank}");
-        }
-        Ok(resolved as usize)
-    }
-}
 
 impl Expansion for ExpandDims {
     fn name(&self) -> StaticName {
@@ -329,7 +318,7 @@ impl Expansion for ExpandDims {
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
         s.equals(inputs[0].rank.bex() + 1, &outputs[0].rank)?;
         s.given_2(&inputs[0].shape, &inputs[1].value, move |s, shape, axis| {
-            let axis = Self::axis(&axis, shape.len() as i64)?;
+            let axis = tf_axis("ExpandDims", &axis, shape.len() as i64 + 1)?;
             let mut out = shape.clone();
             out.insert(axis, 1.to_dim());
             s.equals(&outputs[0].shape, out)
@@ -339,7 +328,7 @@ impl Expansion for ExpandDims {
     fn wire(&self, name: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
         let rank = model.outlet_fact(inputs[0])?.rank() as i64;
         let axis = model.outlet_fact(inputs[1])?.konst.clone().context("ExpandDims needs a constant axis")?;
-        let axis = Self::axis(&axis, rank)?;
+        let axis = tf_axis("ExpandDims", &axis, rank + 1)?;
         model.wire_node(name, AxisOp::Add(axis), &inputs[..1])
     }
 }
@@ -347,17 +336,6 @@ impl Expansion for ExpandDims {
 /// TF `ConcatV2(values.., axis)`, with negative axes counted from the end.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 struct ConcatV2;
-
-impl ConcatV2 {
-    fn axis(axis: &Tensor, rank: i64) -> TractResult<usize> {
-        let axis = axis.cast_to_scalar::<i64>()?;
-        let resolved = if axis < 0 { axis + rank } else { axis };
-        if !(0..rank).contains(&resolved) {
-            bail!("ConcatV2 axis {axis} is out of range for rank {rank}");
-        }
-        Ok(resolved as usize)
-    }
-}
 
 impl Expansion for ConcatV2 {
     fn name(&self) -> StaticName {
@@ -377,7 +355,7 @@ impl Expansion for ConcatV2 {
         s.equals_all((0..n).map(|i| (&inputs[i].rank).bex()).collect())?;
         s.equals(&outputs[0].rank, &inputs[0].rank)?;
         s.given_2(&inputs[n].value, &inputs[0].rank, move |s, axis, rank| {
-            let axis = Self::axis(&axis, rank)?;
+            let axis = tf_axis("ConcatV2", &axis, rank)?;
             for d in (0..rank as usize).filter(|d| *d != axis) {
                 s.equals_all((0..n).map(|i| (&inputs[i].shape[d]).bex()).collect())?;
                 s.equals(&inputs[0].shape[d], &outputs[0].shape[d])?;
@@ -394,7 +372,23 @@ impl Expansion for ConcatV2 {
         let (axis, values) = inputs.split_last().context("ConcatV2 without inputs")?;
         let rank = model.outlet_fact(values[0])?.rank() as i64;
         let axis = model.outlet_fact(*axis)?.konst.clone().context("ConcatV2 needs a constant axis")?;
-        let axis = Self::axis(&axis, rank)?;
+        let axis = tf_axis("ConcatV2", &axis, rank)?;
         model.wire_node(name, ops::array::TypedConcat::new(axis), values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_axes_count_from_the_end_like_tensorflow() {
+        // ConcatV2 on rank 2: -1 is the last axis.
+        assert_eq!(tf_axis("ConcatV2", &tensor0(-1i32), 2).unwrap(), 1);
+        // ExpandDims on rank 3 has 4 insertion points: -3 inserts at 1 (Keras Conv1D).
+        assert_eq!(tf_axis("ExpandDims", &tensor0(-3i64), 3 + 1).unwrap(), 1);
+        assert_eq!(tf_axis("ArgMax", &tensor0(0i32), 2).unwrap(), 0);
+        let err = tf_axis("ArgMax", &tensor0(2i32), 2).unwrap_err().to_string();
+        assert_eq!(err, "ArgMax axis 2 is out of range (2 positions)");
     }
 }
