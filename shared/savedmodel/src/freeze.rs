@@ -154,8 +154,16 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
     Ok(FrozenGraph { graph, inputs: input_nodes, outputs: output_tensors, frozen_variables })
 }
 
+/// The function a `StatefulPartitionedCall`/`PartitionedCall` node calls (its `f` attr).
+pub(crate) fn call_target(node: &NodeDef) -> Option<&str> {
+    match node.attr.get("f").and_then(|a| a.value.as_ref()) {
+        Some(AttrValueKind::Func(f)) => Some(f.name.as_str()),
+        _ => None,
+    }
+}
+
 /// The dense tensor name of a `TensorInfo`, or `None` for sparse/composite encodings.
-fn dense_name(encoding: Option<&tract_tensorflow::tfpb::tensorflow::tensor_info::Encoding>) -> Option<&str> {
+pub(crate) fn dense_name(encoding: Option<&tract_tensorflow::tfpb::tensorflow::tensor_info::Encoding>) -> Option<&str> {
     match encoding {
         Some(tract_tensorflow::tfpb::tensorflow::tensor_info::Encoding::Name(name)) => Some(name),
         _ => None,
@@ -414,10 +422,7 @@ impl<'a, 'i> Freezer<'a, 'i> {
         }
         let name = node.name.as_str();
         let function_name: &'a str = if CALL_OPS.contains(&node.op.as_str()) {
-            match node.attr.get("f").and_then(|a| a.value.as_ref()) {
-                Some(AttrValueKind::Func(f)) => f.name.as_str(),
-                _ => return Err(self.error(scope, name, "call without a function attr `f`")),
-            }
+            call_target(node).ok_or_else(|| self.error(scope, name, "call without a function attr `f`"))?
         } else {
             node.op.as_str()
         };

@@ -43,10 +43,7 @@ pub struct TensorSpec {
 
 impl TensorSpec {
     fn from_info(info: &TensorInfo) -> Self {
-        let tensor_name = match &info.encoding {
-            Some(tract_tensorflow::tfpb::tensorflow::tensor_info::Encoding::Name(name)) => name.clone(),
-            _ => String::new(),
-        };
+        let tensor_name = freeze::dense_name(info.encoding.as_ref()).unwrap_or_default().to_owned();
         let shape = match &info.tensor_shape {
             Some(shape) if shape.unknown_rank => None,
             Some(shape) => Some(shape.dim.iter().map(|d| d.size).collect()),
@@ -226,10 +223,7 @@ fn variable_keys(
     let graph = meta.graph_def.as_ref().expect("checked at open");
     let mut keys = HashMap::new();
     for node in &graph.node {
-        let function = match node.attr.get("f").and_then(|a| a.value.as_ref()) {
-            Some(tract_tensorflow::tfpb::tensorflow::attr_value::Value::Func(f)) => &f.name,
-            _ => continue,
-        };
+        let Some(function) = freeze::call_target(node) else { continue };
         let Some(concrete) = object_graph.concrete_functions.get(function) else { continue };
         let inputs: Vec<&str> = node.input.iter().map(String::as_str).filter(|i| !i.starts_with('^')).collect();
         let Some(first_bound) = inputs.len().checked_sub(concrete.bound_inputs.len()) else { continue };
