@@ -1,6 +1,23 @@
-//! The model server: serves TensorFlow SavedModels natively (no TensorFlow runtime) and
-//! gives data scientists the tools to check a model before deploying it.
-#![forbid(unsafe_code)]
+//! The Vigil model server: TensorFlow SavedModels served natively in Rust, wire
+//! compatible with TensorFlow Serving (gRPC and REST) and KServe v2 (gRPC).
+//!
+//! Layout, request path first: [`grpc`] and [`rest`] decode a request, [`tensor_codec`] /
+//! [`tensor_json`] turn wire tensors into engine tensors, [`inference`] resolves the
+//! version in the [`repository`] and queues the work on that signature's
+//! [`batching::Scheduler`], which runs it (merged with others when batching is on) off the
+//! async threads. [`server`] wires it together; [`config`] is the command line.
 
+pub mod batching;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod inference;
 pub mod inspect;
+pub mod metrics;
+pub mod model_config;
+pub mod repository;
+pub mod rest;
+pub mod server;
+pub mod tensor_codec;
 pub mod tensor_json;
+pub mod warmup;

@@ -1,4 +1,6 @@
-//! `model-server` command line: `inspect` and `predict` a SavedModel.
+//! `model-server`: with TF Serving's flags it serves (`model-server --port=8500
+//! --model_name=m --model_base_path=/models/m`); `inspect` and `predict` check a
+//! SavedModel without serving it.
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -6,14 +8,23 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use model_server::config::ServeArgs;
+use model_server::server::{self, Listeners};
 use model_server::{inspect, tensor_json};
 use savedmodel::{DEFAULT_SIGNATURE, SavedModel};
 
 #[derive(Parser)]
-#[command(name = "model-server", version, about = "Serve and check TensorFlow SavedModels without TensorFlow")]
+#[command(
+    name = "model-server",
+    version,
+    about = "Serve TensorFlow SavedModels without TensorFlow, as a drop-in for tensorflow_model_server",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -44,7 +55,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(command) => run(command),
+        None => serve(cli.serve).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -53,8 +73,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve().map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let grpc = tokio::net::TcpListener::bind((args.bind_address.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding the gRPC port {}:{}", args.bind_address, args.port))?;
+        // TF Serving's startup lines, with the real port when 0 was asked for.
+        println!("Running gRPC ModelServer at {}", grpc.local_addr()?);
+        let rest = if args.rest_api_port > 0 {
+            let rest = tokio::net::TcpListener::bind((args.bind_address.as_str(), args.rest_api_port))
+                .await
+                .with_context(|| format!("binding the REST port {}:{}", args.bind_address, args.rest_api_port))?;
+            println!("Exporting HTTP/REST API at {}", rest.local_addr()?);
+            Some(rest)
+        } else {
+            None
+        };
+        server::run(config, Listeners { grpc, rest }, shutdown_signal()).await
+    })
+}
+
+/// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Inspect { dir, signature, json } => {
             let report = inspect::inspect(&dir, signature.as_deref())?;
             if json {

@@ -142,12 +142,26 @@ pub fn tensor_to_json(tensor: &Tensor) -> Value {
             Ok(t) => plain::<i64>(&t).into_iter().map(Value::from).collect(),
             Err(e) => return json!({ "error": e.to_string() }),
         },
+        // Shortest f32 digits (0.021215577, not 0.02121557667851448), as TF Serving prints.
+        DatumType::F32 => plain::<f32>(tensor).into_iter().map(shortest_f32).collect(),
         _ => match tensor.cast_to::<f64>() {
             Ok(t) => plain::<f64>(&t).into_iter().map(Value::from).collect(),
             Err(e) => return json!({ "error": e.to_string() }),
         },
     };
     nest(&values, tensor.shape())
+}
+
+/// An f32 as the f64 whose shortest form is the f32's shortest form. NaN and infinities,
+/// which JSON numbers cannot carry, become the strings TF Serving uses.
+fn shortest_f32(x: f32) -> Value {
+    if x.is_nan() {
+        return Value::from("NaN");
+    }
+    if x.is_infinite() {
+        return Value::from(if x > 0.0 { "Infinity" } else { "-Infinity" });
+    }
+    Value::from(x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
 }
 
 fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
@@ -158,6 +172,35 @@ fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
 pub fn outputs_to_json(outputs: &BTreeMap<String, Tensor>) -> Value {
     let map: Map<String, Value> = outputs.iter().map(|(k, t)| (k.clone(), tensor_to_json(t))).collect();
     json!({ "outputs": map })
+}
+
+/// `{"predictions": [...]}`, TF Serving's row response: one entry per row of the batch
+/// axis; the row itself for a single output, an object keyed by output name otherwise.
+pub fn predictions_to_json(outputs: &BTreeMap<String, Tensor>) -> Result<Value, String> {
+    let rows = outputs.values().next().map(|t| t.shape().first().copied().unwrap_or(0)).unwrap_or(0);
+    if let Some((name, t)) = outputs.iter().find(|(_, t)| t.rank() == 0 || t.shape()[0] != rows) {
+        return Err(format!(
+            "output {name:?} has shape {:?}, which does not share the batch size {rows}; use the \"inputs\" form",
+            t.shape()
+        ));
+    }
+    let columns: Vec<(&String, Vec<Value>)> = outputs
+        .iter()
+        .map(|(name, t)| match tensor_to_json(t) {
+            Value::Array(items) => (name, items),
+            other => (name, vec![other]),
+        })
+        .collect();
+    let predictions = (0..rows)
+        .map(|i| {
+            if columns.len() == 1 {
+                columns[0].1[i].clone()
+            } else {
+                Value::Object(columns.iter().map(|(name, items)| ((*name).clone(), items[i].clone())).collect())
+            }
+        })
+        .collect();
+    Ok(json!({ "predictions": Value::Array(predictions) }))
 }
 
 #[cfg(test)]

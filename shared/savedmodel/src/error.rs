@@ -50,7 +50,7 @@ pub enum LoadError {
 }
 
 /// Why a prediction was refused or failed. Input errors name the signature input.
-#[derive(Debug, Error, PartialEq)]
+#[derive(Debug, Clone, Error, PartialEq)]
 pub enum PredictError {
     #[error("input {name:?} is not an input of this signature (expected: {})", expected.join(", "))]
     UnknownInput { name: String, expected: Vec<String> },

@@ -29,10 +29,10 @@ mod saved_model;
 mod sstable;
 
 pub use error::{LoadError, PredictError};
-pub use plan::SignaturePlan;
+pub use plan::{PreparedInputs, SignaturePlan};
 pub use saved_model::{FrozenSignature, OpUse, SavedModel, SignatureSpec, TensorSpec};
 pub use tract_tensorflow::tfpb::tensorflow::DataType;
-pub use tract_tensorflow::tract_hir::prelude::{Datum, DatumType, Tensor};
+pub use tract_tensorflow::tract_hir::prelude::{Datum, DatumType, Tensor, f16};
 
 /// The tag TensorFlow Serving loads by default.
 pub const SERVE_TAG: &str = "serve";

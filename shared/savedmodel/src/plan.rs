@@ -78,11 +78,23 @@ impl SignaturePlan {
         &self.spec
     }
 
+    /// Whether every input's first axis is the batch, so requests can be merged row-wise.
+    pub fn is_batchable(&self) -> bool {
+        !self.inputs.is_empty() && self.inputs.iter().all(|i| i.dims.first() == Some(&None))
+    }
+
     /// Runs the signature. Inputs are keyed by signature input name; outputs likewise.
     pub fn run(
         &self,
         inputs: impl IntoIterator<Item = (String, Tensor)>,
     ) -> Result<BTreeMap<String, Tensor>, PredictError> {
+        let prepared = self.prepare(inputs)?;
+        self.run_prepared(prepared)
+    }
+
+    /// Validates inputs (names, dtypes, shapes, agreeing batch sizes) and puts them in plan
+    /// order, without running anything: servers check a request before queueing it.
+    pub fn prepare(&self, inputs: impl IntoIterator<Item = (String, Tensor)>) -> Result<PreparedInputs, PredictError> {
         let mut given: BTreeMap<String, Tensor> = BTreeMap::new();
         for (name, tensor) in inputs {
             if !self.inputs.iter().any(|i| i.key == name) {
@@ -93,7 +105,7 @@ impl SignaturePlan {
             }
             given.insert(name, tensor);
         }
-        let mut ordered = TVec::new();
+        let mut ordered = Vec::with_capacity(self.inputs.len());
         let mut batch: Option<(&str, usize)> = None;
         for check in &self.inputs {
             let tensor =
@@ -110,8 +122,14 @@ impl SignaturePlan {
                     _ => batch = Some((&check.key, size)),
                 }
             }
-            ordered.push(tensor.into_tvalue());
+            ordered.push(tensor);
         }
+        Ok(PreparedInputs { tensors: ordered, rows: batch.map(|(_, rows)| rows) })
+    }
+
+    /// Runs inputs already checked by [`SignaturePlan::prepare`].
+    pub fn run_prepared(&self, prepared: PreparedInputs) -> Result<BTreeMap<String, Tensor>, PredictError> {
+        let ordered: TVec<TValue> = prepared.tensors.into_iter().map(Tensor::into_tvalue).collect();
         let mut results = catch_unwind(AssertUnwindSafe(|| self.plan.run(ordered)))
             .map_err(|panic| PredictError::Engine(format!("the engine panicked: {}", panic_message(&panic))))?
             .map_err(|e| PredictError::Engine(format!("{e:#}")))?;
@@ -125,6 +143,74 @@ impl SignaturePlan {
             outputs.insert(key.clone(), value.into_tensor());
         }
         Ok(outputs)
+    }
+
+    /// Runs several prepared requests as one batch: inputs are concatenated along the batch
+    /// axis (padded to `pad_to` rows by repeating the first row, if given), run once, and
+    /// every output is split back so each request gets exactly its own rows, in order.
+    /// Only for [batchable](SignaturePlan::is_batchable) signatures.
+    pub fn run_batch(
+        &self,
+        requests: Vec<PreparedInputs>,
+        pad_to: Option<usize>,
+    ) -> Result<Vec<BTreeMap<String, Tensor>>, PredictError> {
+        if requests.len() == 1 && pad_to.is_none() {
+            let only = requests.into_iter().next().expect("one request");
+            return Ok(vec![self.run_prepared(only)?]);
+        }
+        if !self.is_batchable() {
+            return Err(PredictError::Batch { detail: "this signature has inputs without a batch axis".into() });
+        }
+        let rows: Vec<usize> = requests.iter().map(|r| r.rows.unwrap_or(0)).collect();
+        let total: usize = rows.iter().sum();
+        let padding = pad_to.map_or(0, |p| p.saturating_sub(total));
+        let mut merged = Vec::with_capacity(self.inputs.len());
+        for (position, check) in self.inputs.iter().enumerate() {
+            let mut parts: Vec<Tensor> = Vec::with_capacity(requests.len() + 1);
+            parts.extend(requests.iter().map(|r| r.tensors[position].clone()));
+            if padding > 0 {
+                let first = parts
+                    .iter()
+                    .find(|t| t.shape()[0] > 0)
+                    .ok_or_else(|| PredictError::Batch { detail: "cannot pad a batch with no rows".into() })?;
+                let row = first.slice(0, 0, 1).map_err(|e| PredictError::Engine(format!("{e:#}")))?;
+                parts.extend(std::iter::repeat_n(row, padding));
+            }
+            let tensor = Tensor::stack_tensors(0, &parts)
+                .map_err(|e| PredictError::Engine(format!("merging input {:?}: {e:#}", check.key)))?;
+            merged.push(tensor);
+        }
+        let outputs = self.run_prepared(PreparedInputs { tensors: merged, rows: Some(total + padding) })?;
+        let mut split: Vec<BTreeMap<String, Tensor>> = vec![BTreeMap::new(); rows.len()];
+        for (key, tensor) in outputs {
+            if tensor.rank() == 0 || tensor.shape()[0] != total + padding {
+                return Err(PredictError::Engine(format!(
+                    "output {key:?} has shape {:?}, which does not keep the batch axis; it cannot be batched",
+                    tensor.shape()
+                )));
+            }
+            let mut start = 0;
+            for (slot, &n) in split.iter_mut().zip(&rows) {
+                let part = tensor.slice(0, start, start + n).map_err(|e| PredictError::Engine(format!("{e:#}")))?;
+                slot.insert(key.clone(), part);
+                start += n;
+            }
+        }
+        Ok(split)
+    }
+}
+
+/// Inputs validated against a signature, in plan order. See [`SignaturePlan::prepare`].
+#[derive(Debug, Clone)]
+pub struct PreparedInputs {
+    tensors: Vec<Tensor>,
+    rows: Option<usize>,
+}
+
+impl PreparedInputs {
+    /// The batch size, when the signature has a batch axis.
+    pub fn rows(&self) -> Option<usize> {
+        self.rows
     }
 }
 

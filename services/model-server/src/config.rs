@@ -1,0 +1,228 @@
+//! `model-server` flags: tensorflow_model_server's, spelled as it spells them
+//! (`--model_base_path`), with kebab-case aliases (`--model-base-path`), the same defaults,
+//! and an environment variable for each (`MODEL_SERVER_<FLAG>`). Boolean flags accept
+//! `--flag`, `--flag=true` and `--flag=false`, as TF Serving's do. Flags win over env.
+//!
+//! TF Serving has no general config file beyond `--model_config_file`; neither does this
+//! server, so existing manifests need no new file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args};
+
+use crate::batching::{SchedulingMode, UnbatchedOptions};
+use crate::inference::Limits;
+use crate::model_config;
+use crate::repository::{ModelConfig, RepositoryOptions, VersionPolicy};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC port (0 picks a free port; the bound port is printed).
+    #[arg(long = "port", visible_alias = "grpc-port", env = "MODEL_SERVER_PORT", default_value_t = 8500)]
+    pub port: u16,
+
+    /// REST API port; 0 (the default, as in TF Serving) disables REST.
+    #[arg(
+        long = "rest_api_port",
+        visible_alias = "rest-api-port",
+        env = "MODEL_SERVER_REST_API_PORT",
+        default_value_t = 0
+    )]
+    pub rest_api_port: u16,
+
+    /// Address both ports bind to.
+    #[arg(
+        long = "bind_address",
+        visible_alias = "bind-address",
+        env = "MODEL_SERVER_BIND_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
+    pub bind_address: String,
+
+    /// Name of the single model served (ignored with --model_config_file).
+    #[arg(
+        long = "model_name",
+        visible_alias = "model-name",
+        env = "MODEL_SERVER_MODEL_NAME",
+        default_value = "default"
+    )]
+    pub model_name: String,
+
+    /// Directory holding the model's numbered version directories.
+    #[arg(long = "model_base_path", visible_alias = "model-base-path", env = "MODEL_SERVER_MODEL_BASE_PATH")]
+    pub model_base_path: Option<PathBuf>,
+
+    /// TF Serving text-proto ModelServerConfig (model_config_list) listing models to serve.
+    #[arg(long = "model_config_file", visible_alias = "model-config-file", env = "MODEL_SERVER_MODEL_CONFIG_FILE")]
+    pub model_config_file: Option<PathBuf>,
+
+    /// Seconds between re-reads of --model_config_file; 0 reads it once.
+    #[arg(
+        long = "model_config_file_poll_wait_seconds",
+        visible_alias = "model-config-file-poll-wait-seconds",
+        env = "MODEL_SERVER_MODEL_CONFIG_FILE_POLL_WAIT_SECONDS",
+        default_value_t = 0
+    )]
+    pub model_config_file_poll_wait_seconds: u64,
+
+    /// Seconds between scans of model base paths for new versions; 0 scans once at startup.
+    #[arg(
+        long = "file_system_poll_wait_seconds",
+        visible_alias = "file-system-poll-wait-seconds",
+        env = "MODEL_SERVER_FILE_SYSTEM_POLL_WAIT_SECONDS",
+        default_value_t = 1
+    )]
+    pub file_system_poll_wait_seconds: u64,
+
+    /// Merge concurrent requests into one engine run (see --batching_parameters_file).
+    #[arg(long = "enable_batching", visible_alias = "enable-batching", env = "MODEL_SERVER_ENABLE_BATCHING",
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value_t = false)]
+    pub enable_batching: bool,
+
+    /// TF Serving text-proto BatchingParameters (max_batch_size, batch_timeout_micros, ...).
+    #[arg(
+        long = "batching_parameters_file",
+        visible_alias = "batching-parameters-file",
+        env = "MODEL_SERVER_BATCHING_PARAMETERS_FILE"
+    )]
+    pub batching_parameters_file: Option<PathBuf>,
+
+    /// TF Serving text-proto MonitoringConfig; enables Prometheus at its path on the REST port.
+    #[arg(
+        long = "monitoring_config_file",
+        visible_alias = "monitoring-config-file",
+        env = "MODEL_SERVER_MONITORING_CONFIG_FILE"
+    )]
+    pub monitoring_config_file: Option<PathBuf>,
+
+    /// Replay assets.extra/tf_serving_warmup_requests before a version becomes AVAILABLE.
+    #[arg(long = "enable_model_warmup", visible_alias = "enable-model-warmup", env = "MODEL_SERVER_ENABLE_MODEL_WARMUP",
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value_t = true)]
+    pub enable_model_warmup: bool,
+
+    /// Serve grpc.health.v1.Health on the gRPC port.
+    #[arg(long = "enable_grpc_healthcheck_service", visible_alias = "enable-grpc-healthcheck-service",
+          env = "MODEL_SERVER_ENABLE_GRPC_HEALTHCHECK_SERVICE",
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value_t = false)]
+    pub enable_grpc_healthcheck_service: bool,
+
+    /// Return Predict outputs in tensor_content (bytes) instead of typed *_val fields.
+    #[arg(long = "enable_serialization_as_tensor_content", visible_alias = "enable-serialization-as-tensor-content",
+          env = "MODEL_SERVER_ENABLE_SERIALIZATION_AS_TENSOR_CONTENT",
+          num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value_t = false)]
+    pub enable_serialization_as_tensor_content: bool,
+
+    /// Comma-separated MetaGraph tags to load.
+    #[arg(
+        long = "saved_model_tags",
+        visible_alias = "saved-model-tags",
+        env = "MODEL_SERVER_SAVED_MODEL_TAGS",
+        default_value = "serve"
+    )]
+    pub saved_model_tags: String,
+
+    /// Largest gRPC request accepted, in bytes.
+    #[arg(long = "grpc_max_message_bytes", visible_alias = "grpc-max-message-bytes", env = "MODEL_SERVER_GRPC_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub grpc_max_message_bytes: usize,
+
+    /// Most rows (batch axis) in one request.
+    #[arg(
+        long = "max_request_rows",
+        visible_alias = "max-request-rows",
+        env = "MODEL_SERVER_MAX_REQUEST_ROWS",
+        default_value_t = 65_536
+    )]
+    pub max_request_rows: usize,
+
+    /// Inference threads per signature when batching is off (default: CPU count).
+    #[arg(long = "inference_threads", visible_alias = "inference-threads", env = "MODEL_SERVER_INFERENCE_THREADS")]
+    pub inference_threads: Option<usize>,
+
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[arg(
+        long = "shutdown_grace_seconds",
+        visible_alias = "shutdown-grace-seconds",
+        env = "MODEL_SERVER_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10
+    )]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// Everything the server needs, resolved from flags and the files they name.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub models: Vec<ModelConfig>,
+    pub model_config_file: Option<PathBuf>,
+    pub model_config_poll: Option<Duration>,
+    pub file_system_poll: Option<Duration>,
+    pub repository: RepositoryOptions,
+    pub limits: Limits,
+    pub monitoring_path: Option<String>,
+    pub grpc_health: bool,
+    pub tensor_content_outputs: bool,
+    pub grpc_max_message_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl ServeArgs {
+    /// Reads the files the flags name and checks the combination.
+    pub fn resolve(&self) -> Result<ServerConfig, String> {
+        let models = match (&self.model_config_file, &self.model_base_path) {
+            (Some(file), _) => model_config::read_model_config_file(file)?,
+            (None, Some(base)) => vec![ModelConfig {
+                name: self.model_name.clone(),
+                base_path: base.clone(),
+                policy: VersionPolicy::Latest(1),
+                labels: Default::default(),
+            }],
+            (None, None) => {
+                return Err("nothing to serve: give --model_base_path (and --model_name) or --model_config_file".into());
+            }
+        };
+        let scheduling = if self.enable_batching {
+            let options = match &self.batching_parameters_file {
+                Some(path) => model_config::read_batching_file(path)?,
+                None => Default::default(),
+            };
+            SchedulingMode::Batched(options)
+        } else {
+            if self.batching_parameters_file.is_some() {
+                tracing::warn!("--batching_parameters_file is ignored without --enable_batching");
+            }
+            let mut options = UnbatchedOptions::default();
+            if let Some(threads) = self.inference_threads {
+                options.threads = threads.max(1);
+            }
+            SchedulingMode::Unbatched(options)
+        };
+        let monitoring_path = match &self.monitoring_config_file {
+            Some(path) => model_config::read_monitoring_file(path)?,
+            None => None,
+        };
+        let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Ok(ServerConfig {
+            models,
+            model_config_file: self.model_config_file.clone(),
+            model_config_poll: seconds(self.model_config_file_poll_wait_seconds)
+                .filter(|_| self.model_config_file.is_some()),
+            file_system_poll: seconds(self.file_system_poll_wait_seconds),
+            repository: RepositoryOptions {
+                scheduling,
+                enable_warmup: self.enable_model_warmup,
+                saved_model_tags: self
+                    .saved_model_tags
+                    .split(',')
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+                    .collect(),
+            },
+            limits: Limits { max_request_rows: self.max_request_rows },
+            monitoring_path,
+            grpc_health: self.enable_grpc_healthcheck_service,
+            tensor_content_outputs: self.enable_serialization_as_tensor_content,
+            grpc_max_message_bytes: self.grpc_max_message_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
+        })
+    }
+}

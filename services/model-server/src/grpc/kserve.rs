@@ -1,0 +1,196 @@
+//! KServe v2 / Open Inference Protocol (`inference.GRPCInferenceService`), so Triton and
+//! KServe clients (`tritonclient`, `perf_analyzer`) can call the same models. Inference
+//! uses each model's `serving_default` signature unless the request's `signature_name`
+//! parameter names another. Outputs always come back as `raw_output_contents`, as Triton
+//! does.
+
+use std::time::Instant;
+
+use proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use proto::inference::infer_parameter::ParameterChoice;
+use proto::inference::model_infer_response::InferOutputTensor;
+use proto::inference::model_metadata_response::TensorMetadata;
+use proto::inference::{
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
+    ModelReadyResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerReadyRequest, ServerReadyResponse,
+};
+use savedmodel::{DatumType, TensorSpec};
+use tonic::{Request, Response, Status};
+
+use crate::error::ServeError;
+use crate::inference::{Inference, InferenceRequest};
+use crate::metrics::{Api, Metrics};
+use crate::repository::VersionSelector;
+use crate::tensor_codec::{self, Element};
+
+#[derive(Debug, Clone)]
+pub struct Kserve {
+    pub inference: Inference,
+    pub metrics: Metrics,
+}
+
+fn selector(version: &str) -> Result<VersionSelector, ServeError> {
+    if version.is_empty() {
+        return Ok(VersionSelector::Latest);
+    }
+    version
+        .parse::<i64>()
+        .map(VersionSelector::Version)
+        .map_err(|_| ServeError::InvalidArgument(format!("model_version {version:?} is not a number")))
+}
+
+/// KServe datatype for a signature tensor (`BYTES` for strings, which we cannot run).
+fn datatype(spec: &TensorSpec) -> String {
+    DatumType::try_from(spec.dtype)
+        .ok()
+        .and_then(Element::from_datum_type)
+        .map_or_else(|| "BYTES".to_owned(), |e| e.kserve_name().to_owned())
+}
+
+fn tensor_metadata(name: &str, spec: &TensorSpec) -> TensorMetadata {
+    TensorMetadata { name: name.to_owned(), datatype: datatype(spec), shape: spec.shape.clone().unwrap_or_default() }
+}
+
+impl Kserve {
+    async fn infer_inner(
+        &self,
+        request: ModelInferRequest,
+        target: &mut Option<(String, i64, String)>,
+    ) -> Result<ModelInferResponse, ServeError> {
+        if request.model_name.is_empty() {
+            return Err(ServeError::InvalidArgument("model_name is empty".into()));
+        }
+        let selector = selector(&request.model_version)?;
+        let signature = match request.parameters.get("signature_name").and_then(|p| p.parameter_choice.as_ref()) {
+            Some(ParameterChoice::StringParam(s)) => Some(s.clone()),
+            Some(_) => return Err(ServeError::InvalidArgument("parameter signature_name must be a string".into())),
+            None => None,
+        };
+        if !request.raw_input_contents.is_empty() && request.raw_input_contents.len() != request.inputs.len() {
+            return Err(ServeError::InvalidArgument(format!(
+                "raw_input_contents has {} entries for {} inputs; give one per input or none",
+                request.raw_input_contents.len(),
+                request.inputs.len()
+            )));
+        }
+        let model = request.model_name.clone();
+        let mut inputs = Vec::with_capacity(request.inputs.len());
+        for (index, input) in request.inputs.iter().enumerate() {
+            let invalid = |e: String| ServeError::InvalidArgument(format!("model {model:?}: inputs[{index}]: {e}"));
+            let element = Element::from_kserve_name(&input.datatype).ok_or_else(|| {
+                invalid(format!("input {:?} has datatype {:?}, which is not supported", input.name, input.datatype))
+            })?;
+            let (shape, count) = tensor_codec::checked_shape(&input.name, &input.shape, element).map_err(invalid)?;
+            let tensor = match request.raw_input_contents.get(index) {
+                Some(raw) => tensor_codec::tensor_from_le_bytes(&input.name, element, &shape, raw),
+                None => {
+                    let contents = input.contents.clone().unwrap_or_default();
+                    tensor_codec::tensor_from_kserve(&input.name, element, &shape, count, &contents)
+                }
+            }
+            .map_err(invalid)?;
+            inputs.push((input.name.clone(), tensor));
+        }
+        let output_filter = request.outputs.iter().map(|o| o.name.clone()).collect();
+        let answer = self
+            .inference
+            .run(InferenceRequest { model: model.clone(), selector, signature, inputs, output_filter }, target)
+            .await?;
+        // Requested outputs come back in the order asked; otherwise in signature order.
+        let order: Vec<String> = if request.outputs.is_empty() {
+            answer.outputs.keys().cloned().collect()
+        } else {
+            request.outputs.iter().map(|o| o.name.clone()).collect()
+        };
+        let mut outputs = Vec::with_capacity(order.len());
+        let mut raw = Vec::with_capacity(order.len());
+        for name in order {
+            let tensor = &answer.outputs[&name];
+            let element = Element::from_datum_type(tensor.datum_type())
+                .ok_or_else(|| ServeError::Internal(format!("output {name:?} has type {:?}", tensor.datum_type())))?;
+            outputs.push(InferOutputTensor {
+                name,
+                datatype: element.kserve_name().to_owned(),
+                shape: tensor.shape().iter().map(|&d| d as i64).collect(),
+                ..Default::default()
+            });
+            raw.push(tensor.as_bytes().to_vec());
+        }
+        Ok(ModelInferResponse {
+            model_name: answer.version.model.clone(),
+            model_version: answer.version.version.to_string(),
+            id: request.id,
+            outputs,
+            raw_output_contents: raw,
+            ..Default::default()
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Kserve {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        let table = self.inference.repository.table();
+        let ready = self.inference.repository.model_names().iter().all(|m| table.models.contains_key(m));
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let ready =
+            selector(&request.version).and_then(|s| self.inference.repository.resolve(&request.name, &s)).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "vigil-model-server".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let version = self.inference.repository.resolve(&request.name, &selector(&request.version)?)?;
+        let spec = version.specs.get(savedmodel::DEFAULT_SIGNATURE).or_else(|| version.specs.values().next());
+        let table = self.inference.repository.table();
+        let versions = table
+            .models
+            .get(&request.name)
+            .map(|m| m.versions.keys().map(i64::to_string).collect())
+            .unwrap_or_default();
+        Ok(Response::new(ModelMetadataResponse {
+            name: version.model.clone(),
+            versions,
+            platform: "tensorflow_savedmodel".into(),
+            inputs: spec.map(|s| s.inputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
+            outputs: spec.map(|s| s.outputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
+        }))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let started = Instant::now();
+        let mut target = None;
+        let result = self.infer_inner(request.into_inner(), &mut target).await;
+        let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
+        self.metrics.observe_request(
+            Api::KserveInfer,
+            target_ref,
+            started.elapsed(),
+            result.as_ref().err().map(ServeError::code),
+        );
+        result.map(Response::new).map_err(Status::from)
+    }
+}

@@ -1,0 +1,120 @@
+//! The one inference path every API (TF Serving gRPC and REST, KServe v2) goes through:
+//! resolve the version, validate inputs against the signature *before* queueing, check
+//! limits, queue on the signature's scheduler, and filter outputs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use savedmodel::{PredictError, Tensor};
+
+use crate::batching::SubmitError;
+use crate::error::ServeError;
+use crate::repository::{LoadedVersion, Repository, VersionSelector};
+
+/// Request limits (checked before any work is queued).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Most rows (batch axis) one request may carry.
+    pub max_request_rows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_request_rows: 65_536 }
+    }
+}
+
+/// (model, version, signature): what metrics are labelled with.
+pub type Target = (String, i64, String);
+
+#[derive(Debug)]
+pub struct InferenceRequest {
+    pub model: String,
+    pub selector: VersionSelector,
+    /// `None` or empty: `serving_default`.
+    pub signature: Option<String>,
+    pub inputs: Vec<(String, Tensor)>,
+    /// Only these outputs (all when empty).
+    pub output_filter: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct InferenceResponse {
+    /// The version that answered (kept alive until the response is sent).
+    pub version: Arc<LoadedVersion>,
+    pub signature: String,
+    pub outputs: BTreeMap<String, Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inference {
+    pub repository: Repository,
+    pub limits: Limits,
+}
+
+impl Inference {
+    pub fn new(repository: Repository, limits: Limits) -> Self {
+        Self { repository, limits }
+    }
+
+    /// Runs a request. `target` is set to (model, version, signature) as soon as the version
+    /// is resolved, so failures after that point are counted against the right version.
+    pub async fn run(
+        &self,
+        request: InferenceRequest,
+        target: &mut Option<Target>,
+    ) -> Result<InferenceResponse, ServeError> {
+        let version = self.repository.resolve(&request.model, &request.selector)?;
+        let signature =
+            request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
+        *target = Some((version.model.clone(), version.version, signature.clone()));
+        let predict_error = |source: PredictError| ServeError::Predict {
+            model: version.model.clone(),
+            version: version.version,
+            signature: signature.clone(),
+            source: Box::new(source),
+        };
+        let (plan, scheduler) = version.signature(&signature)?;
+        for name in &request.output_filter {
+            if !plan.spec().outputs.contains_key(name) {
+                return Err(ServeError::InvalidArgument(format!(
+                    "output_filter names {name:?}, which is not an output of model {:?} signature {signature:?} \
+                     (outputs: {})",
+                    version.model,
+                    plan.spec().outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
+        }
+        let prepared = plan.prepare(request.inputs).map_err(predict_error)?;
+        if let Some(rows) = prepared.rows()
+            && rows > self.limits.max_request_rows
+        {
+            return Err(ServeError::InvalidArgument(format!(
+                "model {:?} signature {signature:?}: the request has {rows} rows, more than the limit of {}",
+                version.model, self.limits.max_request_rows
+            )));
+        }
+        let receiver = scheduler.submit(prepared).map_err(|e| match e {
+            SubmitError::TooLarge { .. } => ServeError::InvalidArgument(format!(
+                "model {:?} version {} signature {signature:?}: {e}",
+                version.model, version.version
+            )),
+            SubmitError::QueueFull(_) => ServeError::Overloaded(format!(
+                "model {:?} version {} signature {signature:?}: {e}",
+                version.model, version.version
+            )),
+            SubmitError::Closed => ServeError::Overloaded(format!(
+                "model {:?} version {} is unloading; retry",
+                version.model, version.version
+            )),
+        })?;
+        let mut outputs = receiver
+            .await
+            .map_err(|_| ServeError::Internal("the inference thread stopped before answering".into()))?
+            .map_err(predict_error)?;
+        if !request.output_filter.is_empty() {
+            outputs.retain(|name, _| request.output_filter.contains(name));
+        }
+        Ok(InferenceResponse { version, signature, outputs })
+    }
+}

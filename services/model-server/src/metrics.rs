@@ -1,0 +1,180 @@
+//! Every Prometheus metric the model server exports, declared in one place.
+//!
+//! Request metrics carry `model`, `version` and `signature` labels so a canary analysis
+//! can compare two versions of one model over the same window, and `api` so gRPC, REST
+//! and KServe traffic can be told apart.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Which front door a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    GrpcPredict,
+    GrpcMetadata,
+    RestPredict,
+    KserveInfer,
+}
+
+impl Api {
+    fn label(self) -> &'static str {
+        match self {
+            Api::GrpcPredict => "grpc_predict",
+            Api::GrpcMetadata => "grpc_metadata",
+            Api::RestPredict => "rest_predict",
+            Api::KserveInfer => "kserve_infer",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    latency: HistogramVec,
+    batch_size: HistogramVec,
+    queue_depth: IntGaugeVec,
+    load_failures: IntCounterVec,
+    versions_available: IntGaugeVec,
+}
+
+/// The per-signature instruments the scheduler updates on its hot path.
+#[derive(Debug, Clone)]
+pub struct SignatureMetrics {
+    pub batch_size: prometheus::Histogram,
+    pub queue_depth: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let labels = &["api", "model", "version", "signature"];
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "model_server_requests_total",
+                "Inference and metadata requests, by API, model, version and signature",
+            ),
+            labels,
+        )
+        .expect("metric definition");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "model_server_request_errors_total",
+                "Failed requests, by API, model, version, signature and gRPC code",
+            ),
+            &["api", "model", "version", "signature", "code"],
+        )
+        .expect("metric definition");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("model_server_request_duration_seconds", "Time from request decoded to response built")
+                .buckets(prometheus::exponential_buckets(25e-6, 2.0, 18).expect("buckets")),
+            labels,
+        )
+        .expect("metric definition");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("model_server_batch_size", "Rows per engine run (after padding)")
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 12).expect("buckets")),
+            &["model", "version", "signature"],
+        )
+        .expect("metric definition");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new("model_server_queue_depth", "Requests waiting for an inference thread"),
+            &["model", "version", "signature"],
+        )
+        .expect("metric definition");
+        let load_failures = IntCounterVec::new(
+            Opts::new("model_server_load_failures_total", "Model versions that failed to load"),
+            &["model"],
+        )
+        .expect("metric definition");
+        let versions_available = IntGaugeVec::new(
+            Opts::new("model_server_version_available", "1 while a model version is AVAILABLE"),
+            &["model", "version"],
+        )
+        .expect("metric definition");
+        let start = Gauge::new("process_start_time_seconds", "Start time of the process since the Unix epoch")
+            .expect("metric definition");
+        start.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(latency.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(load_failures.clone()),
+            Box::new(versions_available.clone()),
+            Box::new(start),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        Self { registry, requests, errors, latency, batch_size, queue_depth, load_failures, versions_available }
+    }
+
+    pub fn signature(&self, model: &str, version: i64, signature: &str) -> SignatureMetrics {
+        let version = version.to_string();
+        let labels = [model, version.as_str(), signature];
+        SignatureMetrics {
+            batch_size: self.batch_size.with_label_values(&labels),
+            queue_depth: self.queue_depth.with_label_values(&labels),
+        }
+    }
+
+    /// Records one finished request; `code` is `None` on success.
+    pub fn observe_request(
+        &self,
+        api: Api,
+        target: Option<(&str, i64, &str)>,
+        elapsed: Duration,
+        code: Option<tonic::Code>,
+    ) {
+        let (model, version, signature) = match target {
+            Some((model, version, signature)) => (model, version.to_string(), signature),
+            None => ("", String::new(), ""),
+        };
+        let labels = [api.label(), model, version.as_str(), signature];
+        self.requests.with_label_values(&labels).inc();
+        self.latency.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        if let Some(code) = code {
+            let code = format!("{code:?}");
+            self.errors.with_label_values(&[api.label(), model, version.as_str(), signature, code.as_str()]).inc();
+        }
+    }
+
+    pub fn load_failed(&self, model: &str) {
+        self.load_failures.with_label_values(&[model]).inc();
+    }
+
+    pub fn set_available(&self, model: &str, version: i64, available: bool) {
+        let version = version.to_string();
+        if available {
+            self.versions_available.with_label_values(&[model, version.as_str()]).set(1);
+        } else {
+            let _ = self.versions_available.remove_label_values(&[model, version.as_str()]);
+        }
+    }
+
+    /// Drops the per-signature series of an unloaded version.
+    pub fn forget_signature(&self, model: &str, version: i64, signature: &str) {
+        let version = version.to_string();
+        let labels = [model, version.as_str(), signature];
+        let _ = self.queue_depth.remove_label_values(&labels);
+        let _ = self.batch_size.remove_label_values(&labels);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding never fails");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

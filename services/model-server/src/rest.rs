@@ -1,0 +1,255 @@
+//! TF Serving's REST API on `--rest_api_port`, plus the operational endpoints every Vigil
+//! service has (`/live`, `/ready`, `/metrics`, and the `--monitoring_config_file` path).
+//!
+//! TF Serving's paths put a verb after a colon inside a segment
+//! (`/v1/models/m/versions/2:predict`), which route patterns cannot express, so `/v1/`
+//! paths are parsed by [`parse_model_path`] in a fallback handler.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::error::ServeError;
+use crate::inference::{Inference, InferenceRequest};
+use crate::metrics::{Api, Metrics};
+use crate::repository::VersionSelector;
+use crate::tensor_json;
+
+#[derive(Debug, Clone)]
+pub struct RestState {
+    pub inference: Inference,
+    pub metrics: Metrics,
+}
+
+/// The REST router; `monitoring_path` is the Prometheus path from `--monitoring_config_file`.
+pub fn router(state: RestState, monitoring_path: Option<String>) -> Router {
+    let mut router = Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics));
+    if let Some(path) = monitoring_path.filter(|p| p != "/metrics") {
+        router = router.route(&path, get(metrics));
+    }
+    router.fallback(model_api).with_state(state)
+}
+
+async fn ready(State(state): State<RestState>) -> Response {
+    let table = state.inference.repository.table();
+    let missing: Vec<String> =
+        state.inference.repository.model_names().into_iter().filter(|m| !table.models.contains_key(m)).collect();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no available version yet: {}\n", missing.join(", "))).into_response()
+    }
+}
+
+async fn metrics(State(state): State<RestState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// What a `/v1/models/...` path addresses.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ModelPath {
+    pub model: String,
+    pub selector: VersionSelector,
+    pub action: Action,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Status,
+    Metadata,
+    Verb(String),
+}
+
+/// Parses `/v1/models/{m}[/versions/{v}|/labels/{l}][/metadata|:{verb}]`.
+pub fn parse_model_path(path: &str) -> Option<ModelPath> {
+    let rest = path.strip_prefix("/v1/models/")?;
+    let (rest, verb) = match rest.rsplit_once(':') {
+        Some((head, verb)) if !verb.contains('/') => (head, Some(verb.to_owned())),
+        _ => (rest, None),
+    };
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    let metadata = verb.is_none() && parts.last() == Some(&"metadata");
+    if metadata {
+        parts.pop();
+    }
+    let (model, selector) = match parts.as_slice() {
+        [model] => (*model, VersionSelector::Latest),
+        [model, "versions", v] => (*model, VersionSelector::Version(v.parse().ok()?)),
+        [model, "labels", l] => (*model, VersionSelector::Label((*l).to_owned())),
+        _ => return None,
+    };
+    if model.is_empty() {
+        return None;
+    }
+    let action = match (verb, metadata) {
+        (Some(verb), _) => Action::Verb(verb),
+        (None, true) => Action::Metadata,
+        (None, false) => Action::Status,
+    };
+    Some(ModelPath { model: model.to_owned(), selector, action })
+}
+
+fn error_response(error: &ServeError) -> Response {
+    let status = StatusCode::from_u16(error.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(json!({ "error": error.to_string() }))).into_response()
+}
+
+async fn model_api(State(state): State<RestState>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let Some(path) = parse_model_path(uri.path()) else {
+        return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": format!("no such endpoint: {}", uri.path()) })))
+            .into_response();
+    };
+    let result = match (&method, &path.action) {
+        (&Method::GET, Action::Status) => status(&state, &path),
+        (&Method::GET, Action::Metadata) => metadata(&state, &path),
+        (&Method::POST, Action::Verb(verb)) if verb == "predict" => predict(&state, path, &body).await,
+        (&Method::POST, Action::Verb(verb)) if verb == "classify" || verb == "regress" => Err(
+            ServeError::Unimplemented(format!(":{verb} is not supported: it needs tf.Example inputs; use :predict")),
+        ),
+        _ => Err(ServeError::InvalidArgument(format!("{method} {} is not a supported request", uri.path()))),
+    };
+    match result {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(error) => error_response(&error),
+    }
+}
+
+fn status(state: &RestState, path: &ModelPath) -> Result<Value, ServeError> {
+    let statuses = state.inference.repository.status(&path.model, &path.selector)?;
+    Ok(json!({
+        "model_version_status": statuses.iter().map(|s| json!({
+            "version": s.version.to_string(),
+            "state": s.state.name(),
+            "status": {
+                "error_code": if s.error.is_some() { "UNKNOWN" } else { "OK" },
+                "error_message": s.error.clone().unwrap_or_default(),
+            },
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn metadata(state: &RestState, path: &ModelPath) -> Result<Value, ServeError> {
+    let version = state.inference.repository.resolve(&path.model, &path.selector)?;
+    let tensor = |t: &savedmodel::TensorSpec| {
+        let shape = match &t.shape {
+            Some(dims) => {
+                json!({ "dim": dims.iter().map(|d| json!({ "size": d.to_string(), "name": "" })).collect::<Vec<_>>(), "unknown_rank": false })
+            }
+            None => json!({ "dim": [], "unknown_rank": true }),
+        };
+        json!({ "dtype": t.dtype.as_str_name(), "tensor_shape": shape, "name": t.tensor_name })
+    };
+    let signatures: serde_json::Map<String, Value> = version
+        .specs
+        .iter()
+        .map(|(name, spec)| {
+            let inputs: serde_json::Map<String, Value> =
+                spec.inputs.iter().map(|(k, t)| (k.clone(), tensor(t))).collect();
+            let outputs: serde_json::Map<String, Value> =
+                spec.outputs.iter().map(|(k, t)| (k.clone(), tensor(t))).collect();
+            (name.clone(), json!({ "inputs": inputs, "outputs": outputs, "method_name": spec.method_name }))
+        })
+        .collect();
+    Ok(json!({
+        "model_spec": { "name": version.model, "signature_name": "", "version": version.version.to_string() },
+        "metadata": { "signature_def": { "signature_def": signatures } },
+    }))
+}
+
+async fn predict(state: &RestState, path: ModelPath, body: &[u8]) -> Result<Value, ServeError> {
+    let started = Instant::now();
+    let mut target = None;
+    let result = predict_inner(state, path, body, &mut target).await;
+    let target_ref = target.as_ref().map(|(m, v, s): &(String, i64, String)| (m.as_str(), *v, s.as_str()));
+    state.metrics.observe_request(
+        Api::RestPredict,
+        target_ref,
+        started.elapsed(),
+        result.as_ref().err().map(ServeError::code),
+    );
+    result
+}
+
+async fn predict_inner(
+    state: &RestState,
+    path: ModelPath,
+    body: &[u8],
+    target: &mut Option<(String, i64, String)>,
+) -> Result<Value, ServeError> {
+    let body: Value = serde_json::from_slice(body)
+        .map_err(|e| ServeError::InvalidArgument(format!("the request body is not valid JSON: {e}")))?;
+    let signature = match body.get("signature_name") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(ServeError::InvalidArgument("signature_name must be a string".into())),
+    };
+    let version = state.inference.repository.resolve(&path.model, &path.selector)?;
+    let signature_name = signature.clone().filter(|s| !s.is_empty()).unwrap_or(savedmodel::DEFAULT_SIGNATURE.into());
+    *target = Some((version.model.clone(), version.version, signature_name.clone()));
+    let spec = version.specs.get(&signature_name).ok_or_else(|| ServeError::SignatureNotFound {
+        model: version.model.clone(),
+        version: version.version,
+        signature: signature_name.clone(),
+        available: version.specs.keys().cloned().collect(),
+    })?;
+    let inputs = tensor_json::parse_request(&body, spec)
+        .map_err(|e| ServeError::InvalidArgument(format!("model {:?}: {e}", version.model)))?;
+    let rows_form = body.get("instances").is_some();
+    let answer = state
+        .inference
+        .run(
+            InferenceRequest {
+                model: path.model,
+                // Pin the version resolved above, so the signature checked is the one run.
+                selector: VersionSelector::Version(version.version),
+                signature,
+                inputs,
+                output_filter: Vec::new(),
+            },
+            target,
+        )
+        .await?;
+    if rows_form {
+        tensor_json::predictions_to_json(&answer.outputs).map_err(ServeError::InvalidArgument)
+    } else {
+        let mut value = tensor_json::outputs_to_json(&answer.outputs);
+        // A single output is returned bare, as TF Serving does.
+        if let Some(outputs) = value.get("outputs").and_then(Value::as_object)
+            && outputs.len() == 1
+        {
+            let only = outputs.values().next().cloned().unwrap_or(Value::Null);
+            value = json!({ "outputs": only });
+        }
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf_serving_paths_parse() {
+        let p = parse_model_path("/v1/models/ae/versions/2:predict").unwrap();
+        assert_eq!(
+            (p.model.as_str(), p.selector, p.action),
+            ("ae", VersionSelector::Version(2), Action::Verb("predict".into()))
+        );
+        let p = parse_model_path("/v1/models/ae/labels/stable/metadata").unwrap();
+        assert_eq!((p.selector, p.action), (VersionSelector::Label("stable".into()), Action::Metadata));
+        let p = parse_model_path("/v1/models/ae").unwrap();
+        assert_eq!((p.selector, p.action), (VersionSelector::Latest, Action::Status));
+        assert!(parse_model_path("/v1/models/ae/versions/x").is_none());
+        assert!(parse_model_path("/v1/models/").is_none());
+        assert!(parse_model_path("/v2/models/ae").is_none());
+    }
+}

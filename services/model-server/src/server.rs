@@ -1,0 +1,228 @@
+//! Wires the model server together: repository, pollers, gRPC (TF Serving, KServe v2,
+//! health, reflection) on one port, REST on another, and graceful shutdown.
+//!
+//! [`run`] takes listeners that are already bound, so tests bind `127.0.0.1:0` and hand
+//! them in (no port races), and a shutdown future, so tests stop the server in-process.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use proto::tensorflow::serving::model_service_server::ModelServiceServer;
+use proto::tensorflow::serving::prediction_service_server::PredictionServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::ServerConfig;
+use crate::grpc::kserve::Kserve;
+use crate::grpc::tf_serving::{ModelServiceImpl, TfServing};
+use crate::inference::Inference;
+use crate::metrics::Metrics;
+use crate::model_config;
+use crate::repository::Repository;
+use crate::rest::{self, RestState};
+
+/// The listeners the server serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub rest: Option<TcpListener>,
+}
+
+/// gRPC service names reported by the health service besides one per model.
+const HEALTH_SERVICES: [&str; 6] = [
+    "",
+    "PredictionService",
+    "ModelService",
+    "tensorflow.serving.PredictionService",
+    "tensorflow.serving.ModelService",
+    "inference.GRPCInferenceService",
+];
+
+/// Loads the configured models, then serves until `shutdown` resolves and in-flight
+/// requests have drained (or the grace period ran out).
+pub async fn run(
+    config: ServerConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let repository = Repository::new(config.models.clone(), config.repository.clone(), metrics.clone())?;
+
+    // Like TF Serving, finish the initial loads before answering; connections made
+    // meanwhile wait in the listen backlog. A version that fails is reported, not fatal.
+    let initial = repository.reconcile();
+    tokio::task::spawn_blocking(move || Repository::wait(initial)).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = Vec::new();
+    if let Some(every) = config.file_system_poll {
+        background.push(tokio::spawn(poll_versions(repository.clone(), every, stop_rx.clone())));
+    }
+    if let (Some(every), Some(path)) = (config.model_config_poll, config.model_config_file.clone()) {
+        background.push(tokio::spawn(poll_config_file(repository.clone(), path, every, stop_rx.clone())));
+    }
+
+    let inference = Inference::new(repository.clone(), config.limits.clone());
+    let limit = config.grpc_max_message_bytes;
+    let tf = TfServing {
+        inference: inference.clone(),
+        metrics: metrics.clone(),
+        tensor_content_outputs: config.tensor_content_outputs,
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let health = if config.grpc_health {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        update_health(&reporter, &repository).await;
+        background.push(tokio::spawn(watch_health(reporter.clone(), repository.clone(), stop_rx.clone())));
+        Some((reporter, service))
+    } else {
+        None
+    };
+
+    let mut router = tonic::transport::Server::builder()
+        .add_service(
+            PredictionServiceServer::new(tf).max_decoding_message_size(limit).max_encoding_message_size(usize::MAX),
+        )
+        .add_service(ModelServiceServer::new(ModelServiceImpl { repository: repository.clone() }))
+        .add_service(
+            GrpcInferenceServiceServer::new(Kserve { inference: inference.clone(), metrics: metrics.clone() })
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(usize::MAX),
+        )
+        .add_service(reflection)
+        .add_service(reflection_alpha);
+    if let Some((_, service)) = &health {
+        router = router.add_service(service.clone());
+    }
+
+    // One shutdown signal fans out to both servers and the pollers (a watch channel keeps
+    // the value, so a listener that subscribes late still sees it).
+    let signalled = {
+        let reporter = health.as_ref().map(|(r, _)| r.clone());
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: refusing new work, draining in-flight requests");
+            if let Some(reporter) = reporter {
+                for name in HEALTH_SERVICES {
+                    reporter.set_service_status(name, ServingStatus::NotServing).await;
+                }
+            }
+            let _ = stop_tx.send(true);
+        })
+    };
+
+    let grpc =
+        tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), stopped(stop_rx.clone())));
+    let rest = listeners.rest.map(|listener| {
+        let app = rest::router(RestState { inference, metrics: metrics.clone() }, config.monitoring_path.clone());
+        let stop = stopped(stop_rx.clone());
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+    });
+
+    // Serve until the servers end on their own (an error) or the signal drains them.
+    let grace = config.shutdown_grace;
+    let drained = async {
+        let grpc_result = grpc.await?;
+        if let Some(rest) = rest {
+            rest.await??;
+        }
+        grpc_result?;
+        anyhow::Ok(())
+    };
+    tokio::pin!(drained);
+    let result = tokio::select! {
+        result = &mut drained => result,
+        _ = async { stopped(stop_rx.clone()).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_seconds = grace.as_secs(), "grace period over; exiting with requests in flight");
+            Ok(())
+        }
+    };
+    signalled.abort();
+    for task in background {
+        task.abort();
+    }
+    result
+}
+
+/// Resolves once the shutdown flag is set.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+async fn poll_versions(repository: Repository, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let repository = repository.clone();
+        // Directory scans are blocking IO; loads themselves start their own threads.
+        let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
+    }
+}
+
+async fn poll_config_file(
+    repository: Repository,
+    path: std::path::PathBuf,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let path = path.clone();
+        let read = tokio::task::spawn_blocking(move || model_config::read_model_config_file(&path)).await;
+        match read {
+            Ok(Ok(configs)) if configs != repository.configs() => {
+                tracing::info!(models = configs.len(), "model config file changed; applying");
+                if let Err(e) = repository.set_configs(configs) {
+                    tracing::error!("model config file rejected: {e}");
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("model config file unreadable, keeping the current config: {e}"),
+            Err(e) => tracing::error!("model config file read task failed: {e}"),
+        }
+    }
+}
+
+async fn update_health(reporter: &HealthReporter, repository: &Repository) {
+    let table = repository.table();
+    let names = repository.model_names();
+    let all_ready = names.iter().all(|m| table.models.contains_key(m));
+    for name in HEALTH_SERVICES {
+        let status = if all_ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status(name, status).await;
+    }
+    for name in names {
+        let status = if table.models.contains_key(&name) { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status(&name, status).await;
+    }
+}
+
+async fn watch_health(reporter: HealthReporter, repository: Repository, mut stop: watch::Receiver<bool>) {
+    let mut last: Option<Arc<crate::repository::ServingTable>> = None;
+    loop {
+        let table = repository.table();
+        if last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &table)) {
+            update_health(&reporter, &repository).await;
+            last = Some(table);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The other front doors: TF Serving's REST API (status, metadata, `:predict` in row and
+//! columnar forms), KServe v2 gRPC (typed and raw contents), gRPC health and reflection.
+
+mod support;
+
+use proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use proto::inference::model_infer_request::InferInputTensor;
+use proto::inference::{
+    InferTensorContents, ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, ServerReadyRequest,
+};
+use serde_json::{Value, json};
+use support::*;
+use tonic::Code;
+
+async fn server(flags: &[&str]) -> (tempfile::TempDir, TestServer) {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), "ae", "autoencoder", &[4]);
+    let mut all = vec!["--model_name=ae".to_owned(), format!("--model_base_path={}", base.display())];
+    all.extend(flags.iter().map(|f| (*f).to_owned()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    (root, TestServer::start(&all).await)
+}
+
+async fn post(addr: std::net::SocketAddr, path: &str, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new().post(format!("http://{addr}{path}")).json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_speaks_tf_serving_json() {
+    let (_root, server) = server(&[]).await;
+    drop(server.channel().await);
+    let (shape, input, expected) = autoencoder_golden().remove(0);
+    assert_eq!(shape, [1, 18]);
+
+    let status: Value = serde_json::from_str(&get_text(server.rest, "/v1/models/ae").await).unwrap();
+    assert_eq!(status["model_version_status"][0]["version"], "4");
+    assert_eq!(status["model_version_status"][0]["state"], "AVAILABLE");
+    let metadata: Value =
+        serde_json::from_str(&get_text(server.rest, "/v1/models/ae/versions/4/metadata").await).unwrap();
+    let sensors = &metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]["inputs"]["sensors"];
+    assert_eq!(sensors["dtype"], "DT_FLOAT");
+    assert_eq!(sensors["tensor_shape"]["dim"][1]["size"], "18");
+
+    // Row form: predictions[i] is row i of the single output.
+    let (code, body) =
+        post(server.rest, "/v1/models/ae:predict", json!({ "instances": [input.clone(), input.clone()] })).await;
+    assert_eq!(code, 200, "{body}");
+    let predictions = body["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 2);
+    assert_close(&floats(&predictions[1]), &expected, "REST instances");
+    // Columnar form, pinned to the version; a single output comes back bare.
+    let (code, body) = post(
+        server.rest,
+        "/v1/models/ae/versions/4:predict",
+        json!({ "signature_name": "serving_default", "inputs": { "sensors": [input.clone()] } }),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_close(&floats(&body["outputs"][0]), &expected, "REST inputs");
+    // f32 outputs print in their shortest form, as TF Serving's do.
+    let text = body["outputs"][0][0].to_string();
+    assert!(text.len() <= 14, "shortest f32 digits, got {text}");
+
+    // Errors: status codes and messages.
+    let (code, body) = post(server.rest, "/v1/models/ae:predict", json!({ "instances": [[1.0, 2.0]] })).await;
+    assert_eq!(code, 400);
+    assert!(body["error"].as_str().unwrap().contains("[-1,18]"), "{body}");
+    let (code, body) = post(server.rest, "/v1/models/nope:predict", json!({ "instances": [input] })).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = post(server.rest, "/v1/models/ae:classify", json!({ "examples": [] })).await;
+    assert_eq!(code, 501);
+    let metrics = get_text(server.rest, "/metrics").await;
+    let labels = [("api", "rest_predict"), ("model", "ae"), ("version", "4"), ("signature", "serving_default")];
+    assert_eq!(metric(&metrics, "model_server_requests_total", &labels), Some(3.0), "{metrics}");
+    assert!(metrics.contains("process_start_time_seconds"));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_infer_with_typed_and_raw_contents() {
+    let (_root, server) = server(&[]).await;
+    let mut client = GrpcInferenceServiceClient::new(server.channel().await);
+    assert!(client.server_ready(ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let ready = client.model_ready(ModelReadyRequest { name: "ae".into(), version: "4".into() }).await.unwrap();
+    assert!(ready.into_inner().ready);
+    let metadata = client
+        .model_metadata(ModelMetadataRequest { name: "ae".into(), version: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metadata.versions, ["4"]);
+    assert_eq!((metadata.inputs[0].name.as_str(), metadata.inputs[0].datatype.as_str()), ("sensors", "FP32"));
+    assert_eq!(metadata.inputs[0].shape, [-1, 18]);
+
+    let (shape, input, expected) = autoencoder_golden().remove(0);
+    let tensor = |contents| InferInputTensor {
+        name: "sensors".into(),
+        datatype: "FP32".into(),
+        shape: shape.iter().map(|&d| d as i64).collect(),
+        contents,
+        ..Default::default()
+    };
+    let typed = ModelInferRequest {
+        model_name: "ae".into(),
+        id: "req-1".into(),
+        inputs: vec![tensor(Some(InferTensorContents { fp32_contents: input.clone(), ..Default::default() }))],
+        ..Default::default()
+    };
+    let raw = ModelInferRequest {
+        model_name: "ae".into(),
+        model_version: "4".into(),
+        inputs: vec![tensor(None)],
+        raw_input_contents: vec![input.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>()],
+        ..Default::default()
+    };
+    for request in [typed, raw] {
+        let id = request.id.clone();
+        let response = client.model_infer(request).await.unwrap().into_inner();
+        assert_eq!(
+            (response.model_name.as_str(), response.model_version.as_str(), response.id.as_str()),
+            ("ae", "4", id.as_str())
+        );
+        assert_eq!(response.outputs[0].name, "output_0");
+        assert_eq!(response.outputs[0].datatype, "FP32");
+        assert_eq!(response.outputs[0].shape, [1, 18]);
+        let values: Vec<f32> =
+            response.raw_output_contents[0].chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_close(&values, &expected, "KServe ModelInfer");
+    }
+    let bad = ModelInferRequest {
+        model_name: "ae".into(),
+        inputs: vec![tensor(Some(InferTensorContents { fp32_contents: vec![1.0; 5], ..Default::default() }))],
+        ..Default::default()
+    };
+    let status = client.model_infer(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("\"sensors\"") && status.message().contains("5 values"), "{}", status.message());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_and_reflection() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let (_root, server) = server(&["--enable_grpc_healthcheck_service"]).await;
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "tensorflow.serving.PredictionService", "PredictionService", "ModelService", "ae"] {
+        let response = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(response.status(), ServingStatus::Serving, "service {service:?}");
+    }
+    let unknown = health.check(HealthCheckRequest { service: "other".into() }).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // Reflection lists the three APIs, so grpcurl works without .proto files.
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection.server_reflection_info(tokio_stream::iter([request])).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in
+        ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService", "inference.GRPCInferenceService"]
+    {
+        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+    }
+    server.stop().await;
+}

@@ -1,0 +1,168 @@
+//! Starts the model server in-process on pre-bound loopback listeners, with model
+//! directories copied from the TF-exported fixtures, and builds requests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use model_server::config::ServeArgs;
+use model_server::server::{self, Listeners};
+use proto::tensorflow::serving::ModelSpec;
+use proto::tensorflow::serving::model_spec::VersionChoice;
+use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct TestCli {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// `tests/fixtures/savedmodels/<name>` in the workspace.
+pub fn fixture_root(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels").join(name)
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A model base path holding the fixture `fixture` (its version 1) as each of `versions`.
+pub fn model_base(root: &Path, model: &str, fixture: &str, versions: &[i64]) -> PathBuf {
+    let base = root.join(model);
+    for v in versions {
+        add_version(&base, fixture, *v);
+    }
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
+/// Copies a fixture in as version `version`, atomically (a rename), as deploy tools do.
+pub fn add_version(base: &Path, fixture: &str, version: i64) {
+    let staging = base.join(format!(".staging-{version}"));
+    copy_dir(&fixture_root(fixture).join("1"), &staging);
+    std::fs::rename(&staging, base.join(version.to_string())).unwrap();
+}
+
+pub struct TestServer {
+    pub grpc: SocketAddr,
+    pub rest: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with these flags (as on the command line, without the binary name).
+    pub async fn start(flags: &[&str]) -> TestServer {
+        let cli = TestCli::try_parse_from(std::iter::once("model-server").chain(flags.iter().copied())).unwrap();
+        let config = cli.serve.resolve().unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(config, Listeners { grpc, rest: Some(rest) }, async {
+            let _ = stopped.await;
+        }));
+        TestServer { grpc: grpc_addr, rest: rest_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        // The server finishes initial loads before accepting; allow for that.
+        let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).unwrap();
+        for _ in 0..600 {
+            if let Ok(channel) = endpoint.connect().await {
+                return channel;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the server at {} never accepted a connection", self.grpc);
+    }
+
+    pub async fn predict_client(&self) -> PredictionServiceClient<Channel> {
+        PredictionServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub fn shape(dims: &[usize]) -> Option<TensorShapeProto> {
+    Some(TensorShapeProto {
+        dim: dims.iter().map(|&d| tensor_shape_proto::Dim { size: d as i64, ..Default::default() }).collect(),
+        ..Default::default()
+    })
+}
+
+pub fn float_tensor(dims: &[usize], values: &[f32]) -> TensorProto {
+    TensorProto { dtype: 1, tensor_shape: shape(dims), float_val: values.to_vec(), ..Default::default() }
+}
+
+pub fn spec(model: &str, version: Option<i64>, label: Option<&str>, signature: &str) -> Option<ModelSpec> {
+    let version_choice = match (version, label) {
+        (Some(v), _) => Some(VersionChoice::Version(v)),
+        (None, Some(l)) => Some(VersionChoice::VersionLabel(l.to_owned())),
+        (None, None) => None,
+    };
+    Some(ModelSpec { name: model.to_owned(), version_choice, signature_name: signature.to_owned() })
+}
+
+/// The autoencoder's TF-computed golden cases: (input rows, expected output rows).
+pub fn autoencoder_golden() -> Vec<(Vec<usize>, Vec<f32>, Vec<f32>)> {
+    let text = std::fs::read_to_string(fixture_root("autoencoder").join("golden.json")).unwrap();
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    golden["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| {
+            let input = &case["inputs"]["sensors"];
+            let output = &case["outputs"]["output_0"];
+            let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+            let shape = input["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            (shape, floats(&input["values"]), floats(&output["values"]))
+        })
+        .collect()
+}
+
+pub fn assert_close(actual: &[f32], expected: &[f32], context: &str) {
+    assert_eq!(actual.len(), expected.len(), "{context}: length");
+    for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
+        assert!((a - e).abs() <= 1e-5 + 1e-5 * e.abs(), "{context}: element {i}: {a} vs TensorFlow's {e}");
+    }
+}
+
+/// GET over HTTP/1.1; returns the body (panics on a non-2xx status).
+pub async fn get_text(addr: SocketAddr, path: &str) -> String {
+    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    assert!(response.status().is_success(), "GET {path}: {}", response.status());
+    response.text().await.unwrap()
+}
+
+/// The value of one sample in Prometheus text, matched by name and (a subset of) labels.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if series_name != name {
+            return None;
+        }
+        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+        all.then(|| value.parse().ok()).flatten()
+    })
+}

@@ -1,0 +1,33 @@
+//! Vigil's protobuf APIs, compiled once from the workspace's `proto/` directory.
+//!
+//! The TensorFlow Serving and KServe v2 protos are written by hand rather than vendored:
+//! they declare only the messages and fields Vigil uses, with the upstream packages,
+//! names and field numbers, so the official clients interoperate on the wire. Field
+//! numbers are checked against the official Python packages by
+//! `tests/compat/check_proto_wire_compat.py`.
+
+// Generated code: its docs and names are protoc's, not ours.
+#![allow(unreachable_pub, clippy::all, rust_2018_idioms)]
+
+/// Package `tensorflow`.
+pub mod tensorflow {
+    tonic::include_proto!("tensorflow");
+
+    /// Package `tensorflow.error`.
+    pub mod error {
+        tonic::include_proto!("tensorflow.error");
+    }
+
+    /// Package `tensorflow.serving`.
+    pub mod serving {
+        tonic::include_proto!("tensorflow.serving");
+    }
+}
+
+/// Package `inference` (KServe v2 / Open Inference Protocol).
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Every compiled file's descriptor, for gRPC reflection and text-format parsing.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
