@@ -16,3 +16,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (cargo test --workspace)"
 cargo test --workspace --locked
+
+step "compatibility with the official clients (tensorflow-serving-api, tritonclient)"
+bash tests/compat/run.sh

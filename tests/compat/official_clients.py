@@ -1,0 +1,125 @@
+"""The official clients against the real model-server process.
+
+Starts `model-server` (the binary given as argv[1]) on free loopback ports serving the
+TF-exported autoencoder fixture, then calls it the way users do:
+- tensorflow-serving-api: PredictionService.Predict (tf.make_tensor_proto input, as in TF
+  Serving's own examples), GetModelMetadata, ModelService.GetModelStatus;
+- tritonclient[grpc]: server/model readiness, model metadata and infer (ModelInfer).
+Answers are compared with TensorFlow's golden outputs committed beside the fixture.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import grpc
+import numpy as np
+import tensorflow as tf
+import tritonclient.grpc as triton
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "savedmodels", "autoencoder")
+
+
+def start_server(binary, base):
+    process = subprocess.Popen(
+        [binary, "--port=0", "--bind_address=127.0.0.1", "--model_name=autoencoder",
+         f"--model_base_path={base}", "--enable_grpc_healthcheck_service"],
+        stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    match = re.search(r"Running gRPC ModelServer at ([\d.]+:\d+)", line)
+    if not match:
+        process.kill()
+        raise SystemExit(f"model-server did not report its port: {line!r}")
+    return process, match.group(1)
+
+
+def main(binary):
+    golden = json.load(open(os.path.join(FIXTURE, "golden.json")))
+    cases = [(np.array(c["inputs"]["sensors"]["values"], np.float32).reshape(c["inputs"]["sensors"]["shape"]),
+              np.array(c["outputs"]["output_0"]["values"], np.float32).reshape(c["outputs"]["output_0"]["shape"]))
+             for c in golden["cases"]]
+    workdir = tempfile.mkdtemp()
+    base = os.path.join(workdir, "autoencoder")
+    shutil.copytree(os.path.join(FIXTURE, "1"), os.path.join(base, "1"))
+    process, address = start_server(binary, base)
+    try:
+        channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(channel).result(timeout=60)
+
+        # tensorflow-serving-api: Predict, exactly as TF Serving's client examples do it.
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for index, (inputs, expected) in enumerate(cases):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "autoencoder"
+            request.model_spec.signature_name = "serving_default"
+            request.inputs["sensors"].CopyFrom(tf.make_tensor_proto(inputs))
+            response = stub.Predict(request, timeout=30)
+            got = tf.make_ndarray(response.outputs["output_0"])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5, err_msg=f"Predict case {index}")
+            assert response.model_spec.version.value == 1, response.model_spec
+        print(f"tensorflow-serving-api Predict: {len(cases)} cases match TensorFlow")
+
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = "autoencoder"
+        request.metadata_field.append("signature_def")
+        response = stub.GetModelMetadata(request, timeout=30)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        sensors = signatures.signature_def["serving_default"].inputs["sensors"]
+        assert [d.size for d in sensors.tensor_shape.dim] == [-1, 18], sensors
+        assert sensors.dtype == tf.float32.as_datatype_enum
+        print("tensorflow-serving-api GetModelMetadata: serving_default sensors float32[-1,18]")
+
+        status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "autoencoder"
+        response = status_stub.GetModelStatus(request, timeout=30)
+        states = [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state))
+                  for s in response.model_version_status]
+        assert states == [(1, "AVAILABLE")], states
+        print(f"tensorflow-serving-api GetModelStatus: {states}")
+
+        # An error through the official client: the code and the message naming the input.
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "autoencoder"
+        request.inputs["sensors"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 17), np.float32)))
+        try:
+            stub.Predict(request, timeout=30)
+            raise AssertionError("a [1,17] input must be refused")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
+            assert "sensors" in error.details() and "[-1,18]" in error.details(), error.details()
+        print("tensorflow-serving-api error: INVALID_ARGUMENT naming the input and shape")
+
+        # tritonclient[grpc]: KServe v2.
+        client = triton.InferenceServerClient(url=address)
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("autoencoder")
+        metadata = client.get_model_metadata("autoencoder")
+        assert metadata.inputs[0].name == "sensors" and metadata.inputs[0].datatype == "FP32", metadata
+        for index, (inputs, expected) in enumerate(cases):
+            infer_input = triton.InferInput("sensors", list(inputs.shape), "FP32")
+            infer_input.set_data_from_numpy(inputs)
+            result = client.infer("autoencoder", [infer_input],
+                                  outputs=[triton.InferRequestedOutput("output_0")])
+            np.testing.assert_allclose(result.as_numpy("output_0"), expected, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"tritonclient infer case {index}")
+        print(f"tritonclient infer: {len(cases)} cases match TensorFlow")
+    finally:
+        process.terminate()
+        code = process.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+    if code != 0:
+        raise SystemExit(f"model-server exited with {code} after SIGTERM (expected a clean drain)")
+    print("model-server drained and exited cleanly on SIGTERM")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
