@@ -1,0 +1,226 @@
+//! Load benchmark: Predict requests/s and latency at several concurrency levels, for the
+//! model server with batching off and on, side by side with a no-op tonic server (the
+//! same PredictionService answering an echo without any inference) as the ceiling that
+//! gRPC itself allows on this machine. Client and servers share the machine's cores.
+//!
+//! Run: `cargo bench -p model-server --bench grpc_load` (writes
+//! `benchmarks/results/model-server-load.json`; see docs/benchmarks.md).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use model_server::config::ServeArgs;
+use model_server::server::{self, Listeners};
+use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use proto::tensorflow::serving::prediction_service_server::{PredictionService, PredictionServiceServer};
+use proto::tensorflow::serving::*;
+use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+const CONCURRENCY: [usize; 4] = [1, 8, 64, 256];
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(5);
+/// Clients spread over several HTTP/2 connections, as a channel pool would.
+const CONNECTIONS: usize = 4;
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The ceiling: decodes the request and answers with its input, no inference.
+struct Echo;
+
+#[tonic::async_trait]
+impl PredictionService for Echo {
+    async fn predict(&self, request: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
+        let request = request.into_inner();
+        let output = request.inputs.into_values().next().unwrap_or_default();
+        Ok(Response::new(PredictResponse {
+            model_spec: request.model_spec,
+            outputs: [("output_0".to_owned(), output)].into(),
+        }))
+    }
+    async fn get_model_metadata(
+        &self,
+        _: Request<GetModelMetadataRequest>,
+    ) -> Result<Response<GetModelMetadataResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn classify(&self, _: Request<ClassificationRequest>) -> Result<Response<ClassificationResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn regress(&self, _: Request<RegressionRequest>) -> Result<Response<RegressionResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+    async fn multi_inference(
+        &self,
+        _: Request<MultiInferenceRequest>,
+    ) -> Result<Response<MultiInferenceResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
+}
+
+fn request(seed: usize) -> PredictRequest {
+    let values: Vec<f32> = (0..18).map(|i| ((seed * 7 + i * 3) % 17) as f32 / 17.0 - 0.5).collect();
+    PredictRequest {
+        model_spec: Some(ModelSpec { name: "autoencoder".into(), ..Default::default() }),
+        inputs: [(
+            "sensors".to_owned(),
+            TensorProto {
+                dtype: 1,
+                tensor_shape: Some(TensorShapeProto {
+                    dim: [1, 18].iter().map(|&size| tensor_shape_proto::Dim { size, ..Default::default() }).collect(),
+                    ..Default::default()
+                }),
+                float_val: values,
+                ..Default::default()
+            },
+        )]
+        .into(),
+        output_filter: vec![],
+    }
+}
+
+struct LoadResult {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn load(channels: &[Channel], concurrency: usize) -> LoadResult {
+    let run = |duration: Duration| {
+        let channels = channels.to_vec();
+        async move {
+            let deadline = Instant::now() + duration;
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|i| {
+                    let mut client = PredictionServiceClient::new(channels[i % channels.len()].clone());
+                    tokio::spawn(async move {
+                        let mut latencies = Vec::new();
+                        let mut n = i;
+                        while Instant::now() < deadline {
+                            let started = Instant::now();
+                            client.predict(request(n)).await.expect("benchmark requests succeed");
+                            latencies.push(started.elapsed());
+                            n += concurrency;
+                        }
+                        latencies
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await.unwrap());
+            }
+            all
+        }
+    };
+    run(WARMUP).await;
+    let started = Instant::now();
+    let mut latencies = run(MEASURE).await;
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    LoadResult { rps: latencies.len() as f64 / elapsed.as_secs_f64(), p50_us: pct(0.5), p99_us: pct(0.99) }
+}
+
+async fn channels(addr: std::net::SocketAddr) -> Vec<Channel> {
+    let mut out = Vec::new();
+    for _ in 0..CONNECTIONS {
+        out.push(Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap());
+    }
+    out
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let base = root.join("tests/fixtures/savedmodels/autoencoder");
+    let batching = std::env::temp_dir().join("vigil-bench-batching.config");
+    // No timeout: a busy server merges whatever queued while the previous batch ran.
+    std::fs::write(
+        &batching,
+        "max_batch_size { value: 256 }\nbatch_timeout_micros { value: 0 }\nmax_enqueued_batches { value: 64 }\n",
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut rows = Vec::new();
+    runtime.block_on(async {
+        let mut results: Vec<(&str, Vec<(usize, LoadResult)>)> = Vec::new();
+        for (name, extra) in [
+            ("no-op tonic server (ceiling)", None),
+            ("model-server, batching off", Some(vec![])),
+            (
+                "model-server, batching on",
+                Some(vec![
+                    "--enable_batching".to_owned(),
+                    format!("--batching_parameters_file={}", batching.display()),
+                ]),
+            ),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = match extra {
+                None => tokio::spawn(async move {
+                    tonic::transport::Server::builder()
+                        .add_service(PredictionServiceServer::new(Echo))
+                        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                            let _ = stopped.await;
+                        })
+                        .await
+                        .map_err(anyhow::Error::from)
+                }),
+                Some(extra) => {
+                    let mut args = vec![
+                        "model-server".to_owned(),
+                        "--model_name=autoencoder".into(),
+                        format!("--model_base_path={}", base.display()),
+                    ];
+                    args.extend(extra);
+                    let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
+                    tokio::spawn(server::run(config, Listeners { grpc: listener, rest: None }, async {
+                        let _ = stopped.await;
+                    }))
+                }
+            };
+            let channels = channels(addr).await;
+            let mut by_level = Vec::new();
+            for concurrency in CONCURRENCY {
+                let result = load(&channels, concurrency).await;
+                eprintln!(
+                    "{name:32} c={concurrency:<4} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
+                    result.rps, result.p50_us, result.p99_us
+                );
+                by_level.push((concurrency, result));
+            }
+            drop(channels);
+            let _ = stop.send(());
+            let _ = task.await;
+            results.push((name, by_level));
+        }
+        let ceiling: Vec<f64> = results[0].1.iter().map(|(_, r)| r.rps).collect();
+        for (name, by_level) in &results {
+            for (i, (concurrency, r)) in by_level.iter().enumerate() {
+                rows.push(json!({
+                    "server": name, "concurrency": concurrency, "requests_per_second": r.rps.round(),
+                    "p50_us": r.p50_us.round(), "p99_us": r.p99_us.round(),
+                    "share_of_ceiling": (r.rps / ceiling[i] * 1000.0).round() / 1000.0,
+                }));
+            }
+        }
+    });
+    let out = root.join("benchmarks/results/model-server-load.json");
+    let report = json!({
+        "benchmark": "Predict, 1x18 float32 autoencoder, loopback gRPC, client and server on the same machine",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "measure_seconds": MEASURE.as_secs(), "connections": CONNECTIONS,
+        "results": rows,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
+    eprintln!("wrote {}", out.display());
+}
