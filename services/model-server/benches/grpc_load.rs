@@ -26,6 +26,10 @@ const MEASURE: Duration = Duration::from_secs(5);
 /// Clients spread over several HTTP/2 connections, as a channel pool would.
 const CONNECTIONS: usize = 4;
 
+// The allocator the server binary uses (see src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Flags {
     #[command(flatten)]
