@@ -9,7 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     collect(&root, &mut files)?;
     files.sort();
-    // SAFETY-free: build scripts are single-threaded; prost-build reads PROTOC.
+    // protoc from the protoc-bin-vendored crate; its include directory provides the
+    // google/protobuf well-known types (any.proto, wrappers.proto).
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     let include = protoc_bin_vendored::include_path()?;
     let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");

@@ -173,9 +173,12 @@ fn main() {
                 None => tokio::spawn(async move {
                     tonic::transport::Server::builder()
                         .add_service(PredictionServiceServer::new(Echo))
-                        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
-                            let _ = stopped.await;
-                        })
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                            async {
+                                let _ = stopped.await;
+                            },
+                        )
                         .await
                         .map_err(anyhow::Error::from)
                 }),

@@ -121,8 +121,10 @@ pub async fn run(
         })
     };
 
-    let grpc =
-        tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listeners.grpc), stopped(stop_rx.clone())));
+    // TCP_NODELAY, as gRPC servers set it: with Nagle on, a response written in two
+    // segments waits for the client's delayed ACK (40 ms on Linux).
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
     let rest = listeners.rest.map(|listener| {
         let app = rest::router(RestState { inference, metrics: metrics.clone() }, config.monitoring_path.clone());
         let stop = stopped(stop_rx.clone());

@@ -55,3 +55,23 @@ fn field_numbers_that_matter_on_the_wire() {
     assert_eq!(number("inference.ModelInferRequest", "raw_input_contents"), 7);
     assert_eq!(number("inference.ModelInferResponse", "raw_output_contents"), 6);
 }
+
+#[test]
+fn json_names_follow_upstream() {
+    // TF Serving declares snake_case JSON names for these; reflection-based JSON tools use them.
+    let set = set();
+    let json_name = |message: &str, field: &str| -> String {
+        set.file
+            .iter()
+            .filter(|f| f.package() == "tensorflow.serving")
+            .flat_map(|f| &f.message_type)
+            .find(|m| m.name() == message)
+            .and_then(|m| m.field.iter().find(|f| f.name() == field))
+            .unwrap_or_else(|| panic!("{message}.{field}"))
+            .json_name()
+            .to_owned()
+    };
+    assert_eq!(json_name("StatusProto", "error_code"), "error_code");
+    assert_eq!(json_name("StatusProto", "error_message"), "error_message");
+    assert_eq!(json_name("GetModelStatusResponse", "model_version_status"), "model_version_status");
+}
