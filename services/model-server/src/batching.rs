@@ -320,3 +320,51 @@ impl Shared {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn plan() -> Arc<SignaturePlan> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels/autoencoder/1");
+        Arc::new(savedmodel::SavedModel::open(dir).unwrap().load("serving_default").unwrap())
+    }
+
+    fn rows(plan: &SignaturePlan, n: usize) -> PreparedInputs {
+        plan.prepare([("sensors".to_owned(), Tensor::from_shape(&[n, 18], &vec![0.5f32; n * 18]).unwrap())]).unwrap()
+    }
+
+    #[test]
+    fn a_full_queue_refuses_instead_of_growing_and_queued_work_still_completes() {
+        let plan = plan();
+        // A batch waits up to a minute to fill, so submitted rows stay queued.
+        let options = BatchingOptions {
+            max_batch_size: 4,
+            batch_timeout: Duration::from_secs(60),
+            max_enqueued_batches: 1,
+            num_batch_threads: 1,
+            allowed_batch_sizes: Vec::new(),
+        };
+        let metrics = Metrics::new().signature("m", 1, "serving_default");
+        let scheduler = Scheduler::start(Arc::clone(&plan), SchedulingMode::Batched(options), metrics, "test");
+        // A full batch runs at once.
+        let first = scheduler.submit(rows(&plan, 4)).unwrap().blocking_recv().unwrap().unwrap();
+        assert_eq!(first["output_0"].shape(), &[4, 18]);
+        // The queue holds max_batch_size x max_enqueued_batches = 4 rows; 3 wait for more.
+        let mut pending = vec![scheduler.submit(rows(&plan, 3)).unwrap()];
+        let refused = scheduler.submit(rows(&plan, 2));
+        assert!(matches!(refused, Err(SubmitError::QueueFull(1))), "{refused:?}");
+        assert!(matches!(scheduler.submit(rows(&plan, 5)), Err(SubmitError::TooLarge { rows: 5, max: 4 })));
+        // One more row fills the batch: 3 + 1 run together, each gets its own rows.
+        pending.push(scheduler.submit(rows(&plan, 1)).unwrap());
+        let shapes: Vec<Vec<usize>> =
+            pending.drain(..).map(|r| r.blocking_recv().unwrap().unwrap()["output_0"].shape().to_vec()).collect();
+        assert_eq!(shapes, [vec![3, 18], vec![1, 18]]);
+        // Closing runs what was accepted instead of dropping it.
+        let last = scheduler.submit(rows(&plan, 2)).unwrap();
+        drop(scheduler);
+        assert_eq!(last.blocking_recv().unwrap().unwrap()["output_0"].shape(), &[2, 18]);
+    }
+}
