@@ -168,6 +168,8 @@ struct Control {
     loading: BTreeSet<(String, i64)>,
     /// Versions that failed to load; not retried until they leave the aspired set.
     failed: BTreeSet<(String, i64)>,
+    /// Per model, the versions its policy wants among those on disk at the last scan.
+    aspired: BTreeMap<String, BTreeSet<i64>>,
 }
 
 #[derive(Debug)]
@@ -192,7 +194,12 @@ impl Repository {
         Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(ServingTable::default()),
-                control: Mutex::new(Control { configs, loading: BTreeSet::new(), failed: BTreeSet::new() }),
+                control: Mutex::new(Control {
+                    configs,
+                    loading: BTreeSet::new(),
+                    failed: BTreeSet::new(),
+                    aspired: BTreeMap::new(),
+                }),
                 statuses: Mutex::new(BTreeMap::new()),
                 options,
                 metrics,
@@ -339,7 +346,8 @@ impl Repository {
             }
             aspired_all.insert(config.name.clone(), aspired);
         }
-        self.publish(&control, &aspired_all);
+        control.aspired = aspired_all;
+        self.publish(&control);
         started
     }
 
@@ -366,13 +374,8 @@ impl Repository {
                 self.shared.set_state(&model, version, VersionState::End, Some(error));
             }
         }
-        // Re-decide with the outcome: a new version may now retire an old one.
-        let aspired = control
-            .configs
-            .iter()
-            .map(|c| (c.name.clone(), aspired_versions(&c.policy, &list_versions(&c.base_path).unwrap_or_default())))
-            .collect();
-        self.publish(&control, &aspired);
+        // Re-decide with the outcome (against the last scan): a new version may now retire an old one.
+        self.publish(&control);
     }
 
     fn build_version(&self, model: &str, version: i64, dir: &Path) -> Result<LoadedVersion, String> {
@@ -433,13 +436,13 @@ impl Repository {
 
     /// Publishes a new table: unaspired versions leave once their model has an aspired
     /// version available (or nothing aspired is left), labels point at available versions.
-    fn publish(&self, control: &Control, aspired: &BTreeMap<String, BTreeSet<i64>>) {
+    fn publish(&self, control: &Control) {
         let old = self.shared.table.load_full();
         let mut table = ServingTable::default();
         let mut retired = Vec::new();
         for config in &control.configs {
             let Some(served) = old.models.get(&config.name) else { continue };
-            let wanted = aspired.get(&config.name).cloned().unwrap_or_default();
+            let wanted = control.aspired.get(&config.name).cloned().unwrap_or_default();
             let any_wanted_available = wanted.iter().any(|v| served.versions.contains_key(v));
             let mut versions = BTreeMap::new();
             for (&version, loaded) in &served.versions {
