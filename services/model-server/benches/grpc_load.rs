@@ -9,13 +9,14 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use clap::Parser;
 use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use proto::tensorflow::serving::prediction_service_server::{PredictionService, PredictionServiceServer};
 use proto::tensorflow::serving::*;
-use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use serde_json::json;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -70,24 +71,7 @@ impl PredictionService for Echo {
 }
 
 fn request(seed: usize) -> PredictRequest {
-    let values: Vec<f32> = (0..18).map(|i| ((seed * 7 + i * 3) % 17) as f32 / 17.0 - 0.5).collect();
-    PredictRequest {
-        model_spec: Some(ModelSpec { name: "autoencoder".into(), ..Default::default() }),
-        inputs: [(
-            "sensors".to_owned(),
-            TensorProto {
-                dtype: 1,
-                tensor_shape: Some(TensorShapeProto {
-                    dim: [1, 18].iter().map(|&size| tensor_shape_proto::Dim { size, ..Default::default() }).collect(),
-                    ..Default::default()
-                }),
-                float_val: values,
-                ..Default::default()
-            },
-        )]
-        .into(),
-        output_filter: vec![],
-    }
+    support::autoencoder_request((0..18).map(|i| ((seed * 7 + i * 3) % 17) as f32 / 17.0 - 0.5).collect())
 }
 
 struct LoadResult {
@@ -129,7 +113,7 @@ async fn load(channels: &[Channel], concurrency: usize) -> LoadResult {
     let mut latencies = run(MEASURE).await;
     let elapsed = started.elapsed();
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    let pct = |p| support::percentile_us(&latencies, p);
     LoadResult { rps: latencies.len() as f64 / elapsed.as_secs_f64(), p50_us: pct(0.5), p99_us: pct(0.99) }
 }
 

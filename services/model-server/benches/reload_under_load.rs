@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use clap::Parser;
 use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
@@ -25,7 +27,6 @@ use proto::tensorflow::serving::{
     GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, PredictRequest,
     ReloadConfigRequest, model_server_config,
 };
-use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use serde_json::json;
 use tokio::sync::Mutex;
 
@@ -73,28 +74,12 @@ fn reload(configs: Vec<ModelConfig>) -> ReloadConfigRequest {
 }
 
 fn predict() -> PredictRequest {
-    PredictRequest {
-        model_spec: Some(ModelSpec { name: "autoencoder".into(), ..Default::default() }),
-        inputs: [(
-            "sensors".to_owned(),
-            TensorProto {
-                dtype: 1,
-                tensor_shape: Some(TensorShapeProto {
-                    dim: [1, 18].iter().map(|&size| tensor_shape_proto::Dim { size, ..Default::default() }).collect(),
-                    ..Default::default()
-                }),
-                float_val: vec![0.25; 18],
-                ..Default::default()
-            },
-        )]
-        .into(),
-        output_filter: vec![],
-    }
+    support::autoencoder_request(vec![0.25; 18])
 }
 
 fn percentiles(mut latencies: Vec<Duration>) -> serde_json::Value {
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e6;
+    let pct = |p| support::percentile_us(&latencies, p);
     json!({ "requests": latencies.len(), "p50_us": pct(0.5).round(), "p99_us": pct(0.99).round(), "max_us": pct(1.0).round() })
 }
 

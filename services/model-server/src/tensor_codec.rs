@@ -36,6 +36,21 @@ pub enum Element {
 }
 
 impl Element {
+    const ALL: [Element; 12] = [
+        Element::Bool,
+        Element::U8,
+        Element::U16,
+        Element::U32,
+        Element::U64,
+        Element::I8,
+        Element::I16,
+        Element::I32,
+        Element::I64,
+        Element::F16,
+        Element::F32,
+        Element::F64,
+    ];
+
     pub fn from_datum_type(dt: DatumType) -> Option<Self> {
         Some(match dt {
             DatumType::Bool => Element::Bool,
@@ -94,22 +109,7 @@ impl Element {
     }
 
     pub fn from_tf_dtype(dtype: i32) -> Option<Self> {
-        [
-            Element::F32,
-            Element::F64,
-            Element::I32,
-            Element::U8,
-            Element::I16,
-            Element::I8,
-            Element::I64,
-            Element::Bool,
-            Element::U16,
-            Element::F16,
-            Element::U32,
-            Element::U64,
-        ]
-        .into_iter()
-        .find(|e| e.tf_dtype() == dtype)
+        Self::ALL.into_iter().find(|e| e.tf_dtype() == dtype)
     }
 
     /// KServe v2 datatype name.
@@ -131,22 +131,7 @@ impl Element {
     }
 
     pub fn from_kserve_name(name: &str) -> Option<Self> {
-        [
-            Element::Bool,
-            Element::U8,
-            Element::U16,
-            Element::U32,
-            Element::U64,
-            Element::I8,
-            Element::I16,
-            Element::I32,
-            Element::I64,
-            Element::F16,
-            Element::F32,
-            Element::F64,
-        ]
-        .into_iter()
-        .find(|e| e.kserve_name() == name)
+        Self::ALL.into_iter().find(|e| e.kserve_name() == name)
     }
 }
 
@@ -253,7 +238,8 @@ pub fn tensor_from_proto(name: &str, proto: &TensorProto) -> Result<Tensor, Stri
     }
 }
 
-fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
+/// A plain (in-memory) tensor's elements; engine outputs are always plain.
+pub(crate) fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
     tensor
         .try_as_plain_ram()
         .and_then(|view| view.as_slice::<T>().map(<[T]>::to_vec))

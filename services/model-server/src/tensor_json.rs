@@ -11,6 +11,8 @@ use savedmodel::{DatumType, SignatureSpec, Tensor};
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 
+use crate::tensor_codec::plain;
+
 #[derive(Debug, Error, PartialEq)]
 pub enum JsonTensorError {
     #[error("request must be an object with \"inputs\" or \"instances\"")]
@@ -162,10 +164,6 @@ fn shortest_f32(x: f32) -> Value {
         return Value::from(if x > 0.0 { "Infinity" } else { "-Infinity" });
     }
     Value::from(x.to_string().parse::<f64>().unwrap_or(f64::from(x)))
-}
-
-fn plain<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Vec<T> {
-    tensor.try_as_plain_ram().ok().and_then(|t| t.as_slice::<T>().ok().map(<[T]>::to_vec)).unwrap_or_default()
 }
 
 /// `{"outputs": {name: nested array}}`, TF Serving's columnar response.

@@ -12,6 +12,7 @@ use proto::tensorflow::serving::prediction_log::LogType;
 
 use crate::repository::LoadedVersion;
 use crate::tensor_codec;
+use savedmodel::masked_crc32c as masked_crc;
 
 /// Where TF Serving looks for warmup data inside a version directory.
 pub const WARMUP_FILE: &str = "assets.extra/tf_serving_warmup_requests";
@@ -103,12 +104,6 @@ pub fn write_tfrecords(records: &[Vec<u8>]) -> Vec<u8> {
         out.extend_from_slice(&masked_crc(record).to_le_bytes());
     }
     out
-}
-
-/// TFRecord's masked CRC32C (the same masking LevelDB uses).
-fn masked_crc(data: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(data);
-    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 #[cfg(test)]

@@ -34,6 +34,11 @@ pub use saved_model::{FrozenSignature, OpUse, SavedModel, SignatureSpec, TensorS
 pub use tract_tensorflow::tfpb::tensorflow::DataType;
 pub use tract_tensorflow::tract_hir::prelude::{Datum, DatumType, Tensor, f16};
 
+/// TensorFlow's masked CRC32C of `data`, as LevelDB tables and TFRecord files store it.
+pub fn masked_crc32c(data: &[u8]) -> u32 {
+    sstable::mask_crc(crc32c::crc32c(data))
+}
+
 /// The tag TensorFlow Serving loads by default.
 pub const SERVE_TAG: &str = "serve";
 /// The signature used when a request names none.
