@@ -5,6 +5,9 @@
 //!
 //! Run: `cargo bench -p model-server --bench grpc_load` (writes
 //! `benchmarks/results/model-server-load.json`; see docs/benchmarks.md).
+//! `VIGIL_BENCH_CONCURRENCY=64` measures only the listed levels and writes nothing, for
+//! quick comparisons while tuning; `VIGIL_BENCH_SERVER=on` measures only the servers whose
+//! name contains the text (for profiling one of them).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,8 +25,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 const CONCURRENCY: [usize; 4] = [1, 8, 64, 256];
-const WARMUP: Duration = Duration::from_secs(1);
-const MEASURE: Duration = Duration::from_secs(5);
+const WARMUP: Duration = Duration::from_millis(500);
+const MEASURE: Duration = Duration::from_secs(3);
+/// Measurements per server and level, interleaved across servers.
+const ROUNDS: usize = 3;
+const CEILING: &str = "no-op tonic server (ceiling)";
 /// Clients spread over several HTTP/2 connections, as a channel pool would.
 const CONNECTIONS: usize = 4;
 
@@ -125,6 +131,52 @@ async fn channels(addr: std::net::SocketAddr) -> Vec<Channel> {
     out
 }
 
+/// A server under test: its name, its clients' channels, and how to stop it.
+struct Running {
+    name: &'static str,
+    channels: Vec<Channel>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(name: &'static str, extra: Option<Vec<String>>, base: &std::path::Path) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = match extra {
+        None => tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(PredictionServiceServer::new(Echo))
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = stopped.await;
+                    },
+                )
+                .await
+                .map_err(anyhow::Error::from)
+        }),
+        Some(extra) => {
+            let mut args = vec![
+                "model-server".to_owned(),
+                "--model_name=autoencoder".into(),
+                format!("--model_base_path={}", base.display()),
+            ];
+            args.extend(extra);
+            let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
+            tokio::spawn(server::run(config, Listeners { grpc: listener, rest: None }, async {
+                let _ = stopped.await;
+            }))
+        }
+    };
+    Running { name, channels: channels(addr).await, stop, task }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let base = root.join("tests/fixtures/savedmodels/autoencoder");
@@ -135,12 +187,17 @@ fn main() {
         "max_batch_size { value: 256 }\nbatch_timeout_micros { value: 0 }\nmax_enqueued_batches { value: 64 }\n",
     )
     .unwrap();
+    let only: Option<Vec<usize>> = std::env::var("VIGIL_BENCH_CONCURRENCY")
+        .ok()
+        .map(|v| v.split(',').map(|c| c.trim().parse().expect("VIGIL_BENCH_CONCURRENCY: numbers")).collect());
+    let levels = only.clone().unwrap_or(CONCURRENCY.to_vec());
+    let only_server = std::env::var("VIGIL_BENCH_SERVER").ok();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut rows = Vec::new();
     runtime.block_on(async {
-        let mut results: Vec<(&str, Vec<(usize, LoadResult)>)> = Vec::new();
+        let mut servers = Vec::new();
         for (name, extra) in [
-            ("no-op tonic server (ceiling)", None),
+            (CEILING, None),
             ("model-server, batching off", Some(vec![])),
             (
                 "model-server, batching on",
@@ -150,66 +207,65 @@ fn main() {
                 ]),
             ),
         ] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = match extra {
-                None => tokio::spawn(async move {
-                    tonic::transport::Server::builder()
-                        .add_service(PredictionServiceServer::new(Echo))
-                        .serve_with_incoming_shutdown(
-                            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                            async {
-                                let _ = stopped.await;
-                            },
-                        )
-                        .await
-                        .map_err(anyhow::Error::from)
-                }),
-                Some(extra) => {
-                    let mut args = vec![
-                        "model-server".to_owned(),
-                        "--model_name=autoencoder".into(),
-                        format!("--model_base_path={}", base.display()),
-                    ];
-                    args.extend(extra);
-                    let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
-                    tokio::spawn(server::run(config, Listeners { grpc: listener, rest: None }, async {
-                        let _ = stopped.await;
-                    }))
-                }
-            };
-            let channels = channels(addr).await;
-            let mut by_level = Vec::new();
-            for concurrency in CONCURRENCY {
-                let result = load(&channels, concurrency).await;
-                eprintln!(
-                    "{name:32} c={concurrency:<4} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
-                    result.rps, result.p50_us, result.p99_us
-                );
-                by_level.push((concurrency, result));
+            if only_server.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+                continue;
             }
-            drop(channels);
-            let _ = stop.send(());
-            let _ = task.await;
-            results.push((name, by_level));
+            servers.push(start(name, extra, &base).await);
         }
-        let ceiling: Vec<f64> = results[0].1.iter().map(|(_, r)| r.rps).collect();
-        for (name, by_level) in &results {
-            for (i, (concurrency, r)) in by_level.iter().enumerate() {
-                rows.push(json!({
-                    "server": name, "concurrency": concurrency, "requests_per_second": r.rps.round(),
-                    "p50_us": r.p50_us.round(), "p99_us": r.p99_us.round(),
-                    "share_of_ceiling": (r.rps / ceiling[i] * 1000.0).round() / 1000.0,
-                }));
+        for concurrency in levels.iter().copied() {
+            // Rounds interleave the servers, so a slow spell on a shared machine hits all of
+            // them alike; each server's figure is its median round, and its share of the
+            // ceiling the median of the per-round ratios.
+            let mut rounds: Vec<Vec<LoadResult>> = servers.iter().map(|_| Vec::new()).collect();
+            for _ in 0..ROUNDS {
+                for (server, results) in servers.iter().zip(&mut rounds) {
+                    let result = load(&server.channels, concurrency).await;
+                    eprintln!(
+                        "{:32} c={concurrency:<4} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us",
+                        server.name, result.rps, result.p50_us, result.p99_us
+                    );
+                    results.push(result);
+                }
             }
+            let ceiling = servers.iter().position(|s| s.name == CEILING).map(|i| &rounds[i]);
+            for (server, results) in servers.iter().zip(&rounds) {
+                let shares: Vec<f64> =
+                    ceiling.map(|c| results.iter().zip(c).map(|(r, c)| r.rps / c.rps).collect()).unwrap_or_default();
+                let typical = {
+                    let rps = median(results.iter().map(|r| r.rps).collect());
+                    results.iter().find(|r| r.rps == rps).expect("the median is one of the rounds")
+                };
+                let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+                rows.push(json!({
+                    "server": server.name, "concurrency": concurrency,
+                    "requests_per_second": typical.rps.round(),
+                    "p50_us": typical.p50_us.round(), "p99_us": typical.p99_us.round(),
+                    "requests_per_second_by_round": results.iter().map(|r| r.rps.round()).collect::<Vec<_>>(),
+                    "share_of_ceiling": if shares.is_empty() { None } else { Some(round3(median(shares.clone()))) },
+                    "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+                }));
+                eprintln!(
+                    "  {:30} c={concurrency:<4} median {:>9.0} req/s, {}",
+                    server.name,
+                    typical.rps,
+                    rows.last().unwrap()["share_of_ceiling"]
+                );
+            }
+        }
+        for server in servers {
+            drop(server.channels);
+            let _ = server.stop.send(());
+            let _ = server.task.await;
         }
     });
+    if only.is_some() || only_server.is_some() {
+        return;
+    }
     let out = root.join("benchmarks/results/model-server-load.json");
     let report = json!({
         "benchmark": "Predict, 1x18 float32 autoencoder, loopback gRPC, client and server on the same machine",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "measure_seconds": MEASURE.as_secs(), "connections": CONNECTIONS,
+        "measure_seconds": MEASURE.as_secs_f64(), "rounds": ROUNDS, "connections": CONNECTIONS,
         "results": rows,
     });
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();

@@ -1,16 +1,28 @@
 //! Server-side scheduling of inference work: every signature of a loaded version owns one
-//! [`Scheduler`], a bounded queue drained by dedicated OS threads, so tract never runs on the
-//! async runtime's threads and overload is refused (RESOURCE_EXHAUSTED) instead of queued
-//! without bound.
+//! [`Scheduler`], a bounded queue with at most `threads` engine runs at a time, so overload
+//! is refused (RESOURCE_EXHAUSTED) instead of queued without bound.
 //!
-//! With batching on, a thread that picks up work takes every queued request that fits in
+//! With batching on, whoever picks up work takes every queued request that fits in
 //! `max_batch_size` rows (waiting up to `batch_timeout` for more to arrive) and runs them as
 //! one tract call, then splits the outputs back, request by request, in queue order. With
 //! a zero timeout this is adaptive: an idle server runs each request at once, a busy one
 //! merges whatever queued while the previous batch ran. With batching off, each request
-//! runs alone on the same threads.
+//! runs alone under the same bound.
+//!
+//! Who runs a batch: dedicated OS threads, or — when the signature has proven cheap (its
+//! last run took under [`INLINE_RUN_LIMIT`]) and no batch timeout is set — a request that
+//! found a free run slot, on its own async worker ("combining"). It yields to the runtime
+//! once, so requests already decoded on that worker queue up behind it, then runs the
+//! queue for everyone waiting. Handing each request to another thread and back costs two
+//! context switches, more than a small model's whole run on a 2-core machine; running a few
+//! tens of microseconds of tract inline costs the runtime less than that, and the yield is
+//! what makes concurrent requests meet in one batch (measured in docs/benchmarks.md). A
+//! combiner runs at most [`INLINE_BUDGET`] of batches, then leaves the rest to the threads,
+//! so one request never holds its worker for long, and an expensive model never runs on
+//! the runtime at all.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -29,7 +41,8 @@ pub struct BatchingOptions {
     pub batch_timeout: Duration,
     /// Queue bound, in batches of `max_batch_size` rows.
     pub max_enqueued_batches: usize,
-    /// Threads running batches, per signature.
+    /// Threads running batches, per signature; also the most batches running at once
+    /// (inline combiners included).
     pub num_batch_threads: usize,
     /// If set, batches are padded up to the next allowed size (the last must equal
     /// `max_batch_size`), as TF Serving does to bound the shapes a model sees.
@@ -100,6 +113,12 @@ pub enum SchedulingMode {
     Unbatched(UnbatchedOptions),
 }
 
+/// A signature whose last run took less than this may run on the submitting async worker.
+pub const INLINE_RUN_LIMIT: Duration = Duration::from_micros(100);
+/// Most time a request spends running other requests' batches inline before handing the
+/// rest of the queue to the threads.
+pub const INLINE_BUDGET: Duration = Duration::from_micros(250);
+
 pub type Outputs = BTreeMap<String, Tensor>;
 type Reply = oneshot::Sender<Result<Outputs, PredictError>>;
 
@@ -124,14 +143,20 @@ struct Task {
 struct Queue {
     tasks: VecDeque<Task>,
     rows: usize,
+    /// Batches being run right now, by threads or inline; at most `Shared::slots`.
+    running: usize,
     closed: bool,
 }
 
 struct Shared {
     plan: Arc<SignaturePlan>,
     mode: SchedulingMode,
+    /// Most concurrent engine runs (the thread count).
+    slots: usize,
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// The last run was fast enough to run inline ([`INLINE_RUN_LIMIT`]).
+    cheap: AtomicBool,
     metrics: SignatureMetrics,
 }
 
@@ -162,14 +187,17 @@ impl Scheduler {
             SchedulingMode::Batched(o) => o.num_batch_threads,
             SchedulingMode::Unbatched(o) => o.threads,
         };
+        let slots = threads.max(1);
         let shared = Arc::new(Shared {
             plan,
             mode,
-            queue: Mutex::new(Queue { tasks: VecDeque::new(), rows: 0, closed: false }),
+            slots,
+            queue: Mutex::new(Queue { tasks: VecDeque::new(), rows: 0, running: 0, closed: false }),
             ready: Condvar::new(),
+            cheap: AtomicBool::new(false),
             metrics,
         });
-        let threads = (0..threads.max(1))
+        let threads = (0..slots)
             .map(|i| {
                 let shared = Arc::clone(&shared);
                 std::thread::Builder::new()
@@ -185,11 +213,48 @@ impl Scheduler {
         matches!(self.shared.mode, SchedulingMode::Batched(_))
     }
 
-    /// Queues a validated request; the outputs (only its own rows) arrive on the receiver.
+    /// Queues a validated request for the threads; the outputs (only its own rows) arrive
+    /// on the receiver. For callers outside the async runtime (warmup).
     pub fn submit(
         &self,
         inputs: PreparedInputs,
     ) -> Result<oneshot::Receiver<Result<Outputs, PredictError>>, SubmitError> {
+        let (receiver, claim) = self.enqueue(inputs, false)?;
+        debug_assert!(claim.is_none());
+        self.shared.ready.notify_one();
+        Ok(receiver)
+    }
+
+    /// Runs a validated request and returns its outputs (only its own rows). When the
+    /// signature is cheap and a run slot is free, this request becomes a combiner: it
+    /// yields once so requests already ready on this worker can queue too, then runs the
+    /// queue for everyone (see the module docs).
+    pub async fn infer(&self, inputs: PreparedInputs) -> Result<Result<Outputs, PredictError>, SubmitError> {
+        let (receiver, claim) = self.enqueue(inputs, true)?;
+        match claim {
+            Some(claim) => {
+                if self.is_batching() {
+                    tokio::task::yield_now().await;
+                }
+                claim.combine();
+            }
+            None if !self.shared.runs_inline() => self.shared.ready.notify_one(),
+            // Every slot is running a batch; whoever finishes first takes this request next.
+            None => {}
+        }
+        // A dropped sender means the scheduler closed without answering, which Drop prevents
+        // by draining; report it as a closed scheduler all the same.
+        receiver.await.map_err(|_| SubmitError::Closed)
+    }
+
+    /// Queues a request; with `may_lead`, claims a run slot to combine in if the signature
+    /// is cheap and one is free.
+    #[allow(clippy::type_complexity)]
+    fn enqueue(
+        &self,
+        inputs: PreparedInputs,
+        may_lead: bool,
+    ) -> Result<(oneshot::Receiver<Result<Outputs, PredictError>>, Option<Combiner<'_>>), SubmitError> {
         let rows = inputs.rows().unwrap_or(1);
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.shared.queue.lock().expect("scheduler lock");
@@ -214,9 +279,55 @@ impl Scheduler {
         queue.tasks.push_back(Task { inputs, rows, enqueued: Instant::now(), reply });
         queue.rows += rows;
         self.shared.metrics.queue_depth.set(queue.tasks.len() as i64);
-        drop(queue);
-        self.shared.ready.notify_one();
-        Ok(receiver)
+        let claim = (may_lead && queue.running < self.shared.slots && self.shared.runs_inline()).then(|| {
+            queue.running += 1;
+            Combiner { shared: &self.shared, holds_slot: true }
+        });
+        Ok((receiver, claim))
+    }
+}
+
+/// The run slot of a request that runs the queue inline. Dropping it (also when the
+/// request is cancelled before it ran anything) gives the slot back and wakes a thread
+/// for whatever is still queued, so no queued request is stranded.
+struct Combiner<'a> {
+    shared: &'a Shared,
+    holds_slot: bool,
+}
+
+impl Combiner<'_> {
+    /// Runs batches until the queue is empty, the budget is spent, or the signature stops
+    /// being cheap; leftovers go to the threads.
+    fn combine(mut self) {
+        let started = Instant::now();
+        loop {
+            let mut queue = self.shared.queue.lock().expect("scheduler lock");
+            if queue.tasks.is_empty() {
+                queue.running -= 1;
+                self.holds_slot = false;
+                return;
+            }
+            if started.elapsed() >= INLINE_BUDGET || !self.shared.runs_inline() {
+                return; // Drop hands the rest to the threads
+            }
+            let batch = self.shared.take_batch(&mut queue);
+            drop(queue);
+            self.shared.run(batch);
+        }
+    }
+}
+
+impl Drop for Combiner<'_> {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            let mut queue = self.shared.queue.lock().expect("scheduler lock");
+            queue.running -= 1;
+            let more = !queue.tasks.is_empty();
+            drop(queue);
+            if more {
+                self.shared.ready.notify_one();
+            }
+        }
     }
 }
 
@@ -235,15 +346,32 @@ impl Shared {
     fn work(&self) {
         while let Some(batch) = self.next_batch() {
             self.run(batch);
+            let mut queue = self.queue.lock().expect("scheduler lock");
+            queue.running -= 1;
+            let more = !queue.tasks.is_empty();
+            drop(queue);
+            if more {
+                // Another thread may be waiting for this slot.
+                self.ready.notify_one();
+            }
         }
     }
 
-    /// Blocks until there is work; `None` once closed and drained.
+    /// Whether submitters may run batches on their own (async) thread.
+    fn runs_inline(&self) -> bool {
+        let no_timeout = match &self.mode {
+            SchedulingMode::Batched(o) => o.batch_timeout.is_zero(),
+            SchedulingMode::Unbatched(_) => true,
+        };
+        no_timeout && self.cheap.load(Ordering::Relaxed)
+    }
+
+    /// Blocks until there is work and a free slot; `None` once closed and drained.
     fn next_batch(&self) -> Option<Vec<Task>> {
         let mut queue = self.queue.lock().expect("scheduler lock");
         loop {
-            while queue.tasks.is_empty() {
-                if queue.closed {
+            while queue.tasks.is_empty() || queue.running >= self.slots {
+                if queue.closed && queue.tasks.is_empty() {
                     return None;
                 }
                 queue = self.ready.wait(queue).expect("scheduler lock");
@@ -262,28 +390,47 @@ impl Shared {
                 }
                 queue = self.ready.wait_timeout(queue, deadline - now).expect("scheduler lock").0;
             }
-            if queue.tasks.is_empty() {
-                continue; // another thread took them while this one waited
+            if queue.tasks.is_empty() || queue.running >= self.slots {
+                continue; // someone else took them, or the slot, while this thread waited
             }
-            let mut batch = Vec::new();
-            let mut rows = 0;
-            while let Some(task) = queue.tasks.front() {
-                if !batch.is_empty() && rows + task.rows > max_rows {
-                    break;
-                }
-                rows += task.rows;
-                batch.push(queue.tasks.pop_front().expect("front exists"));
-            }
-            queue.rows -= rows;
-            self.metrics.queue_depth.set(queue.tasks.len() as i64);
-            if !queue.tasks.is_empty() {
+            let batch = self.take_batch(&mut queue);
+            queue.running += 1;
+            if !queue.tasks.is_empty() && queue.running < self.slots {
                 self.ready.notify_one();
             }
             return Some(batch);
         }
     }
 
+    /// Takes the next batch off the queue (at least one task; `queue.tasks` must not be
+    /// empty). The caller holds, or claims, a run slot for it.
+    fn take_batch(&self, queue: &mut Queue) -> Vec<Task> {
+        let max_rows = match &self.mode {
+            SchedulingMode::Batched(o) => o.max_batch_size,
+            SchedulingMode::Unbatched(_) => 0,
+        };
+        let mut batch = Vec::new();
+        let mut rows = 0;
+        while let Some(task) = queue.tasks.front() {
+            if !batch.is_empty() && rows + task.rows > max_rows {
+                break;
+            }
+            rows += task.rows;
+            batch.push(queue.tasks.pop_front().expect("front exists"));
+        }
+        queue.rows -= rows;
+        self.metrics.queue_depth.set(queue.tasks.len() as i64);
+        batch
+    }
+
+    /// Runs one batch and answers its requests; records whether the run was cheap.
     fn run(&self, batch: Vec<Task>) {
+        let started = Instant::now();
+        self.answer(batch);
+        self.cheap.store(started.elapsed() < INLINE_RUN_LIMIT, Ordering::Relaxed);
+    }
+
+    fn answer(&self, batch: Vec<Task>) {
         if batch.len() == 1 && !self.needs_padding(batch[0].rows) {
             let task = batch.into_iter().next().expect("one task");
             self.metrics.batch_size.observe(task.rows as f64);
@@ -323,6 +470,8 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
     use super::*;
     use crate::metrics::Metrics;
 
@@ -330,6 +479,25 @@ mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels/autoencoder/1");
         Arc::new(savedmodel::SavedModel::open(dir).unwrap().load("serving_default").unwrap())
+    }
+
+    fn batched(max_batch_size: usize, num_batch_threads: usize) -> SchedulingMode {
+        SchedulingMode::Batched(BatchingOptions {
+            max_batch_size,
+            batch_timeout: Duration::ZERO,
+            max_enqueued_batches: 4,
+            num_batch_threads,
+            allowed_batch_sizes: Vec::new(),
+        })
+    }
+
+    /// Distinct rows per request, so a response carrying another request's rows shows.
+    fn distinct(plan: &SignaturePlan, seed: usize) -> (PreparedInputs, Vec<f32>) {
+        let values: Vec<f32> = (0..18).map(|i| ((seed * 13 + i * 5) % 29) as f32 / 29.0).collect();
+        let input = Tensor::from_shape(&[1, 18], &values).unwrap();
+        let expected = plan.run([("sensors".to_owned(), input.clone())]).unwrap().remove("output_0").unwrap();
+        let prepared = plan.prepare([("sensors".to_owned(), input)]).unwrap();
+        (prepared, expected.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())
     }
 
     fn rows(plan: &SignaturePlan, n: usize) -> PreparedInputs {
@@ -366,5 +534,62 @@ mod tests {
         let last = scheduler.submit(rows(&plan, 2)).unwrap();
         drop(scheduler);
         assert_eq!(last.blocking_recv().unwrap().unwrap()["output_0"].shape(), &[2, 18]);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_cheap_signature_runs_on_the_caller_and_merges_what_is_ready() {
+        let plan = plan();
+        let metrics = Metrics::new().signature("m", 1, "serving_default");
+        let scheduler = Arc::new(Scheduler::start(Arc::clone(&plan), batched(64, 2), metrics.clone(), "test"));
+        // Inline running is earned by a measured run; debug builds may be slower than the
+        // limit, so mark the signature cheap as a release build of this model is.
+        scheduler.shared.cheap.store(true, Ordering::Relaxed);
+        let tasks: Vec<_> = (0..8)
+            .map(|seed| {
+                let scheduler = Arc::clone(&scheduler);
+                let (inputs, expected) = distinct(&plan, seed);
+                tokio::spawn(async move {
+                    let outputs = scheduler.infer(inputs).await.unwrap().unwrap();
+                    assert_eq!(outputs["output_0"].shape(), &[1, 18]);
+                    let got = outputs["output_0"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                    assert_eq!(got, expected, "request {seed} got its own row back");
+                    std::thread::current().name().map(str::to_owned)
+                })
+            })
+            .collect();
+        let mut ran_on = Vec::new();
+        for task in tasks {
+            ran_on.push(task.await.unwrap());
+        }
+        // The first two requests took the two run slots and yielded, the other six queued;
+        // the first then ran all eight as one batch on this runtime's thread.
+        assert_eq!(metrics.batch_size.get_sample_count(), 1, "one engine run");
+        assert_eq!(metrics.batch_size.get_sample_sum(), 8.0, "of eight rows");
+        assert!(ran_on.iter().all(|name| name == &ran_on[0]), "{ran_on:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_cancelled_combiner_hands_queued_requests_to_the_threads() {
+        let plan = plan();
+        let metrics = Metrics::new().signature("m", 1, "serving_default");
+        let scheduler = Scheduler::start(Arc::clone(&plan), batched(64, 1), metrics, "test");
+        scheduler.shared.cheap.store(true, Ordering::Relaxed);
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        // The first request claims the only run slot and yields; the second queues behind it.
+        let mut combiner = Box::pin(scheduler.infer(rows(&plan, 1)));
+        assert!(combiner.as_mut().poll(&mut context).is_pending());
+        let (inputs, expected) = distinct(&plan, 3);
+        let mut queued = Box::pin(scheduler.infer(inputs));
+        assert!(queued.as_mut().poll(&mut context).is_pending());
+        // The client of the first request goes away before it ran anything.
+        drop(combiner);
+        let outputs = tokio::time::timeout(Duration::from_secs(10), queued)
+            .await
+            .expect("the queued request is answered by a thread, not stranded")
+            .unwrap()
+            .unwrap();
+        let got = outputs["output_0"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        assert_eq!(got, expected);
     }
 }

@@ -135,7 +135,8 @@ pub struct ServeArgs {
     )]
     pub max_request_rows: usize,
 
-    /// Inference threads per signature when batching is off (default: CPU count).
+    /// Inference threads per signature when batching is off, and the most runs at once
+    /// (default: CPU count).
     #[arg(long = "inference_threads", visible_alias = "inference-threads", env = "MODEL_SERVER_INFERENCE_THREADS")]
     pub inference_threads: Option<usize>,
 

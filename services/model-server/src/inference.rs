@@ -94,23 +94,23 @@ impl Inference {
                 version.model, self.limits.max_request_rows
             )));
         }
-        let receiver = scheduler.submit(prepared).map_err(|e| match e {
-            SubmitError::TooLarge { .. } => ServeError::InvalidArgument(format!(
-                "model {:?} version {} signature {signature:?}: {e}",
-                version.model, version.version
-            )),
-            SubmitError::QueueFull(_) => ServeError::Overloaded(format!(
-                "model {:?} version {} signature {signature:?}: {e}",
-                version.model, version.version
-            )),
-            SubmitError::Closed => ServeError::Overloaded(format!(
-                "model {:?} version {} is unloading; retry",
-                version.model, version.version
-            )),
-        })?;
-        let mut outputs = receiver
+        let mut outputs = scheduler
+            .infer(prepared)
             .await
-            .map_err(|_| ServeError::Internal("the inference thread stopped before answering".into()))?
+            .map_err(|e| match e {
+                SubmitError::TooLarge { .. } => ServeError::InvalidArgument(format!(
+                    "model {:?} version {} signature {signature:?}: {e}",
+                    version.model, version.version
+                )),
+                SubmitError::QueueFull(_) => ServeError::Overloaded(format!(
+                    "model {:?} version {} signature {signature:?}: {e}",
+                    version.model, version.version
+                )),
+                SubmitError::Closed => ServeError::Overloaded(format!(
+                    "model {:?} version {} is unloading; retry",
+                    version.model, version.version
+                )),
+            })?
             .map_err(predict_error)?;
         if !request.output_filter.is_empty() {
             outputs.retain(|name, _| request.output_filter.contains(name));

@@ -82,7 +82,7 @@ impl Metrics {
         )
         .expect("metric definition");
         let queue_depth = IntGaugeVec::new(
-            Opts::new("model_server_queue_depth", "Requests waiting for an inference thread"),
+            Opts::new("model_server_queue_depth", "Requests queued for an engine run"),
             &["model", "version", "signature"],
         )
         .expect("metric definition");

@@ -340,7 +340,10 @@ impl Repository {
                 let model = config.name.clone();
                 let thread = std::thread::Builder::new()
                     .name(format!("load-{model}-{version}"))
-                    .spawn(move || repository.load(model, version, dir))
+                    .spawn(move || {
+                        lower_priority_of_this_thread();
+                        repository.load(model, version, dir)
+                    })
                     .expect("spawning a load thread");
                 started.push(thread);
             }
@@ -557,6 +560,19 @@ fn validate_configs(configs: &[ModelConfig]) -> Result<(), ServeError> {
         }
     }
     Ok(())
+}
+
+/// Loading a model is seconds of CPU work on a background thread; serving must not wait
+/// behind it. On Linux a thread has its own nice value, so the loader drops to nice 10 and
+/// the scheduler favours the threads answering requests (measured in docs/benchmarks.md).
+/// Elsewhere priority is per process, so nothing changes.
+fn lower_priority_of_this_thread() {
+    #[cfg(target_os = "linux")]
+    {
+        // `None` is "the caller", which Linux reads as this thread. Failure (e.g. a seccomp
+        // profile refusing it) leaves the default priority: slower serving during loads, no more.
+        let _ = rustix::process::setpriority_process(None, 10);
+    }
 }
 
 #[cfg(test)]
