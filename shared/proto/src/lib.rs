@@ -1,5 +1,7 @@
 //! Vigil's protobuf APIs, compiled once from the workspace's `proto/` directory.
 //!
+//! Vigil's own messages live under `vigil.*` (see `proto/vigil/`).
+//!
 //! The TensorFlow Serving and KServe v2 protos are written by hand rather than vendored:
 //! they declare only the messages and fields Vigil uses, with the upstream packages,
 //! names and field numbers, so the official clients interoperate on the wire. Field
@@ -27,6 +29,17 @@ pub mod tensorflow {
 /// Package `inference` (KServe v2 / Open Inference Protocol).
 pub mod inference {
     tonic::include_proto!("inference");
+}
+
+/// Vigil's own APIs.
+pub mod vigil {
+    /// The car sensor reading every service shares.
+    pub mod sensor {
+        /// Package `vigil.sensor.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.sensor.v1");
+        }
+    }
 }
 
 /// Every compiled file's descriptor, for gRPC reflection and text-format parsing.

@@ -1,0 +1,63 @@
+//! The car sensor reading every Vigil service shares.
+//!
+//! The schema is `proto/vigil/sensor/v1/sensor.proto`: [`SensorReading`] is its generated
+//! type, and each signal's unit and valid range are read from that file's field options at
+//! start-up ([`signals`]), so the ranges exist in one place. [`json`] turns MQTT payloads
+//! (Vigil's own JSON form and the seed demo's, as published) into validated readings and
+//! readings back into JSON.
+
+#![forbid(unsafe_code)]
+
+pub mod json;
+mod signals;
+
+pub use proto::vigil::sensor::v1::{FaultKind, SensorReading};
+pub use signals::{Signal, signal, signals};
+
+/// Why a reading was rejected: the field and what is wrong with it, in words a publisher
+/// can act on. Ingest puts this text on the dead-letter record.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InvalidReading {
+    #[error("the payload is not JSON: {0}")]
+    NotJson(String),
+    #[error("the payload is JSON but not an object")]
+    NotAnObject,
+    #[error("field {field} is missing")]
+    Missing { field: String },
+    #[error("field {field}: {problem}")]
+    BadValue { field: String, problem: String },
+    #[error("field {field} is {value}, outside its valid range [{min}, {max}] {unit}")]
+    OutOfRange { field: String, value: f64, min: f64, max: f64, unit: String },
+}
+
+impl InvalidReading {
+    /// The field at fault, if one is.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::NotJson(_) | Self::NotAnObject => None,
+            Self::Missing { field } | Self::BadValue { field, .. } | Self::OutOfRange { field, .. } => Some(field),
+        }
+    }
+}
+
+/// Checks every signal of a reading against its valid range, and that it names a device.
+pub fn validate(reading: &SensorReading) -> Result<(), InvalidReading> {
+    if reading.device_id.is_empty() {
+        return Err(InvalidReading::Missing { field: "device_id".into() });
+    }
+    for signal in signals() {
+        signal.check(signal.get(reading))?;
+    }
+    Ok(())
+}
+
+/// The JSON spelling of a fault kind: the enum name without its prefix, lowercase
+/// (`FAULT_KIND_TIRE_PRESSURE_LOSS` is `tire_pressure_loss`).
+pub fn fault_name(kind: FaultKind) -> String {
+    kind.as_str_name().trim_start_matches("FAULT_KIND_").to_ascii_lowercase()
+}
+
+/// The fault kind a JSON spelling names (see [`fault_name`]).
+pub fn fault_from_name(name: &str) -> Option<FaultKind> {
+    FaultKind::from_str_name(&format!("FAULT_KIND_{}", name.to_ascii_uppercase()))
+}
