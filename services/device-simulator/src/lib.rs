@@ -1,0 +1,12 @@
+//! A fleet of simulated cars for Vigil: realistic, reproducible sensor readings with
+//! labelled faults, published over MQTT like the seed demo's cars (topic
+//! `vehicles/sensor/data/<device-id>`, QoS 1) or written to JSON Lines for training.
+//!
+//! [`car`] holds the physics and the faults, [`fleet`] who gets which fault and when.
+//! Readings are [`sensor::SensorReading`]s in Vigil's JSON form, each carrying its ground
+//! truth in `fault`, so detection can be scored reading by reading.
+
+#![forbid(unsafe_code)]
+
+pub mod car;
+pub mod fleet;
