@@ -19,3 +19,6 @@ cargo test --workspace --locked
 
 step "compatibility with the official clients (tensorflow-serving-api, tritonclient)"
 bash tests/compat/run.sh
+
+step "system test: device simulator against Mosquitto"
+bash tests/system/simulator_mosquitto.sh

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use device_simulator::fleet::{Fleet, FleetOptions};
+use device_simulator::publish::{PublishOptions, publish};
 
 #[derive(Parser)]
 #[command(version, about = "A fleet of simulated cars publishing labelled sensor readings")]
@@ -16,6 +17,27 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Publishes the fleet's readings over MQTT in real time until the reading count is
+    /// reached or Ctrl-C / SIGTERM; prints a JSON report of what was sent and acknowledged.
+    Run {
+        /// The broker.
+        #[arg(long, env = "SIMULATOR_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
+        mqtt_url: String,
+        /// Topic prefix; each car publishes to `<prefix>/<device-id>`.
+        #[arg(long, env = "SIMULATOR_TOPIC_PREFIX", default_value = device_simulator::publish::DEFAULT_TOPIC_PREFIX)]
+        topic_prefix: String,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Milliseconds between two readings of one car.
+        #[arg(long, env = "SIMULATOR_INTERVAL_MS", default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many readings per car (default: run until stopped).
+        #[arg(long, env = "SIMULATOR_READINGS")]
+        readings: Option<u64>,
+        /// Cars sharing one MQTT connection (1: every car is its own client).
+        #[arg(long, env = "SIMULATOR_CARS_PER_CONNECTION", default_value_t = 1)]
+        cars_per_connection: usize,
+    },
     /// Simulates the fleet offline and writes every reading as JSON Lines (for training).
     Generate {
         /// Output file (`-` for standard output).
@@ -69,7 +91,36 @@ impl FleetArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match Cli::parse().command {
+        Command::Run { mqtt_url, topic_prefix, fleet, interval_ms, readings, cars_per_connection } => {
+            let (host, port) = device_simulator::parse_mqtt_url(&mqtt_url).map_err(anyhow::Error::msg)?;
+            let mut options = PublishOptions::new(host, port);
+            options.topic_prefix = topic_prefix;
+            options.interval = std::time::Duration::from_millis(interval_ms);
+            options.readings_per_car = readings;
+            options.cars_per_connection = cars_per_connection;
+            let fleet = fleet.options()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = runtime.block_on(async {
+                tracing::info!(cars = fleet.cars, %mqtt_url, "publishing");
+                publish(&fleet, &options, shutdown_signal()).await
+            })?;
+            println!(
+                "{{\"published\":{},\"acknowledged\":{},\"by_label\":{{{}}}}}",
+                report.published,
+                report.acknowledged,
+                report.by_label.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
+            );
+            anyhow::ensure!(
+                report.acknowledged == report.published,
+                "some readings were not acknowledged by the broker"
+            );
+        }
         Command::Generate { out, fleet, seconds, interval, start_epoch_seconds } => {
             anyhow::ensure!(interval > 0.0, "--interval must be positive");
             let mut fleet =
@@ -92,4 +143,27 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("stopping: finishing the readings in flight");
 }
