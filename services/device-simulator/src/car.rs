@@ -34,9 +34,18 @@ pub struct FaultPlan {
 /// labelled reading on, rather than a long ambiguous drift.
 pub const RAMP_S: f64 = 10.0;
 
-/// Signals a stuck sensor can freeze; [`FaultPlan::target`] picks one.
-pub const STUCK_CANDIDATES: [&str; 5] =
-    ["coolant_temp", "intake_air_flow_speed", "speed", "engine_vibration_amplitude", "throttle_pos"];
+/// Sensors that can get stuck, and the value each then reports: its rail, as an open or
+/// shorted circuit reads (an NTC coolant sensor open-circuit reads its coldest; a dead
+/// speed, air-flow, vibration or throttle sensor reads zero). [`FaultPlan::target`] picks
+/// one. A sensor frozen at its last plausible value would be invisible in any single
+/// reading, which is all a per-event detector sees.
+pub const STUCK_CANDIDATES: [(&str, f64); 5] = [
+    ("coolant_temp", -40.0),
+    ("intake_air_flow_speed", 0.0),
+    ("speed", 0.0),
+    ("engine_vibration_amplitude", 0.0),
+    ("throttle_pos", 0.0),
+];
 
 const BATTERY_CAPACITY_AS: f64 = 18.6 * 3600.0; // 18.6 Ah, a ~6.5 kWh hybrid pack at 350 V
 const NOISE_DRAWS: usize = 16;
@@ -46,8 +55,6 @@ pub struct Car {
     pub device_id: String,
     rng: StdRng,
     fault: Option<FaultPlan>,
-    /// The value a stuck sensor froze at.
-    stuck: Option<f64>,
     t: f64,
     sequence: u64,
     firmware: u32,
@@ -77,7 +84,6 @@ impl Car {
             soc: rng.random_range(45.0..90.0),
             rng,
             fault,
-            stuck: None,
             t: 0.0,
             sequence: 0,
             ambient,
@@ -205,12 +211,10 @@ impl Car {
             accelerometer_2_2_value: accelerometers[3] as f32,
             control_unit_firmware: self.firmware,
         };
-        // A stuck sensor keeps reporting the value it had at onset.
+        // A stuck sensor reports its rail value from the onset on.
         if let Some((plan, _)) = fault.filter(|(p, _)| p.kind == FaultKind::StuckSensor) {
-            let name = STUCK_CANDIDATES[plan.target % STUCK_CANDIDATES.len()];
-            let signal = sensor::signal(name).expect("stuck candidates are signals");
-            let value = *self.stuck.get_or_insert(signal.get(&reading));
-            signal.set(&mut reading, value);
+            let (name, rail) = STUCK_CANDIDATES[plan.target % STUCK_CANDIDATES.len()];
+            sensor::signal(name).expect("stuck candidates are signals").set(&mut reading, rail);
         }
         clamp_to_ranges(&mut reading);
         reading
