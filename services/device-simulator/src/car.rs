@@ -11,8 +11,8 @@
 //! acceleration; throttle, intake air flow and engine vibration follow speed and
 //! acceleration; coolant warms from ambient to the thermostat's band; a hybrid traction
 //! battery drains under load, recovers by regeneration and engine charging, and its voltage
-//! sags with current; tyres warm up a little; each wheel's vertical acceleration is road
-//! noise growing with speed.
+//! sags with current; tyres warm up a little; each wheel's RMS vertical acceleration is
+//! road roughness growing with speed.
 
 use prost_types::Timestamp;
 use rand::rngs::StdRng;
@@ -145,15 +145,21 @@ impl Car {
         let shaft = 1.0 + 0.9 * severity(FaultKind::DriveShaftWear);
         let vibration = (180.0 + 55.0 * self.speed * shaft + 120.0 * throttle + 25.0 * noise[3]).max(0.0);
 
-        // Coolant: warms toward the thermostat's band (higher under load); a cooling fault
-        // moves the band up by up to 35 degC.
-        let band = 90.0 + 4.0 * throttle + 35.0 * severity(FaultKind::Overheating);
-        let tau = if self.coolant < band { 150.0 } else { 60.0 };
+        // Coolant: warms toward the thermostat's band (higher under load). A failed pump or
+        // fan moves the band up by 45 degC and the engine heats fast toward it.
+        let overheating = severity(FaultKind::Overheating);
+        let band = 90.0 + 4.0 * throttle + 45.0 * overheating;
+        let tau = match () {
+            _ if overheating > 0.0 => 30.0,
+            _ if self.coolant < band => 150.0,
+            _ => 60.0,
+        };
         self.coolant += (band - self.coolant) * (1.0 - (-dt / tau).exp()) + 0.15 * noise[4];
         let intake_temp = self.ambient + 2.0 + 0.06 * (self.coolant - self.ambient) + 0.3 * noise[5];
 
         // Hybrid battery: load draws, braking regenerates, the engine charges it when low.
-        // A failing battery holds a fifth of its charge and its resistance rises eightfold.
+        // A failing battery holds a fifth of its charge, its resistance rises eightfold and a
+        // shorted cell group takes 15 V off its open-circuit voltage.
         let battery_fault = severity(FaultKind::BatteryFailure);
         if self.soc < 30.0 {
             self.charging = true;
@@ -168,7 +174,7 @@ impl Car {
         let capacity = BATTERY_CAPACITY_AS * (1.0 - 0.8 * battery_fault);
         self.soc = (self.soc - current * dt / capacity * 100.0).clamp(0.0, 100.0);
         let resistance = 0.08 * (1.0 + 7.0 * battery_fault);
-        let voltage = 330.0 + 0.6 * self.soc - resistance * current + 0.4 * noise[7];
+        let voltage = 330.0 + 0.6 * self.soc - 15.0 * battery_fault - resistance * current + 0.4 * noise[7];
 
         // Tyres warm by ~1.5 psi over the first ten minutes of driving; a leak takes one
         // toward 15 psi below its base.
@@ -179,12 +185,12 @@ impl Car {
             self.tire_base[i] + warm - lost + 0.1 * noise[8 + i]
         });
 
-        // Vertical acceleration per wheel: road noise growing with speed; a worn shock
-        // absorber lets its wheel oscillate four times as much.
+        // Each wheel's RMS vertical acceleration over the interval: road roughness growing
+        // with speed; a worn shock absorber lets its wheel move four times as much.
         let shock = fault.filter(|(p, _)| p.kind == FaultKind::ShockAbsorber);
         let accelerometers: [f64; 4] = std::array::from_fn(|i| {
             let damping = 1.0 + shock.filter(|(p, _)| p.target % 4 == i).map_or(0.0, |(_, s)| 3.0 * s);
-            (0.3 + 0.04 * self.speed) * damping * noise[12 + i]
+            ((0.3 + 0.04 * self.speed) * damping * (1.0 + 0.1 * noise[12 + i])).max(0.0)
         });
 
         let mut reading = SensorReading {

@@ -86,11 +86,11 @@ fn each_fault_is_labelled_from_its_onset_and_shows_in_its_signals() {
         let (f, h) = (after_ramp(&faulty), after_ramp(&healthy));
         match kind {
             FaultKind::ShockAbsorber => {
-                let (sf, sh) = (
-                    std_dev(f.map(|r| f64::from(r.accelerometer_2_1_value))),
-                    std_dev(h.map(|r| f64::from(r.accelerometer_2_1_value))),
+                let (af, ah) = (
+                    mean(f.map(|r| f64::from(r.accelerometer_2_1_value))),
+                    mean(h.map(|r| f64::from(r.accelerometer_2_1_value))),
                 );
-                assert!(sf > 3.0 * sh, "rear-left wheel oscillation {sf} vs healthy {sh}");
+                assert!(af > 3.5 * ah, "rear-left wheel RMS acceleration {af} vs healthy {ah}");
             }
             FaultKind::TirePressureLoss => {
                 let lost = mean(h.zip(f).map(|(h, f)| f64::from(h.tire_pressure_2_1 - f.tire_pressure_2_1)));
@@ -107,7 +107,7 @@ fn each_fault_is_labelled_from_its_onset_and_shows_in_its_signals() {
             FaultKind::Overheating => {
                 let hottest = faulty.iter().map(|r| r.coolant_temp).fold(f32::MIN, f32::max);
                 let healthy_hottest = healthy.iter().map(|r| r.coolant_temp).fold(f32::MIN, f32::max);
-                assert!(hottest > 110.0 && healthy_hottest < 100.0, "{hottest} vs {healthy_hottest}");
+                assert!(hottest > 125.0 && healthy_hottest < 100.0, "{hottest} vs {healthy_hottest}");
             }
             FaultKind::BatteryFailure => {
                 // Under load a failing battery's voltage sags well below the healthy one's.
