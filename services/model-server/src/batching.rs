@@ -219,8 +219,8 @@ impl Scheduler {
         &self,
         inputs: PreparedInputs,
     ) -> Result<oneshot::Receiver<Result<Outputs, PredictError>>, SubmitError> {
-        let (receiver, claim) = self.enqueue(inputs, false)?;
-        debug_assert!(claim.is_none());
+        let (receiver, next) = self.enqueue(inputs, false)?;
+        debug_assert!(matches!(next, Next::WakeThread));
         self.shared.ready.notify_one();
         Ok(receiver)
     }
@@ -230,31 +230,32 @@ impl Scheduler {
     /// yields once so requests already ready on this worker can queue too, then runs the
     /// queue for everyone (see the module docs).
     pub async fn infer(&self, inputs: PreparedInputs) -> Result<Result<Outputs, PredictError>, SubmitError> {
-        let (receiver, claim) = self.enqueue(inputs, true)?;
-        match claim {
-            Some(claim) => {
+        let (receiver, next) = self.enqueue(inputs, true)?;
+        match next {
+            Next::Combine(claim) => {
                 if self.is_batching() {
                     tokio::task::yield_now().await;
                 }
                 claim.combine();
             }
-            None if !self.shared.runs_inline() => self.shared.ready.notify_one(),
+            Next::WakeThread => self.shared.ready.notify_one(),
             // Every slot is running a batch; whoever finishes first takes this request next.
-            None => {}
+            Next::Queued => {}
         }
         // A dropped sender means the scheduler closed without answering, which Drop prevents
         // by draining; report it as a closed scheduler all the same.
         receiver.await.map_err(|_| SubmitError::Closed)
     }
 
-    /// Queues a request; with `may_lead`, claims a run slot to combine in if the signature
-    /// is cheap and one is free.
+    /// Queues a request and decides, under the queue's lock, who will run it: with
+    /// `may_lead`, this caller (claiming a run slot) if the signature is cheap and a slot is
+    /// free; a batch already running if every slot is busy; otherwise a thread.
     #[allow(clippy::type_complexity)]
     fn enqueue(
         &self,
         inputs: PreparedInputs,
         may_lead: bool,
-    ) -> Result<(oneshot::Receiver<Result<Outputs, PredictError>>, Option<Combiner<'_>>), SubmitError> {
+    ) -> Result<(oneshot::Receiver<Result<Outputs, PredictError>>, Next<'_>), SubmitError> {
         let rows = inputs.rows().unwrap_or(1);
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.shared.queue.lock().expect("scheduler lock");
@@ -279,12 +280,26 @@ impl Scheduler {
         queue.tasks.push_back(Task { inputs, rows, enqueued: Instant::now(), reply });
         queue.rows += rows;
         self.shared.metrics.queue_depth.set(queue.tasks.len() as i64);
-        let claim = (may_lead && queue.running < self.shared.slots && self.shared.runs_inline()).then(|| {
+        let next = if !(may_lead && self.shared.runs_inline()) {
+            Next::WakeThread
+        } else if queue.running < self.shared.slots {
             queue.running += 1;
-            Combiner { shared: &self.shared, holds_slot: true }
-        });
-        Ok((receiver, claim))
+            Next::Combine(Combiner { shared: &self.shared, holds_slot: true })
+        } else {
+            Next::Queued
+        };
+        Ok((receiver, next))
     }
+}
+
+/// Who runs a request just queued.
+enum Next<'a> {
+    /// The caller, inline, holding this run slot.
+    Combine(Combiner<'a>),
+    /// A scheduler thread, which must be woken.
+    WakeThread,
+    /// Whoever finishes a running batch first (every slot is busy).
+    Queued,
 }
 
 /// The run slot of a request that runs the queue inline. Dropping it (also when the
