@@ -11,6 +11,7 @@
 
 pub mod car;
 pub mod fleet;
+pub mod output;
 pub mod publish;
 
 /// `mqtt://host:port`, `tcp://host:port` or `host:port` (port 1883 when left out) as host

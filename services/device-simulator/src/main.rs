@@ -1,11 +1,11 @@
 //! `device-simulator`: runs a simulated car fleet.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use device_simulator::fleet::{Fleet, FleetOptions};
+use device_simulator::output::{Format, ReadingWriter};
 use device_simulator::publish::{PublishOptions, publish};
 
 #[derive(Parser)]
@@ -38,11 +38,14 @@ enum Command {
         #[arg(long, env = "SIMULATOR_CARS_PER_CONNECTION", default_value_t = 1)]
         cars_per_connection: usize,
     },
-    /// Simulates the fleet offline and writes every reading as JSON Lines (for training).
+    /// Simulates the fleet offline and writes every reading to a file (for training).
     Generate {
         /// Output file (`-` for standard output).
         #[arg(long, default_value = "-")]
         out: String,
+        /// File format: JSON Lines (Vigil's MQTT JSON, one reading per line) or CSV.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
         #[command(flatten)]
         fleet: FleetArgs,
         /// Simulated seconds per car.
@@ -121,11 +124,11 @@ fn main() -> anyhow::Result<()> {
                 "some readings were not acknowledged by the broker"
             );
         }
-        Command::Generate { out, fleet, seconds, interval, start_epoch_seconds } => {
+        Command::Generate { out, format, fleet, seconds, interval, start_epoch_seconds } => {
             anyhow::ensure!(interval > 0.0, "--interval must be positive");
             let mut fleet =
                 Fleet::new(&fleet.options()?, prost_types::Timestamp { seconds: start_epoch_seconds, nanos: 0 });
-            let mut sink: Box<dyn std::io::Write> = if out == "-" {
+            let sink: Box<dyn std::io::Write> = if out == "-" {
                 Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
             } else {
                 let path = PathBuf::from(&out);
@@ -133,13 +136,14 @@ fn main() -> anyhow::Result<()> {
                     std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?,
                 ))
             };
+            let mut writer = ReadingWriter::new(sink, format)?;
             let steps = (seconds / interval).round() as u64;
             for _ in 0..steps {
                 for reading in fleet.step(interval) {
-                    writeln!(sink, "{}", sensor::json::to_json(&reading))?;
+                    writer.write(&reading)?;
                 }
             }
-            sink.flush()?;
+            writer.finish()?;
         }
     }
     Ok(())
