@@ -49,6 +49,11 @@ pub fn fault_plan(options: &FleetOptions, index: usize) -> Option<FaultPlan> {
     faulty.then_some(()).and(kind).map(|kind| FaultPlan { kind, onset_s, target })
 }
 
+/// Car number `index` of the fleet `options` describe, with its fault.
+pub fn car(options: &FleetOptions, index: usize) -> Car {
+    Car::new(index, options.seed, fault_plan(options, index))
+}
+
 pub struct Fleet {
     cars: Vec<Car>,
     start: Timestamp,
@@ -57,7 +62,7 @@ pub struct Fleet {
 impl Fleet {
     /// The fleet, its clock starting at `start`.
     pub fn new(options: &FleetOptions, start: Timestamp) -> Self {
-        let cars = (0..options.cars).map(|i| Car::new(i, options.seed, fault_plan(options, i))).collect();
+        let cars = (0..options.cars).map(|i| car(options, i)).collect();
         Self { cars, start }
     }
 

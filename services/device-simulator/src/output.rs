@@ -35,12 +35,7 @@ impl<W: Write> ReadingWriter<W> {
                 // Device ids are the simulator's own `car-NNNNN`: nothing to quote.
                 write!(self.out, "{},{time},{}", reading.device_id, reading.sequence)?;
                 for signal in sensor::signals() {
-                    let value = signal.get(reading);
-                    if signal.integer {
-                        write!(self.out, ",{}", value as u64)?;
-                    } else {
-                        write!(self.out, ",{}", value as f32)?;
-                    }
+                    write!(self.out, ",{}", signal.display(reading))?;
                 }
                 writeln!(self.out, ",{}", sensor::fault_name(reading.fault()))
             }
@@ -58,15 +53,20 @@ mod tests {
     use super::*;
     use crate::fleet::{Fleet, FleetOptions};
 
-    #[test]
-    fn csv_has_a_header_and_one_row_per_reading_with_every_signal() {
-        let mut fleet = Fleet::new(&FleetOptions { cars: 3, ..FleetOptions::default() }, Default::default());
+    /// One step of a `cars`-car fleet, and the text `format` writes for it.
+    fn written(format: Format, cars: usize) -> (Vec<SensorReading>, String) {
+        let mut fleet = Fleet::new(&FleetOptions { cars, ..FleetOptions::default() }, Default::default());
         let readings = fleet.step(1.0);
-        let mut writer = ReadingWriter::new(Vec::new(), Format::Csv).unwrap();
+        let mut writer = ReadingWriter::new(Vec::new(), format).unwrap();
         for reading in &readings {
             writer.write(reading).unwrap();
         }
-        let text = String::from_utf8(writer.finish().unwrap()).unwrap();
+        (readings, String::from_utf8(writer.finish().unwrap()).unwrap())
+    }
+
+    #[test]
+    fn csv_has_a_header_and_one_row_per_reading_with_every_signal() {
+        let (readings, text) = written(Format::Csv, 3);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4);
         let header: Vec<&str> = lines[0].split(',').collect();
@@ -80,13 +80,7 @@ mod tests {
 
     #[test]
     fn jsonl_lines_parse_back_to_the_readings() {
-        let mut fleet = Fleet::new(&FleetOptions { cars: 2, ..FleetOptions::default() }, Default::default());
-        let readings = fleet.step(1.0);
-        let mut writer = ReadingWriter::new(Vec::new(), Format::Jsonl).unwrap();
-        for reading in &readings {
-            writer.write(reading).unwrap();
-        }
-        let text = String::from_utf8(writer.finish().unwrap()).unwrap();
+        let (readings, text) = written(Format::Jsonl, 2);
         let envelope = sensor::json::Envelope { topic_device_id: None, received_at: std::time::SystemTime::now() };
         let parsed: Vec<SensorReading> =
             text.lines().map(|l| sensor::json::parse(l.as_bytes(), &envelope).unwrap()).collect();

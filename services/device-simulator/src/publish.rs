@@ -22,7 +22,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
 use crate::car::Car;
-use crate::fleet::{FleetOptions, fault_plan};
+use crate::fleet::FleetOptions;
 
 /// The seed demo's topic layout; the device id is appended as the last level.
 pub const DEFAULT_TOPIC_PREFIX: &str = "vehicles/sensor/data";
@@ -82,7 +82,7 @@ pub async fn publish(
     let mut connections = tokio::task::JoinSet::new();
     let indices: Vec<usize> = (0..fleet.cars).collect();
     for (n, chunk) in indices.chunks(options.cars_per_connection).enumerate() {
-        let cars: Vec<Car> = chunk.iter().map(|&i| Car::new(i, fleet.seed, fault_plan(fleet, i))).collect();
+        let cars: Vec<Car> = chunk.iter().map(|&i| crate::fleet::car(fleet, i)).collect();
         let client_id = if options.cars_per_connection == 1 {
             format!("{}-{}", options.client_id_prefix, cars[0].device_id)
         } else {

@@ -335,13 +335,7 @@ impl Combiner<'_> {
 impl Drop for Combiner<'_> {
     fn drop(&mut self) {
         if self.holds_slot {
-            let mut queue = self.shared.queue.lock().expect("scheduler lock");
-            queue.running -= 1;
-            let more = !queue.tasks.is_empty();
-            drop(queue);
-            if more {
-                self.shared.ready.notify_one();
-            }
+            self.shared.release_slot();
         }
     }
 }
@@ -361,24 +355,32 @@ impl Shared {
     fn work(&self) {
         while let Some(batch) = self.next_batch() {
             self.run(batch);
-            let mut queue = self.queue.lock().expect("scheduler lock");
-            queue.running -= 1;
-            let more = !queue.tasks.is_empty();
-            drop(queue);
-            if more {
-                // Another thread may be waiting for this slot.
-                self.ready.notify_one();
-            }
+            self.release_slot();
+        }
+    }
+
+    /// Gives a run slot back and, if work is queued, wakes a thread to take it.
+    fn release_slot(&self) {
+        let mut queue = self.queue.lock().expect("scheduler lock");
+        queue.running -= 1;
+        let more = !queue.tasks.is_empty();
+        drop(queue);
+        if more {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Most rows per batch (0: one request per run) and how long a batch may wait to fill.
+    fn batch_limits(&self) -> (usize, Duration) {
+        match &self.mode {
+            SchedulingMode::Batched(o) => (o.max_batch_size, o.batch_timeout),
+            SchedulingMode::Unbatched(_) => (0, Duration::ZERO),
         }
     }
 
     /// Whether submitters may run batches on their own (async) thread.
     fn runs_inline(&self) -> bool {
-        let no_timeout = match &self.mode {
-            SchedulingMode::Batched(o) => o.batch_timeout.is_zero(),
-            SchedulingMode::Unbatched(_) => true,
-        };
-        no_timeout && self.cheap.load(Ordering::Relaxed)
+        self.batch_limits().1.is_zero() && self.cheap.load(Ordering::Relaxed)
     }
 
     /// Blocks until there is work and a free slot; `None` once closed and drained.
@@ -391,10 +393,7 @@ impl Shared {
                 }
                 queue = self.ready.wait(queue).expect("scheduler lock");
             }
-            let (max_rows, timeout) = match &self.mode {
-                SchedulingMode::Batched(o) => (o.max_batch_size, o.batch_timeout),
-                SchedulingMode::Unbatched(_) => (0, Duration::ZERO),
-            };
+            let (max_rows, timeout) = self.batch_limits();
             // Let the batch fill until it is full or its oldest request has waited long enough.
             while !queue.closed && queue.rows < max_rows && !timeout.is_zero() {
                 let Some(oldest) = queue.tasks.front() else { break };
@@ -420,10 +419,7 @@ impl Shared {
     /// Takes the next batch off the queue (at least one task; `queue.tasks` must not be
     /// empty). The caller holds, or claims, a run slot for it.
     fn take_batch(&self, queue: &mut Queue) -> Vec<Task> {
-        let max_rows = match &self.mode {
-            SchedulingMode::Batched(o) => o.max_batch_size,
-            SchedulingMode::Unbatched(_) => 0,
-        };
+        let (max_rows, _) = self.batch_limits();
         let mut batch = Vec::new();
         let mut rows = 0;
         while let Some(task) = queue.tasks.front() {

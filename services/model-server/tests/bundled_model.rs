@@ -8,20 +8,7 @@ use std::path::PathBuf;
 
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
 use proto::tensorflow::serving::{GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap};
-use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use support::*;
-
-fn column(value: f32) -> TensorProto {
-    TensorProto {
-        dtype: 1,
-        tensor_shape: Some(TensorShapeProto {
-            dim: vec![tensor_shape_proto::Dim { size: 1, ..Default::default() }],
-            ..Default::default()
-        }),
-        float_val: vec![value],
-        ..Default::default()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {
@@ -82,7 +69,7 @@ async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {
             model_spec: spec("car-anomaly", Some(version), None, ""),
             inputs: names
                 .iter()
-                .map(|n| ((*n).clone(), column(reading[n.as_str()].as_f64().unwrap() as f32)))
+                .map(|n| ((*n).clone(), float_tensor(&[1], &[reading[n.as_str()].as_f64().unwrap() as f32])))
                 .collect(),
             output_filter: vec![],
         };

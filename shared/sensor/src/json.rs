@@ -7,7 +7,7 @@
 //! arrival time when it has no event time; `failure_occurred` "true"/"false" as a label.
 //! Spellings are derived from the proto field names by rule, so no list of aliases can
 //! drift from the schema. Unknown keys are ignored, so publishers can add fields.
-//! [`to_json`] writes the canonical form, floats in their shortest round-tripping text.
+//! [`to_json`] writes the canonical form, values as [`crate::Signal::display`] writes them.
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
@@ -17,7 +17,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use prost_types::Timestamp;
 use serde_json::{Map, Value};
 
-use crate::{FaultKind, InvalidReading, SensorReading, fault_from_name, fault_name, signals, validate};
+use crate::{FaultKind, InvalidReading, SensorReading, fault_from_name, fault_name, signals};
 
 /// What the transport knows about a payload besides its bytes.
 #[derive(Debug, Clone, Copy)]
@@ -47,14 +47,14 @@ pub fn parse(payload: &[u8], envelope: &Envelope<'_>) -> Result<SensorReading, I
     };
     reading.fault = fault(&object)? as i32;
     for (signal, spellings) in signals().iter().zip(SPELLINGS.iter()) {
-        let spellings: Vec<&str> = spellings.iter().map(String::as_str).collect();
         let (key, value) =
-            lookup(&object, &spellings)?.ok_or_else(|| InvalidReading::Missing { field: signal.name.to_owned() })?;
+            lookup(&object, spellings)?.ok_or_else(|| InvalidReading::Missing { field: signal.name.to_owned() })?;
         let number = value.as_f64().ok_or_else(|| wrong_type(key, "a number", value))?;
         signal.check(number).map_err(|e| rename(e, key))?;
         signal.set(&mut reading, number);
     }
-    validate(&reading)?;
+    // Every signal was range-checked above and `device_id` refuses an empty id, so the
+    // reading is valid as `crate::validate` defines it.
     Ok(reading)
 }
 
@@ -72,13 +72,7 @@ pub fn to_json(reading: &SensorReading) -> String {
         let _ = write!(out, ",\"sequence\":{}", reading.sequence);
     }
     for signal in signals() {
-        let value = signal.get(reading);
-        if signal.integer {
-            let _ = write!(out, ",\"{}\":{}", signal.name, value as u64);
-        } else {
-            // f32's Display is its shortest text that parses back to the same f32.
-            let _ = write!(out, ",\"{}\":{}", signal.name, value as f32);
-        }
+        let _ = write!(out, ",\"{}\":{}", signal.name, signal.display(reading));
     }
     let fault = FaultKind::try_from(reading.fault).unwrap_or(FaultKind::Unspecified);
     if fault != FaultKind::Unspecified {
@@ -146,12 +140,13 @@ fn squashed(name: &str) -> String {
 }
 
 /// The value under the first of `keys` present; an error if two present keys disagree.
-fn lookup<'a>(
+fn lookup<'a, K: AsRef<str>>(
     object: &'a Map<String, Value>,
-    keys: &[&'a str],
+    keys: &'a [K],
 ) -> Result<Option<(&'a str, &'a Value)>, InvalidReading> {
     let mut found: Option<(&str, &Value)> = None;
-    for &key in keys {
+    for key in keys {
+        let key = key.as_ref();
         let Some(value) = object.get(key) else { continue };
         match found {
             None => found = Some((key, value)),

@@ -37,6 +37,13 @@ impl Signal {
         (self.set)(reading, value)
     }
 
+    /// This signal's value in `reading` as text for JSON and CSV: the whole number for the
+    /// integer signal, otherwise f32's shortest text that parses back to the same f32.
+    pub fn display(&self, reading: &SensorReading) -> impl std::fmt::Display + use<> {
+        let value = self.get(reading);
+        if self.integer { Text::Whole(value as u64) } else { Text::Float(value as f32) }
+    }
+
     /// `Ok` if `value` is a value a working sensor can report for this signal.
     pub fn check(&self, value: f64) -> Result<(), InvalidReading> {
         if !value.is_finite() || value < self.min || value > self.max {
@@ -55,6 +62,20 @@ impl Signal {
             });
         }
         Ok(())
+    }
+}
+
+enum Text {
+    Whole(u64),
+    Float(f32),
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole(v) => v.fmt(f),
+            Self::Float(v) => v.fmt(f),
+        }
     }
 }
 
