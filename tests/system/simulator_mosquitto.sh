@@ -34,6 +34,7 @@ for _ in $(seq 100); do grep -q SUBACK "$work/received.txt" 2>/dev/null && break
 
 "$CARGO_TARGET_DIR/debug/device-simulator" run --mqtt-url "mqtt://127.0.0.1:$port" --cars "$cars" \
   --readings "$readings" --interval-ms 20 --fault-share 0.5 --fault-onset-min 0.1 --fault-onset-max 0.3 \
+  --admin-listen 127.0.0.1:0 \
   > "$work/report.json"
 wait "$sub"
 

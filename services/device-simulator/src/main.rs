@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use device_simulator::fleet::{Fleet, FleetOptions};
+use device_simulator::metrics::PublishMetrics;
 use device_simulator::output::{Format, ReadingWriter};
 use device_simulator::publish::{PublishOptions, publish};
 
@@ -37,6 +38,10 @@ enum Command {
         /// Cars sharing one MQTT connection (1: every car is its own client).
         #[arg(long, env = "SIMULATOR_CARS_PER_CONNECTION", default_value_t = 1)]
         cars_per_connection: usize,
+        /// Where to serve /live, /ready (every connection up) and /metrics (Prometheus);
+        /// empty: not served.
+        #[arg(long, env = "SIMULATOR_ADMIN_LISTEN", default_value = "0.0.0.0:9464")]
+        admin_listen: String,
     },
     /// Simulates the fleet offline and writes every reading to a file (for training).
     Generate {
@@ -100,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
-        Command::Run { mqtt_url, topic_prefix, fleet, interval_ms, readings, cars_per_connection } => {
+        Command::Run { mqtt_url, topic_prefix, fleet, interval_ms, readings, cars_per_connection, admin_listen } => {
             let (host, port) = device_simulator::parse_mqtt_url(&mqtt_url).map_err(anyhow::Error::msg)?;
             let mut options = PublishOptions::new(host, port);
             options.topic_prefix = topic_prefix;
@@ -110,8 +115,31 @@ fn main() -> anyhow::Result<()> {
             let fleet = fleet.options()?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = runtime.block_on(async {
+                let registry = prometheus::Registry::new();
+                let metrics = PublishMetrics::new(&registry)?;
+                let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+                if !admin_listen.is_empty() {
+                    let listener = tokio::net::TcpListener::bind(&admin_listen)
+                        .await
+                        .with_context(|| format!("binding the admin endpoint to {admin_listen}"))?;
+                    tracing::info!(address = %listener.local_addr()?, "serving /live, /ready and /metrics");
+                    let readiness = admin::Readiness::new();
+                    tokio::spawn(admin::serve(listener, registry, readiness.clone(), async {
+                        let _ = admin_stopped.await;
+                    }));
+                    // Ready while every connection is up (checked twice a second).
+                    let metrics = metrics.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            readiness.set(metrics.all_connected());
+                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        }
+                    });
+                }
                 tracing::info!(cars = fleet.cars, %mqtt_url, "publishing");
-                publish(&fleet, &options, shutdown_signal()).await
+                let report = publish(&fleet, &options, &metrics, shutdown_signal()).await;
+                let _ = stop_admin.send(());
+                report
             })?;
             println!(
                 "{{\"published\":{},\"acknowledged\":{},\"by_label\":{{{}}}}}",

@@ -6,8 +6,8 @@
 //! connection limit. Each connection steps its cars every `interval` and publishes; the
 //! client's bounded request queue is the backpressure (a slow broker slows the cars rather
 //! than growing memory). The event loop is polled continuously (acks and pings depend on
-//! it); when the connection drops, it reconnects with exponential backoff and rumqttc
-//! resends the unacknowledged QoS 1 messages. At the end (reading count reached or
+//! it); when the connection drops, it reconnects with exponential backoff, resumes its
+//! persistent session and rumqttc resends the unacknowledged QoS 1 messages. At the end (reading count reached or
 //! shutdown) each connection waits for its outstanding acks before disconnecting, so the
 //! report's counts are final.
 
@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::car::Car;
 use crate::fleet::FleetOptions;
+use crate::metrics::PublishMetrics;
 
 /// The seed demo's topic layout; the device id is appended as the last level.
 pub const DEFAULT_TOPIC_PREFIX: &str = "vehicles/sensor/data";
@@ -70,10 +71,12 @@ pub struct Report {
     pub by_label: BTreeMap<String, u64>,
 }
 
-/// Publishes until every car sent `readings_per_car` readings or `shutdown` resolves.
+/// Publishes until every car sent `readings_per_car` readings or `shutdown` resolves,
+/// counting what happens in `metrics`.
 pub async fn publish(
     fleet: &FleetOptions,
     options: &PublishOptions,
+    metrics: &PublishMetrics,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(options.cars_per_connection > 0, "cars per connection must be positive");
@@ -81,6 +84,7 @@ pub async fn publish(
     let (stop, stopped) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let indices: Vec<usize> = (0..fleet.cars).collect();
+    metrics.connections.set(fleet.cars.div_ceil(options.cars_per_connection) as i64);
     for (n, chunk) in indices.chunks(options.cars_per_connection).enumerate() {
         let cars: Vec<Car> = chunk.iter().map(|&i| crate::fleet::car(fleet, i)).collect();
         let client_id = if options.cars_per_connection == 1 {
@@ -88,7 +92,7 @@ pub async fn publish(
         } else {
             format!("{}-conn-{n}", options.client_id_prefix)
         };
-        connections.spawn(connection(client_id, cars, options.clone(), stopped.clone()));
+        connections.spawn(connection(client_id, cars, options.clone(), metrics.clone(), stopped.clone()));
     }
     let all_done = async {
         let mut report = Report::default();
@@ -116,26 +120,47 @@ async fn connection(
     client_id: String,
     mut cars: Vec<Car>,
     options: PublishOptions,
+    metrics: PublishMetrics,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Report> {
     let mut mqtt = MqttOptions::new(&client_id, &options.host, options.port);
-    mqtt.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20);
+    // A persistent session (clean session off): after a dropped connection the broker
+    // resumes the session and rumqttc resends the unacknowledged QoS 1 readings; with a
+    // clean session it would discard them as belonging to the old one.
+    mqtt.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20).set_clean_session(false);
     let (client, mut event_loop) = AsyncClient::new(mqtt, 64);
     let acknowledged = Arc::new(AtomicU64::new(0));
     let driver = tokio::spawn({
         let acknowledged = Arc::clone(&acknowledged);
         let client_id = client_id.clone();
+        let metrics = metrics.clone();
         async move {
             let mut backoff = Duration::from_millis(100);
+            let mut up = false;
+            let mut set_up = |now: bool| {
+                if now != up {
+                    metrics.connected.add(if now { 1 } else { -1 });
+                    up = now;
+                }
+            };
             loop {
                 match event_loop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) => {
                         acknowledged.fetch_add(1, Ordering::Relaxed);
+                        metrics.acknowledged.inc();
                     }
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => backoff = Duration::from_millis(100),
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = Duration::from_millis(100);
+                        set_up(true);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        set_up(false);
+                        return;
+                    }
                     Ok(_) => {}
                     Err(error) => {
+                        set_up(false);
+                        metrics.connection_errors.inc();
                         tracing::warn!(client_id, %error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -163,6 +188,7 @@ async fn connection(
             let label = sensor::fault_name(reading.fault());
             client.publish(topic, QoS::AtLeastOnce, false, sensor::json::to_json(&reading)).await?;
             report.published += 1;
+            metrics.published.with_label_values(&[label.as_str()]).inc();
             *report.by_label.entry(label).or_default() += 1;
         }
         sent_per_car += 1;
@@ -183,6 +209,9 @@ async fn connection(
         );
     }
     let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    let mut driver = driver;
+    if tokio::time::timeout(Duration::from_secs(2), &mut driver).await.is_err() {
+        driver.abort();
+    }
     Ok(report)
 }

@@ -1,0 +1,58 @@
+//! The simulator's Prometheus metrics, declared in one place. As a load generator its
+//! own figures are what a load test is read against: how much it offered, how much the
+//! broker acknowledged, and whether its connections held.
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct PublishMetrics {
+    /// Readings handed to the MQTT client, by ground-truth label.
+    pub published: IntCounterVec,
+    /// PUBACKs received from the broker.
+    pub acknowledged: IntCounter,
+    /// Connection attempts or connections that failed (each one is retried after a backoff).
+    pub connection_errors: IntCounter,
+    /// MQTT connections currently up.
+    pub connected: IntGauge,
+    /// MQTT connections the fleet uses (cars / cars per connection, rounded up).
+    pub connections: IntGauge,
+}
+
+impl PublishMetrics {
+    /// Creates the metrics and registers them with `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self {
+            published: IntCounterVec::new(
+                Opts::new("simulator_readings_published_total", "Readings handed to the MQTT client, by label"),
+                &["label"],
+            )?,
+            acknowledged: IntCounter::new(
+                "simulator_readings_acknowledged_total",
+                "Readings the MQTT broker acknowledged (QoS 1 PUBACK)",
+            )?,
+            connection_errors: IntCounter::new(
+                "simulator_connection_errors_total",
+                "MQTT connections that failed or dropped; each is retried with backoff",
+            )?,
+            connected: IntGauge::new("simulator_connections_up", "MQTT connections currently up")?,
+            connections: IntGauge::new("simulator_connections", "MQTT connections the fleet uses")?,
+        };
+        registry.register(Box::new(metrics.published.clone()))?;
+        registry.register(Box::new(metrics.acknowledged.clone()))?;
+        registry.register(Box::new(metrics.connection_errors.clone()))?;
+        registry.register(Box::new(metrics.connected.clone()))?;
+        registry.register(Box::new(metrics.connections.clone()))?;
+        Ok(metrics)
+    }
+
+    /// Unregistered metrics, for callers that do not export them.
+    pub fn unregistered() -> Self {
+        Self::new(&Registry::new()).expect("metric definitions are valid")
+    }
+
+    /// Ready when every connection of the fleet is up.
+    pub fn all_connected(&self) -> bool {
+        let expected = self.connections.get();
+        expected > 0 && self.connected.get() == expected
+    }
+}

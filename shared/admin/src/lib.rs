@@ -1,0 +1,79 @@
+//! The operations endpoint every Vigil service serves beside its real work, for
+//! Kubernetes probes and Prometheus: `/live` (the process answers), `/ready` (a latch the
+//! service sets once it can do its job, and clears while it cannot or is draining) and
+//! `/metrics` (the service's Prometheus registry in the text format).
+//!
+//! The model server answers the same paths on its REST port (it also serves predictions
+//! there); every other service takes a listener for this endpoint alone.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+
+/// Whether the service can do its job now; starts not ready. Clones share one latch.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+/// The `/live`, `/ready` and `/metrics` routes over `registry` and `readiness`.
+pub fn router(registry: Registry, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { registry, readiness })
+}
+
+/// Serves the endpoint on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    readiness: Readiness,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(registry, readiness)).with_graceful_shutdown(shutdown).await
+}
+
+async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.readiness.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = Vec::new();
+    match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
+        Ok(()) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response(),
+    }
+}
