@@ -22,3 +22,6 @@ bash tests/compat/run.sh
 
 step "system test: device simulator against Mosquitto"
 bash tests/system/simulator_mosquitto.sh
+
+step "system test: ingest against Mosquitto (crash, shared subscription, TLS, seed data)"
+bash tests/system/ingest_mosquitto.sh

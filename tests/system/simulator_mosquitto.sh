@@ -6,12 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
-if ! command -v mosquitto >/dev/null || ! command -v mosquitto_sub >/dev/null; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-  echo "installing mosquitto and mosquitto-clients from Debian"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-fi
+source tests/system/lib.sh
+need_debian_packages mosquitto mosquitto mosquitto_sub mosquitto-clients
 cargo build -q --locked -p device-simulator
 
 work="$(mktemp -d)"
@@ -19,10 +15,10 @@ cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
 # Mosquitto cannot report a port it chose, so take a free one from the OS just before.
-port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+port="$(free_port)"
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+wait_for_port "$port"
 
 cars=40 readings=25
 expected=$((cars * readings))

@@ -33,6 +33,14 @@ pub mod inference {
 
 /// Vigil's own APIs.
 pub mod vigil {
+    /// The ingest service's gRPC API.
+    pub mod ingest {
+        /// Package `vigil.ingest.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.ingest.v1");
+        }
+    }
+
     /// The car sensor reading every service shares.
     pub mod sensor {
         /// Package `vigil.sensor.v1`.

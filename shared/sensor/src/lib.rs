@@ -31,6 +31,18 @@ pub enum InvalidReading {
 }
 
 impl InvalidReading {
+    /// A short machine-readable name of the problem (`out_of_range`, ...), for dead-letter
+    /// headers and metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotJson(_) => "not_json",
+            Self::NotAnObject => "not_an_object",
+            Self::Missing { .. } => "missing_field",
+            Self::BadValue { .. } => "bad_value",
+            Self::OutOfRange { .. } => "out_of_range",
+        }
+    }
+
     /// The field at fault, if one is.
     pub fn field(&self) -> Option<&str> {
         match self {

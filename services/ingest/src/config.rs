@@ -1,0 +1,383 @@
+//! The ingest service's configuration: defaults < TOML file < `INGEST_*` environment
+//! variables < command-line flags. The same structure is what the Helm chart renders.
+//!
+//! Environment variables nest with `__` (`INGEST_MQTT__URL` is `mqtt.url`); under
+//! `kafka`, underscores become dots, so `INGEST_KAFKA__SASL_MECHANISM` sets librdkafka's
+//! `sasl.mechanism`. The environment is passed in as a list, so tests never touch the
+//! process's own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+
+use figment::Figment;
+use figment::providers::{Format as _, Serialized, Toml};
+use figment::value::{Dict, Value};
+use serde::{Deserialize, Serialize};
+
+/// The readings topic of the default rule and of the gRPC API.
+pub const DEFAULT_READINGS_TOPIC: &str = "vigil-readings";
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "vigil-dead-letter";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub mqtt: MqttConfig,
+    /// librdkafka properties for the producer (`bootstrap.servers`, `security.protocol`,
+    /// `sasl.*`, `ssl.*`, tuning). Vigil's defaults (see [`crate::kafka`]) apply first;
+    /// `acks` and `enable.idempotence` should stay as they are: they are what makes an
+    /// acknowledged reading safe.
+    pub kafka: BTreeMap<String, String>,
+    /// Mapping rules, tried in order; the first match wins. Unmatched messages are
+    /// dead-lettered.
+    pub rules: Vec<RuleConfig>,
+    /// Where invalid readings and unroutable messages go, with headers naming the reason.
+    pub dead_letter_topic: String,
+    /// Readings read from MQTT and not yet confirmed by Kafka, at most. With MQTT 5 this
+    /// is also the receive maximum announced to the broker, so the broker stops sending
+    /// before the bound is reached; with 3.1.1 the broker's own in-flight window applies.
+    pub max_in_flight: usize,
+    pub grpc: GrpcConfig,
+    /// Address of the `/live`, `/ready`, `/metrics` endpoint; empty to not serve it.
+    pub admin_listen: String,
+    /// How long shutdown waits for Kafka to confirm what was read before disconnecting
+    /// (what is left unacknowledged is redelivered by the broker to the next session).
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` (port 1883 when left out), or `mqtts://host:port` for TLS (port
+    /// 8883 when left out; see `tls`).
+    pub url: String,
+    pub protocol: MqttProtocol,
+    /// Client id; replicas need distinct ids (the Helm chart uses the pod name). The
+    /// broker keeps the session under this id while ingest restarts.
+    pub client_id: String,
+    /// Topic filters to subscribe to (QoS 1).
+    pub subscriptions: Vec<String>,
+    /// Subscribe through `$share/<group>/<filter>` so replicas split the messages; empty
+    /// for a plain subscription.
+    pub share_group: String,
+    /// MQTT 5 session expiry: how long the broker keeps queueing for a disconnected
+    /// ingest. (3.1.1 sessions without clean session last until the broker drops them.)
+    pub session_expiry_seconds: u32,
+    pub keep_alive_seconds: u64,
+    pub username: Option<String>,
+    /// Better given as `INGEST_MQTT__PASSWORD` (e.g. from a Kubernetes Secret) than in a file.
+    pub password: Option<String>,
+    /// Certificates for an `mqtts://` URL.
+    pub tls: MqttTlsConfig,
+}
+
+/// TLS to the MQTT broker (used when `mqtt.url` is `mqtts://`). The broker's certificate
+/// is verified against `ca_file`, or the system's roots when it is not given, and must
+/// name the URL's host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttTlsConfig {
+    /// PEM file with the CA certificate(s) that signed the broker's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for brokers that require mutual TLS (with `client_key_file`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM (PKCS#8) private key of `client_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttProtocol {
+    #[serde(rename = "5")]
+    V5,
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address of the gRPC `IngestService`; empty to not serve it.
+    pub listen: String,
+    /// The topic readings published over gRPC go to (keyed by device id).
+    pub topic: String,
+}
+
+/// One mapping rule: a match on the MQTT topic and where matching messages go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// An MQTT topic filter (`+`, `#`); or give `regex`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// A regular expression on the topic, whose named groups the templates can use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// Kafka topic template.
+    pub topic: String,
+    /// Record key template; by default a sensor reading is keyed by its device id and a
+    /// raw payload has no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Device id template, for readings whose payload carries none (the seed's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    #[serde(default)]
+    pub payload: PayloadKind,
+}
+
+/// What a rule's payloads are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PayloadKind {
+    /// Car-sensor JSON, validated and written as a protobuf `vigil.sensor.v1.SensorReading`.
+    #[default]
+    SensorReading,
+    /// Any bytes, written unchanged.
+    Raw,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            mqtt: MqttConfig::default(),
+            kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
+            rules: vec![RuleConfig {
+                filter: Some("vehicles/sensor/data/+".into()),
+                regex: None,
+                topic: DEFAULT_READINGS_TOPIC.into(),
+                key: None,
+                device_id: Some("{level:3}".into()),
+                payload: PayloadKind::SensorReading,
+            }],
+            dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
+            max_in_flight: 1000,
+            grpc: GrpcConfig::default(),
+            admin_listen: "0.0.0.0:9464".into(),
+            shutdown_grace_seconds: 20,
+        }
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: "mqtt://127.0.0.1:1883".into(),
+            protocol: MqttProtocol::V5,
+            client_id: "vigil-ingest".into(),
+            subscriptions: vec!["vehicles/sensor/data/+".into()],
+            share_group: "vigil-ingest".into(),
+            session_expiry_seconds: 3600,
+            keep_alive_seconds: 30,
+            username: None,
+            password: None,
+            tls: MqttTlsConfig::default(),
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:50061".into(), topic: DEFAULT_READINGS_TOPIC.into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Settings given as flags, the last layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub mqtt_url: Option<String>,
+    pub kafka_brokers: Option<String>,
+    pub grpc_listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub client_id: Option<String>,
+}
+
+const ENV_PREFIX: &str = "INGEST_";
+
+impl IngestConfig {
+    /// Layers the defaults, `file`, the `INGEST_*` variables of `env` and `overrides`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(IngestConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!("{}: no such file", path.display())));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Serialized::defaults(env_dict(env)?));
+        let mut flags = Dict::new();
+        let mut set = |path: &[&str], value: &Option<String>| {
+            if let Some(value) = value {
+                insert(&mut flags, path, Value::from(value.clone()));
+            }
+        };
+        set(&["mqtt", "url"], &overrides.mqtt_url);
+        set(&["mqtt", "client_id"], &overrides.client_id);
+        set(&["kafka", "bootstrap.servers"], &overrides.kafka_brokers);
+        set(&["grpc", "listen"], &overrides.grpc_listen);
+        set(&["admin_listen"], &overrides.admin_listen);
+        let config: IngestConfig =
+            figment.merge(Serialized::defaults(flags)).extract().map_err(|e| ConfigError(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.max_in_flight == 0 || self.max_in_flight > usize::from(u16::MAX) {
+            return Err(ConfigError("max_in_flight must be between 1 and 65535".into()));
+        }
+        if self.mqtt.subscriptions.is_empty() {
+            return Err(ConfigError("mqtt.subscriptions is empty: ingest would receive nothing".into()));
+        }
+        for filter in &self.mqtt.subscriptions {
+            if !rumqttc::valid_filter(filter) {
+                return Err(ConfigError(format!("mqtt.subscriptions: {filter:?} is not a valid MQTT topic filter")));
+            }
+        }
+        if self.mqtt.share_group.contains(['/', '+', '#']) {
+            return Err(ConfigError(format!(
+                "mqtt.share_group {:?} may not contain '/', '+' or '#'",
+                self.mqtt.share_group
+            )));
+        }
+        if self.mqtt.tls.client_cert_file.is_some() != self.mqtt.tls.client_key_file.is_some() {
+            return Err(ConfigError("mqtt.tls: give both client_cert_file and client_key_file, or neither".into()));
+        }
+        if self.mqtt.username.is_none() && self.mqtt.password.is_some() {
+            return Err(ConfigError("mqtt.password is set without mqtt.username".into()));
+        }
+        crate::mqtt::parse_url(&self.mqtt.url).map_err(|e| ConfigError(e.to_string()))?;
+        if self.dead_letter_topic.is_empty() {
+            return Err(ConfigError("dead_letter_topic is empty".into()));
+        }
+        crate::routing::Routes::new(&self.rules).map_err(|e| ConfigError(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// `INGEST_A__B=v` as `{a: {b: v}}`; under `kafka`, `_` becomes `.` in the property name.
+fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Result<Dict, ConfigError> {
+    let mut dict = Dict::new();
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let mut path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError(format!("{name}: empty key segment")));
+        }
+        let value = if path[0] == "kafka" {
+            if path.len() != 2 {
+                return Err(ConfigError(format!(
+                    "{name}: use INGEST_KAFKA__<PROPERTY>, e.g. INGEST_KAFKA__SASL_MECHANISM"
+                )));
+            }
+            path[1] = path[1].replace('_', ".");
+            Value::from(raw) // librdkafka takes every property as a string
+        } else {
+            Value::from_str(&raw).unwrap_or_else(|_| Value::from(raw))
+        };
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        insert(&mut dict, &path, value);
+    }
+    Ok(dict)
+}
+
+fn insert(dict: &mut Dict, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict.entry((*first).to_owned()).or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ingest.toml");
+        std::fs::write(
+            &file,
+            r#"
+max_in_flight = 64
+dead_letter_topic = "from-file"
+[mqtt]
+url = "mqtt://file:1883"
+protocol = "3.1.1"
+[kafka]
+"bootstrap.servers" = "file:9092"
+"linger.ms" = "20"
+[[rules]]
+regex = '^plant/(?P<machine>[^/]+)$'
+topic = "plant"
+key = "{machine}"
+payload = "raw"
+"#,
+        )
+        .unwrap();
+        let config = IngestConfig::load(
+            Some(&file),
+            env(&[
+                ("INGEST_MQTT__URL", "mqtt://env:1883"),
+                ("INGEST_MAX_IN_FLIGHT", "128"),
+                ("INGEST_KAFKA__SASL_MECHANISM", "PLAIN"),
+                ("OTHER_VARIABLE", "ignored"),
+            ]),
+            &Overrides { kafka_brokers: Some("flag:9092".into()), ..Overrides::default() },
+        )
+        .unwrap();
+        assert_eq!(config.mqtt.url, "mqtt://env:1883", "env over file");
+        assert_eq!(config.mqtt.protocol, MqttProtocol::V311, "file over defaults");
+        assert_eq!(config.max_in_flight, 128);
+        assert_eq!(config.dead_letter_topic, "from-file");
+        assert_eq!(config.kafka["bootstrap.servers"], "flag:9092", "flag over file");
+        assert_eq!(config.kafka["linger.ms"], "20");
+        assert_eq!(config.kafka["sasl.mechanism"], "PLAIN");
+        assert_eq!(config.rules.len(), 1, "the file's rules replace the default rule");
+        assert_eq!(config.rules[0].payload, PayloadKind::Raw);
+        assert_eq!(config.mqtt.share_group, "vigil-ingest", "untouched defaults stay");
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let file = dir.path().join("bad.toml");
+            std::fs::write(&file, text).unwrap();
+            IngestConfig::load(Some(&file), Vec::new(), &Overrides::default()).unwrap_err().to_string()
+        };
+        assert!(load("max_inflight = 3").contains("max_inflight"), "unknown keys are refused");
+        assert!(load("[mqtt]\nprotocol = \"4\"").contains("protocol"));
+        assert!(load("max_in_flight = 0").contains("max_in_flight"));
+        assert!(load("[mqtt]\nsubscriptions = [\"a/#/b\"]").contains("a/#/b"));
+        assert!(load("[[rules]]\nfilter = \"a\"\ntopic = \"t-{x}\"").contains("mapping rule 0"));
+        let missing =
+            IngestConfig::load(Some(Path::new("/nonexistent/ingest.toml")), Vec::new(), &Overrides::default());
+        assert!(missing.unwrap_err().to_string().contains("/nonexistent/ingest.toml"));
+    }
+}

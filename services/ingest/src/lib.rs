@@ -1,0 +1,133 @@
+//! Vigil's ingest service: MQTT in, Kafka out, and an MQTT acknowledgement only once
+//! Kafka has the reading.
+//!
+//! ```text
+//!  MQTT broker ──PUBLISH──▶ mqtt (session, ordered acks, in-flight bound)
+//!                              │ record::from_mqtt (routing rules, validation)
+//!                              ▼
+//!  gRPC clients ──Publish──▶ kafka::Sink (idempotent producer, acks=all) ──▶ Kafka
+//!                              │ readings topic · dead-letter topic
+//!  MQTT broker ◀──PUBACK──── (after Kafka confirmed, in arrival order)
+//! ```
+//!
+//! [`config`] layers defaults, file, environment and flags; [`routing`] maps MQTT topics
+//! to Kafka topics and keys; [`record`] builds the canonical `SensorReading` record or a
+//! dead letter with the reason; [`kafka`] sends and waits for confirmation; [`mqtt`]
+//! drives the MQTT session; [`grpc`] serves `IngestService`; [`run`] wires them.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod grpc;
+pub mod kafka;
+pub mod metrics;
+pub mod mqtt;
+pub mod record;
+pub mod routing;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::vigil::ingest::v1::ingest_service_server::IngestServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::IngestConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Config(String),
+    #[error("kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Source(#[from] mqtt::SourceError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("grpc server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Listeners bound by the caller (tests bind port 0); `None` serves nothing there.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub grpc: Option<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs ingest until `shutdown` resolves, then drains: stops taking messages, waits for
+/// Kafka to confirm what was taken, acknowledges it, and returns.
+pub async fn run(
+    config: IngestConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let readiness = admin::Readiness::new();
+    let routes = Arc::new(routing::Routes::new(&config.rules).map_err(|e| IngestError::Config(e.to_string()))?);
+    let sink = kafka::Sink::new(&config.kafka, &config.dead_letter_topic, metrics.clone())?;
+    // `draining` fires on shutdown: intake stops (MQTT and gRPC). `finished` fires once
+    // the drain is over: the admin endpoint stays up until then, reporting not ready.
+    let (drain, draining) = watch::channel(false);
+    let (finish, finished) = watch::channel(false);
+    let signal = |mut receiver: watch::Receiver<bool>| async move {
+        let _ = receiver.wait_for(|fired| *fired).await;
+    };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = drain.send(true);
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(listener) = listeners.admin {
+        tracing::info!(address = %local_addr(&listener)?, "serving /live, /ready, /metrics");
+        let (registry, readiness, finished) = (registry.clone(), readiness.clone(), signal(finished.clone()));
+        tasks.spawn(async move {
+            if let Err(error) = admin::serve(listener, registry, readiness, finished).await {
+                tracing::error!(%error, "admin endpoint failed");
+            }
+            Ok(())
+        });
+    }
+    if let Some(listener) = listeners.grpc {
+        tracing::info!(address = %local_addr(&listener)?, "serving gRPC IngestService");
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let service =
+            grpc::IngestGrpc::new(sink.clone(), config.grpc.topic.clone(), metrics.clone(), config.max_in_flight);
+        health.set_serving::<IngestServiceServer<grpc::IngestGrpc>>().await;
+        let draining = signal(draining.clone());
+        tasks.spawn(async move {
+            let shutdown = async move {
+                draining.await;
+                health.set_not_serving::<IngestServiceServer<grpc::IngestGrpc>>().await;
+            };
+            // Graceful: calls under way finish (their readings confirmed) before it returns.
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(IngestServiceServer::new(service))
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+                .await
+                .map_err(IngestError::from)
+        });
+    }
+
+    let result = mqtt::run(&config, routes, sink.clone(), metrics, readiness.clone(), signal(draining)).await;
+    readiness.set(false);
+    let _ = finish.send(true);
+    while let Some(task) = tasks.join_next().await {
+        if let Ok(Err(error)) = task {
+            tracing::error!(%error, "ingest task failed");
+        }
+    }
+    // Everything acknowledged was confirmed already; this only waits for sends that
+    // were cut short (the grace period ran out), so the next session sees fewer repeats.
+    let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
+    let _ = tokio::task::spawn_blocking(move || sink.flush(grace)).await;
+    result.map_err(IngestError::from)
+}
+
+fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, IngestError> {
+    listener.local_addr().map_err(|e| IngestError::Config(format!("listener: {e}")))
+}

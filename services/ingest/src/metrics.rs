@@ -1,0 +1,71 @@
+//! Every Prometheus metric ingest exports, declared in one place.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Messages taken in, by source (`mqtt`, `grpc`).
+    pub received: IntCounterVec,
+    /// Records Kafka confirmed, by topic.
+    pub produced: IntCounterVec,
+    /// Dead letters Kafka confirmed, by reason.
+    pub dead_lettered: IntCounterVec,
+    /// Sends retried after a Kafka error.
+    pub produce_retries: IntCounter,
+    /// MQTT PUBACKs sent (after Kafka confirmed).
+    pub mqtt_acked: IntCounter,
+    /// Messages read and not yet confirmed by Kafka.
+    pub in_flight: IntGauge,
+    /// 1 while the MQTT connection is up.
+    pub mqtt_connected: IntGauge,
+    pub mqtt_connection_errors: IntCounter,
+    /// From handing a record to the producer to Kafka's confirmation.
+    pub produce_latency: Histogram,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Self {
+            received: IntCounterVec::new(
+                Opts::new("ingest_messages_received_total", "Messages taken in, by source"),
+                &["source"],
+            )?,
+            produced: IntCounterVec::new(
+                Opts::new("ingest_records_produced_total", "Records Kafka confirmed, by topic"),
+                &["topic"],
+            )?,
+            dead_lettered: IntCounterVec::new(
+                Opts::new("ingest_dead_lettered_total", "Messages written to the dead-letter topic, by reason"),
+                &["reason"],
+            )?,
+            produce_retries: IntCounter::new("ingest_produce_retries_total", "Sends retried after a Kafka error")?,
+            mqtt_acked: IntCounter::new(
+                "ingest_mqtt_acked_total",
+                "MQTT PUBACKs sent after Kafka confirmed the write",
+            )?,
+            in_flight: IntGauge::new("ingest_in_flight", "Messages read and not yet confirmed by Kafka")?,
+            mqtt_connected: IntGauge::new("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
+            mqtt_connection_errors: IntCounter::new(
+                "ingest_mqtt_connection_errors_total",
+                "MQTT connections that failed or dropped",
+            )?,
+            produce_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "ingest_produce_latency_seconds",
+                    "From handing a record to the producer to Kafka's confirmation",
+                )
+                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            )?,
+        };
+        registry.register(Box::new(metrics.received.clone()))?;
+        registry.register(Box::new(metrics.produced.clone()))?;
+        registry.register(Box::new(metrics.dead_lettered.clone()))?;
+        registry.register(Box::new(metrics.produce_retries.clone()))?;
+        registry.register(Box::new(metrics.mqtt_acked.clone()))?;
+        registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.mqtt_connected.clone()))?;
+        registry.register(Box::new(metrics.mqtt_connection_errors.clone()))?;
+        registry.register(Box::new(metrics.produce_latency.clone()))?;
+        Ok(metrics)
+    }
+}

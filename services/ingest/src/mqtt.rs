@@ -1,0 +1,422 @@
+//! The MQTT side: one persistent session, readings acknowledged only after Kafka has
+//! them, acknowledgements in arrival order, a bounded number in flight.
+//!
+//! Each PUBLISH is converted and handed to the producer as it arrives, and its delivery
+//! future joins a `FuturesOrdered`: completions come out in arrival order, so the PUBACKs
+//! go out in the order the PUBLISHes came, as the MQTT spec requires, whatever order
+//! Kafka's partitions confirm in. When `max_in_flight` messages await Kafka, the event
+//! loop is not polled for more (with MQTT 5 the broker already stops at the receive
+//! maximum, which is set to the same bound). The session is persistent (clean start off,
+//! a session expiry with MQTT 5), so what was not acknowledged when ingest stopped or
+//! crashed is redelivered when it reconnects; subscriptions are renewed whenever the
+//! broker reports a new session.
+//!
+//! Shutdown stops taking messages, waits (under the grace period) for Kafka to confirm
+//! what was taken, acknowledges it, and disconnects; messages that arrived after the
+//! stop are left unacknowledged for the broker to redeliver.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+use rumqttc::{Packet as Packet4, QoS};
+
+use crate::config::{IngestConfig, MqttProtocol, MqttTlsConfig};
+use crate::kafka::{Sink, SinkError, Written};
+use crate::metrics::Metrics;
+use crate::record::{MqttMessage, from_mqtt};
+use crate::routing::Routes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("mqtt url {url:?}: {problem}")]
+    Url { url: String, problem: String },
+    #[error("mqtt tls: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+}
+
+/// Where the broker is, from `mqtt.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+/// `mqtt://host[:port]` (or `tcp://`; port 1883 when left out) or `mqtts://host[:port]`
+/// (or `ssl://`; TLS, port 8883 when left out).
+pub fn parse_url(text: &str) -> Result<Endpoint, SourceError> {
+    let error = |problem: &str| SourceError::Url { url: text.to_owned(), problem: problem.to_owned() };
+    let url = url::Url::parse(text).map_err(|e| error(&e.to_string()))?;
+    let (tls, default_port) = match url.scheme() {
+        "mqtt" | "tcp" => (false, 1883),
+        "mqtts" | "ssl" => (true, 8883),
+        other => return Err(error(&format!("the scheme {other:?} is neither mqtt:// nor mqtts://"))),
+    };
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| error("no host"))?;
+    Ok(Endpoint {
+        host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+        port: url.port().unwrap_or(default_port),
+        tls,
+    })
+}
+
+/// The TLS transport for `config`: the broker verified against the configured CA (or the
+/// system's roots), a client certificate when one is configured.
+fn tls_transport(config: &MqttTlsConfig) -> Result<rumqttc::Transport, SourceError> {
+    use rumqttc::tokio_native_tls::native_tls;
+    let read =
+        |path: &std::path::Path| std::fs::read(path).map_err(|e| SourceError::Tls(format!("{}: {e}", path.display())));
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(path) = &config.ca_file {
+        let pem = read(path)?;
+        let certificate = native_tls::Certificate::from_pem(&pem)
+            .map_err(|e| SourceError::Tls(format!("{}: not a PEM certificate: {e}", path.display())))?;
+        builder.add_root_certificate(certificate);
+    }
+    if let (Some(cert_path), Some(key_path)) = (&config.client_cert_file, &config.client_key_file) {
+        let identity = native_tls::Identity::from_pkcs8(&read(cert_path)?, &read(key_path)?).map_err(|e| {
+            SourceError::Tls(format!(
+                "{} with {}: not a PEM certificate and PKCS#8 key: {e}",
+                cert_path.display(),
+                key_path.display()
+            ))
+        })?;
+        builder.identity(identity);
+    }
+    let connector = builder.build().map_err(|e| SourceError::Tls(e.to_string()))?;
+    Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(connector)))
+}
+
+/// The packet id and QoS a PUBACK needs.
+#[derive(Debug, Clone, Copy)]
+struct AckToken {
+    pkid: u16,
+}
+
+/// A received message, owned.
+struct Received {
+    topic: String,
+    payload: bytes::Bytes,
+    qos: u8,
+    user_properties: Vec<(String, String)>,
+    content_type: Option<String>,
+    ack: Option<AckToken>,
+}
+
+enum SessionEvent {
+    Message(Received),
+    Connected {
+        session_present: bool,
+    },
+    /// A SUBACK: `Err` names the refusal of the first filter refused.
+    Subscribed(Result<(), String>),
+    /// Our DISCONNECT went out.
+    Disconnected,
+    Other,
+}
+
+/// rumqttc's MQTT 5 and 3.1.1 clients behind one face.
+enum Session {
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+}
+
+impl Session {
+    fn connect(config: &IngestConfig, endpoint: Endpoint) -> Result<Self, SourceError> {
+        let mqtt = &config.mqtt;
+        let transport = if endpoint.tls { Some(tls_transport(&mqtt.tls)?) } else { None };
+        let (host, port) = (endpoint.host, endpoint.port);
+        let password = mqtt.password.clone().unwrap_or_default();
+        // Room for an acknowledgement per message in flight plus the subscriptions, so
+        // queueing an ack never waits for the event loop (which only this task polls).
+        let capacity = config.max_in_flight * 2 + mqtt.subscriptions.len() + 16;
+        let keep_alive = Duration::from_secs(mqtt.keep_alive_seconds);
+        match mqtt.protocol {
+            MqttProtocol::V5 => {
+                let mut options = rumqttc::v5::MqttOptions::new(&mqtt.client_id, host, port);
+                options
+                    .set_keep_alive(keep_alive)
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(mqtt.session_expiry_seconds))
+                    .set_receive_maximum(Some(config.max_in_flight as u16))
+                    .set_max_packet_size(Some(sensor_max_packet()))
+                    .set_manual_acks(true);
+                if let Some(user) = &mqtt.username {
+                    options.set_credentials(user, &password);
+                }
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                let (client, events) = rumqttc::v5::AsyncClient::new(options, capacity);
+                Ok(Self::V5(client, Box::new(events)))
+            }
+            MqttProtocol::V311 => {
+                let mut options = rumqttc::MqttOptions::new(&mqtt.client_id, host, port);
+                options
+                    .set_keep_alive(keep_alive)
+                    .set_clean_session(false)
+                    .set_max_packet_size(sensor_max_packet() as usize, sensor_max_packet() as usize)
+                    .set_manual_acks(true);
+                if let Some(user) = &mqtt.username {
+                    options.set_credentials(user, &password);
+                }
+                if let Some(transport) = transport {
+                    options.set_transport(transport);
+                }
+                let (client, events) = rumqttc::AsyncClient::new(options, capacity);
+                Ok(Self::V311(client, Box::new(events)))
+            }
+        }
+    }
+
+    async fn poll(&mut self) -> Result<SessionEvent, String> {
+        match self {
+            Self::V5(_, events) => match events.poll().await.map_err(|e| e.to_string())? {
+                rumqttc::v5::Event::Incoming(Packet5::Publish(publish)) => {
+                    let properties = publish.properties.unwrap_or_default();
+                    let qos = publish.qos as u8;
+                    Ok(SessionEvent::Message(Received {
+                        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                        payload: publish.payload,
+                        qos,
+                        user_properties: properties.user_properties,
+                        content_type: properties.content_type,
+                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid }),
+                    }))
+                }
+                rumqttc::v5::Event::Incoming(Packet5::ConnAck(ack)) => {
+                    Ok(SessionEvent::Connected { session_present: ack.session_present })
+                }
+                rumqttc::v5::Event::Incoming(Packet5::SubAck(ack)) => Ok(SessionEvent::Subscribed(
+                    match ack
+                        .return_codes
+                        .iter()
+                        .find(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                    {
+                        Some(refused) => Err(format!("{refused:?}")),
+                        None => Ok(()),
+                    },
+                )),
+                rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(SessionEvent::Disconnected),
+                _ => Ok(SessionEvent::Other),
+            },
+            Self::V311(_, events) => match events.poll().await.map_err(|e| e.to_string())? {
+                rumqttc::Event::Incoming(Packet4::Publish(publish)) => {
+                    let qos = publish.qos as u8;
+                    Ok(SessionEvent::Message(Received {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                        qos,
+                        user_properties: Vec::new(),
+                        content_type: None,
+                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid }),
+                    }))
+                }
+                rumqttc::Event::Incoming(Packet4::ConnAck(ack)) => {
+                    Ok(SessionEvent::Connected { session_present: ack.session_present })
+                }
+                rumqttc::Event::Incoming(Packet4::SubAck(ack)) => Ok(SessionEvent::Subscribed(
+                    match ack.return_codes.iter().find(|c| !matches!(c, rumqttc::SubscribeReasonCode::Success(_))) {
+                        Some(refused) => Err(format!("{refused:?}")),
+                        None => Ok(()),
+                    },
+                )),
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(SessionEvent::Disconnected),
+                _ => Ok(SessionEvent::Other),
+            },
+        }
+    }
+
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Self::V5(client, _) => {
+                client.try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).map_err(|e| e.to_string())
+            }
+            Self::V311(client, _) => client.try_subscribe(filter, QoS::AtLeastOnce).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queues the PUBACK; `false` when the request queue is full (try again later).
+    fn try_ack(&self, token: AckToken) -> bool {
+        match self {
+            Self::V5(client, _) => {
+                let mut publish = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                publish.pkid = token.pkid;
+                client.try_ack(&publish).is_ok()
+            }
+            Self::V311(client, _) => {
+                let mut publish = rumqttc::Publish::new("", QoS::AtLeastOnce, Vec::new());
+                publish.pkid = token.pkid;
+                client.try_ack(&publish).is_ok()
+            }
+        }
+    }
+
+    fn disconnect(&self) {
+        match self {
+            Self::V5(client, _) => drop(client.try_disconnect()),
+            Self::V311(client, _) => drop(client.try_disconnect()),
+        }
+    }
+}
+
+/// The largest MQTT packet ingest accepts (a reading is well under 1 KiB).
+fn sensor_max_packet() -> u32 {
+    1 << 20
+}
+
+type Pending = Pin<Box<dyn Future<Output = (Result<Written, SinkError>, Option<AckToken>)> + Send>>;
+
+/// Bridges MQTT to Kafka until `shutdown` resolves; returns after the drain. Fails only
+/// when the producer failed fatally (nothing more is acknowledged then).
+pub async fn run(
+    config: &IngestConfig,
+    routes: Arc<Routes>,
+    sink: Sink,
+    metrics: Metrics,
+    readiness: admin::Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SourceError> {
+    let mut session = Session::connect(config, parse_url(&config.mqtt.url)?)?;
+    let filters: Vec<String> = config
+        .mqtt
+        .subscriptions
+        .iter()
+        .map(|f| {
+            if config.mqtt.share_group.is_empty() {
+                f.clone()
+            } else {
+                format!("$share/{}/{f}", config.mqtt.share_group)
+            }
+        })
+        .collect();
+    let mut in_flight: FuturesOrdered<Pending> = FuturesOrdered::new();
+    let mut unsent_acks: VecDeque<AckToken> = VecDeque::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut stopping = false;
+    let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)); // set at shutdown
+    let mut grace = std::pin::pin!(grace);
+    let mut backoff = Duration::from_millis(100);
+    // Ready (and counted as connected) once connected and subscribed.
+    let mut connected = false;
+    let mut set_connected = |now: bool| {
+        if now != connected {
+            metrics.mqtt_connected.set(i64::from(now));
+            readiness.set(now);
+            connected = now;
+        }
+    };
+
+    loop {
+        // Acks the queue had no room for go first, in order.
+        while let Some(&token) = unsent_acks.front() {
+            if !session.try_ack(token) {
+                break;
+            }
+            unsent_acks.pop_front();
+            metrics.mqtt_acked.inc();
+        }
+        if stopping && in_flight.is_empty() && unsent_acks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            () = &mut shutdown, if !stopping => {
+                tracing::info!(in_flight = in_flight.len(), "stopping: draining what Kafka has not confirmed");
+                stopping = true;
+                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(config.shutdown_grace_seconds));
+            }
+            () = &mut grace, if stopping => {
+                tracing::warn!(in_flight = in_flight.len(), "grace period over: leaving the rest unacknowledged for redelivery");
+                break;
+            }
+            Some((written, ack)) = in_flight.next() => {
+                metrics.in_flight.dec();
+                written?;
+                if let Some(token) = ack {
+                    unsent_acks.push_back(token);
+                }
+            }
+            event = session.poll(), if in_flight.len() < config.max_in_flight || stopping => match event {
+                Ok(SessionEvent::Message(received)) => {
+                    if stopping {
+                        continue; // not acknowledged: redelivered to the next session
+                    }
+                    metrics.received.with_label_values(&["mqtt"]).inc();
+                    let message = MqttMessage {
+                        topic: &received.topic,
+                        payload: &received.payload,
+                        qos: received.qos,
+                        user_properties: &received.user_properties,
+                        content_type: received.content_type.as_deref(),
+                        received_at: SystemTime::now(),
+                    };
+                    let record = from_mqtt(&routes, &config.dead_letter_topic, &message);
+                    let delivery = sink.send(record);
+                    let ack = received.ack;
+                    metrics.in_flight.inc();
+                    in_flight.push_back(Box::pin(async move { (delivery.await, ack) }));
+                }
+                Ok(SessionEvent::Connected { session_present }) => {
+                    tracing::info!(session_present, "mqtt connected");
+                    backoff = Duration::from_millis(100);
+                    if session_present {
+                        set_connected(true); // the broker kept the subscriptions
+                    } else {
+                        // A new session: subscribe; ready once the broker confirmed.
+                        for filter in &filters {
+                            if let Err(error) = session.subscribe(filter) {
+                                tracing::error!(filter, %error, "subscribing failed");
+                            }
+                        }
+                    }
+                }
+                Ok(SessionEvent::Subscribed(Ok(()))) => {
+                    tracing::info!(filters = ?filters, "subscribed");
+                    set_connected(true);
+                }
+                Ok(SessionEvent::Subscribed(Err(refusal))) => {
+                    tracing::error!(filters = ?filters, refusal, "the broker refused a subscription");
+                }
+                Ok(SessionEvent::Other | SessionEvent::Disconnected) => {}
+                Err(error) => {
+                    set_connected(false);
+                    metrics.mqtt_connection_errors.inc();
+                    if stopping {
+                        break; // nothing more can be acknowledged on this connection
+                    }
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            },
+        }
+    }
+
+    // Leave cleanly: the DISCONNECT follows the acks already queued.
+    session.disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // Messages arriving meanwhile stay unacknowledged, for redelivery.
+        while let Ok(event) = session.poll().await {
+            if let SessionEvent::Disconnected = event {
+                break;
+            }
+        }
+    })
+    .await;
+    set_connected(false);
+    Ok(())
+}

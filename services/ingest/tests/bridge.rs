@@ -1,0 +1,225 @@
+//! The bridge end to end, in-process: a simulated fleet publishing to an embedded MQTT
+//! broker (rumqttd), ingest, and librdkafka's mock Kafka cluster.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use device_simulator::fleet::FleetOptions;
+use device_simulator::metrics::PublishMetrics;
+use device_simulator::publish::{PublishOptions, publish};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use rumqttc::v5::{AsyncClient, MqttOptions};
+use support::{Brokers, DEAD_LETTERS, READINGS, RunningIngest, readings};
+
+fn fleet(cars: usize) -> FleetOptions {
+    FleetOptions { cars, fault_share: 0.3, onset_window_s: (0.05, 0.2), ..FleetOptions::default() }
+}
+
+/// Publishes `fleet` and returns how many readings the broker acknowledged. The simulator
+/// speaks MQTT 3.1.1 (as the seed's cars do); rumqttd routes between its 3.1.1 and 5
+/// listeners, so ingest gets them on either.
+async fn simulate(brokers: &Brokers, fleet: &FleetOptions, readings_per_car: u64, interval_ms: u64) -> u64 {
+    let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.v4.port());
+    options.interval = Duration::from_millis(interval_ms);
+    options.readings_per_car = Some(readings_per_car);
+    options.cars_per_connection = 4;
+    let report = publish(fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap();
+    assert_eq!(report.acknowledged, report.published);
+    report.published
+}
+
+/// Each device's sequences as they appear in Kafka (its records share one partition).
+fn sequences_by_device(records: &[embedded_brokers::ReadRecord]) -> BTreeMap<String, Vec<u64>> {
+    let mut by_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (record, reading) in records.iter().zip(readings(records)) {
+        assert_eq!(record.key.as_deref(), Some(reading.device_id.as_bytes()), "keyed by device id");
+        by_device.entry(reading.device_id).or_default().push(reading.sequence);
+    }
+    by_device
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reading_reaches_kafka_once_in_order_per_device_keyed_by_device() {
+    let brokers = Brokers::start();
+    let ingest = RunningIngest::start(brokers.config("ingest-order"), None).await;
+    let fleet = fleet(12);
+    let sent = simulate(&brokers, &fleet, 30, 5).await;
+
+    let records = brokers.read(READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    assert_eq!(records.len() as u64, sent, "every reading, once (no crash, so no repeats)");
+    let by_device = sequences_by_device(&records);
+    assert_eq!(by_device.len(), fleet.cars);
+    for (device, sequences) in &by_device {
+        assert_eq!(sequences, &(1..=30).collect::<Vec<u64>>(), "{device}: in order");
+    }
+    let partitions: BTreeSet<i32> = records.iter().map(|r| r.partition).collect();
+    assert!(partitions.len() > 1, "devices spread over partitions: {partitions:?}");
+    assert_eq!(ingest.metric("ingest_mqtt_acked_total").await as u64, sent, "each acknowledged to MQTT");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_works_the_same() {
+    let brokers = Brokers::start();
+    let mut config = brokers.config("ingest-v311");
+    config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.v4.port());
+    config.mqtt.protocol = ingest::config::MqttProtocol::V311;
+    let ingest = RunningIngest::start(config, None).await;
+    let fleet = fleet(4);
+    let sent = simulate(&brokers, &fleet, 20, 5).await;
+    let records = brokers.read(READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    assert_eq!(records.len() as u64, sent);
+    for sequences in sequences_by_device(&records).values() {
+        assert_eq!(sequences, &(1..=20).collect::<Vec<u64>>());
+    }
+    ingest.stop().await.unwrap();
+}
+
+/// A raw MQTT 5 publisher.
+async fn publisher(brokers: &Brokers, id: &str) -> AsyncClient {
+    let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", brokers.mqtt.v5.port()), 100);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_readings_are_dead_lettered_with_their_reason_and_acknowledged_not_redelivered() {
+    let brokers = Brokers::start();
+    let ingest = RunningIngest::start(brokers.config("ingest-dlq"), None).await;
+    let client = publisher(&brokers, "bad-publisher").await;
+    let trace = ("traceparent".to_owned(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned());
+    let properties = PublishProperties { user_properties: vec![trace.clone()], ..Default::default() };
+    let bad: [(&str, &[u8], &str); 3] = [
+        ("vehicles/sensor/data/car-a", b"{not json", "not_json"),
+        ("vehicles/sensor/data/car-b", br#"{"speed": 10}"#, "missing_field"),
+        ("vehicles/sensor/data/car-c", br#"[1, 2]"#, "not_an_object"),
+    ];
+    for (topic, payload, _) in bad {
+        client
+            .publish_with_properties(topic, QoS::AtLeastOnce, false, payload.to_vec(), properties.clone())
+            .await
+            .unwrap();
+    }
+    let letters = brokers.read(DEAD_LETTERS, Duration::from_secs(20), |r| r.len() >= 3).await;
+    assert_eq!(letters.len(), 3);
+    for ((topic, payload, reason), letter) in bad.iter().zip(&letters) {
+        assert_eq!(letter.payload, *payload, "the original bytes");
+        assert_eq!(letter.header("vigil.dead_letter.reason"), Some(reason.as_bytes()));
+        assert!(!letter.header("vigil.dead_letter.error").unwrap().is_empty());
+        assert_eq!(letter.header("mqtt.topic"), Some(topic.as_bytes()));
+        assert_eq!(letter.header("traceparent"), Some(trace.1.as_bytes()), "user properties carried as headers");
+    }
+    assert_eq!(
+        letters[1].header("vigil.dead_letter.field"),
+        Some(&b"coolant_temp"[..]),
+        "the first missing signal is named"
+    );
+    assert_eq!(ingest.metric("ingest_dead_lettered_total").await, 3.0);
+
+    // Acknowledged: a restarted ingest on the same session gets none of them again.
+    ingest.stop().await.unwrap();
+    let ingest = RunningIngest::start(brokers.config("ingest-dlq"), None).await;
+    client.publish("vehicles/sensor/data/car-d", QoS::AtLeastOnce, false, b"marker".to_vec()).await.unwrap();
+    let letters = brokers.read(DEAD_LETTERS, Duration::from_secs(20), |r| r.len() >= 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // room for a wrongful redelivery
+    let letters_after = brokers.read(DEAD_LETTERS, Duration::from_secs(2), |_| false).await;
+    assert_eq!(letters.len(), 4);
+    assert_eq!(
+        letters_after.len(),
+        4,
+        "nothing redelivered: {:?}",
+        letters_after.iter().map(|l| &l.payload).collect::<Vec<_>>()
+    );
+    assert_eq!(letters_after[3].payload, b"marker");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_down_ingest_holds_at_most_its_in_flight_bound_and_recovers_by_itself() {
+    let brokers = Brokers::start();
+    let mut config = brokers.config("ingest-backpressure");
+    config.max_in_flight = 16;
+    let ingest = RunningIngest::start(config, None).await;
+    brokers.kafka.brokers_down().unwrap();
+
+    let fleet = fleet(8);
+    let sending = {
+        let fleet = fleet.clone();
+        let port = brokers.mqtt.v4.port();
+        tokio::spawn(async move {
+            let mut options = PublishOptions::new("127.0.0.1", port);
+            options.interval = Duration::from_millis(5);
+            options.readings_per_car = Some(25);
+            options.cars_per_connection = 8;
+            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
+        })
+    };
+    // The fleet publishes 200 readings; with Kafka down ingest takes its bound and waits.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let received = ingest.metric("ingest_messages_received_total").await;
+    let in_flight = ingest.metric("ingest_in_flight").await;
+    assert!(received > 0.0, "ingest read something");
+    assert!(received <= 16.0 && in_flight <= 16.0, "bounded: received {received}, in flight {in_flight}");
+    assert_eq!(ingest.metric("ingest_mqtt_acked_total").await, 0.0, "nothing acknowledged while Kafka is down");
+
+    brokers.kafka.brokers_up().unwrap();
+    let sent = sending.await.unwrap().published;
+    let records = brokers.read(READINGS, Duration::from_secs(60), move |r| r.len() as u64 >= sent).await;
+    assert_eq!(records.len() as u64, sent, "everything arrives once Kafka is back");
+    for sequences in sequences_by_device(&records).values() {
+        assert_eq!(sequences, &(1..=25).collect::<Vec<u64>>(), "in order through the outage");
+    }
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_reading_is_lost_when_ingest_crashes_mid_stream() {
+    let brokers = Brokers::start();
+    let mut config = brokers.config("ingest-crash");
+    // A plain persistent subscription here: rumqttd 0.20's router panics ("group must
+    // exists", routing.rs) when the last member of a shared group drops with messages
+    // unacknowledged. The shared-subscription crash is tested against Mosquitto
+    // (tests/mosquitto.rs, killing the process).
+    config.mqtt.share_group.clear();
+    let ingest = RunningIngest::start(config.clone(), None).await;
+    let fleet = fleet(10);
+    let readings_per_car = 80;
+    let sending = {
+        let fleet = fleet.clone();
+        let port = brokers.mqtt.v4.port();
+        tokio::spawn(async move {
+            let mut options = PublishOptions::new("127.0.0.1", port);
+            options.interval = Duration::from_millis(10);
+            options.readings_per_car = Some(readings_per_car);
+            options.cars_per_connection = 5;
+            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
+        })
+    };
+    // Crash a quarter of the way in, stay down a while, come back on the same session.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let acked_before_crash = ingest.metric("ingest_mqtt_acked_total").await as u64;
+    let total = fleet.cars as u64 * readings_per_car;
+    assert!(
+        acked_before_crash > 0 && acked_before_crash < total,
+        "mid-stream: {acked_before_crash} of {total} acknowledged"
+    );
+    ingest.crash().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ingest = RunningIngest::start(config, None).await;
+    let sent = sending.await.unwrap().published;
+
+    let expected = sent;
+    let records = brokers
+        .read(READINGS, Duration::from_secs(60), move |r| {
+            readings(r).iter().map(|x| (x.device_id.clone(), x.sequence)).collect::<BTreeSet<_>>().len() as u64
+                >= expected
+        })
+        .await;
+    let distinct: BTreeSet<(String, u64)> = readings(&records).into_iter().map(|r| (r.device_id, r.sequence)).collect();
+    assert_eq!(distinct.len() as u64, sent, "every published reading is in Kafka after the crash");
+    assert!(records.len() as u64 >= sent, "repeats are allowed (at least once), losses are not");
+    ingest.stop().await.unwrap();
+}

@@ -1,0 +1,142 @@
+//! What every ingest test needs: an embedded MQTT broker and Kafka cluster, and ingest
+//! itself running in-process against them with its admin endpoint on a loopback port.
+
+#![allow(dead_code, unreachable_pub)] // each test file uses part of it
+
+use std::time::{Duration, Instant};
+
+use embedded_brokers::{KafkaCluster, MqttBroker, ReadRecord, read_topic};
+use ingest::config::{IngestConfig, MqttProtocol};
+use tokio::sync::oneshot;
+
+pub const READINGS: &str = "vigil-readings";
+pub const DEAD_LETTERS: &str = "vigil-dead-letter";
+
+pub struct Brokers {
+    pub mqtt: MqttBroker,
+    pub kafka: KafkaCluster,
+}
+
+impl Brokers {
+    pub fn start() -> Self {
+        init_logs();
+        Self { mqtt: MqttBroker::start().unwrap(), kafka: kafka() }
+    }
+
+    /// Ingest's config for these brokers (MQTT 5), no gRPC.
+    pub fn config(&self, client_id: &str) -> IngestConfig {
+        config(&self.kafka, &format!("mqtt://127.0.0.1:{}", self.mqtt.v5.port()), client_id)
+    }
+
+    /// Everything in `topic` once `enough` holds (or after `timeout`).
+    pub async fn read(
+        &self,
+        topic: &str,
+        timeout: Duration,
+        enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
+    ) -> Vec<ReadRecord> {
+        read(&self.kafka, topic, timeout, enough).await
+    }
+}
+
+/// Logs to the test's output when `RUST_LOG` asks for them (e.g. `RUST_LOG=ingest=debug`).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// A mock Kafka cluster of 3 brokers with the readings (4 partitions) and dead-letter topics.
+pub fn kafka() -> KafkaCluster {
+    let kafka = KafkaCluster::start(3).unwrap();
+    kafka.create_topic(READINGS, 4).unwrap();
+    kafka.create_topic(DEAD_LETTERS, 1).unwrap();
+    kafka
+}
+
+/// Ingest's config for `kafka` and the MQTT broker at `mqtt_url` (MQTT 5), no gRPC.
+pub fn config(kafka: &KafkaCluster, mqtt_url: &str, client_id: &str) -> IngestConfig {
+    let mut config = IngestConfig::default();
+    config.mqtt.url = mqtt_url.to_owned();
+    config.mqtt.protocol = MqttProtocol::V5;
+    config.mqtt.client_id = client_id.into();
+    config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    config.grpc.listen.clear();
+    config.shutdown_grace_seconds = 10;
+    config
+}
+
+/// Everything in `topic` of `kafka` once `enough` holds (or after `timeout`).
+pub async fn read(
+    kafka: &KafkaCluster,
+    topic: &str,
+    timeout: Duration,
+    enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
+) -> Vec<ReadRecord> {
+    let (bootstrap, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_topic(&bootstrap, &topic, timeout, enough).unwrap()).await.unwrap()
+}
+
+/// Ingest running in a task.
+pub struct RunningIngest {
+    pub admin: String,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
+}
+
+impl RunningIngest {
+    /// Starts ingest and waits until it is subscribed (`/ready`).
+    pub async fn start(config: IngestConfig, grpc: Option<tokio::net::TcpListener>) -> Self {
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = format!("http://{}", admin_listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = ingest::Listeners { grpc, admin: Some(admin_listener) };
+        let task = tokio::spawn(ingest::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        let running = Self { admin, stop: Some(stop), task };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while running.status("/ready").await != 200 {
+            assert!(Instant::now() < deadline, "ingest not ready within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        running
+    }
+
+    pub async fn status(&self, path: &str) -> u16 {
+        match reqwest::get(format!("{}{path}", self.admin)).await {
+            Ok(response) => response.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
+    /// The value of an unlabelled metric, or the sum of a labelled one.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Graceful shutdown; returns ingest's result.
+    pub async fn stop(mut self) -> Result<(), ingest::IngestError> {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("ingest stops within 30 s").unwrap()
+    }
+
+    /// A crash: the task is dropped mid-flight, nothing drained or acknowledged.
+    pub async fn crash(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Decoded readings of `records`.
+pub fn readings(records: &[ReadRecord]) -> Vec<sensor::SensorReading> {
+    use prost::Message as _;
+    records.iter().map(|r| sensor::SensorReading::decode(r.payload.as_slice()).expect("a SensorReading")).collect()
+}
