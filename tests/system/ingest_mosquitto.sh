@@ -11,8 +11,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 source tests/system/lib.sh
 need_debian_packages mosquitto mosquitto mosquitto_passwd mosquitto openssl openssl
 
-seed_data="$(cd .. && pwd)/shared/seed-data"
-[ -f "$seed_data/car-sensor-data.csv" ] || { echo "the seed data is not at $seed_data" >&2; exit 1; }
+# The seed demo's own data sits beside the repository on the project's machines
+# (../shared/seed-data); elsewhere point VIGIL_SEED_DATA at a copy. Without it the one test
+# that replays it is left out, and this says so.
+seed_data="${VIGIL_SEED_DATA:-$(cd .. && pwd)/shared/seed-data}"
+skip=()
+if [ ! -f "$seed_data/car-sensor-data.csv" ]; then
+  echo "NOTE: no seed data at $seed_data: the seed-payload test is NOT run (set VIGIL_SEED_DATA)" >&2
+  skip=(--skip every_payload_the_seed_demo_publishes)
+fi
 
 work="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
@@ -60,7 +67,7 @@ export VIGIL_MOSQUITTO_CA="$work/ca.pem"
 export VIGIL_MOSQUITTO_USER=vigil-ingest
 export VIGIL_MOSQUITTO_PASSWORD="$password"
 export VIGIL_SEED_DATA="$seed_data"
-if ! cargo test -q --locked -p ingest --test mosquitto -- --ignored --test-threads 1; then
+if ! cargo test -q --locked -p ingest --test mosquitto -- --ignored --test-threads 1 "${skip[@]}"; then
   echo "--- mosquitto log"; tail -50 "$work/mosquitto.log"
   exit 1
 fi
