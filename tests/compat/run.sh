@@ -16,7 +16,9 @@ if ! "$venv/bin/python" -c "import tensorflow_serving.apis, tritonclient.grpc, g
 fi
 export TF_CPP_MIN_LOG_LEVEL=3
 
-cargo build --locked -p model-server --quiet
+# The same build as `cargo test --workspace` (same features, so nothing recompiles after
+# the test step); it leaves each service binary in target/debug.
+cargo test --workspace --locked --no-run --quiet
 descriptors=$(ls -t "$CARGO_TARGET_DIR"/debug/build/proto-*/out/descriptors.bin | head -1)
 "$venv/bin/python" tests/compat/check_proto_wire_compat.py "$descriptors"
 "$venv/bin/python" tests/compat/official_clients.py "$CARGO_TARGET_DIR/debug/model-server"

@@ -67,7 +67,9 @@ export VIGIL_MOSQUITTO_CA="$work/ca.pem"
 export VIGIL_MOSQUITTO_USER=vigil-ingest
 export VIGIL_MOSQUITTO_PASSWORD="$password"
 export VIGIL_SEED_DATA="$seed_data"
-if ! cargo test -q --locked -p ingest --test mosquitto -- --ignored --test-threads 1 "${skip[@]}"; then
+# --workspace rather than -p ingest: the features `cargo test --workspace` built with, so
+# nothing recompiles.
+if ! cargo test -q --locked --workspace --test mosquitto -- --ignored --test-threads 1 "${skip[@]}"; then
   echo "--- mosquitto log"; tail -50 "$work/mosquitto.log"
   exit 1
 fi

@@ -8,7 +8,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 source tests/system/lib.sh
 need_debian_packages mosquitto mosquitto mosquitto_sub mosquitto-clients
-cargo build -q --locked -p device-simulator
+# The same build as `cargo test --workspace` (same features, so nothing recompiles after
+# the test step); it leaves each service binary in target/debug.
+cargo test --workspace --locked --no-run --quiet
 
 work="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }

@@ -227,7 +227,7 @@ impl IngestConfig {
         set(&["grpc", "listen"], &overrides.grpc_listen);
         set(&["admin_listen"], &overrides.admin_listen);
         let config: IngestConfig =
-            figment.merge(Serialized::defaults(flags)).extract().map_err(|e| ConfigError(e.to_string()))?;
+            figment.merge(Serialized::defaults(flags)).extract_lossy().map_err(|e| ConfigError(e.to_string()))?;
         config.check()?;
         Ok(config)
     }
@@ -283,7 +283,13 @@ fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Result<Dict, Con
             path[1] = path[1].replace('_', ".");
             Value::from(raw) // librdkafka takes every property as a string
         } else {
-            Value::from_str(&raw).unwrap_or_else(|_| Value::from(raw))
+            // Lists and tables parse (`["a/+", "b/#"]`); a number or boolean stays the
+            // text it was, and the lossy extraction turns it into a number where one is
+            // expected, so `INGEST_MQTT__CLIENT_ID=007` stays "007".
+            match Value::from_str(&raw) {
+                Ok(value @ (Value::Array(..) | Value::Dict(..))) => value,
+                _ => Value::from(raw),
+            }
         };
         let path: Vec<&str> = path.iter().map(String::as_str).collect();
         insert(&mut dict, &path, value);
@@ -361,6 +367,29 @@ payload = "raw"
         assert_eq!(config.rules.len(), 1, "the file's rules replace the default rule");
         assert_eq!(config.rules[0].payload, PayloadKind::Raw);
         assert_eq!(config.mqtt.share_group, "vigil-ingest", "untouched defaults stay");
+    }
+
+    #[test]
+    fn numeric_looking_environment_values_stay_strings_where_strings_are_expected() {
+        let config = IngestConfig::load(
+            None,
+            env(&[
+                ("INGEST_MQTT__USERNAME", "4711"),
+                ("INGEST_MQTT__PASSWORD", "12345"),
+                ("INGEST_MQTT__CLIENT_ID", "007"),
+                ("INGEST_KAFKA__LINGER_MS", "10"),
+                ("INGEST_MQTT__SUBSCRIPTIONS", r#"["plant/+/temp", "plant/#"]"#),
+                ("INGEST_MQTT__KEEP_ALIVE_SECONDS", "15"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.mqtt.username.as_deref(), Some("4711"));
+        assert_eq!(config.mqtt.password.as_deref(), Some("12345"));
+        assert_eq!(config.mqtt.client_id, "007", "not the number 7");
+        assert_eq!(config.kafka["linger.ms"], "10");
+        assert_eq!(config.mqtt.subscriptions, ["plant/+/temp", "plant/#"], "a list parses");
+        assert_eq!(config.mqtt.keep_alive_seconds, 15, "a number where one is expected");
     }
 
     #[test]

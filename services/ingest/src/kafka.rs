@@ -191,3 +191,30 @@ fn refused_for_what_it_is(error: &KafkaError) -> bool {
         )
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sink(properties: &[(&str, &str)]) -> Result<Sink, KafkaError> {
+        let metrics = Metrics::new(&prometheus::Registry::new()).unwrap();
+        let properties = properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Sink::new(&properties, "dead-letters", metrics)
+    }
+
+    #[test]
+    fn sasl_ssl_properties_reach_librdkafka_and_a_misspelt_one_is_refused_by_name() {
+        // librdkafka refuses SASL_SSL and SCRAM unless it was built with TLS: this proves
+        // the pass-through and the build together. (Nothing listens on port 1.)
+        let secured = [
+            ("bootstrap.servers", "127.0.0.1:1"),
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "vigil"),
+            ("sasl.password", "secret"),
+        ];
+        assert!(sink(&secured).is_ok());
+        let error = sink(&[("bootstrap.servers", "127.0.0.1:1"), ("sasl.mechanismz", "PLAIN")]).err().unwrap();
+        assert!(error.to_string().contains("sasl.mechanismz"), "{error}");
+    }
+}

@@ -1,0 +1,273 @@
+//! Benchmark: readings/s from MQTT into Kafka through ingest, next to the ceiling of the
+//! same broker delivering the same readings to a subscriber that only counts them.
+//!
+//! Per round a simulated fleet (the device simulator, N cars) publishes a fixed number of
+//! readings while the consumer is offline, so they queue in the consumer's persistent
+//! session on the embedded broker (rumqttd); then the consumer connects and the clock runs
+//! until it has taken all of them. The consumer is either ingest (in this process, writing
+//! to librdkafka's mock cluster, the clock stopping when its last PUBACK was sent, that is
+//! after Kafka confirmed every reading) or the ceiling: a rumqttc MQTT 5 client that
+//! acknowledges on arrival and discards. Both have the same broker, session settings and
+//! receive maximum, and the publishers are not running while either is timed, so the
+//! ratio is ingest's per-reading cost (parse, validate, protobuf, produce, confirm, ack)
+//! against the bare cost of receiving. Rounds alternate the two, so a slow spell on a
+//! shared machine hits both alike.
+//!
+//! Run: `cargo bench -p ingest --bench bridge` (writes
+//! `benchmarks/results/ingest-bridge.json`; see docs/benchmarks.md).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use device_simulator::fleet::FleetOptions;
+use device_simulator::metrics::PublishMetrics;
+use device_simulator::publish::{PublishOptions, publish};
+use embedded_brokers::{KafkaCluster, MqttBroker};
+use ingest::config::{IngestConfig, MqttProtocol, PayloadKind, RuleConfig};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::json;
+
+/// Readings per round, whatever the fleet's size.
+const READINGS_PER_ROUND: u64 = 60_000;
+/// (cars, cars per MQTT connection) of the fleet.
+const FLEETS: [(usize, usize); 2] = [(100, 10), (2_000, 100)];
+const ROUNDS: usize = 3;
+/// Ingest's default, and the ceiling subscriber's receive maximum alike.
+const IN_FLIGHT: usize = 1000;
+const TOPIC: &str = "bench-readings";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Consumer {
+    Ceiling,
+    Ingest,
+}
+
+impl Consumer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ceiling => "ceiling: subscriber that discards",
+            Self::Ingest => "ingest: MQTT -> Kafka, ack after Kafka",
+        }
+    }
+}
+
+struct Brokers {
+    mqtt: MqttBroker,
+    kafka: KafkaCluster,
+}
+
+/// Publishes `per_car` readings from each car of `fleet` under `prefix/<device>`.
+async fn publish_fleet(brokers: &Brokers, cars: usize, per_connection: usize, per_car: u64, prefix: &str) {
+    let fleet = FleetOptions { cars, ..FleetOptions::default() };
+    // The simulator speaks MQTT 3.1.1; rumqttd routes it to the MQTT 5 consumers.
+    let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.v4.port());
+    options.topic_prefix = prefix.to_owned();
+    options.interval = Duration::from_millis(1);
+    options.readings_per_car = Some(per_car);
+    options.cars_per_connection = per_connection;
+    options.client_id_prefix = format!("{prefix}-sim").replace('/', "-");
+    let report = publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap();
+    assert_eq!(report.acknowledged, cars as u64 * per_car, "the broker took every reading");
+}
+
+/// The ceiling: an MQTT 5 client with a persistent session that acks on arrival.
+fn ceiling_client(brokers: &Brokers, client_id: &str) -> (AsyncClient, rumqttc::v5::EventLoop) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", brokers.mqtt.v5.port());
+    options
+        .set_clean_start(false)
+        .set_session_expiry_interval(Some(600))
+        .set_receive_maximum(Some(IN_FLIGHT as u16))
+        .set_keep_alive(Duration::from_secs(30));
+    AsyncClient::new(options, IN_FLIGHT * 2)
+}
+
+async fn ceiling_round(brokers: &Brokers, cars: usize, per_connection: usize, per_car: u64, tag: &str) -> f64 {
+    let prefix = format!("bench/{tag}");
+    let client_id = format!("ceiling-{tag}");
+    {
+        let (client, mut events) = ceiling_client(brokers, &client_id);
+        client.subscribe(format!("{prefix}/+"), QoS::AtLeastOnce).await.unwrap();
+        loop {
+            if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
+                break;
+            }
+        }
+        client.disconnect().await.unwrap();
+        while events.poll().await.is_ok() {}
+    }
+    publish_fleet(brokers, cars, per_connection, per_car, &prefix).await;
+    let total = cars as u64 * per_car;
+    let start = Instant::now();
+    let (client, mut events) = ceiling_client(brokers, &client_id);
+    let mut received = 0u64;
+    while received < total {
+        if let Event::Incoming(Packet::Publish(_)) = events.poll().await.unwrap() {
+            received += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    client.disconnect().await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
+    total as f64 / elapsed.as_secs_f64()
+}
+
+fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str) -> IngestConfig {
+    let mut config = IngestConfig::default();
+    config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.v5.port());
+    config.mqtt.protocol = MqttProtocol::V5;
+    config.mqtt.client_id = client_id.to_owned();
+    config.mqtt.subscriptions = vec![format!("{prefix}/+")];
+    // A plain persistent subscription, like the ceiling's (rumqttd 0.20 mishandles a
+    // shared group's last member leaving with a persistent session).
+    config.mqtt.share_group.clear();
+    config.rules = vec![RuleConfig {
+        filter: Some(format!("{prefix}/+")),
+        regex: None,
+        topic: TOPIC.to_owned(),
+        key: None,
+        device_id: Some("{level:2}".to_owned()),
+        payload: PayloadKind::SensorReading,
+    }];
+    config.kafka.insert("bootstrap.servers".into(), brokers.kafka.bootstrap_servers().into());
+    config.max_in_flight = IN_FLIGHT;
+    config.grpc.listen.clear();
+    config
+}
+
+struct RunningIngest {
+    admin: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
+}
+
+async fn start_ingest(config: IngestConfig) -> RunningIngest {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let listeners = ingest::Listeners { grpc: None, admin: Some(listener) };
+    let task = tokio::spawn(ingest::run(config, listeners, async {
+        let _ = stopped.await;
+    }));
+    RunningIngest { admin, stop, task }
+}
+
+impl RunningIngest {
+    async fn metric(&self, client: &reqwest::Client, name: &str) -> f64 {
+        let Ok(response) = client.get(format!("{}/metrics", self.admin)).send().await else { return 0.0 };
+        let text = response.text().await.unwrap_or_default();
+        // An unlabelled metric's value, or the sum over a labelled one's series.
+        text.lines()
+            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = client.get(format!("{}/ready", self.admin)).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "ingest not ready within 20 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn ingest_round(brokers: &Brokers, cars: usize, per_connection: usize, per_car: u64, tag: &str) -> f64 {
+    let prefix = format!("bench/{tag}");
+    let config = ingest_config(brokers, &prefix, &format!("ingest-{tag}"));
+    let http = reqwest::Client::new();
+    // Subscribe once, then leave the session behind for the readings to queue in.
+    let first = start_ingest(config.clone()).await;
+    first.wait_ready(&http).await;
+    first.stop().await;
+    publish_fleet(brokers, cars, per_connection, per_car, &prefix).await;
+    let total = cars as u64 * per_car;
+    let start = Instant::now();
+    let ingest = start_ingest(config).await;
+    while (ingest.metric(&http, "ingest_mqtt_acked_total").await as u64) < total {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = start.elapsed();
+    let dead = ingest.metric(&http, "ingest_dead_lettered_total").await;
+    assert_eq!(dead, 0.0, "the simulator's readings are all valid");
+    ingest.stop().await;
+    total as f64 / elapsed.as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut rows = Vec::new();
+    runtime.block_on(async {
+        let kafka = KafkaCluster::start(3).unwrap();
+        kafka.create_topic(TOPIC, 4).unwrap();
+        kafka.create_topic(ingest::config::DEFAULT_DEAD_LETTER_TOPIC, 1).unwrap();
+        let brokers = Brokers { mqtt: MqttBroker::start().unwrap(), kafka };
+        for (cars, per_connection) in FLEETS {
+            let per_car = READINGS_PER_ROUND / cars as u64;
+            let mut ceiling = Vec::new();
+            let mut bridge = Vec::new();
+            for round in 0..ROUNDS {
+                // Alternate which goes first within a round.
+                let order = if round % 2 == 0 {
+                    [Consumer::Ceiling, Consumer::Ingest]
+                } else {
+                    [Consumer::Ingest, Consumer::Ceiling]
+                };
+                for consumer in order {
+                    let tag = format!("c{cars}-r{round}-{consumer:?}").to_lowercase();
+                    let rate = match consumer {
+                        Consumer::Ceiling => ceiling_round(&brokers, cars, per_connection, per_car, &tag).await,
+                        Consumer::Ingest => ingest_round(&brokers, cars, per_connection, per_car, &tag).await,
+                    };
+                    eprintln!("{:40} cars={cars:<5} round {round}: {rate:>9.0} readings/s", consumer.name());
+                    match consumer {
+                        Consumer::Ceiling => ceiling.push(rate),
+                        Consumer::Ingest => bridge.push(rate),
+                    }
+                }
+            }
+            let shares: Vec<f64> = bridge.iter().zip(&ceiling).map(|(b, c)| b / c).collect();
+            let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+            let share = round3(median(shares.clone()));
+            eprintln!("  cars={cars}: ingest at {share} of the ceiling (median of the per-round ratios)");
+            rows.push(json!({
+                "cars": cars, "cars_per_connection": per_connection,
+                "readings": per_car * cars as u64,
+                "ceiling_readings_per_second": median(ceiling.clone()).round(),
+                "ingest_readings_per_second": median(bridge.clone()).round(),
+                "ceiling_by_round": ceiling.iter().map(|r| r.round()).collect::<Vec<_>>(),
+                "ingest_by_round": bridge.iter().map(|r| r.round()).collect::<Vec<_>>(),
+                "share_of_ceiling": share,
+                "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+            }));
+        }
+    });
+    let out = root.join("benchmarks/results/ingest-bridge.json");
+    let report = json!({
+        "benchmark": "MQTT -> Kafka readings/s: ingest (rumqttd -> ingest -> librdkafka mock cluster, ack after Kafka) \
+                      vs the same broker delivering to a subscriber that discards; readings queued in a persistent \
+                      session, then drained; one machine",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "rounds": ROUNDS, "in_flight": IN_FLIGHT,
+        "results": rows,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
+    eprintln!("wrote {}", out.display());
+}
