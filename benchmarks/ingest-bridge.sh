@@ -1,8 +1,28 @@
 #!/usr/bin/env bash
 # MQTT -> Kafka readings/s through ingest next to the ceiling of the same broker delivering
-# to a subscriber that discards, for a fleet of 100 and of 2,000 cars, in one run.
-# Everything is in-process on loopback (rumqttd, librdkafka's mock cluster).
+# to a subscriber that discards, for fleets of 100 and 2,000 cars, in one run: on the
+# embedded rumqttd and on Mosquitto (Debian's, installed when missing). Kafka is
+# librdkafka's mock cluster in the bench process; everything is on loopback.
 # Writes benchmarks/results/ingest-bridge.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo bench -p ingest --bench bridge
+source tests/system/lib.sh
+need_debian_packages mosquitto mosquitto
+
+work="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+port="$(free_port)"
+# Room for a whole round queued in an offline session, and a window of 1000 in flight
+# (Mosquitto's default of 20 would make any ack-after-write consumer latency-bound).
+cat > "$work/mosquitto.conf" <<CONF
+listener $port 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 1000000
+max_inflight_messages 1000
+CONF
+chmod 0755 "$work"; chmod 0644 "$work/mosquitto.conf"
+mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
+wait_for_port "$port" || { cat "$work/mosquitto.log"; exit 1; }
+VIGIL_BENCH_MOSQUITTO_PORT="$port" cargo bench -p ingest --bench bridge

@@ -42,6 +42,8 @@ const TOPIC: &str = "bench-readings";
 enum Consumer {
     Ceiling,
     Ingest,
+    /// Not an MQTT consumer: the Kafka side alone, for reference.
+    KafkaOnly,
 }
 
 impl Consumer {
@@ -49,12 +51,20 @@ impl Consumer {
         match self {
             Self::Ceiling => "ceiling: subscriber that discards",
             Self::Ingest => "ingest: MQTT -> Kafka, ack after Kafka",
+            Self::KafkaOnly => "kafka only: ingest's producer, no MQTT",
         }
     }
 }
 
+/// An MQTT broker under test: where publishers (MQTT 3.1.1) and consumers (MQTT 5) connect.
+struct Mqtt {
+    name: &'static str,
+    publish_port: u16,
+    consume_port: u16,
+}
+
 struct Brokers {
-    mqtt: MqttBroker,
+    mqtt: Mqtt,
     kafka: KafkaCluster,
 }
 
@@ -62,7 +72,7 @@ struct Brokers {
 async fn publish_fleet(brokers: &Brokers, cars: usize, per_connection: usize, per_car: u64, prefix: &str) {
     let fleet = FleetOptions { cars, ..FleetOptions::default() };
     // The simulator speaks MQTT 3.1.1; rumqttd routes it to the MQTT 5 consumers.
-    let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.v4.port());
+    let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.publish_port);
     options.topic_prefix = prefix.to_owned();
     options.interval = Duration::from_millis(1);
     options.readings_per_car = Some(per_car);
@@ -74,7 +84,7 @@ async fn publish_fleet(brokers: &Brokers, cars: usize, per_connection: usize, pe
 
 /// The ceiling: an MQTT 5 client with a persistent session that acks on arrival.
 fn ceiling_client(brokers: &Brokers, client_id: &str) -> (AsyncClient, rumqttc::v5::EventLoop) {
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", brokers.mqtt.v5.port());
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", brokers.mqtt.consume_port);
     options
         .set_clean_start(false)
         .set_session_expiry_interval(Some(600))
@@ -115,7 +125,7 @@ async fn ceiling_round(brokers: &Brokers, cars: usize, per_connection: usize, pe
 
 fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str) -> IngestConfig {
     let mut config = IngestConfig::default();
-    config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.v5.port());
+    config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.consume_port);
     config.mqtt.protocol = MqttProtocol::V5;
     config.mqtt.client_id = client_id.to_owned();
     config.mqtt.subscriptions = vec![format!("{prefix}/+")];
@@ -132,6 +142,9 @@ fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str) -> IngestConf
     }];
     config.kafka.insert("bootstrap.servers".into(), brokers.kafka.bootstrap_servers().into());
     config.max_in_flight = IN_FLIGHT;
+    if let Ok(linger) = std::env::var("VIGIL_BENCH_LINGER_MS") {
+        config.kafka.insert("linger.ms".into(), linger);
+    }
     config.grpc.listen.clear();
     config
 }
@@ -194,14 +207,134 @@ async fn ingest_round(brokers: &Brokers, cars: usize, per_connection: usize, per
     publish_fleet(brokers, cars, per_connection, per_car, &prefix).await;
     let total = cars as u64 * per_car;
     let start = Instant::now();
+    let cpu = process_cpu_seconds();
     let ingest = start_ingest(config).await;
     while (ingest.metric(&http, "ingest_mqtt_acked_total").await as u64) < total {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let elapsed = start.elapsed();
+    let latency = ingest.metric(&http, "ingest_produce_latency_seconds_sum").await
+        / ingest.metric(&http, "ingest_produce_latency_seconds_count").await;
+    eprintln!(
+        "  mean produce latency {:.2} ms, {:.2} cores busy in this process",
+        latency * 1e3,
+        (process_cpu_seconds() - cpu) / elapsed.as_secs_f64()
+    );
     let dead = ingest.metric(&http, "ingest_dead_lettered_total").await;
     assert_eq!(dead, 0.0, "the simulator's readings are all valid");
     ingest.stop().await;
+    total as f64 / elapsed.as_secs_f64()
+}
+
+/// Every fleet size on `brokers`, rounds alternating the ceiling and ingest.
+async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::Value> {
+    let mut rows = Vec::new();
+    for (cars, per_connection) in FLEETS {
+        let per_car = READINGS_PER_ROUND / cars as u64;
+        let mut ceiling = Vec::new();
+        let mut bridge = Vec::new();
+        let mut kafka_only = Vec::new();
+        for round in 0..ROUNDS {
+            // Alternate which goes first within a round.
+            let order = if round % 2 == 0 {
+                [Consumer::Ceiling, Consumer::Ingest, Consumer::KafkaOnly]
+            } else {
+                [Consumer::KafkaOnly, Consumer::Ingest, Consumer::Ceiling]
+            };
+            for consumer in order {
+                if only.is_some_and(|only| only != consumer) {
+                    continue;
+                }
+                let broker = brokers.mqtt.name.split(' ').next().unwrap_or_default().to_lowercase();
+                let tag = format!("{broker}-c{cars}-r{round}-{consumer:?}").to_lowercase();
+                let rate = match consumer {
+                    Consumer::Ceiling => ceiling_round(brokers, cars, per_connection, per_car, &tag).await,
+                    Consumer::Ingest => ingest_round(brokers, cars, per_connection, per_car, &tag).await,
+                    Consumer::KafkaOnly => kafka_round(brokers, cars, per_car, &tag).await,
+                };
+                eprintln!(
+                    "{:18} {:40} cars={cars:<5} round {round}: {rate:>9.0} readings/s",
+                    brokers.mqtt.name,
+                    consumer.name()
+                );
+                match consumer {
+                    Consumer::Ceiling => ceiling.push(rate),
+                    Consumer::Ingest => bridge.push(rate),
+                    Consumer::KafkaOnly => kafka_only.push(rate),
+                }
+            }
+        }
+        if only.is_some() {
+            continue;
+        }
+        let shares: Vec<f64> = bridge.iter().zip(&ceiling).map(|(b, c)| b / c).collect();
+        let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        let share = round3(median(shares.clone()));
+        eprintln!(
+            "  {} cars={cars}: ingest at {share} of the ceiling (median of the per-round ratios)",
+            brokers.mqtt.name
+        );
+        rows.push(json!({
+            "cars": cars, "cars_per_connection": per_connection,
+            "readings": per_car * cars as u64,
+            "ceiling_readings_per_second": median(ceiling.clone()).round(),
+            "ingest_readings_per_second": median(bridge.clone()).round(),
+            "ceiling_by_round": ceiling.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "ingest_by_round": bridge.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "kafka_only_readings_per_second": median(kafka_only.clone()).round(),
+            "kafka_only_by_round": kafka_only.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "share_of_ceiling": share,
+            "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+        }));
+    }
+    rows
+}
+
+/// CPU time of this process so far (user + system), from /proc.
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or_default().split(' ').collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
+/// The Kafka side alone: the records ingest would write for the same fleet (converted
+/// beforehand, untimed) sent through ingest's own `Sink` with the same in-flight bound
+/// and in order, as ingest does. The Kafka broker (the mock cluster) runs in this
+/// process, on the same cores, in every round that writes to Kafka.
+async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) -> f64 {
+    use futures::StreamExt as _;
+    let prefix = format!("bench/{tag}");
+    let config = ingest_config(brokers, &prefix, "unused");
+    let routes = ingest::routing::Routes::new(&config.rules).unwrap();
+    let mut fleet = device_simulator::fleet::Fleet::new(
+        &FleetOptions { cars, ..FleetOptions::default() },
+        std::time::SystemTime::now().into(),
+    );
+    let mut records = Vec::with_capacity(cars * per_car as usize);
+    for _ in 0..per_car {
+        for reading in fleet.step(0.001) {
+            let topic = format!("{prefix}/{}", reading.device_id);
+            let payload = sensor::json::to_json(&reading);
+            let message = ingest::record::MqttMessage {
+                topic: &topic,
+                payload: payload.as_bytes(),
+                qos: 1,
+                user_properties: &[],
+                content_type: None,
+                received_at: std::time::SystemTime::now(),
+            };
+            records.push(ingest::record::from_mqtt(&routes, &config.dead_letter_topic, &message));
+        }
+    }
+    let metrics = ingest::metrics::Metrics::new(&prometheus::Registry::new()).unwrap();
+    let sink = ingest::kafka::Sink::new(&config.kafka, &config.dead_letter_topic, metrics).unwrap();
+    let total = records.len() as u64;
+    let start = Instant::now();
+    let written = futures::stream::iter(records).map(|record| sink.send(record)).buffered(IN_FLIGHT);
+    let confirmed = written.filter(|w| std::future::ready(w.is_ok())).count().await as u64;
+    let elapsed = start.elapsed();
+    assert_eq!(confirmed, total, "Kafka confirmed every record");
     total as f64 / elapsed.as_secs_f64()
 }
 
@@ -212,53 +345,44 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    // `VIGIL_BENCH_CONSUMER=ingest` (or `ceiling`) runs only that one and writes nothing,
+    // for profiling.
+    let only = std::env::var("VIGIL_BENCH_CONSUMER").ok().map(|name| match name.as_str() {
+        "ingest" => Consumer::Ingest,
+        "ceiling" => Consumer::Ceiling,
+        "kafka" => Consumer::KafkaOnly,
+        other => panic!("VIGIL_BENCH_CONSUMER: {other:?} is neither ingest nor ceiling"),
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut rows = Vec::new();
     runtime.block_on(async {
         let kafka = KafkaCluster::start(3).unwrap();
         kafka.create_topic(TOPIC, 4).unwrap();
         kafka.create_topic(ingest::config::DEFAULT_DEAD_LETTER_TOPIC, 1).unwrap();
-        let brokers = Brokers { mqtt: MqttBroker::start().unwrap(), kafka };
-        for (cars, per_connection) in FLEETS {
-            let per_car = READINGS_PER_ROUND / cars as u64;
-            let mut ceiling = Vec::new();
-            let mut bridge = Vec::new();
-            for round in 0..ROUNDS {
-                // Alternate which goes first within a round.
-                let order = if round % 2 == 0 {
-                    [Consumer::Ceiling, Consumer::Ingest]
-                } else {
-                    [Consumer::Ingest, Consumer::Ceiling]
-                };
-                for consumer in order {
-                    let tag = format!("c{cars}-r{round}-{consumer:?}").to_lowercase();
-                    let rate = match consumer {
-                        Consumer::Ceiling => ceiling_round(&brokers, cars, per_connection, per_car, &tag).await,
-                        Consumer::Ingest => ingest_round(&brokers, cars, per_connection, per_car, &tag).await,
-                    };
-                    eprintln!("{:40} cars={cars:<5} round {round}: {rate:>9.0} readings/s", consumer.name());
-                    match consumer {
-                        Consumer::Ceiling => ceiling.push(rate),
-                        Consumer::Ingest => bridge.push(rate),
-                    }
-                }
+        let embedded = MqttBroker::start().unwrap();
+        let mut brokers = vec![Mqtt {
+            name: "rumqttd (embedded)",
+            publish_port: embedded.v4.port(),
+            consume_port: embedded.v5.port(),
+        }];
+        if let Ok(port) = std::env::var("VIGIL_BENCH_MOSQUITTO_PORT") {
+            let port = port.parse().expect("VIGIL_BENCH_MOSQUITTO_PORT: a port");
+            brokers.push(Mqtt { name: "Mosquitto", publish_port: port, consume_port: port });
+        }
+        let mut kafka = Some(kafka);
+        for mqtt in brokers {
+            let name = mqtt.name;
+            let under_test = Brokers { mqtt, kafka: kafka.take().unwrap() };
+            for mut row in measure(&under_test, only).await {
+                row["broker"] = json!(name);
+                rows.push(row);
             }
-            let shares: Vec<f64> = bridge.iter().zip(&ceiling).map(|(b, c)| b / c).collect();
-            let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
-            let share = round3(median(shares.clone()));
-            eprintln!("  cars={cars}: ingest at {share} of the ceiling (median of the per-round ratios)");
-            rows.push(json!({
-                "cars": cars, "cars_per_connection": per_connection,
-                "readings": per_car * cars as u64,
-                "ceiling_readings_per_second": median(ceiling.clone()).round(),
-                "ingest_readings_per_second": median(bridge.clone()).round(),
-                "ceiling_by_round": ceiling.iter().map(|r| r.round()).collect::<Vec<_>>(),
-                "ingest_by_round": bridge.iter().map(|r| r.round()).collect::<Vec<_>>(),
-                "share_of_ceiling": share,
-                "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
-            }));
+            kafka = Some(under_test.kafka);
         }
     });
+    if only.is_some() {
+        return;
+    }
     let out = root.join("benchmarks/results/ingest-bridge.json");
     let report = json!({
         "benchmark": "MQTT -> Kafka readings/s: ingest (rumqttd -> ingest -> librdkafka mock cluster, ack after Kafka) \
