@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use device_simulator::fleet::{Fleet, FleetOptions};
 use device_simulator::metrics::PublishMetrics;
 use device_simulator::publish::{PublishOptions, publish};
-use embedded_brokers::MqttBroker;
+use embedded_brokers::{MqttBroker, Outage};
 use prost_types::Timestamp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use sensor::SensorReading;
@@ -75,51 +75,10 @@ async fn a_fleet_publishes_every_labelled_reading_to_its_topic_and_gets_it_ackno
     assert!(labelled_faulty > 0 && report.by_label["none"] > 0, "{:?}", report.by_label);
 }
 
-/// A TCP relay between the simulator and the broker that can drop every connection and
-/// refuse new ones for a while: a network outage, as a car on the road sees one.
-struct Outage {
-    port: u16,
-    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    relays: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-}
-
-impl Outage {
-    async fn relay_to(broker_port: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let relays = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (refusing_, relays_) = (refusing.clone(), relays.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut inbound, _) = listener.accept().await.unwrap();
-                if refusing_.load(std::sync::atomic::Ordering::SeqCst) {
-                    continue; // dropped: connection reset
-                }
-                relays_.lock().unwrap().push(tokio::spawn(async move {
-                    let mut outbound = tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await.unwrap();
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }));
-            }
-        });
-        Self { port, refusing, relays }
-    }
-
-    /// Cuts every open connection and refuses new ones for `length`.
-    async fn happen(&self, length: Duration) {
-        self.refusing.store(true, std::sync::atomic::Ordering::SeqCst);
-        for relay in self.relays.lock().unwrap().drain(..) {
-            relay.abort();
-        }
-        tokio::time::sleep(length).await;
-        self.refusing.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_outage_mid_run_loses_no_reading_the_cars_reconnect_and_resend() {
     let broker = MqttBroker::start().unwrap();
-    let outage = Outage::relay_to(broker.v4.port()).await;
+    let outage = Outage::relay_to(broker.v4.port()).await.unwrap();
     let fleet = FleetOptions { cars: 6, fault_share: 0.0, ..FleetOptions::default() };
     let readings_per_car = 60;
 

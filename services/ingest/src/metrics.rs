@@ -14,6 +14,8 @@ pub struct Metrics {
     pub produce_retries: IntCounter,
     /// MQTT PUBACKs sent (after Kafka confirmed).
     pub mqtt_acked: IntCounter,
+    /// Acks not sent because their connection was lost (the broker resends the message).
+    pub mqtt_stale_acks: IntCounter,
     /// Messages read and not yet confirmed by Kafka.
     pub in_flight: IntGauge,
     /// 1 while the MQTT connection is up.
@@ -43,6 +45,10 @@ impl Metrics {
                 "ingest_mqtt_acked_total",
                 "MQTT PUBACKs sent after Kafka confirmed the write",
             )?,
+            mqtt_stale_acks: IntCounter::new(
+                "ingest_mqtt_stale_acks_dropped_total",
+                "Acks not sent because the connection their message came on was lost",
+            )?,
             in_flight: IntGauge::new("ingest_in_flight", "Messages read and not yet confirmed by Kafka")?,
             mqtt_connected: IntGauge::new("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
             mqtt_connection_errors: IntCounter::new(
@@ -62,6 +68,7 @@ impl Metrics {
         registry.register(Box::new(metrics.dead_lettered.clone()))?;
         registry.register(Box::new(metrics.produce_retries.clone()))?;
         registry.register(Box::new(metrics.mqtt_acked.clone()))?;
+        registry.register(Box::new(metrics.mqtt_stale_acks.clone()))?;
         registry.register(Box::new(metrics.in_flight.clone()))?;
         registry.register(Box::new(metrics.mqtt_connected.clone()))?;
         registry.register(Box::new(metrics.mqtt_connection_errors.clone()))?;

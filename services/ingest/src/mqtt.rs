@@ -11,6 +11,10 @@
 //! crashed is redelivered when it reconnects; subscriptions are renewed whenever the
 //! broker reports a new session.
 //!
+//! After a lost connection, acks still waiting here for messages of the old connection
+//! are dropped (see [`AckToken`]); acks already handed to rumqttc's request queue when
+//! the connection dropped can still go out on the new one, a window of microseconds.
+//!
 //! Shutdown stops taking messages, waits (under the grace period) for Kafka to confirm
 //! what was taken, acknowledges it, and disconnects; messages that arrived after the
 //! stop are left unacknowledged for the broker to redeliver.
@@ -95,10 +99,16 @@ fn tls_transport(config: &MqttTlsConfig) -> Result<rumqttc::Transport, SourceErr
     Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(connector)))
 }
 
-/// The packet id and QoS a PUBACK needs.
+/// What a PUBACK needs: the packet id, and which connection the PUBLISH came on. Packet
+/// ids are per connection: after a reconnect the broker resends what was unacknowledged
+/// and may reuse an id for another message, so an ack left over from the old connection
+/// could acknowledge a message Kafka does not have yet. Such acks are dropped instead;
+/// the resent copy is written and acknowledged on its own (a duplicate in Kafka, never a
+/// loss).
 #[derive(Debug, Clone, Copy)]
 struct AckToken {
     pkid: u16,
+    connection: u64,
 }
 
 /// A received message, owned.
@@ -189,7 +199,7 @@ impl Session {
                         qos,
                         user_properties: properties.user_properties,
                         content_type: properties.content_type,
-                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid }),
+                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid, connection: 0 }),
                     }))
                 }
                 rumqttc::v5::Event::Incoming(Packet5::ConnAck(ack)) => {
@@ -217,7 +227,7 @@ impl Session {
                         qos,
                         user_properties: Vec::new(),
                         content_type: None,
-                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid }),
+                        ack: (qos > 0).then_some(AckToken { pkid: publish.pkid, connection: 0 }),
                     }))
                 }
                 rumqttc::Event::Incoming(Packet4::ConnAck(ack)) => {
@@ -310,6 +320,8 @@ pub async fn run(
     let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)); // set at shutdown
     let mut grace = std::pin::pin!(grace);
     let mut backoff = Duration::from_millis(100);
+    // Counts connection losses: an ack token from an earlier connection is stale.
+    let mut connection: u64 = 0;
     // Ready (and counted as connected) once connected and subscribed.
     let mut connected = false;
     let mut set_connected = |now: bool| {
@@ -346,8 +358,13 @@ pub async fn run(
             Some((written, ack)) = in_flight.next() => {
                 metrics.in_flight.dec();
                 written?;
-                if let Some(token) = ack {
-                    unsent_acks.push_back(token);
+                match ack {
+                    Some(token) if token.connection == connection => unsent_acks.push_back(token),
+                    Some(token) => {
+                        tracing::debug!(pkid = token.pkid, "not acknowledging on a newer connection: the broker resends it");
+                        metrics.mqtt_stale_acks.inc();
+                    }
+                    None => {}
                 }
             }
             event = session.poll(), if in_flight.len() < config.max_in_flight || stopping => match event {
@@ -366,7 +383,7 @@ pub async fn run(
                     };
                     let record = from_mqtt(&routes, &config.dead_letter_topic, &message);
                     let delivery = sink.send(record);
-                    let ack = received.ack;
+                    let ack = received.ack.map(|token| AckToken { connection, ..token });
                     metrics.in_flight.inc();
                     in_flight.push_back(Box::pin(async move { (delivery.await, ack) }));
                 }
@@ -394,6 +411,10 @@ pub async fn run(
                 Ok(SessionEvent::Other | SessionEvent::Disconnected) => {}
                 Err(error) => {
                     set_connected(false);
+                    connection += 1;
+                    // Their packet ids meant the lost connection.
+                    metrics.mqtt_stale_acks.inc_by(unsent_acks.len() as u64);
+                    unsent_acks.clear();
                     metrics.mqtt_connection_errors.inc();
                     if stopping {
                         break; // nothing more can be acknowledged on this connection

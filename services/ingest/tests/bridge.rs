@@ -223,3 +223,45 @@ async fn no_acknowledged_reading_is_lost_when_ingest_crashes_mid_stream() {
     assert!(records.len() as u64 >= sent, "repeats are allowed (at least once), losses are not");
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_mqtt_connection_loses_nothing_and_old_acks_are_not_sent_on_the_new_one() {
+    let brokers = Brokers::start();
+    let outage = embedded_brokers::Outage::relay_to(brokers.mqtt.v5.port()).await.unwrap();
+    let mut config = brokers.config("ingest-reconnect");
+    config.mqtt.url = format!("mqtt://127.0.0.1:{}", outage.port);
+    config.mqtt.share_group.clear(); // see the crash test: rumqttd and shared groups
+    let ingest = RunningIngest::start(config, None).await;
+    // Kafka down: ingest holds what it read, unacknowledged, when the connection drops.
+    brokers.kafka.brokers_down().unwrap();
+    let fleet = fleet(4);
+    let sending = {
+        let (fleet, port) = (fleet.clone(), brokers.mqtt.v4.port());
+        tokio::spawn(async move {
+            let mut options = PublishOptions::new("127.0.0.1", port);
+            options.interval = Duration::from_millis(5);
+            options.readings_per_car = Some(20);
+            options.cars_per_connection = 4;
+            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(ingest.metric("ingest_in_flight").await > 0.0, "readings held while Kafka is down");
+    outage.happen(Duration::from_millis(300)).await;
+    brokers.kafka.brokers_up().unwrap();
+    let sent = sending.await.unwrap().published;
+
+    let records = brokers
+        .read(READINGS, Duration::from_secs(60), move |r| {
+            readings(r).iter().map(|x| (x.device_id.clone(), x.sequence)).collect::<BTreeSet<_>>().len() as u64 >= sent
+        })
+        .await;
+    let distinct: BTreeSet<(String, u64)> = readings(&records).into_iter().map(|r| (r.device_id, r.sequence)).collect();
+    assert_eq!(distinct.len() as u64, sent, "every reading reached Kafka across the reconnect");
+    assert!(ingest.metric("ingest_mqtt_connection_errors_total").await >= 1.0, "the drop was seen");
+    assert!(
+        ingest.metric("ingest_mqtt_stale_acks_dropped_total").await > 0.0,
+        "the acks of messages read on the lost connection were not sent on the new one"
+    );
+    ingest.stop().await.unwrap();
+}

@@ -12,8 +12,13 @@
 //! development and test default, not a Kafka: nothing is persisted and it is not tuned for
 //! throughput. librdkafka's handle is not `Send`, so the cluster lives on its own thread
 //! and is driven through a channel.
+//!
+//! [`Outage`] is a TCP relay that can cut its connections, to test reconnecting clients.
 
 #![forbid(unsafe_code)]
+
+mod outage;
+pub use outage::Outage;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
