@@ -72,32 +72,11 @@ async fn main() -> anyhow::Result<()> {
 
 /// Resolves on the first Ctrl-C or SIGTERM; a second one exits at once.
 async fn shutdown_signal() {
-    wait_for_signal().await;
+    admin::termination_signal().await;
     tracing::info!("stopping: draining (a second signal exits at once)");
     tokio::spawn(async {
-        wait_for_signal().await;
+        admin::termination_signal().await;
         tracing::warn!("second signal: exiting without draining");
         std::process::exit(130);
     });
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }

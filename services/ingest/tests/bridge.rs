@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use device_simulator::fleet::FleetOptions;
 use device_simulator::metrics::PublishMetrics;
-use device_simulator::publish::{PublishOptions, publish};
+use device_simulator::publish::{PublishOptions, Report, publish};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::{AsyncClient, MqttOptions};
@@ -18,15 +18,29 @@ fn fleet(cars: usize) -> FleetOptions {
     FleetOptions { cars, fault_share: 0.3, onset_window_s: (0.05, 0.2), ..FleetOptions::default() }
 }
 
-/// Publishes `fleet` and returns how many readings the broker acknowledged. The simulator
-/// speaks MQTT 3.1.1 (as the seed's cars do); rumqttd routes between its 3.1.1 and 5
-/// listeners, so ingest gets them on either.
-async fn simulate(brokers: &Brokers, fleet: &FleetOptions, readings_per_car: u64, interval_ms: u64) -> u64 {
+/// Publishes `fleet` in a task, `per_car` readings a car every `interval_ms`, and returns
+/// the simulator's report. The simulator speaks MQTT 3.1.1 (as the seed's cars do);
+/// rumqttd routes between its 3.1.1 and 5 listeners, so ingest gets them on either.
+fn publishing(
+    brokers: &Brokers,
+    fleet: &FleetOptions,
+    per_car: u64,
+    interval_ms: u64,
+    cars_per_connection: usize,
+) -> tokio::task::JoinHandle<Report> {
     let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.v4.port());
     options.interval = Duration::from_millis(interval_ms);
-    options.readings_per_car = Some(readings_per_car);
-    options.cars_per_connection = 4;
-    let report = publish(fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap();
+    options.readings_per_car = Some(per_car);
+    options.cars_per_connection = cars_per_connection;
+    let fleet = fleet.clone();
+    tokio::spawn(async move {
+        publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
+    })
+}
+
+/// Publishes `fleet` and returns how many readings the broker acknowledged (all of them).
+async fn simulate(brokers: &Brokers, fleet: &FleetOptions, readings_per_car: u64, interval_ms: u64) -> u64 {
+    let report = publishing(brokers, fleet, readings_per_car, interval_ms, 4).await.unwrap();
     assert_eq!(report.acknowledged, report.published);
     report.published
 }
@@ -146,17 +160,7 @@ async fn with_kafka_down_ingest_holds_at_most_its_in_flight_bound_and_recovers_b
     brokers.kafka.brokers_down().unwrap();
 
     let fleet = fleet(8);
-    let sending = {
-        let fleet = fleet.clone();
-        let port = brokers.mqtt.v4.port();
-        tokio::spawn(async move {
-            let mut options = PublishOptions::new("127.0.0.1", port);
-            options.interval = Duration::from_millis(5);
-            options.readings_per_car = Some(25);
-            options.cars_per_connection = 8;
-            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
-        })
-    };
+    let sending = publishing(&brokers, &fleet, 25, 5, 8);
     // The fleet publishes 200 readings; with Kafka down ingest takes its bound and waits.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let received = ingest.metric("ingest_messages_received_total").await;
@@ -187,17 +191,7 @@ async fn no_acknowledged_reading_is_lost_when_ingest_crashes_mid_stream() {
     let ingest = RunningIngest::start(config.clone(), None).await;
     let fleet = fleet(10);
     let readings_per_car = 80;
-    let sending = {
-        let fleet = fleet.clone();
-        let port = brokers.mqtt.v4.port();
-        tokio::spawn(async move {
-            let mut options = PublishOptions::new("127.0.0.1", port);
-            options.interval = Duration::from_millis(10);
-            options.readings_per_car = Some(readings_per_car);
-            options.cars_per_connection = 5;
-            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
-        })
-    };
+    let sending = publishing(&brokers, &fleet, readings_per_car, 10, 5);
     // Crash a quarter of the way in, stay down a while, come back on the same session.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let acked_before_crash = ingest.metric("ingest_mqtt_acked_total").await as u64;
@@ -235,16 +229,7 @@ async fn a_dropped_mqtt_connection_loses_nothing_and_old_acks_are_not_sent_on_th
     // Kafka down: ingest holds what it read, unacknowledged, when the connection drops.
     brokers.kafka.brokers_down().unwrap();
     let fleet = fleet(4);
-    let sending = {
-        let (fleet, port) = (fleet.clone(), brokers.mqtt.v4.port());
-        tokio::spawn(async move {
-            let mut options = PublishOptions::new("127.0.0.1", port);
-            options.interval = Duration::from_millis(5);
-            options.readings_per_car = Some(20);
-            options.cars_per_connection = 4;
-            publish(&fleet, &options, &PublishMetrics::unregistered(), std::future::pending()).await.unwrap()
-        })
-    };
+    let sending = publishing(&brokers, &fleet, 20, 5, 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(ingest.metric("ingest_in_flight").await > 0.0, "readings held while Kafka is down");
     outage.happen(Duration::from_millis(300)).await;

@@ -104,21 +104,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
 async fn shutdown_signal() {
-    wait_for_signal().await;
+    admin::termination_signal().await;
     tokio::spawn(async {
-        wait_for_signal().await;
+        admin::termination_signal().await;
         eprintln!("second signal: exiting without draining");
         std::process::exit(130);
     });
-}
-
-async fn wait_for_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
