@@ -8,11 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr as _;
 
-use figment::Figment;
-use figment::providers::{Format as _, Serialized, Toml};
-use figment::value::{Dict, Value};
+use admin::layered_config::{self, EnvLayout};
 use serde::{Deserialize, Serialize};
 
 /// The readings topic of the default rule and of the gRPC API.
@@ -207,27 +204,15 @@ impl IngestConfig {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(IngestConfig::default()));
-        if let Some(path) = file {
-            if !path.is_file() {
-                return Err(ConfigError(format!("{}: no such file", path.display())));
-            }
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        figment = figment.merge(Serialized::defaults(env_dict(env)?));
-        let mut flags = Dict::new();
-        let mut set = |path: &[&str], value: &Option<String>| {
-            if let Some(value) = value {
-                insert(&mut flags, path, Value::from(value.clone()));
-            }
-        };
-        set(&["mqtt", "url"], &overrides.mqtt_url);
-        set(&["mqtt", "client_id"], &overrides.client_id);
-        set(&["kafka", "bootstrap.servers"], &overrides.kafka_brokers);
-        set(&["grpc", "listen"], &overrides.grpc_listen);
-        set(&["admin_listen"], &overrides.admin_listen);
-        let config: IngestConfig =
-            figment.merge(Serialized::defaults(flags)).extract_lossy().map_err(|e| ConfigError(e.to_string()))?;
+        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka"] };
+        let flags: &[(&[&str], Option<String>)] = &[
+            (&["mqtt", "url"], overrides.mqtt_url.clone()),
+            (&["mqtt", "client_id"], overrides.client_id.clone()),
+            (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
+            (&["grpc", "listen"], overrides.grpc_listen.clone()),
+            (&["admin_listen"], overrides.admin_listen.clone()),
+        ];
+        let config = layered_config::load(&IngestConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
         config.check()?;
         Ok(config)
     }
@@ -262,56 +247,6 @@ impl IngestConfig {
         }
         crate::routing::Routes::new(&self.rules).map_err(|e| ConfigError(e.to_string()))?;
         Ok(())
-    }
-}
-
-/// `INGEST_A__B=v` as `{a: {b: v}}`; under `kafka`, `_` becomes `.` in the property name.
-fn env_dict(env: impl IntoIterator<Item = (String, String)>) -> Result<Dict, ConfigError> {
-    let mut dict = Dict::new();
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-        let mut path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
-        if path.iter().any(String::is_empty) {
-            return Err(ConfigError(format!("{name}: empty key segment")));
-        }
-        let value = if path[0] == "kafka" {
-            if path.len() != 2 {
-                return Err(ConfigError(format!(
-                    "{name}: use INGEST_KAFKA__<PROPERTY>, e.g. INGEST_KAFKA__SASL_MECHANISM"
-                )));
-            }
-            path[1] = path[1].replace('_', ".");
-            Value::from(raw) // librdkafka takes every property as a string
-        } else {
-            // Lists and tables parse (`["a/+", "b/#"]`); a number or boolean stays the
-            // text it was, and the lossy extraction turns it into a number where one is
-            // expected, so `INGEST_MQTT__CLIENT_ID=007` stays "007".
-            match Value::from_str(&raw) {
-                Ok(value @ (Value::Array(..) | Value::Dict(..))) => value,
-                _ => Value::from(raw),
-            }
-        };
-        let path: Vec<&str> = path.iter().map(String::as_str).collect();
-        insert(&mut dict, &path, value);
-    }
-    Ok(dict)
-}
-
-fn insert(dict: &mut Dict, path: &[&str], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            dict.insert((*last).to_owned(), value);
-        }
-        [first, rest @ ..] => {
-            let entry = dict.entry((*first).to_owned()).or_insert_with(|| Value::from(Dict::new()));
-            if !matches!(entry, Value::Dict(..)) {
-                *entry = Value::from(Dict::new());
-            }
-            if let Value::Dict(_, inner) = entry {
-                insert(inner, rest, value);
-            }
-        }
     }
 }
 

@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod layered_config;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -41,6 +41,14 @@ pub mod vigil {
         }
     }
 
+    /// The stream processor's score and anomaly records.
+    pub mod scoring {
+        /// Package `vigil.scoring.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.scoring.v1");
+        }
+    }
+
     /// The car sensor reading every service shares.
     pub mod sensor {
         /// Package `vigil.sensor.v1`.

@@ -1,0 +1,295 @@
+//! The stream processor's configuration: defaults < TOML file < `PROCESSOR_*` environment
+//! variables < command-line flags (see `admin::layered_config`). `PROCESSOR_MODEL__NAME`
+//! is `model.name`; under `kafka`, `consumer` and `producer` underscores become dots, so
+//! `PROCESSOR_KAFKA__SASL_MECHANISM` sets librdkafka's `sasl.mechanism`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use admin::layered_config::{self, EnvLayout};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_READINGS_TOPIC: &str = "vigil-readings";
+pub const DEFAULT_SCORES_TOPIC: &str = "vigil-scores";
+pub const DEFAULT_ANOMALIES_TOPIC: &str = "vigil-anomalies";
+pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "vigil-scoring-dead-letter";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// The consumer group: processors with the same group split the partitions.
+    pub group_id: String,
+    pub readings_topic: String,
+    pub scores_topic: String,
+    pub anomalies_topic: String,
+    /// Readings that cannot be scored for what they are (not a `SensorReading`, or the
+    /// model refused them with INVALID_ARGUMENT), with headers naming the reason.
+    pub dead_letter_topic: String,
+    /// `protobuf` (`vigil.scoring.v1.Score` / `Anomaly`) or `json`.
+    pub output_format: OutputFormat,
+    /// Readings of one partition being scored or written at once; their outputs are
+    /// still written, and offsets committed, in the partition's order.
+    pub max_in_flight_per_partition: usize,
+    /// How long a revoked partition's in-flight work may take to finish during a
+    /// rebalance; what is left after it is redone by the partition's next owner.
+    pub rebalance_drain_seconds: u64,
+    /// On shutdown: how long in-flight work may take to finish and commit.
+    pub shutdown_grace_seconds: u64,
+    /// /live, /ready, /metrics; empty: not served.
+    pub admin_listen: String,
+    pub model: ModelConfig,
+    /// librdkafka properties for both the consumer and the producer
+    /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`).
+    pub kafka: BTreeMap<String, String>,
+    /// librdkafka properties for the consumer only (after `kafka`).
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka properties for the producer only (after `kafka`).
+    pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Protobuf,
+    Json,
+}
+
+/// The model server and how it is called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Model server replicas: `http://host:port` each. A host name is resolved again
+    /// every `discovery_refresh_seconds` and every address it has becomes a replica, so
+    /// a headless Kubernetes Service (`http://model-server-headless:8500`) gives the pods.
+    pub endpoints: Vec<String>,
+    pub name: String,
+    pub signature: String,
+    /// Pin a version (absent: the server's choice, e.g. its latest or its rollout).
+    pub version: Option<i64>,
+    /// Or pin a version label (`stable`, `canary`).
+    pub version_label: Option<String>,
+    /// One Predict attempt's deadline.
+    pub timeout_ms: u64,
+    /// Calls in flight to the model server at once, over all partitions.
+    pub concurrency_limit: usize,
+    /// Retries are allowed for transient failures (UNAVAILABLE, timeouts, ...) while they
+    /// stay under this share of calls (plus `retry_min_per_second`), so a struggling
+    /// server is not buried under retries.
+    pub retry_budget_percent: f32,
+    pub retry_min_per_second: u32,
+    /// When calls keep failing (every replica down), the reading is tried again after a
+    /// backoff doubling from `backoff_initial_ms` up to `backoff_max_ms`; it is never
+    /// dropped. Its partition stops being read once its in-flight bound is full.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    /// A replica whose connection failed gets no calls for this long.
+    pub eject_ms: u64,
+    pub discovery_refresh_seconds: u64,
+    /// How often the signature (the model's inputs) is read again.
+    pub metadata_refresh_seconds: u64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:8500".into()],
+            name: "car-anomaly".into(),
+            signature: "serving_default".into(),
+            version: None,
+            version_label: None,
+            timeout_ms: 2000,
+            concurrency_limit: 1024,
+            retry_budget_percent: 20.0,
+            retry_min_per_second: 10,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 5000,
+            eject_ms: 1000,
+            discovery_refresh_seconds: 10,
+            metadata_refresh_seconds: 30,
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            group_id: "vigil-stream-processor".into(),
+            readings_topic: DEFAULT_READINGS_TOPIC.into(),
+            scores_topic: DEFAULT_SCORES_TOPIC.into(),
+            anomalies_topic: DEFAULT_ANOMALIES_TOPIC.into(),
+            dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
+            output_format: OutputFormat::Protobuf,
+            max_in_flight_per_partition: 256,
+            rebalance_drain_seconds: 20,
+            shutdown_grace_seconds: 30,
+            admin_listen: "0.0.0.0:9103".into(),
+            model: ModelConfig::default(),
+            kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// Settings given as flags, the last layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub kafka_brokers: Option<String>,
+    /// Comma-separated.
+    pub model_endpoints: Option<String>,
+    pub group_id: Option<String>,
+    pub admin_listen: Option<String>,
+}
+
+const ENV_PREFIX: &str = "PROCESSOR_";
+
+impl ProcessorConfig {
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka", "consumer", "producer"] };
+        let flags: &[(&[&str], Option<String>)] = &[
+            (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
+            (&["group_id"], overrides.group_id.clone()),
+            (&["admin_listen"], overrides.admin_listen.clone()),
+        ];
+        let mut config =
+            layered_config::load(&ProcessorConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
+        if let Some(endpoints) = &overrides.model_endpoints {
+            config.model.endpoints = endpoints.split(',').map(|e| e.trim().to_owned()).collect();
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let error = |text: String| Err(ConfigError(text));
+        if self.max_in_flight_per_partition == 0 {
+            return error("max_in_flight_per_partition must be at least 1".into());
+        }
+        if self.model.concurrency_limit == 0 {
+            return error("model.concurrency_limit must be at least 1".into());
+        }
+        if self.model.endpoints.is_empty() {
+            return error("model.endpoints is empty: there is no model server to call".into());
+        }
+        for endpoint in &self.model.endpoints {
+            crate::discovery::Target::parse(endpoint).map_err(|e| ConfigError(format!("model.endpoints: {e}")))?;
+        }
+        if self.model.name.is_empty() {
+            return error("model.name is empty".into());
+        }
+        if self.model.version.is_some() && self.model.version_label.is_some() {
+            return error("model.version and model.version_label: give one or neither".into());
+        }
+        if self.model.timeout_ms == 0 {
+            return error("model.timeout_ms must be at least 1".into());
+        }
+        if !(0.0..=1000.0).contains(&self.model.retry_budget_percent) {
+            return error("model.retry_budget_percent must be between 0 and 1000".into());
+        }
+        if self.model.backoff_initial_ms == 0 || self.model.backoff_max_ms < self.model.backoff_initial_ms {
+            return error("model.backoff_initial_ms must be at least 1 and at most model.backoff_max_ms".into());
+        }
+        for (name, topic) in [
+            ("readings_topic", &self.readings_topic),
+            ("scores_topic", &self.scores_topic),
+            ("anomalies_topic", &self.anomalies_topic),
+            ("dead_letter_topic", &self.dead_letter_topic),
+        ] {
+            if topic.is_empty() {
+                return error(format!("{name} is empty"));
+            }
+        }
+        if self.scores_topic == self.readings_topic || self.anomalies_topic == self.readings_topic {
+            return error("the scores and anomalies topics must differ from the readings topic".into());
+        }
+        for key in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
+            if self.consumer.contains_key(key) || self.kafka.contains_key(key) {
+                return error(format!(
+                    "{key:?} is set by the processor (offsets are stored only once outputs are safe); remove it"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("processor.toml");
+        std::fs::write(
+            &file,
+            r#"
+group_id = "from-file"
+output_format = "json"
+[model]
+endpoints = ["http://file:8500"]
+timeout_ms = 300
+[consumer]
+"session.timeout.ms" = "6000"
+"#,
+        )
+        .unwrap();
+        let config = ProcessorConfig::load(
+            Some(&file),
+            env(&[
+                ("PROCESSOR_MODEL__TIMEOUT_MS", "400"),
+                ("PROCESSOR_PRODUCER__LINGER_MS", "2"),
+                ("PROCESSOR_GROUP_ID", "from-env"),
+            ]),
+            &Overrides {
+                group_id: Some("from-flag".into()),
+                model_endpoints: Some("http://a:1, http://b:2".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(config.group_id, "from-flag", "flag over env over file");
+        assert_eq!(config.output_format, OutputFormat::Json);
+        assert_eq!(config.model.timeout_ms, 400, "env over file");
+        assert_eq!(config.model.endpoints, ["http://a:1", "http://b:2"]);
+        assert_eq!(config.consumer["session.timeout.ms"], "6000");
+        assert_eq!(config.producer["linger.ms"], "2");
+        assert_eq!(config.scores_topic, DEFAULT_SCORES_TOPIC, "defaults stay");
+    }
+
+    #[test]
+    fn mistakes_are_refused_by_name() {
+        let load = |pairs: &[(&str, &str)]| {
+            ProcessorConfig::load(None, env(pairs), &Overrides::default()).unwrap_err().to_string()
+        };
+        assert!(load(&[("PROCESSOR_MODEL__ENDPOINTS", "[\"ftp://x:1\"]")]).contains("ftp://x:1"));
+        assert!(load(&[("PROCESSOR_CONSUMER__ENABLE_AUTO_OFFSET_STORE", "true")]).contains("enable.auto.offset.store"));
+        assert!(load(&[("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", "0")]).contains("max_in_flight_per_partition"));
+        assert!(load(&[("PROCESSOR_OUTPUT_FORMAT", "xml")]).contains("xml"));
+        assert!(load(&[("PROCESSOR_SCORES_TOPIC", "vigil-readings")]).contains("differ"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[model]\ntimeuot_ms = 5\n").unwrap();
+        let error = ProcessorConfig::load(Some(&file), env(&[]), &Overrides::default()).unwrap_err().to_string();
+        assert!(error.contains("timeuot_ms"), "{error}");
+    }
+}

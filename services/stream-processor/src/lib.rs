@@ -1,0 +1,159 @@
+//! Vigil's stream processor: every reading on the readings topic is scored by the model
+//! server (one gRPC `Predict` per event) and its score, and anomaly when it is one, is
+//! written back to Kafka, in order per partition and at least once.
+//!
+//! ```text
+//!  readings topic ──▶ pipeline (consumer group; a worker per partition, bounded)
+//!                       │ model::ModelClient ──Predict──▶ model server replicas
+//!                       ▼    (tower: limit, retry budget, timeout, p2c over DNS)
+//!                     output (Score / Anomaly / dead letter; protobuf or JSON)
+//!                       ▼
+//!  scores · anomalies · dead-letter topics  (idempotent producer; offsets stored only
+//!                                             once a reading's outputs are confirmed)
+//! ```
+//!
+//! [`config`] layers defaults, file, environment and flags; [`discovery`] finds model
+//! server replicas; [`model`] calls them; [`output`] builds the records; [`pipeline`]
+//! consumes, orders, writes and commits; [`run`] wires them together.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod model;
+pub mod output;
+pub mod pipeline;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::Producer as _;
+use tokio::net::TcpListener;
+
+use crate::config::ProcessorConfig;
+use crate::pipeline::{CONSUMER_DEFAULTS, ConsumerCtx, PRODUCER_DEFAULTS, Shared, Workers};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error("{0}")]
+    Config(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the kafka producer failed fatally: {0}")]
+    Fatal(String),
+}
+
+/// Listeners bound by the caller (tests bind port 0); `None` serves nothing.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs the processor until `shutdown` resolves, then drains: in-flight readings are
+/// finished and written, their offsets committed, and the group left. Needs a
+/// multi-threaded tokio runtime.
+pub async fn run(
+    config: ProcessorConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ProcessorError> {
+    config.check().map_err(|e| ProcessorError::Config(e.to_string()))?;
+    let config = Arc::new(config);
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let readiness = admin::Readiness::new();
+    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = listeners.admin.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving /live, /ready, /metrics");
+        }
+        let (registry, readiness) = (registry.clone(), readiness.clone());
+        tokio::spawn(async move {
+            if let Err(error) = admin::serve(listener, registry, readiness, async {
+                let _ = finished.await;
+            })
+            .await
+            {
+                tracing::error!(%error, "admin endpoint failed");
+            }
+        })
+    });
+
+    let model = model::ModelClient::new(&config.model, metrics.clone()).map_err(ProcessorError::Config)?;
+    let producer: rdkafka::producer::FutureProducer =
+        pipeline::client_config(PRODUCER_DEFAULTS, &config.kafka, &config.producer).create()?;
+    let workers = Arc::new(Mutex::new(Workers::default()));
+    let runtime = tokio::runtime::Handle::current();
+    let context = ConsumerCtx::new(
+        workers.clone(),
+        runtime.clone(),
+        Duration::from_secs(config.rebalance_drain_seconds),
+        metrics.clone(),
+    );
+    let mut consumer_config = pipeline::client_config(CONSUMER_DEFAULTS, &config.kafka, &config.consumer);
+    consumer_config
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false");
+    let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(consumer_config.create_with_context(context)?);
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Read nothing before the model's signature is known: scoring needs it.
+    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    loop {
+        match model.inputs().await {
+            Ok(_) => break,
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "waiting for the model server");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut shutdown => {
+                        let _ = finish.send(());
+                        return Ok(());
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+            }
+        }
+    }
+    consumer.subscribe(&[config.readings_topic.as_str()])?;
+    tracing::info!(topic = %config.readings_topic, group = %config.group_id, "consuming");
+    readiness.set(true);
+
+    let (fatal, mut fatal_seen) = tokio::sync::watch::channel(None);
+    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, fatal));
+    let stop = Arc::new(AtomicBool::new(false));
+    let poll_thread = {
+        let (consumer, workers, shared, stop) = (consumer.clone(), workers.clone(), shared.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || pipeline::poll_loop(consumer, workers, shared, stop, runtime))
+            .map_err(|e| ProcessorError::Config(format!("starting the consumer thread: {e}")))?
+    };
+    drop(consumer); // the poll thread holds the last reference and closes it
+
+    let failure = tokio::select! {
+        () = &mut shutdown => None,
+        Ok(()) = fatal_seen.changed() => fatal_seen.borrow().clone(),
+    };
+    readiness.set(false);
+    stop.store(true, Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
+    let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
+    drop(shared);
+    let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
+    let _ = finish.send(());
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    match failure {
+        Some(error) => Err(ProcessorError::Fatal(error)),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,172 @@
+//! What the processor writes for a reading: its score record, an anomaly record when the
+//! score is over the threshold, or a dead letter; protobuf or JSON; keyed by device id,
+//! with the reading's trace context carried in the headers.
+
+use std::time::{Duration, SystemTime};
+
+use prost::Message as _;
+use proto::vigil::scoring::v1::{Anomaly, Score};
+use sensor::SensorReading;
+
+use crate::config::{OutputFormat, ProcessorConfig};
+use crate::model::Scored;
+
+/// Headers copied from the reading's record to its outputs (W3C trace context).
+pub const CARRIED_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+
+/// A record to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub kind: OutKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    Score { anomaly: bool },
+    Anomaly,
+    DeadLetter(&'static str),
+}
+
+/// Where a reading came from.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    /// The record's Kafka timestamp.
+    pub timestamp: Option<SystemTime>,
+    /// The carried headers (see [`CARRIED_HEADERS`]).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Source {
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == "traceparent").and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+fn timestamp(time: SystemTime) -> prost_types::Timestamp {
+    let since = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The score record (and the anomaly record, when it is one) of a scored reading.
+pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading, scored: &Scored) -> Vec<OutRecord> {
+    let now = SystemTime::now();
+    let is_anomaly = scored.score > scored.threshold;
+    let score = Score {
+        device_id: reading.device_id.clone(),
+        event_time: reading.event_time,
+        sequence: reading.sequence,
+        score: scored.score,
+        threshold: scored.threshold,
+        is_anomaly,
+        model_name: scored.model_name.clone(),
+        model_version: scored.model_version,
+        model_latency_us: micros(scored.latency),
+        pipeline_latency_us: source.timestamp.and_then(|t| now.duration_since(t).ok()).map_or(0, micros),
+        scored_at: Some(timestamp(now)),
+        source_topic: source.topic.clone(),
+        source_partition: source.partition,
+        source_offset: source.offset,
+        fault: reading.fault,
+    };
+    let mut headers = source.headers.clone();
+    headers.push(("vigil.model.name".into(), scored.model_name.clone().into_bytes()));
+    headers.push(("vigil.model.version".into(), scored.model_version.to_string().into_bytes()));
+    let key = reading.device_id.clone().into_bytes();
+    let (score_payload, anomaly_payload) = match config.output_format {
+        OutputFormat::Protobuf => {
+            let anomaly = is_anomaly
+                .then(|| Anomaly { score: Some(score.clone()), reading: Some(reading.clone()) }.encode_to_vec());
+            (score.encode_to_vec(), anomaly)
+        }
+        OutputFormat::Json => {
+            let json = score_json(&score);
+            let anomaly = is_anomaly.then(|| {
+                // The reading in its canonical JSON form (always valid JSON).
+                let reading: serde_json::Value =
+                    serde_json::from_str(&sensor::json::to_json(reading)).unwrap_or(serde_json::Value::Null);
+                serde_json::to_vec(&serde_json::json!({"score": json, "reading": reading})).unwrap_or_default()
+            });
+            (serde_json::to_vec(&json).unwrap_or_default(), anomaly)
+        }
+    };
+    let mut records = vec![OutRecord {
+        topic: config.scores_topic.clone(),
+        key: key.clone(),
+        payload: score_payload,
+        headers: headers.clone(),
+        kind: OutKind::Score { anomaly: is_anomaly },
+    }];
+    if let Some(payload) = anomaly_payload {
+        records.push(OutRecord {
+            topic: config.anomalies_topic.clone(),
+            key,
+            payload,
+            headers,
+            kind: OutKind::Anomaly,
+        });
+    }
+    records
+}
+
+fn rfc3339(time: Option<prost_types::Timestamp>) -> serde_json::Value {
+    match time {
+        Some(t) => sensor::json::format_time(&t).map_or(serde_json::Value::Null, serde_json::Value::String),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// A score as a JSON object, keys as the proto's field names.
+pub fn score_json(score: &Score) -> serde_json::Value {
+    serde_json::json!({
+        "device_id": score.device_id,
+        "event_time": rfc3339(score.event_time),
+        "sequence": score.sequence,
+        "score": score.score,
+        "threshold": score.threshold,
+        "is_anomaly": score.is_anomaly,
+        "model_name": score.model_name,
+        "model_version": score.model_version,
+        "model_latency_us": score.model_latency_us,
+        "pipeline_latency_us": score.pipeline_latency_us,
+        "scored_at": rfc3339(score.scored_at),
+        "source_topic": score.source_topic,
+        "source_partition": score.source_partition,
+        "source_offset": score.source_offset,
+        "fault": sensor::fault_name(score.fault()),
+    })
+}
+
+/// The reading's original bytes on the dead-letter topic, with headers saying why.
+pub fn dead_letter(
+    config: &ProcessorConfig,
+    source: &Source,
+    payload: &[u8],
+    reason: &'static str,
+    error: &str,
+) -> OutRecord {
+    let mut headers = source.headers.clone();
+    headers.push(("vigil.dead_letter.reason".into(), reason.as_bytes().to_vec()));
+    headers.push(("vigil.dead_letter.error".into(), error.as_bytes().to_vec()));
+    headers.push(("vigil.dead_letter.source_topic".into(), source.topic.clone().into_bytes()));
+    headers.push(("vigil.dead_letter.source_partition".into(), source.partition.to_string().into_bytes()));
+    headers.push(("vigil.dead_letter.source_offset".into(), source.offset.to_string().into_bytes()));
+    OutRecord {
+        topic: config.dead_letter_topic.clone(),
+        key: source.key.clone().unwrap_or_default(),
+        payload: payload.to_vec(),
+        headers,
+        kind: OutKind::DeadLetter(reason),
+    }
+}

@@ -1,0 +1,520 @@
+//! The at-least-once path from the readings topic to the output topics.
+//!
+//! ```text
+//!  poll thread (BaseConsumer) ──▶ one worker task per owned partition
+//!    │ pauses a partition whose       │ scoring: up to max_in_flight_per_partition
+//!    │ worker is full, resumes it     │   readings at once (FuturesOrdered: results
+//!    │ once there is room             │   come out in the partition's order)
+//!    │                                ▼
+//!    │                       writing: outputs handed to the producer in that order,
+//!    │                                confirmations awaited in that order
+//!    ◀──── store_offset(offset) once every output of that reading and of all before it
+//!          is confirmed; librdkafka auto-commits stored offsets (every 100 ms by default)
+//! ```
+//!
+//! The consumer lives on its own thread because librdkafka runs rebalance callbacks
+//! inside `poll`, and revoking partitions has to wait for their workers to finish what
+//! they hold (so their offsets are stored and committed before the next owner reads)
+//! without stalling the async runtime. The poll loop never blocks on a full worker: it
+//! pauses that partition, keeps the few messages librdkafka had already fetched for it,
+//! and keeps polling, so `max.poll.interval.ms` is never exceeded even when the model
+//! server is down for long. A crash loses nothing: what was not stored is read again,
+//! so outputs may repeat for what was in flight or confirmed since the last commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
+use sensor::SensorReading;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use crate::config::ProcessorConfig;
+use crate::metrics::Metrics;
+use crate::model::{ModelClient, ScoreError};
+use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
+
+/// What the workers share.
+pub struct Shared {
+    pub producer: FutureProducer,
+    pub model: ModelClient,
+    pub config: Arc<ProcessorConfig>,
+    pub metrics: Metrics,
+    /// Set when the producer failed fatally: the processor must stop.
+    pub fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// Unix seconds of the last "model server unavailable" warning (one per 5 s).
+    last_warning: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(
+        producer: FutureProducer,
+        model: ModelClient,
+        config: Arc<ProcessorConfig>,
+        metrics: Metrics,
+        fatal: tokio::sync::watch::Sender<Option<String>>,
+    ) -> Self {
+        Self { producer, model, config, metrics, fatal, last_warning: AtomicU64::new(0) }
+    }
+}
+
+/// A partition's worker, as the poll thread sees it.
+struct Worker {
+    sender: mpsc::Sender<OwnedMessage>,
+    /// Messages librdkafka delivered while the worker was full (its partition is paused).
+    overflow: VecDeque<OwnedMessage>,
+    paused: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The workers by (topic, partition); the poll loop and the rebalance callback share it
+/// (both run on the poll thread).
+#[derive(Default)]
+pub struct Workers(HashMap<(String, i32), Worker>);
+
+/// librdkafka callbacks: rebalances (drain revoked partitions) and statistics (lag).
+pub struct ConsumerCtx {
+    workers: Arc<Mutex<Workers>>,
+    runtime: Handle,
+    drain_for: Duration,
+    metrics: Metrics,
+}
+
+impl ConsumerCtx {
+    pub fn new(workers: Arc<Mutex<Workers>>, runtime: Handle, drain_for: Duration, metrics: Metrics) -> Self {
+        Self { workers, runtime, drain_for, metrics }
+    }
+
+    /// Lets the workers of `partitions` finish what they hold (under `drain_for`), so
+    /// their offsets are stored; what is still unfinished after that is abandoned, for
+    /// the next owner to redo.
+    fn drain(&self, partitions: &[(String, i32)]) {
+        let mut stopping = Vec::new();
+        {
+            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            for key in partitions {
+                if let Some(worker) = workers.0.remove(key) {
+                    if worker.paused {
+                        self.metrics.paused_partitions.dec();
+                    }
+                    // Closing the channel tells the worker to finish and stop; what sits
+                    // in the overflow was never started and is simply read again.
+                    drop(worker.sender);
+                    stopping.push((key.clone(), worker.task));
+                }
+            }
+        }
+        if stopping.is_empty() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.drain_for;
+        self.runtime.block_on(async {
+            for ((topic, partition), task) in &mut stopping {
+                if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+                    tracing::warn!(topic = %topic, partition = *partition, "in-flight work did not finish in time; the next owner redoes it");
+                    task.abort();
+                    let _ = task.await;
+                }
+            }
+        });
+    }
+}
+
+impl ClientContext for ConsumerCtx {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                if *partition >= 0 && stats.consumer_lag_stored >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), partition.to_string().as_str()])
+                        .set(stats.consumer_lag_stored);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for ConsumerCtx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => {
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                let keys: Vec<(String, i32)> =
+                    partitions.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+                tracing::info!(partitions = keys.len(), "partitions revoked: finishing their in-flight work");
+                self.drain(&keys);
+                commit_stored(consumer);
+            }
+            Rebalance::Assign(partitions) => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                tracing::info!(partitions = partitions.count(), "partitions assigned");
+            }
+            Rebalance::Error(error) => tracing::warn!(%error, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(assigned as i64);
+    }
+}
+
+/// Commits the stored offsets now (a revoke or shutdown must not wait for auto-commit).
+fn commit_stored(consumer: &BaseConsumer<ConsumerCtx>) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {} // nothing new stored
+        Err(error) => tracing::warn!(%error, "committing offsets failed; the next owner may redo some readings"),
+    }
+}
+
+/// The poll loop, on its own thread, until `stop` is set; then drains every worker
+/// (under the shutdown grace), commits and leaves the group.
+pub fn poll_loop(
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    workers: Arc<Mutex<Workers>>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    runtime: Handle,
+) {
+    let capacity = shared.config.max_in_flight_per_partition;
+    while !stop.load(Ordering::Acquire) {
+        let mut waiting = false;
+        {
+            let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+            for ((topic, partition), worker) in &mut workers.0 {
+                while let Some(message) = worker.overflow.pop_front() {
+                    match worker.sender.try_send(message) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(message)) => {
+                            worker.overflow.push_front(message);
+                            break;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => worker.overflow.clear(),
+                    }
+                }
+                if worker.overflow.is_empty() && worker.paused {
+                    if set_paused(&consumer, topic, *partition, false) {
+                        worker.paused = false;
+                        shared.metrics.paused_partitions.dec();
+                    }
+                } else if !worker.overflow.is_empty() {
+                    waiting = true;
+                }
+            }
+        }
+        // Poll more often while some partition waits for room.
+        let timeout = if waiting { Duration::from_millis(5) } else { Duration::from_millis(100) };
+        let message = match consumer.poll(timeout) {
+            None => continue,
+            Some(Err(error)) => {
+                tracing::debug!(%error, "consumer error");
+                continue;
+            }
+            Some(Ok(message)) => message.detach(),
+        };
+        shared.metrics.consumed.inc();
+        let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (message.topic().to_owned(), message.partition());
+        let worker = workers.0.entry(key.clone()).or_insert_with(|| {
+            let (sender, receiver) = mpsc::channel(capacity);
+            let task =
+                runtime.spawn(partition_worker(key.0.clone(), key.1, receiver, shared.clone(), consumer.clone()));
+            Worker { sender, overflow: VecDeque::new(), paused: false, task }
+        });
+        if !worker.overflow.is_empty() {
+            worker.overflow.push_back(message);
+            continue;
+        }
+        if let Err(mpsc::error::TrySendError::Full(message)) = worker.sender.try_send(message) {
+            worker.overflow.push_back(message);
+            if !worker.paused && set_paused(&consumer, &key.0, key.1, true) {
+                worker.paused = true;
+                shared.metrics.paused_partitions.inc();
+            }
+        }
+    }
+
+    // Shutdown: every worker finishes what it holds, under the grace period.
+    let all: Vec<(String, i32)> = workers.lock().unwrap_or_else(|e| e.into_inner()).0.keys().cloned().collect();
+    tracing::info!(partitions = all.len(), "stopping: finishing in-flight work");
+    let grace = ConsumerCtx {
+        workers: workers.clone(),
+        runtime: runtime.clone(),
+        drain_for: Duration::from_secs(shared.config.shutdown_grace_seconds),
+        metrics: shared.metrics.clone(),
+    };
+    grace.drain(&all);
+    commit_stored(&consumer);
+    consumer.unsubscribe();
+    tracing::info!("consumer stopped; offsets committed");
+}
+
+fn set_paused(consumer: &BaseConsumer<ConsumerCtx>, topic: &str, partition: i32, pause: bool) -> bool {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let result = if pause { consumer.pause(&list) } else { consumer.resume(&list) };
+    match result {
+        Ok(()) => {
+            tracing::debug!(topic, partition, pause, "partition flow changed");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(topic, partition, pause, %error, "pausing or resuming a partition failed");
+            false
+        }
+    }
+}
+
+/// A reading turned into its outputs.
+struct Prepared {
+    offset: i64,
+    timestamp: Option<SystemTime>,
+    records: Vec<OutRecord>,
+    model_version: Option<i64>,
+}
+
+/// One partition: scores up to the bound at once, writes outputs and stores offsets in
+/// the partition's order, until its channel closes and everything taken is done.
+async fn partition_worker(
+    topic: String,
+    partition: i32,
+    mut messages: mpsc::Receiver<OwnedMessage>,
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+) {
+    let bound = shared.config.max_in_flight_per_partition;
+    let mut scoring: FuturesOrdered<BoxFuture<'static, Prepared>> = FuturesOrdered::new();
+    let mut writing: FuturesOrdered<BoxFuture<'static, Result<Prepared, String>>> = FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        if !open && scoring.is_empty() && writing.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some(written) = writing.next() => match written {
+                Ok(done) => {
+                    shared.metrics.in_flight.dec();
+                    record_written(&shared.metrics, &done);
+                    if let Err(error) = consumer.store_offset(&topic, partition, done.offset) {
+                        // The partition was taken away meanwhile: its next owner redoes it.
+                        tracing::debug!(%topic, partition, %error, "storing an offset failed");
+                    }
+                }
+                Err(fatal) => {
+                    tracing::error!(%fatal, "the producer failed fatally: stopping without storing more offsets");
+                    let _ = shared.fatal.send(Some(fatal));
+                    return;
+                }
+            },
+            Some(prepared) = scoring.next() => {
+                // Handed to the producer here, in the partition's order.
+                let deliveries = enqueue_all(&shared, &prepared.records).await;
+                writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
+            }
+            message = messages.recv(), if open && scoring.len() + writing.len() < bound => match message {
+                Some(message) => {
+                    shared.metrics.in_flight.inc();
+                    scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+                }
+                None => open = false,
+            },
+        }
+    }
+}
+
+fn record_written(metrics: &Metrics, done: &Prepared) {
+    let version = done.model_version.map(|v| v.to_string()).unwrap_or_default();
+    for record in &done.records {
+        match record.kind {
+            OutKind::Score { .. } => metrics.scored.with_label_values(&[version.as_str()]).inc(),
+            OutKind::Anomaly => metrics.anomalies.with_label_values(&[version.as_str()]).inc(),
+            OutKind::DeadLetter(reason) => metrics.dead_lettered.with_label_values(&[reason]).inc(),
+        }
+    }
+    if let Some(latency) = done.timestamp.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        metrics.event_latency.observe(latency.as_secs_f64());
+    }
+}
+
+/// Decodes and scores one reading; waits out model server trouble (never drops it).
+async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
+    let config = &shared.config;
+    let source = Source {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        timestamp: message
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter(|h| CARRIED_HEADERS.contains(&h.key))
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let payload = message.payload().unwrap_or_default();
+    let dead = |reason: &'static str, error: &str| Prepared {
+        offset: source.offset,
+        timestamp: source.timestamp,
+        records: vec![output::dead_letter(config, &source, payload, reason, error)],
+        model_version: None,
+    };
+    let reading = match SensorReading::decode(payload) {
+        Ok(reading) => reading,
+        Err(error) => return dead("not_a_sensor_reading", &format!("not a vigil.sensor.v1.SensorReading: {error}")),
+    };
+    if let Err(invalid) = sensor::validate(&reading) {
+        return dead(invalid.reason(), &invalid.to_string());
+    }
+    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut rejected_before = false;
+    loop {
+        match shared.model.score(&reading, source.traceparent()).await {
+            Ok(scored) => {
+                return Prepared {
+                    offset: source.offset,
+                    timestamp: source.timestamp,
+                    records: output::scored(config, &source, &reading, &scored),
+                    model_version: Some(scored.model_version),
+                };
+            }
+            // The first refusal may come from a signature that changed under us (the
+            // client reads it again); a second one is about the reading.
+            Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+            Err(ScoreError::Rejected(error)) => return dead("model_rejected", &error),
+            Err(ScoreError::Transient(error)) => {
+                shared.metrics.model_backoffs.inc();
+                warn_now_and_then(&shared, &error, backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+            }
+        }
+    }
+}
+
+fn warn_now_and_then(shared: &Shared, error: &str, backoff: Duration) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last = shared.last_warning.load(Ordering::Relaxed);
+    if now >= last + 5 && shared.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "the model server could not score readings; holding them and trying again");
+    } else {
+        tracing::debug!(%error, "scoring failed; trying again");
+    }
+}
+
+fn future_record(record: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
+    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+    for (key, value) in &record.headers {
+        headers = headers.insert(Header { key, value: Some(value.as_slice()) });
+    }
+    FutureRecord::to(&record.topic).key(record.key.as_slice()).payload(record.payload.as_slice()).headers(headers)
+}
+
+/// Hands every record to the producer, in order; waits while its queue is full.
+async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFuture> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for record in records {
+        deliveries.push(enqueue(shared, record).await);
+    }
+    deliveries
+}
+
+async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
+    loop {
+        match shared.producer.send_result(future_record(record)) {
+            Ok(delivery) => return delivery,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => {
+                tracing::warn!(topic = %record.topic, %error, "handing a record to the producer failed; retrying");
+                shared.metrics.produce_retries.inc();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Waits for Kafka to confirm each record (sending again what failed); `Err` only when
+/// the producer failed fatally.
+async fn confirm(shared: Arc<Shared>, prepared: Prepared, deliveries: Vec<DeliveryFuture>) -> Result<Prepared, String> {
+    for (record, delivery) in prepared.records.iter().zip(deliveries) {
+        let mut delivery = delivery;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let error = match delivery.await {
+                Ok(Ok(_)) => break,
+                Ok(Err((error, _))) => error,
+                Err(_) => KafkaError::Canceled,
+            };
+            if let Some((code, reason)) = shared.producer.client().fatal_error() {
+                return Err(format!("{code:?}: {reason}"));
+            }
+            tracing::warn!(topic = %record.topic, %error, "Kafka did not take a record; sending it again");
+            shared.metrics.produce_retries.inc();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            delivery = enqueue(&shared, record).await;
+        }
+    }
+    Ok(prepared)
+}
+
+/// Producer settings the processor applies before the user's.
+pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    // Never give up on a record locally: the offset waits for it.
+    ("message.timeout.ms", "0"),
+    ("compression.type", "lz4"),
+    ("linger.ms", "2"),
+    ("client.id", "vigil-stream-processor"),
+];
+
+/// Consumer settings the processor applies before the user's (the offset-store ones are
+/// not the user's to change: see `ProcessorConfig::check`).
+pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
+    ("auto.offset.reset", "earliest"),
+    // Commits are cheap and bound the repeats after a crash.
+    ("auto.commit.interval.ms", "100"),
+    ("statistics.interval.ms", "5000"),
+    ("client.id", "vigil-stream-processor"),
+];
+
+/// Builds the librdkafka config: defaults, then `kafka`, then the specific table.
+pub fn client_config(
+    defaults: &[(&str, &str)],
+    common: &std::collections::BTreeMap<String, String>,
+    specific: &std::collections::BTreeMap<String, String>,
+) -> rdkafka::ClientConfig {
+    let mut config = rdkafka::ClientConfig::new();
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    for (key, value) in common.iter().chain(specific) {
+        config.set(key, value);
+    }
+    config
+}

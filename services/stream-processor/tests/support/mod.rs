@@ -1,0 +1,252 @@
+//! In-process Kafka (librdkafka's mock cluster), real model servers on the bundled model,
+//! readings produced the way ingest writes them, and the processor itself.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use device_simulator::fleet::{Fleet, FleetOptions};
+use embedded_brokers::{KafkaCluster, ReadRecord};
+use prost::Message as _;
+use proto::vigil::scoring::v1::Score;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sensor::SensorReading;
+use stream_processor::config::ProcessorConfig;
+use tokio::sync::oneshot;
+
+pub const READINGS: &str = "vigil-readings";
+pub const SCORES: &str = "vigil-scores";
+pub const ANOMALIES: &str = "vigil-anomalies";
+pub const DEAD_LETTERS: &str = "vigil-scoring-dead-letter";
+pub const PARTITIONS: i32 = 4;
+
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A mock cluster with the processor's topics.
+pub fn kafka() -> KafkaCluster {
+    init_logs();
+    let kafka = KafkaCluster::start(1).unwrap();
+    for topic in [READINGS, SCORES, ANOMALIES] {
+        kafka.create_topic(topic, PARTITIONS).unwrap();
+    }
+    kafka.create_topic(DEAD_LETTERS, 1).unwrap();
+    kafka
+}
+
+/// The processor's config for `kafka` and these model server addresses.
+pub fn config(kafka: &KafkaCluster, model_servers: &[SocketAddr]) -> ProcessorConfig {
+    let mut config = ProcessorConfig::default();
+    config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    // Quick group joins and departures on the mock cluster.
+    config.consumer.insert("session.timeout.ms".into(), "6000".into());
+    config.consumer.insert("heartbeat.interval.ms".into(), "500".into());
+    config.model.endpoints = model_servers.iter().map(|a| format!("http://{a}")).collect();
+    config.model.backoff_max_ms = 500;
+    config.model.eject_ms = 200;
+    config.max_in_flight_per_partition = 32;
+    config.admin_listen.clear();
+    config
+}
+
+#[derive(Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    serve: model_server::config::ServeArgs,
+}
+
+/// A model server in this process, serving the bundled `car-anomaly` model.
+pub struct ModelServer {
+    pub grpc: SocketAddr,
+    pub rest: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ModelServer {
+    /// `extra` flags after the model; e.g. a version policy.
+    pub async fn start(extra: &[&str]) -> Self {
+        let base = root().join("deploy/models/car-anomaly");
+        let base = base.to_str().unwrap().to_owned();
+        let mut flags = vec!["model-server", "--model_name", "car-anomaly", "--model_base_path", &base];
+        flags.extend_from_slice(extra);
+        let config = ServeCli::try_parse_from(flags).unwrap().serve.resolve().unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = model_server::server::Listeners { grpc, rest: Some(rest) };
+        let task = tokio::spawn(model_server::server::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Self { grpc: grpc_addr, rest: rest_addr, stop: Some(stop), task }
+    }
+
+    /// Predict calls this server answered.
+    pub async fn predictions(&self) -> f64 {
+        let text = reqwest::get(format!("http://{}/metrics", self.rest)).await.unwrap().text().await.unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("model_server_requests_total{") && l.contains("predict"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A simulated fleet's readings, `per_car` from each of `cars` cars, in time order.
+pub fn fleet_readings(cars: usize, per_car: usize, seed: u64) -> Vec<SensorReading> {
+    let options = FleetOptions { cars, seed, fault_share: 0.3, onset_window_s: (5.0, 60.0), ..Default::default() };
+    let mut fleet = Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
+    (0..per_car).flat_map(|_| fleet.step(1.0)).collect()
+}
+
+/// Writes readings to the readings topic as ingest does: protobuf, keyed by device id.
+pub async fn produce_readings(kafka: &KafkaCluster, readings: &[SensorReading]) {
+    let producer = producer(kafka);
+    let mut deliveries = Vec::new();
+    for reading in readings {
+        let payload = reading.encode_to_vec();
+        let record = FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Writes raw bytes to the readings topic.
+pub async fn produce_raw(kafka: &KafkaCluster, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+    let producer = producer(kafka);
+    let mut owned = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(rdkafka::message::Header { key: k, value: Some(v.as_bytes()) });
+    }
+    let record = FutureRecord::to(READINGS).key(key.as_bytes()).payload(payload).headers(owned);
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+}
+
+pub fn producer(kafka: &KafkaCluster) -> FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap()
+}
+
+/// Every record of `topic`, read until `enough` holds (or 60 s).
+pub async fn read(
+    kafka: &KafkaCluster,
+    topic: &str,
+    enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
+) -> Vec<ReadRecord> {
+    let (servers, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        embedded_brokers::read_topic(&servers, &topic, Duration::from_secs(60), enough).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+pub fn scores(records: &[ReadRecord]) -> Vec<Score> {
+    records.iter().map(|r| Score::decode(r.payload.as_slice()).unwrap()).collect()
+}
+
+/// Distinct (device, sequence) pairs among score records.
+pub fn distinct(records: &[ReadRecord]) -> usize {
+    let set: std::collections::BTreeSet<(String, u64)> =
+        scores(records).into_iter().map(|s| (s.device_id, s.sequence)).collect();
+    set.len()
+}
+
+/// Each device's sequence numbers in the order its scores were written (partition
+/// order; a device's scores are all in one partition).
+pub fn sequences_by_device(records: &[ReadRecord]) -> BTreeMap<String, Vec<u64>> {
+    let mut by_device: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for score in scores(records) {
+        by_device.entry(score.device_id).or_default().push(score.sequence);
+    }
+    by_device
+}
+
+/// The processor, in this process.
+pub struct Processor {
+    pub admin: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), stream_processor::ProcessorError>>,
+}
+
+impl Processor {
+    /// Starts the processor and waits until it is ready (the model's signature read).
+    pub async fn start(config: ProcessorConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = stream_processor::Listeners { admin: Some(listener) };
+        let task = tokio::spawn(stream_processor::run(config, listeners, async {
+            let _ = stopped.await;
+        }));
+        let processor = Self { admin, stop: Some(stop), task };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !processor.ready().await {
+            assert!(Instant::now() < deadline, "the processor was not ready within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        processor
+    }
+
+    pub async fn ready(&self) -> bool {
+        reqwest::get(format!("{}/ready", self.admin)).await.is_ok_and(|r| r.status().is_success())
+    }
+
+    /// An unlabelled metric's value, or the sum over a labelled one's series.
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric(&self.admin, name).await
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the processor stops within 60 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub async fn metric(admin: &str, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
