@@ -66,17 +66,6 @@ async fn main() -> anyhow::Result<()> {
     };
     let listeners =
         ingest::Listeners { grpc: bind(&config.grpc.listen).await?, admin: bind(&config.admin_listen).await? };
-    ingest::run(config, listeners, shutdown_signal()).await?;
+    ingest::run(config, listeners, admin::drain_signal()).await?;
     Ok(())
-}
-
-/// Resolves on the first Ctrl-C or SIGTERM; a second one exits at once.
-async fn shutdown_signal() {
-    admin::termination_signal().await;
-    tracing::info!("stopping: draining (a second signal exits at once)");
-    tokio::spawn(async {
-        admin::termination_signal().await;
-        tracing::warn!("second signal: exiting without draining");
-        std::process::exit(130);
-    });
 }

@@ -58,17 +58,6 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.admin_listen))?;
         Some(listener)
     };
-    stream_processor::run(config, stream_processor::Listeners { admin }, shutdown_signal()).await?;
+    stream_processor::run(config, stream_processor::Listeners { admin }, admin::drain_signal()).await?;
     Ok(())
-}
-
-/// Resolves on the first Ctrl-C or SIGTERM; a second one exits at once.
-async fn shutdown_signal() {
-    admin::termination_signal().await;
-    tracing::info!("stopping: draining (a second signal exits at once)");
-    tokio::spawn(async {
-        admin::termination_signal().await;
-        tracing::warn!("second signal: exiting without draining");
-        std::process::exit(130);
-    });
 }

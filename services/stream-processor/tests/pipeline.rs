@@ -179,11 +179,7 @@ async fn a_model_server_outage_pauses_the_partitions_and_loses_nothing() {
     let total = readings.len();
     let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
     assert_eq!(distinct(&records), total, "every reading scored after the outage");
-    for (device, sequences) in sequences_by_device(&records) {
-        let mut seen = BTreeSet::new();
-        let first_seen: Vec<u64> = sequences.into_iter().filter(|s| seen.insert(*s)).collect();
-        assert!(first_seen.windows(2).all(|w| w[0] < w[1]), "{device}: out of order");
-    }
+    assert_first_scores_in_order(&records);
     assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0, "nothing dead-lettered");
     eventually(Duration::from_secs(5), "partitions resumed", || async {
         processor.metric("processor_paused_partitions").await == 0.0
@@ -215,11 +211,7 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
     let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
     assert_eq!(distinct(&records), total, "every reading scored");
     let repeats = records.len() - total;
-    for (device, sequences) in sequences_by_device(&records) {
-        let mut seen = BTreeSet::new();
-        let first_seen: Vec<u64> = sequences.into_iter().filter(|s| seen.insert(*s)).collect();
-        assert!(first_seen.windows(2).all(|w| w[0] < w[1]), "{device}: out of order");
-    }
+    assert_first_scores_in_order(&records);
     let (by_first, by_second) =
         (first.metric("processor_scores_total").await, second.metric("processor_scores_total").await);
     assert!(by_second > 0.0, "the newcomer scored readings ({by_first} + {by_second})");
@@ -234,4 +226,14 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
     first.stop().await;
     second.stop().await;
     server.stop().await;
+}
+
+/// Each device's readings were first scored in sequence order (repeats, allowed after a
+/// crash or rebalance, are skipped).
+fn assert_first_scores_in_order(records: &[embedded_brokers::ReadRecord]) {
+    for (device, sequences) in sequences_by_device(records) {
+        let mut seen = BTreeSet::new();
+        let first_seen: Vec<u64> = sequences.into_iter().filter(|s| seen.insert(*s)).collect();
+        assert!(first_seen.windows(2).all(|w| w[0] < w[1]), "{device}: out of order");
+    }
 }

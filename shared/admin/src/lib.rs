@@ -102,3 +102,15 @@ pub async fn termination_signal() {
         () = terminate => {}
     }
 }
+
+/// Resolves on the first termination signal, logging that the service drains; a second
+/// signal exits the process at once (status 130) without draining.
+pub async fn drain_signal() {
+    termination_signal().await;
+    tracing::info!("stopping: draining (a second signal exits at once)");
+    tokio::spawn(async {
+        termination_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
