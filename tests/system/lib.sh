@@ -24,3 +24,21 @@ wait_for_port() { # wait_for_port PORT: up to 10 s
   echo "nothing listens on 127.0.0.1:$1" >&2
   return 1
 }
+
+# tansu, an independent Kafka-protocol broker (crates.io), for system tests and benchmarks
+# on a second Kafka implementation. Reused when installed; the first install compiles for
+# ~14 minutes on 2 cores. Its in-memory storage needs the dynostore feature.
+TANSU_VERSION=0.6.0
+need_tansu() {
+  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+    return 0
+  fi
+  echo "installing tansu $TANSU_VERSION with cargo (once per machine)"
+  cargo install tansu --version "$TANSU_VERSION" --features dynostore,libsql --locked --quiet
+}
+
+start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background
+  tansu broker --listener-url "tcp://127.0.0.1:$1" --advertised-listener-url "tcp://127.0.0.1:$1" \
+    --storage-engine memory://tansu/ > "$2" 2>&1 &
+  wait_for_port "$1" || { cat "$2"; return 1; }
+}

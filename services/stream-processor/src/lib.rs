@@ -122,12 +122,12 @@ pub async fn run(
             }
         }
     }
+    let (fatal, mut fatal_seen) = tokio::sync::watch::channel(None);
+    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, fatal));
+    consumer.context().wire(&consumer, shared.clone());
     consumer.subscribe(&[config.readings_topic.as_str()])?;
     tracing::info!(topic = %config.readings_topic, group = %config.group_id, "consuming");
     readiness.set(true);
-
-    let (fatal, mut fatal_seen) = tokio::sync::watch::channel(None);
-    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, fatal));
     let stop = Arc::new(AtomicBool::new(false));
     let poll_thread = {
         let (consumer, workers, shared, stop) = (consumer.clone(), workers.clone(), shared.clone(), stop.clone());

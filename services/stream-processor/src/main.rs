@@ -8,6 +8,12 @@ use anyhow::Context as _;
 use clap::Parser;
 use stream_processor::config::{Overrides, ProcessorConfig};
 
+// Per reading the processor allocates many small, short-lived buffers (protobuf tensors,
+// gRPC frames, Kafka records) across threads; glibc's malloc spent a third of the
+// benchmark's CPU in arena locks and chunk consolidation. See docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "Scores every reading on the readings topic with the model server, in order, at least once")]
 struct Cli {

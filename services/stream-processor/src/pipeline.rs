@@ -1,35 +1,39 @@
 //! The at-least-once path from the readings topic to the output topics.
 //!
 //! ```text
-//!  poll thread (BaseConsumer) ──▶ one worker task per owned partition
-//!    │ pauses a partition whose       │ scoring: up to max_in_flight_per_partition
-//!    │ worker is full, resumes it     │   readings at once (FuturesOrdered: results
-//!    │ once there is room             │   come out in the partition's order)
-//!    │                                ▼
-//!    │                       writing: outputs handed to the producer in that order,
-//!    │                                confirmations awaited in that order
-//!    ◀──── store_offset(offset) once every output of that reading and of all before it
-//!          is confirmed; librdkafka auto-commits stored offsets (every 100 ms by default)
+//!  poll thread (BaseConsumer::poll)     one worker task per owned partition, reading
+//!    serves librdkafka's callbacks:     its partition's own queue (split off when the
+//!    rebalances start workers for  ──▶  partition is assigned):
+//!    assigned partitions and drain        scoring: takes readings only while fewer than
+//!    revoked ones; statistics (lag)         max_in_flight_per_partition are in flight
+//!                                           (FuturesOrdered: results in the partition's order)
+//!                                         writing: outputs handed to the producer in that
+//!                                           order, confirmations awaited in that order
+//!                                         store_offset(offset) once every output of that
+//!                                           reading and of all before it is confirmed;
+//!                                           librdkafka auto-commits stored offsets (100 ms)
 //! ```
 //!
 //! The consumer lives on its own thread because librdkafka runs rebalance callbacks
 //! inside `poll`, and revoking partitions has to wait for their workers to finish what
 //! they hold (so their offsets are stored and committed before the next owner reads)
-//! without stalling the async runtime. The poll loop never blocks on a full worker: it
-//! pauses that partition, keeps the few messages librdkafka had already fetched for it,
-//! and keeps polling, so `max.poll.interval.ms` is never exceeded even when the model
-//! server is down for long. A crash loses nothing: what was not stored is read again,
-//! so outputs may repeat for what was in flight or confirmed since the last commit.
+//! without stalling the async runtime. Each worker reads its own partition queue, so a
+//! full worker just stops taking and its readings wait in librdkafka's bounded prefetch;
+//! the poll loop never blocks, and `max.poll.interval.ms` is never exceeded even when
+//! the model server is down for long. During such an outage a full worker also pauses its
+//! partition, so fetching stops. A crash loses nothing: what was not stored is read
+//! again, so outputs may repeat for what was in flight or confirmed since the last commit.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use prost::Message as _;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
@@ -54,6 +58,10 @@ pub struct Shared {
     pub fatal: tokio::sync::watch::Sender<Option<String>>,
     /// Unix seconds of the last "model server unavailable" warning (one per 5 s).
     last_warning: AtomicU64,
+    /// The last Predict failed with a transient error (cleared by the next success).
+    model_failing: AtomicBool,
+    /// The same, for workers to wait on (sent only when it changes).
+    model_state: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -64,14 +72,32 @@ impl Shared {
         metrics: Metrics,
         fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Self {
-        Self { producer, model, config, metrics, fatal, last_warning: AtomicU64::new(0) }
+        Self {
+            producer,
+            model,
+            config,
+            metrics,
+            fatal,
+            last_warning: AtomicU64::new(0),
+            model_failing: AtomicBool::new(false),
+            model_state: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    fn set_model_failing(&self, failing: bool) {
+        if self.model_failing.swap(failing, Ordering::Relaxed) != failing {
+            self.model_state.send_replace(failing);
+        }
     }
 }
 
 /// A partition's worker, as the poll thread sees it.
 struct Worker {
+    /// Messages for the partition that arrive on the consumer's main queue (only those
+    /// fetched before its own queue was split off, or all of them if splitting failed);
+    /// dropping the sender tells the worker to finish and stop.
     sender: mpsc::Sender<OwnedMessage>,
-    /// Messages librdkafka delivered while the worker was full (its partition is paused).
+    /// Main-queue messages delivered while the worker was full (its partition is paused).
     overflow: VecDeque<OwnedMessage>,
     paused: bool,
     task: tokio::task::JoinHandle<()>,
@@ -82,52 +108,104 @@ struct Worker {
 #[derive(Default)]
 pub struct Workers(HashMap<(String, i32), Worker>);
 
-/// librdkafka callbacks: rebalances (drain revoked partitions) and statistics (lag).
+/// What the rebalance callback needs to start workers, known once the consumer exists.
+struct Wiring {
+    consumer: Weak<BaseConsumer<ConsumerCtx>>,
+    shared: Arc<Shared>,
+}
+
+/// librdkafka callbacks: rebalances (start workers for assigned partitions, drain
+/// revoked ones) and statistics (lag).
 pub struct ConsumerCtx {
     workers: Arc<Mutex<Workers>>,
     runtime: Handle,
     drain_for: Duration,
     metrics: Metrics,
+    wiring: OnceLock<Wiring>,
 }
 
 impl ConsumerCtx {
     pub fn new(workers: Arc<Mutex<Workers>>, runtime: Handle, drain_for: Duration, metrics: Metrics) -> Self {
-        Self { workers, runtime, drain_for, metrics }
+        Self { workers, runtime, drain_for, metrics, wiring: OnceLock::new() }
     }
 
-    /// Lets the workers of `partitions` finish what they hold (under `drain_for`), so
-    /// their offsets are stored; what is still unfinished after that is abandoned, for
-    /// the next owner to redo.
-    fn drain(&self, partitions: &[(String, i32)]) {
-        let mut stopping = Vec::new();
-        {
-            let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-            for key in partitions {
-                if let Some(worker) = workers.0.remove(key) {
-                    if worker.paused {
-                        self.metrics.paused_partitions.dec();
-                    }
-                    // Closing the channel tells the worker to finish and stop; what sits
-                    // in the overflow was never started and is simply read again.
-                    drop(worker.sender);
-                    stopping.push((key.clone(), worker.task));
-                }
-            }
-        }
-        if stopping.is_empty() {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + self.drain_for;
-        self.runtime.block_on(async {
-            for ((topic, partition), task) in &mut stopping {
-                if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
-                    tracing::warn!(topic = %topic, partition = *partition, "in-flight work did not finish in time; the next owner redoes it");
-                    task.abort();
-                    let _ = task.await;
-                }
-            }
-        });
+    /// Must be called before subscribing: assigned partitions get their workers from here.
+    pub fn wire(&self, consumer: &Arc<BaseConsumer<ConsumerCtx>>, shared: Arc<Shared>) {
+        let _ = self.wiring.set(Wiring { consumer: Arc::downgrade(consumer), shared });
     }
+
+    /// Starts a worker reading each newly assigned partition from its own queue. Runs in
+    /// the rebalance callback, after the assignment and before fetching starts, which is
+    /// when librdkafka wants partition queues split off.
+    fn start_workers(&self, partitions: &TopicPartitionList) {
+        let Some(wiring) = self.wiring.get() else { return };
+        let Some(consumer) = wiring.consumer.upgrade() else { return };
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        for element in partitions.elements() {
+            let key = (element.topic().to_owned(), element.partition());
+            if workers.0.contains_key(&key) {
+                continue;
+            }
+            let queue = consumer.split_partition_queue(&key.0, key.1);
+            if queue.is_none() {
+                tracing::warn!(topic = %key.0, partition = key.1, "no queue of its own for this partition: its readings come through the main queue");
+            }
+            let worker = spawn_worker(&self.runtime, key.clone(), queue, &wiring.shared, &consumer);
+            workers.0.insert(key, worker);
+        }
+    }
+}
+
+fn spawn_worker(
+    runtime: &Handle,
+    (topic, partition): (String, i32),
+    queue: Option<PartitionQueue<ConsumerCtx>>,
+    shared: &Arc<Shared>,
+    consumer: &Arc<BaseConsumer<ConsumerCtx>>,
+) -> Worker {
+    let (sender, receiver) = mpsc::channel(shared.config.max_in_flight_per_partition);
+    let task = runtime.spawn(partition_worker(topic, partition, queue, receiver, shared.clone(), consumer.clone()));
+    Worker { sender, overflow: VecDeque::new(), paused: false, task }
+}
+
+/// Lets the workers of `partitions` finish what they hold (under `drain_for`), so their
+/// offsets are stored; what is still unfinished after that is abandoned, for the next
+/// owner to redo.
+fn drain(
+    workers: &Mutex<Workers>,
+    runtime: &Handle,
+    drain_for: Duration,
+    metrics: &Metrics,
+    partitions: &[(String, i32)],
+) {
+    let mut stopping = Vec::new();
+    {
+        let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
+        for key in partitions {
+            if let Some(worker) = workers.0.remove(key) {
+                if worker.paused {
+                    metrics.paused_partitions.dec();
+                }
+                // Closing the channel tells the worker to finish and stop; what it has
+                // not taken yet (its queue, the overflow) is simply read again.
+                drop(worker.sender);
+                stopping.push((key.clone(), worker.task));
+            }
+        }
+    }
+    if stopping.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + drain_for;
+    runtime.block_on(async {
+        for ((topic, partition), task) in &mut stopping {
+            if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+                tracing::warn!(topic = %topic, partition = *partition, "in-flight work did not finish in time; the next owner redoes it");
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    });
 }
 
 impl ClientContext for ConsumerCtx {
@@ -153,7 +231,7 @@ impl ConsumerContext for ConsumerCtx {
                 let keys: Vec<(String, i32)> =
                     partitions.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(partitions = keys.len(), "partitions revoked: finishing their in-flight work");
-                self.drain(&keys);
+                drain(&self.workers, &self.runtime, self.drain_for, &self.metrics, &keys);
                 commit_stored(consumer);
             }
             Rebalance::Assign(partitions) => {
@@ -164,7 +242,10 @@ impl ConsumerContext for ConsumerCtx {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            self.start_workers(partitions);
+        }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.metrics.assigned_partitions.set(assigned as i64);
     }
@@ -180,7 +261,9 @@ fn commit_stored(consumer: &BaseConsumer<ConsumerCtx>) {
 }
 
 /// The poll loop, on its own thread, until `stop` is set; then drains every worker
-/// (under the shutdown grace), commits and leaves the group.
+/// (under the shutdown grace), commits and leaves the group. Polling serves librdkafka's
+/// callbacks; readings normally go straight from each partition's queue to its worker,
+/// and only the rare ones that arrive here are handed over.
 pub fn poll_loop(
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
     workers: Arc<Mutex<Workers>>,
@@ -188,7 +271,6 @@ pub fn poll_loop(
     stop: Arc<AtomicBool>,
     runtime: Handle,
 ) {
-    let capacity = shared.config.max_in_flight_per_partition;
     while !stop.load(Ordering::Acquire) {
         let mut waiting = false;
         {
@@ -227,12 +309,10 @@ pub fn poll_loop(
         shared.metrics.consumed.inc();
         let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
         let key = (message.topic().to_owned(), message.partition());
-        let worker = workers.0.entry(key.clone()).or_insert_with(|| {
-            let (sender, receiver) = mpsc::channel(capacity);
-            let task =
-                runtime.spawn(partition_worker(key.0.clone(), key.1, receiver, shared.clone(), consumer.clone()));
-            Worker { sender, overflow: VecDeque::new(), paused: false, task }
-        });
+        let worker = workers
+            .0
+            .entry(key.clone())
+            .or_insert_with(|| spawn_worker(&runtime, key.clone(), None, &shared, &consumer));
         if !worker.overflow.is_empty() {
             worker.overflow.push_back(message);
             continue;
@@ -249,13 +329,8 @@ pub fn poll_loop(
     // Shutdown: every worker finishes what it holds, under the grace period.
     let all: Vec<(String, i32)> = workers.lock().unwrap_or_else(|e| e.into_inner()).0.keys().cloned().collect();
     tracing::info!(partitions = all.len(), "stopping: finishing in-flight work");
-    let grace = ConsumerCtx {
-        workers: workers.clone(),
-        runtime: runtime.clone(),
-        drain_for: Duration::from_secs(shared.config.shutdown_grace_seconds),
-        metrics: shared.metrics.clone(),
-    };
-    grace.drain(&all);
+    let grace = Duration::from_secs(shared.config.shutdown_grace_seconds);
+    drain(&workers, &runtime, grace, &shared.metrics, &all);
     commit_stored(&consumer);
     consumer.unsubscribe();
     tracing::info!("consumer stopped; offsets committed");
@@ -285,22 +360,70 @@ struct Prepared {
     model_version: Option<i64>,
 }
 
-/// One partition: scores up to the bound at once, writes outputs and stores offsets in
-/// the partition's order, until its channel closes and everything taken is done.
+/// One partition: takes readings from its queue while fewer than the bound are in
+/// flight, scores them concurrently, writes outputs and stores offsets in the
+/// partition's order, until its channel closes and everything taken is done.
+///
+/// Taking only what there is room for is the flow control: readings wait in librdkafka's
+/// queue, whose prefetch librdkafka bounds itself (`queued.max.messages.kbytes`). The
+/// partition is paused only while the model server is failing and the window is full,
+/// so fetching stops during an outage; pausing is not used for ordinary flow control
+/// because every resume makes librdkafka drop what it had prefetched and fetch it again.
 async fn partition_worker(
     topic: String,
     partition: i32,
+    mut queue: Option<PartitionQueue<ConsumerCtx>>,
     mut messages: mpsc::Receiver<OwnedMessage>,
     shared: Arc<Shared>,
     consumer: Arc<BaseConsumer<ConsumerCtx>>,
 ) {
     let bound = shared.config.max_in_flight_per_partition;
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    if let Some(queue) = queue.as_mut() {
+        let arrived = arrived.clone();
+        queue.set_nonempty_callback(move || arrived.notify_one());
+    }
     let mut scoring: FuturesOrdered<BoxFuture<'static, Prepared>> = FuturesOrdered::new();
     let mut writing: FuturesOrdered<BoxFuture<'static, Result<Prepared, String>>> = FuturesOrdered::new();
     let mut open = true;
+    let mut paused = false;
+    let mut model_state = shared.model_state.subscribe();
     loop {
+        // Take what there is room for: readings handed over by the poll thread first
+        // (they are older), then the partition's own queue.
+        while open && scoring.len() + writing.len() < bound {
+            let message = match messages.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match queue.as_ref().and_then(|q| q.poll(Duration::ZERO)) {
+                    Some(Ok(message)) => {
+                        shared.metrics.consumed.inc();
+                        message.detach()
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(%topic, partition, %error, "consumer error");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            shared.metrics.in_flight.inc();
+            scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+        }
         if !open && scoring.is_empty() && writing.is_empty() {
             break;
+        }
+        let full = scoring.len() + writing.len() >= bound;
+        if full
+            && !paused
+            && shared.model_failing.load(Ordering::Relaxed)
+            && set_paused(&consumer, &topic, partition, true)
+        {
+            paused = true;
+            shared.metrics.paused_partitions.inc();
         }
         tokio::select! {
             biased;
@@ -316,15 +439,22 @@ async fn partition_worker(
                 Err(fatal) => {
                     tracing::error!(%fatal, "the producer failed fatally: stopping without storing more offsets");
                     let _ = shared.fatal.send(Some(fatal));
-                    return;
+                    break;
                 }
             },
             Some(prepared) = scoring.next() => {
+                if paused && set_paused(&consumer, &topic, partition, false) {
+                    paused = false;
+                    shared.metrics.paused_partitions.dec();
+                }
                 // Handed to the producer here, in the partition's order.
                 let deliveries = enqueue_all(&shared, &prepared.records).await;
                 writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
             }
-            message = messages.recv(), if open && scoring.len() + writing.len() < bound => match message {
+            () = arrived.notified(), if open && !full => {}
+            // A full window and the model server failing: time to pause (above).
+            Ok(()) = model_state.changed(), if full && !paused => {}
+            message = messages.recv(), if open && !full => match message {
                 Some(message) => {
                     shared.metrics.in_flight.inc();
                     scoring.push_back(Box::pin(prepare(shared.clone(), message)));
@@ -332,6 +462,9 @@ async fn partition_worker(
                 None => open = false,
             },
         }
+    }
+    if paused && set_paused(&consumer, &topic, partition, false) {
+        shared.metrics.paused_partitions.dec();
     }
 }
 
@@ -392,6 +525,7 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
     loop {
         match shared.model.score(&reading, source.traceparent()).await {
             Ok(scored) => {
+                shared.set_model_failing(false);
                 return Prepared {
                     offset: source.offset,
                     timestamp: source.timestamp,
@@ -404,6 +538,7 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
             Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
             Err(ScoreError::Rejected(error)) => return dead("model_rejected", &error),
             Err(ScoreError::Transient(error)) => {
+                shared.set_model_failing(true);
                 shared.metrics.model_backoffs.inc();
                 warn_now_and_then(&shared, &error, backoff);
                 tokio::time::sleep(backoff).await;
@@ -499,6 +634,12 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("auto.offset.reset", "earliest"),
     // Commits are cheap and bound the repeats after a crash.
     ("auto.commit.interval.ms", "100"),
+    // How long a broker may hold a fetch that found nothing new. Apache Kafka answers as
+    // soon as a record arrives, but librdkafka's mock cluster (the embedded default) and
+    // tansu 0.6 hold every such fetch for the full wait: at librdkafka's 500 ms that
+    // added 260 ms to the median reading (docs/benchmarks.md). On Kafka, 10 ms only means
+    // more empty fetches while a partition is idle.
+    ("fetch.wait.max.ms", "10"),
     ("statistics.interval.ms", "5000"),
     ("client.id", "vigil-stream-processor"),
 ];

@@ -58,6 +58,17 @@ impl ProcessorProcess {
     }
 }
 
+/// A failed assertion must not leave the process running (it would hold the test's
+/// output pipe open and keep consuming).
+impl Drop for ProcessorProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     let kafka = kafka();
@@ -105,9 +116,11 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     assert_eq!(distinct(&records), total, "every reading scored after the crash");
     let repeats = records.len() - total;
     // Lost with the process: what was in flight (its outputs may be written, its
-    // offset not committed) and what was confirmed since the last auto-commit (100 ms;
-    // allow two intervals for the commit's own round trip).
-    let bound = PARTITIONS as usize * IN_FLIGHT + (rate * 0.2).ceil() as usize;
+    // offset not committed) and what was confirmed since the last auto-commit: one
+    // interval (100 ms) plus the commit's own round trip, which on a loaded 2-core
+    // machine (this test, the processor, the model server and the mock cluster) was
+    // seen to take longer than another interval; 0.5 s in all.
+    let bound = PARTITIONS as usize * IN_FLIGHT + (rate * 0.5).ceil() as usize;
     eprintln!("{repeats} repeats after the crash (bound {bound}, {rate:.0} readings/s)");
     assert!(repeats <= bound, "{repeats} repeats exceed the in-flight windows plus a commit interval ({bound})");
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Readings topic -> scores topic through the stream processor, next to a pass-through
+# consumer -> producer with no RPC, on the same broker: on librdkafka's mock cluster and
+# on tansu (an independent Kafka-protocol broker, installed with cargo when missing).
+# Everything is on loopback. Writes benchmarks/results/stream-processor.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tests/system/lib.sh
+need_tansu
+
+work="$(mktemp -d)"
+cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+cargo bench -p stream-processor --bench pipeline --no-run
+cargo bench -p stream-processor --bench pipeline
+port="$(free_port)"
+start_tansu "$port" "$work/tansu.log"
+VIGIL_BENCH_KAFKA="127.0.0.1:$port" VIGIL_BENCH_KAFKA_NAME="tansu $TANSU_VERSION (memory storage)" \
+  cargo bench -p stream-processor --bench pipeline

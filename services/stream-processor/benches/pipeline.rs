@@ -1,0 +1,538 @@
+//! Benchmark: readings/s and event latency (readings topic -> scores topic) through the
+//! stream processor, next to the ceiling of a pass-through on the same broker: a consumer
+//! group member that copies every record to an output topic with the processor's own
+//! producer settings and stores its offset once Kafka confirmed the copy, but makes no
+//! RPC and decodes nothing.
+//!
+//! Peak: a fixed set of readings is written to a fresh readings topic first; then the
+//! consumer under test starts and the clock runs from the first output record seen on its
+//! output topic to the last (group join time is left out). Rounds alternate the two
+//! consumers, so a slow spell on the shared machine hits both alike; a consumer's figure
+//! is its median round and the share the median of the per-round ratios.
+//!
+//! Latency: readings are then written at a steady rate, half of the processor's peak,
+//! each stamped with its send time as event time; a reader on the output topic takes
+//! `arrival - event time` per record. Both consumers are measured at that same rate.
+//!
+//! Everything runs in this process on loopback: the model server (bundled `car-anomaly`
+//! model, batching on, one replica), the processor, the pass-through, the load and the
+//! readers; the Kafka broker is librdkafka's mock cluster (in this process) or, with
+//! `VIGIL_BENCH_KAFKA=host:port`, an external broker (benchmarks/stream-processor.sh
+//! starts tansu for that).
+//!
+//! Run: `bash benchmarks/stream-processor.sh` (writes
+//! `benchmarks/results/stream-processor.json`; see docs/benchmarks.md).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use embedded_brokers::KafkaCluster;
+use prost::Message as _;
+use proto::vigil::scoring::v1::Score;
+use rdkafka::Offset;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sensor::SensorReading;
+use serde_json::json;
+use stream_processor::config::ProcessorConfig;
+use stream_processor::pipeline::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS, client_config};
+
+// As the stream-processor and model-server binaries.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PARTITIONS: i32 = 4;
+const CARS: usize = 200;
+/// Readings per peak round.
+const PEAK_READINGS: usize = 40_000;
+const PEAK_ROUNDS: usize = 3;
+const LATENCY_ROUNDS: usize = 2;
+const LATENCY_SECONDS: f64 = 6.0;
+/// Readings sent before a latency round's clock starts (the group is joined and warm).
+const WARM_UP_READINGS: usize = 1_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Consumer {
+    PassThrough,
+    Processor,
+}
+
+impl Consumer {
+    fn name(self) -> &'static str {
+        match self {
+            Self::PassThrough => "pass-through (ceiling): consume -> produce, no RPC",
+            Self::Processor => "stream processor: consume -> Predict -> produce",
+        }
+    }
+}
+
+/// The broker under test.
+enum Kafka {
+    Mock(KafkaCluster),
+    /// Bootstrap servers, and a name for the results (`VIGIL_BENCH_KAFKA_NAME`).
+    External(String, String),
+}
+
+impl Kafka {
+    fn name(&self) -> &str {
+        match self {
+            Self::Mock(_) => "librdkafka mock cluster (in process)",
+            Self::External(_, name) => name,
+        }
+    }
+
+    fn bootstrap(&self) -> &str {
+        match self {
+            Self::Mock(cluster) => cluster.bootstrap_servers(),
+            Self::External(servers, _) => servers,
+        }
+    }
+
+    async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Self::Mock(cluster) => cluster.create_topic(name, partitions).unwrap(),
+            Self::External(servers, _) => {
+                let admin: AdminClient<DefaultClientContext> =
+                    rdkafka::ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+                for result in results {
+                    result.map_err(|(topic, code)| format!("creating {topic}: {code}")).unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// A round's topics and group, fresh so no round sees another's records or offsets.
+#[derive(Clone)]
+struct Round {
+    readings: String,
+    output: String,
+    anomalies: String,
+    dead_letters: String,
+    group: String,
+}
+
+impl Round {
+    async fn create(kafka: &Kafka, tag: &str) -> Self {
+        let round = Self {
+            readings: format!("bench-{tag}-readings"),
+            output: format!("bench-{tag}-scores"),
+            anomalies: format!("bench-{tag}-anomalies"),
+            dead_letters: format!("bench-{tag}-dead-letter"),
+            group: format!("bench-{tag}"),
+        };
+        for topic in [&round.readings, &round.output, &round.anomalies] {
+            kafka.create_topic(topic, PARTITIONS).await;
+        }
+        kafka.create_topic(&round.dead_letters, 1).await;
+        round
+    }
+}
+
+/// The consumer under test, running until stopped.
+enum Running {
+    PassThrough { stop: Arc<AtomicBool>, task: tokio::task::JoinHandle<()> },
+    Processor(support::Processor),
+}
+
+impl Running {
+    async fn start(consumer: Consumer, kafka: &Kafka, round: &Round, model: &support::ModelServer) -> Self {
+        match consumer {
+            Consumer::PassThrough => {
+                let stop = Arc::new(AtomicBool::new(false));
+                let task = tokio::spawn(pass_through(kafka.bootstrap().to_owned(), round.clone(), stop.clone()));
+                Self::PassThrough { stop, task }
+            }
+            Consumer::Processor => {
+                let mut config = ProcessorConfig::default();
+                config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap().into());
+                config.model.endpoints = vec![format!("http://{}", model.grpc)];
+                config.readings_topic.clone_from(&round.readings);
+                config.scores_topic.clone_from(&round.output);
+                config.anomalies_topic.clone_from(&round.anomalies);
+                config.dead_letter_topic.clone_from(&round.dead_letters);
+                config.group_id.clone_from(&round.group);
+                config.admin_listen.clear();
+                Self::Processor(support::Processor::start(config).await)
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::PassThrough { stop, task } => {
+                stop.store(true, Ordering::Relaxed);
+                task.await.unwrap();
+            }
+            Self::Processor(processor) => processor.stop().await,
+        }
+    }
+}
+
+/// The ceiling: the processor's consumer and producer settings, offsets stored in order
+/// after each copy is confirmed, the same in-flight bound in all (partitions x the
+/// processor's per-partition default), and nothing else.
+async fn pass_through(bootstrap: String, round: Round, stop: Arc<AtomicBool>) {
+    let defaults = ProcessorConfig::default();
+    let mut common = defaults.kafka.clone();
+    common.insert("bootstrap.servers".into(), bootstrap);
+    let mut consumer_config = client_config(CONSUMER_DEFAULTS, &common, &defaults.consumer);
+    consumer_config.set("group.id", &round.group).set("enable.auto.offset.store", "false");
+    let consumer: Arc<StreamConsumer> = Arc::new(consumer_config.create().unwrap());
+    let producer: FutureProducer = client_config(PRODUCER_DEFAULTS, &common, &defaults.producer).create().unwrap();
+    consumer.subscribe(&[&round.readings]).unwrap();
+    let in_flight = PARTITIONS as usize * defaults.max_in_flight_per_partition;
+    let (pending, mut confirmed) =
+        tokio::sync::mpsc::channel::<(rdkafka::producer::DeliveryFuture, String, i32, i64)>(in_flight);
+    let store = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            while let Some((delivery, topic, partition, offset)) = confirmed.recv().await {
+                delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+                consumer.store_offset(&topic, partition, offset).unwrap();
+            }
+        })
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(message) = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await else { continue };
+        let message = message.unwrap();
+        let mut record = FutureRecord::to(&round.output).payload(message.payload().unwrap_or_default());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        let delivery = producer.send_result(record).map_err(|(e, _)| e).unwrap();
+        let (topic, partition, offset) = (message.topic().to_owned(), message.partition(), message.offset());
+        pending.send((delivery, topic, partition, offset)).await.unwrap();
+    }
+    drop(pending);
+    store.await.unwrap();
+}
+
+/// What a reader saw on an output topic.
+struct Arrivals {
+    first: Instant,
+    last: Instant,
+    records: usize,
+    /// `arrival - event time` of every record not sent as warm-up, in microseconds.
+    latencies_us: Vec<u64>,
+}
+
+/// Reads `topic` from the start until `expected` records arrived (or 120 s pass).
+/// Warm-up readings carry sequence 0; their records count but are not timed.
+fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usize, seen: &AtomicUsize) -> Arrivals {
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "bench-reader") // no offsets are committed
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment.add_partition_offset(topic, partition, Offset::Beginning).unwrap();
+    }
+    reader.assign(&assignment).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut arrivals = Arrivals { first: Instant::now(), last: Instant::now(), records: 0, latencies_us: Vec::new() };
+    while arrivals.records < expected {
+        assert!(Instant::now() < deadline, "{topic}: {} of {expected} records within 120 s", arrivals.records);
+        let Some(message) = reader.poll(Duration::from_millis(100)) else { continue };
+        let message = message.unwrap();
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        if arrivals.records == 0 {
+            arrivals.first = now;
+        }
+        arrivals.last = now;
+        arrivals.records += 1;
+        seen.store(arrivals.records, Ordering::Relaxed);
+        let payload = message.payload().unwrap_or_default();
+        let (sequence, event_time) = match consumer {
+            Consumer::Processor => {
+                let score = Score::decode(payload).unwrap();
+                (score.sequence, score.event_time)
+            }
+            Consumer::PassThrough => {
+                let reading = SensorReading::decode(payload).unwrap();
+                (reading.sequence, reading.event_time)
+            }
+        };
+        if sequence != 0 {
+            let sent = SystemTime::try_from(event_time.unwrap()).unwrap();
+            arrivals.latencies_us.push(wall.duration_since(sent).unwrap_or_default().as_micros() as u64);
+        }
+    }
+    arrivals
+}
+
+fn load_producer(kafka: &Kafka) -> FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap()
+}
+
+/// Writes `readings` to `topic` keyed by device id, as ingest does, and waits for Kafka.
+async fn produce(producer: &FutureProducer, topic: &str, readings: &[SensorReading]) {
+    let mut deliveries = Vec::with_capacity(readings.len());
+    for reading in readings {
+        let payload = reading.encode_to_vec();
+        let record = FutureRecord::to(topic).key(reading.device_id.as_bytes()).payload(&payload);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// A reader on the round's output topic, and how many records it has seen so far.
+fn spawn_reader(
+    kafka: &Kafka,
+    round: &Round,
+    consumer: Consumer,
+    expected: usize,
+) -> (tokio::task::JoinHandle<Arrivals>, Arc<AtomicUsize>) {
+    let (servers, topic) = (kafka.bootstrap().to_owned(), round.output.clone());
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    (tokio::task::spawn_blocking(move || read_outputs(&servers, &topic, consumer, expected, &counter)), seen)
+}
+
+/// Records/s of `consumer` over readings already waiting in the topic.
+async fn peak_round(
+    kafka: &Kafka,
+    model: &support::ModelServer,
+    consumer: Consumer,
+    tag: &str,
+    readings: &[SensorReading],
+) -> f64 {
+    let round = Round::create(kafka, tag).await;
+    produce(&load_producer(kafka), &round.readings, readings).await;
+    let (reader, _) = spawn_reader(kafka, &round, consumer, readings.len());
+    let running = Running::start(consumer, kafka, &round, model).await;
+    let arrivals = reader.await.unwrap();
+    if let Running::Processor(processor) = &running {
+        let mean = |name: &'static str| async move {
+            processor.metric(&format!("{name}_sum")).await / processor.metric(&format!("{name}_count")).await * 1e3
+        };
+        eprintln!(
+            "  processor: mean Predict {:.2} ms, mean reading -> output enqueued {:.2} ms, {} model retries, {} backoffs",
+            mean("processor_model_latency_seconds").await,
+            mean("processor_event_latency_seconds").await,
+            processor.metric("processor_model_retries_total").await,
+            processor.metric("processor_model_backoffs_total").await,
+        );
+    }
+    running.stop().await;
+    (arrivals.records - 1) as f64 / (arrivals.last - arrivals.first).as_secs_f64()
+}
+
+/// Latencies (us, sorted) of `consumer` under a steady `rate` of readings per second.
+async fn latency_round(
+    kafka: &Kafka,
+    model: &support::ModelServer,
+    consumer: Consumer,
+    tag: &str,
+    rate: f64,
+) -> Vec<u64> {
+    let round = Round::create(kafka, tag).await;
+    let mut fleet =
+        support::fleet_readings(CARS, 1 + (WARM_UP_READINGS + (rate * LATENCY_SECONDS) as usize) / CARS, 7).into_iter();
+    let timed = (rate * LATENCY_SECONDS) as usize;
+    let (reader, seen) = spawn_reader(kafka, &round, consumer, WARM_UP_READINGS + timed);
+    let running = Running::start(consumer, kafka, &round, model).await;
+    let producer = load_producer(kafka);
+    let warm_up: Vec<SensorReading> = fleet
+        .by_ref()
+        .take(WARM_UP_READINGS)
+        .map(|mut reading| {
+            reading.sequence = 0;
+            reading
+        })
+        .collect();
+    produce(&producer, &round.readings, &warm_up).await;
+    // The group is joined and every partition flowing before the clock starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.load(Ordering::Relaxed) < WARM_UP_READINGS {
+        assert!(Instant::now() < deadline, "the warm-up readings did not come out within 60 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let tick = Duration::from_millis(5);
+    let per_tick = rate * tick.as_secs_f64();
+    let start = Instant::now();
+    let (mut sent, mut deliveries) = (0usize, Vec::with_capacity(timed));
+    let mut ticker = tokio::time::interval(tick);
+    while sent < timed {
+        ticker.tick().await;
+        let due = ((start.elapsed().as_secs_f64() / tick.as_secs_f64() + 1.0) * per_tick) as usize;
+        while sent < due.min(timed) {
+            let mut reading = fleet.next().expect("enough readings generated");
+            reading.event_time = Some(SystemTime::now().into());
+            let payload = reading.encode_to_vec();
+            let record = FutureRecord::to(&round.readings).key(reading.device_id.as_bytes()).payload(&payload);
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+            sent += 1;
+        }
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    let arrivals = reader.await.unwrap();
+    running.stop().await;
+    let mut latencies = arrivals.latencies_us;
+    assert_eq!(latencies.len(), timed, "every timed reading came out once");
+    latencies.sort_unstable();
+    latencies
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    let index = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    (sorted_us[index] as f64 / 10.0).round() / 100.0
+}
+
+async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serde_json::Value {
+    let readings: Vec<SensorReading> = support::fleet_readings(CARS, PEAK_READINGS / CARS, 11);
+    // `VIGIL_BENCH_CONSUMER=processor` (or `pass-through`): peak rounds of that one only,
+    // printed, not written; for profiling and tuning.
+    if let Ok(only) = std::env::var("VIGIL_BENCH_CONSUMER") {
+        let consumer = match only.as_str() {
+            "processor" => Consumer::Processor,
+            "pass-through" => Consumer::PassThrough,
+            other => panic!("VIGIL_BENCH_CONSUMER: {other:?} is neither processor nor pass-through"),
+        };
+        // `VIGIL_BENCH_RATE=N`: one latency round at N readings/s instead.
+        if let Ok(rate) = std::env::var("VIGIL_BENCH_RATE") {
+            let tag = format!("{run}-only-latency-{consumer:?}").to_lowercase();
+            let rate = rate.parse().expect("VIGIL_BENCH_RATE: readings per second");
+            let latencies = latency_round(kafka, model, consumer, &tag, rate).await;
+            let [p50, p99, max] = [0.5, 0.99, 1.0].map(|p| percentile_ms(&latencies, p));
+            eprintln!("{} at {rate} readings/s: p50 {p50} ms, p99 {p99} ms, max {max} ms", consumer.name());
+            std::process::exit(0);
+        }
+        for round in 0..PEAK_ROUNDS {
+            let tag = format!("{run}-only{round}-{consumer:?}").to_lowercase();
+            let rate = peak_round(kafka, model, consumer, &tag, &readings).await;
+            eprintln!("{:38} {:52} round {round}: {rate:>9.0} readings/s", kafka.name(), consumer.name());
+        }
+        std::process::exit(0);
+    }
+    let mut peak: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for round in 0..PEAK_ROUNDS {
+        let order = if round % 2 == 0 {
+            [Consumer::PassThrough, Consumer::Processor]
+        } else {
+            [Consumer::Processor, Consumer::PassThrough]
+        };
+        for consumer in order {
+            let tag = format!("{run}-peak{round}-{consumer:?}").to_lowercase();
+            let rate = peak_round(kafka, model, consumer, &tag, &readings).await;
+            eprintln!("{:38} {:52} round {round}: {rate:>9.0} readings/s", kafka.name(), consumer.name());
+            peak.entry(if consumer == Consumer::Processor { "processor" } else { "pass_through" })
+                .or_default()
+                .push(rate);
+        }
+    }
+    let shares: Vec<f64> = peak["processor"].iter().zip(&peak["pass_through"]).map(|(p, c)| p / c).collect();
+    let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let share = round3(median(shares.clone()));
+    let processor_peak = median(peak["processor"].clone());
+    eprintln!("  processor at {share} of the pass-through ceiling (median of the per-round ratios)");
+
+    let rate = (processor_peak / 2.0).round();
+    let mut latency_rows = Vec::new();
+    for consumer in [Consumer::Processor, Consumer::PassThrough] {
+        let mut all = Vec::new();
+        let mut by_round = Vec::new();
+        for round in 0..LATENCY_ROUNDS {
+            let tag = format!("{run}-latency{round}-{consumer:?}").to_lowercase();
+            let latencies = latency_round(kafka, model, consumer, &tag, rate).await;
+            let (p50, p99) = (percentile_ms(&latencies, 0.5), percentile_ms(&latencies, 0.99));
+            eprintln!(
+                "{:38} {:52} at {rate} readings/s, round {round}: p50 {p50} ms, p99 {p99} ms, max {} ms",
+                kafka.name(),
+                consumer.name(),
+                percentile_ms(&latencies, 1.0)
+            );
+            by_round.push(json!({ "p50_ms": p50, "p99_ms": p99 }));
+            all.extend(latencies);
+        }
+        all.sort_unstable();
+        latency_rows.push(json!({
+            "consumer": consumer.name(),
+            "readings_per_second": rate,
+            "readings": all.len(),
+            "p50_ms": percentile_ms(&all, 0.5),
+            "p99_ms": percentile_ms(&all, 0.99),
+            "p999_ms": percentile_ms(&all, 0.999),
+            "max_ms": percentile_ms(&all, 1.0),
+            "by_round": by_round,
+        }));
+    }
+    json!({
+        "broker": kafka.name(),
+        "peak": {
+            "readings": readings.len(),
+            "pass_through_readings_per_second": median(peak["pass_through"].clone()).round(),
+            "processor_readings_per_second": processor_peak.round(),
+            "pass_through_by_round": peak["pass_through"].iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "processor_by_round": peak["processor"].iter().map(|r| r.round()).collect::<Vec<_>>(),
+            "share_of_ceiling": share,
+            "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+        },
+        "latency_at_half_processor_peak": latency_rows,
+    })
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = runtime.block_on(async {
+        let kafka = match std::env::var("VIGIL_BENCH_KAFKA") {
+            Ok(servers) => Kafka::External(
+                servers,
+                std::env::var("VIGIL_BENCH_KAFKA_NAME").unwrap_or_else(|_| "external broker".to_owned()),
+            ),
+            Err(_) => Kafka::Mock(KafkaCluster::start(3).unwrap()),
+        };
+        let model = support::ModelServer::start(&["--enable_batching"]).await;
+        // Distinct topic names per run, so an external broker can be reused.
+        let run = format!("{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
+        let result = measure(&kafka, &model, &run).await;
+        model.stop().await;
+        result
+    });
+    let out = support::root().join("benchmarks/results/stream-processor.json");
+    // One file holds the latest run per broker.
+    let mut results: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|file| file["results"].as_array().cloned())
+        .unwrap_or_default();
+    results.retain(|row| row["broker"] != report["broker"]);
+    results.push(report);
+    let file = json!({
+        "benchmark": "readings topic -> scores topic through the stream processor (one Predict per reading to an \
+                      in-process model server, batching on) vs a pass-through consumer -> producer with the \
+                      processor's Kafka settings and no RPC, on the same broker; one machine, one process",
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "partitions": PARTITIONS, "cars": CARS, "peak_rounds": PEAK_ROUNDS,
+        "latency_rounds": LATENCY_ROUNDS, "latency_seconds_per_round": LATENCY_SECONDS,
+        "results": results,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&file).unwrap() + "\n").unwrap();
+    eprintln!("wrote {}", out.display());
+}
