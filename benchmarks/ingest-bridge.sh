@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # MQTT -> Kafka readings/s through ingest next to the ceiling of the same broker delivering
 # to a subscriber that discards, for fleets of 100 and 2,000 cars, in one run: on the
-# embedded rumqttd and on Mosquitto (Debian's, installed when missing). Kafka is
-# librdkafka's mock cluster in the bench process; everything is on loopback.
-# Writes benchmarks/results/ingest-bridge.json.
+# embedded rumqttd and on Mosquitto (Debian's, installed when missing). Kafka is first
+# librdkafka's mock cluster in the bench process, then tansu in its own process (installed
+# with cargo when missing), so the second run charges the bench process with ingest's
+# work only. Everything is on loopback. Writes benchmarks/results/ingest-bridge.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tests/system/lib.sh
 need_debian_packages mosquitto mosquitto
+need_tansu
 
 work="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
@@ -25,4 +27,9 @@ CONF
 chmod 0755 "$work"; chmod 0644 "$work/mosquitto.conf"
 mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 wait_for_port "$port" || { cat "$work/mosquitto.log"; exit 1; }
+cargo bench -p ingest --bench bridge --no-run
 VIGIL_BENCH_MOSQUITTO_PORT="$port" cargo bench -p ingest --bench bridge
+kafka_port="$(free_port)"
+start_tansu "$kafka_port" "$work/tansu.log"
+VIGIL_BENCH_MOSQUITTO_PORT="$port" VIGIL_BENCH_KAFKA="127.0.0.1:$kafka_port" \
+  VIGIL_BENCH_KAFKA_NAME="tansu $TANSU_VERSION (memory storage)" cargo bench -p ingest --bench bridge

@@ -5,7 +5,8 @@
 //! readings while the consumer is offline, so they queue in the consumer's persistent
 //! session on the embedded broker (rumqttd); then the consumer connects and the clock runs
 //! until it has taken all of them. The consumer is either ingest (in this process, writing
-//! to librdkafka's mock cluster, the clock stopping when its last PUBACK was sent, that is
+//! to librdkafka's mock cluster in this process, or with `VIGIL_BENCH_KAFKA=host:port` an
+//! external broker, the clock stopping when its last PUBACK was sent, that is
 //! after Kafka confirmed every reading) or the ceiling: a rumqttc MQTT 5 client that
 //! acknowledges on arrival and discards. Both have the same broker, session settings and
 //! receive maximum, and the publishers are not running while either is timed, so the
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use device_simulator::fleet::FleetOptions;
 use device_simulator::metrics::PublishMetrics;
 use device_simulator::publish::{PublishOptions, publish};
-use embedded_brokers::{KafkaCluster, MqttBroker};
+use embedded_brokers::{KafkaUnderTest, MqttBroker};
 use ingest::config::{IngestConfig, MqttProtocol, PayloadKind, RuleConfig};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -36,7 +37,6 @@ const FLEETS: [(usize, usize); 2] = [(100, 10), (2_000, 100)];
 const ROUNDS: usize = 3;
 /// Ingest's default, and the ceiling subscriber's receive maximum alike.
 const IN_FLIGHT: usize = 1000;
-const TOPIC: &str = "bench-readings";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Consumer {
@@ -65,7 +65,10 @@ struct Mqtt {
 
 struct Brokers {
     mqtt: Mqtt,
-    kafka: KafkaCluster,
+    kafka: KafkaUnderTest,
+    /// Named per run, so an external Kafka broker can be reused.
+    readings_topic: String,
+    dead_letter_topic: String,
 }
 
 /// Publishes `per_car` readings from each car of `fleet` under `prefix/<device>`.
@@ -135,12 +138,13 @@ fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str) -> IngestConf
     config.rules = vec![RuleConfig {
         filter: Some(format!("{prefix}/+")),
         regex: None,
-        topic: TOPIC.to_owned(),
+        topic: brokers.readings_topic.clone(),
         key: None,
         device_id: Some("{level:2}".to_owned()),
         payload: PayloadKind::SensorReading,
     }];
     config.kafka.insert("bootstrap.servers".into(), brokers.kafka.bootstrap_servers().into());
+    config.dead_letter_topic = brokers.dead_letter_topic.clone();
     config.max_in_flight = IN_FLIGHT;
     if let Ok(linger) = std::env::var("VIGIL_BENCH_LINGER_MS") {
         config.kafka.insert("linger.ms".into(), linger);
@@ -300,8 +304,8 @@ fn process_cpu_seconds() -> f64 {
 
 /// The Kafka side alone: the records ingest would write for the same fleet (converted
 /// beforehand, untimed) sent through ingest's own `Sink` with the same in-flight bound
-/// and in order, as ingest does. The Kafka broker (the mock cluster) runs in this
-/// process, on the same cores, in every round that writes to Kafka.
+/// and in order, as ingest does. The mock cluster, when it is the Kafka broker, runs in
+/// this process, on the same cores, in every round that writes to Kafka.
 async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) -> f64 {
     use futures::StreamExt as _;
     let prefix = format!("bench/{tag}");
@@ -355,10 +359,15 @@ fn main() {
     });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut rows = Vec::new();
+    let mut kafka_name = String::new();
     runtime.block_on(async {
-        let kafka = KafkaCluster::start(3).unwrap();
-        kafka.create_topic(TOPIC, 4).unwrap();
-        kafka.create_topic(ingest::config::DEFAULT_DEAD_LETTER_TOPIC, 1).unwrap();
+        let kafka = KafkaUnderTest::from_env().unwrap();
+        let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let (readings_topic, dead_letter_topic) =
+            (format!("bench-readings-{run}"), format!("bench-dead-letters-{run}"));
+        kafka.create_topic(&readings_topic, 4).await.unwrap();
+        kafka.create_topic(&dead_letter_topic, 1).await.unwrap();
+        kafka_name = kafka.name().to_owned();
         let embedded = MqttBroker::start().unwrap();
         let mut brokers = vec![Mqtt {
             name: "rumqttd (embedded)",
@@ -372,9 +381,15 @@ fn main() {
         let mut kafka = Some(kafka);
         for mqtt in brokers {
             let name = mqtt.name;
-            let under_test = Brokers { mqtt, kafka: kafka.take().unwrap() };
+            let under_test = Brokers {
+                mqtt,
+                kafka: kafka.take().unwrap(),
+                readings_topic: readings_topic.clone(),
+                dead_letter_topic: dead_letter_topic.clone(),
+            };
             for mut row in measure(&under_test, only).await {
                 row["broker"] = json!(name);
+                row["kafka"] = json!(under_test.kafka.name());
                 rows.push(row);
             }
             kafka = Some(under_test.kafka);
@@ -384,8 +399,17 @@ fn main() {
         return;
     }
     let out = root.join("benchmarks/results/ingest-bridge.json");
+    // One file holds the latest run per Kafka broker.
+    let mut kept: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|file| file["results"].as_array().cloned())
+        .unwrap_or_default();
+    kept.retain(|row| row["kafka"].as_str().is_some_and(|kafka| kafka != kafka_name));
+    kept.extend(rows);
+    let rows = kept;
     let report = json!({
-        "benchmark": "MQTT -> Kafka readings/s: ingest (rumqttd -> ingest -> librdkafka mock cluster, ack after Kafka) \
+        "benchmark": "MQTT -> Kafka readings/s: ingest (MQTT broker -> ingest -> Kafka broker, ack after Kafka) \
                       vs the same broker delivering to a subscriber that discards; readings queued in a persistent \
                       session, then drained; one machine",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),

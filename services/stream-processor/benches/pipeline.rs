@@ -30,12 +30,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use embedded_brokers::KafkaCluster;
+use embedded_brokers::KafkaUnderTest as Kafka;
 use prost::Message as _;
 use proto::vigil::scoring::v1::Score;
 use rdkafka::Offset;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -73,44 +71,6 @@ impl Consumer {
     }
 }
 
-/// The broker under test.
-enum Kafka {
-    Mock(KafkaCluster),
-    /// Bootstrap servers, and a name for the results (`VIGIL_BENCH_KAFKA_NAME`).
-    External(String, String),
-}
-
-impl Kafka {
-    fn name(&self) -> &str {
-        match self {
-            Self::Mock(_) => "librdkafka mock cluster (in process)",
-            Self::External(_, name) => name,
-        }
-    }
-
-    fn bootstrap(&self) -> &str {
-        match self {
-            Self::Mock(cluster) => cluster.bootstrap_servers(),
-            Self::External(servers, _) => servers,
-        }
-    }
-
-    async fn create_topic(&self, name: &str, partitions: i32) {
-        match self {
-            Self::Mock(cluster) => cluster.create_topic(name, partitions).unwrap(),
-            Self::External(servers, _) => {
-                let admin: AdminClient<DefaultClientContext> =
-                    rdkafka::ClientConfig::new().set("bootstrap.servers", servers).create().unwrap();
-                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-                let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
-                for result in results {
-                    result.map_err(|(topic, code)| format!("creating {topic}: {code}")).unwrap();
-                }
-            }
-        }
-    }
-}
-
 /// A round's topics and group, fresh so no round sees another's records or offsets.
 #[derive(Clone)]
 struct Round {
@@ -131,9 +91,9 @@ impl Round {
             group: format!("bench-{tag}"),
         };
         for topic in [&round.readings, &round.output, &round.anomalies] {
-            kafka.create_topic(topic, PARTITIONS).await;
+            kafka.create_topic(topic, PARTITIONS).await.unwrap();
         }
-        kafka.create_topic(&round.dead_letters, 1).await;
+        kafka.create_topic(&round.dead_letters, 1).await.unwrap();
         round
     }
 }
@@ -149,12 +109,13 @@ impl Running {
         match consumer {
             Consumer::PassThrough => {
                 let stop = Arc::new(AtomicBool::new(false));
-                let task = tokio::spawn(pass_through(kafka.bootstrap().to_owned(), round.clone(), stop.clone()));
+                let task =
+                    tokio::spawn(pass_through(kafka.bootstrap_servers().to_owned(), round.clone(), stop.clone()));
                 Self::PassThrough { stop, task }
             }
             Consumer::Processor => {
                 let mut config = ProcessorConfig::default();
-                config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap().into());
+                config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
                 config.model.endpoints = vec![format!("http://{}", model.grpc)];
                 config.readings_topic.clone_from(&round.readings);
                 config.scores_topic.clone_from(&round.output);
@@ -162,6 +123,12 @@ impl Running {
                 config.dead_letter_topic.clone_from(&round.dead_letters);
                 config.group_id.clone_from(&round.group);
                 config.admin_listen.clear();
+                // `VIGIL_BENCH_DELIVERY=exactly-once`: the processor in transactions
+                // (with VIGIL_BENCH_CONSUMER, printed only).
+                if std::env::var("VIGIL_BENCH_DELIVERY").is_ok_and(|d| d == "exactly-once") {
+                    config.delivery = stream_processor::config::Delivery::ExactlyOnce;
+                    config.transactional_id = format!("{}-transactions", round.group);
+                }
                 Self::Processor(support::Processor::start(config).await)
             }
         }
@@ -275,7 +242,7 @@ fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usiz
 
 fn load_producer(kafka: &Kafka) -> FutureProducer {
     rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap())
+        .set("bootstrap.servers", kafka.bootstrap_servers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "0")
         .create()
@@ -302,7 +269,7 @@ fn spawn_reader(
     consumer: Consumer,
     expected: usize,
 ) -> (tokio::task::JoinHandle<Arrivals>, Arc<AtomicUsize>) {
-    let (servers, topic) = (kafka.bootstrap().to_owned(), round.output.clone());
+    let (servers, topic) = (kafka.bootstrap_servers().to_owned(), round.output.clone());
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
     (tokio::task::spawn_blocking(move || read_outputs(&servers, &topic, consumer, expected, &counter)), seen)
@@ -501,13 +468,7 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let report = runtime.block_on(async {
-        let kafka = match std::env::var("VIGIL_BENCH_KAFKA") {
-            Ok(servers) => Kafka::External(
-                servers,
-                std::env::var("VIGIL_BENCH_KAFKA_NAME").unwrap_or_else(|_| "external broker".to_owned()),
-            ),
-            Err(_) => Kafka::Mock(KafkaCluster::start(3).unwrap()),
-        };
+        let kafka = Kafka::from_env().unwrap();
         let model = support::ModelServer::start(&["--enable_batching"]).await;
         // Distinct topic names per run, so an external broker can be reused.
         let run = format!("{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());

@@ -36,6 +36,17 @@ pub struct ProcessorConfig {
     pub rebalance_drain_seconds: u64,
     /// On shutdown: how long in-flight work may take to finish and commit.
     pub shutdown_grace_seconds: u64,
+    /// `at-least-once` (the default) or `exactly-once` (Kafka transactions); see
+    /// docs/stream-processor.md for what each costs.
+    pub delivery: Delivery,
+    /// Exactly-once: how often the open transaction (outputs and offsets) is committed.
+    /// Readers with `isolation.level=read_committed` see outputs this much later.
+    pub transaction_interval_ms: u64,
+    /// Exactly-once: the producer's `transactional.id`; empty: `<group_id>-<host name>`.
+    /// Every processor needs its own, stable across its restarts (a restarted one then
+    /// aborts what its predecessor left open at once instead of after the transaction
+    /// timeout).
+    pub transactional_id: String,
     /// /live, /ready, /metrics; empty: not served.
     pub admin_listen: String,
     pub model: ModelConfig,
@@ -46,6 +57,16 @@ pub struct ProcessorConfig {
     pub consumer: BTreeMap<String, String>,
     /// librdkafka properties for the producer only (after `kafka`).
     pub producer: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Offsets are committed once a reading's outputs are confirmed; after a crash the
+    /// readings in flight since the last commit are scored and written again.
+    AtLeastOnce,
+    /// Outputs and offsets are committed in one Kafka transaction.
+    ExactlyOnce,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +150,9 @@ impl Default for ProcessorConfig {
             max_in_flight_per_partition: 256,
             rebalance_drain_seconds: 20,
             shutdown_grace_seconds: 30,
+            delivery: Delivery::AtLeastOnce,
+            transaction_interval_ms: 100,
+            transactional_id: String::new(),
             admin_listen: "0.0.0.0:9103".into(),
             model: ModelConfig::default(),
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
@@ -150,11 +174,27 @@ pub struct Overrides {
     pub model_endpoints: Option<String>,
     pub group_id: Option<String>,
     pub admin_listen: Option<String>,
+    /// `at-least-once` or `exactly-once`.
+    pub delivery: Option<String>,
 }
 
 const ENV_PREFIX: &str = "PROCESSOR_";
 
 impl ProcessorConfig {
+    /// The producer's `transactional.id` in exactly-once mode.
+    pub fn transactional_id(&self) -> String {
+        if !self.transactional_id.is_empty() {
+            return self.transactional_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|host| host.trim().to_owned())
+            .filter(|host| !host.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{}-{host}", self.group_id)
+    }
+
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
@@ -165,6 +205,7 @@ impl ProcessorConfig {
             (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
             (&["group_id"], overrides.group_id.clone()),
             (&["admin_listen"], overrides.admin_listen.clone()),
+            (&["delivery"], overrides.delivery.clone()),
         ];
         let mut config =
             layered_config::load(&ProcessorConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
@@ -182,6 +223,12 @@ impl ProcessorConfig {
         }
         if self.model.concurrency_limit == 0 {
             return error("model.concurrency_limit must be at least 1".into());
+        }
+        if self.delivery == Delivery::ExactlyOnce && self.transaction_interval_ms == 0 {
+            return error("transaction_interval_ms must be at least 1".into());
+        }
+        if self.producer.contains_key("transactional.id") || self.kafka.contains_key("transactional.id") {
+            return error("transactional.id is set by the processor: use transactional_id (exactly-once only)".into());
         }
         if self.model.endpoints.is_empty() {
             return error("model.endpoints is empty: there is no model server to call".into());
@@ -286,6 +333,17 @@ timeout_ms = 300
         assert!(load(&[("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", "0")]).contains("max_in_flight_per_partition"));
         assert!(load(&[("PROCESSOR_OUTPUT_FORMAT", "xml")]).contains("xml"));
         assert!(load(&[("PROCESSOR_SCORES_TOPIC", "vigil-readings")]).contains("differ"));
+        assert!(load(&[("PROCESSOR_DELIVERY", "exactly-twice")]).contains("exactly-twice"));
+        assert!(load(&[("PROCESSOR_PRODUCER__TRANSACTIONAL_ID", "x")]).contains("transactional_id"));
+        let exactly_once = ProcessorConfig::load(
+            None,
+            env(&[("PROCESSOR_TRANSACTIONAL_ID", "processor-0")]),
+            &Overrides { delivery: Some("exactly-once".into()), ..Overrides::default() },
+        )
+        .unwrap();
+        assert_eq!(exactly_once.delivery, Delivery::ExactlyOnce);
+        assert_eq!(exactly_once.transactional_id(), "processor-0");
+        assert!(ProcessorConfig::default().transactional_id().starts_with("vigil-stream-processor-"), "group and host");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("p.toml");
         std::fs::write(&file, "[model]\ntimeuot_ms = 5\n").unwrap();

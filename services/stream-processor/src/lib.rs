@@ -1,6 +1,7 @@
 //! Vigil's stream processor: every reading on the readings topic is scored by the model
 //! server (one gRPC `Predict` per event) and its score, and anomaly when it is one, is
-//! written back to Kafka, in order per partition and at least once.
+//! written back to Kafka, in order per partition and at least once (or, with
+//! `delivery = "exactly-once"`, in Kafka transactions: [`transactions`]).
 //!
 //! ```text
 //!  readings topic ──▶ pipeline (consumer group; a worker per partition, bounded)
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod transactions;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,7 +36,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::Producer as _;
 use tokio::net::TcpListener;
 
-use crate::config::ProcessorConfig;
+use crate::config::{Delivery, ProcessorConfig};
 use crate::pipeline::{CONSUMER_DEFAULTS, ConsumerCtx, PRODUCER_DEFAULTS, Shared, Workers};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,7 @@ pub enum ProcessorError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("the kafka producer failed fatally: {0}")]
+    #[error("stopped: {0}")]
     Fatal(String),
 }
 
@@ -86,8 +88,18 @@ pub async fn run(
     });
 
     let model = model::ModelClient::new(&config.model, metrics.clone()).map_err(ProcessorError::Config)?;
-    let producer: rdkafka::producer::FutureProducer =
-        pipeline::client_config(PRODUCER_DEFAULTS, &config.kafka, &config.producer).create()?;
+    let exactly_once = config.delivery == Delivery::ExactlyOnce;
+    let mut producer_config = pipeline::client_config(PRODUCER_DEFAULTS, &config.kafka, &config.producer);
+    if exactly_once {
+        // A transaction must finish within transaction.timeout.ms, so a record may not
+        // wait forever (message.timeout.ms 0) inside one.
+        let transaction_timeout = producer_config.get("transaction.timeout.ms").unwrap_or("60000").to_owned();
+        producer_config
+            .set("transactional.id", config.transactional_id())
+            .set("transaction.timeout.ms", &transaction_timeout)
+            .set("message.timeout.ms", &transaction_timeout);
+    }
+    let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
     let workers = Arc::new(Mutex::new(Workers::default()));
     let runtime = tokio::runtime::Handle::current();
     let context = ConsumerCtx::new(
@@ -99,7 +111,8 @@ pub async fn run(
     let mut consumer_config = pipeline::client_config(CONSUMER_DEFAULTS, &config.kafka, &config.consumer);
     consumer_config
         .set("group.id", &config.group_id)
-        .set("enable.auto.commit", "true")
+        // Exactly-once: offsets are committed in the producer's transactions instead.
+        .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
         .set("enable.auto.offset.store", "false");
     let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(consumer_config.create_with_context(context)?);
 
@@ -122,8 +135,19 @@ pub async fn run(
             }
         }
     }
+    let transactions = if exactly_once {
+        let producer = producer.clone();
+        let id = config.transactional_id();
+        tracing::info!(transactional_id = %id, "exactly-once: outputs and offsets are committed in Kafka transactions");
+        let started = tokio::task::spawn_blocking(move || transactions::Transactions::start(producer))
+            .await
+            .map_err(|e| ProcessorError::Config(format!("starting transactions: {e}")))?;
+        Some(started.map_err(|e| ProcessorError::Fatal(format!("starting transactions as {id}: {e}")))?)
+    } else {
+        None
+    };
     let (fatal, mut fatal_seen) = tokio::sync::watch::channel(None);
-    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, fatal));
+    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, transactions, fatal));
     consumer.context().wire(&consumer, shared.clone());
     consumer.subscribe(&[config.readings_topic.as_str()])?;
     tracing::info!(topic = %config.readings_topic, group = %config.group_id, "consuming");

@@ -15,7 +15,10 @@ use stream_processor::config::{Overrides, ProcessorConfig};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(version, about = "Scores every reading on the readings topic with the model server, in order, at least once")]
+#[command(
+    version,
+    about = "Scores every reading on the readings topic with the model server, in order, at least once or exactly once"
+)]
 struct Cli {
     /// TOML config file.
     #[arg(long, env = "PROCESSOR_CONFIG")]
@@ -32,6 +35,9 @@ struct Cli {
     /// /live, /ready, /metrics address (`admin_listen`); empty: not served.
     #[arg(long)]
     admin_listen: Option<String>,
+    /// `at-least-once` (default) or `exactly-once` (Kafka transactions) (`delivery`).
+    #[arg(long)]
+    delivery: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -50,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
         model_endpoints: cli.model_endpoints,
         group_id: cli.group_id,
         admin_listen: cli.admin_listen,
+        delivery: cli.delivery,
     };
     let config = ProcessorConfig::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
     if cli.print_config {

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// From the reading's Kafka timestamp to Kafka confirming its outputs.
     pub event_latency: Histogram,
     pub produce_retries: IntCounter,
+    /// Exactly-once mode: transactions committed or failed.
+    pub transactions: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,6 +98,10 @@ impl Metrics {
                 .buckets(latency_buckets),
             )?,
             produce_retries: IntCounter::new("processor_produce_retries_total", "Sends retried after a Kafka error")?,
+            transactions: IntCounterVec::new(
+                Opts::new("processor_transactions_total", "Exactly-once mode: Kafka transactions, by outcome"),
+                &["outcome"],
+            )?,
         };
         registry.register(Box::new(metrics.consumed.clone()))?;
         registry.register(Box::new(metrics.scored.clone()))?;
@@ -113,6 +119,7 @@ impl Metrics {
         registry.register(Box::new(metrics.model_replicas.clone()))?;
         registry.register(Box::new(metrics.event_latency.clone()))?;
         registry.register(Box::new(metrics.produce_retries.clone()))?;
+        registry.register(Box::new(metrics.transactions.clone()))?;
         Ok(metrics)
     }
 }

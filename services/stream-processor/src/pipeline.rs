@@ -47,6 +47,7 @@ use crate::config::ProcessorConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelClient, ScoreError};
 use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
+use crate::transactions::Transactions;
 
 /// What the workers share.
 pub struct Shared {
@@ -54,7 +55,10 @@ pub struct Shared {
     pub model: ModelClient,
     pub config: Arc<ProcessorConfig>,
     pub metrics: Metrics,
-    /// Set when the producer failed fatally: the processor must stop.
+    /// Exactly-once mode: outputs and offsets go into Kafka transactions instead of
+    /// offsets being stored once outputs are confirmed.
+    pub transactions: Option<Transactions>,
+    /// Set when the producer failed fatally or a transaction failed: the processor must stop.
     pub fatal: tokio::sync::watch::Sender<Option<String>>,
     /// Unix seconds of the last "model server unavailable" warning (one per 5 s).
     last_warning: AtomicU64,
@@ -70,6 +74,7 @@ impl Shared {
         model: ModelClient,
         config: Arc<ProcessorConfig>,
         metrics: Metrics,
+        transactions: Option<Transactions>,
         fatal: tokio::sync::watch::Sender<Option<String>>,
     ) -> Self {
         Self {
@@ -77,6 +82,7 @@ impl Shared {
             model,
             config,
             metrics,
+            transactions,
             fatal,
             last_warning: AtomicU64::new(0),
             model_failing: AtomicBool::new(false),
@@ -170,14 +176,14 @@ fn spawn_worker(
 
 /// Lets the workers of `partitions` finish what they hold (under `drain_for`), so their
 /// offsets are stored; what is still unfinished after that is abandoned, for the next
-/// owner to redo.
+/// owner to redo. `false` when some worker had to be abandoned.
 fn drain(
     workers: &Mutex<Workers>,
     runtime: &Handle,
     drain_for: Duration,
     metrics: &Metrics,
     partitions: &[(String, i32)],
-) {
+) -> bool {
     let mut stopping = Vec::new();
     {
         let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,29 +200,35 @@ fn drain(
         }
     }
     if stopping.is_empty() {
-        return;
+        return true;
     }
     let deadline = tokio::time::Instant::now() + drain_for;
     runtime.block_on(async {
+        let mut finished = true;
         for ((topic, partition), task) in &mut stopping {
             if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
                 tracing::warn!(topic = %topic, partition = *partition, "in-flight work did not finish in time; the next owner redoes it");
                 task.abort();
                 let _ = task.await;
+                finished = false;
             }
         }
-    });
+        finished
+    })
 }
 
 impl ClientContext for ConsumerCtx {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
             for (partition, stats) in &stats.partitions {
-                if *partition >= 0 && stats.consumer_lag_stored >= 0 {
+                // Exactly-once stores no offsets (they go into transactions): lag from
+                // the committed offset then.
+                let lag = if stats.consumer_lag_stored >= 0 { stats.consumer_lag_stored } else { stats.consumer_lag };
+                if *partition >= 0 && lag >= 0 {
                     self.metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), partition.to_string().as_str()])
-                        .set(stats.consumer_lag_stored);
+                        .set(lag);
                 }
             }
         }
@@ -231,8 +243,11 @@ impl ConsumerContext for ConsumerCtx {
                 let keys: Vec<(String, i32)> =
                     partitions.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
                 tracing::info!(partitions = keys.len(), "partitions revoked: finishing their in-flight work");
-                drain(&self.workers, &self.runtime, self.drain_for, &self.metrics, &keys);
-                commit_stored(consumer);
+                let finished = drain(&self.workers, &self.runtime, self.drain_for, &self.metrics, &keys);
+                match self.wiring.get() {
+                    Some(wiring) => commit_drained(consumer, &wiring.shared, finished),
+                    None => commit_stored(consumer),
+                }
             }
             Rebalance::Assign(partitions) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
@@ -248,6 +263,39 @@ impl ConsumerContext for ConsumerCtx {
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.metrics.assigned_partitions.set(assigned as i64);
+    }
+}
+
+/// Commits what is done: the open transaction in exactly-once mode (a failure stops the
+/// processor), else the stored offsets.
+fn commit(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared) {
+    match &shared.transactions {
+        Some(transactions) => match transactions.commit(consumer) {
+            Ok(true) => shared.metrics.transactions.with_label_values(&["committed"]).inc(),
+            Ok(false) => {}
+            Err(error) => {
+                shared.metrics.transactions.with_label_values(&["failed"]).inc();
+                let _ = shared.fatal.send(Some(error.to_string()));
+            }
+        },
+        None => commit_stored(consumer),
+    }
+}
+
+/// After draining: commits, unless in exactly-once mode a worker had to be abandoned (it
+/// may have left part of a reading's outputs in the open transaction without its offset):
+/// then the transaction is aborted and the processor stops, and the readings since the
+/// last commit are redone from the committed offsets.
+fn commit_drained(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared, finished: bool) {
+    match &shared.transactions {
+        Some(transactions) if transactions.is_broken() => transactions.abort(),
+        Some(transactions) if !finished => {
+            transactions.abort();
+            shared.metrics.transactions.with_label_values(&["failed"]).inc();
+            let error = "exactly-once: in-flight work did not finish in time; its transaction was aborted";
+            let _ = shared.fatal.send(Some(error.to_owned()));
+        }
+        _ => commit(consumer, shared),
     }
 }
 
@@ -271,7 +319,13 @@ pub fn poll_loop(
     stop: Arc<AtomicBool>,
     runtime: Handle,
 ) {
+    let transaction_interval = Duration::from_millis(shared.config.transaction_interval_ms);
+    let mut last_commit = std::time::Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if shared.transactions.is_some() && last_commit.elapsed() >= transaction_interval {
+            commit(&consumer, &shared);
+            last_commit = std::time::Instant::now();
+        }
         let mut waiting = false;
         {
             let mut workers = workers.lock().unwrap_or_else(|e| e.into_inner());
@@ -298,6 +352,7 @@ pub fn poll_loop(
         }
         // Poll more often while some partition waits for room.
         let timeout = if waiting { Duration::from_millis(5) } else { Duration::from_millis(100) };
+        let timeout = if shared.transactions.is_some() { timeout.min(transaction_interval) } else { timeout };
         let message = match consumer.poll(timeout) {
             None => continue,
             Some(Err(error)) => {
@@ -330,8 +385,8 @@ pub fn poll_loop(
     let all: Vec<(String, i32)> = workers.lock().unwrap_or_else(|e| e.into_inner()).0.keys().cloned().collect();
     tracing::info!(partitions = all.len(), "stopping: finishing in-flight work");
     let grace = Duration::from_secs(shared.config.shutdown_grace_seconds);
-    drain(&workers, &runtime, grace, &shared.metrics, &all);
-    commit_stored(&consumer);
+    let finished = drain(&workers, &runtime, grace, &shared.metrics, &all);
+    commit_drained(&consumer, &shared, finished);
     consumer.unsubscribe();
     tracing::info!("consumer stopped; offsets committed");
 }
@@ -431,7 +486,9 @@ async fn partition_worker(
                 Ok(done) => {
                     shared.metrics.in_flight.dec();
                     record_written(&shared.metrics, &done);
-                    if let Err(error) = consumer.store_offset(&topic, partition, done.offset) {
+                    if shared.transactions.is_some() {
+                        // Its offset went into the transaction with its outputs.
+                    } else if let Err(error) = consumer.store_offset(&topic, partition, done.offset) {
                         // The partition was taken away meanwhile: its next owner redoes it.
                         tracing::debug!(%topic, partition, %error, "storing an offset failed");
                     }
@@ -448,8 +505,29 @@ async fn partition_worker(
                     shared.metrics.paused_partitions.dec();
                 }
                 // Handed to the producer here, in the partition's order.
-                let deliveries = enqueue_all(&shared, &prepared.records).await;
-                writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
+                if let Some(transactions) = &shared.transactions {
+                    let Some(_open) = transactions.enter().await else {
+                        // A transaction failed; the processor is stopping.
+                        break;
+                    };
+                    match enqueue_all_in_transaction(&shared, &prepared.records).await {
+                        Ok(deliveries) => {
+                            transactions.record(&topic, partition, prepared.offset);
+                            writing.push_back(Box::pin(delivered(prepared, deliveries)));
+                        }
+                        Err(error) => {
+                            // Typically the open transaction already failed (a record
+                            // Kafka refused): it is aborted at shutdown.
+                            let error = format!("exactly-once: the transaction cannot take more records ({error})");
+                            tracing::error!(%error, "stopping");
+                            let _ = shared.fatal.send(Some(error));
+                            break;
+                        }
+                    }
+                } else {
+                    let deliveries = enqueue_all(&shared, &prepared.records).await;
+                    writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
+                }
             }
             () = arrived.notified(), if open && !full => {}
             // A full window and the model server failing: time to pause (above).
@@ -592,6 +670,38 @@ async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
     }
 }
 
+/// Exactly-once: hands every record to the producer, in order, waiting while its queue is
+/// full; any other refusal means the transaction is unusable.
+async fn enqueue_all_in_transaction(shared: &Shared, records: &[OutRecord]) -> Result<Vec<DeliveryFuture>, String> {
+    let mut deliveries = Vec::with_capacity(records.len());
+    for record in records {
+        loop {
+            match shared.producer.send_result(future_record(record)) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(format!("producing to {}: {error}", record.topic)),
+            }
+        }
+    }
+    Ok(deliveries)
+}
+
+/// Exactly-once: waits for the records' delivery reports. A failed one is not sent again
+/// (the transaction's commit fails and aborts instead); it only bounds the window.
+async fn delivered(prepared: Prepared, deliveries: Vec<DeliveryFuture>) -> Result<Prepared, String> {
+    for delivery in deliveries {
+        if let Ok(Err((error, _))) = delivery.await {
+            tracing::warn!(%error, "exactly-once: Kafka did not take a record; the transaction will abort");
+        }
+    }
+    Ok(prepared)
+}
+
 /// Waits for Kafka to confirm each record (sending again what failed); `Err` only when
 /// the producer failed fatally.
 async fn confirm(shared: Arc<Shared>, prepared: Prepared, deliveries: Vec<DeliveryFuture>) -> Result<Prepared, String> {
@@ -605,7 +715,7 @@ async fn confirm(shared: Arc<Shared>, prepared: Prepared, deliveries: Vec<Delive
                 Err(_) => KafkaError::Canceled,
             };
             if let Some((code, reason)) = shared.producer.client().fatal_error() {
-                return Err(format!("{code:?}: {reason}"));
+                return Err(format!("the Kafka producer failed fatally: {code:?}: {reason}"));
             }
             tracing::warn!(topic = %record.topic, %error, "Kafka did not take a record; sending it again");
             shared.metrics.produce_retries.inc();

@@ -14,11 +14,16 @@
 //! and is driven through a channel.
 //!
 //! [`Outage`] is a TCP relay that can cut its connections, to test reconnecting clients.
+//!
+//! [`KafkaUnderTest`] is what benchmarks run against: the mock cluster, or an external
+//! broker named in the environment.
 
 #![forbid(unsafe_code)]
 
 mod outage;
+mod under_test;
 pub use outage::Outage;
+pub use under_test::KafkaUnderTest;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -141,6 +146,12 @@ enum ClusterCommand {
         partitions: i32,
         done: mpsc::Sender<Result<(), String>>,
     },
+    /// The next requests of one kind fail with these errors, one each.
+    RequestErrors {
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: Vec<rdkafka::types::RDKafkaRespErr>,
+        done: mpsc::Sender<Result<(), String>>,
+    },
     /// All brokers down (`false`) or up (`true`).
     SetBrokersUp {
         up: bool,
@@ -169,6 +180,10 @@ impl KafkaCluster {
                     match command {
                         ClusterCommand::CreateTopic { name, partitions, done } => {
                             let _ = done.send(cluster.create_topic(&name, partitions, 1).map_err(|e| e.to_string()));
+                        }
+                        ClusterCommand::RequestErrors { api, errors, done } => {
+                            cluster.request_errors(api, &errors);
+                            let _ = done.send(Ok(()));
                         }
                         ClusterCommand::SetBrokersUp { up, done } => {
                             let result = if up { cluster.broker_up(-1) } else { cluster.broker_down(-1) };
@@ -202,6 +217,15 @@ impl KafkaCluster {
 
     pub fn brokers_up(&self) -> Result<(), BrokerError> {
         self.call(|done| ClusterCommand::SetBrokersUp { up: true, done })
+    }
+
+    /// Makes the next requests of kind `api` fail with `errors`, one error each.
+    pub fn request_errors(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: Vec<rdkafka::types::RDKafkaRespErr>,
+    ) -> Result<(), BrokerError> {
+        self.call(|done| ClusterCommand::RequestErrors { api, errors, done })
     }
 
     fn call(

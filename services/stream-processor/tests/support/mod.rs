@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use device_simulator::fleet::{Fleet, FleetOptions};
-use embedded_brokers::{KafkaCluster, ReadRecord};
+use embedded_brokers::{KafkaCluster, KafkaUnderTest, ReadRecord};
 use prost::Message as _;
 use proto::vigil::scoring::v1::Score;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -34,6 +34,24 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// Where the tests' Kafka is: the mock cluster, or an external broker
+/// ([`KafkaUnderTest`]) for what the mock cannot do.
+pub trait Kafka {
+    fn servers(&self) -> &str;
+}
+
+impl Kafka for KafkaCluster {
+    fn servers(&self) -> &str {
+        self.bootstrap_servers()
+    }
+}
+
+impl Kafka for KafkaUnderTest {
+    fn servers(&self) -> &str {
+        self.bootstrap_servers()
+    }
+}
+
 /// A mock cluster with the processor's topics.
 pub fn kafka() -> KafkaCluster {
     init_logs();
@@ -46,9 +64,9 @@ pub fn kafka() -> KafkaCluster {
 }
 
 /// The processor's config for `kafka` and these model server addresses.
-pub fn config(kafka: &KafkaCluster, model_servers: &[SocketAddr]) -> ProcessorConfig {
+pub fn config(kafka: &impl Kafka, model_servers: &[SocketAddr]) -> ProcessorConfig {
     let mut config = ProcessorConfig::default();
-    config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    config.kafka.insert("bootstrap.servers".into(), kafka.servers().into());
     // Quick group joins and departures on the mock cluster.
     config.consumer.insert("session.timeout.ms".into(), "6000".into());
     config.consumer.insert("heartbeat.interval.ms".into(), "500".into());
@@ -116,7 +134,7 @@ pub fn fleet_readings(cars: usize, per_car: usize, seed: u64) -> Vec<SensorReadi
 }
 
 /// Writes readings to the readings topic as ingest does: protobuf, keyed by device id.
-pub async fn produce_readings(kafka: &KafkaCluster, readings: &[SensorReading]) {
+pub async fn produce_readings(kafka: &impl Kafka, readings: &[SensorReading]) {
     let producer = producer(kafka);
     let mut deliveries = Vec::new();
     for reading in readings {
@@ -130,7 +148,7 @@ pub async fn produce_readings(kafka: &KafkaCluster, readings: &[SensorReading]) 
 }
 
 /// Writes raw bytes to the readings topic.
-pub async fn produce_raw(kafka: &KafkaCluster, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
+pub async fn produce_raw(kafka: &impl Kafka, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
     let producer = producer(kafka);
     let mut owned = rdkafka::message::OwnedHeaders::new();
     for (k, v) in headers {
@@ -140,9 +158,9 @@ pub async fn produce_raw(kafka: &KafkaCluster, key: &str, payload: &[u8], header
     producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
 }
 
-pub fn producer(kafka: &KafkaCluster) -> FutureProducer {
+pub fn producer(kafka: &impl Kafka) -> FutureProducer {
     rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("bootstrap.servers", kafka.servers())
         .set("enable.idempotence", "true")
         .set("linger.ms", "1")
         .create()
@@ -151,11 +169,11 @@ pub fn producer(kafka: &KafkaCluster) -> FutureProducer {
 
 /// Every record of `topic`, read until `enough` holds (or 60 s).
 pub async fn read(
-    kafka: &KafkaCluster,
+    kafka: &impl Kafka,
     topic: &str,
     enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
 ) -> Vec<ReadRecord> {
-    let (servers, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
+    let (servers, topic) = (kafka.servers().to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         embedded_brokers::read_topic(&servers, &topic, Duration::from_secs(60), enough).unwrap()
     })
@@ -217,6 +235,11 @@ impl Processor {
     /// An unlabelled metric's value, or the sum over a labelled one's series.
     pub async fn metric(&self, name: &str) -> f64 {
         metric(&self.admin, name).await
+    }
+
+    /// Waits for the processor to stop by itself (a fatal error) and returns how it ended.
+    pub async fn ends_within(self, timeout: Duration) -> Result<(), stream_processor::ProcessorError> {
+        tokio::time::timeout(timeout, self.task).await.expect("the processor stopped by itself").unwrap()
     }
 
     pub async fn stop(mut self) {
