@@ -60,6 +60,9 @@ const WARM_UP_READINGS: usize = 1_000;
 enum Consumer {
     PassThrough,
     Processor,
+    /// The processor with `delivery = "exactly-once"` (peak only, and only on the mock
+    /// cluster: tansu 0.6 serves no EndTxn).
+    ProcessorExactlyOnce,
 }
 
 impl Consumer {
@@ -67,6 +70,7 @@ impl Consumer {
         match self {
             Self::PassThrough => "pass-through (ceiling): consume -> produce, no RPC",
             Self::Processor => "stream processor: consume -> Predict -> produce",
+            Self::ProcessorExactlyOnce => "stream processor, exactly-once (transactions)",
         }
     }
 }
@@ -113,7 +117,7 @@ impl Running {
                     tokio::spawn(pass_through(kafka.bootstrap_servers().to_owned(), round.clone(), stop.clone()));
                 Self::PassThrough { stop, task }
             }
-            Consumer::Processor => {
+            Consumer::Processor | Consumer::ProcessorExactlyOnce => {
                 let mut config = ProcessorConfig::default();
                 config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
                 config.model.endpoints = vec![format!("http://{}", model.grpc)];
@@ -123,9 +127,7 @@ impl Running {
                 config.dead_letter_topic.clone_from(&round.dead_letters);
                 config.group_id.clone_from(&round.group);
                 config.admin_listen.clear();
-                // `VIGIL_BENCH_DELIVERY=exactly-once`: the processor in transactions
-                // (with VIGIL_BENCH_CONSUMER, printed only).
-                if std::env::var("VIGIL_BENCH_DELIVERY").is_ok_and(|d| d == "exactly-once") {
+                if consumer == Consumer::ProcessorExactlyOnce {
                     config.delivery = stream_processor::config::Delivery::ExactlyOnce;
                     config.transactional_id = format!("{}-transactions", round.group);
                 }
@@ -223,7 +225,7 @@ fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usiz
         seen.store(arrivals.records, Ordering::Relaxed);
         let payload = message.payload().unwrap_or_default();
         let (sequence, event_time) = match consumer {
-            Consumer::Processor => {
+            Consumer::Processor | Consumer::ProcessorExactlyOnce => {
                 let score = Score::decode(payload).unwrap();
                 (score.sequence, score.event_time)
             }
@@ -380,7 +382,8 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
         let consumer = match only.as_str() {
             "processor" => Consumer::Processor,
             "pass-through" => Consumer::PassThrough,
-            other => panic!("VIGIL_BENCH_CONSUMER: {other:?} is neither processor nor pass-through"),
+            "processor-exactly-once" => Consumer::ProcessorExactlyOnce,
+            other => panic!("VIGIL_BENCH_CONSUMER: {other:?} is not processor, processor-exactly-once or pass-through"),
         };
         // `VIGIL_BENCH_RATE=N`: one latency round at N readings/s instead.
         if let Ok(rate) = std::env::var("VIGIL_BENCH_RATE") {
@@ -400,18 +403,23 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
     }
     let mut peak: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..PEAK_ROUNDS {
-        let order = if round % 2 == 0 {
-            [Consumer::PassThrough, Consumer::Processor]
-        } else {
-            [Consumer::Processor, Consumer::PassThrough]
-        };
+        let mut order = vec![Consumer::PassThrough, Consumer::Processor];
+        if matches!(kafka, Kafka::Mock(_)) {
+            order.push(Consumer::ProcessorExactlyOnce);
+        }
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for consumer in order {
             let tag = format!("{run}-peak{round}-{consumer:?}").to_lowercase();
             let rate = peak_round(kafka, model, consumer, &tag, &readings).await;
             eprintln!("{:38} {:52} round {round}: {rate:>9.0} readings/s", kafka.name(), consumer.name());
-            peak.entry(if consumer == Consumer::Processor { "processor" } else { "pass_through" })
-                .or_default()
-                .push(rate);
+            let key = match consumer {
+                Consumer::PassThrough => "pass_through",
+                Consumer::Processor => "processor",
+                Consumer::ProcessorExactlyOnce => "processor_exactly_once",
+            };
+            peak.entry(key).or_default().push(rate);
         }
     }
     let shares: Vec<f64> = peak["processor"].iter().zip(&peak["pass_through"]).map(|(p, c)| p / c).collect();
@@ -460,6 +468,12 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
             "processor_by_round": peak["processor"].iter().map(|r| r.round()).collect::<Vec<_>>(),
             "share_of_ceiling": share,
             "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+            // Exactly-once against at-least-once, same rounds (mock cluster only).
+            "processor_exactly_once_readings_per_second": peak.get("processor_exactly_once").map(|r| median(r.clone()).round()),
+            "processor_exactly_once_by_round": peak.get("processor_exactly_once").map(|r| r.iter().map(|r| r.round()).collect::<Vec<_>>()),
+            "exactly_once_share_of_at_least_once": peak.get("processor_exactly_once").map(|r| {
+                round3(median(r.iter().zip(&peak["processor"]).map(|(e, a)| e / a).collect()))
+            }),
         },
         "latency_at_half_processor_peak": latency_rows,
     })
