@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod car;
+pub mod cli;
 pub mod fleet;
 pub mod metrics;
 pub mod output;

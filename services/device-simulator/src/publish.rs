@@ -43,6 +43,11 @@ pub struct PublishOptions {
     pub start: Timestamp,
     /// How long to wait for outstanding acks at the end.
     pub drain_timeout: Duration,
+    /// Simulated time each car drives before its first published reading (in steps of
+    /// `interval`), so a short run starts with warm engines rather than every car's cold
+    /// start at once. Event times still begin at `start`; fault onsets count from the
+    /// car's own start, that is, they include this time.
+    pub warm_up: Duration,
 }
 
 impl PublishOptions {
@@ -58,6 +63,7 @@ impl PublishOptions {
             client_id_prefix: "vigil-sim".into(),
             start: std::time::SystemTime::now().into(),
             drain_timeout: Duration::from_secs(10),
+            warm_up: Duration::ZERO,
         }
     }
 }
@@ -174,6 +180,16 @@ async fn connection(
     let dt = options.interval.as_secs_f64();
     let mut ticks = tokio::time::interval(options.interval);
     let mut sent_per_car = 0u64;
+    let warm_up_steps = (options.warm_up.as_secs_f64() / dt).round() as u64;
+    // Driven but not published; their event times are shifted back so published ones
+    // begin at `start`.
+    let warm_up_start = shift_back(&options.start, warm_up_steps as f64 * dt);
+    for car in &mut cars {
+        for _ in 0..warm_up_steps {
+            car.step(dt, &warm_up_start);
+        }
+    }
+    let start = if warm_up_steps > 0 { warm_up_start } else { options.start };
     loop {
         if options.readings_per_car.is_some_and(|n| sent_per_car >= n) || *stopped.borrow() {
             break;
@@ -183,7 +199,7 @@ async fn connection(
             _ = stopped.changed() => break,
         }
         for car in &mut cars {
-            let reading = car.step(dt, &options.start);
+            let reading = car.step(dt, &start);
             let topic = format!("{}/{}", options.topic_prefix, reading.device_id);
             let label = sensor::fault_name(reading.fault());
             client.publish(topic, QoS::AtLeastOnce, false, sensor::json::to_json(&reading)).await?;
@@ -214,4 +230,13 @@ async fn connection(
         driver.abort();
     }
     Ok(report)
+}
+
+/// `start` moved `seconds` earlier.
+fn shift_back(start: &prost_types::Timestamp, seconds: f64) -> prost_types::Timestamp {
+    let nanos = i128::from(start.seconds) * 1_000_000_000 + i128::from(start.nanos) - (seconds * 1e9) as i128;
+    prost_types::Timestamp {
+        seconds: nanos.div_euclid(1_000_000_000) as i64,
+        nanos: nanos.rem_euclid(1_000_000_000) as i32,
+    }
 }

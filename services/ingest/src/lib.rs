@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod kafka;

@@ -8,6 +8,7 @@
 //! async threads. [`server`] wires it together; [`config`] is the command line.
 
 pub mod batching;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod metrics;

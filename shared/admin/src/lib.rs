@@ -114,3 +114,13 @@ pub async fn drain_signal() {
         std::process::exit(130);
     });
 }
+
+/// Logs to stderr, filtered by `RUST_LOG` (default: info), coloured on a terminal. Does
+/// nothing when logging is already set up (`vigil` runs several services in one process).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}

@@ -1,0 +1,12 @@
+//! `vigil`: one command for the whole fleet. `vigil up` ([`up`]) runs an MQTT broker, a
+//! Kafka-protocol cluster, the model server, the stream processor, ingest and a simulated
+//! fleet with injected faults in one process, each talking to the others over its real
+//! protocol on loopback; [`observe`] watches the output topics like a dashboard would,
+//! [`view`] prints the live view, [`summary`] reconciles the counts and measures detection.
+
+#![forbid(unsafe_code)]
+
+pub mod observe;
+pub mod summary;
+pub mod up;
+pub mod view;

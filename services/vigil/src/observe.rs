@@ -1,0 +1,216 @@
+//! Watches the pipeline from the outside, the way a dashboard would: a plain Kafka
+//! consumer (no group) tails the readings, scores, anomalies and dead-letter topics from
+//! where they stood when the run began, and keeps what the live view and the summary
+//! need: counts, each device's score order, end-to-end latency, and detection against the
+//! simulator's labels (which every score carries).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use prost::Message as _;
+use proto::vigil::scoring::v1::{Anomaly, Score};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::{Offset, TopicPartitionList};
+use sensor::FaultKind;
+
+/// The topics of one run.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub readings: String,
+    pub scores: String,
+    pub anomalies: String,
+    /// Ingest's (readings it could not accept) and the processor's (readings it could
+    /// not score).
+    pub dead_letters: [String; 2],
+}
+
+/// Readings against detections, counted over scores (each carries its reading's label).
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Confusion {
+    pub true_positives: u64,
+    pub false_positives: u64,
+    pub false_negatives: u64,
+    pub true_negatives: u64,
+}
+
+impl Confusion {
+    pub fn precision(&self) -> Option<f64> {
+        let flagged = self.true_positives + self.false_positives;
+        (flagged > 0).then(|| self.true_positives as f64 / flagged as f64)
+    }
+
+    pub fn recall(&self) -> Option<f64> {
+        let faulty = self.true_positives + self.false_negatives;
+        (faulty > 0).then(|| self.true_positives as f64 / faulty as f64)
+    }
+}
+
+/// An anomaly as the live view shows it.
+#[derive(Debug, Clone)]
+pub struct AnomalySeen {
+    pub device_id: String,
+    pub score: f32,
+    pub threshold: f32,
+    pub model: String,
+    pub version: i64,
+    /// The simulator's label for the reading (`None` for a healthy one: a false alarm).
+    pub fault: FaultKind,
+}
+
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub readings: u64,
+    pub dead_letters: u64,
+    /// Score records, repeats included.
+    pub score_records: u64,
+    /// Distinct (device, sequence) scored.
+    pub scored: u64,
+    pub anomalies: u64,
+    pub anomalous_devices: HashSet<String>,
+    pub confusion: Confusion,
+    pub by_model_version: BTreeMap<i64, u64>,
+    /// Devices whose scores arrived out of sequence order (first arrivals only).
+    pub out_of_order: BTreeMap<String, (u64, u64)>,
+    /// The processor's latency per distinct score (the reading's Kafka timestamp to its
+    /// score handed to Kafka), in ms.
+    pub latencies_ms: Vec<f64>,
+    /// Anomalies not yet shown by the live view.
+    pub unshown: Vec<AnomalySeen>,
+    seen: HashSet<(String, u64)>,
+    last_sequence: HashMap<String, u64>,
+}
+
+impl Observed {
+    fn score(&mut self, score: Score) {
+        self.score_records += 1;
+        if !self.seen.insert((score.device_id.clone(), score.sequence)) {
+            return; // a repeat (at-least-once): counted once
+        }
+        self.scored += 1;
+        if let Some(last) = self.last_sequence.insert(score.device_id.clone(), score.sequence)
+            && last >= score.sequence
+        {
+            self.out_of_order.entry(score.device_id.clone()).or_insert((last, score.sequence));
+        }
+        *self.by_model_version.entry(score.model_version).or_default() += 1;
+        let faulty = score.fault() != FaultKind::None && score.fault() != FaultKind::Unspecified;
+        let confusion = &mut self.confusion;
+        match (score.is_anomaly, faulty) {
+            (true, true) => confusion.true_positives += 1,
+            (true, false) => confusion.false_positives += 1,
+            (false, true) => confusion.false_negatives += 1,
+            (false, false) => confusion.true_negatives += 1,
+        }
+        self.latencies_ms.push(score.pipeline_latency_us as f64 / 1000.0);
+    }
+
+    fn anomaly(&mut self, anomaly: Anomaly) {
+        let Some(score) = anomaly.score else { return };
+        self.anomalies += 1;
+        if self.anomalous_devices.insert(score.device_id.clone()) || self.unshown.len() < 3 {
+            self.unshown.push(AnomalySeen {
+                device_id: score.device_id.clone(),
+                score: score.score,
+                threshold: score.threshold,
+                model: score.model_name.clone(),
+                version: score.model_version,
+                fault: score.fault(),
+            });
+        }
+    }
+
+    /// The `p`th percentile (0-1) of the latencies after the first `from`.
+    pub fn latency_percentile(&self, from: usize, p: f64) -> Option<f64> {
+        let mut recent: Vec<f64> = self.latencies_ms.get(from..)?.to_vec();
+        if recent.is_empty() {
+            return None;
+        }
+        recent.sort_by(f64::total_cmp);
+        let index = ((recent.len() as f64 * p).ceil() as usize).clamp(1, recent.len()) - 1;
+        Some(recent[index])
+    }
+}
+
+pub struct Observer {
+    state: Arc<Mutex<Observed>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Observer {
+    /// Starts tailing `topics` on `servers` from their current ends.
+    pub fn start(servers: &str, topics: &Topics) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", servers)
+            .set("group.id", "vigil-up-observer") // required by librdkafka; nothing is committed
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .context("the observer's Kafka consumer")?;
+        let mut assignment = TopicPartitionList::new();
+        let all =
+            [&topics.readings, &topics.scores, &topics.anomalies, &topics.dead_letters[0], &topics.dead_letters[1]];
+        for topic in all {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .with_context(|| format!("metadata of {topic}"))?;
+            for partition in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                    .with_context(|| format!("the end of {topic} [{}]", partition.id()))?;
+                assignment.add_partition_offset(topic, partition.id(), Offset::Offset(high))?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        let state = Arc::new(Mutex::new(Observed::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, stop, topics) = (state.clone(), stop.clone(), topics.clone());
+            std::thread::Builder::new().name("vigil-observer".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) else { continue };
+                    let payload = message.payload().unwrap_or_default();
+                    let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                    let topic = message.topic();
+                    if topic == topics.readings {
+                        state.readings += 1;
+                    } else if topic == topics.scores {
+                        if let Ok(score) = Score::decode(payload) {
+                            state.score(score);
+                        }
+                    } else if topic == topics.anomalies {
+                        if let Ok(anomaly) = Anomaly::decode(payload) {
+                            state.anomaly(anomaly);
+                        }
+                    } else {
+                        state.dead_letters += 1;
+                    }
+                }
+            })?
+        };
+        Ok(Self { state, stop, thread: Some(thread) })
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, Observed> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops tailing and returns what was observed.
+    pub fn finish(mut self) -> Observed {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        std::mem::take(&mut *self.state())
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,138 @@
+//! What a `vigil up` run did, reconciled: readings published, acknowledged, ingested,
+//! scored, flagged, and detection against the simulator's injected faults. Printed at the
+//! end and, with `--summary-json`, written for scripts.
+
+use std::time::Duration;
+
+use device_simulator::publish::Report;
+use serde::Serialize;
+
+use crate::observe::{Confusion, Observed};
+use crate::up::UpOptions;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub seconds: f64,
+    pub cars: usize,
+    pub kafka: String,
+    pub mqtt: String,
+    /// Readings the simulator sent, and those the broker acknowledged (ingest has the
+    /// broker acknowledge only once Kafka has the reading).
+    pub published: u64,
+    pub acknowledged: u64,
+    /// Records on the readings topic.
+    pub ingested: u64,
+    pub dead_lettered: u64,
+    /// Distinct readings scored, and score records (repeats included).
+    pub scored: u64,
+    pub score_records: u64,
+    pub anomalies: u64,
+    pub anomalous_cars: usize,
+    /// Readings the simulator labelled faulty (their fault had begun).
+    pub faulty_readings: u64,
+    pub confusion: Confusion,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    /// Scores by the model version that answered.
+    pub scored_by_model_version: std::collections::BTreeMap<i64, u64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    /// Devices whose scores arrived out of order: (previous sequence, this one).
+    pub out_of_order: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Every published reading was acknowledged, ingested and scored once.
+    pub reconciled: bool,
+    /// The pipeline finished scoring within the drain limit.
+    pub drained: bool,
+}
+
+impl Summary {
+    pub fn new(
+        options: &UpOptions,
+        report: &Report,
+        observed: &Observed,
+        elapsed: Duration,
+        drained: bool,
+        kafka: &str,
+        mqtt: &str,
+    ) -> Self {
+        let confusion = observed.confusion;
+        Self {
+            seconds: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
+            cars: options.cars,
+            kafka: kafka.to_owned(),
+            mqtt: mqtt.to_owned(),
+            published: report.published,
+            acknowledged: report.acknowledged,
+            ingested: observed.readings,
+            dead_lettered: observed.dead_letters,
+            scored: observed.scored,
+            score_records: observed.score_records,
+            anomalies: observed.anomalies,
+            anomalous_cars: observed.anomalous_devices.len(),
+            faulty_readings: confusion.true_positives + confusion.false_negatives,
+            confusion,
+            precision: confusion.precision(),
+            recall: confusion.recall(),
+            scored_by_model_version: observed.by_model_version.clone(),
+            latency_p50_ms: observed.latency_percentile(0, 0.5).map(round1),
+            latency_p99_ms: observed.latency_percentile(0, 0.99).map(round1),
+            out_of_order: observed.out_of_order.clone(),
+            reconciled: report.published == report.acknowledged
+                && report.acknowledged == observed.readings
+                && observed.dead_letters == 0
+                && observed.scored == observed.readings,
+            drained,
+        }
+    }
+
+    /// The summary as the terminal shows it.
+    pub fn render(&self) -> String {
+        let share = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |x| format!("{x:.3}"));
+        let c = &self.confusion;
+        let versions: Vec<String> = self.scored_by_model_version.iter().map(|(v, n)| format!("v{v}: {n}")).collect();
+        let mut lines = vec![
+            format!("Summary ({} s, {} cars)", self.seconds, self.cars),
+            format!("  Kafka      {}", self.kafka),
+            format!("  MQTT       {}", self.mqtt),
+            format!("  published  {:>8}  readings sent by the simulator", self.published),
+            format!("  acked      {:>8}  acknowledged by the broker (after Kafka had them)", self.acknowledged),
+            format!("  ingested   {:>8}  on the readings topic ({} dead-lettered)", self.ingested, self.dead_lettered),
+            format!(
+                "  scored     {:>8}  distinct readings scored ({} score records; {})",
+                self.scored,
+                self.score_records,
+                versions.join(", ")
+            ),
+            format!("  anomalies  {:>8}  flagged, on {} cars", self.anomalies, self.anomalous_cars),
+            format!("  faulty     {:>8}  readings with an injected fault under way", self.faulty_readings),
+            format!(
+                "  detection  precision {}  recall {}  ({} true, {} false alarms, {} missed)",
+                share(self.precision),
+                share(self.recall),
+                c.true_positives,
+                c.false_positives,
+                c.false_negatives
+            ),
+            format!(
+                "  latency    p50 {} ms, p99 {} ms  (reading on the readings topic to its score handed to Kafka)",
+                self.latency_p50_ms.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                self.latency_p99_ms.map_or_else(|| "-".to_owned(), |v| v.to_string())
+            ),
+        ];
+        lines.push(if self.reconciled {
+            "  counts reconcile: every published reading was acknowledged, ingested and scored".to_owned()
+        } else if !self.drained {
+            "  counts DO NOT reconcile: the pipeline did not finish scoring within the drain limit".to_owned()
+        } else {
+            "  counts DO NOT reconcile (see the figures above)".to_owned()
+        });
+        if !self.out_of_order.is_empty() {
+            lines.push(format!("  ORDER VIOLATED for {} devices: {:?}", self.out_of_order.len(), self.out_of_order));
+        }
+        lines.join("\n")
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

@@ -1,0 +1,404 @@
+//! `vigil up`: the whole fleet in one process, each part talking to the others over its
+//! real protocol on loopback, as in production:
+//!
+//! ```text
+//!  device simulator ──MQTT 3.1.1──▶ MQTT broker ──MQTT 5──▶ ingest ──Kafka──▶ readings
+//!   (fault injection)              (embedded rumqttd,                          │
+//!                                   or --mqtt-url)        stream processor ◀──┘
+//!                                                             │ gRPC Predict
+//!  observer (live view, summary) ◀──Kafka── scores, anomalies ◀┘ model server
+//!                                   (embedded mock cluster, or --kafka-brokers)
+//! ```
+//!
+//! The end is ordered so the counts reconcile exactly: the simulator stops first (its
+//! last readings acknowledged, which ingest does only once Kafka has them), then the run
+//! waits until the processor has scored every reading the observer saw ingested, and only
+//! then stops the services.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, bail};
+use clap::Parser as _;
+use device_simulator::fleet::FleetOptions;
+use device_simulator::metrics::PublishMetrics;
+use device_simulator::publish::{PublishOptions, publish};
+use embedded_brokers::{KafkaCluster, KafkaUnderTest, MqttBroker};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::observe::{Observer, Topics};
+use crate::summary::Summary;
+use crate::view::LiveView;
+
+/// What `vigil up` runs.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Until Ctrl-C when `None`.
+    pub duration: Option<Duration>,
+    pub cars: usize,
+    pub seed: u64,
+    /// Share of cars that develop a fault during the run.
+    pub fault_share: f64,
+    /// Time between two readings of a car (also the simulated time step).
+    pub interval: Duration,
+    /// External Kafka (bootstrap servers) instead of the embedded mock cluster.
+    pub kafka_brokers: Option<String>,
+    /// External MQTT broker (`mqtt://host:port`) instead of the embedded rumqttd.
+    pub mqtt_url: Option<String>,
+    /// The model server's model (a directory of numbered SavedModel versions).
+    pub model_dir: PathBuf,
+    /// Print the live view (progress each second, anomalies as they come).
+    pub live: bool,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        Self {
+            duration: Some(Duration::from_secs(60)),
+            cars: 50,
+            seed: 42,
+            fault_share: 0.3,
+            // The cadence the bundled model was trained and evaluated on.
+            interval: Duration::from_secs(1),
+            kafka_brokers: None,
+            mqtt_url: None,
+            model_dir: bundled_model(),
+            live: true,
+        }
+    }
+}
+
+/// The anomaly model bundled in `deploy/models/`.
+pub fn bundled_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly")
+}
+
+const MODEL_NAME: &str = "car-anomaly";
+
+/// Simulated driving before the first published reading.
+const WARM_UP: Duration = Duration::from_secs(600);
+
+/// How long the pipeline may take to score what was published once the simulator stopped.
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5.
+struct Mqtt {
+    host: String,
+    publish_port: u16,
+    ingest_url: String,
+    name: String,
+}
+
+/// A service running in this process until its stop is sent.
+struct Running<E> {
+    name: &'static str,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+}
+
+impl<E: std::fmt::Display> Running<E> {
+    fn spawn<F>(name: &'static str, run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self { name, stop, task: tokio::spawn(run(stopped)) }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => bail!("{}: {error}", self.name),
+            Err(error) => bail!("{}: {error}", self.name),
+        }
+    }
+}
+
+async fn until(stopped: oneshot::Receiver<()>) {
+    let _ = stopped.await;
+}
+
+async fn loopback() -> anyhow::Result<TcpListener> {
+    TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")
+}
+
+fn address(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
+    listener.local_addr().context("a listener's address")
+}
+
+/// Runs the fleet until `options.duration` passes or `interrupt` resolves, then drains
+/// and returns the summary.
+pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyhow::Result<Summary> {
+    let run_id = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+    let say = |line: String| {
+        if options.live {
+            println!("{line}");
+        }
+    };
+
+    // Brokers. External ones get this run's own topics, so nothing else on them is
+    // counted and nothing of theirs is disturbed.
+    let (kafka, kafka_name, topics) = match &options.kafka_brokers {
+        Some(servers) => {
+            let kafka = KafkaUnderTest::External { servers: servers.clone(), name: format!("Kafka at {servers}") };
+            (kafka, format!("Kafka at {servers}"), run_topics(&format!("vigil-up-{run_id}-")))
+        }
+        None => {
+            let cluster = KafkaCluster::start(1).context("starting the embedded Kafka cluster")?;
+            let name = "embedded Kafka: librdkafka's mock cluster (in memory; the development default, not a Kafka)";
+            (KafkaUnderTest::Mock(cluster), name.to_owned(), run_topics("vigil-"))
+        }
+    };
+    for (topic, partitions) in [
+        (&topics.readings, 4),
+        (&topics.scores, 4),
+        (&topics.anomalies, 4),
+        (&topics.dead_letters[0], 1),
+        (&topics.dead_letters[1], 1),
+    ] {
+        kafka.create_topic(topic, partitions).await?;
+    }
+    let mqtt = match &options.mqtt_url {
+        Some(url) => {
+            let (host, port) = host_port(url)?;
+            Mqtt { host, publish_port: port, ingest_url: url.clone(), name: format!("MQTT broker at {url}") }
+        }
+        None => {
+            let broker = MqttBroker::start().context("starting the embedded MQTT broker")?;
+            Mqtt {
+                host: "127.0.0.1".into(),
+                publish_port: broker.v4.port(),
+                ingest_url: format!("mqtt://127.0.0.1:{}", broker.v5.port()),
+                name: format!(
+                    "embedded MQTT broker (rumqttd): 127.0.0.1:{} (3.1.1), 127.0.0.1:{} (5)",
+                    broker.v4.port(),
+                    broker.v5.port()
+                ),
+            }
+        }
+    };
+    let mqtt_prefix = match &options.mqtt_url {
+        Some(_) => format!("vigil-up/{run_id}/vehicles/sensor/data"),
+        None => device_simulator::publish::DEFAULT_TOPIC_PREFIX.to_owned(),
+    };
+    say(format!("Kafka:        {kafka_name} at {}", kafka.bootstrap_servers()));
+    say(format!("MQTT:         {}", mqtt.name));
+
+    // Model server, on the bundled model.
+    let model_dir = options.model_dir.to_str().context("the model directory's path is not UTF-8")?.to_owned();
+    let flags = ["model-server", "--model_name", MODEL_NAME, "--model_base_path", model_dir.as_str()];
+    let server_config = ServeCli::try_parse_from(flags)?.serve.resolve().map_err(anyhow::Error::msg)?;
+    let (grpc, rest) = (loopback().await?, loopback().await?);
+    let (grpc_address, rest_address) = (address(&grpc)?, address(&rest)?);
+    let model_server = Running::spawn("model server", |stopped| {
+        model_server::server::run(
+            server_config,
+            model_server::server::Listeners { grpc, rest: Some(rest) },
+            until(stopped),
+        )
+    });
+    say(format!("model server: gRPC {grpc_address} (TF Serving, KServe v2), REST http://{rest_address}"));
+
+    // Stream processor.
+    let mut processor_config = stream_processor::config::ProcessorConfig::default();
+    processor_config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    processor_config.readings_topic.clone_from(&topics.readings);
+    processor_config.scores_topic.clone_from(&topics.scores);
+    processor_config.anomalies_topic.clone_from(&topics.anomalies);
+    processor_config.dead_letter_topic.clone_from(&topics.dead_letters[1]);
+    processor_config.group_id = format!("vigil-up-{run_id}");
+    processor_config.model.endpoints = vec![format!("http://{grpc_address}")];
+    processor_config.model.name = MODEL_NAME.into();
+    let processor_admin = loopback().await?;
+    let processor_metrics = format!("http://{}", address(&processor_admin)?);
+    let processor = Running::spawn("stream processor", |stopped| {
+        let listeners = stream_processor::Listeners { admin: Some(processor_admin) };
+        stream_processor::run(processor_config, listeners, until(stopped))
+    });
+
+    // Ingest.
+    let mut ingest_config = ingest::config::IngestConfig::default();
+    ingest_config.mqtt.url.clone_from(&mqtt.ingest_url);
+    ingest_config.mqtt.protocol = ingest::config::MqttProtocol::V5;
+    ingest_config.mqtt.client_id = format!("vigil-up-ingest-{run_id}");
+    let filter = format!("{mqtt_prefix}/+");
+    ingest_config.mqtt.subscriptions = vec![filter.clone()];
+    ingest_config.rules = vec![ingest::config::RuleConfig {
+        filter: Some(filter),
+        regex: None,
+        topic: topics.readings.clone(),
+        key: None,
+        device_id: Some(format!("{{level:{}}}", mqtt_prefix.split('/').count())),
+        payload: ingest::config::PayloadKind::SensorReading,
+    }];
+    ingest_config.dead_letter_topic.clone_from(&topics.dead_letters[0]);
+    ingest_config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    ingest_config.grpc.listen.clear();
+    let ingest_admin = loopback().await?;
+    let ingest_metrics = format!("http://{}", address(&ingest_admin)?);
+    let ingest = Running::spawn("ingest", |stopped| {
+        ingest::run(ingest_config, ingest::Listeners { grpc: None, admin: Some(ingest_admin) }, until(stopped))
+    });
+    say(format!(
+        "ingest:       metrics {ingest_metrics}/metrics; stream processor: metrics {processor_metrics}/metrics"
+    ));
+
+    // Wait until the pipeline is there: ingest subscribed, the processor owning the
+    // readings' partitions (so its group starts at the first reading).
+    wait_until(Duration::from_secs(60), "ingest and the stream processor to be ready", || async {
+        ready(&ingest_metrics).await
+            && ready(&processor_metrics).await
+            && metric(&processor_metrics, "processor_assigned_partitions").await > 0.0
+    })
+    .await?;
+    let observer = Observer::start(kafka.bootstrap_servers(), &topics)?;
+
+    // The simulated fleet: every car has driven for WARM_UP before the run shows it (a
+    // short run would otherwise be mostly cold starts), and faults begin early enough in
+    // the run to be seen.
+    let seconds = options.duration.map_or(600.0, |d| d.as_secs_f64());
+    let warm = WARM_UP.as_secs_f64();
+    let fleet = FleetOptions {
+        cars: options.cars,
+        seed: options.seed,
+        fault_share: options.fault_share,
+        onset_window_s: (warm + seconds * 0.1, warm + seconds * 0.5),
+        ..FleetOptions::default()
+    };
+    let mut publishing = PublishOptions::new(mqtt.host.clone(), mqtt.publish_port);
+    publishing.topic_prefix = mqtt_prefix;
+    publishing.interval = options.interval;
+    publishing.cars_per_connection = 10;
+    publishing.client_id_prefix = format!("vigil-up-{run_id}");
+    publishing.start = SystemTime::now().into();
+    publishing.drain_timeout = Duration::from_secs(30);
+    publishing.warm_up = WARM_UP;
+    let publish_metrics = PublishMetrics::new(&prometheus::Registry::new())?;
+    say(format!(
+        "fleet:        {} cars, {} s between readings, {:.0}% develop a fault (kinds: {})",
+        fleet.cars,
+        options.interval.as_secs_f64(),
+        fleet.fault_share * 100.0,
+        fleet.fault_kinds.iter().map(|k| sensor::fault_name(*k)).collect::<Vec<_>>().join(", ")
+    ));
+    say(match options.duration {
+        Some(d) => format!("running for {} s (Ctrl-C ends it sooner; the pipeline drains first)\n", d.as_secs()),
+        None => "running until Ctrl-C (the pipeline drains first)\n".to_owned(),
+    });
+    let started = Instant::now();
+    let mut view = LiveView::new(options.live);
+    let stop_publishing = async {
+        match options.duration {
+            Some(duration) => tokio::select! {
+                () = tokio::time::sleep(duration) => {}
+                () = interrupt => {}
+            },
+            None => interrupt.await,
+        }
+    };
+    let report = {
+        let publishing = publish(&fleet, &publishing, &publish_metrics, stop_publishing);
+        tokio::pin!(publishing);
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                report = &mut publishing => break report.context("the device simulator")?,
+                _ = ticks.tick() => view.tick(started, &publish_metrics, &observer),
+            }
+        }
+    };
+    let acknowledged = report.acknowledged;
+    say(format!(
+        "\nsimulator stopped: {} readings published, {acknowledged} acknowledged; draining the pipeline...",
+        report.published
+    ));
+
+    // Drain: everything acknowledged is in Kafka; wait for it to be observed and scored.
+    let drain_started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    let drained = loop {
+        {
+            let state = observer.state();
+            if state.readings + state.dead_letters >= acknowledged && state.scored >= state.readings {
+                break true;
+            }
+        }
+        if drain_started.elapsed() > DRAIN_LIMIT {
+            break false;
+        }
+        ticks.tick().await;
+        view.tick(started, &publish_metrics, &observer);
+    };
+    view.tick(started, &publish_metrics, &observer);
+    let elapsed = started.elapsed();
+    let processor_stopped = processor.stop().await;
+    let ingest_stopped = ingest.stop().await;
+    let model_server_stopped = model_server.stop().await;
+    let observed = observer.finish();
+    drop(kafka);
+    let summary = Summary::new(&options, &report, &observed, elapsed, drained, &kafka_name, &mqtt.name);
+    processor_stopped?;
+    ingest_stopped?;
+    model_server_stopped?;
+    Ok(summary)
+}
+
+fn run_topics(prefix: &str) -> Topics {
+    Topics {
+        readings: format!("{prefix}readings"),
+        scores: format!("{prefix}scores"),
+        anomalies: format!("{prefix}anomalies"),
+        dead_letters: [format!("{prefix}dead-letter"), format!("{prefix}scoring-dead-letter")],
+    }
+}
+
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .with_context(|| format!("--mqtt-url {url:?}: expected mqtt://host:port"))?;
+    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
+    let port = port.trim_end_matches('/').parse().with_context(|| format!("--mqtt-url {url:?}: the port"))?;
+    Ok((host.to_owned(), port))
+}
+
+async fn ready(admin: &str) -> bool {
+    reqwest::get(format!("{admin}/ready")).await.is_ok_and(|r| r.status().is_success())
+}
+
+/// An unlabelled metric's value, or the sum over a labelled one's series (0 if absent).
+pub async fn metric(admin: &str, name: &str) -> f64 {
+    let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        if Instant::now() > deadline {
+            bail!("waited {} s for {what}", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// The model server's own flags, so `vigil up` configures it exactly as a user would.
+#[derive(clap::Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    serve: model_server::config::ServeArgs,
+}
