@@ -110,9 +110,12 @@ fn main() -> ExitCode {
 }
 
 fn up(args: UpArgs) -> ExitCode {
-    // The services log warnings only, so the live view stays readable (RUST_LOG overrides).
+    // The services log warnings only, so the live view stays readable; the embedded
+    // rumqttd reports every client disconnect as an error, so it is off (RUST_LOG overrides).
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rumqttd=off".into()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
     let options = UpOptions {
