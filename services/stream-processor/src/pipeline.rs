@@ -517,7 +517,10 @@ async fn partition_worker(
                         }
                         Err(error) => {
                             // Typically the open transaction already failed (a record
-                            // Kafka refused): it is aborted at shutdown.
+                            // Kafka refused). It may hold part of this reading's outputs
+                            // without its offset, so it must not commit: it is aborted at
+                            // shutdown.
+                            transactions.mark_failed();
                             let error = format!("exactly-once: the transaction cannot take more records ({error})");
                             tracing::error!(%error, "stopping");
                             let _ = shared.fatal.send(Some(error));

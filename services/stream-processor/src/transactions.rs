@@ -78,6 +78,12 @@ impl Transactions {
         offsets.insert((topic.to_owned(), partition), offset);
     }
 
+    /// Marks the open transaction unusable (a record it should hold was refused): it is
+    /// never committed, only aborted.
+    pub fn mark_failed(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
+
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Acquire)
     }
