@@ -173,12 +173,7 @@ async fn start_ingest(config: IngestConfig) -> RunningIngest {
 impl RunningIngest {
     async fn metric(&self, client: &reqwest::Client, name: &str) -> f64 {
         let Ok(response) = client.get(format!("{}/metrics", self.admin)).send().await else { return 0.0 };
-        let text = response.text().await.unwrap_or_default();
-        // An unlabelled metric's value, or the sum over a labelled one's series.
-        text.lines()
-            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        admin::metric_sum(&response.text().await.unwrap_or_default(), name)
     }
 
     async fn wait_ready(&self, client: &reqwest::Client) {

@@ -374,11 +374,7 @@ async fn ready(admin: &str) -> bool {
 /// An unlabelled metric's value, or the sum over a labelled one's series (0 if absent).
 pub async fn metric(admin: &str, name: &str) -> f64 {
     let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    admin::metric_sum(&response.text().await.unwrap_or_default(), name)
 }
 
 async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>

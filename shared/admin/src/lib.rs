@@ -124,3 +124,25 @@ pub fn init_logs() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
+
+/// From a `/metrics` page (Prometheus text format): an unlabelled metric's value, or the
+/// sum over a labelled one's series; 0 when absent. For tools and tests that read a
+/// service's metrics over HTTP.
+pub fn metric_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod metric_sum_tests {
+    #[test]
+    fn sums_a_metrics_series_and_ignores_longer_names() {
+        let page = "# HELP x_total X\nx_total{kind=\"a\"} 2\nx_total{kind=\"b\"} 3.5\nx_total_bytes 100\ny 7\n";
+        assert_eq!(super::metric_sum(page, "x_total"), 5.5);
+        assert_eq!(super::metric_sum(page, "y"), 7.0);
+        assert_eq!(super::metric_sum(page, "z"), 0.0);
+    }
+}

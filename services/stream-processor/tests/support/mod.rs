@@ -254,11 +254,7 @@ impl Processor {
 
 pub async fn metric(admin: &str, name: &str) -> f64 {
     let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
-    let text = response.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    admin::metric_sum(&response.text().await.unwrap_or_default(), name)
 }
 
 /// Waits until `check` holds, polling; panics with `what` after `timeout`.
