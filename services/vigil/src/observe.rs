@@ -73,6 +73,8 @@ pub struct Observed {
     pub anomalous_devices: HashSet<String>,
     pub confusion: Confusion,
     pub by_model_version: BTreeMap<i64, u64>,
+    /// Per injected fault kind: (readings flagged, readings).
+    pub by_fault: BTreeMap<String, (u64, u64)>,
     /// Devices whose scores arrived out of sequence order (first arrivals only).
     pub out_of_order: BTreeMap<String, (u64, u64)>,
     /// The processor's latency per distinct score (the reading's Kafka timestamp to its
@@ -98,6 +100,11 @@ impl Observed {
         }
         *self.by_model_version.entry(score.model_version).or_default() += 1;
         let faulty = score.fault() != FaultKind::None && score.fault() != FaultKind::Unspecified;
+        if faulty {
+            let (flagged, readings) = self.by_fault.entry(sensor::fault_name(score.fault())).or_default();
+            *flagged += u64::from(score.is_anomaly);
+            *readings += 1;
+        }
         let confusion = &mut self.confusion;
         match (score.is_anomaly, faulty) {
             (true, true) => confusion.true_positives += 1,

@@ -33,6 +33,8 @@ pub struct Summary {
     pub confusion: Confusion,
     pub precision: Option<f64>,
     pub recall: Option<f64>,
+    /// Recall per injected fault kind: the share of that fault's readings flagged.
+    pub recall_by_fault: std::collections::BTreeMap<String, FaultRecall>,
     /// Scores by the model version that answered.
     pub scored_by_model_version: std::collections::BTreeMap<i64, u64>,
     pub latency_p50_ms: Option<f64>,
@@ -43,6 +45,14 @@ pub struct Summary {
     pub reconciled: bool,
     /// The pipeline finished scoring within the drain limit.
     pub drained: bool,
+}
+
+/// How one fault kind's readings fared.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecall {
+    pub readings: u64,
+    pub flagged: u64,
+    pub recall: f64,
 }
 
 impl Summary {
@@ -73,6 +83,14 @@ impl Summary {
             confusion,
             precision: confusion.precision(),
             recall: confusion.recall(),
+            recall_by_fault: observed
+                .by_fault
+                .iter()
+                .map(|(fault, &(flagged, readings))| {
+                    let recall = round3(flagged as f64 / readings.max(1) as f64);
+                    (fault.clone(), FaultRecall { readings, flagged, recall })
+                })
+                .collect(),
             scored_by_model_version: observed.by_model_version.clone(),
             latency_p50_ms: observed.latency_percentile(0, 0.5).map(round1),
             latency_p99_ms: observed.latency_percentile(0, 0.99).map(round1),
@@ -119,6 +137,15 @@ impl Summary {
                 self.latency_p99_ms.map_or_else(|| "-".to_owned(), |v| v.to_string())
             ),
         ];
+        if !self.recall_by_fault.is_empty() {
+            let by_fault: Vec<String> = self
+                .recall_by_fault
+                .iter()
+                .map(|(fault, r)| format!("{fault} {:.2} of {}", r.recall, r.readings))
+                .collect();
+            // Before the latency line, next to the detection figures it breaks down.
+            lines.insert(lines.len() - 1, format!("  recall     by fault: {}", by_fault.join(", ")));
+        }
         lines.push(if self.reconciled {
             "  counts reconcile: every published reading was acknowledged, ingested and scored".to_owned()
         } else if !self.drained {
@@ -135,4 +162,8 @@ impl Summary {
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
