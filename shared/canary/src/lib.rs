@@ -1,0 +1,12 @@
+//! Canary rollouts of a model, independent of how requests arrive: [`split`] decides which
+//! version answers a request (pinned requests get what they pin, the rest are split by
+//! weight, sticky per routing key), and [`analysis`] judges a canary against the stable
+//! version over the same window by what they produce (error rate, p99 latency, anomaly
+//! rate and the distribution of scores) and steps a rollout forward, pauses it, or rolls
+//! it back. The model server holds the state and serves the traffic; this crate is the
+//! policy, kept pure so every rule is tested on its own.
+
+#![forbid(unsafe_code)]
+
+pub mod analysis;
+pub mod split;
