@@ -4,17 +4,21 @@
 //! `--flag`, `--flag=true` and `--flag=false`, as TF Serving's do. Flags win over env.
 //!
 //! TF Serving has no general config file beyond `--model_config_file`; neither does this
-//! server, so existing manifests need no new file.
+//! server, so existing manifests need no new file. The one addition, canary rollouts
+//! (`--rollout_config_file`), is optional.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use canary::split::Split;
 use clap::{ArgAction, Args};
 
 use crate::batching::{SchedulingMode, UnbatchedOptions};
 use crate::inference::Limits;
 use crate::model_config;
 use crate::repository::{ModelConfig, RepositoryOptions, VersionPolicy};
+use crate::rollout;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -65,6 +69,24 @@ pub struct ServeArgs {
         default_value_t = 0
     )]
     pub model_config_file_poll_wait_seconds: u64,
+
+    /// Vigil's canary rollouts (TOML: `[[rollouts]]` with model, stable, canary and
+    /// canary_weight_percent); see `rollout.rs`.
+    #[arg(
+        long = "rollout_config_file",
+        visible_alias = "rollout-config-file",
+        env = "MODEL_SERVER_ROLLOUT_CONFIG_FILE"
+    )]
+    pub rollout_config_file: Option<PathBuf>,
+
+    /// Seconds between re-reads of --rollout_config_file; 0 reads it once.
+    #[arg(
+        long = "rollout_config_file_poll_wait_seconds",
+        visible_alias = "rollout-config-file-poll-wait-seconds",
+        env = "MODEL_SERVER_ROLLOUT_CONFIG_FILE_POLL_WAIT_SECONDS",
+        default_value_t = 5
+    )]
+    pub rollout_config_file_poll_wait_seconds: u64,
 
     /// Seconds between scans of model base paths for new versions; 0 scans once at startup.
     #[arg(
@@ -157,6 +179,10 @@ pub struct ServerConfig {
     pub model_config_file: Option<PathBuf>,
     pub model_config_poll: Option<Duration>,
     pub file_system_poll: Option<Duration>,
+    /// Canary rollouts by model, and the file they come from (re-read each poll).
+    pub rollouts: HashMap<String, Split>,
+    pub rollout_config_file: Option<PathBuf>,
+    pub rollout_config_poll: Option<Duration>,
     pub repository: RepositoryOptions,
     pub limits: Limits,
     pub monitoring_path: Option<String>,
@@ -201,8 +227,16 @@ impl ServeArgs {
             Some(path) => model_config::read_monitoring_file(path)?,
             None => None,
         };
+        let rollouts = match &self.rollout_config_file {
+            Some(path) => rollout::read_rollout_file(path)?,
+            None => HashMap::new(),
+        };
         let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Ok(ServerConfig {
+            rollouts,
+            rollout_config_file: self.rollout_config_file.clone(),
+            rollout_config_poll: seconds(self.rollout_config_file_poll_wait_seconds)
+                .filter(|_| self.rollout_config_file.is_some()),
             models,
             model_config_file: self.model_config_file.clone(),
             model_config_poll: seconds(self.model_config_file_poll_wait_seconds)

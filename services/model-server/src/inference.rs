@@ -5,11 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use canary::split::Arm;
 use savedmodel::{PredictError, Tensor};
 
 use crate::batching::SubmitError;
 use crate::error::ServeError;
 use crate::repository::{LoadedVersion, Repository, VersionSelector};
+use crate::rollout::Rollouts;
 
 /// Request limits (checked before any work is queued).
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +38,8 @@ pub struct InferenceRequest {
     pub inputs: Vec<(String, Tensor)>,
     /// Only these outputs (all when empty).
     pub output_filter: Vec<String>,
+    /// Sticks the request to one side of a canary split (the device id, say).
+    pub routing_key: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -50,11 +54,37 @@ pub struct InferenceResponse {
 pub struct Inference {
     pub repository: Repository,
     pub limits: Limits,
+    pub rollouts: Rollouts,
 }
 
 impl Inference {
-    pub fn new(repository: Repository, limits: Limits) -> Self {
-        Self { repository, limits }
+    pub fn new(repository: Repository, limits: Limits, rollouts: Rollouts) -> Self {
+        Self { repository, limits, rollouts }
+    }
+
+    /// The version that answers: the one a request pins; for an unpinned request to a
+    /// model under a rollout, the side its routing key (or chance) falls on, or the other
+    /// side if that one is not loaded; otherwise the latest.
+    pub fn resolve(
+        &self,
+        model: &str,
+        selector: &VersionSelector,
+        routing_key: Option<&[u8]>,
+    ) -> Result<Arc<LoadedVersion>, ServeError> {
+        if matches!(selector, VersionSelector::Latest)
+            && let Some((split, arm)) = self.rollouts.route(model, routing_key)
+        {
+            let other = match arm {
+                Arm::Stable => Arm::Canary,
+                Arm::Canary => Arm::Stable,
+            };
+            for side in [arm, other] {
+                if let Ok(version) = self.repository.resolve(model, &VersionSelector::Version(split.version(side))) {
+                    return Ok(version);
+                }
+            }
+        }
+        self.repository.resolve(model, selector)
     }
 
     /// Runs a request. `target` is set to (model, version, signature) as soon as the version
@@ -64,7 +94,7 @@ impl Inference {
         request: InferenceRequest,
         target: &mut Option<Target>,
     ) -> Result<InferenceResponse, ServeError> {
-        let version = self.repository.resolve(&request.model, &request.selector)?;
+        let version = self.resolve(&request.model, &request.selector, request.routing_key.as_deref())?;
         let signature =
             request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
         *target = Some((version.model.clone(), version.version, signature.clone()));

@@ -3,7 +3,8 @@
 //!
 //! Layout, request path first: [`grpc`] and [`rest`] decode a request, [`tensor_codec`] /
 //! [`tensor_json`] turn wire tensors into engine tensors, [`inference`] resolves the
-//! version in the [`repository`] and queues the work on that signature's
+//! version in the [`repository`] (under a canary [`rollout`], the side the request's
+//! routing key falls on) and queues the work on that signature's
 //! [`batching::Scheduler`], which runs it (merged with others when batching is on) off the
 //! async threads. [`server`] wires it together; [`config`] is the command line.
 
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod model_config;
 pub mod repository;
 pub mod rest;
+pub mod rollout;
 pub mod server;
 pub mod tensor_codec;
 pub mod tensor_json;

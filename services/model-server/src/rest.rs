@@ -10,7 +10,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
@@ -103,7 +103,13 @@ fn error_response(error: &ServeError) -> Response {
     (status, axum::Json(json!({ "error": error.to_string() }))).into_response()
 }
 
-async fn model_api(State(state): State<RestState>, method: Method, uri: Uri, body: Bytes) -> Response {
+async fn model_api(
+    State(state): State<RestState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Some(path) = parse_model_path(uri.path()) else {
         return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": format!("no such endpoint: {}", uri.path()) })))
             .into_response();
@@ -111,7 +117,10 @@ async fn model_api(State(state): State<RestState>, method: Method, uri: Uri, bod
     let result = match (&method, &path.action) {
         (&Method::GET, Action::Status) => status(&state, &path),
         (&Method::GET, Action::Metadata) => metadata(&state, &path),
-        (&Method::POST, Action::Verb(verb)) if verb == "predict" => predict(&state, path, &body).await,
+        (&Method::POST, Action::Verb(verb)) if verb == "predict" => {
+            let routing_key = headers.get(canary::ROUTING_KEY_METADATA).map(|v| v.as_bytes().to_vec());
+            predict(&state, path, routing_key, &body).await
+        }
         (&Method::POST, Action::Verb(verb)) if verb == "classify" || verb == "regress" => Err(
             ServeError::Unimplemented(format!(":{verb} is not supported: it needs tf.Example inputs; use :predict")),
         ),
@@ -165,10 +174,15 @@ fn metadata(state: &RestState, path: &ModelPath) -> Result<Value, ServeError> {
     }))
 }
 
-async fn predict(state: &RestState, path: ModelPath, body: &[u8]) -> Result<Value, ServeError> {
+async fn predict(
+    state: &RestState,
+    path: ModelPath,
+    routing_key: Option<Vec<u8>>,
+    body: &[u8],
+) -> Result<Value, ServeError> {
     let started = Instant::now();
     let mut target = None;
-    let result = predict_inner(state, path, body, &mut target).await;
+    let result = predict_inner(state, path, routing_key, body, &mut target).await;
     let target_ref = target.as_ref().map(|(m, v, s): &(String, i64, String)| (m.as_str(), *v, s.as_str()));
     state.metrics.observe_request(
         Api::RestPredict,
@@ -182,6 +196,7 @@ async fn predict(state: &RestState, path: ModelPath, body: &[u8]) -> Result<Valu
 async fn predict_inner(
     state: &RestState,
     path: ModelPath,
+    routing_key: Option<Vec<u8>>,
     body: &[u8],
     target: &mut Option<(String, i64, String)>,
 ) -> Result<Value, ServeError> {
@@ -192,7 +207,7 @@ async fn predict_inner(
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err(ServeError::InvalidArgument("signature_name must be a string".into())),
     };
-    let version = state.inference.repository.resolve(&path.model, &path.selector)?;
+    let version = state.inference.resolve(&path.model, &path.selector, routing_key.as_deref())?;
     let signature_name = signature.clone().filter(|s| !s.is_empty()).unwrap_or(savedmodel::DEFAULT_SIGNATURE.into());
     *target = Some((version.model.clone(), version.version, signature_name.clone()));
     let spec = version.specs.get(&signature_name).ok_or_else(|| ServeError::SignatureNotFound {
@@ -214,6 +229,7 @@ async fn predict_inner(
                 signature,
                 inputs,
                 output_filter: Vec::new(),
+                routing_key: None, // the version is pinned above
             },
             target,
         )

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::model_config;
 use crate::repository::Repository;
 use crate::rest::{self, RestState};
+use crate::rollout::{self, Rollouts};
 
 /// The listeners the server serves on.
 #[derive(Debug)]
@@ -67,7 +68,11 @@ pub async fn run(
         background.push(tokio::spawn(poll_config_file(repository.clone(), path, every, stop_rx.clone())));
     }
 
-    let inference = Inference::new(repository.clone(), config.limits.clone());
+    let rollouts = Rollouts::new(config.rollouts.clone());
+    if let (Some(every), Some(path)) = (config.rollout_config_poll, config.rollout_config_file.clone()) {
+        background.push(tokio::spawn(poll_rollout_file(rollouts.clone(), path, every, stop_rx.clone())));
+    }
+    let inference = Inference::new(repository.clone(), config.limits.clone(), rollouts);
     let limit = config.grpc_max_message_bytes;
     let tf = TfServing {
         inference: inference.clone(),
@@ -161,32 +166,41 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
-async fn poll_versions(repository: Repository, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Runs `tick` every `every` until the shutdown flag is set.
+async fn every<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
+        tick().await;
+    }
+}
+
+async fn poll_versions(repository: Repository, period: Duration, stop: watch::Receiver<bool>) {
+    every(period, stop, || {
         let repository = repository.clone();
         // Directory scans are blocking IO; loads themselves start their own threads.
-        let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
-    }
+        async move {
+            let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
+        }
+    })
+    .await;
 }
 
 async fn poll_config_file(
     repository: Repository,
     path: std::path::PathBuf,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
+    period: Duration,
+    stop: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
-        }
+    every(period, stop, || async {
         let path = path.clone();
-        let read = tokio::task::spawn_blocking(move || model_config::read_model_config_file(&path)).await;
-        match read {
+        match tokio::task::spawn_blocking(move || model_config::read_model_config_file(&path)).await {
             Ok(Ok(configs)) if configs != repository.configs() => {
                 tracing::info!(models = configs.len(), "model config file changed; applying");
                 if let Err(e) = repository.set_configs(configs) {
@@ -197,7 +211,30 @@ async fn poll_config_file(
             Ok(Err(e)) => tracing::error!("model config file unreadable, keeping the current config: {e}"),
             Err(e) => tracing::error!("model config file read task failed: {e}"),
         }
-    }
+    })
+    .await;
+}
+
+/// Re-reads the rollout file; a bad file keeps the rollouts in force.
+async fn poll_rollout_file(
+    rollouts: Rollouts,
+    path: std::path::PathBuf,
+    period: Duration,
+    stop: watch::Receiver<bool>,
+) {
+    every(period, stop, || async {
+        let path = path.clone();
+        match tokio::task::spawn_blocking(move || rollout::read_rollout_file(&path)).await {
+            Ok(Ok(splits)) => {
+                if rollouts.set(splits) {
+                    tracing::info!("rollout file changed; applied");
+                }
+            }
+            Ok(Err(e)) => tracing::error!("rollout file rejected, keeping the rollouts in force: {e}"),
+            Err(e) => tracing::error!("rollout file read task failed: {e}"),
+        }
+    })
+    .await;
 }
 
 async fn update_health(reporter: &HealthReporter, repository: &Repository) {

@@ -40,7 +40,7 @@ use crate::metrics::Metrics;
 pub const SCORE_OUTPUT: &str = "anomaly_score";
 pub const THRESHOLD_OUTPUT: &str = "threshold";
 /// gRPC metadata naming the device, for sticky canary routing on the model server.
-pub const ROUTING_KEY_METADATA: &str = "vigil-routing-key";
+pub use canary::ROUTING_KEY_METADATA;
 
 /// A reading's score from the model version that answered.
 #[derive(Debug, Clone, PartialEq)]

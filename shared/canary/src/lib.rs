@@ -10,3 +10,7 @@
 
 pub mod analysis;
 pub mod split;
+
+/// The gRPC metadata key (and HTTP header) carrying a request's routing key: the stream
+/// processor sends the device id, so a device sticks to one side of a split.
+pub const ROUTING_KEY_METADATA: &str = "vigil-routing-key";

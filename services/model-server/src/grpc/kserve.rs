@@ -56,6 +56,7 @@ impl Kserve {
     async fn infer_inner(
         &self,
         request: ModelInferRequest,
+        routing_key: Option<Vec<u8>>,
         target: &mut Option<(String, i64, String)>,
     ) -> Result<ModelInferResponse, ServeError> {
         if request.model_name.is_empty() {
@@ -95,7 +96,10 @@ impl Kserve {
         let output_filter = request.outputs.iter().map(|o| o.name.clone()).collect();
         let answer = self
             .inference
-            .run(InferenceRequest { model: model.clone(), selector, signature, inputs, output_filter }, target)
+            .run(
+                InferenceRequest { model: model.clone(), selector, signature, inputs, output_filter, routing_key },
+                target,
+            )
             .await?;
         // Requested outputs come back in the order asked; otherwise in signature order.
         let order: Vec<String> = if request.outputs.is_empty() {
@@ -183,7 +187,8 @@ impl GrpcInferenceService for Kserve {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
         let mut target = None;
-        let result = self.infer_inner(request.into_inner(), &mut target).await;
+        let routing_key = super::routing_key(request.metadata());
+        let result = self.infer_inner(request.into_inner(), routing_key, &mut target).await;
         let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
         self.metrics.observe_request(
             Api::KserveInfer,

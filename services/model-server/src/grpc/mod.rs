@@ -2,3 +2,8 @@
 
 pub mod kserve;
 pub mod tf_serving;
+
+/// The request's canary routing key ([`canary::ROUTING_KEY_METADATA`]), if it sent one.
+pub fn routing_key(metadata: &tonic::metadata::MetadataMap) -> Option<Vec<u8>> {
+    metadata.get(canary::ROUTING_KEY_METADATA).map(|value| value.as_bytes().to_vec())
+}

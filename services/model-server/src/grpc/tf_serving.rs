@@ -64,6 +64,7 @@ impl TfServing {
     async fn predict_inner(
         &self,
         request: PredictRequest,
+        routing_key: Option<Vec<u8>>,
         target: &mut Option<(String, i64, String)>,
     ) -> Result<PredictResponse, ServeError> {
         let (model, selector) = spec_target(request.model_spec.as_ref())?;
@@ -76,7 +77,17 @@ impl TfServing {
         }
         let answer = self
             .inference
-            .run(InferenceRequest { model, selector, signature, inputs, output_filter: request.output_filter }, target)
+            .run(
+                InferenceRequest {
+                    model,
+                    selector,
+                    signature,
+                    inputs,
+                    output_filter: request.output_filter,
+                    routing_key,
+                },
+                target,
+            )
             .await?;
         let mut outputs = HashMap::with_capacity(answer.outputs.len());
         for (name, tensor) in &answer.outputs {
@@ -141,7 +152,8 @@ impl PredictionService for TfServing {
     async fn predict(&self, request: Request<PredictRequest>) -> Result<Response<PredictResponse>, Status> {
         let started = Instant::now();
         let mut target = None;
-        let result = self.predict_inner(request.into_inner(), &mut target).await;
+        let routing_key = super::routing_key(request.metadata());
+        let result = self.predict_inner(request.into_inner(), routing_key, &mut target).await;
         let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
         self.metrics.observe_request(
             Api::GrpcPredict,

@@ -1,0 +1,151 @@
+//! Canary rollouts through the real gRPC API: unpinned requests are split by the
+//! rollout's weight, each routing key (`vigil-routing-key` metadata, the device id) always
+//! lands on the side its bucket says, pinned requests get what they pin, a canary that is
+//! not loaded leaves everything to stable, and the rollout file is re-read (a bad one
+//! keeps the rollout in force). Versions 1 and 2 are copies of the autoencoder fixture;
+//! the response's `model_spec` names the version that answered.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use canary::split::{Weight, bucket};
+use proto::tensorflow::serving::PredictRequest;
+use proto::tensorflow::serving::model_spec::VersionChoice;
+use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use support::*;
+use tonic::transport::Channel;
+
+const MODEL: &str = "ae";
+
+/// A model config serving every version under `base`, and a rollout file, in `dir`.
+fn configs(dir: &Path, base: &Path, rollout: &str) -> (String, String) {
+    let models = dir.join("models.config");
+    std::fs::write(
+        &models,
+        format!(
+            "model_config_list {{ config {{ name: \"{MODEL}\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
+               model_version_policy {{ all {{}} }} }} }}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let rollouts = dir.join("rollouts.toml");
+    std::fs::write(&rollouts, rollout).unwrap();
+    (format!("--model_config_file={}", models.display()), format!("--rollout_config_file={}", rollouts.display()))
+}
+
+fn rollout(stable: i64, canary: i64, percent: f64) -> String {
+    format!(
+        "[[rollouts]]\nmodel = \"{MODEL}\"\nstable = {stable}\ncanary = {canary}\ncanary_weight_percent = {percent}\n"
+    )
+}
+
+/// The version that answered one Predict, sent with `key` as the routing key if given.
+async fn answered(client: &mut PredictionServiceClient<Channel>, version: Option<i64>, key: Option<&str>) -> i64 {
+    let (dims, values, _) = autoencoder_golden().remove(0);
+    let inputs = [("sensors".to_owned(), float_tensor(&dims, &values))].into();
+    let mut request = tonic::Request::new(PredictRequest {
+        model_spec: spec(MODEL, version, None, ""),
+        inputs,
+        output_filter: vec![],
+    });
+    if let Some(key) = key {
+        request.metadata_mut().insert(canary::ROUTING_KEY_METADATA, key.parse().unwrap());
+    }
+    let response = client.predict(request).await.expect("the rollout never fails a request").into_inner();
+    match response.model_spec.unwrap().version_choice {
+        Some(VersionChoice::Version(v)) => v,
+        other => panic!("the response names no version: {other:?}"),
+    }
+}
+
+/// `count` is within 5 standard deviations of a binomial(n, share) count.
+fn assert_near_share(count: usize, n: usize, share: f64, what: &str) {
+    let (expected, sd) = (n as f64 * share, (n as f64 * share * (1.0 - share)).sqrt());
+    assert!((count as f64 - expected).abs() <= 5.0 * sd, "{what}: {count} of {n}, expected {expected:.0}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpinned_requests_split_by_weight_and_each_device_sticks_to_its_side() {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
+    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
+    let server = TestServer::start(&[&models, &rollouts]).await;
+    let mut client = server.predict_client().await;
+
+    // Every device lands where its bucket says: the canary below 25% of the buckets.
+    let weight = Weight::from_percent(25.0).unwrap().basis_points();
+    let mut on_canary = 0;
+    for i in 0..800 {
+        let key = format!("car-{i:05}");
+        let expected = if bucket(MODEL, key.as_bytes()) < weight { 2 } else { 1 };
+        let version = answered(&mut client, None, Some(&key)).await;
+        assert_eq!(version, expected, "{key}");
+        on_canary += usize::from(version == 2);
+        if i % 100 == 0 {
+            for _ in 0..3 {
+                assert_eq!(answered(&mut client, None, Some(&key)).await, version, "{key} sticks");
+            }
+        }
+    }
+    assert_near_share(on_canary, 800, 0.25, "devices on the canary");
+
+    // Without a key, requests are split at random by the same weight.
+    let mut unkeyed = 0;
+    for _ in 0..800 {
+        unkeyed += usize::from(answered(&mut client, None, None).await == 2);
+    }
+    assert_near_share(unkeyed, 800, 0.25, "unkeyed requests on the canary");
+
+    // A pinned request gets what it pins, whatever its key says.
+    let canary_key = (0..).map(|i| format!("car-{i:05}")).find(|k| bucket(MODEL, k.as_bytes()) < weight).unwrap();
+    let stable_key = (0..).map(|i| format!("car-{i:05}")).find(|k| bucket(MODEL, k.as_bytes()) >= weight).unwrap();
+    assert_eq!(answered(&mut client, Some(1), Some(&canary_key)).await, 1);
+    assert_eq!(answered(&mut client, Some(2), Some(&stable_key)).await, 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_is_not_loaded_leaves_every_request_to_stable() {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
+    // Version 7 does not exist; 100% of traffic is meant for it.
+    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 7, 100.0));
+    let server = TestServer::start(&[&models, &rollouts]).await;
+    let mut client = server.predict_client().await;
+    for i in 0..50 {
+        assert_eq!(answered(&mut client, None, Some(&format!("car-{i}"))).await, 1);
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_file_is_reread_and_a_bad_one_keeps_the_rollout_in_force() {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
+    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 0.0));
+    let server = TestServer::start(&[&models, &rollouts, "--rollout_config_file_poll_wait_seconds=1"]).await;
+    let mut client = server.predict_client().await;
+    for i in 0..20 {
+        assert_eq!(answered(&mut client, None, Some(&format!("car-{i}"))).await, 1, "0%: all stable");
+    }
+
+    let file = root.path().join("rollouts.toml");
+    std::fs::write(&file, rollout(1, 2, 100.0)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered(&mut client, None, Some("car-0")).await != 2 {
+        assert!(Instant::now() < deadline, "the new weight was never applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A weight out of range is refused; the 100% rollout stays. Three poll periods pass
+    // (there is no event to wait on for something that must not happen).
+    std::fs::write(&file, rollout(1, 2, 150.0)).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..20 {
+        assert_eq!(answered(&mut client, None, Some(&format!("car-{i}"))).await, 2, "still 100% canary");
+    }
+    server.stop().await;
+}
