@@ -10,6 +10,7 @@ use savedmodel::{PredictError, Tensor};
 
 use crate::batching::SubmitError;
 use crate::error::ServeError;
+use crate::metrics::Metrics;
 use crate::repository::{LoadedVersion, Repository, VersionSelector};
 use crate::rollout::Rollouts;
 
@@ -55,11 +56,12 @@ pub struct Inference {
     pub repository: Repository,
     pub limits: Limits,
     pub rollouts: Rollouts,
+    pub metrics: Metrics,
 }
 
 impl Inference {
-    pub fn new(repository: Repository, limits: Limits, rollouts: Rollouts) -> Self {
-        Self { repository, limits, rollouts }
+    pub fn new(repository: Repository, limits: Limits, rollouts: Rollouts, metrics: Metrics) -> Self {
+        Self { repository, limits, rollouts, metrics }
     }
 
     /// The version that answers: the one a request pins; for an unpinned request to a
@@ -142,6 +144,10 @@ impl Inference {
                 )),
             })?
             .map_err(predict_error)?;
+        let floats = |name: &str| outputs.get(name)?.try_as_plain_ram().ok()?.as_slice::<f32>().ok();
+        if let Some(scores) = floats(canary::SCORE_OUTPUT) {
+            self.metrics.observe_scores(&version.model, version.version, scores, floats(canary::THRESHOLD_OUTPUT));
+        }
         if !request.output_filter.is_empty() {
             outputs.retain(|name, _| request.output_filter.contains(name));
         }

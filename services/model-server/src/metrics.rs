@@ -40,6 +40,8 @@ pub struct Metrics {
     queue_depth: IntGaugeVec,
     load_failures: IntCounterVec,
     versions_available: IntGaugeVec,
+    output_scores: HistogramVec,
+    output_anomalies: IntCounterVec,
 }
 
 /// The per-signature instruments the scheduler updates on its hot path.
@@ -96,6 +98,26 @@ impl Metrics {
             &["model", "version"],
         )
         .expect("metric definition");
+        // What a version answers, for judging a canary by its outputs: every row's anomaly
+        // score, and the rows over their threshold. Scores of this workspace's models run
+        // from ~0.3 (healthy) to ~1e5 (a flat tyre), hence the wide exponential buckets.
+        let output_scores = HistogramVec::new(
+            HistogramOpts::new(
+                "model_server_output_scores",
+                "Each answered row's anomaly score (signatures with an `anomaly_score` output)",
+            )
+            .buckets(prometheus::exponential_buckets(0.05, 2.0, 22).expect("buckets")),
+            &["model", "version"],
+        )
+        .expect("metric definition");
+        let output_anomalies = IntCounterVec::new(
+            Opts::new(
+                "model_server_output_anomalies_total",
+                "Answered rows whose anomaly score exceeds their `threshold` output",
+            ),
+            &["model", "version"],
+        )
+        .expect("metric definition");
         let start = Gauge::new("process_start_time_seconds", "Start time of the process since the Unix epoch")
             .expect("metric definition");
         start.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
@@ -107,11 +129,24 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(load_failures.clone()),
             Box::new(versions_available.clone()),
+            Box::new(output_scores.clone()),
+            Box::new(output_anomalies.clone()),
             Box::new(start),
         ] {
             registry.register(collector).expect("unique metric names");
         }
-        Self { registry, requests, errors, latency, batch_size, queue_depth, load_failures, versions_available }
+        Self {
+            registry,
+            requests,
+            errors,
+            latency,
+            batch_size,
+            queue_depth,
+            load_failures,
+            versions_available,
+            output_scores,
+            output_anomalies,
+        }
     }
 
     pub fn signature(&self, model: &str, version: i64, signature: &str) -> SignatureMetrics {
@@ -141,6 +176,21 @@ impl Metrics {
         if let Some(code) = code {
             let code = format!("{code:?}");
             self.errors.with_label_values(&[api.label(), model, version.as_str(), signature, code.as_str()]).inc();
+        }
+    }
+
+    /// Records the anomaly scores a version answered with, and how many rows exceeded
+    /// their threshold (when the signature also outputs one per row).
+    pub fn observe_scores(&self, model: &str, version: i64, scores: &[f32], thresholds: Option<&[f32]>) {
+        let version = version.to_string();
+        let labels = [model, version.as_str()];
+        let histogram = self.output_scores.with_label_values(&labels);
+        for &score in scores {
+            histogram.observe(f64::from(score));
+        }
+        if let Some(thresholds) = thresholds.filter(|t| t.len() == scores.len()) {
+            let over = scores.iter().zip(thresholds).filter(|(score, threshold)| score > threshold).count();
+            self.output_anomalies.with_label_values(&labels).inc_by(over as u64);
         }
     }
 

@@ -72,7 +72,7 @@ pub async fn run(
     if let (Some(every), Some(path)) = (config.rollout_config_poll, config.rollout_config_file.clone()) {
         background.push(tokio::spawn(poll_rollout_file(rollouts.clone(), path, every, stop_rx.clone())));
     }
-    let inference = Inference::new(repository.clone(), config.limits.clone(), rollouts);
+    let inference = Inference::new(repository.clone(), config.limits.clone(), rollouts, metrics.clone());
     let limit = config.grpc_max_message_bytes;
     let tf = TfServing {
         inference: inference.clone(),

@@ -1,6 +1,7 @@
 //! The anomaly model Vigil ships (`deploy/models/car-anomaly`, both versions) is served:
-//! both versions load and answer Predict with their own threshold, and the metadata lists
-//! the signals the model takes, which is how a client learns the feature names.
+//! both versions load and answer Predict with their own threshold, each version's scores
+//! and anomalies are counted under its own labels, and the metadata lists the signals the
+//! model takes, which is how a client learns the feature names.
 
 mod support;
 
@@ -64,6 +65,7 @@ async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {
     )
     .unwrap();
     let reading = &golden["readings"][0];
+    let mut flagged = Vec::new();
     for version in [1i64, 2] {
         let request = PredictRequest {
             model_spec: spec("car-anomaly", Some(version), None, ""),
@@ -79,6 +81,16 @@ async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {
         let score = response.outputs["anomaly_score"].float_val[0];
         let tf = expected["anomaly_score"][0].as_f64().unwrap() as f32;
         assert!((score - tf).abs() <= 1e-4 * tf.abs().max(1.0), "v{version}: {score} vs TensorFlow's {tf}");
+        flagged.push(score > response.outputs["threshold"].float_val[0]);
+    }
+
+    // Each version's outputs are counted under its own labels, for canary analysis.
+    let text = get_text(server.rest, "/metrics").await;
+    for (version, flagged) in [("1", flagged[0]), ("2", flagged[1])] {
+        let labels = [("model", "car-anomaly"), ("version", version)];
+        assert_eq!(metric(&text, "model_server_output_scores_count", &labels), Some(1.0), "v{version}\n{text}");
+        let anomalies = metric(&text, "model_server_output_anomalies_total", &labels);
+        assert_eq!(anomalies, Some(f64::from(u8::from(flagged))), "v{version}");
     }
     server.stop().await;
 }

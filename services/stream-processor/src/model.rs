@@ -36,11 +36,10 @@ use crate::config::ModelConfig;
 use crate::discovery::{self, Target};
 use crate::metrics::Metrics;
 
-/// The signature outputs the processor reads.
-pub const SCORE_OUTPUT: &str = "anomaly_score";
-pub const THRESHOLD_OUTPUT: &str = "threshold";
 /// gRPC metadata naming the device, for sticky canary routing on the model server.
 pub use canary::ROUTING_KEY_METADATA;
+/// The signature outputs the processor reads.
+pub use canary::{SCORE_OUTPUT, THRESHOLD_OUTPUT};
 
 /// A reading's score from the model version that answered.
 #[derive(Debug, Clone, PartialEq)]

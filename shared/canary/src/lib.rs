@@ -14,3 +14,8 @@ pub mod split;
 /// The gRPC metadata key (and HTTP header) carrying a request's routing key: the stream
 /// processor sends the device id, so a device sticks to one side of a split.
 pub const ROUTING_KEY_METADATA: &str = "vigil-routing-key";
+
+/// The signature outputs a canary is judged by: one anomaly score per row, and the
+/// threshold the answering version flags it against.
+pub const SCORE_OUTPUT: &str = "anomaly_score";
+pub const THRESHOLD_OUTPUT: &str = "threshold";
