@@ -18,8 +18,10 @@
 //! canary_weight_percent = 5
 //! ```
 //!
-//! Not here yet (issue 8): the `RolloutService`, automated analysis, shadow traffic,
-//! per-version score metrics and rollout events on Kafka.
+//! Each version's outputs are counted apart (`metrics.rs`: scores and anomalies per
+//! version), which is what a canary will be judged by. Not here yet (issue 8): the
+//! `RolloutService`, the automated analysis loop (its policy is `canary::analysis`),
+//! shadow traffic and rollout events on Kafka.
 
 use std::collections::HashMap;
 use std::path::Path;
