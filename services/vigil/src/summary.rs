@@ -67,7 +67,7 @@ impl Summary {
     ) -> Self {
         let confusion = observed.confusion;
         Self {
-            seconds: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
+            seconds: round1(elapsed.as_secs_f64()),
             cars: options.cars,
             kafka: kafka.to_owned(),
             mqtt: mqtt.to_owned(),
@@ -87,7 +87,7 @@ impl Summary {
                 .by_fault
                 .iter()
                 .map(|(fault, &(flagged, readings))| {
-                    let recall = round3(flagged as f64 / readings.max(1) as f64);
+                    let recall = round_to(flagged as f64 / readings.max(1) as f64, 3);
                     (fault.clone(), FaultRecall { readings, flagged, recall })
                 })
                 .collect(),
@@ -131,11 +131,6 @@ impl Summary {
                 c.false_positives,
                 c.false_negatives
             ),
-            format!(
-                "  latency    p50 {} ms, p99 {} ms  (reading on the readings topic to its score handed to Kafka)",
-                self.latency_p50_ms.map_or_else(|| "-".to_owned(), |v| v.to_string()),
-                self.latency_p99_ms.map_or_else(|| "-".to_owned(), |v| v.to_string())
-            ),
         ];
         if !self.recall_by_fault.is_empty() {
             let by_fault: Vec<String> = self
@@ -143,9 +138,13 @@ impl Summary {
                 .iter()
                 .map(|(fault, r)| format!("{fault} {:.2} of {}", r.recall, r.readings))
                 .collect();
-            // Before the latency line, next to the detection figures it breaks down.
-            lines.insert(lines.len() - 1, format!("  recall     by fault: {}", by_fault.join(", ")));
+            lines.push(format!("  recall     by fault: {}", by_fault.join(", ")));
         }
+        lines.push(format!(
+            "  latency    p50 {} ms, p99 {} ms  (reading on the readings topic to its score handed to Kafka)",
+            self.latency_p50_ms.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            self.latency_p99_ms.map_or_else(|| "-".to_owned(), |v| v.to_string())
+        ));
         lines.push(if self.reconciled {
             "  counts reconcile: every published reading was acknowledged, ingested and scored".to_owned()
         } else if !self.drained {
@@ -161,9 +160,10 @@ impl Summary {
 }
 
 fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
+    round_to(x, 1)
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+fn round_to(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
 }

@@ -95,7 +95,10 @@ impl Split {
 
 /// The bucket (0..[`BUCKETS`]) `key` falls into for `model`.
 pub fn bucket(model: &str, key: &[u8]) -> u16 {
-    let seed = xxhash_rust::xxh3::xxh3_64(model.as_bytes());
+    seeded_bucket(xxhash_rust::xxh3::xxh3_64(model.as_bytes()), key)
+}
+
+fn seeded_bucket(seed: u64, key: &[u8]) -> u16 {
     (xxhash_rust::xxh3::xxh3_64_with_seed(key, seed) % u64::from(BUCKETS)) as u16
 }
 
@@ -103,10 +106,7 @@ pub fn bucket(model: &str, key: &[u8]) -> u16 {
 /// for `share` of such requests: sticky by `routing_key` when there is one.
 pub fn shadowed(model: &str, routing_key: Option<&[u8]>, share: Weight, rng: &mut impl rand::Rng) -> bool {
     let bucket = match routing_key {
-        Some(key) => {
-            let seed = xxhash_rust::xxh3::xxh3_64(model.as_bytes()) ^ SHADOW_SALT;
-            (xxhash_rust::xxh3::xxh3_64_with_seed(key, seed) % u64::from(BUCKETS)) as u16
-        }
+        Some(key) => seeded_bucket(xxhash_rust::xxh3::xxh3_64(model.as_bytes()) ^ SHADOW_SALT, key),
         None => rng.random_range(0..BUCKETS),
     };
     bucket < share.0
