@@ -7,11 +7,9 @@
 //! server, so existing manifests need no new file. The one addition, canary rollouts
 //! (`--rollout_config_file`), is optional.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use canary::split::Split;
 use clap::{ArgAction, Args};
 
 use crate::batching::{SchedulingMode, UnbatchedOptions};
@@ -19,6 +17,8 @@ use crate::inference::Limits;
 use crate::model_config;
 use crate::repository::{ModelConfig, RepositoryOptions, VersionPolicy};
 use crate::rollout;
+use crate::rollout::RolloutSpec;
+use crate::rollout::log::KafkaOptions;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -70,8 +70,8 @@ pub struct ServeArgs {
     )]
     pub model_config_file_poll_wait_seconds: u64,
 
-    /// Vigil's canary rollouts (TOML: `[[rollouts]]` with model, stable, canary and
-    /// canary_weight_percent); see `rollout.rs`.
+    /// Vigil's canary rollouts (TOML: `[[rollouts]]` with model, stable, canary,
+    /// canary_weight_percent and optional shadow_percent and analysis); see `rollout/mod.rs`.
     #[arg(
         long = "rollout_config_file",
         visible_alias = "rollout-config-file",
@@ -87,6 +87,46 @@ pub struct ServeArgs {
         default_value_t = 5
     )]
     pub rollout_config_file_poll_wait_seconds: u64,
+
+    /// Kafka bootstrap servers keeping the rollout state (a compacted topic every replica
+    /// reads, so all converge) and the rollout events. Unset: state in this process only.
+    #[arg(
+        long = "rollout_kafka_brokers",
+        visible_alias = "rollout-kafka-brokers",
+        env = "MODEL_SERVER_ROLLOUT_KAFKA_BROKERS"
+    )]
+    pub rollout_kafka_brokers: Option<String>,
+
+    /// The compacted topic holding each model's rollout state.
+    #[arg(
+        long = "rollout_state_topic",
+        visible_alias = "rollout-state-topic",
+        env = "MODEL_SERVER_ROLLOUT_STATE_TOPIC",
+        default_value = "vigil.rollout-state"
+    )]
+    pub rollout_state_topic: String,
+
+    /// The topic every rollout change and analysis decision is published to.
+    #[arg(
+        long = "rollout_events_topic",
+        visible_alias = "rollout-events-topic",
+        env = "MODEL_SERVER_ROLLOUT_EVENTS_TOPIC",
+        default_value = "vigil.rollout-events"
+    )]
+    pub rollout_events_topic: String,
+
+    /// Consumer group electing the replica that runs the rollout analysis.
+    #[arg(
+        long = "rollout_leader_group",
+        visible_alias = "rollout-leader-group",
+        env = "MODEL_SERVER_ROLLOUT_LEADER_GROUP",
+        default_value = "vigil-model-server-rollouts"
+    )]
+    pub rollout_leader_group: String,
+
+    /// This replica's name in rollout state and events (default: $HOSTNAME, the pod name).
+    #[arg(long = "replica_id", visible_alias = "replica-id", env = "MODEL_SERVER_REPLICA_ID")]
+    pub replica_id: Option<String>,
 
     /// Seconds between scans of model base paths for new versions; 0 scans once at startup.
     #[arg(
@@ -179,10 +219,13 @@ pub struct ServerConfig {
     pub model_config_file: Option<PathBuf>,
     pub model_config_poll: Option<Duration>,
     pub file_system_poll: Option<Duration>,
-    /// Canary rollouts by model, and the file they come from (re-read each poll).
-    pub rollouts: HashMap<String, Split>,
+    /// The rollout file's rollouts at startup, and the file (re-read each poll).
+    pub rollouts: Vec<RolloutSpec>,
     pub rollout_config_file: Option<PathBuf>,
     pub rollout_config_poll: Option<Duration>,
+    /// Where rollout state and events live beyond this process.
+    pub rollout_kafka: Option<KafkaOptions>,
+    pub replica_id: String,
     pub repository: RepositoryOptions,
     pub limits: Limits,
     pub monitoring_path: Option<String>,
@@ -229,11 +272,25 @@ impl ServeArgs {
         };
         let rollouts = match &self.rollout_config_file {
             Some(path) => rollout::read_rollout_file(path)?,
-            None => HashMap::new(),
+            None => Vec::new(),
         };
+        let rollout_kafka = self.rollout_kafka_brokers.as_ref().map(|brokers| KafkaOptions {
+            brokers: brokers.clone(),
+            state_topic: self.rollout_state_topic.clone(),
+            events_topic: self.rollout_events_topic.clone(),
+            leader_group: self.rollout_leader_group.clone(),
+        });
+        let replica_id = self
+            .replica_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("model-server-{}", std::process::id()));
         let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Ok(ServerConfig {
             rollouts,
+            rollout_kafka,
+            replica_id,
             rollout_config_file: self.rollout_config_file.clone(),
             rollout_config_poll: seconds(self.rollout_config_file_poll_wait_seconds)
                 .filter(|_| self.rollout_config_file.is_some()),

@@ -70,6 +70,12 @@ impl ServeError {
         }
     }
 
+    /// A failure of the server or the model rather than of the caller's request: what a
+    /// canary's error rate counts.
+    pub fn is_server_side(&self) -> bool {
+        matches!(self.code(), Code::Internal | Code::ResourceExhausted | Code::FailedPrecondition | Code::Unavailable)
+    }
+
     /// The HTTP status TF Serving's REST API uses for the same gRPC code.
     pub fn http_status(&self) -> u16 {
         match self.code() {

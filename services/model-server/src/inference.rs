@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use canary::split::Arm;
 use savedmodel::{PredictError, Tensor};
@@ -13,6 +14,7 @@ use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::repository::{LoadedVersion, Repository, VersionSelector};
 use crate::rollout::Rollouts;
+use crate::rollout::windows::{Outcome, Windows};
 
 /// Request limits (checked before any work is queued).
 #[derive(Debug, Clone, PartialEq)]
@@ -56,12 +58,24 @@ pub struct Inference {
     pub repository: Repository,
     pub limits: Limits,
     pub rollouts: Rollouts,
+    /// What versions under an active rollout answered, for its analysis.
+    pub windows: Windows,
     pub metrics: Metrics,
+}
+
+/// Row-wise anomaly flags of an answer: score over threshold.
+fn flags(outputs: &BTreeMap<String, Tensor>) -> Option<Vec<bool>> {
+    let (scores, thresholds) = (floats(outputs, canary::SCORE_OUTPUT)?, floats(outputs, canary::THRESHOLD_OUTPUT)?);
+    Some(scores.iter().zip(thresholds).map(|(s, t)| s > t).collect())
+}
+
+fn floats<'a>(outputs: &'a BTreeMap<String, Tensor>, name: &str) -> Option<&'a [f32]> {
+    outputs.get(name)?.try_as_plain_ram().ok()?.as_slice::<f32>().ok()
 }
 
 impl Inference {
     pub fn new(repository: Repository, limits: Limits, rollouts: Rollouts, metrics: Metrics) -> Self {
-        Self { repository, limits, rollouts, metrics }
+        Self { repository, limits, rollouts, windows: Windows::default(), metrics }
     }
 
     /// The version that answers: the one a request pins; for an unpinned request to a
@@ -91,23 +105,112 @@ impl Inference {
 
     /// Runs a request. `target` is set to (model, version, signature) as soon as the version
     /// is resolved, so failures after that point are counted against the right version.
+    ///
+    /// Under an active rollout the outcome also goes into the answering version's analysis
+    /// window, and a stable-answered, unpinned request picked for shadowing is run again on
+    /// the canary in the background: its answer is compared with stable's and dropped.
     pub async fn run(
         &self,
         request: InferenceRequest,
         target: &mut Option<Target>,
     ) -> Result<InferenceResponse, ServeError> {
+        let started = Instant::now();
         let version = self.resolve(&request.model, &request.selector, request.routing_key.as_deref())?;
         let signature =
             request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
         *target = Some((version.model.clone(), version.version, signature.clone()));
+        let rollout = self.rollouts.get(&version.model).filter(|r| r.phase.is_active());
+        let watched = rollout.as_ref().is_some_and(|r| [r.spec.stable, r.spec.canary].contains(&version.version));
+        let shadow = rollout
+            .as_ref()
+            .filter(|r| matches!(request.selector, VersionSelector::Latest) && version.version == r.spec.stable)
+            .and_then(|_| self.rollouts.shadow(&version.model, request.routing_key.as_deref()))
+            .map(|canary| (canary, request.inputs.clone()));
+
+        let result = self.execute(&version, &signature, request.inputs, &request.output_filter).await;
+        if watched {
+            let outputs = result.as_ref().ok();
+            self.windows.record(
+                &version.model,
+                version.version,
+                Outcome {
+                    error: result.as_ref().is_err_and(ServeError::is_server_side),
+                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                    scores: outputs.and_then(|o| floats(o, canary::SCORE_OUTPUT)).unwrap_or_default(),
+                    thresholds: outputs.and_then(|o| floats(o, canary::THRESHOLD_OUTPUT)),
+                },
+            );
+        }
+        let mut outputs = result?;
+        if let Some(scores) = floats(&outputs, canary::SCORE_OUTPUT) {
+            self.metrics.observe_scores(
+                &version.model,
+                version.version,
+                scores,
+                floats(&outputs, canary::THRESHOLD_OUTPUT),
+            );
+        }
+        if let Some((canary, inputs)) = shadow
+            && let Some(stable_flags) = flags(&outputs)
+        {
+            tokio::spawn(self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable_flags));
+        }
+        if !request.output_filter.is_empty() {
+            outputs.retain(|name, _| request.output_filter.contains(name));
+        }
+        Ok(InferenceResponse { version, signature, outputs })
+    }
+
+    /// Scores `inputs` with the canary in shadow: into its analysis window, and its flags
+    /// compared row by row with stable's. Nothing of it reaches the caller.
+    async fn shadow(
+        self,
+        model: String,
+        canary: i64,
+        signature: String,
+        inputs: Vec<(String, Tensor)>,
+        stable: Vec<bool>,
+    ) {
+        let Ok(version) = self.repository.resolve(&model, &VersionSelector::Version(canary)) else { return };
+        let started = Instant::now();
+        let result = self.execute(&version, &signature, inputs, &[]).await;
+        let outputs = result.as_ref().ok();
+        self.windows.record(
+            &model,
+            canary,
+            Outcome {
+                error: result.as_ref().is_err_and(ServeError::is_server_side),
+                latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                scores: outputs.and_then(|o| floats(o, canary::SCORE_OUTPUT)).unwrap_or_default(),
+                thresholds: outputs.and_then(|o| floats(o, canary::THRESHOLD_OUTPUT)),
+            },
+        );
+        match result.as_ref().map(flags) {
+            Ok(Some(flags)) if flags.len() == stable.len() => {
+                let agreed = flags.iter().zip(&stable).filter(|(c, s)| c == s).count() as u64;
+                self.metrics.observe_shadow(&model, canary, agreed, stable.len() as u64 - agreed);
+            }
+            Ok(_) => tracing::debug!(model, canary, "shadow answer has no comparable flags"),
+            Err(e) => tracing::debug!(model, canary, "shadow run failed: {e}"),
+        }
+    }
+
+    /// Validates, checks limits, queues and runs one request on `version`; all outputs.
+    async fn execute(
+        &self,
+        version: &Arc<LoadedVersion>,
+        signature: &str,
+        inputs: Vec<(String, Tensor)>,
+        output_filter: &[String],
+    ) -> Result<BTreeMap<String, Tensor>, ServeError> {
         let predict_error = |source: PredictError| ServeError::Predict {
             model: version.model.clone(),
             version: version.version,
-            signature: signature.clone(),
+            signature: signature.to_owned(),
             source: Box::new(source),
         };
-        let (plan, scheduler) = version.signature(&signature)?;
-        for name in &request.output_filter {
+        let (plan, scheduler) = version.signature(signature)?;
+        for name in output_filter {
             if !plan.spec().outputs.contains_key(name) {
                 return Err(ServeError::InvalidArgument(format!(
                     "output_filter names {name:?}, which is not an output of model {:?} signature {signature:?} \
@@ -117,7 +220,7 @@ impl Inference {
                 )));
             }
         }
-        let prepared = plan.prepare(request.inputs).map_err(predict_error)?;
+        let prepared = plan.prepare(inputs).map_err(predict_error)?;
         if let Some(rows) = prepared.rows()
             && rows > self.limits.max_request_rows
         {
@@ -126,7 +229,7 @@ impl Inference {
                 version.model, self.limits.max_request_rows
             )));
         }
-        let mut outputs = scheduler
+        scheduler
             .infer(prepared)
             .await
             .map_err(|e| match e {
@@ -143,14 +246,6 @@ impl Inference {
                     version.model, version.version
                 )),
             })?
-            .map_err(predict_error)?;
-        let floats = |name: &str| outputs.get(name)?.try_as_plain_ram().ok()?.as_slice::<f32>().ok();
-        if let Some(scores) = floats(canary::SCORE_OUTPUT) {
-            self.metrics.observe_scores(&version.model, version.version, scores, floats(canary::THRESHOLD_OUTPUT));
-        }
-        if !request.output_filter.is_empty() {
-            outputs.retain(|name, _| request.output_filter.contains(name));
-        }
-        Ok(InferenceResponse { version, signature, outputs })
+            .map_err(predict_error)
     }
 }

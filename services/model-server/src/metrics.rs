@@ -42,6 +42,10 @@ pub struct Metrics {
     versions_available: IntGaugeVec,
     output_scores: HistogramVec,
     output_anomalies: IntCounterVec,
+    shadow_rows: IntCounterVec,
+    rollout_weight: prometheus::GaugeVec,
+    rollout_phase: IntGaugeVec,
+    rollout_decisions: IntCounterVec,
 }
 
 /// The per-signature instruments the scheduler updates on its hot path.
@@ -118,6 +122,31 @@ impl Metrics {
             &["model", "version"],
         )
         .expect("metric definition");
+        // Canary rollouts: rows the canary scored in shadow and whether it flagged them as
+        // stable did; each rollout's weight and phase; the analysis decisions.
+        let shadow_rows = IntCounterVec::new(
+            Opts::new(
+                "model_server_shadow_rows_total",
+                "Rows a canary scored in shadow, by whether its flag agreed with the stable answer's",
+            ),
+            &["model", "version", "agreement"],
+        )
+        .expect("metric definition");
+        let rollout_weight = prometheus::GaugeVec::new(
+            Opts::new("model_server_rollout_canary_weight_percent", "The canary's share of unpinned requests"),
+            &["model"],
+        )
+        .expect("metric definition");
+        let rollout_phase = IntGaugeVec::new(
+            Opts::new("model_server_rollout_phase", "1 for the phase each model's rollout is in"),
+            &["model", "phase"],
+        )
+        .expect("metric definition");
+        let rollout_decisions = IntCounterVec::new(
+            Opts::new("model_server_rollout_decisions_total", "Canary analysis decisions made by this replica"),
+            &["model", "decision"],
+        )
+        .expect("metric definition");
         let start = Gauge::new("process_start_time_seconds", "Start time of the process since the Unix epoch")
             .expect("metric definition");
         start.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
@@ -131,6 +160,10 @@ impl Metrics {
             Box::new(versions_available.clone()),
             Box::new(output_scores.clone()),
             Box::new(output_anomalies.clone()),
+            Box::new(shadow_rows.clone()),
+            Box::new(rollout_weight.clone()),
+            Box::new(rollout_phase.clone()),
+            Box::new(rollout_decisions.clone()),
             Box::new(start),
         ] {
             registry.register(collector).expect("unique metric names");
@@ -146,6 +179,10 @@ impl Metrics {
             versions_available,
             output_scores,
             output_anomalies,
+            shadow_rows,
+            rollout_weight,
+            rollout_phase,
+            rollout_decisions,
         }
     }
 
@@ -192,6 +229,24 @@ impl Metrics {
             let over = scores.iter().zip(thresholds).filter(|(score, threshold)| score > threshold).count();
             self.output_anomalies.with_label_values(&labels).inc_by(over as u64);
         }
+    }
+
+    /// Counts a shadow run's rows by whether the canary flagged each as stable did.
+    pub fn observe_shadow(&self, model: &str, canary: i64, agreed: u64, disagreed: u64) {
+        let version = canary.to_string();
+        self.shadow_rows.with_label_values(&[model, version.as_str(), "agree"]).inc_by(agreed);
+        self.shadow_rows.with_label_values(&[model, version.as_str(), "disagree"]).inc_by(disagreed);
+    }
+
+    pub fn set_rollout(&self, model: &str, phase: &str, canary_weight_percent: f64) {
+        self.rollout_weight.with_label_values(&[model]).set(canary_weight_percent);
+        for name in ["progressing", "manual", "promoted", "rolled_back", "aborted"] {
+            self.rollout_phase.with_label_values(&[model, name]).set(i64::from(name == phase));
+        }
+    }
+
+    pub fn rollout_decision(&self, model: &str, decision: &str) {
+        self.rollout_decisions.with_label_values(&[model, decision]).inc();
     }
 
     pub fn load_failed(&self, model: &str) {

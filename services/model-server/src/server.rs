@@ -1,5 +1,5 @@
-//! Wires the model server together: repository, pollers, gRPC (TF Serving, KServe v2,
-//! health, reflection) on one port, REST on another, and graceful shutdown.
+//! Wires the model server together: repository, pollers, rollouts, gRPC (TF Serving,
+//! KServe v2, rollouts, health, reflection) on one port, REST on another, and graceful shutdown.
 //!
 //! [`run`] takes listeners that are already bound, so tests bind `127.0.0.1:0` and hand
 //! them in (no port races), and a shutdown future, so tests stop the server in-process.
@@ -11,6 +11,7 @@ use std::time::Duration;
 use proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use proto::tensorflow::serving::model_service_server::ModelServiceServer;
 use proto::tensorflow::serving::prediction_service_server::PredictionServiceServer;
+use proto::vigil::rollout::v1::rollout_service_server::RolloutServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -19,13 +20,16 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::ServerConfig;
 use crate::grpc::kserve::Kserve;
+use crate::grpc::rollout::RolloutApi;
 use crate::grpc::tf_serving::{ModelServiceImpl, TfServing};
 use crate::inference::Inference;
 use crate::metrics::Metrics;
 use crate::model_config;
 use crate::repository::Repository;
 use crate::rest::{self, RestState};
-use crate::rollout::{self, Rollouts};
+use crate::rollout::Rollouts;
+use crate::rollout::controller;
+use crate::rollout::log::RolloutLog;
 
 /// The listeners the server serves on.
 #[derive(Debug)]
@@ -68,11 +72,31 @@ pub async fn run(
         background.push(tokio::spawn(poll_config_file(repository.clone(), path, every, stop_rx.clone())));
     }
 
-    let rollouts = Rollouts::new(config.rollouts.clone());
+    // Rollout state: read it (from Kafka, to its end) before serving, then the file's
+    // rollouts on top; the analysis loop runs on whichever replica leads.
+    let rollouts = Rollouts::default();
+    let rollout_log = match config.rollout_kafka.clone() {
+        Some(options) => {
+            let (log, task) =
+                RolloutLog::kafka(rollouts.clone(), config.replica_id.clone(), options, stop_rx.clone()).await?;
+            background.push(task);
+            log
+        }
+        None => RolloutLog::in_memory(rollouts.clone(), config.replica_id.clone()),
+    };
+    if config.rollout_config_file.is_some() {
+        controller::apply_file(&rollout_log, &config.rollouts).await;
+    }
     if let (Some(every), Some(path)) = (config.rollout_config_poll, config.rollout_config_file.clone()) {
-        background.push(tokio::spawn(poll_rollout_file(rollouts.clone(), path, every, stop_rx.clone())));
+        background.push(tokio::spawn(controller::poll_file(rollout_log.clone(), path, every, stop_rx.clone())));
     }
     let inference = Inference::new(repository.clone(), config.limits.clone(), rollouts, metrics.clone());
+    background.push(tokio::spawn(controller::run_analysis(
+        rollout_log.clone(),
+        inference.windows.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    )));
     let limit = config.grpc_max_message_bytes;
     let tf = TfServing {
         inference: inference.clone(),
@@ -104,6 +128,7 @@ pub async fn run(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_service(RolloutServiceServer::new(RolloutApi { log: rollout_log, repository: repository.clone() }))
         .add_service(reflection)
         .add_service(reflection_alpha);
     if let Some((_, service)) = &health {
@@ -210,28 +235,6 @@ async fn poll_config_file(
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!("model config file unreadable, keeping the current config: {e}"),
             Err(e) => tracing::error!("model config file read task failed: {e}"),
-        }
-    })
-    .await;
-}
-
-/// Re-reads the rollout file; a bad file keeps the rollouts in force.
-async fn poll_rollout_file(
-    rollouts: Rollouts,
-    path: std::path::PathBuf,
-    period: Duration,
-    stop: watch::Receiver<bool>,
-) {
-    every(period, stop, || async {
-        let path = path.clone();
-        match tokio::task::spawn_blocking(move || rollout::read_rollout_file(&path)).await {
-            Ok(Ok(splits)) => {
-                if rollouts.set(splits) {
-                    tracing::info!("rollout file changed; applied");
-                }
-            }
-            Ok(Err(e)) => tracing::error!("rollout file rejected, keeping the rollouts in force: {e}"),
-            Err(e) => tracing::error!("rollout file read task failed: {e}"),
         }
     })
     .await;

@@ -67,7 +67,10 @@ impl Default for Bounds {
             max_latency_p99_ratio: 1.5,
             max_anomaly_rate_difference: 0.05,
             score_significance: 0.001,
-            max_score_shift: 0.1,
+            // Vargha and Delaney's "medium" effect (A = 0.64). A retrained model scores a
+            // little differently without flagging differently: the bundled v2 sits at
+            // about 0.1 against v1 with the same anomaly rate.
+            max_score_shift: 0.14,
         }
     }
 }

@@ -41,6 +41,14 @@ pub mod vigil {
         }
     }
 
+    /// The model server's canary rollout API.
+    pub mod rollout {
+        /// Package `vigil.rollout.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.rollout.v1");
+        }
+    }
+
     /// The stream processor's score and anomaly records.
     pub mod scoring {
         /// Package `vigil.scoring.v1`.

@@ -1,6 +1,7 @@
 //! The gRPC front doors, all served on the one `--port`.
 
 pub mod kserve;
+pub mod rollout;
 pub mod tf_serving;
 
 /// The request's canary routing key ([`canary::ROUTING_KEY_METADATA`]), if it sent one.
