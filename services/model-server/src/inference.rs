@@ -63,10 +63,10 @@ pub struct Inference {
     pub metrics: Metrics,
 }
 
-/// Row-wise anomaly flags of an answer: score over threshold.
-fn flags(outputs: &BTreeMap<String, Tensor>) -> Option<Vec<bool>> {
+/// An answer's anomaly scores and thresholds, row by row (same length).
+fn scored(outputs: &BTreeMap<String, Tensor>) -> Option<(&[f32], &[f32])> {
     let (scores, thresholds) = (floats(outputs, canary::SCORE_OUTPUT)?, floats(outputs, canary::THRESHOLD_OUTPUT)?);
-    Some(scores.iter().zip(thresholds).map(|(s, t)| s > t).collect())
+    (scores.len() == thresholds.len()).then_some((scores, thresholds))
 }
 
 fn floats<'a>(outputs: &'a BTreeMap<String, Tensor>, name: &str) -> Option<&'a [f32]> {
@@ -151,9 +151,10 @@ impl Inference {
             );
         }
         if let Some((canary, inputs)) = shadow
-            && let Some(stable_flags) = flags(&outputs)
+            && let Some((scores, thresholds)) = scored(&outputs)
         {
-            tokio::spawn(self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable_flags));
+            let stable = (scores.to_vec(), thresholds.to_vec());
+            tokio::spawn(self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable));
         }
         if !request.output_filter.is_empty() {
             outputs.retain(|name, _| request.output_filter.contains(name));
@@ -161,7 +162,8 @@ impl Inference {
         Ok(InferenceResponse { version, signature, outputs })
     }
 
-    /// Scores `inputs` with the canary in shadow: into its analysis window, and its flags
+    /// Scores `inputs` with the canary in shadow: into its analysis window and, beside
+    /// stable's answer (`stable`: scores, thresholds), into the paired window; its flags are
     /// compared row by row with stable's. Nothing of it reaches the caller.
     async fn shadow(
         self,
@@ -169,7 +171,7 @@ impl Inference {
         canary: i64,
         signature: String,
         inputs: Vec<(String, Tensor)>,
-        stable: Vec<bool>,
+        stable: (Vec<f32>, Vec<f32>),
     ) {
         let Ok(version) = self.repository.resolve(&model, &VersionSelector::Version(canary)) else { return };
         let started = Instant::now();
@@ -185,13 +187,16 @@ impl Inference {
                 thresholds: outputs.and_then(|o| floats(o, canary::THRESHOLD_OUTPUT)),
             },
         );
-        match result.as_ref().map(flags) {
-            Ok(Some(flags)) if flags.len() == stable.len() => {
-                let agreed = flags.iter().zip(&stable).filter(|(c, s)| c == s).count() as u64;
-                self.metrics.observe_shadow(&model, canary, agreed, stable.len() as u64 - agreed);
+        match outputs.map(scored) {
+            Some(Some((scores, thresholds))) if scores.len() == stable.0.len() => {
+                self.windows.record_paired(&model, (&stable.0, &stable.1), (scores, thresholds));
+                let flag = |(s, t): (&f32, &f32)| s > t;
+                let stable_flags = stable.0.iter().zip(&stable.1).map(flag);
+                let agreed = scores.iter().zip(thresholds).map(flag).zip(stable_flags).filter(|(c, s)| c == s).count();
+                self.metrics.observe_shadow(&model, canary, agreed as u64, (scores.len() - agreed) as u64);
             }
-            Ok(_) => tracing::debug!(model, canary, "shadow answer has no comparable flags"),
-            Err(e) => tracing::debug!(model, canary, "shadow run failed: {e}"),
+            Some(_) => tracing::debug!(model, canary, "shadow answer has no comparable scores"),
+            None => tracing::debug!(model, canary, "shadow run failed: {:?}", result.err()),
         }
     }
 

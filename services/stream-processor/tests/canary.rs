@@ -1,13 +1,23 @@
-//! A canary rollout seen from the scores: the processor sends each reading's device id as
+//! Canary rollouts seen from the scores. The processor sends each reading's device id as
 //! the routing key, so with the model server splitting car-anomaly 75/25 between v1 and
 //! v2, every device's scores come from one version, the one its bucket picks, and the
-//! score records say which.
+//! score records say which. And under a simulated fleet's load, the model server's
+//! analysis rolls back a canary that flags everything and promotes a good one, with no
+//! failed request and no reading lost, as the score records, the metrics and the rollout
+//! events all show.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use canary::split::{Weight, bucket};
+use device_simulator::fleet::{Fleet, FleetOptions};
+use proto::vigil::rollout::v1 as rollout;
+use rollout::rollout_service_client::RolloutServiceClient;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,6 +61,181 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     }
     let on_canary = versions.values().filter(|v| v[0] == 2).count();
     assert!(on_canary > 0 && on_canary < versions.len(), "both versions scored some devices: {on_canary} of 40");
+    processor.stop().await;
+    server.stop().await;
+}
+
+/// A model config serving car-anomaly 1 and 2 (bundled) and 3, a copy of v1 whose scores
+/// are all raised over the threshold: a canary that flags every reading.
+fn three_versions(dir: &Path) -> String {
+    let base = dir.join("car-anomaly");
+    let copy = |from: &Path, version: &str| {
+        let status = std::process::Command::new("cp").arg("-r").arg(from).arg(base.join(version)).status().unwrap();
+        assert!(status.success());
+    };
+    std::fs::create_dir_all(&base).unwrap();
+    copy(&root().join("deploy/models/car-anomaly/1"), "1");
+    copy(&root().join("deploy/models/car-anomaly/2"), "2");
+    copy(&root().join("tests/fixtures/savedmodels/car_anomaly_flags_everything/1"), "3");
+    let config = dir.join("models.config");
+    std::fs::write(
+        &config,
+        format!(
+            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
+               model_version_policy {{ all {{}} }} }} }}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    format!("--model_config_file={}", config.display())
+}
+
+/// The cluster's address, for a task that outlives no borrow.
+struct Servers(String);
+
+impl Kafka for Servers {
+    fn servers(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Checks every 2 s from 30 requests and rows a side, steps 20% then 50%, two failures roll back.
+/// Latency is noise in a debug build on two shared cores, so its bound is wide.
+fn rollout_to(canary: i64) -> rollout::StartRolloutRequest {
+    rollout::StartRolloutRequest {
+        spec: Some(rollout::RolloutSpec {
+            model: "car-anomaly".into(),
+            stable_version: 1,
+            canary_version: canary,
+            canary_weight_percent: 0.0,
+            // Half of stable's readings are also scored by the canary, so the scores are
+            // compared on the same readings rather than on two sets of cars.
+            shadow_percent: 50.0,
+            analysis: Some(rollout::Analysis {
+                step_weights_percent: vec![20.0, 50.0],
+                interval_seconds: 2,
+                failure_limit: 2,
+                min_samples: 30,
+                max_latency_p99_ratio: 20.0,
+                ..Default::default()
+            }),
+        }),
+    }
+}
+
+/// Starts `request` and waits until its analysis concludes; returns the final phase.
+async fn concluded(
+    api: &mut RolloutServiceClient<tonic::transport::Channel>,
+    request: rollout::StartRolloutRequest,
+) -> rollout::Rollout {
+    api.start_rollout(request).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state =
+            api.get_rollout(rollout::GetRolloutRequest { model: "car-anomaly".into() }).await.unwrap().into_inner();
+        if state.phase != rollout::Phase::Progressing as i32 {
+            return state;
+        }
+        assert!(Instant::now() < deadline, "the analysis never concluded: {state:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = kafka();
+    kafka.create_topic("vigil.rollout-state", 1).unwrap();
+    kafka.create_topic("vigil.rollout-events", 1).unwrap();
+    let brokers = format!("--rollout_kafka_brokers={}", kafka.servers());
+    let server = ModelServer::start(&[&three_versions(dir.path()), &brokers]).await;
+    let processor = Processor::start(config(&kafka, &[server.grpc])).await;
+    let mut api = RolloutServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+
+    // The load: a simulated fleet of 100 cars (30% develop faults), a reading per car as
+    // fast as the mock cluster confirms them (about one round a second), until both
+    // rollouts are over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicUsize::new(0));
+    let fleet = {
+        let (stop, produced, servers) = (stop.clone(), produced.clone(), kafka.servers().to_owned());
+        tokio::spawn(async move {
+            let kafka = Servers(servers);
+            let options = FleetOptions {
+                cars: 100,
+                seed: 8,
+                fault_share: 0.3,
+                onset_window_s: (5.0, 60.0),
+                ..Default::default()
+            };
+            let mut fleet = Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
+            while !stop.load(Ordering::Relaxed) {
+                let readings = fleet.step(1.0);
+                produce_readings(&kafka, &readings).await;
+                produced.fetch_add(readings.len(), Ordering::Relaxed);
+            }
+        })
+    };
+
+    let bad = concluded(&mut api, rollout_to(3)).await;
+    assert_eq!(bad.phase, rollout::Phase::RolledBack as i32, "{bad:?}");
+    assert!(bad.last_decision.contains("anomaly rate"), "{}", bad.last_decision);
+    let good = concluded(&mut api, rollout_to(2)).await;
+    assert_eq!(good.phase, rollout::Phase::Promoted as i32, "{good:?}");
+    // A few more seconds of traffic after the promotion.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    fleet.await.unwrap();
+    let total = produced.load(Ordering::Relaxed);
+
+    // Every reading scored, none failed or dead-lettered.
+    let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
+    assert_eq!(distinct(&records), total, "every reading is scored");
+    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "no Predict failed");
+    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
+
+    // The score records tell the story: only devices in the canary's 20% of buckets ever
+    // saw version 3, all before any version 2 score; every device ends on version 2.
+    let mut by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for score in scores(&records) {
+        by_device.entry(score.device_id).or_default().push(score.model_version);
+    }
+    let first_step = Weight::from_percent(20.0).unwrap().basis_points();
+    let mut saw_bad = 0;
+    for (device, versions) in &by_device {
+        if versions.contains(&3) {
+            saw_bad += 1;
+            assert!(bucket("car-anomaly", device.as_bytes()) < first_step, "{device} is outside the first step");
+            let (last_bad, first_good) =
+                (versions.iter().rposition(|&v| v == 3).unwrap(), versions.iter().position(|&v| v == 2));
+            assert!(first_good.is_none_or(|g| g > last_bad), "{device}: {versions:?}");
+        }
+        assert_eq!(versions.last(), Some(&2), "{device} ends on the promoted version: {versions:?}");
+    }
+    assert!(saw_bad > 0, "some devices were scored by the bad canary before its rollback");
+
+    // The model server's metrics and the rollout events agree.
+    let metrics = reqwest::get(format!("http://{}/metrics", server.rest)).await.unwrap().text().await.unwrap();
+    let decisions = |decision: &str| {
+        admin::metric_sum(
+            &metrics.lines().filter(|l| l.contains(&format!("decision=\"{decision}\""))).collect::<Vec<_>>().join("\n"),
+            "model_server_rollout_decisions_total",
+        )
+    };
+    assert_eq!((decisions("rolled_back"), decisions("promoted")), (1.0, 1.0));
+    let events = read(&kafka, "vigil.rollout-events", |r| {
+        r.iter().any(|r| String::from_utf8_lossy(&r.payload).contains("\"event\":\"promoted\""))
+    })
+    .await;
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["event"].as_str().unwrap().to_owned())
+        .filter(|kind| kind != "held")
+        .collect();
+    assert_eq!(kinds[..4], ["started", "failed_check", "rolled_back", "started"], "{kinds:?}");
+    // The good canary may fail one check by chance (two would have rolled it back).
+    let good: Vec<&String> = kinds[4..].iter().filter(|kind| *kind != "failed_check").collect();
+    assert_eq!(good, ["advanced", "promoted"], "{kinds:?}");
     processor.stop().await;
     server.stop().await;
 }

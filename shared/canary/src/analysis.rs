@@ -67,10 +67,11 @@ impl Default for Bounds {
             max_latency_p99_ratio: 1.5,
             max_anomaly_rate_difference: 0.05,
             score_significance: 0.001,
-            // Vargha and Delaney's "medium" effect (A = 0.64). A retrained model scores a
-            // little differently without flagging differently: the bundled v2 sits at
-            // about 0.1 against v1 with the same anomaly rate.
-            max_score_shift: 0.14,
+            // Just under Vargha and Delaney's "large" effect (A = 0.71). A retrained model
+            // scores differently without flagging differently: the bundled v2 against v1
+            // measures 0.10-0.15 on the same readings, with the same anomaly rate; a model
+            // that flags everything measures 0.5.
+            max_score_shift: 0.2,
         }
     }
 }

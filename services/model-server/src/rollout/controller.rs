@@ -10,7 +10,8 @@
 //! takes the stable and canary windows every `interval_seconds`, judges them
 //! ([`canary::analysis::judge`]), and applies the plan's decision: advance to the next
 //! step, promote after the last, hold when inconclusive, count a failure, or roll back at
-//! the failure limit. A change of revision (by anyone) restarts the interval with fresh
+//! the failure limit. With shadow scoring on, the score checks use the paired window (both
+//! versions on the same rows, see [`super::windows`]). A change of revision (by anyone) restarts the interval with fresh
 //! windows, so a check never mixes traffic from two weights.
 
 use std::collections::HashMap;
@@ -130,6 +131,7 @@ pub async fn run_analysis(log: RolloutLog, windows: Windows, metrics: Metrics, m
                 // A new weight (or a new rollout): start both windows from here.
                 windows.take(model, spec.stable);
                 windows.take(model, spec.canary);
+                windows.take_paired(model);
                 *watch = Watch { revision: state.revision, since: Instant::now() };
                 continue;
             }
@@ -137,12 +139,23 @@ pub async fn run_analysis(log: RolloutLog, windows: Windows, metrics: Metrics, m
                 continue;
             }
             watch.since = Instant::now();
-            let (stable, canary) = (windows.take(model, spec.stable), windows.take(model, spec.canary));
+            let (mut stable, mut canary) = (windows.take(model, spec.stable), windows.take(model, spec.canary));
+            // Judge the scores on the same readings when shadowing gave enough of them.
+            let paired = windows.take_paired(model);
+            let on_same_rows = paired.stable.scores.len() >= plan.min_samples;
+            if on_same_rows {
+                (stable.scores, stable.anomalies) = (paired.stable.scores, paired.stable.anomalies);
+                (canary.scores, canary.anomalies) = (paired.canary.scores, paired.canary.anomalies);
+            }
             let judgement = judge(&stable, &canary, &plan.bounds());
             let mut progress = state.progress();
             let decision = progress.next(&plan.steps(), &judgement.verdict);
-            let figures = figures(&stable, &canary, &judgement);
-            let summary = summarize(&judgement, &stable, &canary);
+            let mut figures = figures(&stable, &canary, &judgement);
+            figures["scores_on_same_rows"] = on_same_rows.into();
+            let mut summary = summarize(&judgement, &stable, &canary);
+            if on_same_rows {
+                summary.push_str(&format!(" (on the same {} shadowed rows)", stable.scores.len()));
+            }
             metrics.rollout_decision(model, decision_name(&decision));
             match state.decided(&decision, progress, &summary, log.replica()) {
                 None => {
