@@ -427,3 +427,83 @@ async fn replicas_converge_on_the_rollout_state_through_kafka() {
         server.stop().await;
     }
 }
+
+/// Waits until both replicas hold the same rollout at `revision`, and returns it.
+async fn both_at(a: &RolloutServiceClient<Channel>, b: &RolloutServiceClient<Channel>, revision: u64) -> pb::Rollout {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (on_a, on_b) = (status(&mut a).await, status(&mut b).await);
+        if on_a.revision >= revision && on_a == on_b {
+            assert_eq!(on_a.revision, revision, "each change is applied once: {on_a:?}");
+            return on_a;
+        }
+        assert!(Instant::now() < deadline, "replicas at {} and {}, not {revision}", on_a.revision, on_b.revision);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_file_owns_its_rollouts_and_replicas_reading_it_apply_each_change_once() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    kafka.create_topic("vigil.rollout-state", 1).unwrap();
+    kafka.create_topic("vigil.rollout-events", 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let models = models_flag(dir.path());
+    let file = dir.path().join("rollouts.toml");
+    let declare = |canary: i64, weight: f64| {
+        std::fs::write(
+            &file,
+            format!(
+                "[[rollouts]]\nmodel = \"{MODEL}\"\nstable = 1\ncanary = {canary}\ncanary_weight_percent = {weight}\n"
+            ),
+        )
+        .unwrap()
+    };
+    declare(2, 25.0);
+    let flags = |id: &str| {
+        vec![
+            models.clone(),
+            format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers()),
+            format!("--rollout_config_file={}", file.display()),
+            "--rollout_config_file_poll_wait_seconds=1".into(),
+            format!("--replica_id={id}"),
+        ]
+    };
+    let start = async |id: &str| {
+        let flags = flags(id);
+        TestServer::start(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    let (mut api_a, mut api_b) = (rollouts(&a).await, rollouts(&b).await);
+    let declared = both_at(&api_a, &api_b, 1).await;
+    assert_eq!((declared.source.as_str(), declared.canary_weight_percent), ("file", 25.0));
+
+    // The API may steer a declared rollout but not replace it; an unchanged file leaves
+    // the steering alone.
+    let refused = api_a.start_rollout(spec_of(1, 3, 5.0, None)).await.unwrap_err();
+    assert!(refused.code() == Code::FailedPrecondition && refused.message().contains("rollout file"), "{refused:?}");
+    api_b
+        .set_canary_weight(pb::SetCanaryWeightRequest { model: MODEL.into(), canary_weight_percent: 50.0 })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        both_at(&api_a, &api_b, 2).await.canary_weight_percent,
+        50.0,
+        "three polls of an unchanged file change nothing"
+    );
+
+    // A changed entry starts its rollout over; a removed one ends it and frees the model.
+    declare(3, 10.0);
+    let changed = both_at(&api_a, &api_b, 3).await;
+    assert_eq!((changed.spec.unwrap().canary_version, changed.canary_weight_percent), (3, 10.0));
+    std::fs::write(&file, "").unwrap();
+    let removed = both_at(&api_a, &api_b, 4).await;
+    assert_eq!((phase(&removed), removed.source.as_str()), (pb::Phase::Aborted, "api"));
+    api_a.start_rollout(spec_of(1, 2, 5.0, None)).await.unwrap();
+    both_at(&api_a, &api_b, 5).await;
+    for server in [a, b] {
+        server.stop().await;
+    }
+}
