@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use canary::split::Arm;
 use savedmodel::{PredictError, Tensor};
+use tokio::sync::Semaphore;
 
 use crate::batching::SubmitError;
 use crate::error::ServeError;
@@ -60,8 +61,13 @@ pub struct Inference {
     pub rollouts: Rollouts,
     /// What versions under an active rollout answered, for its analysis.
     pub windows: Windows,
+    /// Bounds the shadow runs in flight; a request finding none free is not shadowed.
+    shadow_slots: Arc<Semaphore>,
     pub metrics: Metrics,
 }
+
+/// Shadow runs in flight at most: shadowing adds work, and under overload it yields.
+const MAX_SHADOW_IN_FLIGHT: usize = 64;
 
 /// An answer's anomaly scores and thresholds, row by row (same length).
 fn scored(outputs: &BTreeMap<String, Tensor>) -> Option<(&[f32], &[f32])> {
@@ -75,7 +81,8 @@ fn floats<'a>(outputs: &'a BTreeMap<String, Tensor>, name: &str) -> Option<&'a [
 
 impl Inference {
     pub fn new(repository: Repository, limits: Limits, rollouts: Rollouts, metrics: Metrics) -> Self {
-        Self { repository, limits, rollouts, windows: Windows::default(), metrics }
+        let shadow_slots = Arc::new(Semaphore::new(MAX_SHADOW_IN_FLIGHT));
+        Self { repository, limits, rollouts, windows: Windows::default(), shadow_slots, metrics }
     }
 
     /// The version that answers: the one a request pins; for an unpinned request to a
@@ -125,7 +132,13 @@ impl Inference {
             .as_ref()
             .filter(|r| matches!(request.selector, VersionSelector::Latest) && version.version == r.spec.stable)
             .and_then(|_| self.rollouts.shadow(&version.model, request.routing_key.as_deref()))
-            .map(|canary| (canary, request.inputs.clone()));
+            .and_then(|canary| match self.shadow_slots.clone().try_acquire_owned() {
+                Ok(slot) => Some((canary, slot, request.inputs.clone())),
+                Err(_) => {
+                    self.metrics.shadow_skipped(&version.model, canary);
+                    None
+                }
+            });
 
         let result = self.execute(&version, &signature, request.inputs, &request.output_filter).await;
         if watched {
@@ -150,11 +163,15 @@ impl Inference {
                 floats(&outputs, canary::THRESHOLD_OUTPUT),
             );
         }
-        if let Some((canary, inputs)) = shadow
+        if let Some((canary, slot, inputs)) = shadow
             && let Some((scores, thresholds)) = scored(&outputs)
         {
             let stable = (scores.to_vec(), thresholds.to_vec());
-            tokio::spawn(self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable));
+            let run = self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable);
+            tokio::spawn(async move {
+                run.await;
+                drop(slot);
+            });
         }
         if !request.output_filter.is_empty() {
             outputs.retain(|name, _| request.output_filter.contains(name));
@@ -176,6 +193,10 @@ impl Inference {
         let Ok(version) = self.repository.resolve(&model, &VersionSelector::Version(canary)) else { return };
         let started = Instant::now();
         let result = self.execute(&version, &signature, inputs, &[]).await;
+        if let Err(ServeError::Overloaded(_)) = result {
+            // Shadow work is best effort: a full queue skips it and is not the canary's error.
+            return self.metrics.shadow_skipped(&model, canary);
+        }
         let outputs = result.as_ref().ok();
         self.windows.record(
             &model,

@@ -43,6 +43,7 @@ pub struct Metrics {
     output_scores: HistogramVec,
     output_anomalies: IntCounterVec,
     shadow_rows: IntCounterVec,
+    shadow_skipped: IntCounterVec,
     rollout_weight: prometheus::GaugeVec,
     rollout_phase: IntGaugeVec,
     rollout_decisions: IntCounterVec,
@@ -132,6 +133,14 @@ impl Metrics {
             &["model", "version", "agreement"],
         )
         .expect("metric definition");
+        let shadow_skipped = IntCounterVec::new(
+            Opts::new(
+                "model_server_shadow_skipped_total",
+                "Requests picked for shadowing that were not (too many shadow runs in flight, or the canary's queue full)",
+            ),
+            &["model", "version"],
+        )
+        .expect("metric definition");
         let rollout_weight = prometheus::GaugeVec::new(
             Opts::new("model_server_rollout_canary_weight_percent", "The canary's share of unpinned requests"),
             &["model"],
@@ -161,6 +170,7 @@ impl Metrics {
             Box::new(output_scores.clone()),
             Box::new(output_anomalies.clone()),
             Box::new(shadow_rows.clone()),
+            Box::new(shadow_skipped.clone()),
             Box::new(rollout_weight.clone()),
             Box::new(rollout_phase.clone()),
             Box::new(rollout_decisions.clone()),
@@ -180,6 +190,7 @@ impl Metrics {
             output_scores,
             output_anomalies,
             shadow_rows,
+            shadow_skipped,
             rollout_weight,
             rollout_phase,
             rollout_decisions,
@@ -236,6 +247,10 @@ impl Metrics {
         let version = canary.to_string();
         self.shadow_rows.with_label_values(&[model, version.as_str(), "agree"]).inc_by(agreed);
         self.shadow_rows.with_label_values(&[model, version.as_str(), "disagree"]).inc_by(disagreed);
+    }
+
+    pub fn shadow_skipped(&self, model: &str, canary: i64) {
+        self.shadow_skipped.with_label_values(&[model, canary.to_string().as_str()]).inc();
     }
 
     pub fn set_rollout(&self, model: &str, phase: &str, canary_weight_percent: f64) {

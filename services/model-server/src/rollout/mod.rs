@@ -7,7 +7,10 @@
 //! stream processor sends the device id), at random without it. If the side a request
 //! falls on is not loaded, the other side answers, so a rollout never fails a request the
 //! model could have answered. A share of stable's requests can also be scored by the
-//! canary in shadow ([`crate::inference`]), its answer discarded and compared.
+//! canary in shadow ([`crate::inference`]), its answer discarded and compared. A finished
+//! rollout keeps routing (promoted: everything unpinned to the canary; rolled back or
+//! aborted: to stable) until the model's next rollout, so a newer version that appears
+//! meanwhile gets no traffic without one.
 //!
 //! Rollouts come from the rollout file (`--rollout_config_file`, TOML, re-read while
 //! serving) and the gRPC `RolloutService` ([`crate::grpc::rollout`]); with an analysis
