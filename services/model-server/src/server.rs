@@ -64,6 +64,7 @@ pub async fn run(
     tokio::task::spawn_blocking(move || Repository::wait(initial)).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let mut background = Vec::new();
     if let Some(every) = config.file_system_poll {
         background.push(tokio::spawn(poll_versions(repository.clone(), every, stop_rx.clone())));
@@ -139,6 +140,7 @@ pub async fn run(
     // the value, so a listener that subscribes late still sees it).
     let signalled = {
         let reporter = health.as_ref().map(|(r, _)| r.clone());
+        let stop_tx = stop_tx.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: refusing new work, draining in-flight requests");
@@ -180,10 +182,21 @@ pub async fn run(
         }
     };
     signalled.abort();
-    for task in background {
-        task.abort();
+    // Every background task ends on the stop flag; wait for them (briefly), so the Kafka
+    // clients of the rollout log have closed when this returns.
+    let _ = stop_tx.send(true);
+    let ending = join_in_turn(background);
+    if tokio::time::timeout(Duration::from_secs(5), ending).await.is_err() {
+        tracing::warn!("background tasks still running 5 s after shutdown; leaving them");
     }
     result
+}
+
+/// Awaits every task, in order (each has been told to stop).
+async fn join_in_turn(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 /// Resolves once the shutdown flag is set.

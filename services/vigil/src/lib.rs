@@ -3,10 +3,12 @@
 //! fleet with injected faults in one process, each talking to the others over its real
 //! protocol on loopback; [`observe`] watches the output topics like a dashboard would,
 //! [`view`] prints the live view, [`summary`] reconciles the counts and measures detection.
+//! `vigil rollout` ([`rollout`]) steers a running model server's canary rollouts.
 
 #![forbid(unsafe_code)]
 
 pub mod observe;
+pub mod rollout;
 pub mod summary;
 pub mod up;
 pub mod view;

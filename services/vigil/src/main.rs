@@ -1,6 +1,7 @@
 //! `vigil`: `vigil up` runs the whole fleet on embedded brokers (or external ones) and
-//! shows anomalies live; `vigil model-server|ingest|stream-processor|device-simulator ...`
-//! runs one service with that service's own flags.
+//! shows anomalies live; `vigil rollout ...` steers a running model server's canary
+//! rollouts; `vigil model-server|ingest|stream-processor|device-simulator ...` runs one
+//! service with that service's own flags.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -32,6 +33,9 @@ enum Command {
     /// given), model server on the bundled model, stream processor, ingest and a
     /// simulated fleet with injected faults; show anomalies live and a summary at the end.
     Up(UpArgs),
+    /// Canary rollouts on a running model server: start, status, list, set-weight, promote,
+    /// abort, watch.
+    Rollout(vigil::rollout::RolloutArgs),
     /// The model server (TF Serving's flags; `vigil model-server --help`).
     #[command(disable_help_flag = true)]
     ModelServer(Passed),
@@ -79,9 +83,14 @@ struct UpArgs {
     /// publishes under its own topic prefix there.
     #[arg(long)]
     mqtt_url: Option<String>,
-    /// The model (a directory of numbered SavedModel versions); default: the bundled one.
+    /// The model (a directory of numbered SavedModel versions, all served); default: the
+    /// bundled one.
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// The model server's gRPC port on 127.0.0.1 (TF Serving's, where `vigil rollout`
+    /// looks by default); 0 picks a free port.
+    #[arg(long, default_value_t = 8500)]
+    model_server_port: u16,
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -95,6 +104,7 @@ fn main() -> ExitCode {
     let pass = |name: &str, passed: Passed| std::iter::once(OsString::from(name)).chain(passed.args);
     let result = match cli.command {
         Command::Up(args) => return up(args),
+        Command::Rollout(args) => return vigil::rollout::main(args),
         Command::ModelServer(passed) => return model_server::cli::main(pass("model-server", passed)),
         Command::Ingest(passed) => ingest::cli::main(pass("ingest", passed)),
         Command::StreamProcessor(passed) => stream_processor::cli::main(pass("stream-processor", passed)),
@@ -127,6 +137,7 @@ fn up(args: UpArgs) -> ExitCode {
         kafka_brokers: args.kafka_brokers,
         mqtt_url: args.mqtt_url,
         model_dir: args.model_dir.unwrap_or_else(vigil::up::bundled_model),
+        model_server_port: args.model_server_port,
         live: !args.quiet,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

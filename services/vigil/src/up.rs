@@ -10,6 +10,10 @@
 //!                                   (embedded mock cluster, or --kafka-brokers)
 //! ```
 //!
+//! The model server loads every version of the model (unpinned requests go to the newest)
+//! and keeps rollout state and events on the run's Kafka, so `vigil rollout` can roll a
+//! canary out on the running fleet as it would on replicas in production.
+//!
 //! The end is ordered so the counts reconcile exactly: the simulator stops first (its
 //! last readings acknowledged, which ingest does only once Kafka has them), then the run
 //! waits until the processor has scored every reading the observer saw ingested, and only
@@ -17,7 +21,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
@@ -48,8 +52,10 @@ pub struct UpOptions {
     pub kafka_brokers: Option<String>,
     /// External MQTT broker (`mqtt://host:port`) instead of the embedded rumqttd.
     pub mqtt_url: Option<String>,
-    /// The model server's model (a directory of numbered SavedModel versions).
+    /// The model server's model (a directory of numbered SavedModel versions, all served).
     pub model_dir: PathBuf,
+    /// The model server's gRPC port on 127.0.0.1; 0 picks a free one.
+    pub model_server_port: u16,
     /// Print the live view (progress each second, anomalies as they come).
     pub live: bool,
 }
@@ -66,6 +72,8 @@ impl Default for UpOptions {
             kafka_brokers: None,
             mqtt_url: None,
             model_dir: bundled_model(),
+            // TF Serving's, where `vigil rollout` looks by default.
+            model_server_port: 8500,
             live: true,
         }
     }
@@ -140,6 +148,13 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
             println!("{line}");
         }
     };
+    // First, so a taken port fails the run before anything starts.
+    let grpc = TcpListener::bind(("127.0.0.1", options.model_server_port)).await.with_context(|| {
+        format!(
+            "binding the model server's gRPC port 127.0.0.1:{} (pass --model-server-port 0 for a free port, or another port)",
+            options.model_server_port
+        )
+    })?;
 
     // Brokers. External ones get this run's own topics, so nothing else on them is
     // counted and nothing of theirs is disturbed.
@@ -189,11 +204,33 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     say(format!("Kafka:        {kafka_name} at {}", kafka.bootstrap_servers()));
     say(format!("MQTT:         {}", mqtt.name));
 
-    // Model server, on the bundled model.
-    let model_dir = options.model_dir.to_str().context("the model directory's path is not UTF-8")?.to_owned();
-    let flags = ["model-server", "--model_name", MODEL_NAME, "--model_base_path", model_dir.as_str()];
-    let server_config = ServeCli::try_parse_from(flags)?.serve.resolve().map_err(anyhow::Error::msg)?;
-    let (grpc, rest) = (loopback().await?, loopback().await?);
+    // Model server: every version of the model, rollout state and events on this run's
+    // Kafka (its own topics and leader group on an external one).
+    let model_config =
+        tempfile::Builder::new().prefix("vigil-up-").tempdir().context("creating a temporary directory")?;
+    let model_config_file = model_config.path().join("models.config");
+    std::fs::write(&model_config_file, all_versions_config(MODEL_NAME, &options.model_dir)?)
+        .with_context(|| format!("writing {}", model_config_file.display()))?;
+    let mut flags = vec![
+        "model-server".to_owned(),
+        format!("--model_config_file={}", model_config_file.display()),
+        format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers()),
+    ];
+    if options.kafka_brokers.is_some() {
+        flags.push(format!("--rollout_state_topic=vigil-up-{run_id}-rollout-state"));
+        flags.push(format!("--rollout_events_topic=vigil-up-{run_id}-rollout-events"));
+        flags.push(format!("--rollout_leader_group=vigil-up-{run_id}-rollouts"));
+    }
+    let serve = ServeCli::try_parse_from(flags)?.serve;
+    // The mock cluster answers no CreateTopics, so the run creates the state topic there;
+    // on a real Kafka the server creates it itself, compacted as it must be (this run's
+    // topics would not be). The server only produces events, so the run creates that topic.
+    if let KafkaUnderTest::Mock(_) = &kafka {
+        kafka.create_topic(&serve.rollout_state_topic, 1).await?;
+    }
+    kafka.create_topic(&serve.rollout_events_topic, 1).await?;
+    let server_config = serve.resolve().map_err(anyhow::Error::msg)?;
+    let rest = loopback().await?;
     let (grpc_address, rest_address) = (address(&grpc)?, address(&rest)?);
     let model_server = Running::spawn("model server", |stopped| {
         model_server::server::run(
@@ -202,7 +239,16 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
             until(stopped),
         )
     });
-    say(format!("model server: gRPC {grpc_address} (TF Serving, KServe v2), REST http://{rest_address}"));
+    say(format!("model server: gRPC {grpc_address} (TF Serving, KServe v2, rollouts), REST http://{rest_address}"));
+    // A plan that concludes within the default one-minute run of 50 readings a second (the
+    // defaults check once a minute on 200 samples a side, for production traffic); shadow
+    // scoring judges scores on the same readings, since the split gives each side other cars.
+    if let [.., canary, stable] = versions_on_disk(&options.model_dir)[..] {
+        say(format!(
+            "              try: vigil rollout --server http://{grpc_address} start {MODEL_NAME} --stable {stable} \
+             --canary {canary} --steps 25,50 --interval-seconds 10 --min-samples 100 --shadow 50"
+        ));
+    }
 
     // Stream processor.
     let mut processor_config = stream_processor::config::ProcessorConfig::default();
@@ -341,6 +387,7 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     let model_server_stopped = model_server.stop().await;
     let observed = observer.finish();
     drop(kafka);
+    drop(model_config);
     let summary = Summary::new(&options, &report, &observed, elapsed, drained, &kafka_name, &mqtt.name);
     processor_stopped?;
     ingest_stopped?;
@@ -355,6 +402,31 @@ fn run_topics(prefix: &str) -> Topics {
         anomalies: format!("{prefix}anomalies"),
         dead_letters: [format!("{prefix}dead-letter"), format!("{prefix}scoring-dead-letter")],
     }
+}
+
+/// A TF Serving model config serving every version of `model` in `dir`.
+fn all_versions_config(model: &str, dir: &Path) -> anyhow::Result<String> {
+    let dir = dir.to_str().context("the model directory's path is not UTF-8")?;
+    let quoted = |text: &str| text.replace('\\', "\\\\").replace('"', "\\\"");
+    Ok(format!(
+        "model_config_list {{\n  config {{\n    name: \"{}\"\n    base_path: \"{}\"\n    model_platform: \"tensorflow\"\n    \
+         model_version_policy {{ all {{}} }}\n  }}\n}}\n",
+        quoted(model),
+        quoted(dir)
+    ))
+}
+
+/// The numbered version directories in `dir`, ascending.
+fn versions_on_disk(dir: &Path) -> Vec<i64> {
+    let mut versions: Vec<i64> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.path().is_dir())
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    versions
 }
 
 fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
@@ -397,4 +469,27 @@ where
 struct ServeCli {
     #[command(flatten)]
     serve: model_server::config::ServeArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_server_serves_every_version_of_the_model_even_at_an_awkward_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let awkward = dir.path().join("a \"quoted\" \\ dir");
+        let file = dir.path().join("models.config");
+        std::fs::write(&file, all_versions_config(MODEL_NAME, &awkward).unwrap()).unwrap();
+        let models = model_server::model_config::read_model_config_file(&file).unwrap();
+        assert_eq!(models.len(), 1);
+        assert_eq!((models[0].name.as_str(), &models[0].base_path), (MODEL_NAME, &awkward));
+        assert_eq!(models[0].policy, model_server::repository::VersionPolicy::All);
+    }
+
+    #[test]
+    fn the_rollout_hint_reads_the_bundled_models_versions() {
+        assert_eq!(versions_on_disk(&bundled_model()), [1, 2]);
+        assert!(versions_on_disk(Path::new("/nonexistent")).is_empty());
+    }
 }

@@ -1,0 +1,592 @@
+//! `vigil rollout ...`: start, inspect, steer and end a model's canary rollout on a running
+//! model server, through its `vigil.rollout.v1.RolloutService`.
+//!
+//! A thin client on purpose: clap checks types, the server checks everything else (ranges,
+//! versions, phases) and its message is printed as it is, so the CLI, the rollout file and
+//! any other gRPC client report a bad value in the same words. A server error prints
+//! `error: <grpc code>: <server message>`; an unreachable server names the URL; both exit 1.
+//!
+//! `--json` prints, instead of text, a Rollout with the proto's field names (so scripts
+//! written against the gRPC API read it unchanged) and the phase as a lowercase string:
+//!
+//! ```text
+//! {"spec": {"model", "stable_version", "canary_version", "canary_weight_percent",
+//!           "shadow_percent",
+//!           "analysis": null | {"step_weights_percent", "interval_seconds", "failure_limit",
+//!                               "min_samples", "max_error_rate_increase",
+//!                               "max_latency_p99_ratio", "max_anomaly_rate_difference",
+//!                               "score_significance", "max_score_shift"}},
+//!  "phase": "progressing" | "manual" | "promoted" | "rolled_back" | "aborted",
+//!  "canary_weight_percent", "step", "failures", "revision", "last_decision",
+//!  "updated_unix_ms", "source": "api" | "file", "updated_by"}
+//! ```
+//!
+//! `list --json` prints `{"rollouts": [...]}`; `watch --json` prints one Rollout per line
+//! (JSON Lines), one per revision.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use proto::vigil::rollout::v1 as pb;
+use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+/// TF Serving's gRPC port on this machine: where `vigil up` and `model-server` listen by
+/// default.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:8500";
+
+/// Long enough for a change to go through the Kafka state topic (the server waits up to
+/// 10 s for it to come back), short enough that a stuck server does not hang a script.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `vigil rollout`.
+#[derive(Debug, clap::Args)]
+pub struct RolloutArgs {
+    /// The model server's gRPC address.
+    #[arg(long, global = true, env = "VIGIL_MODEL_SERVER", default_value = DEFAULT_SERVER, value_name = "URL")]
+    server: String,
+    /// Print JSON (the proto's field names) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: RolloutCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum RolloutCommand {
+    /// Start a rollout: a share of the requests that pin no version go to the canary.
+    /// Manual unless an analysis option is given, in which case the server steps the weight
+    /// and promotes or rolls back on its own.
+    Start(StartArgs),
+    /// Show one model's rollout.
+    Status { model: String },
+    /// List every model's rollout, finished ones included.
+    List,
+    /// Set the canary's weight by hand (an analysis plan, if any, stops).
+    #[command(allow_negative_numbers = true)]
+    SetWeight {
+        model: String,
+        #[arg(value_name = "PCT")]
+        percent: f64,
+    },
+    /// Send all unpinned traffic to the canary now.
+    Promote { model: String },
+    /// Send all unpinned traffic back to the stable version now.
+    Abort {
+        model: String,
+        /// Why, for the rollout's history and its event.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Print a line at every change of the rollout; exit 0 once it is promoted, rolled back
+    /// or aborted.
+    Watch {
+        model: String,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        every_seconds: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(allow_negative_numbers = true)]
+struct StartArgs {
+    /// The model, as the server names it.
+    model: String,
+    /// The version answering the rest of the traffic.
+    #[arg(long, value_name = "N")]
+    stable: i64,
+    /// The version being rolled out.
+    #[arg(long, value_name = "N")]
+    canary: i64,
+    /// The canary's first weight; with analysis, 0 starts at the first step.
+    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
+    weight: f64,
+    /// Share of stable's requests the canary also scores in shadow (answer discarded).
+    #[arg(long, value_name = "PCT", default_value_t = 0.0)]
+    shadow: f64,
+    /// Judge the canary automatically (server defaults for anything not given).
+    #[arg(long)]
+    analysis: bool,
+    #[command(flatten)]
+    plan: PlanArgs,
+}
+
+/// The analysis options; unset ones are sent as zero, which the server reads as its
+/// default (shown in brackets).
+#[derive(Debug, clap::Args)]
+struct PlanArgs {
+    /// Canary weights to step through, ascending [5,25,50].
+    #[arg(long, value_name = "PCT,...", value_delimiter = ',')]
+    steps: Vec<f64>,
+    /// Seconds between checks [60].
+    #[arg(long, value_name = "N")]
+    interval_seconds: Option<u32>,
+    /// Failed checks that roll the canary back [2].
+    #[arg(long, value_name = "N")]
+    failure_limit: Option<u32>,
+    /// Requests and scored rows each side needs before a check counts [200].
+    #[arg(long, value_name = "N")]
+    min_samples: Option<u32>,
+    /// Canary error rate minus stable's, at most [0.01].
+    #[arg(long, value_name = "X")]
+    max_error_rate_increase: Option<f64>,
+    /// Canary p99 latency over stable's, at most [1.5].
+    #[arg(long, value_name = "X")]
+    max_latency_p99_ratio: Option<f64>,
+    /// |canary anomaly rate - stable's|, at most [0.05].
+    #[arg(long, value_name = "X")]
+    max_anomaly_rate_difference: Option<f64>,
+    /// A score shift fails a check when the Mann-Whitney p-value is below this [0.001] ...
+    #[arg(long, value_name = "X")]
+    score_significance: Option<f64>,
+    /// ... and |P(canary score > stable score) - 1/2| is above this [0.2].
+    #[arg(long, value_name = "X")]
+    max_score_shift: Option<f64>,
+}
+
+impl PlanArgs {
+    fn given(&self) -> bool {
+        !self.steps.is_empty()
+            || [self.interval_seconds, self.failure_limit, self.min_samples].iter().any(Option::is_some)
+            || [
+                self.max_error_rate_increase,
+                self.max_latency_p99_ratio,
+                self.max_anomaly_rate_difference,
+                self.score_significance,
+                self.max_score_shift,
+            ]
+            .iter()
+            .any(Option::is_some)
+    }
+
+    fn to_proto(&self) -> pb::Analysis {
+        pb::Analysis {
+            step_weights_percent: self.steps.clone(),
+            interval_seconds: self.interval_seconds.unwrap_or_default(),
+            failure_limit: self.failure_limit.unwrap_or_default(),
+            min_samples: self.min_samples.unwrap_or_default(),
+            max_error_rate_increase: self.max_error_rate_increase.unwrap_or_default(),
+            max_latency_p99_ratio: self.max_latency_p99_ratio.unwrap_or_default(),
+            max_anomaly_rate_difference: self.max_anomaly_rate_difference.unwrap_or_default(),
+            score_significance: self.score_significance.unwrap_or_default(),
+            max_score_shift: self.max_score_shift.unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug)]
+enum Failure {
+    /// `--server` is not a URL.
+    BadServer { server: String, why: String },
+    /// No connection to the server.
+    Unreachable { server: String, why: String },
+    /// The server answered with an error.
+    Refused(tonic::Status),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadServer { server, why } => write!(f, "--server {server:?} is not a URL ({why})"),
+            Self::Unreachable { server, why } => write!(
+                f,
+                "cannot reach the model server at {server} ({why}); pass --server URL or set VIGIL_MODEL_SERVER"
+            ),
+            Self::Refused(status) => write!(f, "{}: {}", code_name(status.code()), status.message()),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        Self::Refused(status)
+    }
+}
+
+/// The gRPC code's canonical name in words ("invalid argument"), which operators search
+/// docs and dashboards by; tonic's own descriptions are sentences.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid argument",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::PermissionDenied => "permission denied",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::FailedPrecondition => "failed precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out of range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Runs `vigil rollout ...` to completion.
+pub fn main(args: RolloutArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: RolloutArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.server).await?;
+    let json = args.json;
+    let rollout = match args.command {
+        RolloutCommand::Start(start) => {
+            let analysis = (start.analysis || start.plan.given()).then(|| start.plan.to_proto());
+            let spec = pb::RolloutSpec {
+                model: start.model,
+                stable_version: start.stable,
+                canary_version: start.canary,
+                canary_weight_percent: start.weight,
+                shadow_percent: start.shadow,
+                analysis,
+            };
+            client.start_rollout(pb::StartRolloutRequest { spec: Some(spec) }).await?
+        }
+        RolloutCommand::Status { model } => client.get_rollout(pb::GetRolloutRequest { model }).await?,
+        RolloutCommand::List => {
+            let rollouts = client.list_rollouts(pb::ListRolloutsRequest {}).await?.into_inner().rollouts;
+            if json {
+                let list = json!({ "rollouts": rollouts.iter().map(rollout_json).collect::<Vec<_>>() });
+                println!("{}", pretty(&list));
+            } else if rollouts.is_empty() {
+                println!("no rollouts");
+            } else {
+                print!("{}", render_list(&rollouts, now_ms()));
+            }
+            return Ok(());
+        }
+        RolloutCommand::SetWeight { model, percent } => {
+            client.set_canary_weight(pb::SetCanaryWeightRequest { model, canary_weight_percent: percent }).await?
+        }
+        RolloutCommand::Promote { model } => client.promote_rollout(pb::PromoteRolloutRequest { model }).await?,
+        RolloutCommand::Abort { model, reason } => {
+            client.abort_rollout(pb::AbortRolloutRequest { model, reason: reason.unwrap_or_default() }).await?
+        }
+        RolloutCommand::Watch { model, every_seconds } => {
+            return watch(&mut client, &model, Duration::from_secs(every_seconds), json).await;
+        }
+    };
+    let rollout = rollout.into_inner();
+    if json {
+        println!("{}", pretty(&rollout_json(&rollout)));
+    } else {
+        print!("{}", render(&rollout, now_ms()));
+    }
+    Ok(())
+}
+
+async fn connect(server: &str) -> Result<RolloutServiceClient<Channel>, Failure> {
+    // `host:port` is what people type after seeing `vigil up`'s address; gRPC needs a scheme.
+    let url = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| Failure::BadServer { server: server.to_owned(), why: error_chain(&e) })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure::Unreachable { server: server.to_owned(), why: error_chain(&e) })?;
+    Ok(RolloutServiceClient::new(channel))
+}
+
+/// Polls the rollout and prints each new revision until the rollout is over.
+async fn watch(
+    client: &mut RolloutServiceClient<Channel>,
+    model: &str,
+    every: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut shown = None;
+    loop {
+        let rollout = client.get_rollout(pb::GetRolloutRequest { model: model.to_owned() }).await?.into_inner();
+        if shown != Some(rollout.revision) {
+            shown = Some(rollout.revision);
+            if json {
+                println!("{}", rollout_json(&rollout));
+            } else {
+                println!("{}", watch_line(&rollout));
+            }
+        }
+        if is_over(rollout.phase) {
+            return Ok(());
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn is_over(phase: i32) -> bool {
+    matches!(pb::Phase::try_from(phase), Ok(pb::Phase::Promoted | pb::Phase::RolledBack | pb::Phase::Aborted))
+}
+
+/// The phase as the server's events name it (`rolled_back`).
+fn phase_name(phase: i32) -> &'static str {
+    match pb::Phase::try_from(phase) {
+        Ok(pb::Phase::Progressing) => "progressing",
+        Ok(pb::Phase::Manual) => "manual",
+        Ok(pb::Phase::Promoted) => "promoted",
+        Ok(pb::Phase::RolledBack) => "rolled_back",
+        Ok(pb::Phase::Aborted) => "aborted",
+        Ok(pb::Phase::Unspecified) => "unspecified",
+        Err(_) => "unknown",
+    }
+}
+
+/// The phase in words (`rolled back`), for text output.
+fn phase_words(phase: i32) -> String {
+    phase_name(phase).replace('_', " ")
+}
+
+fn rollout_json(rollout: &pb::Rollout) -> Value {
+    json!({
+        "spec": rollout.spec.as_ref().map(spec_json),
+        "phase": phase_name(rollout.phase),
+        "canary_weight_percent": rollout.canary_weight_percent,
+        "step": rollout.step,
+        "failures": rollout.failures,
+        "revision": rollout.revision,
+        "last_decision": rollout.last_decision,
+        "updated_unix_ms": rollout.updated_unix_ms,
+        "source": rollout.source,
+        "updated_by": rollout.updated_by,
+    })
+}
+
+fn spec_json(spec: &pb::RolloutSpec) -> Value {
+    json!({
+        "model": spec.model,
+        "stable_version": spec.stable_version,
+        "canary_version": spec.canary_version,
+        "canary_weight_percent": spec.canary_weight_percent,
+        "shadow_percent": spec.shadow_percent,
+        "analysis": spec.analysis.as_ref().map(|a| json!({
+            "step_weights_percent": a.step_weights_percent,
+            "interval_seconds": a.interval_seconds,
+            "failure_limit": a.failure_limit,
+            "min_samples": a.min_samples,
+            "max_error_rate_increase": a.max_error_rate_increase,
+            "max_latency_p99_ratio": a.max_latency_p99_ratio,
+            "max_anomaly_rate_difference": a.max_anomaly_rate_difference,
+            "score_significance": a.score_significance,
+            "max_score_shift": a.max_score_shift,
+        })),
+    })
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// A rollout as a block of `label: value` lines.
+fn render(rollout: &pb::Rollout, now_ms: i64) -> String {
+    let default_spec = pb::RolloutSpec::default();
+    let spec = rollout.spec.as_ref().unwrap_or(&default_spec);
+    let progress = match &spec.analysis {
+        Some(plan) => format!(
+            "step {} of {}, failures {} (roll back at {})",
+            rollout.step + 1,
+            plan.step_weights_percent.len(),
+            rollout.failures,
+            plan.failure_limit
+        ),
+        None => format!("step {}, failures {}", rollout.step, rollout.failures),
+    };
+    let mut lines = vec![
+        ("model", spec.model.clone()),
+        ("phase", phase_words(rollout.phase)),
+        ("versions", format!("stable {} -> canary {}", spec.stable_version, spec.canary_version)),
+        ("canary weight", format!("{}%", rollout.canary_weight_percent)),
+        ("shadow", format!("{}%", spec.shadow_percent)),
+        ("progress", progress),
+        ("revision", format!("{} (source: {})", rollout.revision, rollout.source)),
+        ("updated", format!("by {} at {}", rollout.updated_by, when(rollout.updated_unix_ms, now_ms))),
+        ("last decision", rollout.last_decision.clone()),
+    ];
+    if let Some(plan) = &spec.analysis {
+        lines.push(("analysis", plan_line(plan)));
+    }
+    lines.iter().map(|(label, value)| format!("{:<15}{value}\n", format!("{label}:"))).collect()
+}
+
+/// The analysis plan on one line.
+fn plan_line(plan: &pb::Analysis) -> String {
+    let steps: Vec<String> = plan.step_weights_percent.iter().map(|w| format!("{w}%")).collect();
+    format!(
+        "steps {}, a check every {} s, {} failed checks roll back; each side needs {} samples; \
+         fails beyond: error rate +{}, p99 latency x{}, anomaly rate ±{}, score shift {} (p < {})",
+        steps.join(" "),
+        plan.interval_seconds,
+        plan.failure_limit,
+        plan.min_samples,
+        plan.max_error_rate_increase,
+        plan.max_latency_p99_ratio,
+        plan.max_anomaly_rate_difference,
+        plan.max_score_shift,
+        plan.score_significance,
+    )
+}
+
+/// One line per rollout, columns aligned.
+fn render_list(rollouts: &[pb::Rollout], now_ms: i64) -> String {
+    let model = |r: &pb::Rollout| r.spec.as_ref().map_or("", |s| s.model.as_str()).to_owned();
+    let width = rollouts.iter().map(|r| model(r).len()).max().unwrap_or(0);
+    rollouts
+        .iter()
+        .map(|r| {
+            let (stable, canary) = r.spec.as_ref().map_or((0, 0), |s| (s.stable_version, s.canary_version));
+            format!(
+                "{:<width$}  {:<11}  stable {stable} -> canary {canary} at {:>3}%  revision {}  updated {}\n",
+                model(r),
+                phase_words(r.phase),
+                r.canary_weight_percent,
+                r.revision,
+                when(r.updated_unix_ms, now_ms),
+            )
+        })
+        .collect()
+}
+
+/// What `watch` prints for a revision.
+fn watch_line(rollout: &pb::Rollout) -> String {
+    let time = DateTime::<Utc>::from_timestamp_millis(rollout.updated_unix_ms)
+        .map_or_else(|| "--:--:--".to_owned(), |t| t.format("%H:%M:%S").to_string());
+    format!(
+        "{time} revision {}: {}, canary {}%: {}",
+        rollout.revision,
+        phase_words(rollout.phase),
+        rollout.canary_weight_percent,
+        rollout.last_decision
+    )
+}
+
+/// A Unix-millisecond time in UTC with how long ago it was.
+fn when(unix_ms: i64, now_ms: i64) -> String {
+    let Some(time) = DateTime::<Utc>::from_timestamp_millis(unix_ms).filter(|_| unix_ms > 0) else {
+        return "an unknown time".to_owned();
+    };
+    let ago = Duration::from_millis(now_ms.saturating_sub(unix_ms).max(0).try_into().unwrap_or(0)).as_secs();
+    let ago = match ago {
+        0..60 => format!("{ago} s ago"),
+        60..3600 => format!("{} min ago", ago / 60),
+        3600..86_400 => format!("{} h ago", ago / 3600),
+        _ => format!("{} days ago", ago / 86_400),
+    };
+    format!("{} ({ago})", time.format("%Y-%m-%d %H:%M:%S UTC"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis().try_into().unwrap_or(i64::MAX))
+}
+
+/// The error and its causes, each once (tonic's transport errors say little at the top).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout(analysis: Option<pb::Analysis>) -> pb::Rollout {
+        pb::Rollout {
+            spec: Some(pb::RolloutSpec {
+                model: "car-anomaly".into(),
+                stable_version: 2,
+                canary_version: 1,
+                canary_weight_percent: 0.0,
+                shadow_percent: 10.0,
+                analysis,
+            }),
+            phase: pb::Phase::RolledBack as i32,
+            canary_weight_percent: 0.0,
+            step: 1,
+            failures: 2,
+            revision: 7,
+            last_decision: "rolled back: anomaly rate".into(),
+            updated_unix_ms: 1_750_000_000_000,
+            source: "api".into(),
+            updated_by: "replica-a".into(),
+        }
+    }
+
+    #[test]
+    fn json_uses_the_proto_field_names_and_a_lowercase_phase() {
+        let plan = pb::Analysis { step_weights_percent: vec![5.0, 25.0], interval_seconds: 60, ..Default::default() };
+        let value = rollout_json(&rollout(Some(plan)));
+        assert_eq!(value["phase"], "rolled_back");
+        assert_eq!(value["revision"], 7);
+        assert_eq!(value["spec"]["stable_version"], 2);
+        assert_eq!(value["spec"]["analysis"]["step_weights_percent"], json!([5.0, 25.0]));
+        assert_eq!(rollout_json(&rollout(None))["spec"]["analysis"], Value::Null);
+    }
+
+    #[test]
+    fn text_shows_phase_in_words_versions_weight_and_the_plan_on_one_line() {
+        let plan = pb::Analysis {
+            step_weights_percent: vec![5.0, 25.0, 50.0],
+            interval_seconds: 60,
+            failure_limit: 2,
+            ..Default::default()
+        };
+        let text = render(&rollout(Some(plan)), 1_750_000_005_000);
+        assert!(text.contains("phase:         rolled back\n"), "{text}");
+        assert!(text.contains("stable 2 -> canary 1"), "{text}");
+        assert!(text.contains("2025-06-15 15:06:40 UTC (5 s ago)"), "{text}");
+        let analysis: Vec<&str> = text.lines().filter(|l| l.starts_with("analysis:")).collect();
+        assert_eq!(analysis.len(), 1, "{text}");
+        assert!(analysis[0].contains("steps 5% 25% 50%, a check every 60 s"), "{text}");
+        assert!(!render(&rollout(None), 0).contains("analysis:"));
+    }
+
+    #[test]
+    fn list_prints_one_line_per_rollout() {
+        let text = render_list(&[rollout(None), rollout(None)], 1_750_000_000_000);
+        assert_eq!(text.lines().count(), 2);
+        assert!(text.starts_with("car-anomaly  rolled back  stable 2 -> canary 1 at   0%  revision 7"), "{text}");
+    }
+
+    #[test]
+    fn only_promoted_rolled_back_and_aborted_end_a_watch() {
+        let over: Vec<_> = (0..=6).filter(|&p| is_over(p)).collect();
+        assert_eq!(over, [pb::Phase::Promoted as i32, pb::Phase::RolledBack as i32, pb::Phase::Aborted as i32]);
+    }
+
+    #[test]
+    fn a_server_error_prints_its_code_in_words_and_its_message() {
+        let failure = Failure::from(tonic::Status::invalid_argument("canary_weight_percent: 150 is above 100"));
+        assert_eq!(failure.to_string(), "invalid argument: canary_weight_percent: 150 is above 100");
+    }
+}

@@ -1,0 +1,181 @@
+//! The `vigil rollout` binary against a model server started in this process on both
+//! bundled car-anomaly versions: every command's exit code and output, the server's errors
+//! passed through naming their field, a watch that ends on a finished rollout, and an
+//! unreachable server named together with the way to point elsewhere.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use clap::Parser as _;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+#[derive(clap::Parser)]
+struct ServeCli {
+    #[command(flatten)]
+    serve: model_server::config::ServeArgs,
+}
+
+/// A model server in this process, serving every bundled version of car-anomaly.
+struct Server {
+    url: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _config: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Self {
+        let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly");
+        let config = tempfile::tempdir().unwrap();
+        let file = config.path().join("models.config");
+        std::fs::write(
+            &file,
+            format!(
+                "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" \
+                 model_platform: \"tensorflow\" model_version_policy {{ all {{}} }} }} }}",
+                models.display()
+            ),
+        )
+        .unwrap();
+        let flags = ["model-server".to_owned(), format!("--model_config_file={}", file.display())];
+        let server_config = ServeCli::try_parse_from(flags).unwrap().serve.resolve().unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", grpc.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let listeners = model_server::server::Listeners { grpc, rest: None };
+        let task = tokio::spawn(model_server::server::run(server_config, listeners, async {
+            let _ = stopped.await;
+        }));
+        Self { url, stop, task, _config: config }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// What one `vigil rollout ...` run printed, and how it exited.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+
+    /// The value of a `label: value` line of the text output.
+    fn field(&self, label: &str) -> &str {
+        let prefix = format!("{label}:");
+        let line = self.stdout.lines().find(|l| l.starts_with(&prefix));
+        line.unwrap_or_else(|| panic!("no {label:?} line in:\n{}", self.stdout))[prefix.len()..].trim()
+    }
+}
+
+/// Runs `vigil rollout <args>` (blocking, so off the runtime the server runs on).
+async fn vigil(env_server: Option<&str>, args: &[&str]) -> Run {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    command.arg("rollout").args(args).env_remove("VIGIL_MODEL_SERVER");
+    if let Some(server) = env_server {
+        command.env("VIGIL_MODEL_SERVER", server);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("vigil runs");
+    let run = Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    println!("$ vigil rollout {}\n{}{}[exit {}]", args.join(" "), run.stdout, run.stderr, run.code);
+    run
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_cli_steers_a_rollout_and_passes_the_servers_errors_through() {
+    let server = Server::start().await;
+    let url = server.url.as_str();
+    let rollout = |args: &'static [&'static str]| {
+        let mut all = vec!["--server", url];
+        all.extend_from_slice(args);
+        async move { vigil(None, &all).await }
+    };
+
+    let started = rollout(&["start", "car-anomaly", "--stable", "2", "--canary", "1", "--weight", "10"]).await;
+    assert_eq!(started.code, 0, "{}", started.stderr);
+    assert_eq!(started.field("phase"), "manual");
+    assert_eq!(started.field("canary weight"), "10%");
+    assert_eq!(started.field("versions"), "stable 2 -> canary 1");
+
+    let status = rollout(&["--json", "status", "car-anomaly"]).await.json();
+    assert_eq!((status["revision"].as_u64(), status["canary_weight_percent"].as_f64()), (Some(1), Some(10.0)));
+    assert_eq!((&status["phase"], &status["spec"]["analysis"]), (&Value::from("manual"), &Value::Null));
+
+    // The server judges ranges; its message, naming the field, is what the user sees.
+    let too_much = rollout(&["set-weight", "car-anomaly", "150"]).await;
+    assert_eq!(too_much.code, 1);
+    assert!(too_much.stderr.starts_with("error: invalid argument: canary_weight_percent"), "{}", too_much.stderr);
+
+    let weight = rollout(&["set-weight", "--json", "car-anomaly", "40"]).await.json();
+    assert_eq!((weight["revision"].as_u64(), weight["canary_weight_percent"].as_f64()), (Some(2), Some(40.0)));
+
+    // The environment names the server as well as --server does.
+    let listed = vigil(Some(url), &["list"]).await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert_eq!(listed.stdout.lines().count(), 1, "{}", listed.stdout);
+    assert!(listed.stdout.starts_with("car-anomaly  manual"), "{}", listed.stdout);
+
+    let promoted = rollout(&["promote", "car-anomaly"]).await;
+    assert_eq!((promoted.code, promoted.field("phase")), (0, "promoted"));
+    let again = rollout(&["promote", "car-anomaly"]).await;
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.starts_with("error: failed precondition: "), "{}", again.stderr);
+    assert!(again.stderr.contains("is over"), "{}", again.stderr);
+
+    let watched = rollout(&["watch", "car-anomaly"]).await;
+    assert_eq!(watched.code, 0, "{}", watched.stderr);
+    assert_eq!(watched.stdout.lines().count(), 1, "{}", watched.stdout);
+    assert!(watched.stdout.contains("revision 3: promoted, canary 100%"), "{}", watched.stdout);
+
+    // A finished rollout makes way for the next; analysis options imply --analysis, and the
+    // server fills in the defaults of the ones not given.
+    let analysed = rollout(&[
+        "start",
+        "car-anomaly",
+        "--stable",
+        "1",
+        "--canary",
+        "2",
+        "--steps",
+        "5,25",
+        "--interval-seconds",
+        "1",
+    ])
+    .await;
+    assert_eq!(analysed.code, 0, "{}", analysed.stderr);
+    assert!(analysed.field("analysis").starts_with("steps 5% 25%, a check every 1 s"), "{}", analysed.stdout);
+    let status = rollout(&["status", "car-anomaly", "--json"]).await.json();
+    let plan = &status["spec"]["analysis"];
+    assert_eq!(plan["step_weights_percent"], serde_json::json!([5.0, 25.0]));
+    let counts = ["interval_seconds", "failure_limit", "min_samples"].map(|field| plan[field].as_u64());
+    assert_eq!(counts, [Some(1), Some(2), Some(200)], "the server's defaults fill the rest");
+    assert_eq!((status["phase"].as_str(), status["revision"].as_u64()), (Some("progressing"), Some(4)));
+
+    // A watch follows a live rollout until it ends, whenever the end comes.
+    let (watched, aborted) = tokio::join!(
+        rollout(&["watch", "car-anomaly"]),
+        rollout(&["abort", "car-anomaly", "--reason", "testing the watch"]),
+    );
+    assert_eq!((aborted.code, aborted.field("phase")), (0, "aborted"));
+    assert_eq!(watched.code, 0, "{}", watched.stderr);
+    let last = watched.stdout.lines().last().unwrap_or_default();
+    assert!(last.contains("revision 5: aborted, canary 0%: aborted by hand: testing the watch"), "{}", watched.stdout);
+
+    let unreachable = vigil(None, &["--server", "http://127.0.0.1:1", "list"]).await;
+    assert_eq!(unreachable.code, 1);
+    assert!(unreachable.stderr.contains("model server at http://127.0.0.1:1"), "{}", unreachable.stderr);
+    assert!(unreachable.stderr.contains("--server") && unreachable.stderr.contains("VIGIL_MODEL_SERVER"));
+    server.stop().await;
+}
