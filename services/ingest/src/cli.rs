@@ -71,6 +71,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let listeners =
         crate::Listeners { grpc: bind(&config.grpc.listen).await?, admin: bind(&config.admin_listen).await? };
-    crate::run(config, listeners, admin::drain_signal()).await?;
+    let tracing = telemetry::Tracing::from_env("vigil-ingest")?;
+    let result = crate::run(config, listeners, admin::drain_signal()).await;
+    tracing.shutdown().await;
+    result?;
     Ok(())
 }

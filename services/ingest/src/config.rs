@@ -204,7 +204,7 @@ impl IngestConfig {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka"] };
+        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka"], flag_variables: &["CONFIG"] };
         let flags: &[(&[&str], Option<String>)] = &[
             (&["mqtt", "url"], overrides.mqtt_url.clone()),
             (&["mqtt", "client_id"], overrides.client_id.clone()),
@@ -288,6 +288,8 @@ payload = "raw"
                 ("INGEST_MAX_IN_FLIGHT", "128"),
                 ("INGEST_KAFKA__SASL_MECHANISM", "PLAIN"),
                 ("OTHER_VARIABLE", "ignored"),
+                // Names the file for the `--config` flag (which clap read): not a key.
+                ("INGEST_CONFIG", "/etc/vigil/ingest.toml"),
             ]),
             &Overrides { kafka_brokers: Some("flag:9092".into()), ..Overrides::default() },
         )

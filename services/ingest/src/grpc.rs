@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::kafka::{Sink, SinkError, Written};
 use crate::metrics::Metrics;
 use crate::record::from_reading;
+use crate::trace;
 
 pub struct IngestGrpc {
     sink: Sink,
@@ -46,7 +47,15 @@ impl IngestGrpc {
     fn send_all(&self, request: &PublishRequest, pending: &mut FuturesUnordered<Delivery>) {
         self.metrics.received.with_label_values(&["grpc"]).inc_by(request.readings.len() as u64);
         for reading in &request.readings {
-            pending.push(Box::pin(self.sink.send(from_reading(&self.topic, reading))));
+            let span = trace::grpc_reading(&reading.device_id);
+            let mut record = from_reading(&self.topic, reading);
+            trace::attach(&span, &mut record);
+            let delivery = self.sink.send(record);
+            pending.push(Box::pin(async move {
+                let written = delivery.await;
+                trace::written(&span, &written);
+                written
+            }));
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod record;
 pub mod routing;
+pub mod trace;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -106,6 +107,7 @@ pub async fn run(
             };
             // Graceful: calls under way finish (their readings confirmed) before it returns.
             tonic::transport::Server::builder()
+                .layer(telemetry::GrpcTraceLayer::new(trace::SCOPE))
                 .add_service(health_service)
                 .add_service(IngestServiceServer::new(service))
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)

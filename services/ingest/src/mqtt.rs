@@ -35,6 +35,7 @@ use crate::kafka::{Sink, SinkError, Written};
 use crate::metrics::Metrics;
 use crate::record::{MqttMessage, from_mqtt};
 use crate::routing::Routes;
+use crate::trace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -381,11 +382,17 @@ pub async fn run(
                         content_type: received.content_type.as_deref(),
                         received_at: SystemTime::now(),
                     };
-                    let record = from_mqtt(&routes, &config.dead_letter_topic, &message);
+                    let span = trace::mqtt_message(&received.topic, &received.user_properties);
+                    let mut record = from_mqtt(&routes, &config.dead_letter_topic, &message);
+                    trace::attach(&span, &mut record);
                     let delivery = sink.send(record);
                     let ack = received.ack.map(|token| AckToken { connection, ..token });
                     metrics.in_flight.inc();
-                    in_flight.push_back(Box::pin(async move { (delivery.await, ack) }));
+                    in_flight.push_back(Box::pin(async move {
+                        let written = delivery.await;
+                        trace::written(&span, &written);
+                        (written, ack)
+                    }));
                 }
                 Ok(SessionEvent::Connected { session_present }) => {
                     tracing::info!(session_present, "mqtt connected");

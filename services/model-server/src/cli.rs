@@ -91,7 +91,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        server::run(config, Listeners { grpc, rest }, shutdown_signal()).await
+        let tracing = telemetry::Tracing::from_env("vigil-model-server")?;
+        let result = server::run(config, Listeners { grpc, rest }, shutdown_signal()).await;
+        tracing.shutdown().await;
+        result
     })
 }
 

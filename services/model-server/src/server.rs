@@ -120,6 +120,7 @@ pub async fn run(
     };
 
     let mut router = tonic::transport::Server::builder()
+        .layer(telemetry::GrpcTraceLayer::new(crate::grpc::TRACE_SCOPE))
         .add_service(
             PredictionServiceServer::new(tf).max_decoding_message_size(limit).max_encoding_message_size(usize::MAX),
         )

@@ -68,6 +68,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .with_context(|| format!("binding {}", config.admin_listen))?;
         Some(listener)
     };
-    crate::run(config, crate::Listeners { admin }, admin::drain_signal()).await?;
+    let tracing = telemetry::Tracing::from_env("vigil-stream-processor")?;
+    let result = crate::run(config, crate::Listeners { admin }, admin::drain_signal()).await;
+    tracing.shutdown().await;
+    result?;
     Ok(())
 }

@@ -200,7 +200,11 @@ impl ProcessorConfig {
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &Overrides,
     ) -> Result<Self, ConfigError> {
-        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka", "consumer", "producer"] };
+        let layout = EnvLayout {
+            prefix: ENV_PREFIX,
+            pass_through: &["kafka", "consumer", "producer"],
+            flag_variables: &["CONFIG"],
+        };
         let flags: &[(&[&str], Option<String>)] = &[
             (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
             (&["group_id"], overrides.group_id.clone()),
@@ -306,6 +310,8 @@ timeout_ms = 300
                 ("PROCESSOR_MODEL__TIMEOUT_MS", "400"),
                 ("PROCESSOR_PRODUCER__LINGER_MS", "2"),
                 ("PROCESSOR_GROUP_ID", "from-env"),
+                // Names the file for the `--config` flag (which clap read): not a key.
+                ("PROCESSOR_CONFIG", "/etc/vigil/processor.toml"),
             ]),
             &Overrides {
                 group_id: Some("from-flag".into()),

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod trace;
 pub mod transactions;
 
 use std::future::Future;

@@ -35,6 +35,7 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt as _};
 use crate::config::ModelConfig;
 use crate::discovery::{self, Target};
 use crate::metrics::Metrics;
+use crate::trace;
 
 /// gRPC metadata naming the device, for sticky canary routing on the model server.
 pub use canary::ROUTING_KEY_METADATA;
@@ -77,7 +78,8 @@ pub struct ModelInputs {
 pub struct Call {
     pub request: PredictRequest,
     pub routing_key: String,
-    pub traceparent: Option<String>,
+    /// The reading's span: each attempt's span is its child.
+    pub parent: telemetry::Context,
 }
 
 type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
@@ -121,14 +123,15 @@ impl Service<Call> for PredictCall {
     fn call(&mut self, call: Call) -> Self::Future {
         let mut client = self.client.clone();
         Box::pin(async move {
+            let span = trace::predict_call(&call.parent, &call.routing_key);
             let mut request = tonic::Request::new(call.request);
             if let Ok(value) = call.routing_key.parse() {
                 request.metadata_mut().insert(ROUTING_KEY_METADATA, value);
             }
-            if let Some(value) = call.traceparent.and_then(|t| t.parse().ok()) {
-                request.metadata_mut().insert("traceparent", value);
-            }
-            client.predict(request).await.map(tonic::Response::into_inner)
+            telemetry::context_into_metadata(&span, request.metadata_mut());
+            let result = client.predict(request).await;
+            trace::predict_done(&span, &result);
+            result.map(tonic::Response::into_inner)
         })
     }
 }
@@ -356,13 +359,13 @@ impl ModelClient {
     }
 
     /// Scores one reading: one call through the stack (which retries transient failures
-    /// a few times under the budget).
-    pub async fn score(&self, reading: &SensorReading, traceparent: Option<&str>) -> Result<Scored, ScoreError> {
+    /// a few times under the budget), each attempt traced as a child of `trace`.
+    pub async fn score(&self, reading: &SensorReading, trace: &telemetry::Context) -> Result<Scored, ScoreError> {
         let inputs = self.inputs().await?;
         let call = Call {
             request: self.request(&inputs, reading),
             routing_key: reading.device_id.clone(),
-            traceparent: traceparent.map(str::to_owned),
+            parent: trace.clone(),
         };
         let started = Instant::now();
         let result = self.stack.clone().oneshot(call).await;

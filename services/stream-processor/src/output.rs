@@ -1,6 +1,6 @@
 //! What the processor writes for a reading: its score record, an anomaly record when the
 //! score is over the threshold, or a dead letter; protobuf or JSON; keyed by device id,
-//! with the reading's trace context carried in the headers.
+//! with the trace context of the reading's span in the headers (see `trace`).
 
 use std::time::{Duration, SystemTime};
 
@@ -11,8 +11,9 @@ use sensor::SensorReading;
 use crate::config::{OutputFormat, ProcessorConfig};
 use crate::model::Scored;
 
-/// Headers copied from the reading's record to its outputs (W3C trace context).
-pub const CARRIED_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
+/// Headers read from the reading's record and carried to its outputs: the W3C trace
+/// context, which the reading's span replaces with its own.
+pub const CARRIED_HEADERS: [&str; 2] = telemetry::CONTEXT_HEADERS;
 
 /// A record to write.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,14 +41,9 @@ pub struct Source {
     pub key: Option<Vec<u8>>,
     /// The record's Kafka timestamp.
     pub timestamp: Option<SystemTime>,
-    /// The carried headers (see [`CARRIED_HEADERS`]).
+    /// The carried headers (see [`CARRIED_HEADERS`]); the reading's span's context once
+    /// its span started.
     pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl Source {
-    pub fn traceparent(&self) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == "traceparent").and_then(|(_, v)| std::str::from_utf8(v).ok())
-    }
 }
 
 fn timestamp(time: SystemTime) -> prost_types::Timestamp {

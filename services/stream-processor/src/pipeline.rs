@@ -32,6 +32,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
+use opentelemetry::trace::TraceContextExt as _;
 use prost::Message as _;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -47,6 +48,7 @@ use crate::config::ProcessorConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelClient, ScoreError};
 use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
+use crate::trace;
 use crate::transactions::Transactions;
 
 /// What the workers share.
@@ -413,6 +415,8 @@ struct Prepared {
     timestamp: Option<SystemTime>,
     records: Vec<OutRecord>,
     model_version: Option<i64>,
+    /// The reading's span, ended once its outputs are written.
+    trace: telemetry::Context,
 }
 
 /// One partition: takes readings from its queue while fewer than the bound are in
@@ -561,12 +565,13 @@ fn record_written(metrics: &Metrics, done: &Prepared) {
     if let Some(latency) = done.timestamp.and_then(|t| SystemTime::now().duration_since(t).ok()) {
         metrics.event_latency.observe(latency.as_secs_f64());
     }
+    done.trace.span().end();
 }
 
 /// Decodes and scores one reading; waits out model server trouble (never drops it).
 async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
     let config = &shared.config;
-    let source = Source {
+    let mut source = Source {
         topic: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),
@@ -587,12 +592,17 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
             })
             .unwrap_or_default(),
     };
+    let trace = trace::reading(&mut source);
     let payload = message.payload().unwrap_or_default();
-    let dead = |reason: &'static str, error: &str| Prepared {
-        offset: source.offset,
-        timestamp: source.timestamp,
-        records: vec![output::dead_letter(config, &source, payload, reason, error)],
-        model_version: None,
+    let dead = |reason: &'static str, error: &str| {
+        trace::dead_lettered(&trace, reason, error);
+        Prepared {
+            offset: source.offset,
+            timestamp: source.timestamp,
+            records: vec![output::dead_letter(config, &source, payload, reason, error)],
+            model_version: None,
+            trace: trace.clone(),
+        }
     };
     let reading = match SensorReading::decode(payload) {
         Ok(reading) => reading,
@@ -604,14 +614,16 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
     let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
     let mut rejected_before = false;
     loop {
-        match shared.model.score(&reading, source.traceparent()).await {
+        match shared.model.score(&reading, &trace).await {
             Ok(scored) => {
                 shared.set_model_failing(false);
+                trace::scored(&trace, &reading.device_id, &scored);
                 return Prepared {
                     offset: source.offset,
                     timestamp: source.timestamp,
                     records: output::scored(config, &source, &reading, &scored),
                     model_version: Some(scored.model_version),
+                    trace,
                 };
             }
             // The first refusal may come from a signature that changed under us (the

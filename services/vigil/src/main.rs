@@ -84,8 +84,8 @@ struct UpArgs {
     #[arg(long)]
     mqtt_url: Option<String>,
     /// The model (a directory of numbered SavedModel versions, all served); default: the
-    /// bundled one.
-    #[arg(long)]
+    /// bundled one (a path inside the source tree; images set VIGIL_MODEL_DIR).
+    #[arg(long, env = "VIGIL_MODEL_DIR")]
     model_dir: Option<PathBuf>,
     /// The model server's gRPC port on 127.0.0.1 (TF Serving's, where `vigil rollout`
     /// looks by default); 0 picks a free port.
@@ -147,6 +147,14 @@ fn up(args: UpArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // One process, one exporter: the spans' instrumentation scopes say which service.
+    let tracing = match runtime.block_on(async { telemetry::Tracing::from_env("vigil") }) {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = runtime.block_on(vigil::up::up(options, async {
         admin::termination_signal().await;
         println!("\nstopping: the simulator stops first, then the pipeline drains (Ctrl-C again exits at once)");
@@ -155,6 +163,7 @@ fn up(args: UpArgs) -> ExitCode {
             std::process::exit(130);
         });
     }));
+    runtime.block_on(tracing.shutdown());
     match result {
         Ok(summary) => {
             println!("\n{}", summary.render());

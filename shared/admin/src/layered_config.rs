@@ -23,6 +23,9 @@ pub struct EnvLayout<'a> {
     pub prefix: &'a str,
     /// Tables whose keys are librdkafka property names (`_` becomes `.`).
     pub pass_through: &'a [&'a str],
+    /// Variables under the prefix that belong to a flag, not to the config (`CONFIG` for
+    /// `INGEST_CONFIG`, which names the file): skipped.
+    pub flag_variables: &'a [&'a str],
 }
 
 /// Layers `defaults`, `file`, the variables of `env` under `layout` and `flags` (given as
@@ -56,6 +59,9 @@ fn env_layer(layout: EnvLayout<'_>, env: impl IntoIterator<Item = (String, Strin
     let mut dict = Dict::new();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(layout.prefix) else { continue };
+        if layout.flag_variables.contains(&rest) {
+            continue;
+        }
         let mut path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
         if path.iter().any(String::is_empty) {
             return Err(format!("{name}: empty key segment"));

@@ -190,6 +190,7 @@ impl GrpcInferenceService for Kserve {
         let routing_key = super::routing_key(request.metadata());
         let result = self.infer_inner(request.into_inner(), routing_key, &mut target).await;
         let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
+        super::trace_target(target_ref);
         self.metrics.observe_request(
             Api::KserveInfer,
             target_ref,

@@ -155,6 +155,7 @@ impl PredictionService for TfServing {
         let routing_key = super::routing_key(request.metadata());
         let result = self.predict_inner(request.into_inner(), routing_key, &mut target).await;
         let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
+        super::trace_target(target_ref);
         self.metrics.observe_request(
             Api::GrpcPredict,
             target_ref,
