@@ -17,6 +17,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests (cargo test --workspace)"
 cargo test --workspace --locked
 
+# After the tests on purpose: the chart's last check runs the binaries `cargo test` built
+# with the flags, environment and files the chart renders (the rest takes seconds).
+step "Helm chart: lint, render, validate against Kubernetes, run the services with its config (tests/helm/check.sh)"
+VIGIL_HELM_REQUIRE_BINARIES=1 bash tests/helm/check.sh
+
 step "compatibility with the official clients (tensorflow-serving-api, tritonclient)"
 bash tests/compat/run.sh
 

@@ -1,0 +1,156 @@
+{{/*
+Checks across values that the JSON schema cannot express, each failing the render with a
+message naming the values to change. The services would refuse most of these at startup;
+failing here says so before anything is deployed.
+*/}}
+{{- define "vigil.validate" -}}
+{{- $v := .Values -}}
+
+{{- if and $v.kafka.sasl.enabled (not $v.kafka.sasl.existingSecret) -}}
+{{- fail "kafka.sasl.enabled needs kafka.sasl.existingSecret: a Secret holding the SASL username and password" -}}
+{{- end -}}
+{{- if ne (empty $v.kafka.tls.certKey) (empty $v.kafka.tls.keyKey) -}}
+{{- fail "kafka.tls: give both certKey and keyKey (mutual TLS), or neither" -}}
+{{- end -}}
+{{- if and $v.kafka.tls.enabled $v.kafka.tls.certKey (not $v.kafka.tls.existingSecret) -}}
+{{- fail "kafka.tls.certKey needs kafka.tls.existingSecret: the Secret holding the client certificate and key" -}}
+{{- end -}}
+{{- if and $v.mqtt.auth.enabled (not $v.mqtt.auth.existingSecret) -}}
+{{- fail "mqtt.auth.enabled needs mqtt.auth.existingSecret: a Secret holding the MQTT username and password" -}}
+{{- end -}}
+{{- if ne (empty $v.mqtt.tls.certKey) (empty $v.mqtt.tls.keyKey) -}}
+{{- fail "mqtt.tls: give both certKey and keyKey (mutual TLS), or neither" -}}
+{{- end -}}
+{{- if and $v.mqtt.tls.existingSecret (not (hasPrefix "mqtts://" $v.mqtt.url)) -}}
+{{- fail (printf "mqtt.tls.existingSecret is set but mqtt.url %q is not an mqtts:// URL, so ingest would not use TLS" $v.mqtt.url) -}}
+{{- end -}}
+{{- if and $v.mqtt.tls.certKey (not $v.mqtt.tls.existingSecret) -}}
+{{- fail "mqtt.tls.certKey needs mqtt.tls.existingSecret: the Secret holding the client certificate and key" -}}
+{{- end -}}
+
+{{- range $name, $component := dict "modelServer" $v.modelServer "streamProcessor" $v.streamProcessor "ingest" $v.ingest -}}
+{{- $pdb := $component.podDisruptionBudget -}}
+{{- if $pdb.enabled -}}
+{{- if and (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) -}}
+{{- fail (printf "%s.podDisruptionBudget: set minAvailable or maxUnavailable" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $component.autoscaling.enabled (gt (int $component.autoscaling.minReplicas) (int $component.autoscaling.maxReplicas)) -}}
+{{- fail (printf "%s.autoscaling: minReplicas (%d) is above maxReplicas (%d)" $name (int $component.autoscaling.minReplicas) (int $component.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- $ms := $v.modelServer -}}
+{{- if $ms.enabled -}}
+{{- if and (eq $ms.modelSource.type "pvc") (not $ms.modelSource.pvc.claimName) -}}
+{{- fail "modelServer.modelSource.type is pvc: set modelServer.modelSource.pvc.claimName" -}}
+{{- end -}}
+{{- $models := dict -}}
+{{- range (include "vigil.modelServer.models" $ | fromYamlArray) -}}
+{{- if hasKey $models .name -}}
+{{- fail (printf "modelServer.models: model %q is listed twice" .name) -}}
+{{- end -}}
+{{- $_ := set $models .name . -}}
+{{- if and (eq .versionPolicy "specific") (empty .versions) -}}
+{{- fail (printf "modelServer.models: model %q has versionPolicy specific but no versions" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- $rolloutModels := dict -}}
+{{- range $ms.rollouts -}}
+{{- $rollout := . -}}
+{{- if hasKey $rolloutModels $rollout.model -}}
+{{- fail (printf "modelServer.rollouts: model %q has two rollouts" $rollout.model) -}}
+{{- end -}}
+{{- $_ := set $rolloutModels $rollout.model true -}}
+{{- if not (hasKey $models $rollout.model) -}}
+{{- fail (printf "modelServer.rollouts: model %q is not in modelServer.models" $rollout.model) -}}
+{{- end -}}
+{{- if eq (int64 $rollout.stable) (int64 $rollout.canary) -}}
+{{- fail (printf "modelServer.rollouts: model %q: stable and canary are both version %d" $rollout.model (int64 $rollout.stable)) -}}
+{{- end -}}
+{{- $model := get $models $rollout.model -}}
+{{- if eq $model.versionPolicy "specific" -}}
+{{- $served := list -}}
+{{- range $model.versions -}}{{- $served = append $served (int64 .) -}}{{- end -}}
+{{- range $version := list $rollout.stable $rollout.canary -}}
+{{- if not (has (int64 $version) $served) -}}
+{{- fail (printf "modelServer.rollouts: model %q: version %d is not in the model's versions %v, so it would not be loaded" $rollout.model (int64 $version) $served) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq $model.versionPolicy "latest") (lt (int $model.numVersions) 2) -}}
+{{- fail (printf "modelServer.rollouts: model %q has versionPolicy latest with numVersions %d, which cannot serve both stable and canary; use all, specific, or numVersions >= 2" $rollout.model (int $model.numVersions)) -}}
+{{- end -}}
+{{- with $rollout.analysis -}}
+{{- $previous := 0.0 -}}
+{{- range $i, $step := .step_weights_percent | default list -}}
+{{- if le (float64 $step) $previous -}}
+{{- fail (printf "modelServer.rollouts: model %q: analysis.step_weights_percent[%d] (%v) does not ascend" $rollout.model $i $step) -}}
+{{- end -}}
+{{- $previous = float64 $step -}}
+{{- end -}}
+{{- end -}}
+{{- if and (hasKey $rollout "analysis") (not $ms.rolloutState.kafka.enabled) (or (gt (int $ms.replicaCount) 1) $ms.autoscaling.enabled) -}}
+{{- fail (printf "modelServer.rollouts: model %q has an analysis plan and the model server runs more than one replica, but modelServer.rolloutState.kafka is off: every replica would judge and step the canary on its own. Enable modelServer.rolloutState.kafka, or run one replica" $rollout.model) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $ms.rolloutState.kafka.enabled (not $ms.rolloutState.kafka.brokers) (or $v.kafka.sasl.enabled $v.kafka.tls.enabled) -}}
+{{- fail "modelServer.rolloutState.kafka: the model server's rollout Kafka clients support neither SASL nor TLS (only --rollout_kafka_brokers), so they cannot use kafka.brokers with kafka.sasl/kafka.tls on; set modelServer.rolloutState.kafka.brokers to a plaintext listener" -}}
+{{- end -}}
+{{- if $ms.enableBatching -}}
+{{- $sizes := $ms.batching.allowedBatchSizes -}}
+{{- if $sizes -}}
+{{- if ne (int64 (last $sizes)) (int64 $ms.batching.maxBatchSize) -}}
+{{- fail (printf "modelServer.batching: the last of allowedBatchSizes (%d) must equal maxBatchSize (%d)" (int64 (last $sizes)) (int64 $ms.batching.maxBatchSize)) -}}
+{{- end -}}
+{{- $previous := 0 -}}
+{{- range $sizes -}}
+{{- if le (int64 .) (int64 $previous) -}}
+{{- fail "modelServer.batching.allowedBatchSizes must be strictly increasing" -}}
+{{- end -}}
+{{- $previous = . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if le (int $ms.terminationGracePeriodSeconds) (add (int $ms.shutdownGraceSeconds) 5) -}}
+{{- fail (printf "modelServer.terminationGracePeriodSeconds (%d) must exceed shutdownGraceSeconds + 5 (%d): the server drains requests, then waits up to 5 s for its background tasks" (int $ms.terminationGracePeriodSeconds) (add (int $ms.shutdownGraceSeconds) 5)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- $sp := $v.streamProcessor -}}
+{{- if $sp.enabled -}}
+{{- if and (not $ms.enabled) (empty $sp.modelEndpoints) -}}
+{{- fail "streamProcessor: modelServer.enabled is false, so set streamProcessor.modelEndpoints to the model server(s) to call" -}}
+{{- end -}}
+{{- if and (not (kindIs "invalid" $sp.config.model.version)) (not (kindIs "invalid" $sp.config.model.version_label)) -}}
+{{- fail "streamProcessor.config.model: give version or version_label, not both" -}}
+{{- end -}}
+{{- if le (int $sp.terminationGracePeriodSeconds) (int $sp.config.shutdown_grace_seconds) -}}
+{{- fail (printf "streamProcessor.terminationGracePeriodSeconds (%d) must exceed config.shutdown_grace_seconds (%d)" (int $sp.terminationGracePeriodSeconds) (int $sp.config.shutdown_grace_seconds)) -}}
+{{- end -}}
+{{- if gt (int $sp.config.model.backoff_initial_ms) (int $sp.config.model.backoff_max_ms) -}}
+{{- fail "streamProcessor.config.model: backoff_initial_ms is above backoff_max_ms" -}}
+{{- end -}}
+{{- end -}}
+
+{{- $in := $v.ingest -}}
+{{- if $in.enabled -}}
+{{- if le (int $in.terminationGracePeriodSeconds) (int $in.config.shutdown_grace_seconds) -}}
+{{- fail (printf "ingest.terminationGracePeriodSeconds (%d) must exceed config.shutdown_grace_seconds (%d)" (int $in.terminationGracePeriodSeconds) (int $in.config.shutdown_grace_seconds)) -}}
+{{- end -}}
+{{- end -}}
+
+{{- $sim := $v.deviceSimulator -}}
+{{- if $sim.enabled -}}
+{{- $url := $sim.mqttUrl | default $v.mqtt.url -}}
+{{- if hasPrefix "mqtts://" $url -}}
+{{- fail (printf "deviceSimulator: the simulator speaks plain MQTT only, and %q is mqtts://; set deviceSimulator.mqttUrl to a plaintext listener" $url) -}}
+{{- end -}}
+{{- if and $v.mqtt.auth.enabled (not $sim.mqttUrl) -}}
+{{- fail "deviceSimulator: the simulator cannot send MQTT credentials and mqtt.auth is on; set deviceSimulator.mqttUrl to a listener that accepts it" -}}
+{{- end -}}
+{{- if gt (float64 $sim.faultOnsetMinSeconds) (float64 $sim.faultOnsetMaxSeconds) -}}
+{{- fail "deviceSimulator: faultOnsetMinSeconds is after faultOnsetMaxSeconds" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}

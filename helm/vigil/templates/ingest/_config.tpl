@@ -1,0 +1,26 @@
+{{/*
+Ingest's TOML config (services/ingest/src/config.rs, IngestConfig): ingest.config plus what
+the chart owns: admin_listen, grpc.listen, the kafka table, mqtt.url and mqtt.tls.
+mqtt.client_id (the pod name) and the credentials come from the environment.
+*/}}
+{{- define "vigil.ingest.config" -}}
+{{- $in := .Values.ingest -}}
+{{- $config := deepCopy $in.config -}}
+{{- $_ := set $config "admin_listen" (printf "0.0.0.0:%d" (int $in.ports.metrics)) -}}
+{{- $_ := set $config.grpc "listen" (ternary (printf "0.0.0.0:%d" (int $in.ports.grpc)) "" $in.grpc.enabled) -}}
+{{- $_ := set $config "kafka" (merge (fromYaml (include "vigil.stringMap" $in.kafkaProperties)) (fromYaml (include "vigil.kafka.properties" .))) -}}
+{{- $_ := set $config.mqtt "url" .Values.mqtt.url -}}
+{{- $tls := .Values.mqtt.tls -}}
+{{- if $tls.existingSecret -}}
+{{- $dir := include "vigil.mqtt.tlsDir" . -}}
+{{- $files := dict -}}
+{{- with $tls.caKey }}{{ $_ := set $files "ca_file" (printf "%s/%s" $dir .) }}{{ end -}}
+{{- with $tls.certKey }}{{ $_ := set $files "client_cert_file" (printf "%s/%s" $dir .) }}{{ end -}}
+{{- with $tls.keyKey }}{{ $_ := set $files "client_key_file" (printf "%s/%s" $dir .) }}{{ end -}}
+{{- $_ := set $config.mqtt "tls" $files -}}
+{{- end -}}
+# Vigil ingest (services/ingest/src/config.rs), from the Helm values ingest.config.
+# From the environment: INGEST_MQTT__CLIENT_ID (the pod name), INGEST_MQTT__USERNAME,
+# INGEST_MQTT__PASSWORD and INGEST_KAFKA__SASL_* (Secrets).
+{{- include "vigil.toml.table" (dict "table" $config "path" list) }}
+{{- end -}}

@@ -1,0 +1,293 @@
+"""Asserts what the Vigil chart renders is what its values ask for, and safe.
+
+Usage: check_rendered.py RENDERED.yaml CHART_VALUES.yaml [OVERRIDES.yaml]
+
+The effective values are the chart's values.yaml with the overrides merged in the way Helm
+merges them (a null removes a key). Checks, each failing with the object it is about:
+
+- every Deployment: pod runAsNonRoot and seccomp RuntimeDefault, no service account token;
+  every container (init containers too): resource requests and limits, runAsNonRoot,
+  readOnlyRootFilesystem, no privilege escalation, all capabilities dropped; every main
+  container: startup, liveness and readiness probes, /tmp on an emptyDir, the binary at
+  /usr/local/bin/<crate>, the image <registry>/vigil-<component>:<tag>;
+- the model server: gRPC health probes, the rollout Kafka flags exactly when enabled,
+  --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
+  declared in services/model-server/src/config.rs; the device simulator's flags in its
+  cli.rs; --config in the processor's and ingest's cli.rs;
+- the headless model server Service, and the processor's model.endpoints pointing at it;
+- the rollout file: the rollouts of the values, field by field (versions, weight, shadow,
+  analysis bounds);
+- OpenTelemetry variables in every container exactly when otel.endpoint is set;
+- Kafka SASL variables from the named Secret, the security protocol and TLS file paths;
+- replicas vs autoscaling, NetworkPolicy ingress of the model server, ServiceMonitor ports.
+"""
+
+import copy
+import pathlib
+import re
+import sys
+import tomllib
+
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+COMPONENT_VALUES = {
+    "model-server": "modelServer",
+    "stream-processor": "streamProcessor",
+    "ingest": "ingest",
+    "device-simulator": "deviceSimulator",
+}
+
+failures: list[str] = []
+
+
+def check(condition: bool, message: str) -> bool:
+    if not condition:
+        failures.append(message)
+    return condition
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Helm's coalescing: maps merge key by key, a null deletes, anything else replaces."""
+    for key, value in override.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def flag_args(container: dict) -> dict:
+    """--name=value arguments as {name: value}."""
+    out = {}
+    for arg in container.get("args", []):
+        match = re.fullmatch(r"--([A-Za-z0-9_-]+)(?:=(.*))?", arg, re.S)
+        if match:
+            out[match.group(1)] = match.group(2)
+    return out
+
+
+def numbers_equal(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(numbers_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def main() -> int:
+    rendered_path, chart_values = sys.argv[1], sys.argv[2]
+    values = yaml.safe_load(pathlib.Path(chart_values).read_text())
+    for override in sys.argv[3:]:
+        merge(values, yaml.safe_load(pathlib.Path(override).read_text()) or {})
+    docs = [d for d in yaml.safe_load_all(pathlib.Path(rendered_path).read_text()) if d]
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+
+    def component_of(doc: dict) -> str:
+        return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+    deployments = {component_of(d): d for d in by_kind.get("Deployment", {}).values()}
+    configmaps = {component_of(d): d for d in by_kind.get("ConfigMap", {}).values()}
+    enabled = {c for c, key in COMPONENT_VALUES.items() if values[key]["enabled"]}
+    check(set(deployments) == enabled, f"Deployments {sorted(deployments)} != enabled components {sorted(enabled)}")
+
+    registry = values["image"]["registry"].rstrip("/")
+    for component, deployment in deployments.items():
+        v = values[COMPONENT_VALUES[component]]
+        name = f"Deployment {deployment['metadata']['name']}"
+        pod = deployment["spec"]["template"]["spec"]
+        check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot is not true")
+        check(pod.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault",
+              f"{name}: pod seccompProfile is not RuntimeDefault")
+        check(pod.get("automountServiceAccountToken") is False, f"{name}: the service account token is mounted")
+        # Service links would inject <SERVICE>_PORT variables into the services' env prefixes.
+        check(pod.get("enableServiceLinks") is False, f"{name}: enableServiceLinks is not false")
+        volumes = {vol["name"]: vol for vol in pod.get("volumes", [])}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            where = f"{name} container {container['name']}"
+            resources = container.get("resources", {})
+            check(bool(resources.get("requests")) and bool(resources.get("limits")), f"{where}: no resource requests and limits")
+            sc = container.get("securityContext", {})
+            check(sc.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true")
+            check(sc.get("runAsUser", 0) != 0, f"{where}: runs as UID 0")
+            check(sc.get("readOnlyRootFilesystem") is True, f"{where}: readOnlyRootFilesystem is not true")
+            check(sc.get("allowPrivilegeEscalation") is False, f"{where}: allowPrivilegeEscalation is not false")
+            check("ALL" in sc.get("capabilities", {}).get("drop", []), f"{where}: capabilities are not all dropped")
+        main_containers = [c for c in pod["containers"] if c["name"] == component]
+        if not check(len(main_containers) == 1, f"{name}: no container named {component}"):
+            continue
+        container = main_containers[0]
+        where = f"{name} container {component}"
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            check(probe in container, f"{where}: no {probe}")
+        tmp = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        check(len(tmp) == 1 and "emptyDir" in volumes.get(tmp[0]["name"], {}), f"{where}: /tmp is not an emptyDir")
+        check(container.get("command") == [f"/usr/local/bin/{component}"], f"{where}: command is {container.get('command')}")
+        tag = v["image"]["tag"] or values["image"]["tag"] or None
+        image = container["image"]
+        check(re.fullmatch(rf"{re.escape(registry)}/vigil-{component}:{re.escape(str(tag)) if tag else '[^:/]+'}", image) is not None,
+              f"{where}: image {image} is not {registry}/vigil-{component}:<tag>")
+        if v.get("autoscaling", {}).get("enabled"):
+            check("replicas" not in deployment["spec"], f"{name}: sets replicas while an HPA scales it")
+            check(any(h["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+                      for h in by_kind.get("HorizontalPodAutoscaler", {}).values()), f"{name}: autoscaling on but no HPA")
+        elif component != "device-simulator":
+            check(deployment["spec"].get("replicas") == v["replicaCount"], f"{name}: replicas is not {v['replicaCount']}")
+
+        env = env_of(container)
+        otel = values["otel"]["endpoint"]
+        otel_vars = sorted(n for n in env if n.startswith("OTEL_"))
+        if otel:
+            check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value") == otel, f"{where}: OTEL_EXPORTER_OTLP_ENDPOINT is not {otel}")
+            # The name each service gives itself (telemetry::Tracing::from_env in its cli.rs).
+            check(env.get("OTEL_SERVICE_NAME", {}).get("value") == f"vigil-{component}", f"{where}: OTEL_SERVICE_NAME is not vigil-{component}")
+        else:
+            check(not otel_vars, f"{where}: otel.endpoint is empty but {otel_vars} are set")
+
+        if component in ("stream-processor", "ingest"):
+            prefix = "PROCESSOR_" if component == "stream-processor" else "INGEST_"
+            sasl = values["kafka"]["sasl"]
+            for field in ("USERNAME", "PASSWORD"):
+                var = env.get(f"{prefix}KAFKA__SASL_{field}")
+                if sasl["enabled"]:
+                    ref = (var or {}).get("valueFrom", {}).get("secretKeyRef", {})
+                    check(ref.get("name") == sasl["existingSecret"] and ref.get("key") == sasl[f"{field.lower()}Key"],
+                          f"{where}: {prefix}KAFKA__SASL_{field} is not from Secret {sasl['existingSecret']}")
+                else:
+                    check(var is None, f"{where}: kafka.sasl is off but {prefix}KAFKA__SASL_{field} is set")
+            check(container["readinessProbe"].get("httpGet", {}).get("path") == "/ready", f"{where}: readiness is not /ready")
+
+    # The model server: probes, flags, rollout state, the rollout file.
+    ms = values["modelServer"]
+    if "model-server" in deployments:
+        container = deployments["model-server"]["spec"]["template"]["spec"]["containers"][0]
+        where = "model-server container"
+        for probe in ("startupProbe", "readinessProbe"):
+            check(container[probe].get("grpc", {}).get("port") == ms["ports"]["grpc"], f"{where}: {probe} is not gRPC health on {ms['ports']['grpc']}")
+        flags = flag_args(container)
+        source = (REPO / "services/model-server/src/config.rs").read_text()
+        for flag in flags:
+            check(f'long = "{flag}"' in source, f"{where}: --{flag} is not a flag in services/model-server/src/config.rs")
+        for var in env_of(container):
+            if var.startswith("MODEL_SERVER_"):
+                check(f'env = "{var}"' in source, f"{where}: {var} is not read by services/model-server/src/config.rs")
+        check(flags.get("enable_grpc_healthcheck_service") == "true", f"{where}: gRPC health is not enabled")
+        replica = env_of(container).get("MODEL_SERVER_REPLICA_ID", {}).get("valueFrom", {}).get("fieldRef", {})
+        check(replica.get("fieldPath") == "metadata.name", f"{where}: --replica_id (MODEL_SERVER_REPLICA_ID) is not the pod name")
+        kafka = ms["rolloutState"]["kafka"]
+        expected = {}
+        if kafka["enabled"]:
+            expected = {
+                "rollout_kafka_brokers": kafka["brokers"] or values["kafka"]["brokers"],
+                "rollout_state_topic": kafka["stateTopic"],
+                "rollout_events_topic": kafka["eventsTopic"],
+                "rollout_leader_group": kafka["leaderGroup"],
+            }
+        actual = {k: v for k, v in flags.items() if k.startswith("rollout_") and "config_file" not in k}
+        check(actual == expected, f"{where}: rollout state flags {actual} != {expected}")
+
+        headless = [s for s in by_kind.get("Service", {}).values()
+                    if component_of(s) == "model-server" and s["spec"].get("clusterIP") == "None"]
+        if check(len(headless) == 1, "no headless model server Service"):
+            service = headless[0]
+            pod_labels = deployments["model-server"]["spec"]["selector"]["matchLabels"]
+            check(service["spec"]["selector"] == pod_labels, "the headless Service does not select the model server pods")
+            check(service["spec"].get("publishNotReadyAddresses", False) is False, "the headless Service publishes unready pods")
+            if "stream-processor" in configmaps and not values["streamProcessor"]["modelEndpoints"]:
+                processor = tomllib.loads(configmaps["stream-processor"]["data"]["stream-processor.toml"])
+                want = [f"http://{service['metadata']['name']}:{ms['ports']['grpc']}"]
+                check(processor["model"]["endpoints"] == want, f"processor model.endpoints {processor['model']['endpoints']} != {want}")
+
+        files = configmaps["model-server"]["data"]
+        rollouts = tomllib.loads(files["rollouts.toml"]).get("rollouts", [])
+        check(len(rollouts) == len(ms["rollouts"]), f"rollouts.toml has {len(rollouts)} rollouts, the values {len(ms['rollouts'])}")
+        for want, got in zip(ms["rollouts"], rollouts):
+            for key in ("model", "stable", "canary", "canary_weight_percent", "shadow_percent"):
+                if key in want:
+                    check(numbers_equal(got.get(key), want[key]), f"rollouts.toml {want['model']}: {key} = {got.get(key)!r}, values say {want[key]!r}")
+            check(("analysis" in got) == ("analysis" in want), f"rollouts.toml {want['model']}: analysis present differs from the values")
+            for key, value in want.get("analysis", {}).items():
+                check(numbers_equal(got.get("analysis", {}).get(key), value),
+                      f"rollouts.toml {want['model']}: analysis.{key} = {got.get('analysis', {}).get(key)!r}, values say {value!r}")
+            print(f"    rollout {got.get('model')}: stable {got.get('stable')} -> canary {got.get('canary')} at {got.get('canary_weight_percent', 0)}%"
+                  f", shadow {got.get('shadow_percent', 0)}%, analysis {'on' if 'analysis' in got else 'off'}")
+        for model in ms["models"]:
+            check(f'name: "{model["name"]}"' in files["models.config"], f"models.config does not serve {model['name']}")
+
+    # The other binaries' flags exist in their command lines.
+    if "device-simulator" in deployments:
+        container = deployments["device-simulator"]["spec"]["template"]["spec"]["containers"][0]
+        source = (REPO / "services/device-simulator/src/cli.rs").read_text()
+        check(container["args"][0] == "run" and "Run {" in source, "device-simulator: not its run subcommand")
+        for flag in flag_args(container):
+            check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
+                  f"device-simulator: --{flag} is not an argument in services/device-simulator/src/cli.rs")
+    for component in ("stream-processor", "ingest"):
+        if component in deployments:
+            container = deployments[component]["spec"]["template"]["spec"]["containers"][0]
+            source = (REPO / f"services/{component}/src/cli.rs").read_text()
+            for flag in flag_args(container):
+                check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
+                      f"{component}: --{flag} is not an argument in services/{component}/src/cli.rs")
+
+    # Kafka security in the rendered config files.
+    protocol = {(True, True): "SASL_SSL", (True, False): "SASL_PLAINTEXT", (False, True): "SSL"}.get(
+        (values["kafka"]["sasl"]["enabled"], values["kafka"]["tls"]["enabled"]))
+    for component, key in (("stream-processor", "stream-processor.toml"), ("ingest", "ingest.toml")):
+        if component not in configmaps:
+            continue
+        config = tomllib.loads(configmaps[component]["data"][key])
+        kafka = config["kafka"]
+        check(kafka.get("bootstrap.servers") == values["kafka"]["brokers"], f"{key}: bootstrap.servers is not kafka.brokers")
+        check(kafka.get("security.protocol") == (values["kafka"]["properties"].get("security.protocol") or protocol),
+              f"{key}: security.protocol is {kafka.get('security.protocol')}, want {protocol}")
+        check(all(isinstance(v, str) for v in kafka.values()), f"{key}: a librdkafka property is not a string")
+        tls = values["kafka"]["tls"]
+        if tls["enabled"] and tls["existingSecret"] and tls["caKey"]:
+            check(kafka.get("ssl.ca.location") == f"/etc/vigil/kafka-tls/{tls['caKey']}", f"{key}: ssl.ca.location is not the mounted CA")
+            mounts = deployments[component]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            check(any(m["mountPath"] == "/etc/vigil/kafka-tls" for m in mounts), f"{component}: the Kafka TLS Secret is not mounted")
+
+    # NetworkPolicy: the processor may call the model server.
+    if values["networkPolicy"]["enabled"] and "model-server" in deployments and "stream-processor" in deployments:
+        policy = next((p for p in by_kind.get("NetworkPolicy", {}).values() if component_of(p) == "model-server"), None)
+        if check(policy is not None, "networkPolicy.enabled but no model server NetworkPolicy"):
+            processor_labels = deployments["stream-processor"]["spec"]["selector"]["matchLabels"]
+            check(any(peer.get("podSelector", {}).get("matchLabels") == processor_labels
+                      for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])),
+                  "the model server NetworkPolicy does not admit the stream processor")
+    elif not values["networkPolicy"]["enabled"]:
+        check("NetworkPolicy" not in by_kind, "networkPolicy.enabled is false but NetworkPolicies are rendered")
+
+    # ServiceMonitors: one per component, naming a port of a Service they select.
+    monitors = by_kind.get("ServiceMonitor", {})
+    if values["serviceMonitor"]["enabled"]:
+        check({component_of(m) for m in monitors.values()} == enabled, "not one ServiceMonitor per enabled component")
+        for monitor in monitors.values():
+            selector = monitor["spec"]["selector"]["matchLabels"]
+            selected = [s for s in by_kind.get("Service", {}).values()
+                        if all(s["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+            ports = {p["name"] for s in selected for p in s["spec"]["ports"]}
+            check(len(selected) == 1, f"ServiceMonitor {monitor['metadata']['name']} selects {len(selected)} Services, not 1")
+            for endpoint in monitor["spec"]["endpoints"]:
+                check(endpoint["port"] in ports, f"ServiceMonitor {monitor['metadata']['name']}: port {endpoint['port']} is not on its Service")
+    else:
+        check(not monitors, "serviceMonitor.enabled is false but ServiceMonitors are rendered")
+
+    for failure in failures:
+        print(f"{pathlib.Path(rendered_path).name}: {failure}", file=sys.stderr)
+    if not failures:
+        print(f"  {pathlib.Path(rendered_path).name}: {len(deployments)} Deployments, their config files and Services are as the values ask")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
