@@ -124,6 +124,13 @@ pub struct ServeArgs {
     )]
     pub rollout_leader_group: String,
 
+    /// A librdkafka property for the rollout state's Kafka clients, `KEY=VALUE`
+    /// (repeatable), e.g. `security.protocol=SASL_SSL`. Also read from the environment as
+    /// `MODEL_SERVER_ROLLOUT_KAFKA__<KEY>` with `_` for `.` (`..._SASL_PASSWORD`), the way
+    /// to pass secrets; a flag wins over the variable.
+    #[arg(long = "rollout_kafka_property", visible_alias = "rollout-kafka-property", value_name = "KEY=VALUE")]
+    pub rollout_kafka_property: Vec<String>,
+
     /// This replica's name in rollout state and events (default: $HOSTNAME, the pod name).
     #[arg(long = "replica_id", visible_alias = "replica-id", env = "MODEL_SERVER_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -235,6 +242,41 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
 }
 
+/// The variables naming rollout Kafka properties (`..._SASL_MECHANISM` is
+/// `sasl.mechanism`).
+const ROLLOUT_KAFKA_ENV_PREFIX: &str = "MODEL_SERVER_ROLLOUT_KAFKA__";
+
+/// Properties the rollout log sets itself, per client: not to be overridden.
+const MANAGED_KAFKA_PROPERTIES: [&str; 6] =
+    ["bootstrap.servers", "group.id", "enable.auto.commit", "enable.partition.eof", "enable.idempotence", "linger.ms"];
+
+/// The rollout state's librdkafka properties: the environment's, then the flags' over them.
+fn rollout_kafka_properties(
+    env: impl IntoIterator<Item = (String, String)>,
+    flags: &[String],
+) -> Result<Vec<(String, String)>, String> {
+    let mut properties = std::collections::BTreeMap::new();
+    for (name, value) in env {
+        if let Some(key) = name.strip_prefix(ROLLOUT_KAFKA_ENV_PREFIX) {
+            properties.insert(key.to_ascii_lowercase().replace('_', "."), value);
+        }
+    }
+    for flag in flags {
+        let (key, value) = flag
+            .split_once('=')
+            .filter(|(key, _)| !key.trim().is_empty())
+            .ok_or_else(|| format!("--rollout_kafka_property {flag:?}: expected KEY=VALUE"))?;
+        properties.insert(key.trim().to_owned(), value.to_owned());
+    }
+    if let Some(key) = properties.keys().find(|key| MANAGED_KAFKA_PROPERTIES.contains(&key.as_str())) {
+        return Err(format!(
+            "rollout Kafka property {key:?} is set by the model server itself{}",
+            if key == "bootstrap.servers" { " (use --rollout_kafka_brokers)" } else { "" }
+        ));
+    }
+    Ok(properties.into_iter().collect())
+}
+
 impl ServeArgs {
     /// Reads the files the flags name and checks the combination.
     pub fn resolve(&self) -> Result<ServerConfig, String> {
@@ -274,11 +316,19 @@ impl ServeArgs {
             Some(path) => rollout::read_rollout_file(path)?,
             None => Vec::new(),
         };
+        let properties = rollout_kafka_properties(std::env::vars(), &self.rollout_kafka_property)?;
+        if self.rollout_kafka_brokers.is_none() && !properties.is_empty() {
+            return Err(format!(
+                "Kafka properties for the rollout state ({}) need --rollout_kafka_brokers",
+                properties.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
         let rollout_kafka = self.rollout_kafka_brokers.as_ref().map(|brokers| KafkaOptions {
             brokers: brokers.clone(),
             state_topic: self.rollout_state_topic.clone(),
             events_topic: self.rollout_events_topic.clone(),
             leader_group: self.rollout_leader_group.clone(),
+            properties,
         });
         let replica_id = self
             .replica_id
@@ -316,5 +366,46 @@ impl ServeArgs {
             grpc_max_message_bytes: self.grpc_max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_seconds),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn rollout_kafka_properties_come_from_the_environment_and_flags_win() {
+        let properties = rollout_kafka_properties(
+            env(&[
+                ("MODEL_SERVER_ROLLOUT_KAFKA__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("MODEL_SERVER_ROLLOUT_KAFKA__SASL_PASSWORD", "from-env"),
+                ("MODEL_SERVER_ROLLOUT_KAFKA_BROKERS", "not a property"),
+                ("INGEST_KAFKA__SASL_PASSWORD", "not ours"),
+            ]),
+            &["sasl.password=from=flag".into(), "sasl.mechanism=SCRAM-SHA-512".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            properties,
+            vec![
+                ("sasl.mechanism".to_owned(), "SCRAM-SHA-512".to_owned()),
+                ("sasl.password".to_owned(), "from=flag".to_owned()),
+                ("security.protocol".to_owned(), "SASL_SSL".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn rollout_kafka_properties_refuse_what_the_server_sets_or_cannot_parse() {
+        let error = rollout_kafka_properties(env(&[]), &["bootstrap.servers=x:9092".into()]).unwrap_err();
+        assert!(error.contains("--rollout_kafka_brokers"), "{error}");
+        let error = rollout_kafka_properties(env(&[("MODEL_SERVER_ROLLOUT_KAFKA__GROUP_ID", "g")]), &[]).unwrap_err();
+        assert!(error.contains("\"group.id\""), "{error}");
+        let error = rollout_kafka_properties(env(&[]), &["sasl.mechanism".into()]).unwrap_err();
+        assert!(error.contains("KEY=VALUE"), "{error}");
     }
 }

@@ -42,6 +42,8 @@ pub struct KafkaOptions {
     pub state_topic: String,
     pub events_topic: String,
     pub leader_group: String,
+    /// More librdkafka properties for every client (security, timeouts).
+    pub properties: Vec<(String, String)>,
 }
 
 /// Why a change did not take effect.
@@ -130,6 +132,9 @@ impl RolloutLog {
         let client = |extra: &[(&str, &str)]| {
             let mut config = ClientConfig::new();
             config.set("bootstrap.servers", &options.brokers);
+            for (key, value) in &options.properties {
+                config.set(key, value);
+            }
             for (key, value) in extra {
                 config.set(*key, *value);
             }
@@ -329,5 +334,28 @@ async fn create_state_topic(config: &ClientConfig, topic: &str) {
             }
         }
         Err(e) => tracing::warn!(topic, "creating the rollout state topic: {e}; create it compacted"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_misspelt_kafka_property_stops_the_start_naming_it() {
+        let options = KafkaOptions {
+            brokers: "127.0.0.1:1".into(),
+            state_topic: "state".into(),
+            events_topic: "events".into(),
+            leader_group: "leaders".into(),
+            properties: vec![
+                ("security.protocol".into(), "plaintext".into()),
+                ("sasl.mechanizm".into(), "PLAIN".into()),
+            ],
+        };
+        let (_stop, stopped) = watch::channel(false);
+        let error = RolloutLog::kafka(Rollouts::default(), "r".into(), options, stopped).await.err().unwrap();
+        let text = format!("{error:#}");
+        assert!(text.contains("sasl.mechanizm") && text.contains("rollout state"), "{text}");
     }
 }
