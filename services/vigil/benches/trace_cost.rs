@@ -26,7 +26,7 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporte
 use prost::Message as _;
 use serde_json::json;
 use tonic::codegen::http;
-use tower::{Layer as _, Service as _};
+use tower::Layer as _;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -88,7 +88,8 @@ async fn one_reading(server: &mut impl tower::Service<http::Request<()>, Respons
         dead_letter: None,
     };
     ingest::trace::attach(&cx, &mut record);
-    let written = Ok(ingest::kafka::Written { topic: record.topic.clone(), partition: 3, offset: 42, dead_letter: None });
+    let written =
+        Ok(ingest::kafka::Written { topic: record.topic.clone(), partition: 3, offset: 42, dead_letter: None });
     ingest::trace::written(&cx, &written);
 
     // The processor: the reading's span from the record's headers, one Predict call.
@@ -163,8 +164,10 @@ fn median(values: &mut [f64]) -> f64 {
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut server = telemetry::GrpcTraceLayer::new("vigil-model-server")
-        .layer(tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(http::Response::new(())) }));
+    let mut server =
+        telemetry::GrpcTraceLayer::new("vigil-model-server").layer(tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }));
     let request = predict_request();
     let setups = [Setup::Off, Setup::Sampled, Setup::All];
     let mut per_reading: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
