@@ -33,6 +33,14 @@ pub mod inference {
 
 /// Vigil's own APIs.
 pub mod vigil {
+    /// The alerts service's records: alerts, and its changelog.
+    pub mod alerts {
+        /// Package `vigil.alerts.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.alerts.v1");
+        }
+    }
+
     /// The ingest service's gRPC API.
     pub mod ingest {
         /// Package `vigil.ingest.v1`.
@@ -54,6 +62,14 @@ pub mod vigil {
         /// Package `vigil.scoring.v1`.
         pub mod v1 {
             tonic::include_proto!("vigil.scoring.v1");
+        }
+    }
+
+    /// Replaying history through a candidate model (the stream processor's API).
+    pub mod replay {
+        /// Package `vigil.replay.v1`.
+        pub mod v1 {
+            tonic::include_proto!("vigil.replay.v1");
         }
     }
 

@@ -1,0 +1,61 @@
+//! Alert rules over the scores stream, Kafka-natively (no KSQL cluster to run): per
+//! device, tumbling or hopping windows on the readings' event time with allowed
+//! lateness, conditions on counts and score aggregates, one alert per rule and window on
+//! the alerts topic. Window state lives in a compacted changelog topic, so a restarted or
+//! rebalanced instance carries on where the last owner left off, and a replayed input
+//! gives the same alerts with the same ids.
+//!
+//! - `config`: rules and settings (file, `ALERTS_*` environment, flags);
+//! - `engine`: the windows and rules of one partition, without Kafka;
+//! - `service`: the consumer group, restoring from and writing to the changelog, commits.
+
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+
+use crate::config::AlertsConfig;
+
+pub struct Listeners {
+    pub admin: Option<TcpListener>,
+}
+
+/// Runs the service until `shutdown` resolves, then writes what is pending, commits and
+/// returns. An error (a write Kafka refused, a changelog that cannot be read) stops it
+/// without committing more: a restart redoes the rest.
+pub async fn run(
+    config: AlertsConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.check()?;
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::Metrics::new(&registry)?;
+    let readiness = admin::Readiness::new();
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(listener) = listeners.admin {
+        tracing::info!(address = %listener.local_addr()?, "serving /live, /ready, /metrics");
+        tokio::spawn(admin::serve(listener, registry, readiness.clone(), async {
+            let _ = admin_stopped.await;
+        }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stopping.store(true, Ordering::Relaxed);
+    });
+    tracing::info!(rules = config.rules.len(), scores = %config.scores_topic, alerts = %config.alerts_topic, "starting");
+    let result = tokio::task::spawn_blocking(move || service::run_loop(config, metrics, readiness, stop)).await?;
+    let _ = stop_admin.send(());
+    result
+}

@@ -1,0 +1,447 @@
+//! The Kafka side: a consumer group over the scores topic, one [`Partition`] engine per
+//! assigned partition, restored from that partition of the changelog topic before its
+//! first record is applied. Every `commit_interval_ms` (and before partitions are revoked,
+//! and at shutdown) each engine's alerts, dead letters and changed state are written and
+//! confirmed, and only then its offset committed:
+//!
+//! ```text
+//!  scores (partition p) ──▶ engine p ──▶ alerts topic (key: alert id)
+//!                              │  └────▶ changelog partition p (compacted: "d/<device>", "p")
+//!                              └─ commit offset p once both are confirmed
+//! ```
+//!
+//! A redelivered record (after a crash or a rebalance, from the last committed offset) is
+//! skipped by the restored engine, so it fires nothing twice. The one gap: a crash after
+//! an alert was confirmed but before the state that closed its window was, makes the next
+//! owner close that window again and write the alert again, with the same id.
+//!
+//! Everything runs on one thread: the work per score is a few map updates, and polling,
+//! rebalance callbacks and commits then never race.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use proto::vigil::alerts::v1::Alert;
+use proto::vigil::scoring::v1::Score;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::config::AlertsConfig;
+use crate::engine::{Applied, Observation, Partition, Rule};
+use crate::metrics::Metrics;
+
+pub const HEADER_DEAD_LETTER_REASON: &str = "vigil.dead_letter.reason";
+
+/// An unreadable score record waiting to be written: its partition, bytes and headers.
+type DeadLetter = (i32, Vec<u8>, OwnedHeaders);
+
+/// A changelog record as read: key, and value (`None`: a tombstone).
+type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
+
+/// What the loop and the rebalance callbacks share.
+struct State {
+    config: AlertsConfig,
+    rules: Arc<[Rule]>,
+    producer: FutureProducer,
+    /// Engines of the assigned partitions that have been restored.
+    engines: HashMap<i32, Partition>,
+    /// Per partition: the offset after the last record handled (applied, skipped or
+    /// dead-lettered), i.e. what to commit once its outputs are confirmed.
+    next_offsets: HashMap<i32, i64>,
+    /// Dead letters waiting for the next write.
+    dead_letters: Vec<DeadLetter>,
+    metrics: Metrics,
+    /// Waits for deliveries (this thread is a blocking one of that runtime).
+    runtime: tokio::runtime::Handle,
+}
+
+struct Ctx {
+    state: Arc<Mutex<State>>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let revoked: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?revoked, "partitions revoked: writing their alerts and state");
+            state.metrics.rebalances.with_label_values(&["revoke"]).inc();
+            // On failure the next owner redoes what was not committed; nothing is lost.
+            if let Err(error) = state.write_and_commit(consumer, &revoked) {
+                tracing::warn!(%error, "writing before the revoke failed");
+            }
+            for partition in revoked {
+                state.engines.remove(&partition);
+                state.next_offsets.remove(&partition);
+            }
+            state.metrics.open_windows.set(state.engines.values().map(|e| e.open_windows() as i64).sum());
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Rebalance::Assign(_) = rebalance {
+            state.metrics.rebalances.with_label_values(&["assign"]).inc();
+        }
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        state.metrics.assigned_partitions.set(assigned as i64);
+    }
+}
+
+impl State {
+    fn client(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        for (key, value) in &self.config.kafka {
+            client.set(key, value);
+        }
+        client
+    }
+
+    /// The engine of `partition`, restored from the changelog on first use.
+    fn engine(&mut self, partition: i32) -> anyhow::Result<&mut Partition> {
+        if !self.engines.contains_key(&partition) {
+            let started = Instant::now();
+            let records = read_changelog(&self.client(), &self.config.changelog_topic, partition)?;
+            let engine =
+                Partition::restore(self.rules.clone(), records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
+                    .map_err(|e| {
+                        anyhow::anyhow!("restoring partition {partition} from {}: {e}", self.config.changelog_topic)
+                    })?;
+            tracing::info!(
+                partition,
+                records = records.len(),
+                open_windows = engine.open_windows(),
+                applied_offset = engine.applied_offset(),
+                ms = started.elapsed().as_millis() as u64,
+                "restored from the changelog"
+            );
+            self.metrics.restored_records.inc_by(records.len() as u64);
+            self.engines.insert(partition, engine);
+        }
+        Ok(self.engines.get_mut(&partition).expect("inserted above"))
+    }
+
+    /// Applies one scores record.
+    fn handle(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        payload: &[u8],
+        kafka_time_ms: Option<i64>,
+    ) -> anyhow::Result<()> {
+        self.metrics.consumed.inc();
+        match decode(payload) {
+            Ok(score) => {
+                let event_time_ms = score
+                    .event_time
+                    .map(|t| t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos / 1_000_000)))
+                    .or(kafka_time_ms)
+                    .unwrap_or(0);
+                let observation = Observation {
+                    device_id: &score.device_id,
+                    event_time_ms,
+                    score: f64::from(score.score),
+                    is_anomaly: score.is_anomaly,
+                    model_version: score.model_version,
+                };
+                let rules = self.rules.clone();
+                match self.engine(partition)?.apply(offset, &observation) {
+                    Applied::Skipped => self.metrics.skipped.inc(),
+                    Applied::Applied { late_for } => {
+                        for index in late_for {
+                            self.metrics.late.with_label_values(&[rules[index].name.as_str()]).inc();
+                        }
+                    }
+                }
+            }
+            Err((reason, error)) => {
+                // Restored first, so the partition's state is there when offsets commit.
+                self.engine(partition)?;
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: HEADER_DEAD_LETTER_REASON, value: Some(reason) })
+                    .insert(Header { key: "vigil.dead_letter.error", value: Some(error.as_str()) })
+                    .insert(Header { key: "vigil.dead_letter.source_topic", value: Some(&self.config.scores_topic) })
+                    .insert(Header {
+                        key: "vigil.dead_letter.source_partition",
+                        value: Some(partition.to_string().as_str()),
+                    })
+                    .insert(Header {
+                        key: "vigil.dead_letter.source_offset",
+                        value: Some(offset.to_string().as_str()),
+                    });
+                self.dead_letters.push((partition, payload.to_vec(), headers));
+                self.metrics.dead_lettered.with_label_values(&[reason]).inc();
+            }
+        }
+        self.next_offsets.insert(partition, offset + 1);
+        Ok(())
+    }
+
+    /// Writes the alerts, dead letters and changed state of `partitions`, waits until
+    /// Kafka confirmed them, then commits their offsets.
+    fn write_and_commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[i32],
+    ) -> anyhow::Result<()> {
+        let mut deliveries: Vec<(DeliveryFuture, Option<String>)> = Vec::new();
+        let mut fired: Vec<Alert> = Vec::new();
+        for partition in partitions {
+            let Some(engine) = self.engines.get_mut(partition) else { continue };
+            let alerts = engine.take_alerts();
+            let changes = engine.take_changes();
+            for alert in &alerts {
+                let payload = alert.encode_to_vec();
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "vigil.alert.rule", value: Some(alert.rule.as_str()) })
+                    .insert(Header { key: "vigil.alert.device_id", value: Some(alert.device_id.as_str()) })
+                    .insert(Header {
+                        key: "content-type",
+                        value: Some("application/x-protobuf; messageType=vigil.alerts.v1.Alert"),
+                    });
+                let record = FutureRecord::<str, [u8]>::to(&self.config.alerts_topic)
+                    .key(alert.id.as_str())
+                    .payload(payload.as_slice())
+                    .headers(headers);
+                deliveries.push((send(&self.producer, record)?, Some(alert.rule.clone())));
+            }
+            fired.extend(alerts);
+            for (key, value) in &changes {
+                let mut record =
+                    FutureRecord::<str, [u8]>::to(&self.config.changelog_topic).key(key).partition(*partition);
+                if let Some(value) = value {
+                    record = record.payload(value.as_slice());
+                }
+                deliveries.push((send(&self.producer, record)?, None));
+            }
+        }
+        // Only these partitions' dead letters: the others wait for their own write.
+        let (mine, others): (Vec<DeadLetter>, Vec<DeadLetter>) =
+            self.dead_letters.drain(..).partition(|(p, ..)| partitions.contains(p));
+        self.dead_letters = others;
+        for (partition, payload, headers) in mine {
+            let key = format!("{}/{partition}", self.config.scores_topic);
+            let record = FutureRecord::<str, [u8]>::to(&self.config.dead_letter_topic)
+                .key(key.as_str())
+                .payload(payload.as_slice())
+                .headers(headers);
+            deliveries.push((send(&self.producer, record)?, None));
+        }
+        for (delivery, rule) in deliveries {
+            match self.runtime.block_on(delivery) {
+                Ok(Ok(_)) => {
+                    if let Some(rule) = rule {
+                        self.metrics.fired.with_label_values(&[rule.as_str()]).inc();
+                    }
+                }
+                Ok(Err((error, _))) => anyhow::bail!("Kafka refused a write: {error}"),
+                Err(_) => anyhow::bail!("the producer was dropped"),
+            }
+        }
+        for alert in &fired {
+            tracing::info!(id = %alert.id, anomalies = alert.anomalies, readings = alert.readings, "alert");
+        }
+        let mut offsets = TopicPartitionList::new();
+        for partition in partitions {
+            if let Some(next) = self.next_offsets.get(partition) {
+                offsets.add_partition_offset(&self.config.scores_topic, *partition, Offset::Offset(*next))?;
+            }
+        }
+        // A failed commit (a rebalance under way, say) loses nothing: the next owner
+        // starts from the last commit and skips what the changelog says was applied.
+        if offsets.count() > 0
+            && let Err(error) = consumer.commit(&offsets, CommitMode::Sync)
+        {
+            tracing::warn!(%error, "committing offsets failed; the next owner skips what was applied");
+            self.metrics.commit_failures.inc();
+        }
+        self.metrics.open_windows.set(self.engines.values().map(|e| e.open_windows() as i64).sum());
+        Ok(())
+    }
+}
+
+fn send<'a>(producer: &FutureProducer, record: FutureRecord<'a, str, [u8]>) -> anyhow::Result<DeliveryFuture> {
+    producer.send_result(record).map_err(|(error, _)| anyhow::anyhow!("producing: {error}"))
+}
+
+/// A Score from protobuf or the processor's JSON form; or why not.
+fn decode(payload: &[u8]) -> Result<Score, (&'static str, String)> {
+    if payload.first() == Some(&b'{') {
+        let value: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| ("not_a_score", format!("not JSON: {e}")))?;
+        let field = |name: &str| value.get(name).ok_or(("not_a_score", format!("JSON score without {name:?}")));
+        let device_id = field("device_id")?.as_str().unwrap_or_default().to_owned();
+        let event_time = match field("event_time")?.as_str() {
+            Some(text) => {
+                Some(parse_rfc3339(text).ok_or(("not_a_score", format!("event_time {text:?} is not RFC 3339")))?)
+            }
+            None => None,
+        };
+        let score = Score {
+            device_id,
+            event_time,
+            score: field("score")?.as_f64().unwrap_or(f64::NAN) as f32,
+            threshold: field("threshold")?.as_f64().unwrap_or(f64::NAN) as f32,
+            is_anomaly: field("is_anomaly")?.as_bool().unwrap_or(false),
+            model_version: field("model_version")?.as_i64().unwrap_or(0),
+            ..Default::default()
+        };
+        return check(score);
+    }
+    let score = Score::decode(payload).map_err(|e| ("not_a_score", format!("not a vigil.scoring.v1.Score: {e}")))?;
+    check(score)
+}
+
+fn check(score: Score) -> Result<Score, (&'static str, String)> {
+    if score.device_id.is_empty() {
+        return Err(("missing_device_id", "the score has no device_id".into()));
+    }
+    if !score.score.is_finite() {
+        return Err(("invalid_score", format!("score {} is not a finite number", score.score)));
+    }
+    Ok(score)
+}
+
+fn parse_rfc3339(text: &str) -> Option<prost_types::Timestamp> {
+    text.parse::<prost_types::Timestamp>().ok()
+}
+
+/// Every record of one changelog partition, from the start to its end now.
+fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Vec<ChangelogRecord>> {
+    let consumer: BaseConsumer = client
+        .clone()
+        .set("group.id", "vigil-alerts-restore") // required by librdkafka; nothing is committed
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(|e| {
+        anyhow::anyhow!("changelog {topic} partition {partition}: {e} (it needs the scores topic's partitions)")
+    })?;
+    let mut records = Vec::new();
+    if high <= low {
+        return Ok(records);
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(<[u8]>::to_vec)));
+                if message.offset() + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(error)) => anyhow::bail!("reading changelog {topic} partition {partition}: {error}"),
+            None => anyhow::ensure!(
+                Instant::now() < deadline,
+                "reading changelog {topic} partition {partition}: stalled before offset {high}"
+            ),
+        }
+    }
+    Ok(records)
+}
+
+/// Runs the consumer loop on the calling (blocking) thread until `stop` is set; then
+/// writes what is pending, commits and leaves the group.
+pub fn run_loop(
+    config: AlertsConfig,
+    metrics: Metrics,
+    ready: admin::Readiness,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    let rules: Arc<[Rule]> = config.rules.iter().map(Rule::new).collect();
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka {
+        client.set(key, value);
+    }
+    let producer: FutureProducer =
+        client.clone().set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").create()?;
+    let state = Arc::new(Mutex::new(State {
+        config: config.clone(),
+        rules,
+        producer,
+        engines: HashMap::new(),
+        next_offsets: HashMap::new(),
+        dead_letters: Vec::new(),
+        metrics: metrics.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    }));
+    let consumer: BaseConsumer<Ctx> = client
+        .clone()
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .create_with_context(Ctx { state: state.clone() })?;
+    consumer.subscribe(&[&config.scores_topic])?;
+    ready.set(true);
+    let interval = Duration::from_millis(config.commit_interval_ms);
+    let mut last_write = Instant::now();
+    let result = (|| -> anyhow::Result<()> {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(message) = consumer.poll(Duration::from_millis(50)) {
+                match message {
+                    Ok(message) => {
+                        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                        state.handle(
+                            message.partition(),
+                            message.offset(),
+                            message.payload().unwrap_or_default(),
+                            message.timestamp().to_millis(),
+                        )?;
+                    }
+                    Err(error) => tracing::warn!(%error, "consumer error"),
+                }
+            }
+            if last_write.elapsed() >= interval {
+                let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+                let partitions: Vec<i32> = state.engines.keys().copied().collect();
+                state.write_and_commit(&consumer, &partitions)?;
+                last_write = Instant::now();
+            }
+        }
+        Ok(())
+    })();
+    ready.set(false);
+    if result.is_ok() {
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let partitions: Vec<i32> = state.engines.keys().copied().collect();
+        state.write_and_commit(&consumer, &partitions)?;
+    }
+    consumer.unsubscribe();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_decode_from_protobuf_and_the_processors_json() {
+        let score = Score {
+            device_id: "car-1".into(),
+            event_time: Some(prost_types::Timestamp { seconds: 1_780_000_000, nanos: 250_000_000 }),
+            score: 1.5,
+            is_anomaly: true,
+            model_version: 2,
+            ..Default::default()
+        };
+        assert_eq!(decode(&score.encode_to_vec()).unwrap(), score);
+        let json = br#"{"device_id":"car-1","event_time":"2026-05-28T20:26:40.250Z","score":1.5,"threshold":1.0,"is_anomaly":true,"model_version":2}"#;
+        let from_json = decode(json).unwrap();
+        assert_eq!(from_json.event_time, score.event_time);
+        assert_eq!((from_json.score, from_json.is_anomaly, from_json.model_version), (1.5, true, 2));
+        assert_eq!(decode(b"{\"score\": 1}").unwrap_err().0, "not_a_score");
+        assert_eq!(decode(b"\xff\xff garbage").unwrap_err().0, "not_a_score");
+        let nameless = Score { device_id: String::new(), ..score };
+        assert_eq!(decode(&nameless.encode_to_vec()).unwrap_err().0, "missing_device_id");
+    }
+}

@@ -1,0 +1,371 @@
+//! The alerts service against a Kafka-protocol broker (librdkafka's mock cluster, in
+//! process): alerts with their figures, dead letters, state recovered across a restart
+//! and a rebalance, redelivered records firing nothing twice, and a replay of the same
+//! scores into fresh state giving the same alerts. The expected alerts come from the
+//! engine itself fed the same records per partition (its window semantics have their own
+//! unit tests), so these tests are about what Kafka adds: partitions, restarts, commits.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alerts::config::{AlertsConfig, RuleConfig};
+use alerts::engine::{Observation, Partition, Rule};
+use embedded_brokers::{KafkaCluster, ReadRecord};
+use prost::Message as _;
+use proto::vigil::alerts::v1::Alert;
+use proto::vigil::scoring::v1::Score;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::sync::oneshot;
+
+const PARTITIONS: i32 = 3;
+
+/// One score to produce: (partition, device, event time in s, anomalous).
+type Planned = (i32, String, f64, bool);
+
+fn rules() -> Vec<RuleConfig> {
+    vec![
+        // The seed's emergency rule: more than 3 anomalies in 5 minutes (here 60 s, 3+).
+        RuleConfig {
+            name: "repeated".into(),
+            window_seconds: 60,
+            advance_seconds: None,
+            allowed_lateness_seconds: 5,
+            min_anomalies: Some(3),
+            min_readings: None,
+            mean_score_above: None,
+            max_score_above: None,
+        },
+        // Hopping: mean score over 1.5 in 30 s windows every 10 s.
+        RuleConfig {
+            name: "hot".into(),
+            window_seconds: 30,
+            advance_seconds: Some(10),
+            allowed_lateness_seconds: 0,
+            min_anomalies: None,
+            min_readings: Some(2),
+            mean_score_above: Some(1.5),
+            max_score_above: None,
+        },
+    ]
+}
+
+fn config(kafka: &KafkaCluster, group: &str, topics: &Topics) -> AlertsConfig {
+    let mut config = AlertsConfig { rules: rules(), ..AlertsConfig::default() };
+    config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
+    config.kafka.insert("session.timeout.ms".into(), "6000".into());
+    config.kafka.insert("heartbeat.interval.ms".into(), "500".into());
+    config.group_id = group.into();
+    config.scores_topic = topics.scores.clone();
+    config.alerts_topic = topics.alerts.clone();
+    config.changelog_topic = topics.changelog.clone();
+    config.dead_letter_topic = topics.dead_letters.clone();
+    config.commit_interval_ms = 100;
+    config.admin_listen.clear();
+    config
+}
+
+struct Topics {
+    scores: String,
+    alerts: String,
+    changelog: String,
+    dead_letters: String,
+}
+
+impl Topics {
+    fn create(kafka: &KafkaCluster, tag: &str) -> Self {
+        let topics = Self {
+            scores: format!("{tag}.scores"),
+            alerts: format!("{tag}.alerts"),
+            changelog: format!("{tag}.changelog"),
+            dead_letters: format!("{tag}.dead-letters"),
+        };
+        kafka.create_topic(&topics.scores, PARTITIONS).unwrap();
+        kafka.create_topic(&topics.changelog, PARTITIONS).unwrap();
+        kafka.create_topic(&topics.alerts, 1).unwrap();
+        kafka.create_topic(&topics.dead_letters, 1).unwrap();
+        topics
+    }
+
+    /// Fresh output topics over the same scores: a replay from scratch.
+    fn replay(kafka: &KafkaCluster, of: &Topics, tag: &str) -> Self {
+        let topics = Self {
+            scores: of.scores.clone(),
+            alerts: format!("{tag}.alerts"),
+            changelog: format!("{tag}.changelog"),
+            dead_letters: format!("{tag}.dead-letters"),
+        };
+        kafka.create_topic(&topics.changelog, PARTITIONS).unwrap();
+        kafka.create_topic(&topics.alerts, 1).unwrap();
+        kafka.create_topic(&topics.dead_letters, 1).unwrap();
+        topics
+    }
+}
+
+struct Running {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    admin: std::net::SocketAddr,
+}
+
+impl Running {
+    fn start(config: AlertsConfig) -> Self {
+        let (stop, stopped) = oneshot::channel();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let admin = listener.local_addr().unwrap();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let task = tokio::spawn(alerts::run(config, alerts::Listeners { admin: Some(listener) }, async {
+            let _ = stopped.await;
+        }));
+        Self { stop, task, admin }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let page = reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap();
+        admin::metric_sum(&page, name)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("stops").unwrap().unwrap();
+    }
+}
+
+fn score(device: &str, seconds: f64, anomalous: bool) -> Score {
+    Score {
+        device_id: device.into(),
+        event_time: Some(prost_types::Timestamp {
+            seconds: 1_780_000_000 + seconds.floor() as i64,
+            nanos: ((seconds.fract()) * 1e9) as i32,
+        }),
+        score: if anomalous { 2.5 } else { 0.4 },
+        threshold: 1.0,
+        is_anomaly: anomalous,
+        model_name: "car-anomaly".into(),
+        model_version: 2,
+        ..Default::default()
+    }
+}
+
+async fn produce(kafka: &KafkaCluster, topic: &str, planned: &[Planned]) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (partition, device, seconds, anomalous) in planned {
+        let payload = score(device, *seconds, *anomalous).encode_to_vec();
+        let record =
+            FutureRecord::<str, [u8]>::to(topic).partition(*partition).key(device.as_str()).payload(payload.as_slice());
+        producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+}
+
+/// A fleet on three partitions: per partition some devices with anomalies in various
+/// windows, then a tick well later that closes every window.
+fn plan(from: f64, to: f64, ticks: bool) -> Vec<Planned> {
+    let mut planned = Vec::new();
+    for partition in 0..PARTITIONS {
+        let mut t = from;
+        while t < to {
+            for car in 0..3 {
+                // Each car has its own rhythm of anomalies.
+                let anomalous = ((t as i64) / 7 + i64::from(car) + i64::from(partition)) % 3 != 0;
+                planned.push((partition, format!("car-{partition}{car}"), t + f64::from(car) * 0.5, anomalous));
+            }
+            t += 6.0;
+        }
+        if ticks {
+            planned.push((partition, format!("tick-{partition}"), to + 400.0, false));
+        }
+    }
+    planned
+}
+
+/// The alerts the engine gives for `planned`, each partition's records in order.
+fn expected(planned: &[Planned]) -> BTreeMap<String, Alert> {
+    let rules: Arc<[Rule]> = rules().iter().map(Rule::new).collect();
+    let mut out = BTreeMap::new();
+    for partition in 0..PARTITIONS {
+        let mut engine = Partition::new(rules.clone());
+        for (offset, (_, device, seconds, anomalous)) in planned.iter().filter(|p| p.0 == partition).enumerate() {
+            let score = score(device, *seconds, *anomalous);
+            let t = score.event_time.unwrap();
+            engine.apply(
+                offset as i64,
+                &Observation {
+                    device_id: device,
+                    event_time_ms: t.seconds * 1000 + i64::from(t.nanos / 1_000_000),
+                    score: f64::from(score.score),
+                    is_anomaly: anomalous.to_owned(),
+                    model_version: 2,
+                },
+            );
+        }
+        out.extend(engine.take_alerts().into_iter().map(|a| (a.id.clone(), a)));
+    }
+    out
+}
+
+async fn read(kafka: &KafkaCluster, topic: &str, count: usize, wait: Duration) -> Vec<ReadRecord> {
+    let (servers, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || embedded_brokers::read_topic(&servers, &topic, wait, |r| r.len() >= count))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Waits for `count` alerts, then a little longer for any extra one; returns them all.
+async fn alerts(kafka: &KafkaCluster, topic: &str, count: usize) -> Vec<Alert> {
+    read(kafka, topic, count, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    read(kafka, topic, usize::MAX, Duration::from_secs(3))
+        .await
+        .iter()
+        .map(|r| {
+            let alert = Alert::decode(r.payload.as_slice()).unwrap();
+            assert_eq!(r.key.as_deref(), Some(alert.id.as_bytes()), "keyed by its id");
+            alert
+        })
+        .collect()
+}
+
+fn by_id(alerts: Vec<Alert>) -> BTreeMap<String, Alert> {
+    let mut out = BTreeMap::new();
+    for alert in alerts {
+        let id = alert.id.clone();
+        assert!(out.insert(id.clone(), alert).is_none(), "alert {id} written twice");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lettered() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, "figures");
+    let planned = plan(0.0, 240.0, true);
+    let want = expected(&planned);
+    assert!(want.len() >= 10, "the plan fires both rules: {:?}", want.keys().collect::<Vec<_>>());
+    assert!(want.keys().any(|id| id.contains("/hot/")) && want.keys().any(|id| id.contains("/repeated/")));
+
+    let service = Running::start(config(&kafka, "figures", &topics));
+    produce(&kafka, &topics.scores, &planned).await;
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().unwrap();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&topics.scores).partition(1).key("odd").payload(&b"\xff not a score"[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    assert_eq!(got, want, "every alert with the engine's figures");
+    let sample = got.values().find(|a| a.rule == "repeated").unwrap();
+    assert!(sample.anomalies >= 3 && sample.readings >= sample.anomalies);
+    assert_eq!(sample.condition, "anomalies >= 3");
+    assert_eq!(sample.model_versions, vec![2]);
+
+    let dead = read(&kafka, &topics.dead_letters, 1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, b"\xff not a score", "the original bytes");
+    assert_eq!(dead[0].header("vigil.dead_letter.reason"), Some(&b"not_a_score"[..]));
+    assert_eq!(dead[0].header("vigil.dead_letter.source_partition"), Some(&b"1"[..]));
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_restart_redelivery_fires_nothing_twice_and_a_replay_gives_the_same_alerts() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, "restart");
+    // First half: windows open on every partition, none closes yet (no tick).
+    let first = plan(0.0, 90.0, false);
+    let second = plan(90.0, 240.0, true);
+    let all: Vec<Planned> = {
+        // Per partition, the first half's records come first: as produced.
+        let mut all = first.clone();
+        all.extend(second.iter().cloned());
+        all
+    };
+    let want = expected(&all);
+
+    let service = Running::start(config(&kafka, "restart", &topics));
+    produce(&kafka, &topics.scores, &first).await;
+    // Some alerts of the first half's closed windows may be out already; wait until the
+    // service has read everything, then stop it (it writes its state and commits).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let changelog = read(&kafka, &topics.changelog, usize::MAX, Duration::from_millis(500)).await;
+        let progress: i64 = (0..PARTITIONS)
+            .filter_map(|p| {
+                changelog.iter().rev().find(|r| r.partition == p && r.key.as_deref() == Some(b"p")).map(|r| {
+                    proto::vigil::alerts::v1::PartitionProgress::decode(r.payload.as_slice()).unwrap().applied_offset
+                        + 1
+                })
+            })
+            .sum();
+        if progress as usize == first.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first half was not applied: {progress} of {}", first.len());
+    }
+    service.stop().await;
+
+    // Restarted: the second half, on the state the first instance left.
+    let service = Running::start(config(&kafka, "restart", &topics));
+    produce(&kafka, &topics.scores, &second).await;
+    let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
+    assert_eq!(got, want, "the same alerts as one uninterrupted run");
+    let spanning =
+        want.values().filter(|a| (60..90).contains(&(a.window_start.unwrap().seconds - 1_780_000_000))).count();
+    assert!(spanning > 0, "some windows straddle the restart");
+    service.stop().await;
+
+    // A new group reads every score again (a redelivery of everything) on the same state:
+    // nothing fires again.
+    let service = Running::start(config(&kafka, "restart-redelivered", &topics));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while service.metric("alerts_scores_skipped_total").await < all.len() as f64 {
+        assert!(Instant::now() < deadline, "the new group did not read every score again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after = alerts(&kafka, &topics.alerts, want.len()).await;
+    assert_eq!(after.len(), want.len(), "no alert written twice");
+    service.stop().await;
+
+    // A replay of the same scores into fresh state and fresh topics: the same alerts.
+    let replay = Topics::replay(&kafka, &topics, "restart-replay");
+    let service = Running::start(config(&kafka, "restart-replay", &replay));
+    let replayed = by_id(alerts(&kafka, &replay.alerts, want.len()).await);
+    assert_eq!(replayed, want, "deterministic: same ids, same figures");
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_once() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, "rebalance");
+    let first = plan(0.0, 90.0, false);
+    let second = plan(90.0, 240.0, true);
+    let mut all = first.clone();
+    all.extend(second.iter().cloned());
+    let want = expected(&all);
+
+    let a = Running::start(config(&kafka, "rebalance", &topics));
+    produce(&kafka, &topics.scores, &first).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // a applies and writes the first half
+    let b = Running::start(config(&kafka, "rebalance", &topics));
+    tokio::time::sleep(Duration::from_secs(6)).await; // b joins: partitions move
+    produce(&kafka, &topics.scores, &second).await;
+    let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
+    assert_eq!(got, want);
+    assert!(a.metric("alerts_rebalances_total").await >= 2.0, "a gave partitions away");
+    let (on_a, on_b) = (a.metric("alerts_assigned_partitions").await, b.metric("alerts_assigned_partitions").await);
+    assert!(on_a >= 1.0 && on_b >= 1.0 && on_a + on_b == f64::from(PARTITIONS), "split: {on_a} + {on_b}");
+    assert!(b.metric("alerts_restored_records_total").await > 0.0, "b restored what a had written");
+    a.stop().await;
+    b.stop().await;
+}
