@@ -349,6 +349,58 @@ fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> anyhow:
     Ok(records)
 }
 
+/// Partitions of `topic` (0 when it does not exist).
+fn partitions_of(client: &ClientConfig, topic: &str) -> anyhow::Result<usize> {
+    let consumer: BaseConsumer = client.clone().set("group.id", "vigil-alerts-metadata").create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
+}
+
+/// The changelog must have the scores topic's partitions (partition p keeps the state of
+/// scores partition p); it is created, compacted, when missing.
+fn ensure_changelog(
+    client: &ClientConfig,
+    config: &AlertsConfig,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let scores = partitions_of(client, &config.scores_topic)?;
+    anyhow::ensure!(scores > 0, "the scores topic {} does not exist (or has no partitions)", config.scores_topic);
+    let mut changelog = partitions_of(client, &config.changelog_topic)?;
+    if changelog == 0 {
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = client.create()?;
+        let topic = NewTopic::new(&config.changelog_topic, scores as i32, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact");
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        match runtime.block_on(admin.create_topics([&topic], &options)) {
+            Ok(results) => {
+                for result in results {
+                    if let Err((_, code)) = result {
+                        tracing::warn!(topic = %config.changelog_topic, %code, "creating the changelog topic");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(topic = %config.changelog_topic, %error, "creating the changelog topic"),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while changelog == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            changelog = partitions_of(client, &config.changelog_topic)?;
+        }
+        if changelog > 0 {
+            tracing::info!(topic = %config.changelog_topic, partitions = changelog, "created the compacted changelog topic");
+        }
+    }
+    anyhow::ensure!(
+        changelog == scores,
+        "the changelog topic {} has {changelog} partitions and the scores topic {} has {scores}: they must match \
+         (create it compacted with {scores} partitions)",
+        config.changelog_topic,
+        config.scores_topic
+    );
+    Ok(())
+}
+
 /// Runs the consumer loop on the calling (blocking) thread until `stop` is set; then
 /// writes what is pending, commits and leaves the group.
 pub fn run_loop(
@@ -364,6 +416,8 @@ pub fn run_loop(
     }
     let producer: FutureProducer =
         client.clone().set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").create()?;
+    let runtime = tokio::runtime::Handle::current();
+    ensure_changelog(&client, &config, &runtime)?;
     let state = Arc::new(Mutex::new(State {
         config: config.clone(),
         rules,
@@ -372,7 +426,7 @@ pub fn run_loop(
         next_offsets: HashMap::new(),
         dead_letters: Vec::new(),
         metrics: metrics.clone(),
-        runtime: tokio::runtime::Handle::current(),
+        runtime,
     }));
     let consumer: BaseConsumer<Ctx> = client
         .clone()

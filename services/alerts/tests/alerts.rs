@@ -369,3 +369,18 @@ async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changelog_without_the_scores_partitions_stops_the_start_naming_both() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, "mismatch");
+    let mut config = config(&kafka, "mismatch", &topics);
+    config.changelog_topic = "mismatch.changelog-one".into();
+    kafka.create_topic(&config.changelog_topic, 1).unwrap();
+    let error = alerts::run(config, alerts::Listeners { admin: None }, std::future::pending()).await.unwrap_err();
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("mismatch.changelog-one") && text.contains("has 1 partitions") && text.contains("3"),
+        "{text}"
+    );
+}
