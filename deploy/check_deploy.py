@@ -48,7 +48,7 @@ DEPLOY = Path(__file__).resolve().parent
 ROOT = DEPLOY.parent
 COMPOSE = DEPLOY / "compose" / "docker-compose.yml"
 
-SERVICE_DOCKERFILES = ["model-server", "stream-processor", "ingest", "device-simulator", "vigil"]
+SERVICE_DOCKERFILES = ["model-server", "stream-processor", "ingest", "device-simulator", "alerts", "vigil"]
 
 # Which services are Vigil's, and how each reads its environment.
 VIGIL_ENV = {
@@ -63,6 +63,10 @@ VIGIL_ENV = {
     "ingest": {
         "layered": ("INGEST_", "services/ingest/src/config.rs", "IngestConfig", {"kafka"}),
         "clap": ["services/ingest/src/cli.rs"],
+    },
+    "alerts": {
+        "layered": ("ALERTS_", "services/alerts/src/config.rs", "AlertsConfig", {"kafka"}),
+        "clap": ["services/alerts/src/cli.rs"],
     },
 }
 ALWAYS_READ = re.compile(r"^(OTEL_[A-Z_]+|RUST_LOG)$")

@@ -22,6 +22,10 @@ cargo test --workspace --locked
 step "Helm chart: lint, render, validate against Kubernetes, run the services with its config (tests/helm/check.sh)"
 VIGIL_HELM_REQUIRE_BINARIES=1 bash tests/helm/check.sh
 
+# Uses the venv the chart check just made (PyYAML); no Docker engine is needed.
+step "deploy/: Dockerfiles, compose stack and dashboard against the services' code (deploy/check_deploy.py)"
+"${VIGIL_CI_CACHE:-$HOME/.cache/vigil-ci}/k8s-validate-venv/bin/python" deploy/check_deploy.py
+
 step "compatibility with the official clients (tensorflow-serving-api, tritonclient)"
 bash tests/compat/run.sh
 

@@ -7,6 +7,8 @@
 #   services/ingest/src/config.rs            vigil-readings, vigil-dead-letter
 #   services/stream-processor/src/config.rs  vigil-scores, vigil-anomalies, vigil-scoring-dead-letter
 #   services/model-server/src/config.rs      vigil.rollout-state (compacted), vigil.rollout-events
+#   services/alerts/src/config.rs            vigil-alerts, vigil-alerts-changelog (compacted,
+#                                            the scores' partitions), vigil-alerts-dead-letter
 #   deploy/connect/elasticsearch-sink.json   vigil-scores-elasticsearch-dead-letter
 set -eu
 
@@ -36,6 +38,11 @@ create vigil-scores-elasticsearch-dead-letter 1 --config retention.ms="$two_week
 # compacted, so the latest state of every model survives; every replica reads it whole.
 create vigil.rollout-state 1 --config cleanup.policy=compact
 create vigil.rollout-events 1
+# Alerts: keyed by alert id; the changelog keeps each scores partition's window state, so
+# it has the scores' partitions and is compacted.
+create vigil-alerts 3
+create vigil-alerts-changelog 6 --config cleanup.policy=compact
+create vigil-alerts-dead-letter 1 --config retention.ms="$two_weeks_ms"
 
 "$kafka_topics" --bootstrap-server "$bootstrap" --describe \
-    --topic 'vigil-readings|vigil-scores|vigil-anomalies|vigil-dead-letter|vigil-scoring-dead-letter|vigil-scores-elasticsearch-dead-letter|vigil\.rollout-state|vigil\.rollout-events'
+    --topic 'vigil-readings|vigil-scores|vigil-anomalies|vigil-dead-letter|vigil-scoring-dead-letter|vigil-scores-elasticsearch-dead-letter|vigil\.rollout-state|vigil\.rollout-events|vigil-alerts|vigil-alerts-changelog|vigil-alerts-dead-letter'
