@@ -14,6 +14,14 @@ merges them (a null removes a key). Checks, each failing with the object it is a
   --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
   declared in services/model-server/src/config.rs; the device simulator's flags in its
   cli.rs; --config in the processor's and ingest's cli.rs;
+- the model server's rollout Kafka security: on kafka.brokers, the --rollout_kafka_property
+  flags are kafka's security (security.protocol, sasl.mechanism, ssl.*.location) and
+  kafka.properties, then rolloutState.kafka.properties, less bootstrap.servers and the
+  properties the server sets itself; the SASL login as MODEL_SERVER_ROLLOUT_KAFKA__SASL_*
+  from kafka.sasl's Secret; the kafka.tls Secret mounted where ssl.*.location points. On a
+  listener of its own, or with rollout state off, none of kafka's (off: no property at all);
+  the properties the server sets itself named alike in config.rs, the values schema and
+  the template that leaves them out;
 - the headless model server Service, and the processor's model.endpoints pointing at it;
 - the rollout file: the rollouts of the values, field by field (versions, weight, shadow,
   analysis bounds);
@@ -23,6 +31,7 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 """
 
 import copy
+import json
 import pathlib
 import re
 import sys
@@ -73,12 +82,128 @@ def flag_args(container: dict) -> dict:
     return out
 
 
+def flag_values(container: dict, name: str) -> list[str]:
+    """Every value of a repeatable --name=value argument, in order."""
+    prefix = f"--{name}="
+    return [a[len(prefix):] for a in container.get("args", []) if a.startswith(prefix)]
+
+
+def librdkafka_string(value) -> str:
+    """A values-file scalar as the string the chart gives librdkafka (vigil.stringMap)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# What the model server sets on its rollout Kafka clients and refuses from anyone else
+# (MANAGED_KAFKA_PROPERTIES in services/model-server/src/config.rs).
+ROLLOUT_MANAGED_PROPERTIES = {"bootstrap.servers", "group.id", "enable.auto.commit", "enable.partition.eof",
+                              "enable.idempotence", "linger.ms"}
+ROLLOUT_KAFKA_ENV_PREFIX = "MODEL_SERVER_ROLLOUT_KAFKA__"
+
+
 def numbers_equal(a, b) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(numbers_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) == float(b)
     return a == b
+
+
+def check_managed_properties_agree() -> None:
+    """The properties the server refuses are the ones the schema refuses and the template omits."""
+    source = (REPO / "services/model-server/src/config.rs").read_text()
+    match = re.search(r"MANAGED_KAFKA_PROPERTIES: \[&str; \d+\]\s*=\s*\[([^\]]*)\]", source)
+    server = set(re.findall(r'"([^"]+)"', match.group(1))) if match else set()
+    schema = json.loads((REPO / "helm/vigil/values.schema.json").read_text())
+    refused = set(schema["properties"]["modelServer"]["properties"]["rolloutState"]["properties"]["kafka"]["properties"]
+                  ["properties"].get("propertyNames", {}).get("not", {}).get("enum", []))
+    template = (REPO / "helm/vigil/templates/model-server/_files.tpl").read_text()
+    match = re.search(r'\(omit \$props ([^)]*)\)', template)
+    omitted = set(re.findall(r'"([^"]+)"', match.group(1))) if match else set()
+    for name, found in (("services/model-server/src/config.rs MANAGED_KAFKA_PROPERTIES", server),
+                        ("values.schema.json modelServer.rolloutState.kafka.properties propertyNames", refused),
+                        ("templates/model-server/_files.tpl omit", omitted)):
+        check(found == ROLLOUT_MANAGED_PROPERTIES,
+              f"the rollout Kafka properties the server sets itself: {name} has {sorted(found)}, this check {sorted(ROLLOUT_MANAGED_PROPERTIES)}")
+
+
+def check_rollout_kafka_security(values: dict, deployment: dict, container: dict) -> None:
+    """The rollout clients' librdkafka properties, SASL login and TLS files (see the module doc)."""
+    where = "model-server container"
+    rollout = values["modelServer"]["rolloutState"]["kafka"]
+    kafka = values["kafka"]
+    shared = rollout["enabled"] and not rollout["brokers"]
+    sasl = shared and kafka["sasl"]["enabled"]
+    tls_files = shared and kafka["tls"]["enabled"] and bool(kafka["tls"]["existingSecret"])
+
+    # The --rollout_kafka_property flags, each KEY=VALUE once.
+    actual: dict[str, str] = {}
+    for flag in flag_values(container, "rollout_kafka_property"):
+        key, equals, value = flag.partition("=")
+        check(bool(equals) and bool(key), f"{where}: --rollout_kafka_property={flag} is not KEY=VALUE")
+        check(key not in actual, f"{where}: --rollout_kafka_property {key} given twice")
+        actual[key] = value
+    expected: dict[str, str] = {}
+    if shared:
+        protocol = {(True, True): "SASL_SSL", (True, False): "SASL_PLAINTEXT", (False, True): "SSL"}.get(
+            (kafka["sasl"]["enabled"], kafka["tls"]["enabled"]))
+        if protocol:
+            expected["security.protocol"] = protocol
+        if kafka["sasl"]["enabled"]:
+            expected["sasl.mechanism"] = kafka["sasl"]["mechanism"]
+        if tls_files:
+            for field, prop in (("caKey", "ssl.ca.location"), ("certKey", "ssl.certificate.location"), ("keyKey", "ssl.key.location")):
+                if kafka["tls"][field]:
+                    expected[prop] = f"/etc/vigil/kafka-tls/{kafka['tls'][field]}"
+        expected.update({k: librdkafka_string(v) for k, v in kafka["properties"].items()})
+    if rollout["enabled"]:
+        expected.update({k: librdkafka_string(v) for k, v in rollout["properties"].items()})
+    expected = {k: v for k, v in expected.items() if k not in ROLLOUT_MANAGED_PROPERTIES}
+    if sasl and "security.protocol" not in kafka["properties"]:
+        # Said outright, not only through the comparison below: the login needs both.
+        check(actual.get("security.protocol") == expected["security.protocol"]
+              and actual.get("sasl.mechanism") == kafka["sasl"]["mechanism"],
+              f"{where}: rollout state on kafka.brokers with kafka.sasl, but no --rollout_kafka_property security.protocol="
+              f"{expected['security.protocol']} and sasl.mechanism={kafka['sasl']['mechanism']}")
+    check(actual == expected, f"{where}: --rollout_kafka_property flags {actual} != {expected}")
+    managed = sorted(set(actual) & ROLLOUT_MANAGED_PROPERTIES)
+    check(not managed, f"{where}: --rollout_kafka_property {managed}: the model server sets (and refuses) these itself")
+
+    # MODEL_SERVER_ROLLOUT_KAFKA__* variables: kafka.sasl's login on kafka.brokers, else only
+    # what modelServer.extraEnv names (a listener of its own).
+    env = env_of(container)
+    rendered = {n for n in env if n.startswith(ROLLOUT_KAFKA_ENV_PREFIX)}
+    extra = {e["name"] for e in values["modelServer"]["extraEnv"] if e["name"].startswith(ROLLOUT_KAFKA_ENV_PREFIX)}
+    want = set(extra)
+    if sasl:
+        for field in ("USERNAME", "PASSWORD"):
+            name = f"{ROLLOUT_KAFKA_ENV_PREFIX}SASL_{field}"
+            want.add(name)
+            ref = env.get(name, {}).get("valueFrom", {}).get("secretKeyRef", {})
+            check(ref.get("name") == kafka["sasl"]["existingSecret"] and ref.get("key") == kafka["sasl"][f"{field.lower()}Key"],
+                  f"{where}: {name} is not key {kafka['sasl'][f'{field.lower()}Key']} of Secret {kafka['sasl']['existingSecret']}")
+    check(rendered == want, f"{where}: rollout Kafka variables {sorted(rendered)} != {sorted(want)}")
+    if not rollout["enabled"]:
+        check(not rendered and not actual, f"{where}: rollout state is off but rollout Kafka properties or variables are set")
+
+    # The kafka.tls Secret mounted exactly when the rollout clients read its files.
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    tls_mount = mounts.get("/etc/vigil/kafka-tls")
+    if tls_files:
+        secret = volumes.get((tls_mount or {}).get("name"), {}).get("secret", {}).get("secretName")
+        check(secret == kafka["tls"]["existingSecret"],
+              f"{where}: rollout state on kafka.brokers with kafka.tls, but Secret {kafka['tls']['existingSecret']} is not mounted at /etc/vigil/kafka-tls")
+    else:
+        check(tls_mount is None, f"{where}: /etc/vigil/kafka-tls is mounted but the rollout clients do not use kafka.tls")
+    for key, value in actual.items():
+        if key.endswith(".location"):
+            check(any(value.startswith(path.rstrip("/") + "/") for path in mounts),
+                  f"{where}: --rollout_kafka_property {key}={value} is not in a mounted directory")
 
 
 def main() -> int:
@@ -177,7 +302,10 @@ def main() -> int:
         for flag in flags:
             check(f'long = "{flag}"' in source, f"{where}: --{flag} is not a flag in services/model-server/src/config.rs")
         for var in env_of(container):
-            if var.startswith("MODEL_SERVER_"):
+            if var.startswith(ROLLOUT_KAFKA_ENV_PREFIX):
+                check(f'ROLLOUT_KAFKA_ENV_PREFIX: &str = "{ROLLOUT_KAFKA_ENV_PREFIX}"' in source,
+                      f"{where}: {var}: services/model-server/src/config.rs reads no {ROLLOUT_KAFKA_ENV_PREFIX}<KEY> variables")
+            elif var.startswith("MODEL_SERVER_"):
                 check(f'env = "{var}"' in source, f"{where}: {var} is not read by services/model-server/src/config.rs")
         check(flags.get("enable_grpc_healthcheck_service") == "true", f"{where}: gRPC health is not enabled")
         replica = env_of(container).get("MODEL_SERVER_REPLICA_ID", {}).get("valueFrom", {}).get("fieldRef", {})
@@ -191,8 +319,11 @@ def main() -> int:
                 "rollout_events_topic": kafka["eventsTopic"],
                 "rollout_leader_group": kafka["leaderGroup"],
             }
-        actual = {k: v for k, v in flags.items() if k.startswith("rollout_") and "config_file" not in k}
+        actual = {k: v for k, v in flags.items()
+                  if k.startswith("rollout_") and "config_file" not in k and k != "rollout_kafka_property"}
         check(actual == expected, f"{where}: rollout state flags {actual} != {expected}")
+        check_rollout_kafka_security(values, deployments["model-server"], container)
+        check_managed_properties_agree()
 
         headless = [s for s in by_kind.get("Service", {}).values()
                     if component_of(s) == "model-server" and s["spec"].get("clusterIP") == "None"]

@@ -12,9 +12,18 @@ directory in place of their mount paths:
   bad values are refused by the services) and the printed config must hold what the
   environment carried (SASL credentials, the MQTT client id and credentials);
 - model-server serving the bundled models (deploy/models, the layout of the vigil-models
-  image) on a free port, without --rollout_kafka_brokers (no Kafka here; its flags are still
+  image) on a free port, without the rollout state's Kafka (no Kafka here): without
+  --rollout_kafka_brokers, --rollout_kafka_property and MODEL_SERVER_ROLLOUT_KAFKA__*
+  (the server refuses properties without brokers; the topic and group flags are still
   parsed): `vigil rollout list --json` must show the rendered rollout file's rollouts,
   owned by the file and applied by the pod-named replica; SIGTERM must end it cleanly;
+- model-server again, with rollout state in Kafka: every rendered flag and variable, the
+  brokers pointed at a closed local port and the Secret files its ssl.*.location
+  properties name written as a throwaway self-signed certificate and key (openssl): it must
+  get as far as asking the brokers for the state topic's metadata, which means the server
+  accepted the properties and librdkafka created the producer and the reader with them
+  (an unknown property, a bad value, an unreadable certificate or a mechanism the build
+  lacks stops it earlier, naming the property); it then exits on the metadata timeout;
 - device-simulator with the broker address pointed at a closed port: it must get as far as
   publishing (its arguments parsed); then it is killed.
 """
@@ -110,6 +119,73 @@ def stop(process: subprocess.Popen, seconds: float) -> int | None:
         return None
 
 
+ROLLOUT_KAFKA_ENV_PREFIX = "MODEL_SERVER_ROLLOUT_KAFKA__"
+
+
+def without_rollout_kafka(args: list[str], env: dict) -> tuple[list[str], dict, str]:
+    """The model server's args and env without the rollout state's Kafka, and what was dropped."""
+    dropped_args = [a for a in args if a.startswith(("--rollout_kafka_brokers=", "--rollout_kafka_property="))]
+    dropped_env = sorted(n for n in env if n.startswith(ROLLOUT_KAFKA_ENV_PREFIX))
+    if not dropped_args and not dropped_env:
+        return args, env, ""
+    names = sorted({a.split("=", 1)[0] for a in dropped_args})
+    note = (f"run without the rollout state's Kafka (none here; the server refuses its properties without brokers): "
+            f"dropped {len(dropped_args)} flags ({', '.join(names)}) and {len(dropped_env)} variables ({', '.join(dropped_env) or 'none'})")
+    return ([a for a in args if a not in dropped_args],
+            {k: v for k, v in env.items() if k not in dropped_env}, note)
+
+
+def stand_in_secret_files(args: list[str], pod: dict, container: dict, directory: pathlib.Path) -> list[str]:
+    """Args whose ssl.*.location properties point into a Secret mount, pointed at stand-in
+    files instead: one self-signed certificate (as CA and client certificate) and its key."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    secret_mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])
+                     if "secret" in volumes.get(m["name"], {})]
+    out = []
+    key_pem = cert_pem = None
+    for arg in args:
+        match = re.fullmatch(r"--rollout_kafka_property=(ssl\.[a-z.]+\.location)=(.*)", arg)
+        mount = next((m for m in secret_mounts if match and match.group(2).startswith(m + "/")), None)
+        if not mount:
+            out.append(arg)
+            continue
+        if key_pem is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            key_pem, cert_pem = directory / "stand-in.key", directory / "stand-in.crt"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vigil-helm-check",
+                            "-keyout", str(key_pem), "-out", str(cert_pem)], check=True, capture_output=True, timeout=60)
+        target = directory / match.group(2).removeprefix(mount + "/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(key_pem if match.group(1) == "ssl.key.location" else cert_pem, target)
+        out.append(f"--rollout_kafka_property={match.group(1)}={target}")
+    return out
+
+
+def check_rollout_kafka_clients(binary: pathlib.Path, args: list[str], env: dict, pod: dict, container: dict,
+                                work: pathlib.Path) -> None:
+    """The model server with every rendered rollout Kafka flag and variable gets as far as the
+    brokers (a closed local port): its Kafka clients were created with those properties."""
+    began = time.monotonic()
+    args = [re.sub(r"^--rollout_kafka_brokers=.*", "--rollout_kafka_brokers=127.0.0.1:1", a) for a in args]
+    args = stand_in_secret_files(args, pod, container, work / "model-server" / "secrets")
+    properties = sorted(a.split("=", 2)[1] for a in args if a.startswith("--rollout_kafka_property="))
+    variables = sorted(n for n in env if n.startswith(ROLLOUT_KAFKA_ENV_PREFIX))
+    try:
+        result = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        check(False, "model-server with the rollout Kafka flags did not stop within 90 s at a closed broker port")
+        return
+    last = (result.stderr.strip().splitlines() or [""])[-1]
+    reached = "reading the metadata of rollout state topic" in last
+    check(result.returncode != 0 and reached,
+          f"model-server: the rollout Kafka clients were not created with the rendered properties {properties} "
+          f"and variables {variables}: exit status {result.returncode}, {last[:1000]!r}")
+    if reached:
+        print(f"    model-server: rollout Kafka clients created with {len(properties)} properties ({', '.join(properties) or 'none'}) "
+              f"and {len(variables)} variables ({', '.join(variables) or 'none'}); stopped at the closed broker port as expected "
+              f"({time.monotonic() - began:.1f}s)")
+
+
 def main() -> int:
     bin_dir, rendered = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     values = yaml.safe_load(pathlib.Path(sys.argv[3]).read_text())
@@ -174,8 +250,11 @@ def main() -> int:
             mount_path = values["modelServer"]["modelSource"]["mountPath"].rstrip("/")
             config_file = models / "models.config"
             config_file.write_text(config_file.read_text().replace(f'"{mount_path}/', f'"{REPO}/deploy/models/'))
-            args = [a for a in args if not a.startswith("--rollout_kafka_brokers=")]
             args = [re.sub(r"^--(port|rest_api_port)=\d+$", r"--\1=0", a) for a in args]
+            kafka_args, kafka_env = args, env
+            args, env, dropped = without_rollout_kafka(args, env)
+            if dropped:
+                print(f"    model-server: {dropped}; checked with them below")
             process = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             output = Output(process)
             try:
@@ -217,6 +296,8 @@ def main() -> int:
                 code = stop(process, 30)
             check(code == 0, f"model-server: exit status {code} after SIGTERM")
             print(f"    model-server: stopped on SIGTERM, exit status {code} ({time.monotonic() - began:.1f}s)")
+            if any(a.startswith("--rollout_kafka_brokers=") for a in kafka_args):
+                check_rollout_kafka_clients(binary, kafka_args, kafka_env, pod, container, work)
 
         elif component == "device-simulator":
             args = [re.sub(r"^--mqtt-url=.*", "--mqtt-url=mqtt://127.0.0.1:1", a) for a in args]

@@ -185,6 +185,8 @@ OpenTelemetry SDK variables; with it empty, no OTEL_* variable is set.
 The librdkafka properties of ingest's and the stream processor's Kafka clients, as YAML (a
 map): brokers, security and TLS files from the values, then kafka.properties on top. The
 SASL username and password are not here: they come from the Secret as environment variables.
+The model server's rollout clients on kafka.brokers take them too
+(vigil.modelServer.rolloutKafkaProperties).
 */}}
 {{- define "vigil.kafka.properties" -}}
 {{- $kafka := .Values.kafka -}}

@@ -94,9 +94,6 @@ failing here says so before anything is deployed.
 {{- fail (printf "modelServer.rollouts: model %q has an analysis plan and the model server runs more than one replica, but modelServer.rolloutState.kafka is off: every replica would judge and step the canary on its own. Enable modelServer.rolloutState.kafka, or run one replica" $rollout.model) -}}
 {{- end -}}
 {{- end -}}
-{{- if and $ms.rolloutState.kafka.enabled (not $ms.rolloutState.kafka.brokers) (or $v.kafka.sasl.enabled $v.kafka.tls.enabled) -}}
-{{- fail "modelServer.rolloutState.kafka: the model server's rollout Kafka clients support neither SASL nor TLS (only --rollout_kafka_brokers), so they cannot use kafka.brokers with kafka.sasl/kafka.tls on; set modelServer.rolloutState.kafka.brokers to a plaintext listener" -}}
-{{- end -}}
 {{- if $ms.enableBatching -}}
 {{- $sizes := $ms.batching.allowedBatchSizes -}}
 {{- if $sizes -}}

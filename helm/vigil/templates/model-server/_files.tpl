@@ -49,3 +49,25 @@ num_batch_threads { value: {{ include "vigil.int" $b.numBatchThreads }} }
 allowed_batch_sizes: {{ include "vigil.int" . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The librdkafka properties of the rollout state's Kafka clients (--rollout_kafka_property), as
+YAML (a map). On kafka.brokers (rolloutState.kafka.brokers empty): the security ingest and the
+processor use (vigil.kafka.properties: security.protocol, sasl.mechanism, ssl.*.location,
+kafka.properties) without bootstrap.servers, which is --rollout_kafka_brokers; the SASL
+credentials come from the Secret as environment variables (vigil.kafka.saslEnv). On a listener
+of its own: none of those. Then rolloutState.kafka.properties on top. The properties the model
+server sets itself (services/model-server/src/config.rs, MANAGED_KAFKA_PROPERTIES) are left
+out: the server refuses them, and kafka.properties may well carry linger.ms for the others.
+The schema refuses the same list in rolloutState.kafka.properties; tests/helm/check_rendered.py
+checks the three agree.
+*/}}
+{{- define "vigil.modelServer.rolloutKafkaProperties" -}}
+{{- $rollout := .Values.modelServer.rolloutState.kafka -}}
+{{- $props := dict -}}
+{{- if not $rollout.brokers -}}
+{{- $props = fromYaml (include "vigil.kafka.properties" .) -}}
+{{- end -}}
+{{- $props = merge (fromYaml (include "vigil.stringMap" $rollout.properties)) $props -}}
+{{- toYaml (omit $props "bootstrap.servers" "group.id" "enable.auto.commit" "enable.partition.eof" "enable.idempotence" "linger.ms") -}}
+{{- end -}}
