@@ -20,7 +20,7 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     // Exactly what `cargo run --release -p vigil -- up` runs, without the live view and
     // with the model server on a free port. The fleet's readings depend only on the seed,
     // so this is the README's run.
-    let options = UpOptions { live: false, model_server_port: 0, ..UpOptions::default() };
+    let options = UpOptions { live: false, model_server_port: 0, processor_grpc_port: 0, ..UpOptions::default() };
     let (cars, seconds) = (options.cars as u64, options.duration.unwrap().as_secs());
     let summary = up(options, std::future::pending()).await.unwrap();
     println!("{}", summary.render());
@@ -127,8 +127,18 @@ fn ctrl_c_stops_the_fleet_first_then_drains_so_the_summary_reconciles() {
     let dir = tempfile::tempdir().unwrap();
     let summary_path = dir.path().join("summary.json");
     let summary_file = summary_path.to_str().unwrap();
-    let mut vigil =
-        Vigil::up(&["--duration", "0", "--cars", "10", "--model-server-port", "0", "--summary-json", summary_file]);
+    let mut vigil = Vigil::up(&[
+        "--duration",
+        "0",
+        "--cars",
+        "10",
+        "--model-server-port",
+        "0",
+        "--processor-grpc-port",
+        "0",
+        "--summary-json",
+        summary_file,
+    ]);
     vigil.wait_for(Duration::from_secs(180), "the fleet to start", |line| line.starts_with("running until Ctrl-C"));
     vigil.wait_for(Duration::from_secs(60), "readings to be scored", |line| scored(line).is_some_and(|n| n >= 50));
     vigil.interrupt();

@@ -129,7 +129,7 @@ impl Pipeline {
         let (admin, processor_admin) = loopback().await;
         let processor = spawn(|stopped| {
             tokio::spawn(async move {
-                let listeners = stream_processor::Listeners { admin: Some(admin) };
+                let listeners = stream_processor::Listeners { admin: Some(admin), grpc: None };
                 stream_processor::run(processor_config, listeners, async {
                     let _ = stopped.await;
                 })

@@ -45,9 +45,10 @@ LABEL org.opencontainers.image.title="vigil stream-processor" \
       org.opencontainers.image.description="Scores every reading on the readings topic with the model server over gRPC, in order, at least once" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=builder /out/stream-processor /usr/local/bin/stream-processor
-# /live, /ready, /metrics (`admin_listen`, default 0.0.0.0:9103). Configure with
+# /live, /ready, /metrics (`admin_listen`, default 0.0.0.0:9103); gRPC ReplayService and
+# health (`grpc_listen`, default 0.0.0.0:50062). Configure with
 # PROCESSOR_* variables (PROCESSOR_KAFKA__BOOTSTRAP_SERVERS, PROCESSOR_MODEL__ENDPOINTS),
 # --config FILE.toml or flags; `stream-processor --print-config` shows the result.
-EXPOSE 9103
+EXPOSE 9103 50062
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/stream-processor"]

@@ -31,6 +31,10 @@ struct Cli {
     /// /live, /ready, /metrics address (`admin_listen`); empty: not served.
     #[arg(long)]
     admin_listen: Option<String>,
+    /// gRPC ReplayService and health address (`grpc_listen`, default 0.0.0.0:50062); empty:
+    /// not served.
+    #[arg(long)]
+    grpc_listen: Option<String>,
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions) (`delivery`).
     #[arg(long)]
     delivery: Option<String>,
@@ -53,6 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         model_endpoints: cli.model_endpoints,
         group_id: cli.group_id,
         admin_listen: cli.admin_listen,
+        grpc_listen: cli.grpc_listen,
         delivery: cli.delivery,
     };
     let config = ProcessorConfig::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
@@ -60,17 +65,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    let admin = if config.admin_listen.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&config.admin_listen)
-            .await
-            .with_context(|| format!("binding {}", config.admin_listen))?;
-        Some(listener)
-    };
+    let admin = bind(&config.admin_listen).await?;
+    let grpc = bind(&config.grpc_listen).await?;
     let tracing = telemetry::Tracing::from_env("vigil-stream-processor")?;
-    let result = crate::run(config, crate::Listeners { admin }, admin::drain_signal()).await;
+    let result = crate::run(config, crate::Listeners { admin, grpc }, admin::drain_signal()).await;
     tracing.shutdown().await;
     result?;
     Ok(())
+}
+
+/// Binds `address`; an empty one serves nothing.
+async fn bind(address: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+    Ok(Some(listener))
 }

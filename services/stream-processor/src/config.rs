@@ -49,6 +49,11 @@ pub struct ProcessorConfig {
     pub transactional_id: String,
     /// /live, /ready, /metrics; empty: not served.
     pub admin_listen: String,
+    /// gRPC `vigil.replay.v1.ReplayService` and `grpc.health.v1`; empty: not served.
+    pub grpc_listen: String,
+    /// Readings a replay has at the model server at once. Replays share the model servers
+    /// with live scoring, so this is well below `model.concurrency_limit`.
+    pub replay_concurrency: usize,
     pub model: ModelConfig,
     /// librdkafka properties for both the consumer and the producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`).
@@ -154,6 +159,9 @@ impl Default for ProcessorConfig {
             transaction_interval_ms: 100,
             transactional_id: String::new(),
             admin_listen: "0.0.0.0:9103".into(),
+            // Next to ingest's 50061.
+            grpc_listen: "0.0.0.0:50062".into(),
+            replay_concurrency: 32,
             model: ModelConfig::default(),
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
             consumer: BTreeMap::new(),
@@ -174,6 +182,7 @@ pub struct Overrides {
     pub model_endpoints: Option<String>,
     pub group_id: Option<String>,
     pub admin_listen: Option<String>,
+    pub grpc_listen: Option<String>,
     /// `at-least-once` or `exactly-once`.
     pub delivery: Option<String>,
 }
@@ -209,6 +218,7 @@ impl ProcessorConfig {
             (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
             (&["group_id"], overrides.group_id.clone()),
             (&["admin_listen"], overrides.admin_listen.clone()),
+            (&["grpc_listen"], overrides.grpc_listen.clone()),
             (&["delivery"], overrides.delivery.clone()),
         ];
         let mut config =
@@ -224,6 +234,9 @@ impl ProcessorConfig {
         let error = |text: String| Err(ConfigError(text));
         if self.max_in_flight_per_partition == 0 {
             return error("max_in_flight_per_partition must be at least 1".into());
+        }
+        if self.replay_concurrency == 0 {
+            return error("replay_concurrency must be at least 1".into());
         }
         if self.model.concurrency_limit == 0 {
             return error("model.concurrency_limit must be at least 1".into());
@@ -315,12 +328,14 @@ timeout_ms = 300
             ]),
             &Overrides {
                 group_id: Some("from-flag".into()),
+                grpc_listen: Some("127.0.0.1:7000".into()),
                 model_endpoints: Some("http://a:1, http://b:2".into()),
                 ..Overrides::default()
             },
         )
         .unwrap();
         assert_eq!(config.group_id, "from-flag", "flag over env over file");
+        assert_eq!(config.grpc_listen, "127.0.0.1:7000");
         assert_eq!(config.output_format, OutputFormat::Json);
         assert_eq!(config.model.timeout_ms, 400, "env over file");
         assert_eq!(config.model.endpoints, ["http://a:1", "http://b:2"]);
@@ -337,6 +352,7 @@ timeout_ms = 300
         assert!(load(&[("PROCESSOR_MODEL__ENDPOINTS", "[\"ftp://x:1\"]")]).contains("ftp://x:1"));
         assert!(load(&[("PROCESSOR_CONSUMER__ENABLE_AUTO_OFFSET_STORE", "true")]).contains("enable.auto.offset.store"));
         assert!(load(&[("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", "0")]).contains("max_in_flight_per_partition"));
+        assert!(load(&[("PROCESSOR_REPLAY_CONCURRENCY", "0")]).contains("replay_concurrency"));
         assert!(load(&[("PROCESSOR_OUTPUT_FORMAT", "xml")]).contains("xml"));
         assert!(load(&[("PROCESSOR_SCORES_TOPIC", "vigil-readings")]).contains("differ"));
         assert!(load(&[("PROCESSOR_DELIVERY", "exactly-twice")]).contains("exactly-twice"));

@@ -15,7 +15,9 @@
 //!
 //! [`config`] layers defaults, file, environment and flags; [`discovery`] finds model
 //! server replicas; [`model`] calls them; [`output`] builds the records; [`pipeline`]
-//! consumes, orders, writes and commits; [`run`] wires them together.
+//! consumes, orders, writes and commits; [`replay`] re-scores a time range through a
+//! candidate model version (gRPC `ReplayService`) beside the live group, never in it;
+//! [`run`] wires them together.
 
 #![forbid(unsafe_code)]
 
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod replay;
 pub mod trace;
 pub mod transactions;
 
@@ -56,7 +59,10 @@ pub enum ProcessorError {
 /// Listeners bound by the caller (tests bind port 0); `None` serves nothing.
 #[derive(Debug, Default)]
 pub struct Listeners {
+    /// `/live`, `/ready`, `/metrics`.
     pub admin: Option<TcpListener>,
+    /// gRPC `vigil.replay.v1.ReplayService` and `grpc.health.v1`.
+    pub grpc: Option<TcpListener>,
 }
 
 /// Runs the processor until `shutdown` resolves, then drains: in-flight readings are
@@ -87,6 +93,13 @@ pub async fn run(
                 tracing::error!(%error, "admin endpoint failed");
             }
         })
+    });
+
+    // Dropped on any return, which also stops the gRPC server and cancels a running replay.
+    let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
+    let grpc_task = listeners.grpc.map(|listener| {
+        let replayer = Arc::new(replay::Replayer::new(config.clone(), metrics.clone()));
+        serve_grpc(listener, replayer, stopping_seen)
     });
 
     let model = model::ModelClient::new(&config.model, metrics.clone()).map_err(ProcessorError::Config)?;
@@ -169,6 +182,7 @@ pub async fn run(
         Ok(()) = fatal_seen.changed() => fatal_seen.borrow().clone(),
     };
     readiness.set(false);
+    let _ = stopping.send(true);
     stop.store(true, Ordering::Release);
     let _ = tokio::task::spawn_blocking(move || poll_thread.join()).await;
     let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
@@ -178,8 +192,44 @@ pub async fn run(
     if let Some(task) = admin_task {
         let _ = task.await;
     }
+    if let Some(task) = grpc_task {
+        let _ = task.await;
+    }
     match failure {
         Some(error) => Err(ProcessorError::Fatal(error)),
         None => Ok(()),
     }
+}
+
+/// Serves `ReplayService` and gRPC health on `listener` until `stopping` (health then says
+/// NOT_SERVING, and a running replay is cancelled).
+fn serve_grpc(
+    listener: TcpListener,
+    replayer: Arc<replay::Replayer>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    use proto::vigil::replay::v1::replay_service_server::ReplayServiceServer;
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "serving gRPC ReplayService");
+    }
+    tokio::spawn(async move {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ReplayServiceServer<replay::grpc::ReplayGrpc>>().await;
+        let service = replay::grpc::ReplayGrpc::new(replayer, stopping.clone());
+        let mut stopping = stopping;
+        let shutdown = async move {
+            // A closed channel (run returned) stops the server too.
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+            health.set_not_serving::<ReplayServiceServer<replay::grpc::ReplayGrpc>>().await;
+        };
+        let served = tonic::transport::Server::builder()
+            .layer(telemetry::GrpcTraceLayer::new(trace::SCOPE))
+            .add_service(health_service)
+            .add_service(ReplayServiceServer::new(service))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the gRPC server failed");
+        }
+    })
 }

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub produce_retries: IntCounter,
     /// Exactly-once mode: transactions committed or failed.
     pub transactions: IntCounterVec,
+    /// Replays run through the gRPC API, by outcome (`passed`, `failed`, `error`).
+    pub replays: IntCounterVec,
+    /// Readings replays took from the readings topic, by result (`replayed`, `failed`,
+    /// `skipped`). A replay's Predict calls are not in the `model_*` metrics, which
+    /// describe live scoring.
+    pub replay_readings: IntCounterVec,
 }
 
 impl Metrics {
@@ -102,6 +108,14 @@ impl Metrics {
                 Opts::new("processor_transactions_total", "Exactly-once mode: Kafka transactions, by outcome"),
                 &["outcome"],
             )?,
+            replays: IntCounterVec::new(
+                Opts::new("processor_replays_total", "Replays through a candidate model version, by outcome"),
+                &["outcome"],
+            )?,
+            replay_readings: IntCounterVec::new(
+                Opts::new("processor_replay_readings_total", "Readings replays re-scored, failed or skipped"),
+                &["result"],
+            )?,
         };
         registry.register(Box::new(metrics.consumed.clone()))?;
         registry.register(Box::new(metrics.scored.clone()))?;
@@ -120,6 +134,8 @@ impl Metrics {
         registry.register(Box::new(metrics.event_latency.clone()))?;
         registry.register(Box::new(metrics.produce_retries.clone()))?;
         registry.register(Box::new(metrics.transactions.clone()))?;
+        registry.register(Box::new(metrics.replays.clone()))?;
+        registry.register(Box::new(metrics.replay_readings.clone()))?;
         Ok(metrics)
     }
 }

@@ -65,6 +65,20 @@ pub enum ScoreError {
     Transient(String),
 }
 
+/// Why the served signature could not be read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SignatureError {
+    /// The model server refused GetModelMetadata (NOT_FOUND: that model or version is not
+    /// served; UNAVAILABLE: not reachable).
+    #[error("GetModelMetadata: {}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+    #[error("GetModelMetadata timed out")]
+    TimedOut,
+    /// It answered with a signature the processor cannot score with.
+    #[error("{0}")]
+    Unusable(String),
+}
+
 /// The model's inputs, in the signature's order: each a reading signal.
 #[derive(Debug, Clone)]
 pub struct ModelInputs {
@@ -267,7 +281,7 @@ impl ModelClient {
         {
             return Ok(inputs.clone());
         }
-        let fetched = Arc::new(self.fetch_inputs().await?);
+        let fetched = Arc::new(self.fetch_inputs().await.map_err(|e| ScoreError::Transient(e.to_string()))?);
         *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((fetched.clone(), Instant::now()));
         Ok(fetched)
     }
@@ -278,15 +292,24 @@ impl ModelClient {
         *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    async fn fetch_inputs(&self) -> Result<ModelInputs, ScoreError> {
-        let transient = |text: String| ScoreError::Transient(text);
+    /// Reads the signature now (not from the cache) and caches it; unlike [`Self::inputs`],
+    /// the error says whether the server refused (e.g. NOT_FOUND: the version is not
+    /// served), did not answer, or served something the processor cannot score with.
+    pub async fn signature(&self) -> Result<Arc<ModelInputs>, SignatureError> {
+        let fetched = Arc::new(self.fetch_inputs().await?);
+        *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((fetched.clone(), Instant::now()));
+        Ok(fetched)
+    }
+
+    async fn fetch_inputs(&self) -> Result<ModelInputs, SignatureError> {
+        let unusable = |text: String| SignatureError::Unusable(text);
         let mut client = self.metadata.clone();
         let request =
             GetModelMetadataRequest { model_spec: Some(self.spec()), metadata_field: vec!["signature_def".into()] };
         let response = tokio::time::timeout(self.config.timeout(), client.get_model_metadata(request))
             .await
-            .map_err(|_| transient("GetModelMetadata timed out".into()))?
-            .map_err(|status| transient(format!("GetModelMetadata: {}: {}", status.code(), status.message())))?
+            .map_err(|_| SignatureError::TimedOut)?
+            .map_err(SignatureError::Status)?
             .into_inner();
         let version = match response.model_spec.and_then(|s| s.version_choice) {
             Some(VersionChoice::Version(version)) => version,
@@ -295,18 +318,18 @@ impl ModelClient {
         let any = response
             .metadata
             .get("signature_def")
-            .ok_or_else(|| transient("no signature_def in the model's metadata".into()))?;
+            .ok_or_else(|| unusable("no signature_def in the model's metadata".into()))?;
         let signatures =
-            SignatureDefMap::decode(any.value.as_slice()).map_err(|e| transient(format!("signature_def: {e}")))?;
+            SignatureDefMap::decode(any.value.as_slice()).map_err(|e| unusable(format!("signature_def: {e}")))?;
         let signature = signatures.signature_def.get(&self.config.signature).ok_or_else(|| {
-            transient(format!(
+            unusable(format!(
                 "model {} version {version} has no signature {:?}",
                 self.config.name, self.config.signature
             ))
         })?;
         for output in [SCORE_OUTPUT, THRESHOLD_OUTPUT] {
             if !signature.outputs.contains_key(output) {
-                return Err(transient(format!(
+                return Err(unusable(format!(
                     "model {} version {version}: signature {:?} has no output {output:?} (the processor reads {SCORE_OUTPUT:?} and {THRESHOLD_OUTPUT:?})",
                     self.config.name, self.config.signature
                 )));
@@ -315,13 +338,13 @@ impl ModelClient {
         let mut inputs = Vec::new();
         for (name, info) in &signature.inputs {
             let signal = sensor::signal(name).ok_or_else(|| {
-                transient(format!(
+                unusable(format!(
                     "model {} version {version}: input {name:?} is not a reading signal",
                     self.config.name
                 ))
             })?;
             if info.dtype != DataType::DtFloat as i32 {
-                return Err(transient(format!(
+                return Err(unusable(format!(
                     "model {} version {version}: input {name:?} is not float32",
                     self.config.name
                 )));

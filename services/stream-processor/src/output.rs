@@ -55,17 +55,17 @@ fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The score record (and the anomaly record, when it is one) of a scored reading.
-pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading, scored: &Scored) -> Vec<OutRecord> {
+/// The score of a scored reading, naming the reading (device, sequence, and where it was
+/// read) and the model version that answered.
+pub fn score(source: &Source, reading: &SensorReading, scored: &Scored) -> Score {
     let now = SystemTime::now();
-    let is_anomaly = scored.score > scored.threshold;
-    let score = Score {
+    Score {
         device_id: reading.device_id.clone(),
         event_time: reading.event_time,
         sequence: reading.sequence,
         score: scored.score,
         threshold: scored.threshold,
-        is_anomaly,
+        is_anomaly: scored.score > scored.threshold,
         model_name: scored.model_name.clone(),
         model_version: scored.model_version,
         model_latency_us: micros(scored.latency),
@@ -75,32 +75,48 @@ pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading
         source_partition: source.partition,
         source_offset: source.offset,
         fault: reading.fault,
-    };
+    }
+}
+
+/// A score record's payload in `format`.
+pub fn encode_score(format: OutputFormat, score: &Score) -> Vec<u8> {
+    match format {
+        OutputFormat::Protobuf => score.encode_to_vec(),
+        OutputFormat::Json => serde_json::to_vec(&score_json(score)).unwrap_or_default(),
+    }
+}
+
+/// The headers a score's records carry besides the trace context: the model that answered.
+pub fn model_headers(scored: &Scored) -> [(String, Vec<u8>); 2] {
+    [
+        ("vigil.model.name".into(), scored.model_name.clone().into_bytes()),
+        ("vigil.model.version".into(), scored.model_version.to_string().into_bytes()),
+    ]
+}
+
+/// The score record (and the anomaly record, when it is one) of a scored reading.
+pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading, scored: &Scored) -> Vec<OutRecord> {
+    let score = score(source, reading, scored);
+    let is_anomaly = score.is_anomaly;
     let mut headers = source.headers.clone();
-    headers.push(("vigil.model.name".into(), scored.model_name.clone().into_bytes()));
-    headers.push(("vigil.model.version".into(), scored.model_version.to_string().into_bytes()));
+    headers.extend(model_headers(scored));
     let key = reading.device_id.clone().into_bytes();
-    let (score_payload, anomaly_payload) = match config.output_format {
+    let anomaly_payload = is_anomaly.then(|| match config.output_format {
         OutputFormat::Protobuf => {
-            let anomaly = is_anomaly
-                .then(|| Anomaly { score: Some(score.clone()), reading: Some(reading.clone()) }.encode_to_vec());
-            (score.encode_to_vec(), anomaly)
+            Anomaly { score: Some(score.clone()), reading: Some(reading.clone()) }.encode_to_vec()
         }
         OutputFormat::Json => {
-            let json = score_json(&score);
-            let anomaly = is_anomaly.then(|| {
-                // The reading in its canonical JSON form (always valid JSON).
-                let reading: serde_json::Value =
-                    serde_json::from_str(&sensor::json::to_json(reading)).unwrap_or(serde_json::Value::Null);
-                serde_json::to_vec(&serde_json::json!({"score": json, "reading": reading})).unwrap_or_default()
-            });
-            (serde_json::to_vec(&json).unwrap_or_default(), anomaly)
+            // The reading in its canonical JSON form (always valid JSON).
+            let reading: serde_json::Value =
+                serde_json::from_str(&sensor::json::to_json(reading)).unwrap_or(serde_json::Value::Null);
+            serde_json::to_vec(&serde_json::json!({"score": score_json(&score), "reading": reading}))
+                .unwrap_or_default()
         }
-    };
+    });
     let mut records = vec![OutRecord {
         topic: config.scores_topic.clone(),
         key: key.clone(),
-        payload: score_payload,
+        payload: encode_score(config.output_format, &score),
         headers: headers.clone(),
         kind: OutKind::Score { anomaly: is_anomaly },
     }];

@@ -9,7 +9,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -63,31 +62,6 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     assert!(on_canary > 0 && on_canary < versions.len(), "both versions scored some devices: {on_canary} of 40");
     processor.stop().await;
     server.stop().await;
-}
-
-/// A model config serving car-anomaly 1 and 2 (bundled) and 3, a copy of v1 whose scores
-/// are all raised over the threshold: a canary that flags every reading.
-fn three_versions(dir: &Path) -> String {
-    let base = dir.join("car-anomaly");
-    let copy = |from: &Path, version: &str| {
-        let status = std::process::Command::new("cp").arg("-r").arg(from).arg(base.join(version)).status().unwrap();
-        assert!(status.success());
-    };
-    std::fs::create_dir_all(&base).unwrap();
-    copy(&root().join("deploy/models/car-anomaly/1"), "1");
-    copy(&root().join("deploy/models/car-anomaly/2"), "2");
-    copy(&root().join("tests/fixtures/savedmodels/car_anomaly_flags_everything/1"), "3");
-    let config = dir.join("models.config");
-    std::fs::write(
-        &config,
-        format!(
-            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
-    format!("--model_config_file={}", config.display())
 }
 
 /// The cluster's address, for a task that outlives no borrow.

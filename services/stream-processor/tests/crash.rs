@@ -22,6 +22,7 @@ impl ProcessorProcess {
     fn start(kafka: &embedded_brokers::KafkaCluster, model: std::net::SocketAddr) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stream-processor"))
             .args(["--kafka-brokers", kafka.bootstrap_servers(), "--admin-listen", "127.0.0.1:0"])
+            .args(["--grpc-listen", "127.0.0.1:0"])
             .args(["--model-endpoints", &format!("http://{model}"), "--group-id", "crash-test"])
             .env("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", IN_FLIGHT.to_string())
             .env("PROCESSOR_CONSUMER__SESSION_TIMEOUT_MS", "6000")

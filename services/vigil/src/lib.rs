@@ -3,11 +3,14 @@
 //! fleet with injected faults in one process, each talking to the others over its real
 //! protocol on loopback; [`observe`] watches the output topics like a dashboard would,
 //! [`view`] prints the live view, [`summary`] reconciles the counts and measures detection.
-//! `vigil rollout` ([`rollout`]) steers a running model server's canary rollouts.
+//! `vigil rollout` ([`rollout`]) steers a running model server's canary rollouts; `vigil
+//! replay` ([`replay`]) re-scores history through a candidate version on a running stream
+//! processor and reports how it differs from the live model.
 
 #![forbid(unsafe_code)]
 
 pub mod observe;
+pub mod replay;
 pub mod rollout;
 pub mod summary;
 pub mod up;

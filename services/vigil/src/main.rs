@@ -1,7 +1,8 @@
 //! `vigil`: `vigil up` runs the whole fleet on embedded brokers (or external ones) and
 //! shows anomalies live; `vigil rollout ...` steers a running model server's canary
-//! rollouts; `vigil model-server|ingest|stream-processor|device-simulator ...` runs one
-//! service with that service's own flags.
+//! rollouts; `vigil replay` re-scores history through a candidate model version on a
+//! running stream processor; `vigil model-server|ingest|stream-processor|device-simulator
+//! ...` runs one service with that service's own flags.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -36,6 +37,10 @@ enum Command {
     /// Canary rollouts on a running model server: start, status, list, set-weight, promote,
     /// abort, watch.
     Rollout(vigil::rollout::RolloutArgs),
+    /// Re-score a time range of the readings topic through a candidate model version on a
+    /// running stream processor and report how it differs from the live scores (exit 0:
+    /// passed, 1: failed, 2: no report).
+    Replay(vigil::replay::ReplayArgs),
     /// The model server (TF Serving's flags; `vigil model-server --help`).
     #[command(disable_help_flag = true)]
     ModelServer(Passed),
@@ -91,6 +96,10 @@ struct UpArgs {
     /// looks by default); 0 picks a free port.
     #[arg(long, default_value_t = 8500)]
     model_server_port: u16,
+    /// The stream processor's gRPC port on 127.0.0.1 (ReplayService, where `vigil replay`
+    /// looks by default); 0 picks a free port.
+    #[arg(long, default_value_t = 50062)]
+    processor_grpc_port: u16,
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -105,6 +114,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => return up(args),
         Command::Rollout(args) => return vigil::rollout::main(args),
+        Command::Replay(args) => return vigil::replay::main(args),
         Command::ModelServer(passed) => return model_server::cli::main(pass("model-server", passed)),
         Command::Ingest(passed) => ingest::cli::main(pass("ingest", passed)),
         Command::StreamProcessor(passed) => stream_processor::cli::main(pass("stream-processor", passed)),
@@ -138,6 +148,7 @@ fn up(args: UpArgs) -> ExitCode {
         mqtt_url: args.mqtt_url,
         model_dir: args.model_dir.unwrap_or_else(vigil::up::bundled_model),
         model_server_port: args.model_server_port,
+        processor_grpc_port: args.processor_grpc_port,
         live: !args.quiet,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

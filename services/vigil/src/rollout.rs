@@ -23,6 +23,10 @@
 //!
 //! `list --json` prints `{"rollouts": [...]}`; `watch --json` prints one Rollout per line
 //! (JSON Lines), one per revision.
+//!
+//! `start --require-replay-from TIME` first replays the readings since TIME through the
+//! canary on the stream processor (`--processor`, see [`crate::replay`]) and starts the
+//! rollout only if that report passes; a failing report is printed and nothing starts.
 
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -60,7 +64,7 @@ enum RolloutCommand {
     /// Start a rollout: a share of the requests that pin no version go to the canary.
     /// Manual unless an analysis option is given, in which case the server steps the weight
     /// and promotes or rolls back on its own.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
     /// Show one model's rollout.
     Status { model: String },
     /// List every model's rollout, finished ones included.
@@ -113,6 +117,17 @@ struct StartArgs {
     analysis: bool,
     #[command(flatten)]
     plan: PlanArgs,
+    /// First replay the readings since TIME (RFC 3339, or -1h style) through the canary on
+    /// the stream processor (`vigil replay`, default bounds), and start only if the report
+    /// passes.
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    require_replay_from: Option<String>,
+    /// The stream processor that runs the replay.
+    #[arg(long, env = "VIGIL_PROCESSOR", default_value = crate::replay::DEFAULT_PROCESSOR, value_name = "URL")]
+    processor: String,
+    /// Where the replay's scores go [vigil-replay-v<canary>-<unix time>].
+    #[arg(long, value_name = "TOPIC")]
+    replay_output_topic: Option<String>,
 }
 
 /// The analysis options; unset ones are sent as zero, which the server reads as its
@@ -187,6 +202,10 @@ enum Failure {
     Unreachable { server: String, why: String },
     /// The server answered with an error.
     Refused(tonic::Status),
+    /// `--require-replay-from`: the replay gave no report.
+    Replay(crate::replay::Failure),
+    /// `--require-replay-from`: the replay's report failed.
+    ReplayRejected { canary: i64, reasons: Vec<String> },
 }
 
 impl std::fmt::Display for Failure {
@@ -198,6 +217,10 @@ impl std::fmt::Display for Failure {
                 "cannot reach the model server at {server} ({why}); pass --server URL or set VIGIL_MODEL_SERVER"
             ),
             Self::Refused(status) => write!(f, "{}: {}", code_name(status.code()), status.message()),
+            Self::Replay(failure) => write!(f, "the replay the rollout requires: {failure}"),
+            Self::ReplayRejected { canary, reasons } => {
+                write!(f, "the rollout was not started: the replay of version {canary} failed ({})", reasons.join("; "))
+            }
         }
     }
 }
@@ -210,7 +233,7 @@ impl From<tonic::Status> for Failure {
 
 /// The gRPC code's canonical name in words ("invalid argument"), which operators search
 /// docs and dashboards by; tonic's own descriptions are sentences.
-fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "ok",
@@ -256,6 +279,9 @@ async fn run(args: RolloutArgs) -> Result<(), Failure> {
     let json = args.json;
     let rollout = match args.command {
         RolloutCommand::Start(start) => {
+            if let Some(from) = &start.require_replay_from {
+                require_replay(&start, from, json).await?;
+            }
             let analysis = (start.analysis || start.plan.given()).then(|| start.plan.to_proto());
             let spec = pb::RolloutSpec {
                 model: start.model,
@@ -298,6 +324,46 @@ async fn run(args: RolloutArgs) -> Result<(), Failure> {
         print!("{}", render(&rollout, now_ms()));
     }
     Ok(())
+}
+
+/// Replays the readings since `from` through the canary and fails unless the report
+/// passes. The report goes to stdout when it fails (as `vigil replay` prints it, or as
+/// JSON), else one line to stderr, so stdout still holds only the rollout.
+async fn require_replay(start: &StartArgs, from: &str, json: bool) -> Result<(), Failure> {
+    use crate::replay;
+    let now = SystemTime::now();
+    let from = replay::parse_time("--require-replay-from", from, now).map_err(Failure::Replay)?;
+    let to = replay::parse_time("--to", "now", now).map_err(Failure::Replay)?;
+    let request = proto::vigil::replay::v1::ReplayRequest {
+        from: Some(from),
+        to: Some(to),
+        model: start.model.clone(),
+        candidate_version: start.canary,
+        output_topic: start
+            .replay_output_topic
+            .clone()
+            .unwrap_or_else(|| replay::default_output_topic(start.canary, now)),
+        bounds: None,
+    };
+    let report = replay::replay(&start.processor, request).await.map_err(Failure::Replay)?;
+    if report.passed {
+        eprintln!(
+            "replay passed: version {} on {} readings ({} compared), agreement {:.4}, anomaly rate {:.4} against live {:.4}",
+            report.candidate_version,
+            report.replayed,
+            report.compared,
+            report.agreement,
+            report.candidate_anomaly_rate,
+            report.live_anomaly_rate
+        );
+        return Ok(());
+    }
+    if json {
+        println!("{}", pretty(&replay::report_json(&report)));
+    } else {
+        print!("{}", replay::render(&report, &from, &to));
+    }
+    Err(Failure::ReplayRejected { canary: start.canary, reasons: report.reasons })
 }
 
 async fn connect(server: &str) -> Result<RolloutServiceClient<Channel>, Failure> {
@@ -503,7 +569,7 @@ fn now_ms() -> i64 {
 }
 
 /// The error and its causes, each once (tonic's transport errors say little at the top).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = vec![error.to_string()];
     let mut source = error.source();
     while let Some(cause) = source {

@@ -56,6 +56,8 @@ pub struct UpOptions {
     pub model_dir: PathBuf,
     /// The model server's gRPC port on 127.0.0.1; 0 picks a free one.
     pub model_server_port: u16,
+    /// The stream processor's gRPC port (ReplayService) on 127.0.0.1; 0 picks a free one.
+    pub processor_grpc_port: u16,
     /// Print the live view (progress each second, anomalies as they come).
     pub live: bool,
 }
@@ -74,6 +76,8 @@ impl Default for UpOptions {
             model_dir: bundled_model(),
             // TF Serving's, where `vigil rollout` looks by default.
             model_server_port: 8500,
+            // The processor's own default, where `vigil replay` looks.
+            processor_grpc_port: 50062,
             live: true,
         }
     }
@@ -153,6 +157,12 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         format!(
             "binding the model server's gRPC port 127.0.0.1:{} (pass --model-server-port 0 for a free port, or another port)",
             options.model_server_port
+        )
+    })?;
+    let processor_grpc = TcpListener::bind(("127.0.0.1", options.processor_grpc_port)).await.with_context(|| {
+        format!(
+            "binding the stream processor's gRPC port 127.0.0.1:{} (pass --processor-grpc-port 0 for a free port, or another port)",
+            options.processor_grpc_port
         )
     })?;
 
@@ -262,8 +272,9 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     processor_config.model.name = MODEL_NAME.into();
     let processor_admin = loopback().await?;
     let processor_metrics = format!("http://{}", address(&processor_admin)?);
+    let processor_grpc_address = address(&processor_grpc)?;
     let processor = Running::spawn("stream processor", |stopped| {
-        let listeners = stream_processor::Listeners { admin: Some(processor_admin) };
+        let listeners = stream_processor::Listeners { admin: Some(processor_admin), grpc: Some(processor_grpc) };
         stream_processor::run(processor_config, listeners, until(stopped))
     });
 
@@ -291,8 +302,15 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         ingest::run(ingest_config, ingest::Listeners { grpc: None, admin: Some(ingest_admin) }, until(stopped))
     });
     say(format!(
-        "ingest:       metrics {ingest_metrics}/metrics; stream processor: metrics {processor_metrics}/metrics"
+        "ingest:       metrics {ingest_metrics}/metrics; stream processor: metrics {processor_metrics}/metrics, \
+         gRPC {processor_grpc_address} (replays)"
     ));
+    if let [.., older, _] = versions_on_disk(&options.model_dir)[..] {
+        say(format!(
+            "              try, after a minute: vigil replay --processor http://{processor_grpc_address} --from -1m \
+             --version {older} --output-topic vigil-replay-v{older}"
+        ));
+    }
 
     // Wait until the pipeline is there: ingest subscribed, the processor owning the
     // readings' partitions (so its group starts at the first reading).

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -126,6 +126,32 @@ impl ModelServer {
     }
 }
 
+/// A model config serving car-anomaly 1 and 2 (bundled) and 3, a copy of v1 whose scores
+/// are all raised over the threshold (tests/fixtures/savedmodels/car_anomaly_flags_everything):
+/// a candidate that flags every reading. Returns the model server's flag.
+pub fn three_versions(dir: &Path) -> String {
+    let base = dir.join("car-anomaly");
+    let copy = |from: &Path, version: &str| {
+        let status = std::process::Command::new("cp").arg("-r").arg(from).arg(base.join(version)).status().unwrap();
+        assert!(status.success());
+    };
+    std::fs::create_dir_all(&base).unwrap();
+    copy(&root().join("deploy/models/car-anomaly/1"), "1");
+    copy(&root().join("deploy/models/car-anomaly/2"), "2");
+    copy(&root().join("tests/fixtures/savedmodels/car_anomaly_flags_everything/1"), "3");
+    let config = dir.join("models.config");
+    std::fs::write(
+        &config,
+        format!(
+            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
+               model_version_policy {{ all {{}} }} }} }}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    format!("--model_config_file={}", config.display())
+}
+
 /// A simulated fleet's readings, `per_car` from each of `cars` cars, in time order.
 pub fn fleet_readings(cars: usize, per_car: usize, seed: u64) -> Vec<SensorReading> {
     let options = FleetOptions { cars, seed, fault_share: 0.3, onset_window_s: (5.0, 60.0), ..Default::default() };
@@ -140,6 +166,22 @@ pub async fn produce_readings(kafka: &impl Kafka, readings: &[SensorReading]) {
     for reading in readings {
         let payload = reading.encode_to_vec();
         let record = FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Writes readings as [`produce_readings`] does, each with the given Kafka timestamp
+/// (milliseconds since the epoch), in order.
+pub async fn produce_readings_at(kafka: &impl Kafka, readings: &[(SensorReading, i64)]) {
+    let producer = producer(kafka);
+    let mut deliveries = Vec::new();
+    for (reading, timestamp) in readings {
+        let payload = reading.encode_to_vec();
+        let record =
+            FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload).timestamp(*timestamp);
         deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
     }
     for delivery in deliveries {
@@ -205,6 +247,8 @@ pub fn sequences_by_device(records: &[ReadRecord]) -> BTreeMap<String, Vec<u64>>
 /// The processor, in this process.
 pub struct Processor {
     pub admin: String,
+    /// Its gRPC ReplayService, `http://127.0.0.1:port`.
+    pub grpc: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), stream_processor::ProcessorError>>,
 }
@@ -214,12 +258,14 @@ impl Processor {
     pub async fn start(config: ProcessorConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = format!("http://{}", listener.local_addr().unwrap());
+        let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = stream_processor::Listeners { admin: Some(listener) };
+        let listeners = stream_processor::Listeners { admin: Some(listener), grpc: Some(grpc_listener) };
         let task = tokio::spawn(stream_processor::run(config, listeners, async {
             let _ = stopped.await;
         }));
-        let processor = Self { admin, stop: Some(stop), task };
+        let processor = Self { admin, grpc, stop: Some(stop), task };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !processor.ready().await {
             assert!(Instant::now() < deadline, "the processor was not ready within 30 s");
@@ -250,6 +296,43 @@ impl Processor {
             .unwrap()
             .unwrap();
     }
+}
+
+/// Each partition's end (high watermark) of `topic`.
+pub fn high_watermarks(kafka: &impl Kafka, topic: &str) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka.servers())
+        .set("group.id", "watermarks")
+        .create()
+        .unwrap();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap().1))
+        .collect()
+}
+
+/// The offsets `group` has committed for `topic`'s partitions `0..partitions` (absent:
+/// none committed), asked of the group coordinator without joining the group.
+pub fn committed(kafka: &impl Kafka, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.servers()).set("group.id", group).create().unwrap();
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
+            _ => None,
+        })
+        .collect()
 }
 
 pub async fn metric(admin: &str, name: &str) -> f64 {

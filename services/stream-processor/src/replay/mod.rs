@@ -1,0 +1,625 @@
+//! Replay: re-scores a time range of the readings topic through a candidate model version,
+//! into a topic of its own, and reports how the candidate differs from what the live model
+//! wrote to the scores topic for the same readings. The offline step before a canary
+//! (`vigil replay`, and the gRPC `vigil.replay.v1.ReplayService` in [`grpc`]).
+//!
+//! ```text
+//!  readings topic ──range::scan [from, to)──▶ candidate: a ModelClient pinned to the
+//!   (assigned, no group, no commits)           version (retries, balancing), at most
+//!                                              replay_concurrency readings at once
+//!                                                │ one Score per reading (keyed by device,
+//!                                                ▼ source topic/partition/offset set)
+//!                                              output topic
+//!  scores topic ──range::scan from `from` - CLOCK_SKEW, until every live score is found
+//!                 ──▶ join by (topic, partition, offset) ──▶ report::report (the verdict)
+//! ```
+//!
+//! Isolation: the live processor's consumer group is never joined (partitions are
+//! assigned, not subscribed, so no rebalance), and nothing is committed (the replay's
+//! consumer has a group id of its own, which librdkafka needs, and never commits under
+//! it). The candidate's Predict calls pin its version, so they never count in a rollout's
+//! split. What a replay shares with live scoring is capacity: the model servers (hence
+//! `replay_concurrency`, and one replay at a time per processor) and Kafka's fetch
+//! bandwidth.
+
+pub mod grpc;
+pub mod range;
+pub mod report;
+pub mod request;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use prost::Message as _;
+use proto::vigil::replay::v1::{ReplayReport, ReplayRequest};
+use proto::vigil::scoring::v1::Score;
+use rdkafka::consumer::Consumer as _;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Message as _, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use sensor::SensorReading;
+use tokio::sync::{Semaphore, mpsc};
+
+use self::range::{RangeError, Take};
+use self::report::{Pair, Tally};
+use self::request::{Invalid, Plan};
+use crate::config::{OutputFormat, ProcessorConfig};
+use crate::metrics::Metrics;
+use crate::model::{ModelClient, ScoreError, SignatureError};
+use crate::output::{self, OutKind, OutRecord, Source};
+
+/// How much earlier than a reading's Kafka timestamp its live score's may be (clocks of
+/// the hosts writing readings and scores disagreeing): the live scores are read from
+/// `from` minus this.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// Tries per reading when the model server fails transiently (each a call through the
+/// client's own retries); after them the reading counts as failed.
+const ATTEMPTS: u32 = 4;
+
+/// Output records handed to the producer and not yet confirmed, at most.
+const MAX_UNCONFIRMED: usize = 10_000;
+
+/// How long the candidate's output records may wait for Kafka (the live path waits
+/// forever, because its offsets wait for them; a replay reports the failure instead).
+const OUTPUT_TIMEOUT_MS: &str = "60000";
+
+/// Why a replay did not produce a report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The model server does not serve the candidate (or serves one the processor cannot
+    /// score with).
+    #[error("{0}")]
+    NotServed(String),
+    #[error("a replay is already running on this processor (one at a time); try again once it is done")]
+    Busy,
+    #[error("model server: {0}")]
+    ModelServer(String),
+    #[error("{0}")]
+    Kafka(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The one mapping of replay errors to gRPC codes.
+impl From<ReplayError> for tonic::Status {
+    fn from(error: ReplayError) -> Self {
+        let message = error.to_string();
+        match error {
+            ReplayError::Invalid(_) => tonic::Status::invalid_argument(message),
+            ReplayError::NotServed(_) => tonic::Status::failed_precondition(message),
+            ReplayError::Busy => tonic::Status::resource_exhausted(message),
+            ReplayError::ModelServer(_) | ReplayError::Kafka(_) => tonic::Status::unavailable(message),
+            ReplayError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}
+
+impl From<RangeError> for ReplayError {
+    fn from(error: RangeError) -> Self {
+        match error {
+            RangeError::Kafka(_) | RangeError::NoTopic(_) | RangeError::Stalled { .. } => {
+                ReplayError::Kafka(error.to_string())
+            }
+            RangeError::Cancelled => ReplayError::Internal("the replay was cancelled".into()),
+        }
+    }
+}
+
+impl From<KafkaError> for ReplayError {
+    fn from(error: KafkaError) -> Self {
+        ReplayError::Kafka(format!("kafka: {error}"))
+    }
+}
+
+/// Runs replays for the processor, one at a time.
+pub struct Replayer {
+    config: Arc<ProcessorConfig>,
+    metrics: Metrics,
+    running: Semaphore,
+}
+
+impl Replayer {
+    pub fn new(config: Arc<ProcessorConfig>, metrics: Metrics) -> Self {
+        Self { config, metrics, running: Semaphore::new(1) }
+    }
+
+    /// Runs one replay to its end; refused while another runs. Dropping the future stops it.
+    pub async fn replay(&self, request: &ReplayRequest) -> Result<ReplayReport, ReplayError> {
+        let result = match self.running.try_acquire() {
+            Ok(_running) => self.checked(request).await,
+            Err(_) => Err(ReplayError::Busy),
+        };
+        let outcome = match &result {
+            Ok(report) if report.passed => "passed",
+            Ok(_) => "failed",
+            Err(_) => "error",
+        };
+        self.metrics.replays.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn checked(&self, request: &ReplayRequest) -> Result<ReplayReport, ReplayError> {
+        let plan = request::check(&self.config, request)?;
+        let started = Instant::now();
+        tracing::info!(
+            model = %plan.model,
+            version = plan.version,
+            output_topic = %plan.output_topic,
+            from_ms = plan.from_ms,
+            to_ms = plan.to_ms,
+            "replay started"
+        );
+        match run(self.config.clone(), &plan, &self.metrics).await {
+            Ok(report) => {
+                tracing::info!(
+                    model = %plan.model,
+                    version = plan.version,
+                    replayed = report.replayed,
+                    compared = report.compared,
+                    failed = report.failed,
+                    passed = report.passed,
+                    reasons = ?report.reasons,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "replay finished"
+                );
+                Ok(report)
+            }
+            Err(error @ ReplayError::NotServed(_)) => {
+                tracing::info!(model = %plan.model, version = plan.version, %error, "replay refused");
+                Err(error)
+            }
+            Err(error) => {
+                tracing::warn!(model = %plan.model, version = plan.version, %error, "replay failed");
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Set when the replay's future is dropped, so its blocking reads stop too.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `work` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ReplayError> + Send + 'static,
+) -> Result<T, ReplayError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| ReplayError::Internal(format!("a replay task failed: {e}")))?
+}
+
+/// A reading's candidate score, or why there is none.
+enum Outcome {
+    Scored {
+        partition: i32,
+        offset: i64,
+        record: OutRecord,
+        score: f32,
+        anomaly: bool,
+    },
+    Failed(String),
+    /// Not a valid reading.
+    Skipped,
+}
+
+async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Result<ReplayReport, ReplayError> {
+    let model = candidate(&config, plan).await?;
+    let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+    let group = replay_group_id(&config);
+
+    // Where the range is in each partition, and the output topic's partition count.
+    let (consumer, spans, output_partitions) = {
+        let (config, group, output, from) = (config.clone(), group.clone(), plan.output_topic.clone(), plan.from_ms);
+        blocking(move || {
+            let consumer = range::consumer(&config, &group)?;
+            let readings = &config.readings_topic;
+            let spans = range::spans(&consumer, readings, from)?;
+            let output = partition_count(&consumer, &output)?;
+            Ok((consumer, spans, output))
+        })
+        .await?
+    };
+    if output_partitions == 0 {
+        // In the background: the first records wait in the producer until the topic is
+        // there, and a cluster that cannot create topics this way (the mock cluster answers
+        // no CreateTopics) should not hold the replay up.
+        let (config, topic, partitions) = (config.clone(), plan.output_topic.clone(), spans.len());
+        tokio::spawn(async move { create_topic(&config, &topic, partitions).await });
+    }
+    let producer = producer(&config)?;
+
+    // The reader: the range's readings, in each partition's order, to the scorers.
+    let (sender, mut receiver) = mpsc::channel::<OwnedMessage>(config.replay_concurrency);
+    let reader = {
+        let (readings, cancel, from, to) = (config.readings_topic.clone(), cancel.0.clone(), plan.from_ms, plan.to_ms);
+        tokio::task::spawn_blocking(move || {
+            range::scan(&consumer, &readings, &spans, &cancel, |message| {
+                let Some(timestamp) = message.timestamp().to_millis() else { return Take::Next };
+                if timestamp >= to {
+                    return Take::PartitionDone;
+                }
+                if timestamp < from {
+                    return Take::Next;
+                }
+                match sender.blocking_send(message.detach()) {
+                    Ok(()) => Take::Next,
+                    Err(_) => Take::Stop, // the replay is gone
+                }
+            })
+        })
+    };
+
+    // The scorers, then the writer (in the order the reader read).
+    let mut tally = Tally::default();
+    let mut scored: HashMap<(i32, i64), (f32, bool)> = HashMap::new();
+    let mut deliveries = FuturesUnordered::new();
+    let mut first_failure = None;
+    let messages = futures::stream::poll_fn(|cx| receiver.poll_recv(cx));
+    let mut outcomes =
+        messages.map(|message| score(&model, &config, plan, message)).buffered(config.replay_concurrency);
+    while let Some(outcome) = outcomes.next().await {
+        match outcome {
+            Outcome::Scored { partition, offset, record, score, anomaly } => {
+                deliveries.push(send(&producer, &record).await?);
+                while deliveries.len() >= MAX_UNCONFIRMED {
+                    confirmed(deliveries.next().await, &plan.output_topic)?;
+                }
+                scored.insert((partition, offset), (score, anomaly));
+                tally.replayed += 1;
+                metrics.replay_readings.with_label_values(&["replayed"]).inc();
+            }
+            Outcome::Failed(error) => {
+                tally.failed += 1;
+                metrics.replay_readings.with_label_values(&["failed"]).inc();
+                if first_failure.is_none() {
+                    tracing::warn!(model = %plan.model, version = plan.version, %error, "the candidate could not score a reading (counted as failed)");
+                    first_failure = Some(error);
+                }
+            }
+            Outcome::Skipped => {
+                tally.skipped += 1;
+                metrics.replay_readings.with_label_values(&["skipped"]).inc();
+            }
+        }
+    }
+    drop(outcomes);
+    reader.await.map_err(|e| ReplayError::Internal(format!("the replay's reader failed: {e}")))??;
+    while let Some(delivery) = deliveries.next().await {
+        confirmed(Some(delivery), &plan.output_topic)?;
+    }
+
+    // The live scores of the same readings.
+    if !scored.is_empty() {
+        let wanted: HashSet<(i32, i64)> = scored.keys().copied().collect();
+        let (config, cancel, from) = (config.clone(), cancel.0.clone(), plan.from_ms);
+        let live = blocking(move || live_scores(&config, &group, from, wanted, &cancel)).await?;
+        let mut keys: Vec<&(i32, i64)> = scored.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            if let (Some(&(candidate, candidate_anomaly)), Some(live)) = (scored.get(key), live.get(key)) {
+                tally.pairs.push(Pair {
+                    candidate,
+                    candidate_anomaly,
+                    live: live.score,
+                    live_anomaly: live.is_anomaly,
+                    live_version: live.model_version,
+                });
+            }
+        }
+    }
+    Ok(report::report(plan, &tally))
+}
+
+/// The candidate's client: the processor's model client settings, pinned to the version,
+/// after checking the model server serves it. Its calls stay out of the processor's
+/// `processor_model_*` metrics, which describe live scoring.
+async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient, ReplayError> {
+    let mut model_config = config.model.clone();
+    model_config.name.clone_from(&plan.model);
+    model_config.version = Some(plan.version);
+    model_config.version_label = None;
+    model_config.concurrency_limit = config.replay_concurrency;
+    let unseen = Metrics::new(&prometheus::Registry::new()).map_err(|e| ReplayError::Internal(e.to_string()))?;
+    let client = ModelClient::new(&model_config, unseen).map_err(ReplayError::Internal)?;
+    let what = format!("model {} version {}", plan.model, plan.version);
+    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let error = match client.signature().await {
+            Ok(inputs) if inputs.version == plan.version || inputs.version == 0 => return Ok(client),
+            Ok(inputs) => {
+                return Err(ReplayError::NotServed(format!(
+                    "{what}: the model server answered for version {} instead",
+                    inputs.version
+                )));
+            }
+            Err(SignatureError::Status(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
+                return Err(ReplayError::NotServed(format!(
+                    "{what} is not served by the model server: {}",
+                    status.message()
+                )));
+            }
+            Err(SignatureError::Unusable(why)) => {
+                return Err(ReplayError::NotServed(format!("the processor cannot score with {what}: {why}")));
+            }
+            Err(error) => error,
+        };
+        if tries >= ATTEMPTS {
+            return Err(ReplayError::ModelServer(format!("reading {what}'s signature: {error}")));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+    }
+}
+
+/// A group id no other consumer has, prefixed by the live one (Kafka ACLs often grant
+/// groups by prefix). Nothing is ever committed under it.
+fn replay_group_id(config: &ProcessorConfig) -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-replay-{}-{nanos}", config.group_id, std::process::id())
+}
+
+/// Partitions of `topic`; 0 when it does not exist.
+fn partition_count(consumer: &range::RangeConsumer, topic: &str) -> Result<usize, ReplayError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
+}
+
+/// Creates the output topic with the readings topic's partition count and the broker's
+/// default replication. A failure is only logged: the producer may still create it
+/// (auto-creation), and if not, its deliveries fail naming the topic.
+async fn create_topic(config: &ProcessorConfig, topic: &str, partitions: usize) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let client = crate::pipeline::client_config(&[], &config.kafka, &config.producer);
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = match client.create() {
+        Ok(admin) => admin,
+        Err(error) => {
+            tracing::warn!(topic, %error, "creating the replay's output topic");
+            return;
+        }
+    };
+    let new = NewTopic::new(topic, partitions.max(1) as i32, TopicReplication::Fixed(-1));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    match admin.create_topics([&new], &options).await.map(|results| results.into_iter().next()) {
+        Ok(Some(Ok(_))) => tracing::info!(topic, partitions, "created the replay's output topic"),
+        Ok(Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists)))) | Ok(None) => {}
+        Ok(Some(Err((_, code)))) => tracing::warn!(topic, %code, "creating the replay's output topic"),
+        Err(error) => tracing::warn!(topic, %error, "creating the replay's output topic"),
+    }
+}
+
+fn producer(config: &ProcessorConfig) -> Result<FutureProducer, ReplayError> {
+    let mut client =
+        crate::pipeline::client_config(crate::pipeline::PRODUCER_DEFAULTS, &config.kafka, &config.producer);
+    client.set("message.timeout.ms", OUTPUT_TIMEOUT_MS).set("client.id", "vigil-stream-processor-replay");
+    Ok(client.create()?)
+}
+
+/// Scores one record of the range with the candidate.
+async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, message: OwnedMessage) -> Outcome {
+    let Ok(reading) = SensorReading::decode(message.payload().unwrap_or_default()) else { return Outcome::Skipped };
+    if sensor::validate(&reading).is_err() {
+        return Outcome::Skipped;
+    }
+    let source = Source {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        // A replayed score has no pipeline latency (its pipeline_latency_us is 0): the
+        // reading's age says nothing about the candidate.
+        timestamp: None,
+        headers: Vec::new(),
+    };
+    // No trace of its own: a replay is not a reading's journey.
+    let trace = telemetry::Context::new();
+    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let (mut tries, mut rejected_before) = (0, false);
+    let scored = loop {
+        tries += 1;
+        match model.score(&reading, &trace).await {
+            Ok(scored) if scored.model_version == plan.version => break scored,
+            Ok(scored) => {
+                return Outcome::Failed(format!(
+                    "version {} answered instead of the candidate {}",
+                    scored.model_version, plan.version
+                ));
+            }
+            // The first refusal may come from a signature that changed (the client reads
+            // it again); a second one is about the reading.
+            Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+            Err(ScoreError::Rejected(error)) => return Outcome::Failed(error),
+            Err(ScoreError::Transient(error)) if tries >= ATTEMPTS => return Outcome::Failed(error),
+            Err(ScoreError::Transient(_)) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+            }
+        }
+    };
+    let score = output::score(&source, &reading, &scored);
+    let record = OutRecord {
+        topic: plan.output_topic.clone(),
+        key: reading.device_id.clone().into_bytes(),
+        payload: output::encode_score(config.output_format, &score),
+        headers: output::model_headers(&scored).into(),
+        kind: OutKind::Score { anomaly: score.is_anomaly },
+    };
+    Outcome::Scored {
+        partition: source.partition,
+        offset: source.offset,
+        record,
+        score: score.score,
+        anomaly: score.is_anomaly,
+    }
+}
+
+/// Hands a record to the producer, waiting while its queue is full.
+async fn send(producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture, ReplayError> {
+    loop {
+        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(rdkafka::message::Header { key, value: Some(value.as_slice()) });
+        }
+        let future = FutureRecord::to(&record.topic)
+            .key(record.key.as_slice())
+            .payload(record.payload.as_slice())
+            .headers(headers);
+        match producer.send_result(future) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => return Err(ReplayError::Kafka(format!("writing to {}: {error}", record.topic))),
+        }
+    }
+}
+
+/// Whether Kafka took a record (`None`: nothing was waited for).
+fn confirmed(delivery: Option<<DeliveryFuture as Future>::Output>, topic: &str) -> Result<(), ReplayError> {
+    match delivery {
+        None | Some(Ok(Ok(_))) => Ok(()),
+        Some(Ok(Err((error, _)))) => Err(ReplayError::Kafka(format!("writing to {topic}: {error}"))),
+        Some(Err(_)) => Err(ReplayError::Kafka(format!("writing to {topic}: the producer went away"))),
+    }
+}
+
+/// The live score records of the `wanted` readings (partition, offset of the readings
+/// topic), read from the scores topic until each is found or the topic's end (as it was
+/// when the read began) is reached. Repeats (at-least-once) keep the first.
+fn live_scores(
+    config: &ProcessorConfig,
+    group: &str,
+    from_ms: i64,
+    wanted: HashSet<(i32, i64)>,
+    cancel: &AtomicBool,
+) -> Result<HashMap<(i32, i64), Score>, ReplayError> {
+    let consumer = range::consumer(config, group)?;
+    let skew = CLOCK_SKEW.as_millis() as i64;
+    let spans = range::spans(&consumer, &config.scores_topic, from_ms.saturating_sub(skew))?;
+    let mut found = HashMap::new();
+    range::scan(&consumer, &config.scores_topic, &spans, cancel, |message| {
+        let Some(score) = decode_score(message.payload().unwrap_or_default(), config.output_format) else {
+            return Take::Next;
+        };
+        let key = (score.source_partition, score.source_offset);
+        if score.source_topic == config.readings_topic && wanted.contains(&key) {
+            found.entry(key).or_insert(score);
+            if found.len() == wanted.len() {
+                return Take::Stop;
+            }
+        }
+        Take::Next
+    })?;
+    Ok(found)
+}
+
+/// A score record in either output format (the configured one first: the topic may hold
+/// both if the format was changed).
+pub fn decode_score(payload: &[u8], format: OutputFormat) -> Option<Score> {
+    let protobuf = || Score::decode(payload).ok().filter(|s| !s.source_topic.is_empty());
+    match format {
+        OutputFormat::Protobuf => protobuf().or_else(|| score_from_json(payload)),
+        OutputFormat::Json => score_from_json(payload).or_else(protobuf),
+    }
+}
+
+/// The fields a replay joins and compares on, from a score written as JSON.
+fn score_from_json(payload: &[u8]) -> Option<Score> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    Some(Score {
+        score: value["score"].as_f64()? as f32,
+        is_anomaly: value["is_anomaly"].as_bool()?,
+        model_version: value["model_version"].as_i64()?,
+        source_topic: value["source_topic"].as_str()?.to_owned(),
+        source_partition: i32::try_from(value["source_partition"].as_i64()?).ok()?,
+        source_offset: value["source_offset"].as_i64()?,
+        ..Score::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_scores_are_read_in_either_output_format() {
+        let score = Score {
+            device_id: "car-1".into(),
+            score: 1.5,
+            threshold: 1.2,
+            is_anomaly: true,
+            model_version: 2,
+            source_topic: "vigil-readings".into(),
+            source_partition: 3,
+            source_offset: 41,
+            ..Score::default()
+        };
+        for format in [OutputFormat::Protobuf, OutputFormat::Json] {
+            let payload = output::encode_score(format, &score);
+            for reading_as in [OutputFormat::Protobuf, OutputFormat::Json] {
+                let read = decode_score(&payload, reading_as).unwrap();
+                assert_eq!(
+                    (read.score, read.is_anomaly, read.model_version, read.source_topic.as_str()),
+                    (1.5, true, 2, "vigil-readings"),
+                    "{format:?} read as {reading_as:?}"
+                );
+                assert_eq!((read.source_partition, read.source_offset), (3, 41));
+            }
+        }
+        assert_eq!(decode_score(b"not a score", OutputFormat::Protobuf), None);
+    }
+
+    #[test]
+    fn errors_map_to_the_codes_the_api_promises() {
+        let code = |error: ReplayError| tonic::Status::from(error).code();
+        let invalid = Invalid { field: "output_topic", message: "missing".into() };
+        assert_eq!(code(ReplayError::Invalid(invalid.clone())), tonic::Code::InvalidArgument);
+        assert_eq!(tonic::Status::from(ReplayError::Invalid(invalid)).message(), "output_topic: missing");
+        assert_eq!(code(ReplayError::NotServed("x".into())), tonic::Code::FailedPrecondition);
+        assert_eq!(code(ReplayError::Busy), tonic::Code::ResourceExhausted);
+        assert_eq!(code(ReplayError::Kafka("x".into())), tonic::Code::Unavailable);
+        assert_eq!(code(ReplayError::ModelServer("x".into())), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_second_replay_is_refused_while_one_runs() {
+        let replayer =
+            Replayer::new(Arc::new(ProcessorConfig::default()), Metrics::new(&prometheus::Registry::new()).unwrap());
+        let running = replayer.running.try_acquire().unwrap();
+        let request = ReplayRequest::default();
+        let error = replayer.replay(&request).await.unwrap_err();
+        assert!(matches!(error, ReplayError::Busy), "{error}");
+        drop(running);
+        // Free again: this one gets as far as checking the request.
+        let error = replayer.replay(&request).await.unwrap_err();
+        assert!(matches!(error, ReplayError::Invalid(Invalid { field: "candidate_version", .. })), "{error}");
+        assert_eq!(replayer.metrics.replays.with_label_values(&["error"]).get(), 2);
+    }
+
+    #[test]
+    fn each_replay_has_a_group_of_its_own() {
+        let config = ProcessorConfig::default();
+        let (a, b) = (replay_group_id(&config), replay_group_id(&config));
+        assert_ne!(a, b);
+        assert!(a.starts_with("vigil-stream-processor-replay-"), "{a}");
+    }
+}
