@@ -175,7 +175,7 @@ done
 section "the services run with what the chart renders"
 missing=""
 skipped=""
-for binary in model-server stream-processor ingest device-simulator vigil; do
+for binary in model-server stream-processor alerts ingest device-simulator vigil; do
     [ -x "$BIN_DIR/$binary" ] || missing="$missing $binary"
 done
 if [ -n "$missing" ]; then

@@ -13,7 +13,7 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 - the model server: gRPC health probes, the rollout Kafka flags exactly when enabled,
   --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
   declared in services/model-server/src/config.rs; the device simulator's flags in its
-  cli.rs; --config in the processor's and ingest's cli.rs;
+  cli.rs; --config in the processor's, alerts' and ingest's cli.rs;
 - the model server's rollout Kafka security: on kafka.brokers, the --rollout_kafka_property
   flags are kafka's security (security.protocol, sasl.mechanism, ssl.*.location) and
   kafka.properties, then rolloutState.kafka.properties, less bootstrap.servers and the
@@ -25,8 +25,17 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 - the headless model server Service, and the processor's model.endpoints pointing at it;
 - the rollout file: the rollouts of the values, field by field (versions, weight, shadow,
   analysis bounds);
-- OpenTelemetry variables in every container exactly when otel.endpoint is set;
-- Kafka SASL variables from the named Secret, the security protocol and TLS file paths;
+- OpenTelemetry variables in every container exactly when otel.endpoint is set, except
+  alerts (it sends no traces): never there;
+- alerts: HTTP /live (startup, liveness) and /ready (readiness) on its metrics port (the
+  Service's, admin_listen's), the ConfigMap's alerts.toml as --config, no ALERTS_CONFIG,
+  only the ALERTS_* variables services/alerts reads (the SASL login) and extraEnv; alerts.toml
+  has every AlertsConfig field of services/alerts/src/config.rs and nothing else, each value
+  as alerts.config gives it, its [[rules]] the values' rules field for field (each field one
+  of RuleConfig's); its NetworkPolicy admits only the scrapers to the metrics port and lets
+  it out to DNS and Kafka, not the collector; its PodDisruptionBudget selects its pods;
+- Kafka SASL variables from the named Secret (PROCESSOR_, INGEST_, ALERTS_), the security
+  protocol and TLS file paths in each service's config file;
 - replicas vs autoscaling, NetworkPolicy ingress of the model server, ServiceMonitor ports.
 """
 
@@ -43,9 +52,14 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 COMPONENT_VALUES = {
     "model-server": "modelServer",
     "stream-processor": "streamProcessor",
+    "alerts": "alerts",
     "ingest": "ingest",
     "device-simulator": "deviceSimulator",
 }
+
+# Components whose services export traces (telemetry::Tracing); alerts does not.
+TRACED = {"model-server", "stream-processor", "ingest", "device-simulator"}
+SASL_ENV_PREFIX = {"stream-processor": "PROCESSOR_", "ingest": "INGEST_", "alerts": "ALERTS_"}
 
 failures: list[str] = []
 
@@ -206,6 +220,116 @@ def check_rollout_kafka_security(values: dict, deployment: dict, container: dict
                   f"{where}: --rollout_kafka_property {key}={value} is not in a mounted directory")
 
 
+def struct_fields(source: str, name: str) -> list[str]:
+    """The `pub` field names of `pub struct <name> { ... }` in Rust source."""
+    match = re.search(rf"pub struct {name} \{{(.*?)\n\}}", source, re.S)
+    return re.findall(r"^\s*pub (\w+):", match.group(1), re.M) if match else []
+
+
+def check_alerts(values: dict, deployment: dict, configmap: dict | None, by_kind: dict) -> None:
+    """The alerts Deployment, its config file, NetworkPolicy and PodDisruptionBudget (see the module doc)."""
+    al = values["alerts"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = next(c for c in pod["containers"] if c["name"] == "alerts")
+    where = "alerts container"
+
+    # Probes: HTTP on the admin port, which is the Service's and admin_listen's.
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    check(ports == {"metrics": al["ports"]["metrics"]}, f"{where}: ports {ports} != metrics {al['ports']['metrics']}")
+    for probe, path in (("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")):
+        get = container.get(probe, {}).get("httpGet", {})
+        check(get.get("path") == path and get.get("port") in ("metrics", al["ports"]["metrics"]),
+              f"{where}: {probe} is not HTTP {path} on the metrics port: {container.get(probe)}")
+    service = next((s for s in by_kind.get("Service", {}).values()
+                    if s["metadata"]["labels"]["app.kubernetes.io/component"] == "alerts"), None)
+    if check(service is not None, "alerts: no Service for its metrics"):
+        check(service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"], "alerts: the Service does not select its pods")
+        check([(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", al["ports"]["metrics"], "metrics")],
+              f"alerts: Service ports {service['spec']['ports']} are not metrics {al['ports']['metrics']}")
+        check(service["metadata"]["labels"].get("vigil.io/metrics") == "true", "alerts: the Service is not labelled for the ServiceMonitor")
+
+    # --config names the ConfigMap's alerts.toml; the environment is only what the code reads.
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    config_args = flag_values(container, "config")
+    check(len(config_args) == 1 and container["args"] == [f"--config={config_args[0]}"],
+          f"{where}: args {container.get('args')} are not one --config=FILE")
+    if config_args:
+        directory, _, file = config_args[0].rpartition("/")
+        mount = mounts.get(directory, {})
+        check(volumes.get(mount.get("name"), {}).get("configMap", {}).get("name") == (configmap or {}).get("metadata", {}).get("name")
+              and file in (configmap or {}).get("data", {}),
+              f"{where}: --config={config_args[0]} is not the alerts ConfigMap's file")
+    env = env_of(container)
+    extra = {e["name"] for e in al["extraEnv"]}
+    sasl = {f"ALERTS_KAFKA__SASL_{f}" for f in ("USERNAME", "PASSWORD")} if values["kafka"]["sasl"]["enabled"] else set()
+    check(set(env) == sasl | extra, f"{where}: variables {sorted(env)} != {sorted(sasl | extra)} (the SASL login and extraEnv only)")
+    check("ALERTS_CONFIG" not in env, f"{where}: ALERTS_CONFIG is set; it is the --config flag's variable")
+    source = (REPO / "services/alerts/src/config.rs").read_text()
+    if sasl:
+        check('ENV_PREFIX: &str = "ALERTS_"' in source and 'pass_through: &["kafka"]' in source,
+              f"{where}: services/alerts/src/config.rs does not read ALERTS_KAFKA__<PROPERTY> variables")
+
+    # alerts.toml: every AlertsConfig field, each as the values give it; the rules field for field.
+    if not check(configmap is not None and "alerts.toml" in configmap.get("data", {}), "alerts: no ConfigMap with alerts.toml"):
+        return
+    config = tomllib.loads(configmap["data"]["alerts.toml"])
+    fields = struct_fields(source, "AlertsConfig")
+    rule_fields = struct_fields(source, "RuleConfig")
+    check(bool(fields) and bool(rule_fields), "alerts: no AlertsConfig / RuleConfig fields found in services/alerts/src/config.rs")
+    check(sorted(config) == sorted(fields), f"alerts.toml keys {sorted(config)} != AlertsConfig's fields {sorted(fields)}")
+    check(config.get("admin_listen") == f"0.0.0.0:{al['ports']['metrics']}", f"alerts.toml: admin_listen is {config.get('admin_listen')!r}, not the metrics port")
+    for key, value in al["config"].items():
+        if key != "rules":
+            check(numbers_equal(config.get(key), value), f"alerts.toml: {key} = {config.get(key)!r}, values say {value!r}")
+    rules = config.get("rules", [])
+    check(len(rules) == len(al["config"]["rules"]), f"alerts.toml has {len(rules)} rules, the values {len(al['config']['rules'])}")
+    for index, (want, got) in enumerate(zip(al["config"]["rules"], rules)):
+        check(sorted(got) == sorted(want), f"alerts.toml rules[{index}] has keys {sorted(got)}, the values {sorted(want)}")
+        check(set(got) <= set(rule_fields), f"alerts.toml rules[{index}]: {sorted(set(got) - set(rule_fields))} are not RuleConfig fields")
+        for key, value in want.items():
+            check(numbers_equal(got.get(key), value) and isinstance(got.get(key), str) == isinstance(value, str),
+                  f"alerts.toml rules[{index}] ({want.get('name')}): {key} = {got.get(key)!r}, values say {value!r}")
+        condition = [k for k in ("min_anomalies", "min_readings", "mean_score_above", "max_score_above") if k in got]
+        check(bool(condition), f"alerts.toml rules[{index}] ({got.get('name')}) has no condition")
+        print(f"    alerts rule {got.get('name')}: {got.get('window_seconds')} s windows"
+              f"{', every ' + str(got['advance_seconds']) + ' s' if 'advance_seconds' in got else ' (tumbling)'}, "
+              + ", ".join(f"{k} {got[k]}" for k in condition))
+
+    # NetworkPolicy: scrapers in on the metrics port only; out to DNS and Kafka, not the collector.
+    np = values["networkPolicy"]
+    if np["enabled"]:
+        policy = next((p for p in by_kind.get("NetworkPolicy", {}).values()
+                       if p["metadata"]["labels"]["app.kubernetes.io/component"] == "alerts"), None)
+        if check(policy is not None, "networkPolicy.enabled but no alerts NetworkPolicy"):
+            spec = policy["spec"]
+            check(spec["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"], "the alerts NetworkPolicy does not select its pods")
+            check(sorted(spec["policyTypes"]) == ["Egress", "Ingress"], "the alerts NetworkPolicy does not restrict both directions")
+            want_in = [{"from": np["metrics"]["from"], "ports": [{"port": "metrics", "protocol": "TCP"}]}] if np["metrics"]["from"] else []
+            check((spec.get("ingress") or []) == want_in, f"alerts NetworkPolicy ingress {spec.get('ingress')} != {want_in}")
+
+            def rule(ports: list, to: list, protocols=("TCP",)) -> dict:
+                out = {"ports": [{"port": p, "protocol": proto} for p in ports for proto in protocols]}
+                return {**out, "to": to} if to else out
+            egress = spec.get("egress") or []
+            dns = {"ports": [{"port": np["dns"]["port"], "protocol": "UDP"}, {"port": np["dns"]["port"], "protocol": "TCP"}]}
+            if np["dns"]["to"]:
+                dns["to"] = np["dns"]["to"]
+            kafka = rule(np["kafka"]["ports"], np["kafka"]["to"])
+            check(egress == [dns, *np["extraEgress"], kafka], f"alerts NetworkPolicy egress {egress} != DNS, extraEgress, Kafka")
+            if values["otel"]["endpoint"]:
+                check(rule(np["otel"]["ports"], np["otel"]["to"]) not in egress, "the alerts NetworkPolicy lets it out to the collector; it sends no traces")
+
+    # PodDisruptionBudget.
+    pdbs = [p for p in by_kind.get("PodDisruptionBudget", {}).values()
+            if p["metadata"]["labels"]["app.kubernetes.io/component"] == "alerts"]
+    if al["podDisruptionBudget"]["enabled"]:
+        check(len(pdbs) == 1 and pdbs[0]["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"],
+              "alerts: podDisruptionBudget.enabled but no PodDisruptionBudget selecting its pods")
+    else:
+        check(not pdbs, "alerts: podDisruptionBudget.enabled is false but one is rendered")
+
+
 def main() -> int:
     rendered_path, chart_values = sys.argv[1], sys.argv[2]
     values = yaml.safe_load(pathlib.Path(chart_values).read_text())
@@ -270,15 +394,17 @@ def main() -> int:
         env = env_of(container)
         otel = values["otel"]["endpoint"]
         otel_vars = sorted(n for n in env if n.startswith("OTEL_"))
-        if otel:
+        if otel and component in TRACED:
             check(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", {}).get("value") == otel, f"{where}: OTEL_EXPORTER_OTLP_ENDPOINT is not {otel}")
             # The name each service gives itself (telemetry::Tracing::from_env in its cli.rs).
             check(env.get("OTEL_SERVICE_NAME", {}).get("value") == f"vigil-{component}", f"{where}: OTEL_SERVICE_NAME is not vigil-{component}")
+        elif component not in TRACED:
+            check(not otel_vars, f"{where}: sends no traces but {otel_vars} are set")
         else:
             check(not otel_vars, f"{where}: otel.endpoint is empty but {otel_vars} are set")
 
-        if component in ("stream-processor", "ingest"):
-            prefix = "PROCESSOR_" if component == "stream-processor" else "INGEST_"
+        if component in SASL_ENV_PREFIX:
+            prefix = SASL_ENV_PREFIX[component]
             sasl = values["kafka"]["sasl"]
             for field in ("USERNAME", "PASSWORD"):
                 var = env.get(f"{prefix}KAFKA__SASL_{field}")
@@ -361,7 +487,7 @@ def main() -> int:
         for flag in flag_args(container):
             check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
                   f"device-simulator: --{flag} is not an argument in services/device-simulator/src/cli.rs")
-    for component in ("stream-processor", "ingest"):
+    for component in ("stream-processor", "alerts", "ingest"):
         if component in deployments:
             container = deployments[component]["spec"]["template"]["spec"]["containers"][0]
             source = (REPO / f"services/{component}/src/cli.rs").read_text()
@@ -372,7 +498,7 @@ def main() -> int:
     # Kafka security in the rendered config files.
     protocol = {(True, True): "SASL_SSL", (True, False): "SASL_PLAINTEXT", (False, True): "SSL"}.get(
         (values["kafka"]["sasl"]["enabled"], values["kafka"]["tls"]["enabled"]))
-    for component, key in (("stream-processor", "stream-processor.toml"), ("ingest", "ingest.toml")):
+    for component, key in (("stream-processor", "stream-processor.toml"), ("alerts", "alerts.toml"), ("ingest", "ingest.toml")):
         if component not in configmaps:
             continue
         config = tomllib.loads(configmaps[component]["data"][key])
@@ -386,6 +512,9 @@ def main() -> int:
             check(kafka.get("ssl.ca.location") == f"/etc/vigil/kafka-tls/{tls['caKey']}", f"{key}: ssl.ca.location is not the mounted CA")
             mounts = deployments[component]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
             check(any(m["mountPath"] == "/etc/vigil/kafka-tls" for m in mounts), f"{component}: the Kafka TLS Secret is not mounted")
+
+    if "alerts" in deployments:
+        check_alerts(values, deployments["alerts"], configmaps.get("alerts"), by_kind)
 
     # NetworkPolicy: the processor may call the model server.
     if values["networkPolicy"]["enabled"] and "model-server" in deployments and "stream-processor" in deployments:

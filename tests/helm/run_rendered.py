@@ -8,9 +8,18 @@ container's environment (a pod name for fieldRefs, "secret:<name>/<key>" for sec
 a closed local port for the OTLP endpoint) and its ConfigMaps written to a temporary
 directory in place of their mount paths:
 
-- stream-processor and ingest with --print-config: the config must load (unknown keys and
-  bad values are refused by the services) and the printed config must hold what the
-  environment carried (SASL credentials, the MQTT client id and credentials);
+- stream-processor, alerts and ingest with --print-config: the config must load (unknown
+  keys and bad values are refused by the services) and the printed config must hold what
+  the environment carried (SASL credentials, the MQTT client id and credentials); for
+  alerts also every alerts.config value and rule as the values give it (a field a rule
+  leaves out at the service's default), admin_listen on the metrics port, and the rendered
+  file's Kafka properties;
+- alerts again, running: the rendered flags, environment and file, the brokers pointed at a
+  closed local port (--kafka-brokers) and the Secret files its ssl.*.location properties
+  name written as a throwaway certificate and key: the paths its probes use must answer on
+  the admin port (/live 200; /ready 503, as it has not reached Kafka) with /metrics, and it
+  must get as far as asking the brokers for metadata (its producer and consumer created
+  with the rendered properties), then exit on that failure;
 - model-server serving the bundled models (deploy/models, the layout of the vigil-models
   image) on a free port, without the rollout state's Kafka (no Kafka here): without
   --rollout_kafka_brokers, --rollout_kafka_property and MODEL_SERVER_ROLLOUT_KAFKA__*
@@ -42,11 +51,13 @@ import tempfile
 import threading
 import time
 import tomllib
+import urllib.error
+import urllib.request
 
 import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from check_rendered import merge  # noqa: E402
+from check_rendered import merge, numbers_equal  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 POD = "vigil-check-0"
@@ -138,27 +149,92 @@ def without_rollout_kafka(args: list[str], env: dict) -> tuple[list[str], dict, 
 def stand_in_secret_files(args: list[str], pod: dict, container: dict, directory: pathlib.Path) -> list[str]:
     """Args whose ssl.*.location properties point into a Secret mount, pointed at stand-in
     files instead: one self-signed certificate (as CA and client certificate) and its key."""
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    secret_mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", [])
-                     if "secret" in volumes.get(m["name"], {})]
+    secret_mounts = secret_mounts_of(pod, container)
     out = []
-    key_pem = cert_pem = None
     for arg in args:
         match = re.fullmatch(r"--rollout_kafka_property=(ssl\.[a-z.]+\.location)=(.*)", arg)
         mount = next((m for m in secret_mounts if match and match.group(2).startswith(m + "/")), None)
         if not mount:
             out.append(arg)
             continue
-        if key_pem is None:
-            directory.mkdir(parents=True, exist_ok=True)
-            key_pem, cert_pem = directory / "stand-in.key", directory / "stand-in.crt"
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vigil-helm-check",
-                            "-keyout", str(key_pem), "-out", str(cert_pem)], check=True, capture_output=True, timeout=60)
-        target = directory / match.group(2).removeprefix(mount + "/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(key_pem if match.group(1) == "ssl.key.location" else cert_pem, target)
+        target = stand_in_file(directory, match.group(1), match.group(2).removeprefix(mount + "/"))
         out.append(f"--rollout_kafka_property={match.group(1)}={target}")
     return out
+
+
+def secret_mounts_of(pod: dict, container: dict) -> list[str]:
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    return [m["mountPath"].rstrip("/") for m in container.get("volumeMounts", []) if "secret" in volumes.get(m["name"], {})]
+
+
+def stand_in_file(directory: pathlib.Path, prop: str, relative: str) -> pathlib.Path:
+    """directory/relative holding the stand-in key (ssl.key.location) or certificate (the
+    others): one self-signed certificate and its key, made once per directory."""
+    key_pem, cert_pem = directory / "stand-in.key", directory / "stand-in.crt"
+    if not key_pem.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vigil-helm-check",
+                        "-keyout", str(key_pem), "-out", str(cert_pem)], check=True, capture_output=True, timeout=60)
+    target = directory / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(key_pem if prop == "ssl.key.location" else cert_pem, target)
+    return target
+
+
+def http_get(url: str) -> tuple[int | str, str]:
+    """The status and body of a GET; a connection failure's text for the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except (urllib.error.URLError, OSError) as error:
+        return f"no answer ({getattr(error, 'reason', error)})", ""
+
+
+def check_alerts_running(binary: pathlib.Path, args: list[str], env: dict, pod: dict, container: dict,
+                         work: pathlib.Path) -> None:
+    """The alerts service running with the rendered flags, variables and file, at a closed
+    broker port: its probes' paths answer, and its Kafka clients are created (see the module doc)."""
+    began = time.monotonic()
+    config_arg = next(a for a in args if a.startswith("--config="))
+    config_path = pathlib.Path(config_arg.split("=", 1)[1])
+    text = config_path.read_text()
+    secret_mounts = secret_mounts_of(pod, container)
+    files = []
+    for prop, value in tomllib.loads(text)["kafka"].items():
+        mount = next((m for m in secret_mounts if value.startswith(m + "/")), None)
+        if prop.startswith("ssl.") and prop.endswith(".location") and mount:
+            target = stand_in_file(work / "alerts" / "secrets", prop, value.removeprefix(mount + "/"))
+            text = text.replace(json.dumps(value), json.dumps(str(target)))
+            files.append(prop)
+    stand_in = config_path.with_name("alerts-stand-in-files.toml")
+    stand_in.write_text(text)
+    args = [f"--config={stand_in}" if a == config_arg else a for a in args]
+    args += ["--kafka-brokers=127.0.0.1:1", "--admin-listen=127.0.0.1:0"]
+    process = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(process)
+    try:
+        serving = output.wait_for(r"serving /live, /ready, /metrics address=127\.0\.0\.1:(\d+)", 30)
+        if check(serving is not None, f"alerts did not serve its admin port: {output.tail(10)}"):
+            base = f"http://127.0.0.1:{serving.group(1)}"
+            for probe, want in (("startupProbe", 200), ("livenessProbe", 200), ("readinessProbe", 503)):
+                path = container[probe]["httpGet"]["path"]
+                status, _ = http_get(base + path)
+                check(status == want, f"alerts: its {probe} path {path} answers {status}, not {want}, before Kafka is reached "
+                                      f"({output.tail(3)[:1000]})")
+            status, metrics = http_get(base + "/metrics")
+            check(status == 200 and "alerts_scores_consumed_total" in metrics, f"alerts: /metrics answers {status} without alerts_scores_consumed_total")
+        reached = output.wait_for(r"^Error: Meta data fetch error", 60)
+        check(reached is not None,
+              f"alerts: did not get as far as asking the (closed) brokers for metadata, so its Kafka clients were not created "
+              f"with the rendered properties: {output.tail(6)[:2000]}")
+    finally:
+        code = stop(process, 30)
+    check(code not in (0, None), f"alerts: exit status {code} at a closed broker port")
+    if serving and reached:
+        print(f"    alerts: probes answered (/live 200, /ready 503 before Kafka), Kafka clients created with the rendered properties"
+              f"{' and stand-in ' + ', '.join(files) if files else ''}; stopped at the closed broker port as expected ({time.monotonic() - began:.1f}s)")
 
 
 def check_rollout_kafka_clients(binary: pathlib.Path, args: list[str], env: dict, pod: dict, container: dict,
@@ -184,6 +260,36 @@ def check_rollout_kafka_clients(binary: pathlib.Path, args: list[str], env: dict
         print(f"    model-server: rollout Kafka clients created with {len(properties)} properties ({', '.join(properties) or 'none'}) "
               f"and {len(variables)} variables ({', '.join(variables) or 'none'}); stopped at the closed broker port as expected "
               f"({time.monotonic() - began:.1f}s)")
+
+
+# What the alerts service takes for a rule field left out (services/alerts/src/config.rs:
+# Option fields are absent from --print-config, allowed_lateness_seconds is 0).
+ALERTS_RULE_DEFAULTS = {"allowed_lateness_seconds": 0}
+
+
+def check_alerts_config(values: dict, config: dict, configmaps: dict, mounts: dict, args: list[str]) -> None:
+    """alerts --print-config against the values and the rendered alerts.toml."""
+    al = values["alerts"]
+    for key, want in al["config"].items():
+        if key != "rules":
+            check(numbers_equal(config.get(key), want), f"alerts: {key} is {config.get(key)!r} after loading, the values say {want!r}")
+    check(config.get("admin_listen") == f"0.0.0.0:{al['ports']['metrics']}", f"alerts: admin_listen is {config.get('admin_listen')!r}")
+    loaded = config.get("rules", [])
+    check(len(loaded) == len(al["config"]["rules"]), f"alerts: {len(loaded)} rules loaded, the values declare {len(al['config']['rules'])}")
+    for index, (want, got) in enumerate(zip(al["config"]["rules"], loaded)):
+        for key in sorted(set(want) | set(got)):
+            expected = want.get(key, ALERTS_RULE_DEFAULTS.get(key))
+            check(numbers_equal(got.get(key), expected), f"alerts: rules[{index}] ({want['name']}).{key} loaded as {got.get(key)!r}, the values say {expected!r}")
+    # The Kafka table: the rendered file's, plus the SASL login from the environment.
+    config_file = next(d / pathlib.Path(a.split("=", 1)[1]).name for a in args if a.startswith("--config=")
+                       for d in mounts.values() if a.split("=", 1)[1].startswith(str(d)))
+    rendered = tomllib.loads(config_file.read_text())["kafka"]
+    sasl = values["kafka"]["sasl"]
+    if sasl["enabled"]:
+        rendered = {**rendered, **{f"sasl.{f}": f"secret:{sasl['existingSecret']}/{sasl[f + 'Key']}" for f in ("username", "password")}}
+    check(config.get("kafka") == rendered, f"alerts: kafka after loading {config.get('kafka')} != the rendered file's {rendered} (and SASL from the environment)")
+    print(f"    alerts: {len(loaded)} rules ({', '.join(r['name'] for r in loaded)}) and {len(config.get('kafka', {}))} Kafka properties "
+          f"({', '.join(sorted(config.get('kafka', {})))}) loaded as the values and the rendered file say")
 
 
 def main() -> int:
@@ -224,7 +330,7 @@ def main() -> int:
             # instead of waiting on a name that does not resolve.
             env["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://127.0.0.1:1"
 
-        if component in ("stream-processor", "ingest"):
+        if component in ("stream-processor", "alerts", "ingest"):
             result = subprocess.run([str(binary), *args, "--print-config"], env=env, capture_output=True, text=True, timeout=60)
             if not check(result.returncode == 0, f"{component}: refused the rendered config: {result.stderr.strip()[:2000]}"):
                 continue
@@ -244,6 +350,9 @@ def main() -> int:
                 if values["mqtt"]["tls"]["existingSecret"] and values["mqtt"]["tls"]["caKey"]:
                     check(config["mqtt"]["tls"].get("ca_file") == f"/etc/vigil/mqtt-tls/{values['mqtt']['tls']['caKey']}", "ingest: mqtt.tls.ca_file is not the mounted CA")
             print(f"    {component}: {binary.name} loaded the rendered config and environment (--print-config, {time.monotonic() - began:.1f}s)")
+            if component == "alerts":
+                check_alerts_config(values, config, configmaps, mounts, args)
+                check_alerts_running(binary, args, env, pod, container, work)
 
         elif component == "model-server":
             models = mounts.get("/etc/vigil/model-server")

@@ -100,8 +100,9 @@ seccompProfile:
 {{- $values := .values -}}
 serviceAccountName: {{ include "vigil.serviceAccountName" .root }}
 automountServiceAccountToken: false
-# No <SERVICE>_PORT variables: a Service named model-server, processor or ingest would put
-# MODEL_SERVER_PORT=tcp://... (or PROCESSOR_*/INGEST_*) into the services' own env prefixes.
+# No <SERVICE>_PORT variables: a Service named model-server, processor, alerts or ingest
+# would put MODEL_SERVER_PORT=tcp://... (or PROCESSOR_*/ALERTS_*/INGEST_*) into the
+# services' own env prefixes.
 enableServiceLinks: false
 terminationGracePeriodSeconds: {{ include "vigil.int" $values.terminationGracePeriodSeconds }}
 securityContext:
@@ -182,9 +183,10 @@ OpenTelemetry SDK variables; with it empty, no OTEL_* variable is set.
 {{- define "vigil.mqtt.tlsDir" -}}/etc/vigil/mqtt-tls{{- end -}}
 
 {{/*
-The librdkafka properties of ingest's and the stream processor's Kafka clients, as YAML (a
-map): brokers, security and TLS files from the values, then kafka.properties on top. The
-SASL username and password are not here: they come from the Secret as environment variables.
+The librdkafka properties of ingest's, the stream processor's and alerts' Kafka clients, as
+YAML (a map): brokers, security and TLS files from the values, then kafka.properties on top.
+The SASL username and password are not here: they come from the Secret as environment
+variables.
 The model server's rollout clients on kafka.brokers take them too
 (vigil.modelServer.rolloutKafkaProperties).
 */}}
@@ -405,9 +407,13 @@ spec:
   {{- end }}
 {{- end -}}
 
-{{/* Egress every Vigil pod needs: DNS, the OpenTelemetry collector (with otel.endpoint), and networkPolicy.extraEgress. */}}
+{{/*
+Egress every Vigil pod needs: DNS, the OpenTelemetry collector (with otel.endpoint, for the
+pods that send traces: .traces), and networkPolicy.extraEgress. Called with
+(dict "root" $ "traces" true).
+*/}}
 {{- define "vigil.networkPolicy.commonEgress" -}}
-{{- $np := .Values.networkPolicy -}}
+{{- $np := .root.Values.networkPolicy -}}
 - ports:
     - port: {{ include "vigil.int" $np.dns.port }}
       protocol: UDP
@@ -417,7 +423,7 @@ spec:
   to:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-{{- if .Values.otel.endpoint }}
+{{- if and .traces .root.Values.otel.endpoint }}
 {{ include "vigil.networkPolicy.egressTo" $np.otel }}
 {{- end }}
 {{- with $np.extraEgress }}

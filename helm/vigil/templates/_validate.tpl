@@ -28,7 +28,7 @@ failing here says so before anything is deployed.
 {{- fail "mqtt.tls.certKey needs mqtt.tls.existingSecret: the Secret holding the client certificate and key" -}}
 {{- end -}}
 
-{{- range $name, $component := dict "modelServer" $v.modelServer "streamProcessor" $v.streamProcessor "ingest" $v.ingest -}}
+{{- range $name, $component := dict "modelServer" $v.modelServer "streamProcessor" $v.streamProcessor "alerts" $v.alerts "ingest" $v.ingest -}}
 {{- $pdb := $component.podDisruptionBudget -}}
 {{- if $pdb.enabled -}}
 {{- if and (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable) -}}
@@ -127,6 +127,41 @@ failing here says so before anything is deployed.
 {{- end -}}
 {{- if gt (int $sp.config.model.backoff_initial_ms) (int $sp.config.model.backoff_max_ms) -}}
 {{- fail "streamProcessor.config.model: backoff_initial_ms is above backoff_max_ms" -}}
+{{- end -}}
+{{- end -}}
+
+{{- $al := $v.alerts -}}
+{{- if $al.enabled -}}
+{{- $c := $al.config -}}
+{{- if le (int $al.terminationGracePeriodSeconds) (int $c.shutdown_grace_seconds) -}}
+{{- fail (printf "alerts.terminationGracePeriodSeconds (%d) must exceed config.shutdown_grace_seconds (%d)" (int $al.terminationGracePeriodSeconds) (int $c.shutdown_grace_seconds)) -}}
+{{- end -}}
+{{- if and $sp.enabled (ne $c.scores_topic $sp.config.scores_topic) -}}
+{{- fail (printf "alerts.config.scores_topic %q is not the topic the stream processor writes scores to (streamProcessor.config.scores_topic %q)" $c.scores_topic $sp.config.scores_topic) -}}
+{{- end -}}
+{{- /* The service refuses alerts_topic or changelog_topic equal to scores_topic; any two alike would mix records the others' readers cannot read. */ -}}
+{{- $topics := dict -}}
+{{- range $key := list "scores_topic" "alerts_topic" "changelog_topic" "dead_letter_topic" -}}
+{{- $topic := index $c $key -}}
+{{- if hasKey $topics $topic -}}
+{{- fail (printf "alerts.config: %s and %s are both %q; the scores, alerts, changelog and dead-letter topics must differ" (get $topics $topic) $key $topic) -}}
+{{- end -}}
+{{- $_ := set $topics $topic $key -}}
+{{- end -}}
+{{- $rules := dict -}}
+{{- range $i, $rule := $c.rules -}}
+{{- if hasKey $rules $rule.name -}}
+{{- fail (printf "alerts.config.rules[%d]: another rule is named %q (the name is part of alert ids)" $i $rule.name) -}}
+{{- end -}}
+{{- $_ := set $rules $rule.name true -}}
+{{- if and (hasKey $rule "advance_seconds") (gt (int64 $rule.advance_seconds) (int64 $rule.window_seconds)) -}}
+{{- fail (printf "alerts.config.rules[%d] (%q): advance_seconds (%d) is above window_seconds (%d)" $i $rule.name (int64 $rule.advance_seconds) (int64 $rule.window_seconds)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := list "group.id" "enable.auto.commit" "enable.auto.offset.store" "transactional.id" -}}
+{{- if hasKey $v.kafka.properties $key -}}
+{{- fail (printf "kafka.properties: %q is set by the alerts service (alerts.config.group_id sets the group), which refuses it" $key) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
