@@ -37,7 +37,8 @@ pub struct AlertsConfig {
     /// How often alerts and changed state are written and offsets committed: what a
     /// crash can make the next owner redo (it skips what the changelog says was applied).
     pub commit_interval_ms: u64,
-    /// On shutdown: how long writing the last alerts and state may take.
+    /// On shutdown: how long Kafka may take to confirm the last alerts and state; after
+    /// it the service stops without committing them (the next owner redoes them).
     pub shutdown_grace_seconds: u64,
     /// /live, /ready, /metrics; empty: not served.
     pub admin_listen: String,

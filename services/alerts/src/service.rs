@@ -57,6 +57,8 @@ struct State {
     metrics: Metrics,
     /// Waits for deliveries (this thread is a blocking one of that runtime).
     runtime: tokio::runtime::Handle,
+    /// At shutdown: when waiting for Kafka must end (`shutdown_grace_seconds`).
+    deadline: Option<Instant>,
 }
 
 struct Ctx {
@@ -234,7 +236,19 @@ impl State {
             deliveries.push((send(&self.producer, record)?, None));
         }
         for (delivery, rule) in deliveries {
-            match self.runtime.block_on(delivery) {
+            let confirmed = match self.deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.runtime.block_on(tokio::time::timeout(left, delivery)).map_err(|_| {
+                        anyhow::anyhow!(
+                            "shutdown grace ({} s) over before Kafka confirmed the last writes; the next owner redoes them",
+                            self.config.shutdown_grace_seconds
+                        )
+                    })?
+                }
+                None => self.runtime.block_on(delivery),
+            };
+            match confirmed {
                 Ok(Ok(_)) => {
                     if let Some(rule) = rule {
                         self.metrics.fired.with_label_values(&[rule.as_str()]).inc();
@@ -427,6 +441,7 @@ pub fn run_loop(
         dead_letters: Vec::new(),
         metrics: metrics.clone(),
         runtime,
+        deadline: None,
     }));
     let consumer: BaseConsumer<Ctx> = client
         .clone()
@@ -467,6 +482,7 @@ pub fn run_loop(
     ready.set(false);
     if result.is_ok() {
         let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        state.deadline = Some(Instant::now() + Duration::from_secs(config.shutdown_grace_seconds));
         let partitions: Vec<i32> = state.engines.keys().copied().collect();
         state.write_and_commit(&consumer, &partitions)?;
     }
