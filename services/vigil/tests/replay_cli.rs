@@ -7,13 +7,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser as _;
 use prost::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+mod support;
+
+use support::Run;
 
 const READINGS: &str = "vigil-readings";
 const SCORES: &str = "vigil-scores";
@@ -150,49 +154,10 @@ impl Stack {
     }
 }
 
-/// What one `vigil ...` run printed, and how it exited.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
-    }
-
-    /// The value of a `label: value` line of the text output.
-    fn field(&self, label: &str) -> &str {
-        let prefix = format!("{label}:");
-        let line = self.stdout.lines().find(|l| l.starts_with(&prefix));
-        line.unwrap_or_else(|| panic!("no {label:?} line in:\n{}", self.stdout))[prefix.len()..].trim()
-    }
-}
-
-/// Runs `vigil <args>` (blocking, so off the runtime the services run on).
+/// Runs `vigil <args>`, with `VIGIL_PROCESSOR` set when given.
 async fn vigil(env_processor: Option<&str>, args: &[&str]) -> Run {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
-    command.args(args).env_remove("VIGIL_PROCESSOR").env_remove("VIGIL_MODEL_SERVER");
-    if let Some(processor) = env_processor {
-        command.env("VIGIL_PROCESSOR", processor);
-    }
-    let started = Instant::now();
-    let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("vigil runs");
-    let run = Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    println!(
-        "$ vigil {} ({:.1} s)\n{}{}[exit {}]",
-        args.join(" "),
-        started.elapsed().as_secs_f64(),
-        run.stdout,
-        run.stderr,
-        run.code
-    );
-    run
+    let env: Vec<_> = env_processor.map(|processor| ("VIGIL_PROCESSOR", processor)).into_iter().collect();
+    support::vigil(args, &env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,14 @@
 //! unreachable server named together with the way to point elsewhere.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use clap::Parser as _;
 use serde_json::Value;
 use tokio::sync::oneshot;
+
+mod support;
+
+use support::Run;
 
 #[derive(clap::Parser)]
 struct ServeCli {
@@ -56,41 +59,12 @@ impl Server {
     }
 }
 
-/// What one `vigil rollout ...` run printed, and how it exited.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
-    }
-
-    /// The value of a `label: value` line of the text output.
-    fn field(&self, label: &str) -> &str {
-        let prefix = format!("{label}:");
-        let line = self.stdout.lines().find(|l| l.starts_with(&prefix));
-        line.unwrap_or_else(|| panic!("no {label:?} line in:\n{}", self.stdout))[prefix.len()..].trim()
-    }
-}
-
-/// Runs `vigil rollout <args>` (blocking, so off the runtime the server runs on).
+/// Runs `vigil rollout <args>`, with `VIGIL_MODEL_SERVER` set when given.
 async fn vigil(env_server: Option<&str>, args: &[&str]) -> Run {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
-    command.arg("rollout").args(args).env_remove("VIGIL_MODEL_SERVER");
-    if let Some(server) = env_server {
-        command.env("VIGIL_MODEL_SERVER", server);
-    }
-    let output = tokio::task::spawn_blocking(move || command.output()).await.unwrap().expect("vigil runs");
-    let run = Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
-    println!("$ vigil rollout {}\n{}{}[exit {}]", args.join(" "), run.stdout, run.stderr, run.code);
-    run
+    let mut all = vec!["rollout"];
+    all.extend_from_slice(args);
+    let env: Vec<_> = env_server.map(|server| ("VIGIL_MODEL_SERVER", server)).into_iter().collect();
+    support::vigil(&all, &env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
