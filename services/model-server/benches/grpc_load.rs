@@ -17,7 +17,6 @@ mod support;
 use clap::Parser;
 use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
-use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use proto::tensorflow::serving::prediction_service_server::{PredictionService, PredictionServiceServer};
 use proto::tensorflow::serving::*;
 use serde_json::json;
@@ -87,33 +86,7 @@ struct LoadResult {
 }
 
 async fn load(channels: &[Channel], concurrency: usize) -> LoadResult {
-    let run = |duration: Duration| {
-        let channels = channels.to_vec();
-        async move {
-            let deadline = Instant::now() + duration;
-            let tasks: Vec<_> = (0..concurrency)
-                .map(|i| {
-                    let mut client = PredictionServiceClient::new(channels[i % channels.len()].clone());
-                    tokio::spawn(async move {
-                        let mut latencies = Vec::new();
-                        let mut n = i;
-                        while Instant::now() < deadline {
-                            let started = Instant::now();
-                            client.predict(request(n)).await.expect("benchmark requests succeed");
-                            latencies.push(started.elapsed());
-                            n += concurrency;
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for task in tasks {
-                all.extend(task.await.unwrap());
-            }
-            all
-        }
-    };
+    let run = |duration| support::closed_loop(channels, concurrency, duration, |n| tonic::Request::new(request(n)));
     run(WARMUP).await;
     let started = Instant::now();
     let mut latencies = run(MEASURE).await;

@@ -30,7 +30,6 @@ use model_server::rollout::windows::{MAX_SAMPLES, Outcome, Windows};
 use model_server::server::{self, Listeners};
 use pb::rollout_service_client::RolloutServiceClient;
 use proto::tensorflow::serving::model_spec::VersionChoice;
-use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use proto::tensorflow::serving::{ModelSpec, PredictRequest};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use proto::vigil::rollout::v1 as pb;
@@ -284,36 +283,13 @@ struct Round {
 /// Drives `concurrency` clients for the warm-up, then for the measured period.
 async fn measure(server: &Running, requests: &Arc<Vec<PredictRequest>>, concurrency: usize) -> Round {
     let keys: Arc<Vec<AsciiMetadataValue>> = Arc::new((0..KEYS).map(|i| format!("car-{i}").parse().unwrap()).collect());
-    let run = |duration: Duration| {
-        let (channels, requests, keys) = (server.channels.clone(), requests.clone(), keys.clone());
-        async move {
-            let deadline = Instant::now() + duration;
-            let tasks: Vec<_> = (0..concurrency)
-                .map(|i| {
-                    let mut client = PredictionServiceClient::new(channels[i % channels.len()].clone());
-                    let (requests, keys) = (requests.clone(), keys.clone());
-                    tokio::spawn(async move {
-                        let mut latencies = Vec::new();
-                        let mut n = i;
-                        while Instant::now() < deadline {
-                            let mut request = tonic::Request::new(requests[n % requests.len()].clone());
-                            request.metadata_mut().insert(canary::ROUTING_KEY_METADATA, keys[n % KEYS].clone());
-                            let started = Instant::now();
-                            client.predict(request).await.expect("benchmark requests succeed");
-                            latencies.push(started.elapsed());
-                            n += concurrency;
-                        }
-                        latencies
-                    })
-                })
-                .collect();
-            let mut all = Vec::new();
-            for task in tasks {
-                all.extend(task.await.unwrap());
-            }
-            all
-        }
+    let requests = requests.clone();
+    let request = move |n: usize| {
+        let mut request = tonic::Request::new(requests[n % requests.len()].clone());
+        request.metadata_mut().insert(canary::ROUTING_KEY_METADATA, keys[n % KEYS].clone());
+        request
     };
+    let run = |duration| support::closed_loop(&server.channels, concurrency, duration, request.clone());
     run(WARMUP).await;
     let before = scrape(server.rest).await;
     let (started, cpu_before) = (Instant::now(), process_cpu_seconds());

@@ -1,8 +1,10 @@
-//! What both model-server benches send and how they summarise latencies.
+//! What the model-server benches send, how they load a server and how they summarise
+//! latencies.
 #![allow(dead_code, unreachable_pub)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use proto::tensorflow::serving::{ModelSpec, PredictRequest};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 
@@ -31,4 +33,42 @@ pub fn autoencoder_request(row: Vec<f32>) -> PredictRequest {
 /// The `p`-quantile (0..=1) of sorted latencies, in microseconds.
 pub fn percentile_us(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// `concurrency` closed-loop clients spread over `channels`: client `i` sends
+/// `request(i)`, `request(i + concurrency)`, ... one after the other until `duration` is
+/// over. Every request's latency, unsorted.
+pub async fn closed_loop<F>(
+    channels: &[tonic::transport::Channel],
+    concurrency: usize,
+    duration: Duration,
+    request: F,
+) -> Vec<Duration>
+where
+    F: Fn(usize) -> tonic::Request<PredictRequest> + Clone + Send + 'static,
+{
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let mut client = PredictionServiceClient::new(channels[i % channels.len()].clone());
+            let request = request.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = i;
+                while Instant::now() < deadline {
+                    let request = request(n);
+                    let started = Instant::now();
+                    client.predict(request).await.expect("benchmark requests succeed");
+                    latencies.push(started.elapsed());
+                    n += concurrency;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    all
 }
