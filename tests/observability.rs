@@ -94,15 +94,8 @@ impl Pipeline {
         let models = root().join("deploy/models/car-anomaly");
         let config_dir = tempfile::tempdir().unwrap();
         let model_config = config_dir.path().join("models.config");
-        std::fs::write(
-            &model_config,
-            format!(
-                "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" \
-                 model_platform: \"tensorflow\" model_version_policy {{ all {{}} }} }} }}",
-                models.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&model_config, model_server::model_config::all_versions_config("car-anomaly", &models).unwrap())
+            .unwrap();
         let flags = ["model-server", &format!("--model_config_file={}", model_config.display())];
         let server_config = ServeCli::try_parse_from(flags).unwrap().serve.resolve().unwrap();
         let ((grpc, model_server_grpc), (rest, model_server_rest)) = (loopback().await, loopback().await);

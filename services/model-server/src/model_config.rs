@@ -37,6 +37,19 @@ fn read(path: &Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// A `--model_config_file` serving every version of `model` under `base_path` (what
+/// `vigil up` writes, and what tests and benches of canary rollouts serve).
+pub fn all_versions_config(model: &str, base_path: &Path) -> Result<String, String> {
+    let base_path = base_path.to_str().ok_or_else(|| format!("{}: the path is not UTF-8", base_path.display()))?;
+    let quoted = |text: &str| text.replace('\\', "\\\\").replace('"', "\\\"");
+    Ok(format!(
+        "model_config_list {{\n  config {{\n    name: \"{}\"\n    base_path: \"{}\"\n    model_platform: \"tensorflow\"\n    \
+         model_version_policy {{ all {{}} }}\n  }}\n}}\n",
+        quoted(model),
+        quoted(base_path)
+    ))
+}
+
 /// Reads `--model_config_file`.
 pub fn read_model_config_file(path: &Path) -> Result<Vec<ModelConfig>, String> {
     let config: ModelServerConfig = parse_text(path, "tensorflow.serving.ModelServerConfig", &read(path)?)?;
@@ -121,6 +134,18 @@ pub fn read_monitoring_file(path: &Path) -> Result<Option<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_all_versions_config_reads_back_even_at_an_awkward_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let awkward = dir.path().join("a \"quoted\" \\ dir");
+        let file = dir.path().join("models.config");
+        std::fs::write(&file, all_versions_config("car-anomaly", &awkward).unwrap()).unwrap();
+        let models = read_model_config_file(&file).unwrap();
+        assert_eq!(models.len(), 1);
+        assert_eq!((models[0].name.as_str(), &models[0].base_path), ("car-anomaly", &awkward));
+        assert_eq!(models[0].policy, VersionPolicy::All);
+    }
 
     #[test]
     fn a_tf_serving_model_config_file_parses() {

@@ -16,15 +16,7 @@ async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {
     let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly");
     let root = tempfile::tempdir().unwrap();
     let config = root.path().join("models.config");
-    std::fs::write(
-        &config,
-        format!(
-            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, model_server::model_config::all_versions_config("car-anomaly", &base).unwrap()).unwrap();
     let server = TestServer::start(&[&format!("--model_config_file={}", config.display())]).await;
     let channel = server.channel().await;
 

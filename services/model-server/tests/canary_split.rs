@@ -22,15 +22,7 @@ const MODEL: &str = "ae";
 /// A model config serving every version under `base`, and a rollout file, in `dir`.
 fn configs(dir: &Path, base: &Path, rollout: &str) -> (String, String) {
     let models = dir.join("models.config");
-    std::fs::write(
-        &models,
-        format!(
-            "model_config_list {{ config {{ name: \"{MODEL}\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&models, model_server::model_config::all_versions_config(MODEL, base).unwrap()).unwrap();
     let rollouts = dir.join("rollouts.toml");
     std::fs::write(&rollouts, rollout).unwrap();
     (format!("--model_config_file={}", models.display()), format!("--rollout_config_file={}", rollouts.display()))

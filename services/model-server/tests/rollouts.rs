@@ -38,15 +38,7 @@ fn models_flag(dir: &Path) -> String {
     }
     copy_dir(&fixture_root("car_anomaly_flags_everything").join("1"), &base.join("3"));
     let config = dir.join("models.config");
-    std::fs::write(
-        &config,
-        format!(
-            "model_config_list {{ config {{ name: \"{MODEL}\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, model_server::model_config::all_versions_config(MODEL, &base).unwrap()).unwrap();
     format!("--model_config_file={}", config.display())
 }
 

@@ -25,11 +25,8 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     let models = dir.path().join("models.config");
     std::fs::write(
         &models,
-        format!(
-            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            root().join("deploy/models/car-anomaly").display()
-        ),
+        model_server::model_config::all_versions_config("car-anomaly", &root().join("deploy/models/car-anomaly"))
+            .unwrap(),
     )
     .unwrap();
     let rollouts = dir.path().join("rollouts.toml");

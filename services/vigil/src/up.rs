@@ -219,8 +219,11 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     let model_config =
         tempfile::Builder::new().prefix("vigil-up-").tempdir().context("creating a temporary directory")?;
     let model_config_file = model_config.path().join("models.config");
-    std::fs::write(&model_config_file, all_versions_config(MODEL_NAME, &options.model_dir)?)
-        .with_context(|| format!("writing {}", model_config_file.display()))?;
+    std::fs::write(
+        &model_config_file,
+        model_server::model_config::all_versions_config(MODEL_NAME, &options.model_dir).map_err(anyhow::Error::msg)?,
+    )
+    .with_context(|| format!("writing {}", model_config_file.display()))?;
     let mut flags = vec![
         "model-server".to_owned(),
         format!("--model_config_file={}", model_config_file.display()),
@@ -422,18 +425,6 @@ fn run_topics(prefix: &str) -> Topics {
     }
 }
 
-/// A TF Serving model config serving every version of `model` in `dir`.
-fn all_versions_config(model: &str, dir: &Path) -> anyhow::Result<String> {
-    let dir = dir.to_str().context("the model directory's path is not UTF-8")?;
-    let quoted = |text: &str| text.replace('\\', "\\\\").replace('"', "\\\"");
-    Ok(format!(
-        "model_config_list {{\n  config {{\n    name: \"{}\"\n    base_path: \"{}\"\n    model_platform: \"tensorflow\"\n    \
-         model_version_policy {{ all {{}} }}\n  }}\n}}\n",
-        quoted(model),
-        quoted(dir)
-    ))
-}
-
 /// The numbered version directories in `dir`, ascending.
 fn versions_on_disk(dir: &Path) -> Vec<i64> {
     let mut versions: Vec<i64> = std::fs::read_dir(dir)
@@ -492,18 +483,6 @@ struct ServeCli {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_model_server_serves_every_version_of_the_model_even_at_an_awkward_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let awkward = dir.path().join("a \"quoted\" \\ dir");
-        let file = dir.path().join("models.config");
-        std::fs::write(&file, all_versions_config(MODEL_NAME, &awkward).unwrap()).unwrap();
-        let models = model_server::model_config::read_model_config_file(&file).unwrap();
-        assert_eq!(models.len(), 1);
-        assert_eq!((models[0].name.as_str(), &models[0].base_path), (MODEL_NAME, &awkward));
-        assert_eq!(models[0].policy, model_server::repository::VersionPolicy::All);
-    }
 
     #[test]
     fn the_rollout_hint_reads_the_bundled_models_versions() {

@@ -46,15 +46,7 @@ fn three_versions(dir: &Path) -> PathBuf {
         assert!(status.success());
     }
     let config = dir.join("models.config");
-    std::fs::write(
-        &config,
-        format!(
-            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" \
-             model_platform: \"tensorflow\" model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, model_server::model_config::all_versions_config("car-anomaly", &base).unwrap()).unwrap();
     config
 }
 

@@ -32,15 +32,8 @@ impl Server {
         let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly");
         let config = tempfile::tempdir().unwrap();
         let file = config.path().join("models.config");
-        std::fs::write(
-            &file,
-            format!(
-                "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" \
-                 model_platform: \"tensorflow\" model_version_policy {{ all {{}} }} }} }}",
-                models.display()
-            ),
-        )
-        .unwrap();
+        std::fs::write(&file, model_server::model_config::all_versions_config("car-anomaly", &models).unwrap())
+            .unwrap();
         let flags = ["model-server".to_owned(), format!("--model_config_file={}", file.display())];
         let server_config = ServeCli::try_parse_from(flags).unwrap().serve.resolve().unwrap();
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

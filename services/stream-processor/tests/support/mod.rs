@@ -140,15 +140,7 @@ pub fn three_versions(dir: &Path) -> String {
     copy(&root().join("deploy/models/car-anomaly/2"), "2");
     copy(&root().join("tests/fixtures/savedmodels/car_anomaly_flags_everything/1"), "3");
     let config = dir.join("models.config");
-    std::fs::write(
-        &config,
-        format!(
-            "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\"\n\
-               model_version_policy {{ all {{}} }} }} }}",
-            base.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, model_server::model_config::all_versions_config("car-anomaly", &base).unwrap()).unwrap();
     format!("--model_config_file={}", config.display())
 }
 
