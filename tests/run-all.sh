@@ -34,3 +34,7 @@ bash tests/system/simulator_mosquitto.sh
 
 step "system test: ingest against Mosquitto (crash, shared subscription, TLS, seed data)"
 bash tests/system/ingest_mosquitto.sh
+
+# CI's disk is small: a build that outgrows it fails with "No space left on device".
+step "disk taken by the build"
+du -sh "$CARGO_TARGET_DIR" || true
