@@ -36,6 +36,9 @@ merges them (a null removes a key). Checks, each failing with the object it is a
   it out to DNS and Kafka, not the collector; its PodDisruptionBudget selects its pods;
 - Kafka SASL variables from the named Secret (PROCESSOR_, INGEST_, ALERTS_), the security
   protocol and TLS file paths in each service's config file;
+- the processor's gRPC ReplayService: grpc_listen on streamProcessor.ports.grpc, which its
+  container and Service expose as "grpc"; its NetworkPolicy admits
+  networkPolicy.streamProcessor.replayFrom to that port and nothing else to it;
 - replicas vs autoscaling, NetworkPolicy ingress of the model server, ServiceMonitor ports.
 """
 
@@ -224,6 +227,29 @@ def struct_fields(source: str, name: str) -> list[str]:
     """The `pub` field names of `pub struct <name> { ... }` in Rust source."""
     match = re.search(rf"pub struct {name} \{{(.*?)\n\}}", source, re.S)
     return re.findall(r"^\s*pub (\w+):", match.group(1), re.M) if match else []
+
+
+def check_processor_grpc(values: dict, deployment: dict, configmap: dict, by_kind: dict) -> None:
+    port = values["streamProcessor"]["ports"]["grpc"]
+    config = tomllib.loads(configmap["data"]["stream-processor.toml"])
+    check(config.get("grpc_listen") == f"0.0.0.0:{port}",
+          f"stream-processor.toml: grpc_listen is {config.get('grpc_listen')!r}, not 0.0.0.0:{port}")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    check({"name": "grpc", "containerPort": port, "protocol": "TCP"} in container.get("ports", []),
+          f"stream-processor container: no port grpc {port}")
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    services = [s for s in by_kind.get("Service", {}).values() if s["spec"].get("selector") == labels]
+    grpc = [p for s in services for p in s["spec"]["ports"] if p["name"] == "grpc"]
+    check(len(grpc) == 1 and grpc[0]["port"] == port and grpc[0]["targetPort"] == "grpc",
+          f"stream-processor Service: gRPC ports {grpc}, want one on {port} to the container's grpc")
+    if values["networkPolicy"]["enabled"]:
+        policy = next(p for p in by_kind["NetworkPolicy"].values()
+                      if p["spec"]["podSelector"].get("matchLabels") == labels)
+        peers = [peer for rule in policy["spec"].get("ingress") or []
+                 if any(p.get("port") == "grpc" for p in rule.get("ports", [])) for peer in rule.get("from", [])]
+        want = values["networkPolicy"]["streamProcessor"]["replayFrom"]
+        check(peers == want, f"stream-processor NetworkPolicy: gRPC admitted from {peers}, want {want}")
+        print(f"    stream-processor gRPC :{port}: ReplayService open to {len(want)} peer selector(s)")
 
 
 def check_alerts(values: dict, deployment: dict, configmap: dict | None, by_kind: dict) -> None:
@@ -515,6 +541,9 @@ def main() -> int:
 
     if "alerts" in deployments:
         check_alerts(values, deployments["alerts"], configmaps.get("alerts"), by_kind)
+
+    if "stream-processor" in deployments:
+        check_processor_grpc(values, deployments["stream-processor"], configmaps["stream-processor"], by_kind)
 
     # NetworkPolicy: the processor may call the model server.
     if values["networkPolicy"]["enabled"] and "model-server" in deployments and "stream-processor" in deployments:

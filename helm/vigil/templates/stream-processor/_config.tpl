@@ -1,12 +1,13 @@
 {{/*
 The stream processor's TOML config (services/stream-processor/src/config.rs,
-ProcessorConfig): streamProcessor.config plus what the chart owns: admin_listen, the kafka
-table and model.endpoints.
+ProcessorConfig): streamProcessor.config plus what the chart owns: admin_listen,
+grpc_listen, the kafka table and model.endpoints.
 */}}
 {{- define "vigil.streamProcessor.config" -}}
 {{- $sp := .Values.streamProcessor -}}
 {{- $config := deepCopy $sp.config -}}
 {{- $_ := set $config "admin_listen" (printf "0.0.0.0:%d" (int $sp.ports.metrics)) -}}
+{{- $_ := set $config "grpc_listen" (printf "0.0.0.0:%d" (int $sp.ports.grpc)) -}}
 {{- $_ := set $config "kafka" (fromYaml (include "vigil.kafka.properties" .)) -}}
 {{- $_ := set $config "consumer" (fromYaml (include "vigil.stringMap" $sp.config.consumer)) -}}
 {{- $_ := set $config "producer" (fromYaml (include "vigil.stringMap" $sp.config.producer)) -}}
