@@ -1,6 +1,6 @@
 //! What operators see of the running fleet, checked on the real services in this process
 //! (embedded MQTT broker and Kafka cluster, model server on the bundled model, stream
-//! processor, ingest, all on loopback):
+//! processor, alerts, ingest, all on loopback):
 //!
 //! - one reading is one trace: a device's `traceparent` (an MQTT 5 user property, or gRPC
 //!   metadata on ingest's IngestService) is continued by ingest's span, the processor's
@@ -30,6 +30,9 @@ const SCORES: &str = "obs.scores";
 const ANOMALIES: &str = "obs.anomalies";
 const INGEST_DEAD_LETTERS: &str = "obs.ingest-dead-letters";
 const PROCESSOR_DEAD_LETTERS: &str = "obs.processor-dead-letters";
+const ALERTS: &str = "obs.alerts";
+const ALERTS_CHANGELOG: &str = "obs.alerts-changelog";
+const ALERTS_DEAD_LETTERS: &str = "obs.alerts-dead-letters";
 const PREFIX: &str = device_simulator::publish::DEFAULT_TOPIC_PREFIX;
 const PREDICT: &str = "tensorflow.serving.PredictionService/Predict";
 
@@ -65,6 +68,7 @@ struct Pipeline {
     ingest_grpc: SocketAddr,
     ingest_admin: SocketAddr,
     processor_admin: SocketAddr,
+    alerts_admin: SocketAddr,
     /// Stopped in this order: ingest first, the model server last.
     services: Vec<(oneshot::Sender<()>, Task)>,
     _model_config: tempfile::TempDir,
@@ -85,7 +89,17 @@ impl Pipeline {
     async fn start(name: &str) -> Self {
         spans();
         let kafka = KafkaCluster::start(1).unwrap();
-        for topic in [READINGS, SCORES, ANOMALIES, INGEST_DEAD_LETTERS, PROCESSOR_DEAD_LETTERS] {
+        // Two partitions each: the alerts changelog has as many as the scores topic.
+        for topic in [
+            READINGS,
+            SCORES,
+            ANOMALIES,
+            INGEST_DEAD_LETTERS,
+            PROCESSOR_DEAD_LETTERS,
+            ALERTS,
+            ALERTS_CHANGELOG,
+            ALERTS_DEAD_LETTERS,
+        ] {
             kafka.create_topic(topic, 2).unwrap();
         }
         let mqtt = MqttBroker::start().unwrap();
@@ -131,6 +145,37 @@ impl Pipeline {
             })
         });
 
+        // A rule every car meets: each one-second window with a reading fires once it
+        // closes, so the fleet's readings fire alerts.
+        let alerts_config = alerts::config::AlertsConfig {
+            group_id: format!("{name}-alerts"),
+            scores_topic: SCORES.into(),
+            alerts_topic: ALERTS.into(),
+            changelog_topic: ALERTS_CHANGELOG.into(),
+            dead_letter_topic: ALERTS_DEAD_LETTERS.into(),
+            rules: vec![alerts::config::RuleConfig {
+                name: "any-reading".into(),
+                window_seconds: 1,
+                advance_seconds: None,
+                allowed_lateness_seconds: 0,
+                min_anomalies: None,
+                min_readings: Some(1),
+                mean_score_above: None,
+                max_score_above: None,
+            }],
+            kafka: [("bootstrap.servers".to_owned(), kafka.bootstrap_servers().to_owned())].into(),
+            ..Default::default()
+        };
+        let (admin, alerts_admin) = loopback().await;
+        let alerts_service = spawn(|stopped| {
+            tokio::spawn(async move {
+                alerts::run(alerts_config, alerts::Listeners { admin: Some(admin) }, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        });
+
         let mut ingest_config = ingest::config::IngestConfig::default();
         ingest_config.mqtt.url = format!("mqtt://127.0.0.1:{}", mqtt.v5.port());
         ingest_config.mqtt.protocol = ingest::config::MqttProtocol::V5;
@@ -167,7 +212,8 @@ impl Pipeline {
             ingest_grpc,
             ingest_admin,
             processor_admin,
-            services: vec![ingest, processor, model_server],
+            alerts_admin,
+            services: vec![ingest, alerts_service, processor, model_server],
             _model_config: config_dir,
         };
         // Ready: ingest subscribed, the processor owning the readings' partitions.
@@ -385,7 +431,9 @@ async fn one_reading_is_one_trace_from_the_device_through_ingest_the_processor_a
 
 /// Labelled metrics the metrics test's run leaves without a series (the Rust client
 /// exports a labelled family only once it has one), each with why.
-const NOT_REACHED: [(&str, &str); 4] = [
+const NOT_REACHED: [(&str, &str); 6] = [
+    ("alerts_dead_lettered_total", "every score record is readable"),
+    ("alerts_late_readings_total", "no reading comes after its window closed"),
     ("model_server_load_failures_total", "every version loads"),
     ("model_server_shadow_skipped_total", "no shadow run finds the slots full at this rate"),
     ("processor_model_errors_total", "every Predict succeeds"),
@@ -483,6 +531,7 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
         ("ingest", pipeline.ingest_admin),
         ("stream-processor", pipeline.processor_admin),
         ("model-server", pipeline.model_server_rest),
+        ("alerts", pipeline.alerts_admin),
     ];
     let deadline = Instant::now() + Duration::from_secs(30);
     let pages = loop {
@@ -493,7 +542,9 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
         let settled = admin::metric_sum(&pages[2].1, "processor_scores_total") as u64 >= scored
             && admin::metric_sum(&pages[2].1, "processor_dead_lettered_total") >= 1.0
             && pages[2].1.contains("processor_consumer_lag{")
-            && admin::metric_sum(&pages[3].1, "model_server_rollout_decisions_total") >= 1.0;
+            && admin::metric_sum(&pages[3].1, "model_server_rollout_decisions_total") >= 1.0
+            && admin::metric_sum(&pages[4].1, "alerts_scores_consumed_total") as u64 >= scored
+            && admin::metric_sum(&pages[4].1, "alerts_fired_total") >= 1.0;
         if settled || Instant::now() > deadline {
             break pages;
         }
@@ -516,6 +567,10 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
     assert!(figure(3, "model_server_request_errors_total") >= 1, "the unknown model");
     assert!(figure(3, "model_server_shadow_rows_total") >= 1, "shadow scoring ran");
     assert!(figure(3, "model_server_rollout_decisions_total") >= 1, "the analysis decided");
+    assert_eq!(figure(4, "alerts_scores_consumed_total"), scored);
+    assert_eq!(figure(4, "alerts_assigned_partitions"), 2);
+    let fired = figure(4, "alerts_fired_total");
+    assert!(fired >= cars as u64, "each car's first window closed as its later readings came: {fired}");
 
     // The dashboard queries only what the services export.
     let dir = tempfile::tempdir().unwrap();
