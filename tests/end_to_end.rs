@@ -5,6 +5,9 @@
 //! - the README's default run (50 cars, 60 s, seed 42): every published reading is
 //!   acknowledged, ingested and scored exactly once, each device's scores are in order,
 //!   and the bundled model flags the injected faults with precision and recall >= 0.9;
+//!   the alerts service fires exactly the alerts its rule gives on the scores the run
+//!   produced (recounted here from the score records), once each, and only on cars with
+//!   an injected fault;
 //! - the `vigil` binary stopped with Ctrl-C (SIGINT) instead of a duration: the simulator
 //!   stops first, the pipeline drains, and the summary it writes still reconciles.
 
@@ -13,7 +16,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use vigil::up::{UpOptions, up};
+use std::collections::{BTreeMap, HashMap};
+
+use vigil::observe::Observed;
+use vigil::up::{Finished, UpOptions, up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faults() {
@@ -22,7 +28,8 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     // so this is the README's run.
     let options = UpOptions { live: false, model_server_port: 0, processor_grpc_port: 0, ..UpOptions::default() };
     let (cars, seconds) = (options.cars as u64, options.duration.unwrap().as_secs());
-    let summary = up(options, std::future::pending()).await.unwrap();
+    let rule = options.alert_rules[0].clone();
+    let Finished { summary, observed } = up(options, std::future::pending()).await.unwrap();
     println!("{}", summary.render());
     assert!(summary.drained, "the pipeline scored everything within the drain limit");
     assert!(summary.published >= cars * (seconds - 5), "the fleet published for the whole run: {}", summary.published);
@@ -38,6 +45,62 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     let (precision, recall) = (summary.precision.unwrap(), summary.recall.unwrap());
     assert!(precision >= 0.9, "precision {precision}");
     assert!(recall >= 0.9, "recall {recall}");
+
+    // Alerts: the demo rule is per car, tumbling windows, a count of anomalies.
+    assert_eq!(
+        (rule.advance_seconds, rule.mean_score_above, rule.max_score_above, rule.min_readings),
+        (None, None, None, None)
+    );
+    assert!(summary.alerts_settled, "the alerts service read every score");
+    assert_eq!(summary.alerts_dead_lettered, 0);
+    assert_eq!(summary.alert_late_readings, 0, "no reading came after its window closed (the recount assumes it)");
+    assert_eq!(summary.alert_records, summary.alerts, "each alert written once");
+    assert!(summary.alerts > 0, "faults under way for tens of seconds fire the rule");
+    assert_eq!(summary.alerted_faulty_cars, summary.alerted_cars, "no alert on a car without a fault");
+    let expected =
+        recount_alerts(&observed, rule.window_seconds, rule.allowed_lateness_seconds, rule.min_anomalies.unwrap());
+    let fired: BTreeMap<String, (u64, u64)> =
+        observed.alerts.values().map(|alert| (alert.id.clone(), (alert.readings, alert.anomalies))).collect();
+    assert_eq!(fired, expected, "alerts (id -> readings, anomalies) against the recount from the score records");
+    for alert in observed.alerts.values() {
+        assert_eq!(alert.rule, rule.name);
+        assert_eq!(alert.model_versions, [2], "the bundled model's newest version scored every reading");
+        let window = |t: &Option<prost_types::Timestamp>| t.as_ref().unwrap().seconds;
+        assert_eq!(window(&alert.window_end) - window(&alert.window_start), rule.window_seconds as i64);
+    }
+}
+
+/// The alerts a per-car count rule on tumbling windows must fire, recounted from the
+/// distinct score records: `id -> (readings, anomalies)` of every window with at least
+/// `min_anomalies` that closed before the run ended, that is, whose end plus the
+/// lateness was reached by the latest event time on its scores partition.
+fn recount_alerts(
+    observed: &Observed,
+    window_s: u64,
+    lateness_s: u64,
+    min_anomalies: u64,
+) -> BTreeMap<String, (u64, u64)> {
+    let (window, lateness) = (window_s as i64 * 1000, lateness_s as i64 * 1000);
+    let mut stream_time: HashMap<i32, i64> = HashMap::new();
+    let mut windows: BTreeMap<(String, i64), (i32, u64, u64)> = BTreeMap::new();
+    for reading in &observed.scored_readings {
+        let latest = stream_time.entry(reading.partition).or_insert(i64::MIN);
+        *latest = (*latest).max(reading.event_time_ms);
+        let start = reading.event_time_ms.div_euclid(window) * window;
+        let (_, readings, anomalies) =
+            windows.entry((reading.device_id.clone(), start)).or_insert((reading.partition, 0, 0));
+        *readings += 1;
+        *anomalies += u64::from(reading.is_anomaly);
+    }
+    windows
+        .into_iter()
+        .filter(|((_, start), (partition, _, anomalies))| {
+            *anomalies >= min_anomalies && stream_time[partition] >= start + window + lateness
+        })
+        .map(|((device, start), (_, readings, anomalies))| {
+            (format!("{device}/repeated-anomalies/{start}"), (readings, anomalies))
+        })
+        .collect()
 }
 
 /// The `vigil` binary, its stdout read line by line on a thread.

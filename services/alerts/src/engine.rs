@@ -77,6 +77,11 @@ impl Rule {
         (0..).map(move |k| first + k * advance).take_while(move |start| *start <= last)
     }
 
+    /// The condition in words ("anomalies >= 3 and mean score > 2.5").
+    pub fn condition(&self) -> &str {
+        &self.condition
+    }
+
     fn closes_at(&self, start: i64) -> i64 {
         start.saturating_add(self.window_ms).saturating_add(self.lateness_ms)
     }

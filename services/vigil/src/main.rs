@@ -1,7 +1,7 @@
 //! `vigil`: `vigil up` runs the whole fleet on embedded brokers (or external ones) and
 //! shows anomalies live; `vigil rollout ...` steers a running model server's canary
 //! rollouts; `vigil replay` re-scores history through a candidate model version on a
-//! running stream processor; `vigil model-server|ingest|stream-processor|device-simulator
+//! running stream processor; `vigil model-server|ingest|stream-processor|alerts|device-simulator
 //! ...` runs one service with that service's own flags.
 
 use std::ffi::OsString;
@@ -31,8 +31,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole fleet in this process: MQTT broker, Kafka (both embedded unless
-    /// given), model server on the bundled model, stream processor, ingest and a
-    /// simulated fleet with injected faults; show anomalies live and a summary at the end.
+    /// given), model server on the bundled model, stream processor, alerts, ingest and a
+    /// simulated fleet with injected faults; show anomalies and alerts live and a summary
+    /// at the end.
     Up(UpArgs),
     /// Canary rollouts on a running model server: start, status, list, set-weight, promote,
     /// abort, watch.
@@ -50,6 +51,9 @@ enum Command {
     /// The stream processor: Kafka -> model server -> Kafka (`vigil stream-processor --help`).
     #[command(disable_help_flag = true)]
     StreamProcessor(Passed),
+    /// Windowed alert rules over the scores (`vigil alerts --help`).
+    #[command(disable_help_flag = true)]
+    Alerts(Passed),
     /// The simulated car fleet (`vigil device-simulator --help`).
     #[command(disable_help_flag = true)]
     DeviceSimulator(Passed),
@@ -100,6 +104,10 @@ struct UpArgs {
     /// looks by default); 0 picks a free port.
     #[arg(long, default_value_t = 50062)]
     processor_grpc_port: u16,
+    /// The alert rules: a TOML file of `[[rules]]` tables, as the alerts service reads
+    /// them (docs/alerts.md); default: >= 10 anomalies of a car in 20 s tumbling windows.
+    #[arg(long)]
+    alert_rules: Option<PathBuf>,
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -118,6 +126,7 @@ fn main() -> ExitCode {
         Command::ModelServer(passed) => return model_server::cli::main(pass("model-server", passed)),
         Command::Ingest(passed) => ingest::cli::main(pass("ingest", passed)),
         Command::StreamProcessor(passed) => stream_processor::cli::main(pass("stream-processor", passed)),
+        Command::Alerts(passed) => alerts::cli::main(pass("alerts", passed)),
         Command::DeviceSimulator(passed) => device_simulator::cli::main(pass("device-simulator", passed)),
     };
     match result {
@@ -138,6 +147,13 @@ fn up(args: UpArgs) -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    let alert_rules = match args.alert_rules.as_deref().map(vigil::up::read_alert_rules).transpose() {
+        Ok(rules) => rules.unwrap_or_else(vigil::up::demo_alert_rules),
+        Err(error) => {
+            eprintln!("error: --alert-rules: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let options = UpOptions {
         duration: (args.duration > 0).then(|| Duration::from_secs(args.duration)),
         cars: args.cars,
@@ -150,6 +166,7 @@ fn up(args: UpArgs) -> ExitCode {
         model_server_port: args.model_server_port,
         processor_grpc_port: args.processor_grpc_port,
         live: !args.quiet,
+        alert_rules,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -176,7 +193,7 @@ fn up(args: UpArgs) -> ExitCode {
     }));
     runtime.block_on(tracing.shutdown());
     match result {
-        Ok(summary) => {
+        Ok(vigil::up::Finished { summary, .. }) => {
             println!("\n{}", summary.render());
             if let Some(path) = args.summary_json {
                 let json = serde_json::to_string_pretty(&summary).unwrap_or_default();

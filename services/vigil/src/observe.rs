@@ -1,8 +1,8 @@
 //! Watches the pipeline from the outside, the way a dashboard would: a plain Kafka
-//! consumer (no group) tails the readings, scores, anomalies and dead-letter topics from
-//! where they stood when the run began, and keeps what the live view and the summary
-//! need: counts, each device's score order, end-to-end latency, and detection against the
-//! simulator's labels (which every score carries).
+//! consumer (no group) tails the readings, scores, anomalies, alerts and dead-letter
+//! topics from where they stood when the run began, and keeps what the live view and the
+//! summary need: counts, each device's score order, end-to-end latency, detection against
+//! the simulator's labels (which every score carries), and the alerts the rules fired.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use prost::Message as _;
+use proto::vigil::alerts::v1::Alert;
 use proto::vigil::scoring::v1::{Anomaly, Score};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
@@ -26,6 +27,11 @@ pub struct Topics {
     /// Ingest's (readings it could not accept) and the processor's (readings it could
     /// not score).
     pub dead_letters: [String; 2],
+    /// The alerts service's output, its window state, and its dead letters (score records
+    /// it could not read).
+    pub alerts: String,
+    pub alerts_changelog: String,
+    pub alert_dead_letters: String,
 }
 
 /// Readings against detections, counted over scores (each carries its reading's label).
@@ -61,6 +67,17 @@ pub struct AnomalySeen {
     pub fault: FaultKind,
 }
 
+/// A distinct scored reading, as an alert rule sees it.
+#[derive(Debug, Clone)]
+pub struct ScoredReading {
+    /// The scores topic's partition (alert windows close on their partition's progress).
+    pub partition: i32,
+    pub device_id: String,
+    pub event_time_ms: i64,
+    pub is_anomaly: bool,
+    pub faulty: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Observed {
     pub readings: u64,
@@ -82,12 +99,20 @@ pub struct Observed {
     pub latencies_ms: Vec<f64>,
     /// Anomalies not yet shown by the live view.
     pub unshown: Vec<AnomalySeen>,
+    /// Every distinct reading scored, in arrival order.
+    pub scored_readings: Vec<ScoredReading>,
+    /// Alert records, repeats included; the distinct alerts by id.
+    pub alert_records: u64,
+    pub alerts: BTreeMap<String, Alert>,
+    pub alert_dead_letters: u64,
+    /// Alerts not yet shown by the live view.
+    pub unshown_alerts: Vec<Alert>,
     seen: HashSet<(String, u64)>,
     last_sequence: HashMap<String, u64>,
 }
 
 impl Observed {
-    fn score(&mut self, score: Score) {
+    fn score(&mut self, partition: i32, score: Score) {
         self.score_records += 1;
         if !self.seen.insert((score.device_id.clone(), score.sequence)) {
             return; // a repeat (at-least-once): counted once
@@ -113,6 +138,26 @@ impl Observed {
             (false, false) => confusion.true_negatives += 1,
         }
         self.latencies_ms.push(score.pipeline_latency_us as f64 / 1000.0);
+        self.scored_readings.push(ScoredReading {
+            partition,
+            event_time_ms: score.event_time.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000)),
+            device_id: score.device_id,
+            is_anomaly: score.is_anomaly,
+            faulty,
+        });
+    }
+
+    fn alert(&mut self, alert: Alert) {
+        self.alert_records += 1;
+        if !self.alerts.contains_key(&alert.id) {
+            self.unshown_alerts.push(alert.clone());
+            self.alerts.insert(alert.id.clone(), alert);
+        }
+    }
+
+    /// Devices with at least one reading scored while its injected fault was under way.
+    pub fn faulty_devices(&self) -> HashSet<&str> {
+        self.scored_readings.iter().filter(|r| r.faulty).map(|r| r.device_id.as_str()).collect()
     }
 
     fn anomaly(&mut self, anomaly: Anomaly) {
@@ -159,8 +204,15 @@ impl Observer {
             .create()
             .context("the observer's Kafka consumer")?;
         let mut assignment = TopicPartitionList::new();
-        let all =
-            [&topics.readings, &topics.scores, &topics.anomalies, &topics.dead_letters[0], &topics.dead_letters[1]];
+        let all = [
+            &topics.readings,
+            &topics.scores,
+            &topics.anomalies,
+            &topics.dead_letters[0],
+            &topics.dead_letters[1],
+            &topics.alerts,
+            &topics.alert_dead_letters,
+        ];
         for topic in all {
             let metadata = consumer
                 .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -187,12 +239,18 @@ impl Observer {
                         state.readings += 1;
                     } else if topic == topics.scores {
                         if let Ok(score) = Score::decode(payload) {
-                            state.score(score);
+                            state.score(message.partition(), score);
                         }
                     } else if topic == topics.anomalies {
                         if let Ok(anomaly) = Anomaly::decode(payload) {
                             state.anomaly(anomaly);
                         }
+                    } else if topic == topics.alerts {
+                        if let Ok(alert) = Alert::decode(payload) {
+                            state.alert(alert);
+                        }
+                    } else if topic == topics.alert_dead_letters {
+                        state.alert_dead_letters += 1;
                     } else {
                         state.dead_letters += 1;
                     }

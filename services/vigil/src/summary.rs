@@ -1,5 +1,6 @@
 //! What a `vigil up` run did, reconciled: readings published, acknowledged, ingested,
-//! scored, flagged, and detection against the simulator's injected faults. Printed at the
+//! scored, flagged, detection against the simulator's injected faults, and the alerts the
+//! rules fired, per car against the cars that had a fault. Printed at the
 //! end and, with `--summary-json`, written for scripts.
 
 use std::time::Duration;
@@ -8,7 +9,7 @@ use device_simulator::publish::Report;
 use serde::Serialize;
 
 use crate::observe::{Confusion, Observed};
-use crate::up::UpOptions;
+use crate::up::{AlertsOutcome, UpOptions};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -39,6 +40,23 @@ pub struct Summary {
     pub scored_by_model_version: std::collections::BTreeMap<i64, u64>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
+    /// Distinct alerts (by id), and alert records (repeats included).
+    pub alerts: u64,
+    pub alert_records: u64,
+    pub alerts_by_rule: std::collections::BTreeMap<String, u64>,
+    /// Cars with at least one alert; those of them with an injected fault under way
+    /// during the run; and the cars whose fault was under way (alerted or not).
+    pub alerted_cars: usize,
+    pub alerted_faulty_cars: usize,
+    pub faulty_cars: usize,
+    /// Windows still open when the run ended (alerts fire when a window closes).
+    pub alert_windows_open: u64,
+    /// Readings that came after their window had closed, so no window counted them.
+    pub alert_late_readings: u64,
+    /// Score records the alerts service could not read.
+    pub alerts_dead_lettered: u64,
+    /// The alerts service read every score and every alert it fired was seen.
+    pub alerts_settled: bool,
     /// Devices whose scores arrived out of order: (previous sequence, this one).
     pub out_of_order: std::collections::BTreeMap<String, (u64, u64)>,
     /// Every published reading was acknowledged, ingested and scored once.
@@ -55,19 +73,34 @@ pub struct FaultRecall {
     pub recall: f64,
 }
 
+/// How the run ended.
+#[derive(Debug, Clone, Copy)]
+pub struct Ending {
+    pub elapsed: Duration,
+    /// The pipeline scored every reading within the drain limit.
+    pub drained: bool,
+    pub alerts: AlertsOutcome,
+}
+
 impl Summary {
     pub fn new(
         options: &UpOptions,
         report: &Report,
         observed: &Observed,
-        elapsed: Duration,
-        drained: bool,
+        ending: &Ending,
         kafka: &str,
         mqtt: &str,
     ) -> Self {
-        let confusion = observed.confusion;
+        let (confusion, alerts) = (observed.confusion, ending.alerts);
+        let faulty = observed.faulty_devices();
+        let alerted: std::collections::HashSet<&str> =
+            observed.alerts.values().map(|alert| alert.device_id.as_str()).collect();
+        let mut alerts_by_rule = std::collections::BTreeMap::new();
+        for alert in observed.alerts.values() {
+            *alerts_by_rule.entry(alert.rule.clone()).or_default() += 1;
+        }
         Self {
-            seconds: round1(elapsed.as_secs_f64()),
+            seconds: round1(ending.elapsed.as_secs_f64()),
             cars: options.cars,
             kafka: kafka.to_owned(),
             mqtt: mqtt.to_owned(),
@@ -94,12 +127,22 @@ impl Summary {
             scored_by_model_version: observed.by_model_version.clone(),
             latency_p50_ms: observed.latency_percentile(0, 0.5).map(round1),
             latency_p99_ms: observed.latency_percentile(0, 0.99).map(round1),
+            alerts: observed.alerts.len() as u64,
+            alert_records: observed.alert_records,
+            alerts_by_rule,
+            alerted_cars: alerted.len(),
+            alerted_faulty_cars: alerted.intersection(&faulty).count(),
+            faulty_cars: faulty.len(),
+            alert_windows_open: alerts.open_windows,
+            alert_late_readings: alerts.late_readings,
+            alerts_dead_lettered: observed.alert_dead_letters,
+            alerts_settled: alerts.settled,
             out_of_order: observed.out_of_order.clone(),
             reconciled: report.published == report.acknowledged
                 && report.acknowledged == observed.readings
                 && observed.dead_letters == 0
                 && observed.scored == observed.readings,
-            drained,
+            drained: ending.drained,
         }
     }
 
@@ -140,6 +183,33 @@ impl Summary {
                 .collect();
             lines.push(format!("  recall     by fault: {}", by_fault.join(", ")));
         }
+        let by_rule: Vec<String> = self.alerts_by_rule.iter().map(|(rule, n)| format!("{rule}: {n}")).collect();
+        lines.push(format!(
+            "  alerts     {:>8}  fired{} on {} cars: {} of the {} cars with an injected fault, {} without",
+            self.alerts,
+            if by_rule.is_empty() { String::new() } else { format!(" ({})", by_rule.join(", ")) },
+            self.alerted_cars,
+            self.alerted_faulty_cars,
+            self.faulty_cars,
+            self.alerted_cars - self.alerted_faulty_cars
+        ));
+        lines.push(format!(
+            "             {:>8}  windows still open at the end (an alert fires when its window closes){}",
+            self.alert_windows_open,
+            [
+                (self.alert_late_readings > 0)
+                    .then(|| format!("; {} readings came after their window closed", self.alert_late_readings)),
+                (self.alerts_dead_lettered > 0).then(|| format!(
+                    "; {} score records the alerts service could not read",
+                    self.alerts_dead_lettered
+                )),
+                (!self.alerts_settled)
+                    .then(|| "; the alerts service DID NOT catch up with the scores in time".to_owned()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<String>()
+        ));
         lines.push(format!(
             "  latency    p50 {} ms, p99 {} ms  (reading on the readings topic to its score handed to Kafka)",
             self.latency_p50_ms.map_or_else(|| "-".to_owned(), |v| v.to_string()),

@@ -7,7 +7,8 @@
 //!                                   or --mqtt-url)        stream processor ◀──┘
 //!                                                             │ gRPC Predict
 //!  observer (live view, summary) ◀──Kafka── scores, anomalies ◀┘ model server
-//!                                   (embedded mock cluster, or --kafka-brokers)
+//!                    ▲                 │    (embedded mock cluster, or --kafka-brokers)
+//!                    └──Kafka── alerts ◀── alerts service (window rules, changelog)
 //! ```
 //!
 //! The model server loads every version of the model (unpinned requests go to the newest)
@@ -17,13 +18,16 @@
 //! The end is ordered so the counts reconcile exactly: the simulator stops first (its
 //! last readings acknowledged, which ingest does only once Kafka has them), then the run
 //! waits until the processor has scored every reading the observer saw ingested, and only
-//! then stops the services.
+//! then stops the services. The alerts service is stopped once it has read every score and
+//! the observer has seen every alert it fired; windows still open then (alerts fire when a
+//! window closes) are counted in the summary.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
+use alerts::config::{AlertsConfig, RuleConfig};
 use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use device_simulator::fleet::FleetOptions;
@@ -33,8 +37,8 @@ use embedded_brokers::{KafkaCluster, KafkaUnderTest, MqttBroker};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::observe::{Observer, Topics};
-use crate::summary::Summary;
+use crate::observe::{Observed, Observer, Topics};
+use crate::summary::{Ending, Summary};
 use crate::view::LiveView;
 
 /// What `vigil up` runs.
@@ -58,8 +62,10 @@ pub struct UpOptions {
     pub model_server_port: u16,
     /// The stream processor's gRPC port (ReplayService) on 127.0.0.1; 0 picks a free one.
     pub processor_grpc_port: u16,
-    /// Print the live view (progress each second, anomalies as they come).
+    /// Print the live view (progress each second, anomalies and alerts as they come).
     pub live: bool,
+    /// The alerts service's rules (default: [`demo_alert_rules`]).
+    pub alert_rules: Vec<RuleConfig>,
 }
 
 impl Default for UpOptions {
@@ -79,8 +85,40 @@ impl Default for UpOptions {
             // The processor's own default, where `vigil replay` looks.
             processor_grpc_port: 50062,
             live: true,
+            alert_rules: demo_alert_rules(),
         }
     }
+}
+
+/// The seed's emergency rule ("more than 3 anomalies in 5 minutes") at the pace of a
+/// one-minute run of one reading a second per car: half of a car's readings anomalous in
+/// 20-second windows. Sporadic false alarms never add up to that; a fault under way does.
+pub fn demo_alert_rules() -> Vec<RuleConfig> {
+    vec![RuleConfig {
+        name: "repeated-anomalies".into(),
+        window_seconds: 20,
+        advance_seconds: None,
+        allowed_lateness_seconds: 2,
+        min_anomalies: Some(10),
+        min_readings: None,
+        mean_score_above: None,
+        max_score_above: None,
+    }]
+}
+
+/// Reads `rules` from a TOML file in the alerts service's own format (`[[rules]]`
+/// tables; see docs/alerts.md); every other key is refused.
+pub fn read_alert_rules(path: &Path) -> anyhow::Result<Vec<RuleConfig>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RulesFile {
+        rules: Vec<RuleConfig>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: RulesFile = toml::from_str(&text).with_context(|| path.display().to_string())?;
+    let config = AlertsConfig { rules: file.rules, ..AlertsConfig::default() };
+    config.check().with_context(|| path.display().to_string())?;
+    Ok(config.rules)
 }
 
 /// The anomaly model bundled in `deploy/models/`.
@@ -95,6 +133,9 @@ const WARM_UP: Duration = Duration::from_secs(600);
 
 /// How long the pipeline may take to score what was published once the simulator stopped.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// How often the alerts service writes its alerts and state (its default).
+const ALERTS_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5.
 struct Mqtt {
@@ -143,9 +184,15 @@ fn address(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
     listener.local_addr().context("a listener's address")
 }
 
+/// What a run leaves: its summary, and what the observer saw (for checks beyond it).
+pub struct Finished {
+    pub summary: Summary,
+    pub observed: Observed,
+}
+
 /// Runs the fleet until `options.duration` passes or `interrupt` resolves, then drains
 /// and returns the summary.
-pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyhow::Result<Summary> {
+pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyhow::Result<Finished> {
     let run_id = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
     let say = |line: String| {
         if options.live {
@@ -185,8 +232,16 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         (&topics.anomalies, 4),
         (&topics.dead_letters[0], 1),
         (&topics.dead_letters[1], 1),
+        (&topics.alerts, 4),
+        (&topics.alert_dead_letters, 1),
     ] {
         kafka.create_topic(topic, partitions).await?;
+    }
+    // The alerts service creates its changelog, compacted, on a real Kafka; the mock
+    // cluster answers no CreateTopics, so the run creates it there (as many partitions as
+    // the scores topic: partition p keeps the state of scores partition p).
+    if let KafkaUnderTest::Mock(_) = &kafka {
+        kafka.create_topic(&topics.alerts_changelog, 4).await?;
     }
     let mqtt = match &options.mqtt_url {
         Some(url) => {
@@ -281,6 +336,29 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         stream_processor::run(processor_config, listeners, until(stopped))
     });
 
+    // Alerts: window rules over the scores.
+    let alerts_config = AlertsConfig {
+        group_id: format!("vigil-up-alerts-{run_id}"),
+        scores_topic: topics.scores.clone(),
+        alerts_topic: topics.alerts.clone(),
+        changelog_topic: topics.alerts_changelog.clone(),
+        dead_letter_topic: topics.alert_dead_letters.clone(),
+        commit_interval_ms: ALERTS_COMMIT_INTERVAL.as_millis() as u64,
+        admin_listen: String::new(),
+        rules: options.alert_rules.clone(),
+        kafka: [("bootstrap.servers".to_owned(), kafka.bootstrap_servers().to_owned())].into(),
+        ..AlertsConfig::default()
+    };
+    alerts_config.check().context("the alert rules")?;
+    for rule in &alerts_config.rules {
+        say(format!("alerts:       rule {}: {}", rule.name, describe_rule(rule)));
+    }
+    let alerts_admin = loopback().await?;
+    let alerts_metrics = format!("http://{}", address(&alerts_admin)?);
+    let alerts_service = Running::spawn("alerts", |stopped| {
+        alerts::run(alerts_config, alerts::Listeners { admin: Some(alerts_admin) }, until(stopped))
+    });
+
     // Ingest.
     let mut ingest_config = ingest::config::IngestConfig::default();
     ingest_config.mqtt.url.clone_from(&mqtt.ingest_url);
@@ -320,6 +398,7 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     wait_until(Duration::from_secs(60), "ingest and the stream processor to be ready", || async {
         ready(&ingest_metrics).await
             && ready(&processor_metrics).await
+            && ready(&alerts_metrics).await
             && metric(&processor_metrics, "processor_assigned_partitions").await > 0.0
     })
     .await?;
@@ -402,18 +481,44 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         view.tick(started, &publish_metrics, &observer);
     };
     view.tick(started, &publish_metrics, &observer);
+
+    // The alerts service has read every score, and the observer has seen every alert it
+    // fired (it writes them every commit interval).
+    let alerts_settled = drained
+        && wait_until(DRAIN_LIMIT, "the alerts service to read every score", || async {
+            metric(&alerts_metrics, "alerts_scores_consumed_total").await >= observer.state().score_records as f64
+        })
+        .await
+        .is_ok()
+        && {
+            tokio::time::sleep(ALERTS_COMMIT_INTERVAL * 3).await;
+            wait_until(Duration::from_secs(30), "the observer to see every alert", || async {
+                metric(&alerts_metrics, "alerts_fired_total").await as usize <= observer.state().alerts.len()
+            })
+            .await
+            .is_ok()
+        };
+    let alerts = AlertsOutcome {
+        open_windows: metric(&alerts_metrics, "alerts_open_windows").await as u64,
+        late_readings: metric(&alerts_metrics, "alerts_late_readings_total").await as u64,
+        settled: alerts_settled,
+    };
+    view.tick(started, &publish_metrics, &observer);
     let elapsed = started.elapsed();
+    let alerts_stopped = alerts_service.stop().await;
     let processor_stopped = processor.stop().await;
     let ingest_stopped = ingest.stop().await;
     let model_server_stopped = model_server.stop().await;
     let observed = observer.finish();
     drop(kafka);
     drop(model_config);
-    let summary = Summary::new(&options, &report, &observed, elapsed, drained, &kafka_name, &mqtt.name);
+    let ending = Ending { elapsed, drained, alerts };
+    let summary = Summary::new(&options, &report, &observed, &ending, &kafka_name, &mqtt.name);
+    alerts_stopped?;
     processor_stopped?;
     ingest_stopped?;
     model_server_stopped?;
-    Ok(summary)
+    Ok(Finished { summary, observed })
 }
 
 fn run_topics(prefix: &str) -> Topics {
@@ -422,7 +527,35 @@ fn run_topics(prefix: &str) -> Topics {
         scores: format!("{prefix}scores"),
         anomalies: format!("{prefix}anomalies"),
         dead_letters: [format!("{prefix}dead-letter"), format!("{prefix}scoring-dead-letter")],
+        alerts: format!("{prefix}alerts"),
+        alerts_changelog: format!("{prefix}alerts-changelog"),
+        alert_dead_letters: format!("{prefix}alerts-dead-letter"),
     }
+}
+
+/// How the alerts service ended the run.
+#[derive(Debug, Clone, Copy)]
+pub struct AlertsOutcome {
+    /// Windows still open when the run ended: alerts fire only when a window closes.
+    pub open_windows: u64,
+    /// Readings that came after their window had closed (not counted in it).
+    pub late_readings: u64,
+    /// It read every score and the observer saw every alert it fired.
+    pub settled: bool,
+}
+
+/// A rule in words: "anomalies >= 10 in 20 s tumbling windows (2 s lateness)".
+pub fn describe_rule(rule: &RuleConfig) -> String {
+    let windows = match rule.advance_seconds {
+        Some(advance) if advance != rule.window_seconds => format!("hopping every {advance} s"),
+        _ => "tumbling".to_owned(),
+    };
+    format!(
+        "{} in {} s {windows} windows ({} s lateness)",
+        alerts::engine::Rule::new(rule).condition(),
+        rule.window_seconds,
+        rule.allowed_lateness_seconds
+    )
 }
 
 /// The numbered version directories in `dir`, ascending.
