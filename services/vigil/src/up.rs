@@ -618,6 +618,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn alert_rules_come_from_a_file_of_rules_and_bad_ones_are_refused_naming_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let good = write(
+            "good.toml",
+            "[[rules]]\nname = \"hot\"\nwindow_seconds = 30\nadvance_seconds = 10\nmean_score_above = 2.0\n",
+        );
+        let rules = read_alert_rules(&good).unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            (rules[0].name.as_str(), rules[0].advance_seconds, rules[0].mean_score_above),
+            ("hot", Some(10), Some(2.0))
+        );
+        assert_eq!(describe_rule(&rules[0]), "mean score > 2 in 30 s hopping every 10 s windows (0 s lateness)");
+        assert_eq!(describe_rule(&demo_alert_rules()[0]), "anomalies >= 10 in 20 s tumbling windows (2 s lateness)");
+
+        let error = |path: &Path| format!("{:#}", read_alert_rules(path).unwrap_err());
+        let other_key = write(
+            "other.toml",
+            "alerts_topic = \"x\"\n[[rules]]\nname = \"a\"\nwindow_seconds = 5\nmin_anomalies = 1\n",
+        );
+        assert!(
+            error(&other_key).contains("other.toml") && error(&other_key).contains("alerts_topic"),
+            "{}",
+            error(&other_key)
+        );
+        let no_window = write("zero.toml", "[[rules]]\nname = \"a\"\nwindow_seconds = 0\nmin_anomalies = 1\n");
+        assert!(
+            error(&no_window).contains("zero.toml") && error(&no_window).contains("window_seconds"),
+            "{}",
+            error(&no_window)
+        );
+        assert!(error(&dir.path().join("missing.toml")).contains("missing.toml"));
+    }
+
+    #[test]
     fn the_rollout_hint_reads_the_bundled_models_versions() {
         assert_eq!(versions_on_disk(&bundled_model()), [1, 2]);
         assert!(versions_on_disk(Path::new("/nonexistent")).is_empty());
