@@ -199,7 +199,10 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
             println!("{line}");
         }
     };
-    // First, so a taken port fails the run before anything starts.
+    // First, so bad rules or a taken port fail the run before anything starts.
+    AlertsConfig { rules: options.alert_rules.clone(), ..AlertsConfig::default() }
+        .check()
+        .context("the alert rules")?;
     let grpc = TcpListener::bind(("127.0.0.1", options.model_server_port)).await.with_context(|| {
         format!(
             "binding the model server's gRPC port 127.0.0.1:{} (pass --model-server-port 0 for a free port, or another port)",
@@ -349,7 +352,6 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         kafka: [("bootstrap.servers".to_owned(), kafka.bootstrap_servers().to_owned())].into(),
         ..AlertsConfig::default()
     };
-    alerts_config.check().context("the alert rules")?;
     for rule in &alerts_config.rules {
         say(format!("alerts:       rule {}: {}", rule.name, describe_rule(rule)));
     }
