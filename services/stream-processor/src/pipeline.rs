@@ -226,7 +226,9 @@ impl ClientContext for ConsumerCtx {
                 // Exactly-once stores no offsets (they go into transactions): lag from
                 // the committed offset then.
                 let lag = if stats.consumer_lag_stored >= 0 { stats.consumer_lag_stored } else { stats.consumer_lag };
-                if *partition >= 0 && lag >= 0 {
+                // Only partitions this instance fetches: librdkafka keeps reporting a
+                // revoked one, whose lag is its new owner's to report.
+                if *partition >= 0 && lag >= 0 && stats.fetch_state == "active" {
                     self.metrics
                         .consumer_lag
                         .with_label_values(&[topic.as_str(), partition.to_string().as_str()])
@@ -249,6 +251,11 @@ impl ConsumerContext for ConsumerCtx {
                 match self.wiring.get() {
                     Some(wiring) => commit_drained(consumer, &wiring.shared, finished),
                     None => commit_stored(consumer),
+                }
+                // Their lag is the next owner's to report: a series left here would keep
+                // its last value and add to (or, under max, hide) the real one.
+                for (topic, partition) in &keys {
+                    let _ = self.metrics.consumer_lag.remove_label_values(&[topic.as_str(), &partition.to_string()]);
                 }
             }
             Rebalance::Assign(partitions) => {

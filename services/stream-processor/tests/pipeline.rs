@@ -200,10 +200,24 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
     produce_readings(&kafka, early).await;
     let count = early.len();
     read(&kafka, SCORES, move |r| r.len() >= count / 2).await;
+    // Lag comes with librdkafka's statistics (every 5 s): the first owns every partition.
+    eventually(Duration::from_secs(30), "the first processor's lag on every partition", || async {
+        lag_partitions(&first).await.len() == PARTITIONS as usize
+    })
+    .await;
     let second = Processor::start(config).await;
     eventually(Duration::from_secs(30), "the partitions split between the two", || async {
         first.metric("processor_assigned_partitions").await > 0.0
             && second.metric("processor_assigned_partitions").await > 0.0
+    })
+    .await;
+    // Each reports lag for its own partitions only: none keeps a revoked partition's
+    // last value (the dashboard takes the max over instances).
+    eventually(Duration::from_secs(30), "each processor's lag series to be its own partitions", || async {
+        let (mine, theirs) = (lag_partitions(&first).await, lag_partitions(&second).await);
+        mine.len() == first.metric("processor_assigned_partitions").await as usize
+            && theirs.len() == second.metric("processor_assigned_partitions").await as usize
+            && mine.is_disjoint(&theirs)
     })
     .await;
     produce_readings(&kafka, late).await;
@@ -226,6 +240,15 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
     first.stop().await;
     second.stop().await;
     server.stop().await;
+}
+
+/// The partitions a processor reports `processor_consumer_lag` for.
+async fn lag_partitions(processor: &Processor) -> std::collections::BTreeSet<String> {
+    let page = reqwest::get(format!("{}/metrics", processor.admin)).await.unwrap().text().await.unwrap();
+    page.lines()
+        .filter(|line| line.starts_with("processor_consumer_lag{"))
+        .filter_map(|line| line.split("partition=\"").nth(1)?.split('"').next().map(str::to_owned))
+        .collect()
 }
 
 /// Each device's readings were first scored in sequence order (repeats, allowed after a
