@@ -29,7 +29,7 @@
 //! rollout only if that report passes; a failing report is printed and nothing starts.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use proto::vigil::rollout::v1 as pb;
@@ -86,7 +86,8 @@ enum RolloutCommand {
         reason: Option<String>,
     },
     /// Print a line at every change of the rollout; exit 0 once it is promoted, rolled back
-    /// or aborted.
+    /// or aborted. A server that goes away (a restart, a rolling update) is polled again
+    /// for up to a minute before the watch gives up.
     Watch {
         model: String,
         /// Seconds between polls.
@@ -380,6 +381,9 @@ async fn connect(server: &str) -> Result<RolloutServiceClient<Channel>, Failure>
     Ok(RolloutServiceClient::new(channel))
 }
 
+/// How long `watch` keeps polling a model server that does not answer.
+const WATCH_OUTAGE_LIMIT: Duration = Duration::from_secs(60);
+
 /// Polls the rollout and prints each new revision until the rollout is over.
 async fn watch(
     client: &mut RolloutServiceClient<Channel>,
@@ -388,8 +392,33 @@ async fn watch(
     json: bool,
 ) -> Result<(), Failure> {
     let mut shown = None;
+    let mut unavailable_since: Option<Instant> = None;
     loop {
-        let rollout = client.get_rollout(pb::GetRolloutRequest { model: model.to_owned() }).await?.into_inner();
+        let rollout = match client.get_rollout(pb::GetRolloutRequest { model: model.to_owned() }).await {
+            Ok(response) => {
+                if unavailable_since.take().is_some() {
+                    eprintln!("the model server answers again");
+                }
+                response.into_inner()
+            }
+            // A server restarting (or the Service between pods) is not the rollout's end.
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                let since = *unavailable_since.get_or_insert_with(|| {
+                    eprintln!(
+                        "the model server does not answer ({}); polling it again for up to {} s",
+                        status.message(),
+                        WATCH_OUTAGE_LIMIT.as_secs()
+                    );
+                    Instant::now()
+                });
+                if since.elapsed() > WATCH_OUTAGE_LIMIT {
+                    return Err(status.into());
+                }
+                tokio::time::sleep(every).await;
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
         if shown != Some(rollout.revision) {
             shown = Some(rollout.revision);
             if json {

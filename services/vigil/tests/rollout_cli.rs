@@ -1,7 +1,8 @@
 //! The `vigil rollout` binary against a model server started in this process on both
 //! bundled car-anomaly versions: every command's exit code and output, the server's errors
-//! passed through naming their field, a watch that ends on a finished rollout, and an
-//! unreachable server named together with the way to point elsewhere.
+//! passed through naming their field, a watch that ends on a finished rollout and rides
+//! out a server restart, and an unreachable server named together with the way to point
+//! elsewhere.
 
 use std::path::PathBuf;
 
@@ -29,14 +30,19 @@ struct Server {
 
 impl Server {
     async fn start() -> Self {
+        Self::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), &[]).await
+    }
+
+    /// A server on `grpc` with more model server flags.
+    async fn start_on(grpc: tokio::net::TcpListener, more_flags: &[String]) -> Self {
         let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly");
         let config = tempfile::tempdir().unwrap();
         let file = config.path().join("models.config");
         std::fs::write(&file, model_server::model_config::all_versions_config("car-anomaly", &models).unwrap())
             .unwrap();
-        let flags = ["model-server".to_owned(), format!("--model_config_file={}", file.display())];
+        let mut flags = vec!["model-server".to_owned(), format!("--model_config_file={}", file.display())];
+        flags.extend_from_slice(more_flags);
         let server_config = ServeCli::try_parse_from(flags).unwrap().serve.resolve().unwrap();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", grpc.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = model_server::server::Listeners { grpc, rest: None };
@@ -145,4 +151,42 @@ async fn the_rollout_cli_steers_a_rollout_and_passes_the_servers_errors_through(
     assert!(unreachable.stderr.contains("model server at http://127.0.0.1:1"), "{}", unreachable.stderr);
     assert!(unreachable.stderr.contains("--server") && unreachable.stderr.contains("VIGIL_MODEL_SERVER"));
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_rides_out_a_model_server_restart() {
+    // Rollout state on Kafka, as replicas keep it, so the restarted server carries on with
+    // the same rollout; it comes back on the same address, as a pod behind its Service.
+    let kafka = embedded_brokers::KafkaCluster::start(1).unwrap();
+    kafka.create_topic("vigil.rollout-state", 1).unwrap();
+    kafka.create_topic("vigil.rollout-events", 1).unwrap();
+    let flags = [format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers())];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = Server::start_on(listener, &flags).await;
+    let url = server.url.clone();
+    let started =
+        vigil(Some(&url), &["start", "car-anomaly", "--stable", "1", "--canary", "2", "--weight", "10"]).await;
+    assert_eq!(started.code, 0, "{}", started.stderr);
+
+    let (watched, restarted) = tokio::join!(vigil(Some(&url), &["watch", "car-anomaly"]), async {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        server.stop().await;
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let server = Server::start_on(listener, &flags).await;
+        let aborted = vigil(Some(&url), &["abort", "car-anomaly", "--reason", "after the restart"]).await;
+        assert_eq!((aborted.code, aborted.field("phase")), (0, "aborted"), "{}", aborted.stderr);
+        server
+    });
+    assert_eq!(watched.code, 0, "the watch ended with the rollout: {}", watched.stderr);
+    assert!(
+        watched.stderr.contains("does not answer") && watched.stderr.contains("answers again"),
+        "{}",
+        watched.stderr
+    );
+    let lines: Vec<&str> = watched.stdout.lines().collect();
+    assert!(lines[0].contains("revision 1: manual, canary 10%"), "{}", watched.stdout);
+    assert!(lines.last().unwrap().contains("aborted by hand: after the restart"), "{}", watched.stdout);
+    restarted.stop().await;
 }
