@@ -552,6 +552,12 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
     };
     for (service, page) in &pages {
         check_exposition(service, page);
+        // Every service reports its process (admin::register_process_metrics); CPU comes
+        // in whole seconds, which this short run may not have used yet.
+        for family in ["process_resident_memory_bytes", "process_open_fds", "process_threads"] {
+            assert!(admin::metric_sum(page, family) > 0.0, "{service}: no {family}");
+        }
+        assert!(page.contains("\nprocess_cpu_seconds_total "), "{service}: no process_cpu_seconds_total");
     }
     let figure = |index: usize, name: &str| admin::metric_sum(&pages[index].1, name) as u64;
     assert_eq!(figure(0, "simulator_readings_published_total"), published);

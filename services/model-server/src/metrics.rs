@@ -4,10 +4,10 @@
 //! can compare two versions of one model over the same window, and `api` so gRPC, REST
 //! and KServe traffic can be told apart.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Which front door a request came through.
@@ -156,9 +156,6 @@ impl Metrics {
             &["model", "decision"],
         )
         .expect("metric definition");
-        let start = Gauge::new("process_start_time_seconds", "Start time of the process since the Unix epoch")
-            .expect("metric definition");
-        start.set(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64());
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -174,10 +171,11 @@ impl Metrics {
             Box::new(rollout_weight.clone()),
             Box::new(rollout_phase.clone()),
             Box::new(rollout_decisions.clone()),
-            Box::new(start),
         ] {
             registry.register(collector).expect("unique metric names");
         }
+        // process_start_time_seconds among them (the server declared its own before).
+        admin::register_process_metrics(&registry);
         Self {
             registry,
             requests,

@@ -1,7 +1,8 @@
 //! The operations endpoint every Vigil service serves beside its real work, for
 //! Kubernetes probes and Prometheus: `/live` (the process answers), `/ready` (a latch the
 //! service sets once it can do its job, and clears while it cannot or is draining) and
-//! `/metrics` (the service's Prometheus registry in the text format).
+//! `/metrics` (the service's Prometheus registry in the text format, with the process's
+//! own CPU, memory, threads and file descriptors: `process_*`, see [`register_process_metrics`]).
 //!
 //! The model server answers the same paths on its REST port (it also serves predictions
 //! there); every other service takes a listener for this endpoint alone.
@@ -45,8 +46,22 @@ struct AdminState {
     readiness: Readiness,
 }
 
-/// The `/live`, `/ready` and `/metrics` routes over `registry` and `readiness`.
+/// Adds the process's CPU seconds, resident and virtual memory, threads, open and maximum
+/// file descriptors and start time (`process_*`, read from /proc) to `registry`, once:
+/// what a dashboard shows per service where no container metrics are scraped (Compose),
+/// and the same figures the Go and Python clients export. Once per registry: a registry
+/// that already has one of these names refuses them all (logged). Linux only.
+pub fn register_process_metrics(registry: &Registry) {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())) {
+        tracing::warn!(%error, "not exporting the process metrics");
+    }
+}
+
+/// The `/live`, `/ready` and `/metrics` routes over `registry` (with
+/// [`register_process_metrics`]) and `readiness`.
 pub fn router(registry: Registry, readiness: Readiness) -> Router {
+    register_process_metrics(&registry);
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
@@ -144,5 +159,19 @@ mod metric_sum_tests {
         assert_eq!(super::metric_sum(page, "x_total"), 5.5);
         assert_eq!(super::metric_sum(page, "y"), 7.0);
         assert_eq!(super::metric_sum(page, "z"), 0.0);
+    }
+}
+
+#[cfg(test)]
+mod process_metrics_tests {
+    #[test]
+    fn the_registry_gets_the_process_metrics() {
+        let registry = prometheus::Registry::new();
+        super::register_process_metrics(&registry);
+        let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_owned()).collect();
+        #[cfg(target_os = "linux")]
+        for name in ["process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"] {
+            assert_eq!(names.iter().filter(|n| *n == name).count(), 1, "{name} in {names:?}");
+        }
     }
 }
