@@ -667,6 +667,20 @@ fn future_record(record: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
     FutureRecord::to(&record.topic).key(record.key.as_slice()).payload(record.payload.as_slice()).headers(headers)
 }
 
+/// Hands `record` to `producer`, waiting while its queue is full; any other refusal is
+/// the caller's to handle. The live path and replays both write through this.
+pub(crate) async fn send_waiting(producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        match producer.send_result(future_record(record)) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
 /// Hands every record to the producer, in order; waits while its queue is full.
 async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFuture> {
     let mut deliveries = Vec::with_capacity(records.len());
@@ -678,12 +692,9 @@ async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFutu
 
 async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
     loop {
-        match shared.producer.send_result(future_record(record)) {
+        match send_waiting(&shared.producer, record).await {
             Ok(delivery) => return delivery,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((error, _)) => {
+            Err(error) => {
                 tracing::warn!(topic = %record.topic, %error, "handing a record to the producer failed; retrying");
                 shared.metrics.produce_retries.inc();
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -697,18 +708,8 @@ async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
 async fn enqueue_all_in_transaction(shared: &Shared, records: &[OutRecord]) -> Result<Vec<DeliveryFuture>, String> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
-        loop {
-            match shared.producer.send_result(future_record(record)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => return Err(format!("producing to {}: {error}", record.topic)),
-            }
-        }
+        let delivery = send_waiting(&shared.producer, record).await;
+        deliveries.push(delivery.map_err(|error| format!("producing to {}: {error}", record.topic))?);
     }
     Ok(deliveries)
 }

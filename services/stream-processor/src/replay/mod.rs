@@ -40,7 +40,7 @@ use proto::vigil::scoring::v1::Score;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message as _, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sensor::SensorReading;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -304,10 +304,10 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
         let wanted: HashSet<(i32, i64)> = scored.keys().copied().collect();
         let (config, cancel, from) = (config.clone(), cancel.0.clone(), plan.from_ms);
         let live = blocking(move || live_scores(&config, &group, from, wanted, &cancel)).await?;
-        let mut keys: Vec<&(i32, i64)> = scored.keys().collect();
-        keys.sort_unstable();
-        for key in keys {
-            if let (Some(&(candidate, candidate_anomaly)), Some(live)) = (scored.get(key), live.get(key)) {
+        let mut candidates: Vec<_> = scored.into_iter().collect();
+        candidates.sort_unstable_by_key(|(key, _)| *key);
+        for (key, (candidate, candidate_anomaly)) in candidates {
+            if let Some(live) = live.get(&key) {
                 tally.pairs.push(Pair {
                     candidate,
                     candidate_anomaly,
@@ -474,23 +474,8 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
 
 /// Hands a record to the producer, waiting while its queue is full.
 async fn send(producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture, ReplayError> {
-    loop {
-        let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
-            headers = headers.insert(rdkafka::message::Header { key, value: Some(value.as_slice()) });
-        }
-        let future = FutureRecord::to(&record.topic)
-            .key(record.key.as_slice())
-            .payload(record.payload.as_slice())
-            .headers(headers);
-        match producer.send_result(future) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((error, _)) => return Err(ReplayError::Kafka(format!("writing to {}: {error}", record.topic))),
-        }
-    }
+    let delivery = crate::pipeline::send_waiting(producer, record).await;
+    delivery.map_err(|error| ReplayError::Kafka(format!("writing to {}: {error}", record.topic)))
 }
 
 /// Whether Kafka took a record (`None`: nothing was waited for).
