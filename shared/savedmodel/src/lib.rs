@@ -6,6 +6,11 @@
 //! CRC-checked) from the `variables/` TensorBundle, and builds an optimized tract plan
 //! whose batch dimension is symbolic, so one plan serves any batch size.
 //!
+//! Like TensorFlow's restore, opening a SavedModel verifies the CRC32C of every tensor
+//! in the checkpoint, including ones no signature reads (optimizer slots, counters), so a
+//! corrupt checkpoint never serves. That costs about 0.18 ms per MB of checkpoint (5.7 GB/s
+//! from a warm page cache; see `bundle.rs`).
+//!
 //! ```no_run
 //! use savedmodel::{SavedModel, Tensor};
 //! let model = SavedModel::open("tests/fixtures/savedmodels/autoencoder/1")?;

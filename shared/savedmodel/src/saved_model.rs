@@ -1,6 +1,6 @@
 //! Opening a SavedModel directory: the MetaGraph, its signatures, the checkpoint index
-//! and the TF2 variable -> checkpoint-key mapping. Opening reads no weights; freezing a
-//! signature reads exactly the weights that signature uses.
+//! and the TF2 variable -> checkpoint-key mapping. Opening checksums every tensor of the
+//! checkpoint but keeps none; freezing a signature reads exactly the weights it uses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -104,7 +104,8 @@ pub struct SavedModel {
 }
 
 impl SavedModel {
-    /// Opens the `serve` MetaGraph of the SavedModel in `dir`.
+    /// Opens the `serve` MetaGraph of the SavedModel in `dir`. Fails if any tensor of the
+    /// checkpoint, used by a signature or not, does not match its CRC32C.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
         Self::open_with_tags(dir, &[SERVE_TAG])
     }

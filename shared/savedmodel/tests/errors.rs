@@ -81,6 +81,32 @@ fn a_corrupted_weight_fails_its_crc_naming_the_shard_and_variable() {
 }
 
 #[test]
+fn a_corrupted_weight_no_signature_reads_still_fails_the_load_naming_the_shard_and_key() {
+    // An Adam slot of car_anomaly_flags_everything: 2176 bytes at offset 7288 of the shard
+    // (from its variables.index). Serving never reads optimizer state, which is exactly
+    // why only a check of every entry, as TensorFlow's restore makes, can catch this.
+    const KEY: &str = "base/network/optimizer/_variables/2/.ATTRIBUTES/VARIABLE_VALUE";
+    const OFFSET: usize = 7288;
+    let pristine = SavedModel::open(fixture_dir("car_anomaly_flags_everything")).unwrap();
+    for signature in pristine.signatures().keys() {
+        let frozen = pristine.freeze(signature).unwrap();
+        assert!(!frozen.frozen_variables().iter().any(|k| k == KEY), "{signature} reads {KEY}; pick another");
+    }
+
+    let (_tmp, dir) = scratch_copy("car_anomaly_flags_everything");
+    let shard = dir.join(SHARD);
+    let mut bytes = fs::read(&shard).unwrap();
+    bytes[OFFSET + 1000] ^= 0x08;
+    fs::write(&shard, bytes).unwrap();
+    let err = SavedModel::open(&dir).unwrap_err();
+    let LoadError::ChecksumMismatch { path, key, .. } = &err else { panic!("unexpected error: {err}") };
+    assert!(path.ends_with(SHARD), "{}", path.display());
+    assert_eq!(key, KEY);
+    let message = err.to_string();
+    assert!(message.contains(SHARD) && message.contains(KEY) && message.contains("CRC32C mismatch"), "{message}");
+}
+
+#[test]
 fn a_corrupted_index_block_fails_its_crc_naming_the_index() {
     let (_tmp, dir) = scratch_copy("autoencoder");
     let index = dir.join("variables/variables.index");
