@@ -132,7 +132,7 @@ impl Sink {
                     self.metrics.produce_latency.observe(started.elapsed().as_secs_f64());
                     match record.dead_letter {
                         Some(reason) => self.metrics.dead_lettered.with_label_values(&[reason]).inc(),
-                        None => self.metrics.produced.with_label_values(&[record.topic.as_str()]).inc(),
+                        None => self.metrics.produced.with_label_values(&[&*record.topic_label]).inc(),
                     }
                     return Ok(Written {
                         topic: record.topic,

@@ -6,7 +6,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub struct Metrics {
     /// Messages taken in, by source (`mqtt`, `grpc`).
     pub received: IntCounterVec,
-    /// Records Kafka confirmed, by topic.
+    /// Records Kafka confirmed, by topic as configured (a templated topic's template, so
+    /// devices choosing MQTT topics cannot add series).
     pub produced: IntCounterVec,
     /// Dead letters Kafka confirmed, by reason.
     pub dead_lettered: IntCounterVec,
@@ -33,7 +34,10 @@ impl Metrics {
                 &["source"],
             )?,
             produced: IntCounterVec::new(
-                Opts::new("ingest_records_produced_total", "Records Kafka confirmed, by topic"),
+                Opts::new(
+                    "ingest_records_produced_total",
+                    "Records Kafka confirmed, by topic as configured (templates unexpanded)",
+                ),
                 &["topic"],
             )?,
             dead_lettered: IntCounterVec::new(

@@ -6,6 +6,7 @@
 //! type as `mqtt.content_type`, and every MQTT 5 user property under its own name, which
 //! is how W3C trace context (`traceparent`, `tracestate`) travels from device to Kafka.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use prost::Message as _;
@@ -29,6 +30,8 @@ pub const HEADER_DEAD_LETTER_FIELD: &str = "vigil.dead_letter.field";
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutRecord {
     pub topic: String,
+    /// The topic as configured, which metrics count under (never a device-chosen name).
+    pub topic_label: Arc<str>,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
@@ -80,6 +83,7 @@ pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage
     }
     let unrouted = |key: Option<Vec<u8>>, headers| OutRecord {
         topic: String::new(),
+        topic_label: Arc::from(""),
         key,
         payload: message.payload.to_vec(),
         headers,
@@ -97,9 +101,14 @@ pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage
     };
     let key = route.key.map(String::into_bytes);
     match route.payload {
-        PayloadKind::Raw => {
-            OutRecord { topic: route.kafka_topic, key, payload: message.payload.to_vec(), headers, dead_letter: None }
-        }
+        PayloadKind::Raw => OutRecord {
+            topic: route.kafka_topic,
+            topic_label: route.topic_label,
+            key,
+            payload: message.payload.to_vec(),
+            headers,
+            dead_letter: None,
+        },
         PayloadKind::SensorReading => {
             let envelope = Envelope { topic_device_id: route.device_id.as_deref(), received_at: message.received_at };
             match parse(message.payload, &envelope) {
@@ -107,6 +116,7 @@ pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage
                     headers.push((HEADER_CONTENT_TYPE.to_owned(), SENSOR_READING_CONTENT_TYPE.into()));
                     OutRecord {
                         topic: route.kafka_topic,
+                        topic_label: route.topic_label,
                         key: Some(key.unwrap_or_else(|| reading.device_id.clone().into_bytes())),
                         payload: reading.encode_to_vec(),
                         headers,
@@ -131,6 +141,7 @@ pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage
 pub fn from_reading(topic: &str, reading: &sensor::SensorReading) -> OutRecord {
     OutRecord {
         topic: topic.to_owned(),
+        topic_label: Arc::from(topic),
         key: Some(reading.device_id.clone().into_bytes()),
         payload: reading.encode_to_vec(),
         headers: vec![(HEADER_CONTENT_TYPE.to_owned(), SENSOR_READING_CONTENT_TYPE.into())],

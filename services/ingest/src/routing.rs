@@ -8,6 +8,7 @@
 //! typo fails at startup rather than on the first message.
 
 use regex::Regex;
+use std::sync::Arc;
 
 use crate::config::{PayloadKind, RuleConfig};
 
@@ -28,6 +29,9 @@ pub struct Routes {
 struct Rule {
     matcher: Matcher,
     topic: Template,
+    /// The topic as configured (the template's text): what metrics are labelled with, so a
+    /// device publishing to new MQTT topics cannot add series.
+    topic_label: Arc<str>,
     key: Option<Template>,
     device_id: Option<Template>,
     payload: PayloadKind,
@@ -43,6 +47,8 @@ enum Matcher {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     pub kafka_topic: String,
+    /// The rule's topic as configured (`plant-{level:1}`), for metric labels.
+    pub topic_label: Arc<str>,
     /// The record key; `None` leaves it to the payload (a reading's device id).
     pub key: Option<String>,
     /// The device id the topic names, for payloads that carry none.
@@ -87,6 +93,7 @@ impl Routes {
             };
             return Ok(Route {
                 kafka_topic: render(&rule.topic)?,
+                topic_label: Arc::clone(&rule.topic_label),
                 key: rule.key.as_ref().map(render).transpose()?,
                 device_id: rule.device_id.as_ref().map(render).transpose()?,
                 payload: rule.payload,
@@ -117,6 +124,7 @@ impl Rule {
         Ok(Self {
             matcher,
             topic: template("topic", &config.topic)?,
+            topic_label: Arc::from(config.topic.as_str()),
             key: config.key.as_deref().map(|t| template("key", t)).transpose()?,
             device_id: config.device_id.as_deref().map(|t| template("device_id", t)).transpose()?,
             payload: config.payload,

@@ -1,7 +1,8 @@
 //! Load benchmark: Predict requests/s and latency at several concurrency levels, for the
-//! model server with batching off and on, side by side with a no-op tonic server (the
-//! same PredictionService answering an echo without any inference) as the ceiling that
-//! gRPC itself allows on this machine. Client and servers share the machine's cores.
+//! model server with batching off and on (and with its overload limits lifted, to price
+//! them), side by side with a no-op tonic server (the same PredictionService answering an
+//! echo without any inference) as the ceiling that gRPC itself allows on this machine.
+//! Client and servers share the machine's cores.
 //!
 //! Run: `cargo bench -p model-server --bench grpc_load` (writes
 //! `benchmarks/results/model-server-load.json`; see docs/benchmarks.md).
@@ -172,6 +173,16 @@ fn main() {
         for (name, extra) in [
             (CEILING, None),
             ("model-server, batching off", Some(vec![])),
+            // The overload protections (in-flight pool, stream cap, deadline) out of the way,
+            // to price them: the same server with every limit lifted.
+            (
+                "model-server, batching off, limits lifted",
+                Some(vec![
+                    "--max_in_flight_requests=1000000".to_owned(),
+                    "--grpc_max_concurrent_streams=4294967295".to_owned(),
+                    "--request_timeout_seconds=0".to_owned(),
+                ]),
+            ),
             (
                 "model-server, batching on",
                 Some(vec![

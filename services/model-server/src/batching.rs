@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -209,6 +209,14 @@ impl Scheduler {
         Self { shared, threads }
     }
 
+    /// The most rows one request may carry here (`max_batch_size` when batching).
+    pub fn max_rows(&self) -> Option<usize> {
+        match &self.shared.mode {
+            SchedulingMode::Batched(o) => Some(o.max_batch_size),
+            SchedulingMode::Unbatched(_) => None,
+        }
+    }
+
     pub fn is_batching(&self) -> bool {
         matches!(self.shared.mode, SchedulingMode::Batched(_))
     }
@@ -258,7 +266,7 @@ impl Scheduler {
     ) -> Result<(oneshot::Receiver<Result<Outputs, PredictError>>, Next<'_>), SubmitError> {
         let rows = inputs.rows().unwrap_or(1);
         let (reply, receiver) = oneshot::channel();
-        let mut queue = self.shared.queue.lock().expect("scheduler lock");
+        let mut queue = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
         if queue.closed {
             return Err(SubmitError::Closed);
         }
@@ -316,7 +324,7 @@ impl Combiner<'_> {
     fn combine(mut self) {
         let started = Instant::now();
         loop {
-            let mut queue = self.shared.queue.lock().expect("scheduler lock");
+            let mut queue = self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if queue.tasks.is_empty() {
                 queue.running -= 1;
                 self.holds_slot = false;
@@ -342,7 +350,7 @@ impl Drop for Combiner<'_> {
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
-        self.shared.queue.lock().expect("scheduler lock").closed = true;
+        self.shared.queue.lock().unwrap_or_else(PoisonError::into_inner).closed = true;
         self.shared.ready.notify_all();
         for thread in self.threads.drain(..) {
             // A thread only ends by returning; a panic inside tract is caught per run.
@@ -361,7 +369,7 @@ impl Shared {
 
     /// Gives a run slot back and, if work is queued, wakes a thread to take it.
     fn release_slot(&self) {
-        let mut queue = self.queue.lock().expect("scheduler lock");
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         queue.running -= 1;
         let more = !queue.tasks.is_empty();
         drop(queue);
@@ -385,13 +393,13 @@ impl Shared {
 
     /// Blocks until there is work and a free slot; `None` once closed and drained.
     fn next_batch(&self) -> Option<Vec<Task>> {
-        let mut queue = self.queue.lock().expect("scheduler lock");
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             while queue.tasks.is_empty() || queue.running >= self.slots {
                 if queue.closed && queue.tasks.is_empty() {
                     return None;
                 }
-                queue = self.ready.wait(queue).expect("scheduler lock");
+                queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
             }
             let (max_rows, timeout) = self.batch_limits();
             // Let the batch fill until it is full or its oldest request has waited long enough.
@@ -402,7 +410,7 @@ impl Shared {
                 if now >= deadline {
                     break;
                 }
-                queue = self.ready.wait_timeout(queue, deadline - now).expect("scheduler lock").0;
+                queue = self.ready.wait_timeout(queue, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
             }
             if queue.tasks.is_empty() || queue.running >= self.slots {
                 continue; // someone else took them, or the slot, while this thread waited

@@ -8,8 +8,11 @@ use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::admission::{self, RequestLimits, WireTensor};
 use crate::config::ServeArgs;
+use crate::error::ServeError;
 use crate::server::{self, Listeners};
+use crate::tensor_codec::MAX_TENSOR_BYTES;
 use crate::{inspect, tensor_json};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -82,15 +85,22 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the gRPC port {}:{}", args.bind_address, args.port))?;
         // TF Serving's startup lines, with the real port when 0 was asked for.
         println!("Running gRPC ModelServer at {}", grpc.local_addr()?);
-        let rest = if args.rest_api_port > 0 {
-            let rest = tokio::net::TcpListener::bind((args.bind_address.as_str(), args.rest_api_port))
-                .await
-                .with_context(|| format!("binding the REST port {}:{}", args.bind_address, args.rest_api_port))?;
-            println!("Exporting HTTP/REST API at {}", rest.local_addr()?);
-            Some(rest)
-        } else {
-            None
+        let rest = match (&args.rest_api_address, args.rest_api_port) {
+            (Some(address), _) => Some(
+                tokio::net::TcpListener::bind(address.as_str())
+                    .await
+                    .with_context(|| format!("binding the REST address {address}"))?,
+            ),
+            (None, 0) => None,
+            (None, port) => Some(
+                tokio::net::TcpListener::bind((args.bind_address.as_str(), port))
+                    .await
+                    .with_context(|| format!("binding the REST port {}:{port}", args.bind_address))?,
+            ),
         };
+        if let Some(rest) = &rest {
+            println!("Exporting HTTP/REST API at {}", rest.local_addr()?);
+        }
         let tracing = telemetry::Tracing::from_env("vigil-model-server")?;
         let result = server::run(config, Listeners { grpc, rest }, shutdown_signal()).await;
         tracing.shutdown().await;
@@ -130,10 +140,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let body: serde_json::Value = serde_json::from_str(&request).context("the request is not valid JSON")?;
             let model = SavedModel::open(&dir)?;
             let plan = model.load(&signature)?;
-            let inputs = tensor_json::parse_request(&body, plan.spec())?;
-            if inputs.is_empty() {
+            let columns = tensor_json::parse_request(body, plan.spec())?;
+            if columns.is_empty() {
                 bail!("the request has no inputs");
             }
+            let wire = columns.into_iter().map(|(name, value)| (name, WireTensor::Json(value))).collect();
+            // A local tool: no per-request budget beyond the largest tensor the server allows.
+            let limits =
+                RequestLimits { max_rows: usize::MAX, max_batch_rows: None, max_bytes: Some(MAX_TENSOR_BYTES) };
+            // The server's messages name the model and version; here there is only the input.
+            let admitted = admission::admit("local", 0, plan.spec(), wire, limits).map_err(|e| match e {
+                ServeError::Predict { source, .. } => anyhow::Error::msg(source.to_string()),
+                other => anyhow::Error::msg(other.to_string()),
+            })?;
+            let inputs = admitted.decode().map_err(anyhow::Error::msg)?;
             let outputs = plan.run(inputs)?;
             println!("{}", tensor_json::outputs_to_json(&outputs));
             Ok(ExitCode::SUCCESS)

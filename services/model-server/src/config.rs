@@ -35,6 +35,11 @@ pub struct ServeArgs {
     )]
     pub rest_api_port: u16,
 
+    /// REST listen address (`HOST:PORT`, port 0 picks a free one and prints it); overrides
+    /// --rest_api_port and --bind_address for REST, e.g. to keep REST on loopback.
+    #[arg(long = "rest_api_address", visible_alias = "rest-api-address", env = "MODEL_SERVER_REST_API_ADDRESS")]
+    pub rest_api_address: Option<String>,
+
     /// Address both ports bind to.
     #[arg(
         long = "bind_address",
@@ -204,6 +209,65 @@ pub struct ServeArgs {
     )]
     pub max_request_rows: usize,
 
+    /// Most decoded tensor bytes one request may carry, checked before anything is
+    /// allocated; 0 (the default) sizes it per signature: a row's bytes times the row
+    /// limit (--max_request_rows, or max_batch_size when batching), at least 1 MiB, or 64 MiB
+    /// for signatures whose rows have no fixed size.
+    #[arg(
+        long = "max_request_bytes",
+        visible_alias = "max-request-bytes",
+        env = "MODEL_SERVER_MAX_REQUEST_BYTES",
+        default_value_t = 0
+    )]
+    pub max_request_bytes: usize,
+
+    /// Requests in flight across all connections (gRPC and REST); past it a request is
+    /// refused at once with RESOURCE_EXHAUSTED (HTTP 429) and counted, not queued.
+    #[arg(
+        long = "max_in_flight_requests",
+        visible_alias = "max-in-flight-requests",
+        env = "MODEL_SERVER_MAX_IN_FLIGHT_REQUESTS",
+        default_value_t = 512
+    )]
+    pub max_in_flight_requests: usize,
+
+    /// Concurrent HTTP/2 streams one gRPC connection may open.
+    #[arg(
+        long = "grpc_max_concurrent_streams",
+        visible_alias = "grpc-max-concurrent-streams",
+        env = "MODEL_SERVER_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 128
+    )]
+    pub grpc_max_concurrent_streams: u32,
+
+    /// Seconds a request may take (a client's shorter `grpc-timeout` wins); 0 for no limit.
+    #[arg(
+        long = "request_timeout_seconds",
+        visible_alias = "request-timeout-seconds",
+        env = "MODEL_SERVER_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
+    pub request_timeout_seconds: u64,
+
+    /// Largest REST request body, in bytes (JSON expands in memory: see docs/model-server.md).
+    #[arg(
+        long = "rest_max_body_bytes",
+        visible_alias = "rest-max-body-bytes",
+        env = "MODEL_SERVER_REST_MAX_BODY_BYTES",
+        default_value_t = 4 << 20
+    )]
+    pub rest_max_body_bytes: usize,
+
+    /// A directory model base paths must lie under (repeatable). When given, a model config
+    /// (from a file or `HandleReloadConfigRequest`) naming a base path elsewhere is refused.
+    #[arg(
+        long = "model_base_path_allow",
+        visible_alias = "model-base-path-allow",
+        env = "MODEL_SERVER_MODEL_BASE_PATH_ALLOW",
+        value_delimiter = ','
+    )]
+    pub model_base_path_allow: Vec<PathBuf>,
+
     /// Inference threads per signature when batching is off, and the most runs at once
     /// (default: CPU count).
     #[arg(long = "inference_threads", visible_alias = "inference-threads", env = "MODEL_SERVER_INFERENCE_THREADS")]
@@ -239,6 +303,7 @@ pub struct ServerConfig {
     pub grpc_health: bool,
     pub tensor_content_outputs: bool,
     pub grpc_max_message_bytes: usize,
+    pub overload: crate::overload::OverloadLimits,
     pub shutdown_grace: Duration,
 }
 
@@ -352,6 +417,7 @@ impl ServeArgs {
             repository: RepositoryOptions {
                 scheduling,
                 enable_warmup: self.enable_model_warmup,
+                allowed_base_paths: self.model_base_path_allow.clone(),
                 saved_model_tags: self
                     .saved_model_tags
                     .split(',')
@@ -359,7 +425,16 @@ impl ServeArgs {
                     .filter(|t| !t.is_empty())
                     .collect(),
             },
-            limits: Limits { max_request_rows: self.max_request_rows },
+            limits: Limits {
+                max_request_rows: self.max_request_rows,
+                max_request_bytes: (self.max_request_bytes > 0).then_some(self.max_request_bytes),
+            },
+            overload: crate::overload::OverloadLimits {
+                max_in_flight: self.max_in_flight_requests.max(1),
+                grpc_max_concurrent_streams: self.grpc_max_concurrent_streams.max(1),
+                request_timeout: seconds(self.request_timeout_seconds),
+                rest_max_body_bytes: self.rest_max_body_bytes,
+            },
             monitoring_path,
             grpc_health: self.enable_grpc_healthcheck_service,
             tensor_content_outputs: self.enable_serialization_as_tensor_content,

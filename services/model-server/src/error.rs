@@ -34,6 +34,9 @@ pub enum ServeError {
     Overloaded(String),
 
     #[error("{0}")]
+    DeadlineExceeded(String),
+
+    #[error("{0}")]
     FailedPrecondition(String),
 
     #[error("{0}")]
@@ -65,6 +68,7 @@ impl ServeError {
                 _ => Code::InvalidArgument,
             },
             ServeError::Overloaded(_) => Code::ResourceExhausted,
+            ServeError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServeError::Unimplemented(_) => Code::Unimplemented,
             ServeError::Internal(_) => Code::Internal,
         }
@@ -84,6 +88,7 @@ impl ServeError {
             Code::ResourceExhausted => 429,
             Code::Unimplemented => 501,
             Code::Unavailable => 503,
+            Code::DeadlineExceeded => 504,
             _ => 500,
         }
     }

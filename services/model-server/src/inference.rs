@@ -1,6 +1,7 @@
 //! The one inference path every API (TF Serving gRPC and REST, KServe v2) goes through:
-//! resolve the version, validate inputs against the signature *before* queueing, check
-//! limits, queue on the signature's scheduler, and filter outputs.
+//! resolve the version and signature, admit the wire inputs against them and decode them
+//! ([`crate::admission`]: nothing is allocated for a request before it is known to fit),
+//! queue on the signature's scheduler, and filter outputs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use canary::split::Arm;
 use savedmodel::{PredictError, Tensor};
 use tokio::sync::Semaphore;
 
+use crate::admission::{self, RequestLimits, WireTensor};
 use crate::batching::SubmitError;
 use crate::error::ServeError;
 use crate::metrics::Metrics;
@@ -17,16 +19,19 @@ use crate::repository::{LoadedVersion, Repository, VersionSelector};
 use crate::rollout::Rollouts;
 use crate::rollout::windows::{Outcome, Windows};
 
-/// Request limits (checked before any work is queued).
+/// Request limits (checked before anything is decoded or queued).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     /// Most rows (batch axis) one request may carry.
     pub max_request_rows: usize,
+    /// Most decoded tensor bytes one request may carry; `None` sizes it per signature
+    /// ([`admission::budget`]).
+    pub max_request_bytes: Option<usize>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_request_rows: 65_536 }
+        Self { max_request_rows: 65_536, max_request_bytes: None }
     }
 }
 
@@ -39,7 +44,8 @@ pub struct InferenceRequest {
     pub selector: VersionSelector,
     /// `None` or empty: `serving_default`.
     pub signature: Option<String>,
-    pub inputs: Vec<(String, Tensor)>,
+    /// As they came off the wire: decoded only once admitted.
+    pub inputs: Vec<(String, WireTensor)>,
     /// Only these outputs (all when empty).
     pub output_filter: Vec<String>,
     /// Sticks the request to one side of a canary split (the device id, say).
@@ -125,7 +131,18 @@ impl Inference {
         let version = self.resolve(&request.model, &request.selector, request.routing_key.as_deref())?;
         let signature =
             request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
-        *target = Some((version.model.clone(), version.version, signature.clone()));
+        // Metrics are labelled with names the model defines, never with what a client sent:
+        // a signature the version does not have counts under an empty signature label.
+        let label = if version.specs.contains_key(&signature) { signature.clone() } else { String::new() };
+        *target = Some((version.model.clone(), version.version, label));
+        let (plan, scheduler) = version.signature(&signature)?;
+        let limits = RequestLimits {
+            max_rows: self.limits.max_request_rows,
+            max_batch_rows: scheduler.max_rows(),
+            max_bytes: self.limits.max_request_bytes,
+        };
+        let admitted = admission::admit(&version.model, version.version, plan.spec(), request.inputs, limits)?;
+        let inputs = admission::decode_admitted(admitted).await?;
         let rollout = self.rollouts.get(&version.model).filter(|r| r.phase.is_active());
         let watched = rollout.as_ref().is_some_and(|r| [r.spec.stable, r.spec.canary].contains(&version.version));
         let shadow = rollout
@@ -133,14 +150,14 @@ impl Inference {
             .filter(|r| matches!(request.selector, VersionSelector::Latest) && version.version == r.spec.stable)
             .and_then(|_| self.rollouts.shadow(&version.model, request.routing_key.as_deref()))
             .and_then(|canary| match self.shadow_slots.clone().try_acquire_owned() {
-                Ok(slot) => Some((canary, slot, request.inputs.clone())),
+                Ok(slot) => Some((canary, slot, inputs.clone())),
                 Err(_) => {
                     self.metrics.shadow_skipped(&version.model, canary);
                     None
                 }
             });
 
-        let result = self.execute(&version, &signature, request.inputs, &request.output_filter).await;
+        let result = self.execute(&version, &signature, inputs, &request.output_filter).await;
         if watched {
             let outputs = result.as_ref().ok();
             self.windows.record(
@@ -221,7 +238,7 @@ impl Inference {
         }
     }
 
-    /// Validates, checks limits, queues and runs one request on `version`; all outputs.
+    /// Validates, queues and runs one admitted, decoded request on `version`; all outputs.
     async fn execute(
         &self,
         version: &Arc<LoadedVersion>,
@@ -247,14 +264,6 @@ impl Inference {
             }
         }
         let prepared = plan.prepare(inputs).map_err(predict_error)?;
-        if let Some(rows) = prepared.rows()
-            && rows > self.limits.max_request_rows
-        {
-            return Err(ServeError::InvalidArgument(format!(
-                "model {:?} signature {signature:?}: the request has {rows} rows, more than the limit of {}",
-                version.model, self.limits.max_request_rows
-            )));
-        }
         scheduler
             .infer(prepared)
             .await

@@ -2,7 +2,10 @@
 //!
 //! Request metrics carry `model`, `version` and `signature` labels so a canary analysis
 //! can compare two versions of one model over the same window, and `api` so gRPC, REST
-//! and KServe traffic can be told apart.
+//! and KServe traffic can be told apart. Label values are only ever names the server itself
+//! resolved (a configured model, a loaded version, a signature the model defines) or fixed
+//! strings: a name a client sent that resolves to nothing counts under an empty label, so no
+//! request can add a series.
 
 use std::time::Duration;
 
@@ -47,6 +50,7 @@ pub struct Metrics {
     rollout_weight: prometheus::GaugeVec,
     rollout_phase: IntGaugeVec,
     rollout_decisions: IntCounterVec,
+    requests_shed: IntCounterVec,
 }
 
 /// The per-signature instruments the scheduler updates on its hot path.
@@ -156,8 +160,18 @@ impl Metrics {
             &["model", "decision"],
         )
         .expect("metric definition");
+        // Label: "grpc" or "rest" only (never anything a client sent).
+        let requests_shed = IntCounterVec::new(
+            Opts::new(
+                "model_server_requests_shed_total",
+                "Requests refused at once because the server had --max_in_flight_requests in flight",
+            ),
+            &["api"],
+        )
+        .expect("metric definition");
         for collector in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests_shed.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(errors.clone()),
             Box::new(latency.clone()),
             Box::new(batch_size.clone()),
@@ -192,7 +206,13 @@ impl Metrics {
             rollout_weight,
             rollout_phase,
             rollout_decisions,
+            requests_shed,
         }
+    }
+
+    /// Counts a request refused for want of an in-flight permit (`api`: "grpc" or "rest").
+    pub fn request_shed(&self, api: &'static str) {
+        self.requests_shed.with_label_values(&[api]).inc();
     }
 
     pub fn signature(&self, model: &str, version: i64, signature: &str) -> SignatureMetrics {

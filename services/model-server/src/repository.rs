@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
@@ -46,6 +46,8 @@ pub struct RepositoryOptions {
     pub scheduling: SchedulingMode,
     pub enable_warmup: bool,
     pub saved_model_tags: Vec<String>,
+    /// When not empty, model base paths must lie under one of these (`--model_base_path_allow`).
+    pub allowed_base_paths: Vec<PathBuf>,
 }
 
 /// TF Serving's `ModelVersionStatus.State`.
@@ -190,7 +192,7 @@ pub struct Repository {
 
 impl Repository {
     pub fn new(configs: Vec<ModelConfig>, options: RepositoryOptions, metrics: Metrics) -> Result<Self, ServeError> {
-        validate_configs(&configs)?;
+        validate_configs(&configs, &options.allowed_base_paths)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(ServingTable::default()),
@@ -213,7 +215,19 @@ impl Repository {
     }
 
     pub fn model_names(&self) -> Vec<String> {
-        self.shared.control.lock().expect("control lock").configs.iter().map(|c| c.name.clone()).collect()
+        self.shared.lock_control().configs.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Whether the server can answer: at least one model configured, and every configured
+    /// model with a version AVAILABLE. An empty model list is not ready: it serves nothing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let names = self.model_names();
+        if names.is_empty() {
+            return Err("no model is configured".into());
+        }
+        let table = self.table();
+        let missing: Vec<String> = names.into_iter().filter(|m| !table.models.contains_key(m)).collect();
+        if missing.is_empty() { Ok(()) } else { Err(format!("no available version yet: {}", missing.join(", "))) }
     }
 
     /// Finds the version a request addresses.
@@ -245,7 +259,7 @@ impl Repository {
 
     /// Version states for `GetModelStatus`, newest first.
     pub fn status(&self, model: &str, selector: &VersionSelector) -> Result<Vec<VersionStatus>, ServeError> {
-        let statuses = self.shared.statuses.lock().expect("status lock");
+        let statuses = self.shared.lock_statuses();
         let Some(versions) = statuses.get(model) else {
             drop(statuses);
             if self.model_names().iter().any(|m| m == model) {
@@ -286,10 +300,10 @@ impl Repository {
     /// Labels may only point at versions that are AVAILABLE now, or at versions of a model
     /// that is new in this config (they apply once it loads).
     pub fn set_configs(&self, configs: Vec<ModelConfig>) -> Result<Vec<JoinHandle<()>>, ServeError> {
-        validate_configs(&configs)?;
+        validate_configs(&configs, &self.shared.options.allowed_base_paths)?;
         {
             let table = self.shared.table.load();
-            let mut control = self.shared.control.lock().expect("control lock");
+            let mut control = self.shared.lock_control();
             for config in &configs {
                 let existing = control.configs.iter().any(|c| c.name == config.name);
                 for (label, version) in &config.labels {
@@ -312,45 +326,65 @@ impl Repository {
     /// Scans every model's base path and converges: starts loads of wanted versions, unloads
     /// unwanted ones once a wanted version is available, refreshes labels. Returns the load
     /// threads it started (startup waits for them; the poller does not).
+    ///
+    /// The control lock is held only to decide: the directory scans run before it is taken,
+    /// the load threads start after it is released, and a retired version is dropped after
+    /// that, so nothing that blocks or can fail holds it.
     pub fn reconcile(&self) -> Vec<JoinHandle<()>> {
-        let mut control = self.shared.control.lock().expect("control lock");
-        let mut started = Vec::new();
-        let mut aspired_all: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
-        for config in control.configs.clone() {
-            let on_disk = match list_versions(&config.base_path) {
-                Ok(v) => v,
-                Err(e) => {
+        let configs = self.configs();
+        let scans: HashMap<(String, PathBuf), BTreeSet<i64>> = configs
+            .into_iter()
+            .map(|config| {
+                let on_disk = list_versions(&config.base_path).unwrap_or_else(|e| {
                     tracing::warn!(model = %config.name, base_path = %config.base_path.display(), "cannot list versions: {e}");
                     BTreeSet::new()
+                });
+                ((config.name, config.base_path), on_disk)
+            })
+            .collect();
+        let mut loads = Vec::new();
+        let retired = {
+            let mut guard = self.shared.lock_control();
+            let control = &mut *guard;
+            let table = self.shared.table.load_full();
+            for config in &control.configs {
+                // A config that changed since the scan is left as it was; the next scan takes it.
+                let Some(on_disk) = scans.get(&(config.name.clone(), config.base_path.clone())) else { continue };
+                let aspired = aspired_versions(&config.policy, on_disk);
+                control.failed.retain(|(m, v)| m != &config.name || aspired.contains(v));
+                for &version in &aspired {
+                    let key = (config.name.clone(), version);
+                    let loaded = table.models.get(&config.name).is_some_and(|m| m.versions.contains_key(&version));
+                    if loaded || control.loading.contains(&key) || control.failed.contains(&key) {
+                        continue;
+                    }
+                    control.loading.insert(key);
+                    self.shared.set_state(&config.name, version, VersionState::Loading, None);
+                    loads.push((config.name.clone(), version, config.base_path.join(version.to_string())));
                 }
-            };
-            let aspired = aspired_versions(&config.policy, &on_disk);
-            control.failed.retain(|(m, v)| m != &config.name || aspired.contains(v));
-            let table = self.shared.table.load();
-            for &version in &aspired {
-                let key = (config.name.clone(), version);
-                let loaded = table.models.get(&config.name).is_some_and(|m| m.versions.contains_key(&version));
-                if loaded || control.loading.contains(&key) || control.failed.contains(&key) {
-                    continue;
-                }
-                control.loading.insert(key);
-                self.shared.set_state(&config.name, version, VersionState::Loading, None);
-                let dir = config.base_path.join(version.to_string());
-                let repository = self.clone();
-                let model = config.name.clone();
-                let thread = std::thread::Builder::new()
-                    .name(format!("load-{model}-{version}"))
-                    .spawn(move || {
-                        lower_priority_of_this_thread();
-                        repository.load(model, version, dir)
-                    })
-                    .expect("spawning a load thread");
-                started.push(thread);
+                control.aspired.insert(config.name.clone(), aspired);
             }
-            aspired_all.insert(config.name.clone(), aspired);
+            let names: BTreeSet<&String> = control.configs.iter().map(|c| &c.name).collect();
+            control.aspired.retain(|name, _| names.contains(name));
+            self.publish(control)
+        };
+        drop(retired);
+        let mut started = Vec::with_capacity(loads.len());
+        for (model, version, dir) in loads {
+            let repository = self.clone();
+            let thread = std::thread::Builder::new().name(format!("load-v{version}")).spawn({
+                let model = model.clone();
+                move || {
+                    lower_priority_of_this_thread();
+                    repository.load(model, version, dir)
+                }
+            });
+            match thread {
+                Ok(thread) => started.push(thread),
+                // Out of threads: the version is reported failed, and retried on the next config change.
+                Err(e) => self.finish_load(&model, version, Err(format!("cannot start a load thread: {e}"))),
+            }
         }
-        control.aspired = aspired_all;
-        self.publish(&control);
         started
     }
 
@@ -358,27 +392,42 @@ impl Repository {
     fn load(&self, model: String, version: i64, dir: PathBuf) {
         tracing::info!(%model, version, dir = %dir.display(), "loading");
         let started = std::time::Instant::now();
-        let result = self.build_version(&model, version, &dir);
-        let mut control = self.shared.control.lock().expect("control lock");
-        control.loading.remove(&(model.clone(), version));
-        match result {
-            Ok(loaded) => {
-                tracing::info!(%model, version, elapsed_ms = started.elapsed().as_millis() as u64, "available");
-                let mut table = (**self.shared.table.load()).clone();
-                table.models.entry(model.clone()).or_default().versions.insert(version, Arc::new(loaded));
-                self.shared.table.store(Arc::new(table));
-                self.shared.set_state(&model, version, VersionState::Available, None);
-                self.shared.metrics.set_available(&model, version, true);
-            }
-            Err(error) => {
-                tracing::error!(%model, version, "load failed: {error}");
-                self.shared.metrics.load_failed(&model);
-                control.failed.insert((model.clone(), version));
-                self.shared.set_state(&model, version, VersionState::End, Some(error));
-            }
+        // A panic while loading (the engine is guarded already; this is everything else)
+        // fails the version instead of leaving it LOADING forever.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_version(&model, version, &dir)))
+                .unwrap_or_else(|_| Err(format!("{}: loading panicked", dir.display())));
+        if result.is_ok() {
+            tracing::info!(%model, version, elapsed_ms = started.elapsed().as_millis() as u64, "available");
         }
-        // Re-decide with the outcome (against the last scan): a new version may now retire an old one.
-        self.publish(&control);
+        self.finish_load(&model, version, result);
+    }
+
+    /// Hands a load's outcome in: an AVAILABLE version joins the table, a failed one is
+    /// reported and not retried until the config changes.
+    fn finish_load(&self, model: &str, version: i64, result: Result<LoadedVersion, String>) {
+        let retired = {
+            let mut control = self.shared.lock_control();
+            control.loading.remove(&(model.to_owned(), version));
+            match result {
+                Ok(loaded) => {
+                    let mut table = (**self.shared.table.load()).clone();
+                    table.models.entry(model.to_owned()).or_default().versions.insert(version, Arc::new(loaded));
+                    self.shared.table.store(Arc::new(table));
+                    self.shared.set_state(model, version, VersionState::Available, None);
+                    self.shared.metrics.set_available(model, version, true);
+                }
+                Err(error) => {
+                    tracing::error!(%model, version, "load failed: {error}");
+                    self.shared.metrics.load_failed(model);
+                    control.failed.insert((model.to_owned(), version));
+                    self.shared.set_state(model, version, VersionState::End, Some(error));
+                }
+            }
+            // Re-decide with the outcome (against the last scan): a new version may now retire an old one.
+            self.publish(&control)
+        };
+        drop(retired);
     }
 
     fn build_version(&self, model: &str, version: i64, dir: &Path) -> Result<LoadedVersion, String> {
@@ -439,7 +488,10 @@ impl Repository {
 
     /// Publishes a new table: unaspired versions leave once their model has an aspired
     /// version available (or nothing aspired is left), labels point at available versions.
-    fn publish(&self, control: &Control) {
+    /// Returns the previous table, for the caller to drop once it has released the control
+    /// lock (it may hold the last reference to a retired version, whose drop stops threads).
+    #[must_use = "drop the previous table after releasing the control lock"]
+    fn publish(&self, control: &Control) -> Arc<ServingTable> {
         let old = self.shared.table.load_full();
         let mut table = ServingTable::default();
         let mut retired = Vec::new();
@@ -476,9 +528,7 @@ impl Repository {
             self.shared.metrics.set_available(model, *version, false);
         }
         self.shared.table.store(Arc::new(table));
-        // `old` (and with it, possibly the last reference to a retired version) drops here,
-        // outside the status lock.
-        drop(old);
+        old
     }
 
     /// Waits for the given load threads (used at startup, as TF Serving does).
@@ -490,22 +540,30 @@ impl Repository {
 
     /// The configured models.
     pub fn configs(&self) -> Vec<ModelConfig> {
-        self.shared.control.lock().expect("control lock").configs.clone()
+        self.shared.lock_control().configs.clone()
     }
 }
 
 impl Shared {
+    /// The control lock. Nothing that can panic runs under it, but a poisoned lock is
+    /// recovered rather than `expect`ed: its state is only ever replaced whole.
+    fn lock_control(&self) -> MutexGuard<'_, Control> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_statuses(&self) -> MutexGuard<'_, BTreeMap<String, BTreeMap<i64, VersionStatus>>> {
+        self.statuses.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn set_state(&self, model: &str, version: i64, state: VersionState, error: Option<String>) {
-        self.statuses
-            .lock()
-            .expect("status lock")
+        self.lock_statuses()
             .entry(model.to_owned())
             .or_default()
             .insert(version, VersionStatus { version, state, error });
     }
 
     fn set_state_if(&self, model: &str, version: i64, from: VersionState, to: VersionState) {
-        let mut statuses = self.statuses.lock().expect("status lock");
+        let mut statuses = self.lock_statuses();
         if let Some(status) = statuses.get_mut(model).and_then(|m| m.get_mut(&version))
             && status.state == from
         {
@@ -537,18 +595,44 @@ fn aspired_versions(policy: &VersionPolicy, on_disk: &BTreeSet<i64>) -> BTreeSet
     }
 }
 
-/// TF Serving's rules: unique model names, labels of `[a-zA-Z0-9_]+`.
-fn validate_configs(configs: &[ModelConfig]) -> Result<(), ServeError> {
+/// Longest model name accepted.
+pub const MAX_MODEL_NAME_LEN: usize = 256;
+
+/// Whether `name` may name a model: 1-256 of `[A-Za-z0-9_.-]`, not starting with a dot.
+/// Names become URL path segments (REST), metric labels and thread names, so anything else
+/// (a NUL, a slash, a newline) is refused where the config is read, never met later.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_MODEL_NAME_LEN
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// TF Serving's rules (unique model names, labels of `[a-zA-Z0-9_]+`), plus ours: model
+/// names per [`valid_model_name`], and with `allowed` roots set, base paths under one of them.
+fn validate_configs(configs: &[ModelConfig], allowed: &[PathBuf]) -> Result<(), ServeError> {
     let mut names = BTreeSet::new();
     for config in configs {
-        if config.name.is_empty() {
-            return Err(ServeError::InvalidArgument("a model config has an empty name".into()));
+        if !valid_model_name(&config.name) {
+            let shown: String = config.name.chars().take(64).collect();
+            return Err(ServeError::InvalidArgument(format!(
+                "model name {shown:?} is invalid: names are 1-{MAX_MODEL_NAME_LEN} characters of \
+                 [A-Za-z0-9_.-], not starting with a dot"
+            )));
         }
         if !names.insert(&config.name) {
             return Err(ServeError::InvalidArgument(format!("model {:?} is configured twice", config.name)));
         }
         if config.base_path.as_os_str().is_empty() {
             return Err(ServeError::InvalidArgument(format!("model {:?} has an empty base_path", config.name)));
+        }
+        if !allowed.is_empty() && !allowed_base_path(&config.base_path, allowed) {
+            // The roots are the operator's; the refused path is the caller's own: neither leaks.
+            return Err(ServeError::InvalidArgument(format!(
+                "model {:?}: base_path is outside the directories this server may serve models from \
+                 (--model_base_path_allow)",
+                config.name
+            )));
         }
         for label in config.labels.keys() {
             if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -560,6 +644,19 @@ fn validate_configs(configs: &[ModelConfig]) -> Result<(), ServeError> {
         }
     }
     Ok(())
+}
+
+/// Whether `path` lies under one of `roots`: absolute, no `..` component, and (when it
+/// exists) still under a root once symlinks are resolved.
+fn allowed_base_path(path: &Path, roots: &[PathBuf]) -> bool {
+    use std::path::Component;
+    if !path.is_absolute() || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return false;
+    }
+    let under = |p: &Path| {
+        roots.iter().any(|root| p.starts_with(root) || root.canonicalize().is_ok_and(|root| p.starts_with(root)))
+    };
+    under(path) && path.canonicalize().map_or(true, |real| under(&real))
 }
 
 /// Loading a model is seconds of CPU work on a background thread; serving must not wait
@@ -596,8 +693,53 @@ mod tests {
             policy: VersionPolicy::All,
             labels: [(label.to_owned(), 1)].into(),
         };
-        assert!(validate_configs(&[config("stable_2")]).is_ok());
-        let error = validate_configs(&[config("can-ary")]).unwrap_err();
+        assert!(validate_configs(&[config("stable_2")], &[]).is_ok());
+        let error = validate_configs(&[config("can-ary")], &[]).unwrap_err();
         assert!(error.to_string().contains("[a-zA-Z0-9_]+"), "{error}");
+    }
+
+    #[test]
+    fn model_names_that_could_break_a_path_a_label_or_a_thread_are_refused() {
+        let config = |name: &str| ModelConfig {
+            name: name.into(),
+            base_path: "/m".into(),
+            policy: VersionPolicy::All,
+            labels: Default::default(),
+        };
+        for name in ["car-anomaly", "m.v2", "A_1"] {
+            assert!(validate_configs(&[config(name)], &[]).is_ok(), "{name}");
+        }
+        let long = "x".repeat(MAX_MODEL_NAME_LEN + 1);
+        for name in ["", "nul\0byte", "a/b", ".hidden", "new\nline", "sp ace", long.as_str()] {
+            let error = validate_configs(&[config(name)], &[]).unwrap_err();
+            assert!(error.to_string().contains("[A-Za-z0-9_.-]"), "{name:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn base_paths_outside_the_allowed_roots_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let inside = root.path().join("models/car");
+        std::fs::create_dir_all(&inside).unwrap();
+        let roots = [root.path().to_owned()];
+        let config = |base_path: PathBuf| ModelConfig {
+            name: "m".into(),
+            base_path,
+            policy: VersionPolicy::All,
+            labels: Default::default(),
+        };
+        assert!(validate_configs(&[config(inside.clone())], &roots).is_ok());
+        assert!(validate_configs(&[config(root.path().join("not-yet-there"))], &roots).is_ok());
+        for outside in [PathBuf::from("/proc"), root.path().join("models/../../etc"), PathBuf::from("relative/m")] {
+            let error = validate_configs(&[config(outside.clone())], &roots).unwrap_err();
+            assert!(error.to_string().contains("--model_base_path_allow"), "{outside:?}: {error}");
+            assert!(!error.to_string().contains(&root.path().display().to_string()), "leaks the root: {error}");
+        }
+        // A symlink inside a root that points out of it is outside.
+        let link = root.path().join("escape");
+        std::os::unix::fs::symlink("/proc", &link).unwrap();
+        assert!(validate_configs(&[config(link)], &roots).is_err());
+        // Without roots, any path is accepted (as TF Serving does).
+        assert!(validate_configs(&[config("/proc".into())], &[]).is_ok());
     }
 }

@@ -5,19 +5,22 @@
 //! (`/v1/models/m/versions/2:predict`), which route patterns cannot express, so `/v1/`
 //! paths are parsed by [`parse_model_path`] in a fallback handler.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
+use crate::admission::WireTensor;
 use crate::error::ServeError;
 use crate::inference::{Inference, InferenceRequest};
 use crate::metrics::{Api, Metrics};
+use crate::overload::InFlight;
 use crate::repository::VersionSelector;
 use crate::tensor_json;
 
@@ -25,10 +28,15 @@ use crate::tensor_json;
 pub struct RestState {
     pub inference: Inference,
     pub metrics: Metrics,
+    /// The in-flight pool gRPC requests draw from too.
+    pub in_flight: InFlight,
+    pub request_timeout: Option<Duration>,
 }
 
 /// The REST router; `monitoring_path` is the Prometheus path from `--monitoring_config_file`.
-pub fn router(state: RestState, monitoring_path: Option<String>) -> Router {
+/// Bodies over `max_body_bytes` are refused (413) before they are read whole: a JSON body
+/// expands ~16x once parsed (every number a 32-byte value), so this is the REST budget.
+pub fn router(state: RestState, monitoring_path: Option<String>, max_body_bytes: usize) -> Router {
     let mut router = Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
@@ -36,17 +44,13 @@ pub fn router(state: RestState, monitoring_path: Option<String>) -> Router {
     if let Some(path) = monitoring_path.filter(|p| p != "/metrics") {
         router = router.route(&path, get(metrics));
     }
-    router.fallback(model_api).with_state(state)
+    router.fallback(model_api).layer(DefaultBodyLimit::max(max_body_bytes)).with_state(state)
 }
 
 async fn ready(State(state): State<RestState>) -> Response {
-    let table = state.inference.repository.table();
-    let missing: Vec<String> =
-        state.inference.repository.model_names().into_iter().filter(|m| !table.models.contains_key(m)).collect();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("no available version yet: {}\n", missing.join(", "))).into_response()
+    match state.inference.repository.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
     }
 }
 
@@ -114,12 +118,22 @@ async fn model_api(
         return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": format!("no such endpoint: {}", uri.path()) })))
             .into_response();
     };
+    // Probes and metrics above are never shed; model calls hold a permit while they run.
+    let Some(_permit) = state.in_flight.try_acquire("rest") else {
+        return error_response(&ServeError::Overloaded(state.in_flight.refusal()));
+    };
     let result = match (&method, &path.action) {
         (&Method::GET, Action::Status) => status(&state, &path),
         (&Method::GET, Action::Metadata) => metadata(&state, &path),
         (&Method::POST, Action::Verb(verb)) if verb == "predict" => {
             let routing_key = headers.get(canary::ROUTING_KEY_METADATA).map(|v| v.as_bytes().to_vec());
-            predict(&state, path, routing_key, &body).await
+            let predict = predict(&state, path, routing_key, &body);
+            match state.request_timeout {
+                Some(limit) => tokio::time::timeout(limit, predict).await.unwrap_or_else(|_| {
+                    Err(ServeError::DeadlineExceeded(format!("the request took more than {} s", limit.as_secs_f64())))
+                }),
+                None => predict.await,
+            }
         }
         (&Method::POST, Action::Verb(verb)) if verb == "classify" || verb == "regress" => Err(
             ServeError::Unimplemented(format!(":{verb} is not supported: it needs tf.Example inputs; use :predict")),
@@ -216,9 +230,12 @@ async fn predict_inner(
         signature: signature_name.clone(),
         available: version.specs.keys().cloned().collect(),
     })?;
-    let inputs = tensor_json::parse_request(&body, spec)
-        .map_err(|e| ServeError::InvalidArgument(format!("model {:?}: {e}", version.model)))?;
     let rows_form = body.get("instances").is_some();
+    let inputs = tensor_json::parse_request(body, spec)
+        .map_err(|e| ServeError::InvalidArgument(format!("model {:?}: {e}", version.model)))?
+        .into_iter()
+        .map(|(name, value)| (name, WireTensor::Json(value)))
+        .collect();
     let answer = state
         .inference
         .run(

@@ -25,6 +25,7 @@ use crate::grpc::tf_serving::{ModelServiceImpl, TfServing};
 use crate::inference::Inference;
 use crate::metrics::Metrics;
 use crate::model_config;
+use crate::overload::{self, InFlight};
 use crate::repository::Repository;
 use crate::rest::{self, RestState};
 use crate::rollout::Rollouts;
@@ -119,7 +120,23 @@ pub async fn run(
         None
     };
 
-    let mut router = tonic::transport::Server::builder()
+    let overload = &config.overload;
+    let in_flight = InFlight::new(overload.max_in_flight, metrics.clone());
+    let mut builder = tonic::transport::Server::builder()
+        // tonic leaves streams per connection unlimited unless told; one connection must
+        // not be able to open thousands of concurrent calls.
+        .max_concurrent_streams(overload.grpc_max_concurrent_streams)
+        // Find peers that went away without closing (a pod killed, a cable pulled).
+        .http2_keepalive_interval(Some(overload::HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(overload::HTTP2_KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(overload::TCP_KEEPALIVE));
+    if let Some(timeout) = overload.request_timeout {
+        // A client's shorter grpc-timeout wins (tonic takes the smaller of the two).
+        builder = builder.timeout(timeout);
+    }
+    let mut router = builder
+        // Outermost: a request past the in-flight limit costs nothing more than its refusal.
+        .layer(in_flight.clone())
         .layer(telemetry::GrpcTraceLayer::new(crate::grpc::TRACE_SCOPE))
         .add_service(
             PredictionServiceServer::new(tf).max_decoding_message_size(limit).max_encoding_message_size(usize::MAX),
@@ -159,7 +176,13 @@ pub async fn run(
     let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
     let rest = listeners.rest.map(|listener| {
-        let app = rest::router(RestState { inference, metrics: metrics.clone() }, config.monitoring_path.clone());
+        let state = RestState {
+            inference,
+            metrics: metrics.clone(),
+            in_flight: in_flight.clone(),
+            request_timeout: config.overload.request_timeout,
+        };
+        let app = rest::router(state, config.monitoring_path.clone(), config.overload.rest_max_body_bytes);
         let stop = stopped(stop_rx.clone());
         tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
     });
@@ -242,8 +265,11 @@ async fn poll_config_file(
         match tokio::task::spawn_blocking(move || model_config::read_model_config_file(&path)).await {
             Ok(Ok(configs)) if configs != repository.configs() => {
                 tracing::info!(models = configs.len(), "model config file changed; applying");
-                if let Err(e) = repository.set_configs(configs) {
-                    tracing::error!("model config file rejected: {e}");
+                let repository = repository.clone();
+                match tokio::task::spawn_blocking(move || repository.set_configs(configs)).await {
+                    Ok(Ok(_loads)) => {}
+                    Ok(Err(e)) => tracing::error!("model config file rejected: {e}"),
+                    Err(e) => tracing::error!("applying the model config file failed: {e}"),
                 }
             }
             Ok(Ok(_)) => {}
@@ -257,7 +283,7 @@ async fn poll_config_file(
 async fn update_health(reporter: &HealthReporter, repository: &Repository) {
     let table = repository.table();
     let names = repository.model_names();
-    let all_ready = names.iter().all(|m| table.models.contains_key(m));
+    let all_ready = repository.readiness().is_ok();
     for name in HEALTH_SERVICES {
         let status = if all_ready { ServingStatus::Serving } else { ServingStatus::NotServing };
         reporter.set_service_status(name, status).await;

@@ -14,8 +14,8 @@ use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 
 const _: () = assert!(cfg!(target_endian = "little"), "wire tensors are little-endian; so must the host be");
 
-/// Largest tensor (in bytes) a request may describe. Typed fields can describe a huge
-/// tensor with one value, so the limit applies to the shape, not the message size.
+/// Largest request (in decoded bytes) any budget allows. Typed fields can describe a huge
+/// tensor with one value, so limits apply to the shape, not the message size.
 pub const MAX_TENSOR_BYTES: usize = 1 << 30;
 
 /// The element types both protocols and the engine share.
@@ -140,22 +140,6 @@ pub fn tf_dtype_name(dtype: i32) -> String {
     proto::tensorflow::DataType::try_from(dtype).map_or_else(|_| format!("dtype {dtype}"), |d| d.as_str_name().into())
 }
 
-/// Checks a shape and returns it with its element count.
-pub fn checked_shape(name: &str, dims: &[i64], element: Element) -> Result<(Vec<usize>, usize), String> {
-    let mut shape = Vec::with_capacity(dims.len());
-    let mut count: usize = 1;
-    for &d in dims {
-        let d =
-            usize::try_from(d).map_err(|_| format!("tensor {name:?} has a negative dimension in shape {dims:?}"))?;
-        count = count.checked_mul(d).ok_or_else(|| format!("tensor {name:?} shape {dims:?} overflows"))?;
-        shape.push(d);
-    }
-    if count.saturating_mul(element.size()) > MAX_TENSOR_BYTES {
-        return Err(format!("tensor {name:?} shape {dims:?} is larger than the {MAX_TENSOR_BYTES}-byte limit"));
-    }
-    Ok((shape, count))
-}
-
 /// Builds a tensor from little-endian bytes whose length must match the shape exactly.
 pub fn tensor_from_le_bytes(name: &str, element: Element, shape: &[usize], bytes: &[u8]) -> Result<Tensor, String> {
     let count: usize = shape.iter().product();
@@ -175,66 +159,72 @@ pub fn tensor_from_le_bytes(name: &str, element: Element, shape: &[usize], bytes
     Ok(tensor)
 }
 
-/// TF's fill rule for typed fields, then a tensor.
-fn fill<T: savedmodel::Datum + Copy + Default>(
+/// Writes `values` (converted) into a new tensor of `shape`, in place: one allocation, the
+/// tensor's own. `repeat_last` is TensorFlow's rule for typed `*_val` fields (fewer values
+/// than elements repeats the last one, none means zeros); without it the count must match.
+fn fill<S: Copy, T: savedmodel::Datum + Copy>(
     name: &str,
     shape: &[usize],
-    count: usize,
-    values: impl ExactSizeIterator<Item = Result<T, String>>,
+    values: &[S],
+    repeat_last: bool,
+    convert: impl Fn(S) -> Result<T, String>,
 ) -> Result<Tensor, String> {
-    let given = values.len();
-    if given > count {
-        return Err(format!("tensor {name:?} has {given} values but shape {shape:?} holds {count}"));
+    let count: usize = shape.iter().product();
+    if values.len() > count || (!repeat_last && values.len() != count) {
+        return Err(format!("tensor {name:?} has {} values but shape {shape:?} holds {count}", values.len()));
     }
-    let mut data = Vec::with_capacity(count);
-    for value in values {
-        data.push(value?);
+    let mut tensor = Tensor::zero_dt(T::datum_type(), shape).map_err(|e| format!("tensor {name:?}: {e}"))?;
+    {
+        let mut view = tensor.try_as_plain_ram_mut().map_err(|e| format!("tensor {name:?}: {e}"))?;
+        let slice = view.as_slice_mut::<T>().map_err(|e| format!("tensor {name:?}: {e}"))?;
+        for (slot, value) in slice.iter_mut().zip(values) {
+            *slot = convert(*value)?;
+        }
+        if let Some(&last) = values.last()
+            && values.len() < count
+        {
+            let last = convert(last)?;
+            slice[values.len()..].fill(last);
+        }
     }
-    let last = data.last().copied().unwrap_or_default();
-    data.resize(count, last);
-    Tensor::from_shape(shape, &data).map_err(|e| format!("tensor {name:?}: {e}"))
+    Ok(tensor)
 }
 
-fn narrow<T: TryFrom<i32>>(name: &str, what: &'static str) -> impl Fn(&i32) -> Result<T, String> {
-    move |v| T::try_from(*v).map_err(|_| format!("tensor {name:?}: value {v} does not fit {what}"))
+/// Values that need no conversion.
+fn same<T>(value: T) -> Result<T, String> {
+    Ok(value)
 }
 
-/// `TensorProto` -> engine tensor.
-pub fn tensor_from_proto(name: &str, proto: &TensorProto) -> Result<Tensor, String> {
-    let element = Element::from_tf_dtype(proto.dtype).ok_or_else(|| {
-        format!("tensor {name:?} has dtype {}, which this server does not support", tf_dtype_name(proto.dtype))
-    })?;
-    let shape_proto = proto.tensor_shape.as_ref().ok_or_else(|| format!("tensor {name:?} has no tensor_shape"))?;
-    if shape_proto.unknown_rank {
-        return Err(format!("tensor {name:?} has an unknown rank"));
-    }
-    let dims: Vec<i64> = shape_proto.dim.iter().map(|d| d.size).collect();
-    let (shape, count) = checked_shape(name, &dims, element)?;
+fn narrow<S: Copy + std::fmt::Display, T: TryFrom<S>>(
+    name: &str,
+    what: &'static str,
+) -> impl Fn(S) -> Result<T, String> {
+    move |v| T::try_from(v).map_err(|_| format!("tensor {name:?}: value {v} does not fit {what}"))
+}
+
+/// `TensorProto` -> engine tensor of an admitted `element` and `shape` (see
+/// [`crate::admission`], which checked both against the proto's own before any allocation).
+pub fn tensor_from_proto(name: &str, element: Element, shape: &[usize], proto: TensorProto) -> Result<Tensor, String> {
     if !proto.tensor_content.is_empty() {
-        return tensor_from_le_bytes(name, element, &shape, &proto.tensor_content);
+        return tensor_from_le_bytes(name, element, shape, &proto.tensor_content);
     }
     match element {
-        Element::F32 => fill(name, &shape, count, proto.float_val.iter().copied().map(Ok)),
-        Element::F64 => fill(name, &shape, count, proto.double_val.iter().copied().map(Ok)),
-        Element::I32 => fill(name, &shape, count, proto.int_val.iter().copied().map(Ok)),
-        Element::I64 => fill(name, &shape, count, proto.int64_val.iter().copied().map(Ok)),
-        Element::Bool => fill(name, &shape, count, proto.bool_val.iter().copied().map(Ok)),
-        Element::U32 => fill(name, &shape, count, proto.uint32_val.iter().copied().map(Ok)),
-        Element::U64 => fill(name, &shape, count, proto.uint64_val.iter().copied().map(Ok)),
-        Element::I16 => fill::<i16>(name, &shape, count, proto.int_val.iter().map(narrow(name, "int16"))),
-        Element::I8 => fill::<i8>(name, &shape, count, proto.int_val.iter().map(narrow(name, "int8"))),
-        Element::U8 => fill::<u8>(name, &shape, count, proto.int_val.iter().map(narrow(name, "uint8"))),
-        Element::U16 => fill::<u16>(name, &shape, count, proto.int_val.iter().map(narrow(name, "uint16"))),
-        Element::F16 => fill::<f16>(
-            name,
-            &shape,
-            count,
-            proto.half_val.iter().map(|v| {
-                u16::try_from(*v)
-                    .map(f16::from_bits)
-                    .map_err(|_| format!("tensor {name:?}: half_val {v} is not a 16-bit pattern"))
-            }),
-        ),
+        Element::F32 => fill(name, shape, &proto.float_val, true, same),
+        Element::F64 => fill(name, shape, &proto.double_val, true, same),
+        Element::I32 => fill(name, shape, &proto.int_val, true, same),
+        Element::I64 => fill(name, shape, &proto.int64_val, true, same),
+        Element::Bool => fill(name, shape, &proto.bool_val, true, same),
+        Element::U32 => fill(name, shape, &proto.uint32_val, true, same),
+        Element::U64 => fill(name, shape, &proto.uint64_val, true, same),
+        Element::I16 => fill::<i32, i16>(name, shape, &proto.int_val, true, narrow(name, "int16")),
+        Element::I8 => fill::<i32, i8>(name, shape, &proto.int_val, true, narrow(name, "int8")),
+        Element::U8 => fill::<i32, u8>(name, shape, &proto.int_val, true, narrow(name, "uint8")),
+        Element::U16 => fill::<i32, u16>(name, shape, &proto.int_val, true, narrow(name, "uint16")),
+        Element::F16 => fill(name, shape, &proto.half_val, true, |v: i32| {
+            u16::try_from(v)
+                .map(f16::from_bits)
+                .map_err(|_| format!("tensor {name:?}: half_val {v} is not a 16-bit pattern"))
+        }),
     }
 }
 
@@ -284,49 +274,27 @@ pub fn tensor_to_proto(name: &str, tensor: &Tensor, as_content: bool) -> Result<
     Ok(proto)
 }
 
-/// KServe typed contents -> engine tensor. Each datatype has exactly one contents field.
+/// KServe typed contents -> engine tensor of an admitted `element` and `shape`. Each
+/// datatype has exactly one contents field, and it must hold exactly the shape's elements.
 pub fn tensor_from_kserve(
     name: &str,
     element: Element,
     shape: &[usize],
-    count: usize,
-    contents: &InferTensorContents,
+    contents: InferTensorContents,
 ) -> Result<Tensor, String> {
-    fn exact<T: savedmodel::Datum + Copy>(
-        name: &str,
-        shape: &[usize],
-        count: usize,
-        values: Vec<Result<T, String>>,
-    ) -> Result<Tensor, String> {
-        if values.len() != count {
-            return Err(format!("tensor {name:?} has {} values but shape {shape:?} holds {count}", values.len()));
-        }
-        let data = values.into_iter().collect::<Result<Vec<T>, String>>()?;
-        Tensor::from_shape(shape, &data).map_err(|e| format!("tensor {name:?}: {e}"))
-    }
-    fn conv<S, T>(name: &str, values: &[S], what: &'static str) -> Vec<Result<T, String>>
-    where
-        S: Copy + std::fmt::Display,
-        T: TryFrom<S>,
-    {
-        values
-            .iter()
-            .map(|v| T::try_from(*v).map_err(|_| format!("tensor {name:?}: value {v} does not fit {what}")))
-            .collect()
-    }
-    let c = contents;
+    let c = &contents;
     match element {
-        Element::Bool => exact(name, shape, count, c.bool_contents.iter().copied().map(Ok).collect()),
-        Element::I8 => exact::<i8>(name, shape, count, conv(name, &c.int_contents, "INT8")),
-        Element::I16 => exact::<i16>(name, shape, count, conv(name, &c.int_contents, "INT16")),
-        Element::I32 => exact(name, shape, count, c.int_contents.iter().copied().map(Ok).collect()),
-        Element::I64 => exact(name, shape, count, c.int64_contents.iter().copied().map(Ok).collect()),
-        Element::U8 => exact::<u8>(name, shape, count, conv(name, &c.uint_contents, "UINT8")),
-        Element::U16 => exact::<u16>(name, shape, count, conv(name, &c.uint_contents, "UINT16")),
-        Element::U32 => exact(name, shape, count, c.uint_contents.iter().copied().map(Ok).collect()),
-        Element::U64 => exact(name, shape, count, c.uint64_contents.iter().copied().map(Ok).collect()),
-        Element::F32 => exact(name, shape, count, c.fp32_contents.iter().copied().map(Ok).collect()),
-        Element::F64 => exact(name, shape, count, c.fp64_contents.iter().copied().map(Ok).collect()),
+        Element::Bool => fill(name, shape, &c.bool_contents, false, same),
+        Element::I8 => fill::<i32, i8>(name, shape, &c.int_contents, false, narrow(name, "INT8")),
+        Element::I16 => fill::<i32, i16>(name, shape, &c.int_contents, false, narrow(name, "INT16")),
+        Element::I32 => fill(name, shape, &c.int_contents, false, same),
+        Element::I64 => fill(name, shape, &c.int64_contents, false, same),
+        Element::U8 => fill::<u32, u8>(name, shape, &c.uint_contents, false, narrow(name, "UINT8")),
+        Element::U16 => fill::<u32, u16>(name, shape, &c.uint_contents, false, narrow(name, "UINT16")),
+        Element::U32 => fill(name, shape, &c.uint_contents, false, same),
+        Element::U64 => fill(name, shape, &c.uint64_contents, false, same),
+        Element::F32 => fill(name, shape, &c.fp32_contents, false, same),
+        Element::F64 => fill(name, shape, &c.fp64_contents, false, same),
         Element::F16 => Err(format!("tensor {name:?}: FP16 has no typed contents field; send raw_input_contents")),
     }
 }
@@ -342,6 +310,13 @@ mod tests {
         })
     }
 
+    /// Decodes as admission would after checking the proto's declared dtype and shape.
+    fn decode(proto: &TensorProto) -> Result<Tensor, String> {
+        let element = Element::from_tf_dtype(proto.dtype).expect("a supported dtype");
+        let dims: Vec<usize> = proto.tensor_shape.as_ref().unwrap().dim.iter().map(|d| d.size as usize).collect();
+        tensor_from_proto("sensors", element, &dims, proto.clone())
+    }
+
     #[test]
     fn typed_and_content_forms_decode_to_the_same_tensor() {
         let typed = TensorProto {
@@ -353,8 +328,8 @@ mod tests {
         let bytes: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|f| f.to_le_bytes()).collect();
         let content =
             TensorProto { dtype: 1, tensor_shape: shape(&[2, 2]), tensor_content: bytes, ..Default::default() };
-        let a = tensor_from_proto("x", &typed).unwrap();
-        let b = tensor_from_proto("x", &content).unwrap();
+        let a = decode(&typed).unwrap();
+        let b = decode(&content).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.shape(), &[2, 2]);
         // and back: typed by default, content when asked
@@ -363,24 +338,36 @@ mod tests {
         assert!(out.tensor_content.is_empty());
         let out = tensor_to_proto("y", &a, true).unwrap();
         assert!(out.float_val.is_empty());
-        assert_eq!(tensor_from_proto("y", &out).unwrap(), a);
+        assert_eq!(decode(&out).unwrap(), a);
     }
 
     #[test]
     fn typed_values_follow_tensorflow_fill_rules() {
         let one = TensorProto { dtype: 9, tensor_shape: shape(&[3]), int64_val: vec![7], ..Default::default() };
-        let t = tensor_from_proto("x", &one).unwrap();
+        let t = decode(&one).unwrap();
         assert_eq!(t.try_as_plain_ram().unwrap().as_slice::<i64>().unwrap(), &[7, 7, 7]);
+        let none = TensorProto { dtype: 1, tensor_shape: shape(&[2]), ..Default::default() };
+        assert_eq!(decode(&none).unwrap().try_as_plain_ram().unwrap().as_slice::<f32>().unwrap(), &[0.0, 0.0]);
+        let narrow = TensorProto { dtype: 6, tensor_shape: shape(&[3]), int_val: vec![1, -2], ..Default::default() };
+        assert_eq!(decode(&narrow).unwrap().try_as_plain_ram().unwrap().as_slice::<i8>().unwrap(), &[1, -2, -2]);
         let too_many = TensorProto { dtype: 9, tensor_shape: shape(&[1]), int64_val: vec![1, 2], ..Default::default() };
-        assert!(tensor_from_proto("x", &too_many).unwrap_err().contains("2 values"));
+        assert!(decode(&too_many).unwrap_err().contains("2 values"));
+    }
+
+    #[test]
+    fn kserve_contents_must_hold_exactly_the_shape() {
+        let contents = InferTensorContents { fp32_contents: vec![1.0, 2.0], ..Default::default() };
+        let t = tensor_from_kserve("x", Element::F32, &[1, 2], contents.clone()).unwrap();
+        assert_eq!(t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap(), &[1.0, 2.0]);
+        let error = tensor_from_kserve("x", Element::F32, &[1, 3], contents).unwrap_err();
+        assert!(error.contains("2 values") && error.contains("holds 3"), "{error}");
+        let wide = InferTensorContents { uint_contents: vec![256], ..Default::default() };
+        assert!(tensor_from_kserve("x", Element::U8, &[1], wide).unwrap_err().contains("UINT8"));
     }
 
     #[test]
     fn bad_tensors_are_refused_with_the_tensor_named() {
         let cases = [
-            (TensorProto { dtype: 7, tensor_shape: shape(&[1]), ..Default::default() }, "DT_STRING"),
-            (TensorProto { dtype: 1, tensor_shape: shape(&[-1, 2]), ..Default::default() }, "negative"),
-            (TensorProto { dtype: 1, tensor_shape: shape(&[1 << 40, 1 << 10]), ..Default::default() }, "limit"),
             (
                 TensorProto { dtype: 1, tensor_shape: shape(&[2]), tensor_content: vec![0; 5], ..Default::default() },
                 "needs 8",
@@ -390,10 +377,9 @@ mod tests {
                 "0 or 1",
             ),
             (TensorProto { dtype: 4, tensor_shape: shape(&[1]), int_val: vec![300], ..Default::default() }, "uint8"),
-            (TensorProto { dtype: 1, ..Default::default() }, "tensor_shape"),
         ];
         for (proto, expected) in cases {
-            let error = tensor_from_proto("sensors", &proto).unwrap_err();
+            let error = decode(&proto).unwrap_err();
             assert!(error.contains("\"sensors\"") && error.contains(expected), "{error} (wanted {expected})");
         }
     }

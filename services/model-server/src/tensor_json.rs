@@ -27,56 +27,50 @@ pub enum JsonTensorError {
     Unnamed(usize),
 }
 
-/// Parses a request body into named tensors, typed by the signature's input dtypes.
-pub fn parse_request(body: &Value, spec: &SignatureSpec) -> Result<Vec<(String, Tensor)>, JsonTensorError> {
-    let object = body.as_object().ok_or(JsonTensorError::Layout)?;
+/// Splits a request body into its named input values (not yet tensors: admission checks
+/// them against the signature first, see [`crate::admission`]).
+pub fn parse_request(body: Value, spec: &SignatureSpec) -> Result<Vec<(String, Value)>, JsonTensorError> {
+    let Value::Object(mut object) = body else { return Err(JsonTensorError::Layout) };
     let names: Vec<&String> = spec.inputs.keys().collect();
-    let columns: BTreeMap<String, Value> = if let Some(inputs) = object.get("inputs") {
-        match inputs {
+    if let Some(inputs) = object.remove("inputs") {
+        return match inputs {
             // An object keyed by input names; a single-input signature may also take the bare value.
             Value::Object(map) if names.len() != 1 || map.contains_key(names[0].as_str()) => {
-                map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+                Ok(map.into_iter().collect())
             }
-            single if names.len() == 1 => BTreeMap::from([(names[0].clone(), single.clone())]),
+            single if names.len() == 1 => Ok(vec![(names[0].clone(), single)]),
+            _ => Err(JsonTensorError::Unnamed(names.len())),
+        };
+    }
+    let Some(instances) = object.remove("instances") else { return Err(JsonTensorError::Layout) };
+    let Value::Array(rows) = instances else { return Err(JsonTensorError::EmptyInstances) };
+    if rows.is_empty() {
+        return Err(JsonTensorError::EmptyInstances);
+    }
+    let mut columns: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let count = rows.len();
+    for (index, row) in rows.into_iter().enumerate() {
+        match row {
+            Value::Object(mut map) => {
+                for name in &names {
+                    let value = map
+                        .remove(name.as_str())
+                        .ok_or_else(|| JsonTensorError::InstanceMissing { index, name: name.to_string() })?;
+                    columns.entry(name.to_string()).or_insert_with(|| Vec::with_capacity(count)).push(value);
+                }
+            }
+            value if names.len() == 1 => {
+                columns.entry(names[0].clone()).or_insert_with(|| Vec::with_capacity(count)).push(value)
+            }
             _ => return Err(JsonTensorError::Unnamed(names.len())),
         }
-    } else if let Some(instances) = object.get("instances") {
-        let rows = instances.as_array().filter(|r| !r.is_empty()).ok_or(JsonTensorError::EmptyInstances)?;
-        let mut columns: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for (index, row) in rows.iter().enumerate() {
-            match row {
-                Value::Object(map) => {
-                    for name in &names {
-                        let value = map
-                            .get(name.as_str())
-                            .ok_or_else(|| JsonTensorError::InstanceMissing { index, name: name.to_string() })?;
-                        columns.entry(name.to_string()).or_default().push(value.clone());
-                    }
-                }
-                value if names.len() == 1 => columns.entry(names[0].clone()).or_default().push(value.clone()),
-                _ => return Err(JsonTensorError::Unnamed(names.len())),
-            }
-        }
-        columns.into_iter().map(|(k, v)| (k, Value::Array(v))).collect()
-    } else {
-        return Err(JsonTensorError::Layout);
-    };
-
-    columns
-        .into_iter()
-        .map(|(name, value)| {
-            // Unknown names are passed through: the engine rejects them naming the expected ones.
-            let datum_type =
-                spec.inputs.get(&name).and_then(|s| DatumType::try_from(s.dtype).ok()).unwrap_or(DatumType::F32);
-            let tensor = json_to_tensor(&value, datum_type)
-                .map_err(|detail| JsonTensorError::Input { name: name.clone(), detail })?;
-            Ok((name, tensor))
-        })
-        .collect()
+    }
+    Ok(columns.into_iter().map(|(k, v)| (k, Value::Array(v))).collect())
 }
 
-/// Builds a tensor of `datum_type` from a nested JSON array (or a scalar).
-pub fn json_to_tensor(value: &Value, datum_type: DatumType) -> Result<Tensor, String> {
+/// The shape a nested JSON array gives (its first element's nesting; [`json_to_tensor`]
+/// refuses ragged arrays).
+pub fn json_shape(value: &Value) -> Vec<usize> {
     let mut shape = Vec::new();
     let mut probe = value;
     while let Value::Array(items) = probe {
@@ -86,10 +80,18 @@ pub fn json_to_tensor(value: &Value, datum_type: DatumType) -> Result<Tensor, St
             None => break,
         }
     }
+    shape
+}
+
+/// Builds a tensor of `datum_type` from a nested JSON array (or a scalar).
+pub fn json_to_tensor(value: &Value, datum_type: DatumType) -> Result<Tensor, String> {
+    let shape = json_shape(value);
     let mut flat = Vec::new();
     flatten(value, &shape, 0, &mut flat)?;
     let tensor = match datum_type {
-        DatumType::F32 => Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_f64().map(|x| x as f32))?),
+        DatumType::F32 => {
+            Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_f64().map(|x| x as f32).filter(|x| x.is_finite()))?)
+        }
         DatumType::F64 => Tensor::from_shape(&shape, &numbers(&flat, Value::as_f64)?),
         DatumType::I32 => {
             Tensor::from_shape(&shape, &numbers(&flat, |v| v.as_i64().and_then(|x| i32::try_from(x).ok()))?)
@@ -123,7 +125,17 @@ fn flatten<'a>(value: &'a Value, shape: &[usize], depth: usize, out: &mut Vec<&'
 
 fn numbers<T>(flat: &[&Value], convert: impl Fn(&Value) -> Option<T>) -> Result<Vec<T>, String> {
     flat.iter()
-        .map(|v| convert(v).ok_or_else(|| format!("{v} is not a valid {}", std::any::type_name::<T>())))
+        .map(|v| {
+            convert(v).ok_or_else(|| {
+                let what = std::any::type_name::<T>();
+                // TensorFlow refuses a number its dtype cannot hold rather than storing infinity.
+                if what == "f32" && v.is_number() {
+                    format!("{v} is not a valid f32 (finite and within +-3.4e38)")
+                } else {
+                    format!("{v} is not a valid {what}")
+                }
+            })
+        })
         .collect()
 }
 
@@ -218,5 +230,16 @@ mod tests {
         assert!(json_to_tensor(&json!([[1.0, 2.0], [3.0]]), DatumType::F32).unwrap_err().contains("ragged"));
         assert!(json_to_tensor(&json!([1.5]), DatumType::I64).unwrap_err().contains("not a valid"));
         assert!(json_to_tensor(&json!([3_000_000_000i64]), DatumType::I32).is_err());
+    }
+
+    #[test]
+    fn numbers_a_float_cannot_hold_are_refused_not_stored_as_infinity() {
+        let error = json_to_tensor(&json!([1.0, 1e300]), DatumType::F32).unwrap_err();
+        assert!(error.contains("1e+300") && error.contains("finite"), "{error}");
+        assert!(json_to_tensor(&json!([-3.5e38]), DatumType::F32).is_err());
+        assert!(json_to_tensor(&json!([3.4e38]), DatumType::F32).is_ok());
+        // f64 holds it; serde_json itself refuses numbers beyond f64's range.
+        assert!(json_to_tensor(&json!([1e300]), DatumType::F64).is_ok());
+        assert!(serde_json::from_str::<Value>("[1e400]").is_err());
     }
 }

@@ -10,8 +10,8 @@ use prost::Message;
 use proto::tensorflow::serving::PredictionLog;
 use proto::tensorflow::serving::prediction_log::LogType;
 
+use crate::admission::{self, RequestLimits, WireTensor};
 use crate::repository::LoadedVersion;
-use crate::tensor_codec;
 use savedmodel::masked_crc32c as masked_crc;
 
 /// Where TF Serving looks for warmup data inside a version directory.
@@ -20,6 +20,10 @@ pub const WARMUP_FILE: &str = "assets.extra/tf_serving_warmup_requests";
 const MAX_RECORDS: usize = 1000;
 
 /// Replays the version's warmup file, if it has one; returns how many requests ran.
+/// Warmup records get the default request limits (the server's own flags apply to clients;
+/// a warmup request larger than a default one has no business in a warmup file).
+const WARMUP_LIMITS: RequestLimits = RequestLimits { max_rows: 65_536, max_batch_rows: None, max_bytes: None };
+
 pub fn replay(version: &LoadedVersion) -> Result<usize, String> {
     let path = version.dir.join(WARMUP_FILE);
     if !path.exists() {
@@ -43,10 +47,12 @@ pub fn replay(version: &LoadedVersion) -> Result<usize, String> {
             .filter(|s| !s.is_empty())
             .unwrap_or(savedmodel::DEFAULT_SIGNATURE);
         let (plan, scheduler) = version.signature(signature).map_err(|e| context(e.to_string()))?;
-        let mut inputs = Vec::with_capacity(request.inputs.len());
-        for (name, tensor) in &request.inputs {
-            inputs.push((name.clone(), tensor_codec::tensor_from_proto(name, tensor).map_err(context)?));
-        }
+        let wire = request.inputs.into_iter().map(|(name, tensor)| (name, WireTensor::TfProto(tensor))).collect();
+        // A warmup file is as untrusted as a request: the same admission and budget.
+        let inputs = admission::admit(&version.model, version.version, plan.spec(), wire, WARMUP_LIMITS)
+            .map_err(|e| context(e.to_string()))?
+            .decode()
+            .map_err(context)?;
         // Through the scheduler, as real requests go, so its threads are warm too.
         let prepared = plan.prepare(inputs).map_err(|e| context(e.to_string()))?;
         let answer = scheduler.submit(prepared).map_err(|e| context(e.to_string()))?;

@@ -18,11 +18,12 @@ use proto::inference::{
 use savedmodel::{DatumType, TensorSpec};
 use tonic::{Request, Response, Status};
 
+use crate::admission::{KserveTensor, WireTensor};
 use crate::error::ServeError;
 use crate::inference::{Inference, InferenceRequest};
 use crate::metrics::{Api, Metrics};
 use crate::repository::VersionSelector;
-use crate::tensor_codec::{self, Element};
+use crate::tensor_codec::Element;
 
 #[derive(Debug, Clone)]
 pub struct Kserve {
@@ -55,7 +56,7 @@ fn tensor_metadata(name: &str, spec: &TensorSpec) -> TensorMetadata {
 impl Kserve {
     async fn infer_inner(
         &self,
-        request: ModelInferRequest,
+        mut request: ModelInferRequest,
         routing_key: Option<Vec<u8>>,
         target: &mut Option<(String, i64, String)>,
     ) -> Result<ModelInferResponse, ServeError> {
@@ -76,23 +77,21 @@ impl Kserve {
             )));
         }
         let model = request.model_name.clone();
-        let mut inputs = Vec::with_capacity(request.inputs.len());
-        for (index, input) in request.inputs.iter().enumerate() {
-            let invalid = |e: String| ServeError::InvalidArgument(format!("model {model:?}: inputs[{index}]: {e}"));
-            let element = Element::from_kserve_name(&input.datatype).ok_or_else(|| {
-                invalid(format!("input {:?} has datatype {:?}, which is not supported", input.name, input.datatype))
-            })?;
-            let (shape, count) = tensor_codec::checked_shape(&input.name, &input.shape, element).map_err(invalid)?;
-            let tensor = match request.raw_input_contents.get(index) {
-                Some(raw) => tensor_codec::tensor_from_le_bytes(&input.name, element, &shape, raw),
-                None => {
-                    let contents = input.contents.clone().unwrap_or_default();
-                    tensor_codec::tensor_from_kserve(&input.name, element, &shape, count, &contents)
-                }
-            }
-            .map_err(invalid)?;
-            inputs.push((input.name.clone(), tensor));
-        }
+        // Undecoded (raw contents moved, not copied): admission checks each input against the
+        // signature, refusing duplicate names, before anything is allocated.
+        let mut raw = std::mem::take(&mut request.raw_input_contents).into_iter();
+        let inputs = std::mem::take(&mut request.inputs)
+            .into_iter()
+            .map(|input| {
+                let wire = KserveTensor {
+                    datatype: input.datatype,
+                    shape: input.shape,
+                    contents: input.contents,
+                    raw: raw.next(),
+                };
+                (input.name, WireTensor::Kserve(wire))
+            })
+            .collect();
         let output_filter = request.outputs.iter().map(|o| o.name.clone()).collect();
         let answer = self
             .inference
@@ -139,9 +138,7 @@ impl GrpcInferenceService for Kserve {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        let table = self.inference.repository.table();
-        let ready = self.inference.repository.model_names().iter().all(|m| table.models.contains_key(m));
-        Ok(Response::new(ServerReadyResponse { ready }))
+        Ok(Response::new(ServerReadyResponse { ready: self.inference.repository.readiness().is_ok() }))
     }
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {

@@ -10,6 +10,10 @@ use crate::repository::{Repository, VersionSelector};
 use crate::rollout::log::{ProposeError, RolloutLog};
 use crate::rollout::{AnalysisPlan, Phase, RolloutSpec, RolloutState, Source};
 
+/// Longest abort reason kept: it is stored in the rollout state, published to every replica
+/// and shown by `vigil rollout`; free text from a caller is bounded like everything else.
+pub const MAX_REASON_BYTES: usize = 1024;
+
 #[derive(Debug, Clone)]
 pub struct RolloutApi {
     pub log: RolloutLog,
@@ -97,6 +101,9 @@ impl RolloutApi {
     fn current(&self, model: &str) -> Result<std::sync::Arc<RolloutState>, Status> {
         if model.is_empty() {
             return Err(Status::invalid_argument("model is empty"));
+        }
+        if !crate::repository::valid_model_name(model) {
+            return Err(Status::invalid_argument("model: not a valid model name"));
         }
         self.log.rollouts().get(model).ok_or_else(|| Status::not_found(format!("model {model:?} has no rollout")))
     }
@@ -200,6 +207,12 @@ impl RolloutService for RolloutApi {
 
     async fn abort_rollout(&self, request: Request<pb::AbortRolloutRequest>) -> Result<Response<pb::Rollout>, Status> {
         let request = request.into_inner();
+        if request.reason.len() > MAX_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "reason: {} bytes, more than the {MAX_REASON_BYTES} allowed",
+                request.reason.len()
+            )));
+        }
         let current = self.active(&request.model)?;
         let reason = if request.reason.is_empty() { "no reason given".to_owned() } else { request.reason };
         self.commit(current.aborted(self.log.replica(), format!("aborted by hand: {reason}")), "aborted").await

@@ -18,6 +18,7 @@ use proto::tensorflow::{SignatureDef, TensorInfo, TensorShapeProto, tensor_info,
 use savedmodel::SignatureSpec;
 use tonic::{Request, Response, Status};
 
+use crate::admission::WireTensor;
 use crate::error::ServeError;
 use crate::inference::{Inference, InferenceRequest};
 use crate::metrics::{Api, Metrics};
@@ -69,12 +70,8 @@ impl TfServing {
     ) -> Result<PredictResponse, ServeError> {
         let (model, selector) = spec_target(request.model_spec.as_ref())?;
         let signature = request.model_spec.as_ref().map(|s| s.signature_name.clone());
-        let mut inputs = Vec::with_capacity(request.inputs.len());
-        for (name, tensor) in &request.inputs {
-            let tensor = tensor_codec::tensor_from_proto(name, tensor)
-                .map_err(|e| ServeError::InvalidArgument(format!("model {model:?}: inputs: {e}")))?;
-            inputs.push((name.clone(), tensor));
-        }
+        // Undecoded: admission checks them against the signature before anything is allocated.
+        let inputs = request.inputs.into_iter().map(|(name, tensor)| (name, WireTensor::TfProto(tensor))).collect();
         let answer = self
             .inference
             .run(
@@ -237,11 +234,12 @@ impl ModelService for ModelServiceImpl {
     ) -> Result<Response<ReloadConfigResponse>, Status> {
         let config = request.into_inner().config.ok_or_else(|| Status::invalid_argument("config is missing"))?;
         let configs = model_config::model_configs(config).map_err(Status::invalid_argument)?;
-        let loads = self.repository.set_configs(configs)?;
-        // Like TF Serving, answer once the new config's versions have been tried.
-        tokio::task::spawn_blocking(move || Repository::wait(loads))
+        // Checking base paths and scanning them is file I/O: off the async workers. Like TF
+        // Serving, answer once the new config's versions have been tried.
+        let repository = self.repository.clone();
+        tokio::task::spawn_blocking(move || repository.set_configs(configs).map(Repository::wait))
             .await
-            .map_err(|e| Status::internal(format!("waiting for loads: {e}")))?;
+            .map_err(|e| Status::internal(format!("applying the config: {e}")))??;
         Ok(Response::new(ReloadConfigResponse { status: Some(StatusProto::default()), ..Default::default() }))
     }
 }

@@ -91,6 +91,9 @@ impl AnalysisPlan {
         if steps.is_empty() {
             return Err("analysis.step_weights_percent is empty".into());
         }
+        if steps.len() > MAX_STEPS {
+            return Err(format!("analysis.step_weights_percent: {} steps, more than {MAX_STEPS}", steps.len()));
+        }
         for (i, &step) in steps.iter().enumerate() {
             if !(step > 0.0 && step < 100.0) {
                 return Err(format!("analysis.step_weights_percent[{i}]: {step} is not strictly between 0 and 100"));
@@ -126,6 +129,9 @@ impl AnalysisPlan {
         Ok(())
     }
 }
+
+/// Most weight steps an analysis plan may have (a plan is state every replica holds).
+const MAX_STEPS: usize = 100;
 
 fn percent(field: &str, value: f64) -> Result<Weight, String> {
     Weight::from_percent(value).map_err(|e| format!("{field}: {e}"))

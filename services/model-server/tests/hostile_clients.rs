@@ -1,0 +1,451 @@
+//! The model server as a hostile client finds it: the real binary, on loopback, sent what
+//! no well-behaved client sends. Every case asserts the answer's code, that the server keeps
+//! serving afterwards, and, over the whole run, that its peak resident memory stays within
+//! [`RSS_BOUND_MIB`] of what it used before the first hostile request.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use proto::inference::model_infer_request::InferInputTensor;
+use proto::inference::{InferTensorContents, ModelInferRequest, ServerReadyRequest};
+use proto::tensorflow::serving::model_service_client::ModelServiceClient;
+use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use proto::tensorflow::serving::{
+    GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, PredictRequest,
+    ReloadConfigRequest, model_server_config,
+};
+use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
+use proto::vigil::rollout::v1::AbortRolloutRequest;
+use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// How far above its pre-attack resident size the server may ever go.
+const RSS_BOUND_MIB: u64 = 256;
+
+const MODEL: &str = "autoencoder";
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels/autoencoder/1")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// The real `model-server` binary serving the autoencoder fixture from `models/autoencoder`.
+struct Server {
+    child: Child,
+    grpc: SocketAddr,
+    rest: SocketAddr,
+    models: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        copy_dir(&fixture(), &models.join(MODEL).join("1"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
+            .args(["--port=0", "--bind_address=127.0.0.1", "--rest_api_address=127.0.0.1:0"])
+            .arg(format!("--model_name={MODEL}"))
+            .arg(format!("--model_base_path={}", models.join(MODEL).display()))
+            .args(["--enable_grpc_healthcheck_service", "--file_system_poll_wait_seconds=0"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut address = |prefix: &str| -> SocketAddr {
+            let line = lines.next().expect("the server printed its addresses").unwrap();
+            line.strip_prefix(prefix).unwrap_or_else(|| panic!("{line:?}")).trim().parse().unwrap()
+        };
+        let grpc = address("Running gRPC ModelServer at ");
+        let rest = address("Exporting HTTP/REST API at ");
+        Server { child, grpc, rest, models, _dir: dir }
+    }
+
+    async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match endpoint.connect().await {
+                Ok(channel) => return channel,
+                Err(e) if Instant::now() > deadline => panic!("no connection to {}: {e}", self.grpc),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// (current, peak) resident set size in KiB, from /proc.
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /proc status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn shape(dims: &[i64]) -> Option<TensorShapeProto> {
+    Some(TensorShapeProto {
+        dim: dims.iter().map(|&size| tensor_shape_proto::Dim { size, ..Default::default() }).collect(),
+        ..Default::default()
+    })
+}
+
+fn predict_request(model: &str, signature: &str, inputs: Vec<(&str, TensorProto)>) -> PredictRequest {
+    PredictRequest {
+        model_spec: Some(ModelSpec { name: model.into(), signature_name: signature.into(), ..Default::default() }),
+        inputs: inputs.into_iter().map(|(n, t)| (n.to_owned(), t)).collect(),
+        output_filter: Vec::new(),
+    }
+}
+
+fn one_row() -> TensorProto {
+    TensorProto { dtype: 1, tensor_shape: shape(&[1, 18]), float_val: vec![0.5; 18], ..Default::default() }
+}
+
+/// A 32-byte tensor declaring `rows` x 18 floats with one value (TF's fill rule repeats it).
+fn huge_declared(rows: i64) -> TensorProto {
+    TensorProto { dtype: 1, tensor_shape: shape(&[rows, 18]), float_val: vec![1.0], ..Default::default() }
+}
+
+async fn predict(channel: &Channel, request: PredictRequest) -> Result<(), tonic::Status> {
+    PredictionServiceClient::new(channel.clone()).predict(request).await.map(drop)
+}
+
+fn expect_code(result: Result<(), tonic::Status>, code: Code, needle: &str, case: &str) {
+    let status = result.expect_err(case);
+    assert_eq!(status.code(), code, "{case}: {status:?}");
+    assert!(status.message().contains(needle), "{case}: {:?} lacks {needle:?}", status.message());
+}
+
+/// The server still does its job: a real prediction answers, and REST says ready.
+async fn assert_serving(server: &Server, channel: &Channel, case: &str) {
+    predict(channel, predict_request(MODEL, "", vec![("sensors", one_row())]))
+        .await
+        .unwrap_or_else(|e| panic!("after {case}: Predict failed: {e:?}"));
+    let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
+    assert_eq!(ready.status(), 200, "after {case}: /ready");
+}
+
+fn reload(models: Vec<ModelConfig>) -> ReloadConfigRequest {
+    ReloadConfigRequest {
+        config: Some(ModelServerConfig {
+            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: models })),
+        }),
+        ..Default::default()
+    }
+}
+
+fn model_config(name: &str, base_path: &Path) -> ModelConfig {
+    ModelConfig {
+        name: name.into(),
+        base_path: base_path.display().to_string(),
+        model_platform: "tensorflow".into(),
+        ..Default::default()
+    }
+}
+
+fn kserve_input(name: &str, shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
+    InferInputTensor { name: name.into(), datatype: "FP32".into(), shape, contents, ..Default::default() }
+}
+
+async fn metrics_text(server: &Server) -> String {
+    reqwest::get(format!("http://{}/metrics", server.rest)).await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_its_memory_bound() {
+    let mut server = Server::start(&[]);
+    let channel = server.channel().await;
+    assert_serving(&server, &channel, "start-up").await;
+    let (baseline, _) = server.rss_kib();
+
+    // 1. One float and a 250M-row shape, to a model that is not served: NOT_FOUND, and
+    //    nothing is decoded (it was 1.9 GiB resident before admission came first).
+    let request = predict_request("not-served", "", vec![("sensors", huge_declared(250_000_000))]);
+    expect_code(predict(&channel, request).await, Code::NotFound, "not-served", "unserved model, huge shape");
+
+    // 2. The same to the served model, once and three times over: refused by the row limit.
+    let request = predict_request(MODEL, "", vec![("sensors", huge_declared(250_000_000))]);
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "rows", "served model, huge shape");
+    let request = predict_request(
+        MODEL,
+        "",
+        vec![
+            ("sensors", huge_declared(250_000_000)),
+            ("b", huge_declared(250_000_000)),
+            ("c", huge_declared(250_000_000)),
+        ],
+    );
+    // Inputs are a map: whichever is admitted first is refused (an unknown name or its rows).
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "input \"", "three huge inputs");
+
+    // 3. Within the row limit but declaring more than the per-request budget: a ragged
+    //    dimension the signature fixes, and an overflow.
+    let request = predict_request(
+        MODEL,
+        "",
+        vec![(
+            "sensors",
+            TensorProto { dtype: 1, tensor_shape: shape(&[1, 1 << 40]), float_val: vec![1.0], ..Default::default() },
+        )],
+    );
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "shape", "wrong fixed dimension");
+    let request = predict_request(
+        MODEL,
+        "",
+        vec![("sensors", TensorProto { dtype: 1, tensor_shape: shape(&[i64::MAX, i64::MAX]), ..Default::default() })],
+    );
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "sensors", "overflowing shape");
+    let request = predict_request(
+        MODEL,
+        "",
+        vec![("sensors", TensorProto { dtype: 9, tensor_shape: shape(&[1, 18]), ..Default::default() })],
+    );
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "dtype", "wrong dtype");
+    assert_serving(&server, &channel, "huge TensorProtos").await;
+    eprintln!("peak after the TensorProto cases: {} MiB", server.rss_kib().1 / 1024);
+
+    // 4. KServe: a huge declared shape, typed and raw; a 60 MB typed request; duplicate names.
+    let mut kserve = GrpcInferenceServiceClient::new(channel.clone()).max_encoding_message_size(usize::MAX);
+    let infer = |inputs: Vec<InferInputTensor>, raw: Vec<Vec<u8>>| ModelInferRequest {
+        model_name: MODEL.into(),
+        inputs,
+        raw_input_contents: raw,
+        ..Default::default()
+    };
+    let one = || InferTensorContents { fp32_contents: vec![1.0], ..Default::default() };
+    let status = kserve
+        .model_infer(infer(vec![kserve_input("sensors", vec![250_000_000, 18], Some(one()))], vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = kserve
+        .model_infer(infer(vec![kserve_input("sensors", vec![250_000_000, 18], None)], vec![vec![0; 72]]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let rows = 15_000_000 / 18;
+    let big = InferTensorContents { fp32_contents: vec![0.25; rows * 18], ..Default::default() };
+    let status = kserve
+        .model_infer(infer(vec![kserve_input("sensors", vec![rows as i64, 18], Some(big))], vec![]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "60 MB KServe request: {status:?}");
+    let row = || InferTensorContents { fp32_contents: vec![0.5; 18], ..Default::default() };
+    let status = kserve
+        .model_infer(infer(
+            vec![kserve_input("sensors", vec![1, 18], Some(row())), kserve_input("sensors", vec![1, 18], Some(row()))],
+            vec![],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("more than once"), "{status:?}");
+    assert_serving(&server, &channel, "hostile KServe requests").await;
+    eprintln!("peak after the KServe cases (a 60 MB message among them): {} MiB", server.rss_kib().1 / 1024);
+
+    // 5. Random 1 KiB signature names are not labels: /metrics does not grow with them.
+    let before = metrics_text(&server).await;
+    let calls: Vec<_> = (0..2000)
+        .map(|i| {
+            let channel = channel.clone();
+            let name: String = format!("sig-{i}-").chars().chain(std::iter::repeat_n('x', 1024)).collect();
+            async move { predict(&channel, predict_request(MODEL, &name, vec![("sensors", one_row())])).await }
+        })
+        .collect();
+    for result in futures_join_all(calls).await {
+        assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
+    }
+    let after = metrics_text(&server).await;
+    assert!(!after.contains("sig-1-x"), "a client's signature name became a label");
+    assert!(
+        after.len() < before.len() + 8 * 1024,
+        "/metrics grew from {} to {} bytes with 2,000 unknown signatures",
+        before.len(),
+        after.len()
+    );
+
+    // 6. A model name with a NUL byte (it panicked while holding the repository's lock).
+    let mut models = ModelServiceClient::new(channel.clone());
+    let status =
+        models.handle_reload_config_request(reload(vec![model_config("nul\0name", &server.models)])).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status_request =
+        GetModelStatusRequest { model_spec: Some(ModelSpec { name: MODEL.into(), ..Default::default() }) };
+    models.get_model_status(status_request.clone()).await.expect("GetModelStatus after a NUL model name");
+    let ready = GrpcInferenceServiceClient::new(channel.clone()).server_ready(ServerReadyRequest {}).await.unwrap();
+    assert!(ready.into_inner().ready);
+    assert_serving(&server, &channel, "a NUL model name").await;
+
+    // 7. An empty model list unloads everything: then the server is not ready, and says so.
+    models.handle_reload_config_request(reload(vec![])).await.expect("an empty model list is a valid config");
+    let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
+    assert_eq!(ready.status(), 503, "/ready with nothing configured");
+    let ready = GrpcInferenceServiceClient::new(channel.clone()).server_ready(ServerReadyRequest {}).await.unwrap();
+    assert!(!ready.into_inner().ready);
+    models
+        .handle_reload_config_request(reload(vec![model_config(MODEL, &server.models.join(MODEL))]))
+        .await
+        .expect("restoring the model");
+    assert_serving(&server, &channel, "an empty model list, then the model back").await;
+
+    // 8. Free text in management calls is bounded.
+    let status = RolloutServiceClient::new(channel.clone())
+        .abort_rollout(AbortRolloutRequest { model: MODEL.into(), reason: "r".repeat(1 << 20) })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("reason"), "{status:?}");
+
+    // 9. REST: a number a float cannot hold, malformed JSON, a body over the limit.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/models/{MODEL}:predict", server.rest);
+    let row: Vec<f64> = std::iter::once(1e300).chain(std::iter::repeat_n(0.5, 17)).collect();
+    let response = http.post(&url).json(&serde_json::json!({ "instances": [row] })).send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("1e+300"));
+    let response = http.post(&url).body("{\"instances\": [[1,").send().await.unwrap();
+    assert_eq!(response.status(), 400);
+    let response = http.post(&url).body(vec![b' '; 5 << 20]).send().await.unwrap();
+    assert_eq!(response.status(), 413);
+
+    // 10. Not HTTP/2 at all on the gRPC port, and a connection that sends half a preface.
+    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"PRI * HTTP/2.0\r\n", &[0xff; 4096][..]] {
+        let mut stream = std::net::TcpStream::connect(server.grpc).unwrap();
+        let _ = stream.write_all(junk);
+    }
+    assert_serving(&server, &channel, "junk on the gRPC port").await;
+
+    let (now, peak) = server.rss_kib();
+    let grown_mib = peak.saturating_sub(baseline) / 1024;
+    eprintln!("resident: {} MiB before, {} MiB peak, {} MiB now", baseline / 1024, peak / 1024, now / 1024);
+    assert!(grown_mib < RSS_BOUND_MIB, "peak RSS rose {grown_mib} MiB above the {} MiB baseline", baseline / 1024);
+    assert!(server.is_running());
+}
+
+/// Awaits every future concurrently (a small join_all, to need no extra crate).
+async fn futures_join_all<F: std::future::Future + Send + 'static>(futures: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_base_paths_outside_the_allowed_roots_are_refused_and_nothing_leaks() {
+    // A start-up model outside the allowed roots stops the start, naming the flag.
+    let out = Command::new(env!("CARGO_BIN_EXE_model-server"))
+        .args(["--port=0", "--bind_address=127.0.0.1", "--model_name=m", "--model_base_path=/proc"])
+        .arg("--model_base_path_allow=/nonexistent-root-for-the-test")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model_base_path_allow"), "{out:?}");
+
+    let root = tempfile::tempdir().unwrap();
+    let models = root.path().join("models");
+    copy_dir(&fixture(), &models.join(MODEL).join("1"));
+    // Serve from the allowed root this time.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
+        .args(["--port=0", "--bind_address=127.0.0.1"])
+        .arg(format!("--model_name={MODEL}"))
+        .arg(format!("--model_base_path={}", models.join(MODEL).display()))
+        .arg(format!("--model_base_path_allow={}", root.path().display()))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let grpc: SocketAddr = line.strip_prefix("Running gRPC ModelServer at ").unwrap().trim().parse().unwrap();
+    let channel = Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let mut models_api = ModelServiceClient::new(channel.clone());
+    for outside in ["/proc", "/etc/../proc", "relative/models"] {
+        let status = models_api
+            .handle_reload_config_request(reload(vec![model_config("m", Path::new(outside))]))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{outside}: {status:?}");
+        assert!(!status.message().contains(&root.path().display().to_string()), "{status:?}");
+    }
+    predict(&channel, predict_request(MODEL, "", vec![("sensors", one_row())])).await.expect("still serving");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_limit_requests_are_shed_with_resource_exhausted_and_counted() {
+    let server = Server::start(&["--max_in_flight_requests=2"]);
+    let channel = server.channel().await;
+    // 4,096-row requests take the engine a while; 64 at once cannot all hold one of 2 permits.
+    let rows = 4096;
+    let batch = || TensorProto {
+        dtype: 1,
+        tensor_shape: shape(&[rows, 18]),
+        float_val: vec![0.5; rows as usize * 18],
+        ..Default::default()
+    };
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let channel = channel.clone();
+            let request = predict_request(MODEL, "", vec![("sensors", batch())]);
+            async move { predict(&channel, request).await }
+        })
+        .collect();
+    let results = futures_join_all(calls).await;
+    let shed = results.iter().filter(|r| r.as_ref().is_err_and(|e| e.code() == Code::ResourceExhausted)).count();
+    let other_errors: Vec<_> =
+        results.iter().filter_map(|r| r.as_ref().err()).filter(|e| e.code() != Code::ResourceExhausted).collect();
+    assert!(other_errors.is_empty(), "{other_errors:?}");
+    assert!(shed > 0 && shed < 64, "{shed} of 64 shed");
+    let text = metrics_text(&server).await;
+    let counted: f64 = text
+        .lines()
+        .find(|l| l.starts_with("model_server_requests_shed_total{api=\"grpc\"}"))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse().unwrap())
+        .expect("the shed counter");
+    assert_eq!(counted as usize, shed);
+    // Health checks are never shed, and the server serves once the burst is over.
+    predict(&channel, predict_request(MODEL, "", vec![("sensors", one_row())])).await.unwrap();
+}
