@@ -291,11 +291,18 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
     for result in futures_join_all(calls).await {
         assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
     }
+    // The same through REST.
+    let url = format!("http://{}/v1/models/{MODEL}:predict", server.rest);
+    for i in 0..200 {
+        let body = serde_json::json!({ "signature_name": format!("rest-{i}-{}", "y".repeat(1024)), "instances": [[0.5; 18]] });
+        let response = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 400);
+    }
     let after = metrics_text(&server).await;
-    assert!(!after.contains("sig-1-x"), "a client's signature name became a label");
+    assert!(!after.contains("sig-1-x") && !after.contains("rest-1-y"), "a client's signature name became a label");
     assert!(
         after.len() < before.len() + 8 * 1024,
-        "/metrics grew from {} to {} bytes with 2,000 unknown signatures",
+        "/metrics grew from {} to {} bytes with 2,200 unknown signatures",
         before.len(),
         after.len()
     );
