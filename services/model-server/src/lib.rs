@@ -6,7 +6,8 @@
 //! version in the [`repository`] (under a canary [`rollout`], the side the request's
 //! routing key falls on) and queues the work on that signature's
 //! [`batching::Scheduler`], which runs it (merged with others when batching is on) off the
-//! async threads. [`server`] wires it together; [`config`] is the command line.
+//! async threads. [`server`] wires it together; [`config`] is the command line; [`security`]
+//! is TLS on the ports and who may make management calls.
 
 pub mod batching;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod model_config;
 pub mod repository;
 pub mod rest;
 pub mod rollout;
+pub mod security;
 pub mod server;
 pub mod tensor_codec;
 pub mod tensor_json;
