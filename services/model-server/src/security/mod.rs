@@ -69,11 +69,6 @@ pub struct Security {
 }
 
 impl Security {
-    /// Nothing configured: plain TCP, management calls open.
-    pub fn none() -> Self {
-        Self { options: SecurityOptions::default(), tls: None, auth: ManagementAuth::open(), token: None }
-    }
-
     /// Reads and checks the files the options name.
     pub fn load(options: SecurityOptions) -> Result<Security, SecurityError> {
         let tls = match &options.ssl_config_file {
@@ -120,9 +115,9 @@ impl Security {
         match self.tls() {
             Some(tls) => {
                 let clients = if tls.current().verifies_clients { "verified" } else { "not asked for" };
-                tracing::info!(client_certificates = clients, "TLS on the gRPC and REST ports");
+                tracing::info!(client_certificates = clients, "TLS on the gRPC port and the REST port (if served)");
             }
-            None => tracing::info!("plain TCP on the gRPC and REST ports (no --ssl_config_file)"),
+            None => tracing::info!("plain TCP, no TLS (no --ssl_config_file)"),
         }
         if self.auth.required() {
             tracing::info!(
