@@ -213,7 +213,7 @@ pub struct ServeArgs {
 
     /// TF Serving's text-format SSLConfig (server_key, server_cert, custom_ca, client_verify;
     /// PEM contents inline): TLS on the gRPC and REST ports, mutual with client_verify: true.
-    /// Re-read while serving; see docs/model-server-security.md.
+    /// Re-read while serving; see docs/model-server-tls-and-auth.md.
     #[arg(long = "ssl_config_file", visible_alias = "ssl-config-file", env = "MODEL_SERVER_SSL_CONFIG_FILE")]
     pub ssl_config_file: Option<PathBuf>,
 

@@ -6,8 +6,7 @@
 //! version in the [`repository`] (under a canary [`rollout`], the side the request's
 //! routing key falls on) and queues the work on that signature's
 //! [`batching::Scheduler`], which runs it (merged with others when batching is on) off the
-//! async threads. [`server`] wires it together; [`config`] is the command line; [`security`]
-//! is TLS on the ports and who may make management calls.
+//! async threads. [`server`] wires it together; [`config`] is the command line.
 
 pub mod batching;
 pub mod cli;
