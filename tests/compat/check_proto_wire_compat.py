@@ -54,11 +54,13 @@ OFFICIAL_MODULES = [
 # tritonclient renamed its module; either one defines package `inference`.
 TRITON_MODULES = ["tritonclient.grpc.service_pb2", "tritonclient.grpc.grpc_service_pb2"]
 
-# tensorflow-serving-api does not ship Python modules for these two TF Serving files, so
-# their upstream declarations (tensorflow_serving/config/monitoring_config.proto and
+# tensorflow-serving-api does not ship Python modules for these TF Serving files, so
+# their upstream declarations (tensorflow_serving/config/monitoring_config.proto,
+# tensorflow_serving/config/ssl_config.proto and
 # tensorflow_serving/servables/tensorflow/session_bundle_config.proto in the TF Serving
 # repository) are restated here as (field, number, type, repeated, message type) and
-# registered as if published. Only the fields Vigil declares are listed.
+# registered as if published. Only the fields Vigil declares are listed. A file the
+# installed packages do publish is taken from them instead (see load_official).
 F = descriptor_pb2.FieldDescriptorProto
 UNPUBLISHED_UPSTREAM = {
     "tensorflow_serving/config/monitoring_config.proto": {
@@ -68,6 +70,14 @@ UNPUBLISHED_UPSTREAM = {
         ],
         "MonitoringConfig": [
             ("prometheus_config", 1, F.TYPE_MESSAGE, False, ".tensorflow.serving.PrometheusConfig"),
+        ],
+    },
+    "tensorflow_serving/config/ssl_config.proto": {
+        "SSLConfig": [
+            ("server_key", 1, F.TYPE_STRING, False, None),
+            ("server_cert", 2, F.TYPE_STRING, False, None),
+            ("custom_ca", 3, F.TYPE_STRING, False, None),
+            ("client_verify", 4, F.TYPE_BOOL, False, None),
         ],
     },
     "tensorflow_serving/servables/tensorflow/session_bundle_config.proto": {
@@ -104,6 +114,11 @@ def load_official():
         raise ImportError(f"none of {TRITON_MODULES} imports; is tritonclient[grpc] installed?")
     pool = descriptor_pool.Default()
     for file_name, messages in UNPUBLISHED_UPSTREAM.items():
+        try:
+            pool.FindFileByName(file_name)
+            continue  # published after all: the official declaration is the reference
+        except KeyError:
+            pass
         proto = descriptor_pb2.FileDescriptorProto(
             name=file_name, package="tensorflow.serving", syntax="proto3",
             dependency=["google/protobuf/wrappers.proto"])

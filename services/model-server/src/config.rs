@@ -4,8 +4,9 @@
 //! `--flag`, `--flag=true` and `--flag=false`, as TF Serving's do. Flags win over env.
 //!
 //! TF Serving has no general config file beyond `--model_config_file`; neither does this
-//! server, so existing manifests need no new file. The one addition, canary rollouts
-//! (`--rollout_config_file`), is optional.
+//! server, so existing manifests need no new file. The additions, canary rollouts
+//! (`--rollout_config_file`) and management credentials (`--management_token_file`,
+//! `--management_allowed_subject`), are optional; TLS is TF Serving's `--ssl_config_file`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::repository::{ModelConfig, RepositoryOptions, VersionPolicy};
 use crate::rollout;
 use crate::rollout::RolloutSpec;
 use crate::rollout::log::KafkaOptions;
+use crate::security::{Security, SecurityOptions};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -273,6 +275,44 @@ pub struct ServeArgs {
     #[arg(long = "inference_threads", visible_alias = "inference-threads", env = "MODEL_SERVER_INFERENCE_THREADS")]
     pub inference_threads: Option<usize>,
 
+    /// TF Serving's text-format SSLConfig (server_key, server_cert, custom_ca, client_verify;
+    /// PEM contents inline): TLS on the gRPC and REST ports, mutual with client_verify: true.
+    /// Re-read while serving; see docs/model-server-tls-and-auth.md.
+    #[arg(long = "ssl_config_file", visible_alias = "ssl-config-file", env = "MODEL_SERVER_SSL_CONFIG_FILE")]
+    pub ssl_config_file: Option<PathBuf>,
+
+    /// A file holding the bearer token management calls (model config reloads, rollout
+    /// changes) must carry as `authorization: Bearer <token>`. Re-read while serving.
+    #[arg(
+        long = "management_token_file",
+        visible_alias = "management-token-file",
+        env = "MODEL_SERVER_MANAGEMENT_TOKEN_FILE"
+    )]
+    pub management_token_file: Option<PathBuf>,
+
+    /// A client certificate subject allowed to make management calls (repeatable), matched
+    /// against the certificate's common name (`deployer`) or its whole RFC 4514 subject
+    /// (`CN=deployer,O=Vigil`). Needs --ssl_config_file with custom_ca. The variable takes a
+    /// `;`-separated list.
+    #[arg(
+        long = "management_allowed_subject",
+        visible_alias = "management-allowed-subject",
+        env = "MODEL_SERVER_MANAGEMENT_ALLOWED_SUBJECT",
+        value_delimiter = ';',
+        value_name = "SUBJECT"
+    )]
+    pub management_allowed_subject: Vec<String>,
+
+    /// Seconds between re-reads of --ssl_config_file and --management_token_file; 0 reads
+    /// them once.
+    #[arg(
+        long = "security_files_poll_wait_seconds",
+        visible_alias = "security-files-poll-wait-seconds",
+        env = "MODEL_SERVER_SECURITY_FILES_POLL_WAIT_SECONDS",
+        default_value_t = 5
+    )]
+    pub security_files_poll_wait_seconds: u64,
+
     /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
     #[arg(
         long = "shutdown_grace_seconds",
@@ -305,6 +345,8 @@ pub struct ServerConfig {
     pub grpc_max_message_bytes: usize,
     pub overload: crate::overload::OverloadLimits,
     pub shutdown_grace: Duration,
+    /// TLS and management credentials, with the files they came from.
+    pub security: Security,
 }
 
 /// The variables naming rollout Kafka properties (`..._SASL_MECHANISM` is
@@ -402,7 +444,15 @@ impl ServeArgs {
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| format!("model-server-{}", std::process::id()));
         let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        let security = Security::load(SecurityOptions {
+            ssl_config_file: self.ssl_config_file.clone(),
+            management_token_file: self.management_token_file.clone(),
+            management_allowed_subjects: self.management_allowed_subject.clone(),
+            poll: seconds(self.security_files_poll_wait_seconds),
+        })
+        .map_err(|e| e.to_string())?;
         Ok(ServerConfig {
+            security,
             rollouts,
             rollout_kafka,
             replica_id,

@@ -24,6 +24,7 @@ pub mod overload;
 pub mod repository;
 pub mod rest;
 pub mod rollout;
+pub mod security;
 pub mod server;
 pub mod tensor_codec;
 pub mod tensor_json;

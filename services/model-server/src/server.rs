@@ -1,5 +1,6 @@
 //! Wires the model server together: repository, pollers, rollouts, gRPC (TF Serving,
-//! KServe v2, rollouts, health, reflection) on one port, REST on another, and graceful shutdown.
+//! KServe v2, rollouts, health, reflection) on one port, REST on another, each over TLS when
+//! configured (see [`crate::security`]), and graceful shutdown.
 //!
 //! [`run`] takes listeners that are already bound, so tests bind `127.0.0.1:0` and hand
 //! them in (no port races), and a shutdown future, so tests stop the server in-process.
@@ -138,6 +139,9 @@ pub async fn run(
         // Outermost: a request past the in-flight limit costs nothing more than its refusal.
         .layer(in_flight.clone())
         .layer(telemetry::GrpcTraceLayer::new(crate::grpc::TRACE_SCOPE))
+        // Inside the trace layer, so refused calls are traced too: management calls need
+        // credentials when configured, and every one is audited.
+        .layer(config.security.auth().layer())
         .add_service(
             PredictionServiceServer::new(tf).max_decoding_message_size(limit).max_encoding_message_size(usize::MAX),
         )
@@ -171,10 +175,22 @@ pub async fn run(
         })
     };
 
-    // TCP_NODELAY, as gRPC servers set it: with Nagle on, a response written in two
-    // segments waits for the client's delayed ACK (40 ms on Linux).
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())));
+    // With --ssl_config_file the listeners stay plain TCP and each accepted connection is
+    // handshaken in its own task (security::tls), with the certificate current at the time.
+    config.security.log_summary();
+    background.extend(config.security.watch(&stop_rx));
+    let grpc = match config.security.tls() {
+        // TCP_NODELAY, as gRPC servers set it: with Nagle on, a response written in two
+        // segments waits for the client's delayed ACK (40 ms on Linux).
+        None => {
+            let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+        Some(tls) => {
+            let incoming = tls.grpc_incoming(listeners.grpc);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+    };
     let rest = listeners.rest.map(|listener| {
         let state = RestState {
             inference,
@@ -184,7 +200,13 @@ pub async fn run(
         };
         let app = rest::router(state, config.monitoring_path.clone(), config.overload.rest_max_body_bytes);
         let stop = stopped(stop_rx.clone());
-        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(stop).await })
+        let tls = config.security.tls().cloned();
+        tokio::spawn(async move {
+            match tls {
+                None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+                Some(tls) => tls.serve_rest(listener, app, stop).await,
+            }
+        })
     });
 
     // Serve until the servers end on their own (an error) or the signal drains them.

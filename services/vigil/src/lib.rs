@@ -5,10 +5,12 @@
 //! [`view`] prints the live view, [`summary`] reconciles the counts and measures detection.
 //! `vigil rollout` ([`rollout`]) steers a running model server's canary rollouts; `vigil
 //! replay` ([`replay`]) re-scores history through a candidate version on a running stream
-//! processor and reports how it differs from the live model.
+//! processor and reports how it differs from the live model; both dial through [`dial`] (TLS,
+//! bearer token).
 
 #![forbid(unsafe_code)]
 
+pub mod dial;
 pub mod observe;
 pub mod replay;
 pub mod rollout;

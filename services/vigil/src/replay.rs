@@ -25,9 +25,9 @@ use chrono::{DateTime, Utc};
 use proto::vigil::replay::v1 as pb;
 use proto::vigil::replay::v1::replay_service_client::ReplayServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::Endpoint;
 
-use crate::rollout::{code_name, error_chain};
+use crate::dial::{DialArgs, DialError};
+use crate::rollout::code_name;
 
 /// The stream processor's default gRPC address on this machine (its `grpc_listen`, and
 /// `vigil up`'s `--processor-grpc-port`).
@@ -62,6 +62,9 @@ pub struct ReplayArgs {
     /// Print the report as JSON (the proto's field names) instead of text.
     #[arg(long)]
     json: bool,
+    /// TLS and credentials for --processor.
+    #[command(flatten)]
+    dial: DialArgs,
 }
 
 /// The verdict's bounds; unset ones are sent as zero, which the processor reads as its
@@ -167,7 +170,7 @@ async fn run(args: ReplayArgs) -> Result<bool, Failure> {
         output_topic: args.output_topic.unwrap_or_else(|| default_output_topic(args.version, now)),
         bounds: Some(args.bounds.to_proto()),
     };
-    let report = replay(&args.processor, request).await?;
+    let report = replay(&args.processor, &args.dial, request).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report_json(&report)).unwrap_or_default());
     } else {
@@ -176,17 +179,17 @@ async fn run(args: ReplayArgs) -> Result<bool, Failure> {
     Ok(report.passed)
 }
 
-/// Runs one replay on the processor at `processor` and returns its report.
-pub async fn replay(processor: &str, request: pb::ReplayRequest) -> Result<pb::ReplayReport, Failure> {
-    // `host:port` is what people type after seeing an address; gRPC needs a scheme.
-    let url = if processor.contains("://") { processor.to_owned() } else { format!("http://{processor}") };
-    let unreachable = |why: String| Failure::Unreachable { processor: processor.to_owned(), why };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| Failure::BadArgument(format!("--processor {processor:?} is not a URL ({})", error_chain(&e))))?
-        .connect_timeout(CONNECT_TIMEOUT);
+/// Runs one replay on the processor at `processor` (dialed with `dial`'s TLS and token) and
+/// returns its report.
+pub async fn replay(processor: &str, dial: &DialArgs, request: pb::ReplayRequest) -> Result<pb::ReplayReport, Failure> {
     // No request timeout: a replay takes as long as its range takes to score (Ctrl-C
     // cancels it on the processor too).
-    let channel = endpoint.connect().await.map_err(|e| unreachable(error_chain(&e)))?;
+    let channel =
+        dial.connect(processor, |endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT)).await.map_err(|e| match e {
+            DialError::BadUrl(why) => Failure::BadArgument(format!("--processor {processor:?} is not a URL ({why})")),
+            DialError::Setup(why) => Failure::BadArgument(why),
+            DialError::Unreachable(why) => Failure::Unreachable { processor: processor.to_owned(), why },
+        })?;
     let mut client = ReplayServiceClient::new(channel);
     Ok(client.replay(request).await.map_err(Failure::Refused)?.into_inner())
 }

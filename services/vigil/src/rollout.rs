@@ -35,7 +35,8 @@ use chrono::{DateTime, Utc};
 use proto::vigil::rollout::v1 as pb;
 use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
 use serde_json::{Value, json};
-use tonic::transport::{Channel, Endpoint};
+
+use crate::dial::{DialArgs, DialError, Dialed};
 
 /// TF Serving's gRPC port on this machine: where `vigil up` and `model-server` listen by
 /// default.
@@ -55,6 +56,9 @@ pub struct RolloutArgs {
     /// Print JSON (the proto's field names) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// TLS and credentials for --server (not for --processor).
+    #[command(flatten)]
+    dial: DialArgs,
     #[command(subcommand)]
     command: RolloutCommand,
 }
@@ -199,6 +203,8 @@ impl PlanArgs {
 enum Failure {
     /// `--server` is not a URL.
     BadServer { server: String, why: String },
+    /// A TLS or token flag is unusable.
+    Dial(String),
     /// No connection to the server.
     Unreachable { server: String, why: String },
     /// The server answered with an error.
@@ -213,11 +219,22 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::BadServer { server, why } => write!(f, "--server {server:?} is not a URL ({why})"),
+            Self::Dial(why) => write!(f, "{why}"),
             Self::Unreachable { server, why } => write!(
                 f,
                 "cannot reach the model server at {server} ({why}); pass --server URL or set VIGIL_MODEL_SERVER"
             ),
-            Self::Refused(status) => write!(f, "{}: {}", code_name(status.code()), status.message()),
+            Self::Refused(status) => {
+                write!(f, "{}: {}", code_name(status.code()), status.message())?;
+                // A transport failure's cause ("connection reset") is in its source.
+                if let Some(source) = std::error::Error::source(status) {
+                    write!(f, ": {}", error_chain(source))?;
+                }
+                match crate::dial::credentials_hint(status.code()) {
+                    Some(hint) => write!(f, "; {hint}"),
+                    None => Ok(()),
+                }
+            }
             Self::Replay(failure) => write!(f, "the replay the rollout requires: {failure}"),
             Self::ReplayRejected { canary, reasons } => {
                 write!(f, "the rollout was not started: the replay of version {canary} failed ({})", reasons.join("; "))
@@ -276,7 +293,7 @@ pub fn main(args: RolloutArgs) -> ExitCode {
 }
 
 async fn run(args: RolloutArgs) -> Result<(), Failure> {
-    let mut client = connect(&args.server).await?;
+    let mut client = connect(&args.server, &args.dial).await?;
     let json = args.json;
     let rollout = match args.command {
         RolloutCommand::Start(start) => {
@@ -346,7 +363,8 @@ async fn require_replay(start: &StartArgs, from: &str, json: bool) -> Result<(),
             .unwrap_or_else(|| replay::default_output_topic(start.canary, now)),
         bounds: None,
     };
-    let report = replay::replay(&start.processor, request).await.map_err(Failure::Replay)?;
+    // The TLS and token flags are --server's; the processor is dialed as before.
+    let report = replay::replay(&start.processor, &DialArgs::default(), request).await.map_err(Failure::Replay)?;
     if report.passed {
         eprintln!(
             "replay passed: version {} on {} readings ({} compared), agreement {:.4}, anomaly rate {:.4} against live {:.4}",
@@ -367,18 +385,15 @@ async fn require_replay(start: &StartArgs, from: &str, json: bool) -> Result<(),
     Err(Failure::ReplayRejected { canary: start.canary, reasons: report.reasons })
 }
 
-async fn connect(server: &str) -> Result<RolloutServiceClient<Channel>, Failure> {
-    // `host:port` is what people type after seeing `vigil up`'s address; gRPC needs a scheme.
-    let url = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| Failure::BadServer { server: server.to_owned(), why: error_chain(&e) })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| Failure::Unreachable { server: server.to_owned(), why: error_chain(&e) })?;
-    Ok(RolloutServiceClient::new(channel))
+async fn connect(server: &str, dial: &DialArgs) -> Result<RolloutServiceClient<Dialed>, Failure> {
+    let dialed =
+        dial.connect(server, |endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT)).await;
+    match dialed {
+        Ok(dialed) => Ok(RolloutServiceClient::new(dialed)),
+        Err(DialError::BadUrl(why)) => Err(Failure::BadServer { server: server.to_owned(), why }),
+        Err(DialError::Setup(why)) => Err(Failure::Dial(why)),
+        Err(DialError::Unreachable(why)) => Err(Failure::Unreachable { server: server.to_owned(), why }),
+    }
 }
 
 /// How long `watch` keeps polling a model server that does not answer.
@@ -386,7 +401,7 @@ const WATCH_OUTAGE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Polls the rollout and prints each new revision until the rollout is over.
 async fn watch(
-    client: &mut RolloutServiceClient<Channel>,
+    client: &mut RolloutServiceClient<Dialed>,
     model: &str,
     every: Duration,
     json: bool,

@@ -1,8 +1,8 @@
 //! The `vigil rollout` binary against a model server started in this process on both
 //! bundled car-anomaly versions: every command's exit code and output, the server's errors
 //! passed through naming their field, a watch that ends on a finished rollout and rides
-//! out a server restart, and an unreachable server named together with the way to point
-//! elsewhere.
+//! out a server restart, an unreachable server named together with the way to point
+//! elsewhere, and a TLS server requiring a management token.
 
 use std::path::PathBuf;
 
@@ -10,6 +10,8 @@ use clap::Parser as _;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+#[path = "../../model-server/tests/support/pki.rs"]
+mod pki;
 mod support;
 
 use support::Run;
@@ -189,4 +191,51 @@ async fn a_watch_rides_out_a_model_server_restart() {
     assert!(lines[0].contains("revision 1: manual, canary 10%"), "{}", watched.stdout);
     assert!(lines.last().unwrap().contains("aborted by hand: after the restart"), "{}", watched.stdout);
     restarted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_cli_dials_tls_sends_its_token_and_says_what_is_missing_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki::Ca::new("test CA");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let ssl = write("ssl.cfg", &pki::ssl_config(&ca.server(), None, false));
+    let ca_file = write("ca.pem", &ca.pem);
+    let token = write("token", "rollout-token\n");
+    let wrong = write("wrong", "not-the-token\n");
+    let flags = [format!("--ssl_config_file={ssl}"), format!("--management_token_file={token}")];
+    let server = Server::start_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), &flags).await;
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let https = format!("https://{address}");
+    let start = ["start", "car-anomaly", "--stable", "2", "--canary", "1", "--weight", "10"];
+    let with = |dial: &[&str], command: &[&str]| {
+        let mut all: Vec<String> = dial.iter().map(|s| (*s).to_owned()).collect();
+        all.extend(command.iter().map(|s| (*s).to_owned()));
+        async move { vigil(None, &all.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+
+    // A bare address with --ca-file dials TLS; reads need no token.
+    let listed = with(&["--server", &address, "--ca-file", &ca_file, "--token-file", &token], &["list"]).await;
+    assert_eq!((listed.code, listed.stdout.trim()), (0, "no rollouts"), "{}", listed.stderr);
+
+    let refused = with(&["--server", &https, "--ca-file", &ca_file], &start).await;
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.starts_with("error: unauthenticated: "), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--token-file PATH"), "the error says how to fix it: {}", refused.stderr);
+    let denied = with(&["--server", &https, "--ca-file", &ca_file, "--token-file", &wrong], &start).await;
+    assert!(denied.stderr.starts_with("error: permission denied: "), "{}", denied.stderr);
+
+    let started = with(&["--server", &https, "--ca-file", &ca_file, "--token-file", &token], &start).await;
+    assert_eq!((started.code, started.field("phase")), (0, "manual"), "{}", started.stderr);
+
+    // TLS needs the CA; a plaintext dial of a TLS port does not get through.
+    let no_ca = with(&["--server", &https], &["list"]).await;
+    assert_eq!(no_ca.code, 1);
+    assert!(no_ca.stderr.contains("give --ca-file"), "{}", no_ca.stderr);
+    let plaintext = with(&["--server", &server.url], &["list"]).await;
+    assert_eq!(plaintext.code, 1, "{}", plaintext.stdout);
+    server.stop().await;
 }
