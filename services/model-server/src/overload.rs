@@ -50,6 +50,14 @@ pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive for connections idle below HTTP/2 (and REST's HTTP/1).
 pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// Sets what every accepted connection gets: TCP keepalive, and TCP_NODELAY as gRPC
+/// servers set it (with Nagle on, a response written in two segments waits for the client's
+/// delayed ACK, 40 ms on Linux). Best effort: a socket refusing an option still serves.
+pub fn tune_accepted(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+}
+
 /// The process-wide pool of in-flight permits.
 #[derive(Debug, Clone)]
 pub struct InFlight {

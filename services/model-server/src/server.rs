@@ -129,8 +129,7 @@ pub async fn run(
         .max_concurrent_streams(overload.grpc_max_concurrent_streams)
         // Find peers that went away without closing (a pod killed, a cable pulled).
         .http2_keepalive_interval(Some(overload::HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(overload::HTTP2_KEEPALIVE_TIMEOUT))
-        .tcp_keepalive(Some(overload::TCP_KEEPALIVE));
+        .http2_keepalive_timeout(Some(overload::HTTP2_KEEPALIVE_TIMEOUT));
     if let Some(timeout) = overload.request_timeout {
         // A client's shorter grpc-timeout wins (tonic takes the smaller of the two).
         builder = builder.timeout(timeout);
@@ -180,10 +179,11 @@ pub async fn run(
     config.security.log_summary();
     background.extend(config.security.watch(&stop_rx));
     let grpc = match config.security.tls() {
-        // TCP_NODELAY, as gRPC servers set it: with Nagle on, a response written in two
-        // segments waits for the client's delayed ACK (40 ms on Linux).
+        // TCP_NODELAY and keepalive, as every accepted connection gets (overload::tune_accepted).
         None => {
-            let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+            let incoming = TcpIncoming::from(listeners.grpc)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(overload::TCP_KEEPALIVE));
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
         }
         Some(tls) => {
@@ -203,7 +203,11 @@ pub async fn run(
         let tls = config.security.tls().cloned();
         tokio::spawn(async move {
             match tls {
-                None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+                None => {
+                    use axum::serve::ListenerExt as _;
+                    let listener = listener.tap_io(|tcp| overload::tune_accepted(tcp));
+                    axum::serve(listener, app).with_graceful_shutdown(stop).await
+                }
                 Some(tls) => tls.serve_rest(listener, app, stop).await,
             }
         })

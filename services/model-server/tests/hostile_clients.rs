@@ -294,7 +294,7 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
     // The same through REST.
     let url = format!("http://{}/v1/models/{MODEL}:predict", server.rest);
     for i in 0..200 {
-        let body = serde_json::json!({ "signature_name": format!("rest-{i}-{}", "y".repeat(1024)), "instances": [[0.5; 18]] });
+        let body = serde_json::json!({ "signature_name": format!("rest-{i}-{}", "y".repeat(1024)), "instances": [vec![0.5; 18]] });
         let response = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
         assert_eq!(response.status(), 400);
     }

@@ -220,9 +220,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        // TCP_NODELAY, as gRPC servers set it: with Nagle on, a response written in two
-        // segments waits for the client's delayed ACK (40 ms on Linux).
-        let _ = tcp.set_nodelay(true);
+        crate::overload::tune_accepted(&tcp);
         let acceptor = TlsAcceptor::from(tls.current().for_port(port).clone());
         let tx = tx.clone();
         tokio::spawn(async move {
