@@ -4,7 +4,10 @@ Starts `model-server` (the binary given as argv[1]) on free loopback ports servi
 TF-exported autoencoder fixture, then calls it the way users do:
 - tensorflow-serving-api: PredictionService.Predict (tf.make_tensor_proto input, as in TF
   Serving's own examples), GetModelMetadata, ModelService.GetModelStatus;
-- tritonclient[grpc]: server/model readiness, model metadata and infer (ModelInfer).
+- tritonclient[grpc]: server/model readiness, model metadata and infer (ModelInfer);
+- tensorflow-serving-api again over TLS and mutual TLS configured by TF Serving's own
+  --ssl_config_file (certificates made with the openssl command line), with management
+  calls refused without the bearer token.
 Answers are compared with TensorFlow's golden outputs committed beside the fixture.
 """
 
@@ -20,17 +23,17 @@ import grpc
 import numpy as np
 import tensorflow as tf
 import tritonclient.grpc as triton
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "savedmodels", "autoencoder")
 
 
-def start_server(binary, base):
+def start_server(binary, base, extra=()):
     process = subprocess.Popen(
         [binary, "--port=0", "--bind_address=127.0.0.1", "--model_name=autoencoder",
-         f"--model_base_path={base}", "--enable_grpc_healthcheck_service"],
+         f"--model_base_path={base}", "--enable_grpc_healthcheck_service", *extra],
         stdout=subprocess.PIPE, text=True)
     line = process.stdout.readline()
     match = re.search(r"Running gRPC ModelServer at ([\d.]+:\d+)", line)
@@ -121,5 +124,112 @@ def main(binary):
     print("model-server drained and exited cleanly on SIGTERM")
 
 
+def make_pki(workdir):
+    """A test CA, a server certificate for 127.0.0.1 and a client certificate (CN=deployer),
+    made with the openssl command line; returns the PEM file paths."""
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=workdir)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=vigil-test-ca", "-days", "2")
+    for name, cn, ext in [("server", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                          ("client", "deployer", "extendedKeyUsage=clientAuth")]:
+        with open(os.path.join(workdir, f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {name: os.path.join(workdir, name) for name in
+            ["ca.pem", "server.key", "server.pem", "client.key", "client.pem"]}
+
+
+def ssl_config(pki, client_verify):
+    """TF Serving's SSLConfig text proto, PEM contents inline, as tensorflow_model_server takes it."""
+    def quoted(path):
+        return '"' + open(path).read().replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return (f"server_key: {quoted(pki['server.key'])}\nserver_cert: {quoted(pki['server.pem'])}\n"
+            f"custom_ca: {quoted(pki['ca.pem'])}\nclient_verify: {'true' if client_verify else 'false'}\n")
+
+
+def predict_once(channel, inputs):
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "autoencoder"
+    request.inputs["sensors"].CopyFrom(tf.make_tensor_proto(inputs))
+    return tf.make_ndarray(stub.Predict(request, timeout=30).outputs["output_0"])
+
+
+def refused(call):
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    raise AssertionError("the call must fail")
+
+
+def main_tls(binary):
+    """tensorflow-serving-api over TLS and mutual TLS, configured with TF Serving's own
+    --ssl_config_file, and a management call with and without the bearer token."""
+    golden = json.load(open(os.path.join(FIXTURE, "golden.json")))
+    case = golden["cases"][0]
+    inputs = np.array(case["inputs"]["sensors"]["values"], np.float32).reshape(case["inputs"]["sensors"]["shape"])
+    expected = np.array(case["outputs"]["output_0"]["values"], np.float32).reshape(case["outputs"]["output_0"]["shape"])
+    workdir = tempfile.mkdtemp()
+    base = os.path.join(workdir, "autoencoder")
+    shutil.copytree(os.path.join(FIXTURE, "1"), os.path.join(base, "1"))
+    pki = make_pki(workdir)
+    ca = open(pki["ca.pem"], "rb").read()
+    client_cert, client_key = open(pki["client.pem"], "rb").read(), open(pki["client.key"], "rb").read()
+    token = os.path.join(workdir, "token")
+    with open(token, "w") as f:
+        f.write("s3cret-management-token\n")
+    processes = []
+    try:
+        for client_verify in (False, True):
+            config = os.path.join(workdir, f"ssl-{client_verify}.cfg")
+            with open(config, "w") as f:
+                f.write(ssl_config(pki, client_verify))
+            process, address = start_server(binary, base, [f"--ssl_config_file={config}",
+                                                           f"--management_token_file={token}"])
+            processes.append(process)
+            with_cert = grpc.ssl_channel_credentials(root_certificates=ca, private_key=client_key,
+                                                     certificate_chain=client_cert)
+            without_cert = grpc.ssl_channel_credentials(root_certificates=ca)
+            channel = grpc.secure_channel(address, with_cert if client_verify else without_cert)
+            grpc.channel_ready_future(channel).result(timeout=60)
+            np.testing.assert_allclose(predict_once(channel, inputs), expected, rtol=1e-5, atol=1e-5)
+            # Plaintext to a TLS port gets nowhere.
+            plain = grpc.insecure_channel(address)
+            code = refused(lambda: predict_once(plain, inputs))
+            assert code == grpc.StatusCode.UNAVAILABLE, code
+            if client_verify:
+                code = refused(lambda: predict_once(grpc.secure_channel(address, without_cert), inputs))
+                assert code == grpc.StatusCode.UNAVAILABLE, code
+            # Management needs the token; reads do not.
+            models = model_service_pb2_grpc.ModelServiceStub(channel)
+            reload = model_management_pb2.ReloadConfigRequest()
+            config_entry = reload.config.model_config_list.config.add()
+            config_entry.name, config_entry.base_path, config_entry.model_platform = "autoencoder", base, "tensorflow"
+            # Without a token: no credentials at all is UNAUTHENTICATED; with mutual TLS the
+            # client's certificate (CN=deployer, not an allowed subject) is a credential, refused.
+            code = refused(lambda: models.HandleReloadConfigRequest(reload, timeout=30))
+            wanted = grpc.StatusCode.PERMISSION_DENIED if client_verify else grpc.StatusCode.UNAUTHENTICATED
+            assert code == wanted, code
+            code = refused(lambda: models.HandleReloadConfigRequest(
+                reload, timeout=30, metadata=[("authorization", "Bearer wrong")]))
+            assert code == grpc.StatusCode.PERMISSION_DENIED, code
+            models.HandleReloadConfigRequest(reload, timeout=60,
+                                             metadata=[("authorization", "Bearer s3cret-management-token")])
+            kind = "mutual TLS (client_verify: true)" if client_verify else "TLS"
+            print(f"tensorflow-serving-api over {kind} from --ssl_config_file: Predict matches TensorFlow; "
+                  "plaintext refused; HandleReloadConfigRequest refused without the token, PERMISSION_DENIED with a wrong "
+                  "one, OK with it")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    main_tls(sys.argv[1])

@@ -15,6 +15,9 @@ if ! "$venv/bin/python" -c "import tensorflow_serving.apis, tritonclient.grpc, g
     "$venv/bin/pip" install --quiet --no-deps tensorflow-serving-api==2.21.0
 fi
 export TF_CPP_MIN_LOG_LEVEL=3
+# The TLS checks make their test certificates with the openssl command line.
+source tests/system/lib.sh
+need_debian_packages openssl openssl
 
 # The same build as `cargo test --workspace` (same features, so nothing recompiles after
 # the test step); it leaves each service binary in target/debug.

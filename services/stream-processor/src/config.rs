@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use admin::layered_config::{self, EnvLayout};
@@ -85,10 +86,18 @@ pub enum OutputFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Model server replicas: `http://host:port` each. A host name is resolved again
-    /// every `discovery_refresh_seconds` and every address it has becomes a replica, so
-    /// a headless Kubernetes Service (`http://model-server-headless:8500`) gives the pods.
+    /// Model server replicas: `http://host:port` each, or `https://host:port` for a model
+    /// server with TLS (`--ssl_config_file`; then `tls_ca_file` is required). A host name is
+    /// resolved again every `discovery_refresh_seconds` and every address it has becomes a
+    /// replica, so a headless Kubernetes Service (`http://model-server-headless:8500`)
+    /// gives the pods.
     pub endpoints: Vec<String>,
+    /// PEM file of the CA the model server's certificate chains to (`https://` endpoints;
+    /// there are no built-in roots). The certificate must name the endpoint's host.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for a model server with `client_verify: true`.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     pub name: String,
     pub signature: String,
     /// Pin a version (absent: the server's choice, e.g. its latest or its rollout).
@@ -120,6 +129,9 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             endpoints: vec!["http://127.0.0.1:8500".into()],
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             name: "car-anomaly".into(),
             signature: "serving_default".into(),
             version: None,
@@ -251,7 +263,14 @@ impl ProcessorConfig {
             return error("model.endpoints is empty: there is no model server to call".into());
         }
         for endpoint in &self.model.endpoints {
-            crate::discovery::Target::parse(endpoint).map_err(|e| ConfigError(format!("model.endpoints: {e}")))?;
+            let target =
+                crate::discovery::Target::parse(endpoint).map_err(|e| ConfigError(format!("model.endpoints: {e}")))?;
+            if target.tls && self.model.tls_ca_file.is_none() {
+                return error(format!("model.endpoints: {endpoint:?} is https: give model.tls_ca_file"));
+            }
+        }
+        if self.model.tls_cert_file.is_some() != self.model.tls_key_file.is_some() {
+            return error("model.tls_cert_file and model.tls_key_file: give both or neither".into());
         }
         if self.model.name.is_empty() {
             return error("model.name is empty".into());

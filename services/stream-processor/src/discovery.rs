@@ -19,28 +19,46 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tower::Service;
 use tower::discover::Change;
 use tower::load::{CompleteOnResponse, PendingRequests};
 
-/// A configured endpoint: `http://host:port`.
+/// A configured endpoint: `http://host:port`, or `https://host:port` for TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 impl Target {
     pub fn parse(text: &str) -> Result<Self, String> {
         let url = url::Url::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
-        if url.scheme() != "http" {
-            return Err(format!("{text:?}: use http://host:port (the model server speaks plaintext gRPC)"));
-        }
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(format!("{text:?}: use http://host:port, or https://host:port for TLS")),
+        };
         let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("{text:?}: no host"))?;
         let port = url.port().ok_or_else(|| format!("{text:?}: no port"))?;
-        Ok(Self { host: host.trim_start_matches('[').trim_end_matches(']').to_owned(), port })
+        Ok(Self { host: host.trim_start_matches('[').trim_end_matches(']').to_owned(), port, tls })
     }
+}
+
+/// Reads the client TLS settings for `https://` endpoints: the CA the model server's
+/// certificate chains to, and optionally a client certificate for mutual TLS. Errors name
+/// the file.
+pub fn client_tls(
+    ca_file: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<ClientTlsConfig, String> {
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca_file)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }
 
 /// One replica as the balancer sees it.
@@ -51,21 +69,31 @@ pub type ReplicaChanges =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<Change<SocketAddr, Replica>, Infallible>> + Send>>;
 
 /// Starts resolving `targets` every `refresh`; the stream ends when the task is aborted.
+/// `tls` is used for `https://` targets (each replica is dialled by address, with the
+/// target's host name as the name its certificate must carry).
 pub fn discover(
     targets: Vec<Target>,
     refresh: Duration,
     eject_for: Duration,
     replicas: prometheus::IntGauge,
+    tls: Option<ClientTlsConfig>,
 ) -> (ReplicaChanges, tokio::task::JoinHandle<()>) {
     let (changes, receiver) = tokio::sync::mpsc::channel(64);
     let task = tokio::spawn(async move {
         let mut known: BTreeSet<SocketAddr> = BTreeSet::new();
+        // Which target an address came from: its host names the certificate for TLS.
+        let mut origin: std::collections::HashMap<SocketAddr, &Target> = std::collections::HashMap::new();
         loop {
             let mut found = BTreeSet::new();
             let mut failed = false;
             for target in &targets {
                 match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
-                    Ok(addresses) => found.extend(addresses),
+                    Ok(addresses) => {
+                        for address in addresses {
+                            origin.insert(address, target);
+                            found.insert(address);
+                        }
+                    }
                     Err(error) => {
                         failed = true;
                         tracing::warn!(host = %target.host, %error, "resolving a model server endpoint failed");
@@ -84,11 +112,22 @@ pub fn discover(
             }
             for new in found.difference(&known) {
                 tracing::info!(address = %new, "model server replica found");
-                let channel = Endpoint::from_shared(format!("http://{new}"))
+                let target = origin.get(new).copied();
+                let scheme = if target.is_some_and(|t| t.tls) { "https" } else { "http" };
+                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{new}"))
                     .expect("a socket address is a valid URI")
                     .connect_timeout(Duration::from_secs(2))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
+                    .tcp_nodelay(true);
+                if let (Some(target), Some(tls)) = (target.filter(|t| t.tls), &tls) {
+                    endpoint = match endpoint.tls_config(tls.clone().domain_name(target.host.clone())) {
+                        Ok(endpoint) => endpoint,
+                        Err(error) => {
+                            tracing::error!(address = %new, %error, "the model server TLS settings are unusable");
+                            continue;
+                        }
+                    };
+                }
+                let channel = endpoint.connect_lazy();
                 let replica = PendingRequests::new(Eject::new(channel, eject_for), CompleteOnResponse::default());
                 if changes.send(Change::Insert(*new, replica)).await.is_err() {
                     return;
@@ -172,10 +211,14 @@ mod tests {
     fn targets_parse_and_mistakes_are_named() {
         assert_eq!(
             Target::parse("http://model-server:8500").unwrap(),
-            Target { host: "model-server".into(), port: 8500 }
+            Target { host: "model-server".into(), port: 8500, tls: false }
+        );
+        assert_eq!(
+            Target::parse("https://model-server:8500").unwrap(),
+            Target { host: "model-server".into(), port: 8500, tls: true }
         );
         assert_eq!(Target::parse("http://[::1]:9").unwrap().host, "::1");
-        assert!(Target::parse("https://x:1").unwrap_err().contains("http://host:port"));
+        assert!(Target::parse("ftp://x:1").unwrap_err().contains("https://host:port"));
         assert!(Target::parse("http://x").unwrap_err().contains("no port"));
         assert!(Target::parse("x:1").is_err());
     }
@@ -184,7 +227,8 @@ mod tests {
     async fn a_name_becomes_one_replica_per_address() {
         let gauge = prometheus::IntGauge::new("replicas", "replicas").unwrap();
         let targets = vec![Target::parse("http://127.0.0.1:7").unwrap(), Target::parse("http://127.0.0.2:7").unwrap()];
-        let (mut stream, task) = discover(targets, Duration::from_secs(60), Duration::from_secs(1), gauge.clone());
+        let (mut stream, task) =
+            discover(targets, Duration::from_secs(60), Duration::from_secs(1), gauge.clone(), None);
         let mut inserted = Vec::new();
         while inserted.len() < 2 {
             match stream.next().await.unwrap().unwrap() {

@@ -230,11 +230,22 @@ impl ModelClient {
     /// Starts discovering replicas; connections are made as calls need them.
     pub fn new(config: &ModelConfig, metrics: Metrics) -> Result<Self, String> {
         let targets = config.endpoints.iter().map(|e| Target::parse(e)).collect::<Result<Vec<_>, _>>()?;
+        let tls = match &config.tls_ca_file {
+            Some(ca) => {
+                let identity = config.tls_cert_file.as_deref().zip(config.tls_key_file.as_deref());
+                Some(discovery::client_tls(ca, identity).map_err(|e| format!("model.tls: {e}"))?)
+            }
+            None if targets.iter().any(|t| t.tls) => {
+                return Err("model.endpoints: https needs model.tls_ca_file".into());
+            }
+            None => None,
+        };
         let (changes, task) = discovery::discover(
             targets,
             Duration::from_secs(config.discovery_refresh_seconds.max(1)),
             Duration::from_millis(config.eject_ms),
             metrics.model_replicas.clone(),
+            tls,
         );
         let balance = tower::balance::p2c::Balance::new(changes);
         let balanced = Balanced(tower::buffer::Buffer::new(balance, config.concurrency_limit.max(16)));

@@ -82,6 +82,7 @@ async fn one_reading(server: &mut impl tower::Service<http::Request<()>, Respons
     let cx = ingest::trace::mqtt_message("vehicles/sensor/data/car-17", &[]);
     let mut record = ingest::record::OutRecord {
         topic: "vigil-readings".into(),
+        topic_label: "vigil-readings".into(),
         key: Some(b"car-17".to_vec()),
         payload: Vec::new(),
         headers: vec![("mqtt.topic".into(), b"vehicles/sensor/data/car-17".to_vec())],
