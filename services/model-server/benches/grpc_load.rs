@@ -1,6 +1,6 @@
 //! Load benchmark: Predict requests/s and latency at several concurrency levels, for the
-//! model server with batching off and on (and with its overload limits lifted, to price
-//! them), side by side with a no-op tonic server (the same PredictionService answering an
+//! model server with batching off and on (and, batching off, with its overload limits
+//! lifted, with a management token, and over TLS: to price each), side by side with a no-op tonic server (the same PredictionService answering an
 //! echo without any inference) as the ceiling that gRPC itself allows on this machine.
 //! Client and servers share the machine's cores.
 //!
@@ -14,6 +14,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod support;
+
+#[path = "../tests/support/pki.rs"]
+mod pki;
 
 use clap::Parser;
 use model_server::config::ServeArgs;
@@ -97,12 +100,25 @@ async fn load(channels: &[Channel], concurrency: usize) -> LoadResult {
     LoadResult { rps: latencies.len() as f64 / elapsed.as_secs_f64(), p50_us: pct(0.5), p99_us: pct(0.99) }
 }
 
-async fn channels(addr: std::net::SocketAddr) -> Vec<Channel> {
+async fn channels(addr: std::net::SocketAddr, tls: Option<&pki::Ca>) -> Vec<Channel> {
     let mut out = Vec::new();
     for _ in 0..CONNECTIONS {
-        out.push(Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap());
+        out.push(match tls {
+            Some(ca) => pki::tls_channel(addr, ca, None).await.unwrap(),
+            None => Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap(),
+        });
     }
     out
+}
+
+/// How a model server variant is secured.
+#[derive(Clone, Copy, PartialEq)]
+enum Security {
+    Plain,
+    /// `--management_token_file` set: every call passes the management check.
+    Token,
+    /// `--ssl_config_file` (server certificate, no client certificates) and the token.
+    TlsAndToken,
 }
 
 /// A server under test: its name, its clients' channels, and how to stop it.
@@ -113,7 +129,13 @@ struct Running {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-async fn start(name: &'static str, extra: Option<Vec<String>>, base: &std::path::Path) -> Running {
+async fn start(
+    name: &'static str,
+    extra: Option<Vec<String>>,
+    security: Security,
+    base: &std::path::Path,
+    pki: &(pki::Ca, tempfile::TempDir),
+) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -137,13 +159,25 @@ async fn start(name: &'static str, extra: Option<Vec<String>>, base: &std::path:
                 format!("--model_base_path={}", base.display()),
             ];
             args.extend(extra);
+            let (ca, dir) = pki;
+            if security != Security::Plain {
+                let token = dir.path().join("token");
+                std::fs::write(&token, "bench-token\n").unwrap();
+                args.push(format!("--management_token_file={}", token.display()));
+            }
+            if security == Security::TlsAndToken {
+                let ssl = dir.path().join("ssl.cfg");
+                std::fs::write(&ssl, pki::ssl_config(&ca.server(), None, false)).unwrap();
+                args.push(format!("--ssl_config_file={}", ssl.display()));
+            }
             let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
             tokio::spawn(server::run(config, Listeners { grpc: listener, rest: None }, async {
                 let _ = stopped.await;
             }))
         }
     };
-    Running { name, channels: channels(addr).await, stop, task }
+    let tls = (security == Security::TlsAndToken).then_some(&pki.0);
+    Running { name, channels: channels(addr, tls).await, stop, task }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -170,9 +204,12 @@ fn main() {
     let mut rows = Vec::new();
     runtime.block_on(async {
         let mut servers = Vec::new();
-        for (name, extra) in [
-            (CEILING, None),
-            ("model-server, batching off", Some(vec![])),
+        let pki = (pki::Ca::new("bench CA"), tempfile::tempdir().unwrap());
+        for (name, extra, security) in [
+            (CEILING, None, Security::Plain),
+            ("model-server, batching off", Some(vec![]), Security::Plain),
+            ("model-server, batching off, management token", Some(vec![]), Security::Token),
+            ("model-server, batching off, TLS and management token", Some(vec![]), Security::TlsAndToken),
             // The overload protections (in-flight pool, stream cap, deadline) out of the way,
             // to price them: the same server with every limit lifted.
             (
@@ -182,6 +219,7 @@ fn main() {
                     "--grpc_max_concurrent_streams=4294967295".to_owned(),
                     "--request_timeout_seconds=0".to_owned(),
                 ]),
+                Security::Plain,
             ),
             (
                 "model-server, batching on",
@@ -189,12 +227,13 @@ fn main() {
                     "--enable_batching".to_owned(),
                     format!("--batching_parameters_file={}", batching.display()),
                 ]),
+                Security::Plain,
             ),
         ] {
             if only_server.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
                 continue;
             }
-            servers.push(start(name, extra, &base).await);
+            servers.push(start(name, extra, security, &base, &pki).await);
         }
         for concurrency in levels.iter().copied() {
             // Rounds interleave the servers, so a slow spell on a shared machine hits all of
