@@ -131,10 +131,7 @@ impl Inference {
         let version = self.resolve(&request.model, &request.selector, request.routing_key.as_deref())?;
         let signature =
             request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
-        // Metrics are labelled with names the model defines, never with what a client sent:
-        // a signature the version does not have counts under an empty signature label.
-        let label = if version.specs.contains_key(&signature) { signature.clone() } else { String::new() };
-        *target = Some((version.model.clone(), version.version, label));
+        *target = Some(version.metrics_target(&signature));
         let (plan, scheduler) = version.signature(&signature)?;
         let limits = RequestLimits {
             max_rows: self.limits.max_request_rows,

@@ -120,6 +120,14 @@ pub struct LoadedVersion {
 }
 
 impl LoadedVersion {
+    /// What a request to `signature` of this version is counted under in metrics: the
+    /// signature's name only if the model defines it, never a name a client made up (an
+    /// unknown one counts under the empty label).
+    pub fn metrics_target(&self, signature: &str) -> (String, i64, String) {
+        let label = if self.specs.contains_key(signature) { signature.to_owned() } else { String::new() };
+        (self.model.clone(), self.version, label)
+    }
+
     /// The runnable plan and scheduler for `signature`.
     pub fn signature(&self, signature: &str) -> Result<(&Arc<SignaturePlan>, &Scheduler), ServeError> {
         match self.signatures.get(signature) {

@@ -223,9 +223,7 @@ async fn predict_inner(
     };
     let version = state.inference.resolve(&path.model, &path.selector, routing_key.as_deref())?;
     let signature_name = signature.clone().filter(|s| !s.is_empty()).unwrap_or(savedmodel::DEFAULT_SIGNATURE.into());
-    // The signature labels metrics only once the model is known to define it.
-    let label = if version.specs.contains_key(&signature_name) { signature_name.clone() } else { String::new() };
-    *target = Some((version.model.clone(), version.version, label));
+    *target = Some(version.metrics_target(&signature_name));
     let spec = version.specs.get(&signature_name).ok_or_else(|| ServeError::SignatureNotFound {
         model: version.model.clone(),
         version: version.version,

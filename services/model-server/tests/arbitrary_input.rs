@@ -11,12 +11,9 @@ use proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use proto::inference::model_infer_request::InferInputTensor;
 use proto::inference::{InferTensorContents, ModelInferRequest};
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
-use proto::tensorflow::serving::{
-    GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, PredictRequest,
-    ReloadConfigRequest, model_server_config,
-};
+use proto::tensorflow::serving::{GetModelStatusRequest, ModelConfig, ModelSpec, PredictRequest};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
-use support::{TestServer, model_base};
+use support::{TestServer, model_base, reload_request as reload};
 use tonic::transport::Channel;
 
 /// Longest any single call may take, whatever it carries.
@@ -112,15 +109,6 @@ fn model_configs() -> impl Strategy<Value = Vec<ModelConfig>> {
         },
     );
     prop::collection::vec(config, 0..4)
-}
-
-fn reload(configs: Vec<ModelConfig>) -> ReloadConfigRequest {
-    ReloadConfigRequest {
-        config: Some(ModelServerConfig {
-            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: configs })),
-        }),
-        ..Default::default()
-    }
 }
 
 struct Fixture {

@@ -6,6 +6,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,10 +16,7 @@ use proto::inference::model_infer_request::InferInputTensor;
 use proto::inference::{InferTensorContents, ModelInferRequest, ServerReadyRequest};
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
-use proto::tensorflow::serving::{
-    GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, PredictRequest,
-    ReloadConfigRequest, model_server_config,
-};
+use proto::tensorflow::serving::{GetModelStatusRequest, ModelConfig, ModelSpec, PredictRequest};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use proto::vigil::rollout::v1::AbortRolloutRequest;
 use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
@@ -28,23 +27,6 @@ use tonic::transport::Channel;
 const RSS_BOUND_MIB: u64 = 256;
 
 const MODEL: &str = "autoencoder";
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels/autoencoder/1")
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 /// The real `model-server` binary serving the autoencoder fixture from `models/autoencoder`.
 struct Server {
@@ -57,9 +39,13 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let models = dir.path().join("models");
-        copy_dir(&fixture(), &models.join(MODEL).join("1"));
+        Server::start_in(tempfile::tempdir().unwrap(), extra)
+    }
+
+    /// Serves from `dir/models` (so a flag can name `dir`, e.g. as an allowed root).
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let models =
+            support::model_base(&dir.path().join("models"), MODEL, "autoencoder", &[1]).parent().unwrap().to_owned();
         let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
             .args(["--port=0", "--bind_address=127.0.0.1", "--rest_api_address=127.0.0.1:0"])
             .arg(format!("--model_name={MODEL}"))
@@ -159,15 +145,6 @@ async fn assert_serving(server: &Server, channel: &Channel, case: &str) {
         .unwrap_or_else(|e| panic!("after {case}: Predict failed: {e:?}"));
     let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
     assert_eq!(ready.status(), 200, "after {case}: /ready");
-}
-
-fn reload(models: Vec<ModelConfig>) -> ReloadConfigRequest {
-    ReloadConfigRequest {
-        config: Some(ModelServerConfig {
-            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: models })),
-        }),
-        ..Default::default()
-    }
 }
 
 fn model_config(name: &str, base_path: &Path) -> ModelConfig {
@@ -309,8 +286,10 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
 
     // 6. A model name with a NUL byte (it panicked while holding the repository's lock).
     let mut models = ModelServiceClient::new(channel.clone());
-    let status =
-        models.handle_reload_config_request(reload(vec![model_config("nul\0name", &server.models)])).await.unwrap_err();
+    let status = models
+        .handle_reload_config_request(support::reload_request(vec![model_config("nul\0name", &server.models)]))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let status_request =
         GetModelStatusRequest { model_spec: Some(ModelSpec { name: MODEL.into(), ..Default::default() }) };
@@ -320,13 +299,16 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
     assert_serving(&server, &channel, "a NUL model name").await;
 
     // 7. An empty model list unloads everything: then the server is not ready, and says so.
-    models.handle_reload_config_request(reload(vec![])).await.expect("an empty model list is a valid config");
+    models
+        .handle_reload_config_request(support::reload_request(vec![]))
+        .await
+        .expect("an empty model list is a valid config");
     let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
     assert_eq!(ready.status(), 503, "/ready with nothing configured");
     let ready = GrpcInferenceServiceClient::new(channel.clone()).server_ready(ServerReadyRequest {}).await.unwrap();
     assert!(!ready.into_inner().ready);
     models
-        .handle_reload_config_request(reload(vec![model_config(MODEL, &server.models.join(MODEL))]))
+        .handle_reload_config_request(support::reload_request(vec![model_config(MODEL, &server.models.join(MODEL))]))
         .await
         .expect("restoring the model");
     assert_serving(&server, &channel, "an empty model list, then the model back").await;
@@ -389,35 +371,21 @@ async fn model_base_paths_outside_the_allowed_roots_are_refused_and_nothing_leak
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--model_base_path_allow"), "{out:?}");
 
-    let root = tempfile::tempdir().unwrap();
-    let models = root.path().join("models");
-    copy_dir(&fixture(), &models.join(MODEL).join("1"));
     // Serve from the allowed root this time.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
-        .args(["--port=0", "--bind_address=127.0.0.1"])
-        .arg(format!("--model_name={MODEL}"))
-        .arg(format!("--model_base_path={}", models.join(MODEL).display()))
-        .arg(format!("--model_base_path_allow={}", root.path().display()))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
-    let grpc: SocketAddr = line.strip_prefix("Running gRPC ModelServer at ").unwrap().trim().parse().unwrap();
-    let channel = Channel::from_shared(format!("http://{grpc}")).unwrap().connect().await.unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let root_path = root.path().to_owned();
+    let server = Server::start_in(root, &[&format!("--model_base_path_allow={}", root_path.display())]);
+    let channel = server.channel().await;
     let mut models_api = ModelServiceClient::new(channel.clone());
     for outside in ["/proc", "/etc/../proc", "relative/models"] {
         let status = models_api
-            .handle_reload_config_request(reload(vec![model_config("m", Path::new(outside))]))
+            .handle_reload_config_request(support::reload_request(vec![model_config("m", Path::new(outside))]))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{outside}: {status:?}");
-        assert!(!status.message().contains(&root.path().display().to_string()), "{status:?}");
+        assert!(!status.message().contains(&root_path.display().to_string()), "{status:?}");
     }
     predict(&channel, predict_request(MODEL, "", vec![("sensors", one_row())])).await.expect("still serving");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,12 +414,8 @@ async fn past_the_in_flight_limit_requests_are_shed_with_resource_exhausted_and_
     assert!(other_errors.is_empty(), "{other_errors:?}");
     assert!(shed > 0 && shed < 64, "{shed} of 64 shed");
     let text = metrics_text(&server).await;
-    let counted: f64 = text
-        .lines()
-        .find(|l| l.starts_with("model_server_requests_shed_total{api=\"grpc\"}"))
-        .and_then(|l| l.rsplit_once(' '))
-        .map(|(_, v)| v.parse().unwrap())
-        .expect("the shed counter");
+    let counted =
+        support::metric(&text, "model_server_requests_shed_total", &[("api", "grpc")]).expect("the shed counter");
     assert_eq!(counted as usize, shed);
     // Health checks are never shed, and the server serves once the burst is over.
     predict(&channel, predict_request(MODEL, "", vec![("sensors", one_row())])).await.unwrap();

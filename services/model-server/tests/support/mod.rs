@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
-use proto::tensorflow::serving::ModelSpec;
 use proto::tensorflow::serving::model_spec::VersionChoice;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
+use proto::tensorflow::serving::{
+    ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, ReloadConfigRequest, model_server_config,
+};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -165,4 +167,14 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
         all.then(|| value.parse().ok()).flatten()
     })
+}
+
+/// `HandleReloadConfigRequest` replacing the model list with `models`.
+pub fn reload_request(models: Vec<ModelConfig>) -> ReloadConfigRequest {
+    ReloadConfigRequest {
+        config: Some(ModelServerConfig {
+            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: models })),
+        }),
+        ..Default::default()
+    }
 }
