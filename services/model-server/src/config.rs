@@ -6,7 +6,8 @@
 //! TF Serving has no general config file beyond `--model_config_file`; neither does this
 //! server, so existing manifests need no new file. The additions, canary rollouts
 //! (`--rollout_config_file`) and management credentials (`--management_token_file`,
-//! `--management_allowed_subject`), are optional; TLS is TF Serving's `--ssl_config_file`.
+//! `--management_allowed_subject`), are optional; TLS is TF Serving's `--ssl_config_file`, or
+//! PEM files as a Kubernetes TLS Secret mounts them (`--ssl_cert_file`, `--ssl_key_file`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use crate::repository::{ModelConfig, RepositoryOptions, VersionPolicy};
 use crate::rollout;
 use crate::rollout::RolloutSpec;
 use crate::rollout::log::KafkaOptions;
-use crate::security::{Security, SecurityOptions};
+use crate::security::{Security, SecurityOptions, TlsSource};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -278,8 +279,58 @@ pub struct ServeArgs {
     /// TF Serving's text-format SSLConfig (server_key, server_cert, custom_ca, client_verify;
     /// PEM contents inline): TLS on the gRPC and REST ports, mutual with client_verify: true.
     /// Re-read while serving; see docs/model-server-tls-and-auth.md.
-    #[arg(long = "ssl_config_file", visible_alias = "ssl-config-file", env = "MODEL_SERVER_SSL_CONFIG_FILE")]
+    #[arg(
+        long = "ssl_config_file",
+        visible_alias = "ssl-config-file",
+        env = "MODEL_SERVER_SSL_CONFIG_FILE",
+        conflicts_with_all = ["ssl_cert_file", "ssl_key_file", "ssl_client_ca_file", "ssl_client_verify"]
+    )]
     pub ssl_config_file: Option<PathBuf>,
+
+    /// TLS from PEM files instead of an SSLConfig, as a Kubernetes TLS Secret or
+    /// cert-manager mounts them: the server certificate chain, leaf first (`tls.crt`).
+    /// Needs --ssl_key_file. Re-read while serving, as the SSLConfig is.
+    #[arg(
+        long = "ssl_cert_file",
+        visible_alias = "ssl-cert-file",
+        env = "MODEL_SERVER_SSL_CERT_FILE",
+        requires = "ssl_key_file"
+    )]
+    pub ssl_cert_file: Option<PathBuf>,
+
+    /// The private key of --ssl_cert_file, PEM (`tls.key`).
+    #[arg(
+        long = "ssl_key_file",
+        visible_alias = "ssl-key-file",
+        env = "MODEL_SERVER_SSL_KEY_FILE",
+        requires = "ssl_cert_file"
+    )]
+    pub ssl_key_file: Option<PathBuf>,
+
+    /// CA certificates, PEM (`ca.crt`), that client certificates are verified against: a
+    /// client may present one (SSLConfig's custom_ca); required of every client with
+    /// --ssl_client_verify.
+    #[arg(
+        long = "ssl_client_ca_file",
+        visible_alias = "ssl-client-ca-file",
+        env = "MODEL_SERVER_SSL_CLIENT_CA_FILE",
+        requires = "ssl_cert_file"
+    )]
+    pub ssl_client_ca_file: Option<PathBuf>,
+
+    /// Mutual TLS with --ssl_cert_file: every client must present a certificate that
+    /// chains to --ssl_client_ca_file (SSLConfig's client_verify).
+    #[arg(
+        long = "ssl_client_verify",
+        visible_alias = "ssl-client-verify",
+        env = "MODEL_SERVER_SSL_CLIENT_VERIFY",
+        requires = "ssl_client_ca_file",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = ArgAction::Set,
+        default_value_t = false
+    )]
+    pub ssl_client_verify: bool,
 
     /// A file holding the bearer token management calls (model config reloads, rollout
     /// changes) must carry as `authorization: Bearer <token>`. Re-read while serving.
@@ -385,6 +436,20 @@ fn rollout_kafka_properties(
 }
 
 impl ServeArgs {
+    /// Where TLS comes from, if anywhere (clap has refused mixing the two forms).
+    fn tls_source(&self) -> Option<TlsSource> {
+        if let Some(path) = &self.ssl_config_file {
+            return Some(TlsSource::SslConfigFile(path.clone()));
+        }
+        let (cert, key) = (self.ssl_cert_file.clone()?, self.ssl_key_file.clone()?);
+        Some(TlsSource::PemFiles {
+            cert,
+            key,
+            client_ca: self.ssl_client_ca_file.clone(),
+            client_verify: self.ssl_client_verify,
+        })
+    }
+
     /// Reads the files the flags name and checks the combination.
     pub fn resolve(&self) -> Result<ServerConfig, String> {
         let models = match (&self.model_config_file, &self.model_base_path) {
@@ -445,7 +510,7 @@ impl ServeArgs {
             .unwrap_or_else(|| format!("model-server-{}", std::process::id()));
         let seconds = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         let security = Security::load(SecurityOptions {
-            ssl_config_file: self.ssl_config_file.clone(),
+            tls: self.tls_source(),
             management_token_file: self.management_token_file.clone(),
             management_allowed_subjects: self.management_allowed_subject.clone(),
             poll: seconds(self.security_files_poll_wait_seconds),

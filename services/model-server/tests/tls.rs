@@ -1,7 +1,9 @@
 //! TLS on the model server's ports from TF Serving's `--ssl_config_file`, over real loopback
 //! connections: Predict over TLS, mutual TLS refusing clients without a certificate from
 //! custom_ca, REST over TLS with HTTP/1.1, and a rotated certificate presented to new
-//! connections without a restart while an invalid file is ignored.
+//! connections without a restart while an invalid file is ignored. The same from PEM files
+//! laid out as a Kubernetes Secret volume (`--ssl_cert_file` and friends), renewed the way the
+//! kubelet renews them.
 
 #[path = "support/pki.rs"]
 mod pki;
@@ -173,4 +175,80 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_an_invalid_fi
     assert_eq!(presented_certificate(server.grpc, &ca).await.unwrap(), second.der());
     predict(tls_channel(server.grpc, &ca, None).await.unwrap()).await.unwrap();
     server.stop().await;
+}
+
+/// Writes a Secret volume's files as the kubelet does: the files in a timestamped directory,
+/// `..data` a symlink to it, each key a symlink through `..data`; an update writes a new
+/// directory and swaps `..data` with one rename, so the three files change at once.
+fn write_secret_volume(dir: &std::path::Path, generation: u32, files: &[(&str, &str)]) {
+    let data = dir.join(format!("..2026_12_05_{generation}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).unwrap();
+        let link = dir.join(name);
+        if !link.exists() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+    let staging = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(data.file_name().unwrap(), &staging).unwrap();
+    std::fs::rename(&staging, dir.join("..data")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pem_files_from_a_secret_volume_serve_mutual_tls_and_are_renewed_in_place() {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), "ae", "autoencoder", &[1]);
+    let secret = root.path().join("tls");
+    std::fs::create_dir(&secret).unwrap();
+    let ca = Ca::new("cluster CA");
+    let first = ca.server();
+    write_secret_volume(&secret, 1, &[("tls.crt", &first.cert), ("tls.key", &first.key), ("ca.crt", &ca.pem)]);
+    let flags = [
+        "--model_name=ae".to_owned(),
+        format!("--model_base_path={}", base.display()),
+        format!("--ssl_cert_file={}", secret.join("tls.crt").display()),
+        format!("--ssl_key_file={}", secret.join("tls.key").display()),
+        format!("--ssl_client_ca_file={}", secret.join("ca.crt").display()),
+        "--ssl_client_verify".to_owned(),
+        "--security_files_poll_wait_seconds=1".to_owned(),
+    ];
+    let server = TestServer::start(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+
+    assert!(connect_and_predict(&server, &ca, None).await.is_err(), "a client without a certificate was served");
+    connect_and_predict(&server, &ca, Some(&ca.client("processor"))).await.unwrap();
+    assert_eq!(presented_certificate(server.rest, &ca).await.unwrap(), first.der());
+
+    // Renewal: a new key and certificate, swapped in together.
+    let second = ca.server();
+    write_secret_volume(&secret, 2, &[("tls.crt", &second.cert), ("tls.key", &second.key), ("ca.crt", &ca.pem)]);
+    wait_for("the renewed certificate on a new connection", async || {
+        presented_certificate(server.grpc, &ca).await.unwrap() == second.der()
+    })
+    .await;
+    connect_and_predict(&server, &ca, Some(&ca.client("processor"))).await.unwrap();
+    server.stop().await;
+}
+
+#[test]
+fn pem_file_flags_are_refused_when_incomplete_or_mixed_with_an_ssl_config() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: model_server::config::ServeArgs,
+    }
+    let parse = |flags: &[&str]| {
+        let mut args = vec!["model-server", "--model_name=m", "--model_base_path=/m"];
+        args.extend(flags);
+        <Cli as clap::Parser>::try_parse_from(args).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let alone = parse(&["--ssl_cert_file=/s/tls.crt"]).unwrap_err();
+    assert!(alone.contains("--ssl_key_file"), "{alone}");
+    let mixed = parse(&["--ssl_config_file=/s/ssl.cfg", "--ssl_cert_file=/s/tls.crt", "--ssl_key_file=/s/tls.key"])
+        .unwrap_err();
+    assert!(mixed.contains("cannot be used with"), "{mixed}");
+    let verify_without_ca =
+        parse(&["--ssl_cert_file=/s/tls.crt", "--ssl_key_file=/s/tls.key", "--ssl_client_verify"]).unwrap_err();
+    assert!(verify_without_ca.contains("--ssl_client_ca_file"), "{verify_without_ca}");
+    parse(&["--ssl_cert_file=/s/tls.crt", "--ssl_key_file=/s/tls.key"]).unwrap();
 }

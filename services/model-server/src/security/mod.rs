@@ -1,5 +1,5 @@
 //! Who can talk to the model server, and over what: TLS (optionally mutual) on both ports
-//! from `--ssl_config_file` ([`tls`]), and credentials for the calls that change what is
+//! from `--ssl_config_file` or PEM files ([`tls`]), and credentials for the calls that change what is
 //! served ([`auth`]). Kept apart from the request handling so that each can change alone.
 //!
 //! The files are re-read while serving, every `--security_files_poll_wait_seconds` (5 by
@@ -12,7 +12,7 @@
 pub mod auth;
 pub mod tls;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,12 +22,14 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 
 use auth::{ManagementAuth, Token};
-use tls::{Port, RestListener, Tls, TlsConfigs};
+pub use tls::TlsSource;
+use tls::{Port, RestListener, Tls};
 
 /// What the flags say about security (see `config.rs`).
 #[derive(Debug, Clone, Default)]
 pub struct SecurityOptions {
-    pub ssl_config_file: Option<PathBuf>,
+    /// Where TLS comes from; `None` serves plain TCP.
+    pub tls: Option<TlsSource>,
     pub management_token_file: Option<PathBuf>,
     pub management_allowed_subjects: Vec<String>,
     /// Between re-reads of the two files; `None` reads them once.
@@ -37,21 +39,21 @@ pub struct SecurityOptions {
 /// Security settings that cannot be used; messages name the flag or file and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
-    #[error("--ssl_config_file {0}")]
+    #[error(transparent)]
     Ssl(#[from] tls::SslConfigError),
     #[error("--management_token_file {}: {message}", path.display())]
     TokenFile { path: PathBuf, message: String },
     #[error(
         "--management_allowed_subject needs verified client certificates: an --ssl_config_file with custom_ca \
-         (and client_verify: true to require them of every client)"
+         or an --ssl_client_ca_file (and client_verify: true or --ssl_client_verify to require them of every client)"
     )]
     SubjectsWithoutClientCertificates,
 }
 
-/// A file's contents as last read, to notice a change. Never printed: they hold keys and
+/// Files' contents as last read, to notice a change. Never printed: they hold keys and
 /// tokens.
 #[derive(Clone, PartialEq, Eq)]
-struct Contents(Arc<str>);
+struct Contents(Arc<[String]>);
 
 impl std::fmt::Debug for Contents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,15 +73,14 @@ pub struct Security {
 impl Security {
     /// Reads and checks the files the options name.
     pub fn load(options: SecurityOptions) -> Result<Security, SecurityError> {
-        let tls = match &options.ssl_config_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| tls::SslConfigError::Read { path: path.clone(), source })?;
-                let configs = TlsConfigs::parse(path, &text)?;
+        let tls = match &options.tls {
+            Some(source) => {
+                let contents = source.read()?;
+                let configs = source.parse(&contents)?;
                 if !options.management_allowed_subjects.is_empty() && !configs.verifies_clients {
                     return Err(SecurityError::SubjectsWithoutClientCertificates);
                 }
-                Some((Tls::new(configs), Contents(text.into())))
+                Some((Tls::new(configs), Contents(contents.into())))
             }
             None if !options.management_allowed_subjects.is_empty() => {
                 return Err(SecurityError::SubjectsWithoutClientCertificates);
@@ -92,7 +93,7 @@ impl Security {
                     .map_err(|e| SecurityError::TokenFile { path: path.clone(), message: e.to_string() })?;
                 let token = Token::from_file_text(&text)
                     .map_err(|message| SecurityError::TokenFile { path: path.clone(), message: message.into() })?;
-                (Some(token), Some(Contents(text.into())))
+                (Some(token), Some(Contents(vec![text].into())))
             }
             None => (None, None),
         };
@@ -117,7 +118,7 @@ impl Security {
                 let clients = if tls.current().verifies_clients { "verified" } else { "not asked for" };
                 tracing::info!(client_certificates = clients, "TLS on the gRPC port and the REST port (if served)");
             }
-            None => tracing::info!("plain TCP, no TLS (no --ssl_config_file)"),
+            None => tracing::info!("plain TCP, no TLS (neither --ssl_config_file nor --ssl_cert_file)"),
         }
         if self.auth.required() {
             tracing::info!(
@@ -137,27 +138,28 @@ impl Security {
     pub fn watch(&self, stop: &watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
         let Some(every) = self.options.poll else { return Vec::new() };
         let mut tasks = Vec::new();
-        if let (Some((tls, contents)), Some(path)) = (&self.tls, &self.options.ssl_config_file) {
+        if let (Some((tls, contents)), Some(source)) = (&self.tls, &self.options.tls) {
             let tls = tls.clone();
-            tasks.push(tokio::spawn(watch_file(
-                "--ssl_config_file",
-                path.clone(),
-                every,
-                contents.clone(),
-                stop.clone(),
-                |path, text| TlsConfigs::parse(path, text).map_err(|e| e.to_string()),
+            let (read, parse) = (source.clone(), source.clone());
+            tasks.push(tokio::spawn(watch_files(
+                Watched { what: source.describe(), every, last: contents.clone(), stop: stop.clone() },
+                move || read.read().map_err(|e| e.to_string()),
+                move |contents| parse.parse(contents).map_err(|e| e.to_string()),
                 move |configs| tls.replace(configs),
             )));
         }
         if let (Some(contents), Some(path)) = (&self.token, &self.options.management_token_file) {
             let auth = self.auth.clone();
-            tasks.push(tokio::spawn(watch_file(
-                "--management_token_file",
-                path.clone(),
-                every,
-                contents.clone(),
-                stop.clone(),
-                |path, text| Token::from_file_text(text).map_err(|e| format!("{}: {e}", path.display())),
+            let (read, name) = (path.clone(), path.clone());
+            tasks.push(tokio::spawn(watch_files(
+                Watched {
+                    what: format!("--management_token_file {}", path.display()),
+                    every,
+                    last: contents.clone(),
+                    stop: stop.clone(),
+                },
+                move || std::fs::read_to_string(&read).map(|text| vec![text]).map_err(|e| e.to_string()),
+                move |contents| Token::from_file_text(&contents[0]).map_err(|e| format!("{}: {e}", name.display())),
                 move |token| auth.set_token(token),
             )));
         }
@@ -194,39 +196,45 @@ enum Polled<T> {
     Changed(Contents, Result<T, String>),
 }
 
-/// Re-reads `path` every `every` and applies contents that changed and parse.
-async fn watch_file<T: Send + 'static>(
-    flag: &'static str,
-    path: PathBuf,
+/// Files being re-read: which (for the log), how often, their contents in use, until when.
+struct Watched {
+    what: String,
     every: Duration,
-    mut last: Contents,
-    mut stop: watch::Receiver<bool>,
-    parse: fn(&Path, &str) -> Result<T, String>,
+    last: Contents,
+    stop: watch::Receiver<bool>,
+}
+
+/// Re-reads files every `every` and applies contents that changed and parse.
+async fn watch_files<T: Send + 'static>(
+    watched: Watched,
+    read: impl Fn() -> Result<Vec<String>, String> + Send + Sync + 'static,
+    parse: impl Fn(&[String]) -> Result<T, String> + Send + Sync + 'static,
     apply: impl Fn(T),
 ) {
+    let Watched { what, every, mut last, mut stop } = watched;
+    let (read, parse) = (Arc::new(read), Arc::new(parse));
     let mut reported: Option<String> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        let (file, previous) = (path.clone(), last.clone());
+        let (read, parse, previous) = (read.clone(), parse.clone(), last.clone());
         // Reading is blocking IO and building a TLS config parses keys: off the async threads.
-        let polled = tokio::task::spawn_blocking(move || match std::fs::read_to_string(&file) {
-            Err(e) => Polled::Unreadable(e.to_string()),
-            Ok(text) if *text == *previous.0 => Polled::Unchanged,
-            Ok(text) => {
-                let parsed = parse(&file, &text);
-                Polled::Changed(Contents(text.into()), parsed)
+        let polled = tokio::task::spawn_blocking(move || match read() {
+            Err(e) => Polled::Unreadable(e),
+            Ok(contents) if *contents == *previous.0 => Polled::Unchanged,
+            Ok(contents) => {
+                let parsed = parse(&contents);
+                Polled::Changed(Contents(contents.into()), parsed)
             }
         })
         .await;
-        let path = path.display();
         match polled {
             Ok(Polled::Unchanged) => reported = None,
             Ok(Polled::Unreadable(error)) => {
                 if reported.as_ref() != Some(&error) {
-                    tracing::error!(flag, %path, %error, "file unreadable; keeping the one in use");
+                    tracing::error!(files = %what, %error, "file unreadable; keeping the one in use");
                     reported = Some(error);
                 }
             }
@@ -234,15 +242,15 @@ async fn watch_file<T: Send + 'static>(
                 apply(value);
                 last = contents;
                 reported = None;
-                tracing::info!(flag, %path, "file changed; new connections and calls use it");
+                tracing::info!(files = %what, "file changed; new connections and calls use it");
             }
             Ok(Polled::Changed(contents, Err(error))) => {
                 // Remembered, so the same bad contents are reported once.
                 last = contents;
                 reported = None;
-                tracing::error!(flag, %path, %error, "file changed but is not valid; keeping the one in use");
+                tracing::error!(files = %what, %error, "file changed but is not valid; keeping the one in use");
             }
-            Err(e) => tracing::error!(flag, error = %e, "file poll task failed"),
+            Err(e) => tracing::error!(files = %what, error = %e, "file poll task failed"),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! TLS on the gRPC and REST ports from TF Serving's `--ssl_config_file` (a text-format
 //! `tensorflow.serving.SSLConfig` holding the PEM *contents*, not paths), so a TF Serving
-//! deployment's file works unchanged.
+//! deployment's file works unchanged; or from PEM files as a Kubernetes TLS Secret (and
+//! cert-manager) mounts them (`--ssl_cert_file`, `--ssl_key_file`, `--ssl_client_ca_file`),
+//! which a pod can use as they are renewed, with no step that writes an SSLConfig.
 //!
 //! Why handshakes are done here rather than by tonic's `ServerTlsConfig`: the certificate must
 //! change without a restart (cert-manager renews every few weeks), and tonic's config is fixed
@@ -41,16 +43,96 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// kernel's listen backlog. Bounds what a flood of never-finishing clients can hold.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 
-/// A `--ssl_config_file` that cannot be used: the message names the file and the field.
+/// TLS settings that cannot be used: the message names the flag, the file and (in an
+/// SSLConfig) the field.
 #[derive(Debug, thiserror::Error)]
 pub enum SslConfigError {
-    #[error("{}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{flag} {}: {source}", path.display())]
+    Read { flag: &'static str, path: PathBuf, source: std::io::Error },
     /// Not a text-format SSLConfig (the parser's message names the file).
-    #[error("{0}")]
+    #[error("--ssl_config_file {0}")]
     Syntax(String),
-    #[error("{}: {field}: {message}", path.display())]
-    Field { path: PathBuf, field: &'static str, message: String },
+    /// `field` is the SSLConfig field, or empty for a PEM file of its own.
+    #[error("{flag} {}: {field}{}{message}", path.display(), if field.is_empty() { "" } else { ": " })]
+    Field { flag: &'static str, path: PathBuf, field: &'static str, message: String },
+    /// Flags that do not go together.
+    #[error("{0}")]
+    Flags(&'static str),
+}
+
+/// Where the server's certificate, key and client CA come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// TF Serving's `--ssl_config_file`.
+    SslConfigFile(PathBuf),
+    /// `--ssl_cert_file`, `--ssl_key_file` and optionally `--ssl_client_ca_file`: the files
+    /// of a `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`, `ca.crt`). `client_verify`
+    /// (`--ssl_client_verify`) means what it means in an SSLConfig.
+    PemFiles { cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>, client_verify: bool },
+}
+
+impl TlsSource {
+    /// The flags and files, for log lines.
+    pub fn describe(&self) -> String {
+        self.files().iter().map(|(flag, path)| format!("{flag} {}", path.display())).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The files read, in the order [`TlsSource::parse`] takes their contents.
+    fn files(&self) -> Vec<(&'static str, &Path)> {
+        match self {
+            TlsSource::SslConfigFile(path) => vec![("--ssl_config_file", path)],
+            TlsSource::PemFiles { cert, key, client_ca, .. } => {
+                let mut files = vec![("--ssl_cert_file", cert.as_path()), ("--ssl_key_file", key.as_path())];
+                files.extend(client_ca.as_deref().map(|ca| ("--ssl_client_ca_file", ca)));
+                files
+            }
+        }
+    }
+
+    /// Reads every file (blocking IO); the contents are what a re-read compares.
+    pub fn read(&self) -> Result<Vec<String>, SslConfigError> {
+        self.files()
+            .into_iter()
+            .map(|(flag, path)| {
+                std::fs::read_to_string(path).map_err(|source| SslConfigError::Read {
+                    flag,
+                    path: path.to_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Checks the contents [`TlsSource::read`] returned and builds the ports' configs.
+    pub fn parse(&self, contents: &[String]) -> Result<TlsConfigs, SslConfigError> {
+        match self {
+            TlsSource::SslConfigFile(path) => TlsConfigs::parse(path, &contents[0]),
+            TlsSource::PemFiles { client_verify, .. } => {
+                let files = self.files();
+                let config = SslConfig {
+                    server_cert: contents[0].clone(),
+                    server_key: contents[1].clone(),
+                    custom_ca: contents.get(2).cloned().unwrap_or_default(),
+                    client_verify: *client_verify,
+                };
+                // An SSLConfig field's error names the file that field came from.
+                build(&config).map_err(|(field, message)| {
+                    let file = match field {
+                        "server_cert" => files.first(),
+                        "server_key" => files.get(1),
+                        "custom_ca" => files.get(2),
+                        _ => None,
+                    };
+                    match file {
+                        Some(&(flag, path)) => SslConfigError::Field { flag, path: path.to_owned(), field: "", message },
+                        None => SslConfigError::Flags(
+                            "--ssl_client_verify needs --ssl_client_ca_file (the CA certificates client certificates are verified against)",
+                        ),
+                    }
+                })
+            }
+        }
+    }
 }
 
 /// Which listener a handshake is for: they differ in the ALPN protocol offered.
@@ -82,18 +164,16 @@ pub struct TlsConfigs {
 }
 
 impl TlsConfigs {
-    /// Reads and checks `path`.
-    pub fn read(path: &Path) -> Result<TlsConfigs, SslConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| SslConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(path, &text)
-    }
-
-    /// Checks `text`, the contents of `path` (named in errors).
+    /// Checks `text`, the contents of the SSLConfig file `path` (named in errors).
     pub fn parse(path: &Path, text: &str) -> Result<TlsConfigs, SslConfigError> {
         let config: SslConfig =
             model_config::parse_text(path, "tensorflow.serving.SSLConfig", text).map_err(SslConfigError::Syntax)?;
-        build(path, &config)
+        build(&config).map_err(|(field, message)| SslConfigError::Field {
+            flag: "--ssl_config_file",
+            path: path.to_owned(),
+            field,
+            message,
+        })
     }
 
     pub fn for_port(&self, port: Port) -> &Arc<rustls::ServerConfig> {
@@ -104,8 +184,9 @@ impl TlsConfigs {
     }
 }
 
-fn build(path: &Path, config: &SslConfig) -> Result<TlsConfigs, SslConfigError> {
-    let field = |field: &'static str, message: String| SslConfigError::Field { path: path.to_owned(), field, message };
+/// Builds the ports' configs; an error names the SSLConfig field at fault.
+fn build(config: &SslConfig) -> Result<TlsConfigs, (&'static str, String)> {
+    let field = |field: &'static str, message: String| (field, message);
     let certs = certificates(&config.server_cert).map_err(|message| field("server_cert", message))?;
     let key = PrivateKeyDer::from_pem_slice(config.server_key.as_bytes()).map_err(|e| match e {
         pem::Error::NoItemsFound => field("server_key", "no PEM private key found".into()),
@@ -340,15 +421,19 @@ mod tests {
     #[test]
     fn errors_name_the_file_and_the_field() {
         let pki = pki();
-        assert_eq!(error(&text(&pki.key, "", "", false)), "ssl.cfg: server_cert: no PEM certificate found");
-        assert_eq!(error(&text("", &pki.cert, "", false)), "ssl.cfg: server_key: no PEM private key found");
-        assert_eq!(error(&text(&pki.key, &pki.cert, "junk", false)), "ssl.cfg: custom_ca: no PEM certificate found");
+        let flag = "--ssl_config_file ssl.cfg";
+        assert_eq!(error(&text(&pki.key, "", "", false)), format!("{flag}: server_cert: no PEM certificate found"));
+        assert_eq!(error(&text("", &pki.cert, "", false)), format!("{flag}: server_key: no PEM private key found"));
+        assert_eq!(
+            error(&text(&pki.key, &pki.cert, "junk", false)),
+            format!("{flag}: custom_ca: no PEM certificate found")
+        );
         let mismatch = error(&text(&pki.other_key, &pki.cert, "", false));
-        assert!(mismatch.starts_with("ssl.cfg: server_key: "), "{mismatch}");
+        assert!(mismatch.starts_with(&format!("{flag}: server_key: ")), "{mismatch}");
         let unverifiable = error(&text(&pki.key, &pki.cert, "", true));
-        assert!(unverifiable.starts_with("ssl.cfg: client_verify: needs custom_ca"), "{unverifiable}");
+        assert!(unverifiable.starts_with(&format!("{flag}: client_verify: needs custom_ca")), "{unverifiable}");
         let typo = error("server_kye: \"x\"");
-        assert!(typo.starts_with("ssl.cfg: ") && typo.contains("server_kye"), "{typo}");
+        assert!(typo.starts_with(&format!("{flag}: ")) && typo.contains("server_kye"), "{typo}");
     }
 
     #[test]
@@ -356,8 +441,37 @@ mod tests {
         let pki = pki();
         let truncated = &pki.key[..pki.key.len() / 2];
         let message = error(&text(truncated, &pki.cert, "", false));
-        assert!(message.starts_with("ssl.cfg: server_key: not a PEM private key"), "{message}");
+        assert!(message.starts_with("--ssl_config_file ssl.cfg: server_key: not a PEM private key"), "{message}");
         let body_line = pki.key.lines().nth(1).unwrap();
         assert!(!message.contains(body_line), "{message}");
+    }
+
+    fn pem_files(verify: bool) -> TlsSource {
+        TlsSource::PemFiles {
+            cert: "tls/tls.crt".into(),
+            key: "tls/tls.key".into(),
+            client_ca: Some("tls/ca.crt".into()),
+            client_verify: verify,
+        }
+    }
+
+    #[test]
+    fn pem_files_build_the_same_configs_and_errors_name_the_flag_and_file() {
+        let pki = pki();
+        let source = pem_files(true);
+        let configs = source.parse(&[pki.cert.clone(), pki.key.clone(), pki.ca.clone()]).unwrap();
+        assert!(configs.verifies_clients);
+        assert_eq!(configs.for_port(Port::Grpc).alpn_protocols, vec![b"h2".to_vec()]);
+        let error = |contents: [&str; 3]| source.parse(&contents.map(str::to_owned)).unwrap_err().to_string();
+        assert_eq!(error(["", &pki.key, &pki.ca]), "--ssl_cert_file tls/tls.crt: no PEM certificate found");
+        assert_eq!(error([&pki.cert, "", &pki.ca]), "--ssl_key_file tls/tls.key: no PEM private key found");
+        assert_eq!(error([&pki.cert, &pki.key, "junk"]), "--ssl_client_ca_file tls/ca.crt: no PEM certificate found");
+        let mismatch = error([&pki.cert, &pki.other_key, &pki.ca]);
+        assert!(mismatch.starts_with("--ssl_key_file tls/tls.key: "), "{mismatch}");
+        let no_ca = TlsSource::PemFiles { cert: "c".into(), key: "k".into(), client_ca: None, client_verify: true };
+        let message = no_ca.parse(&[pki.cert.clone(), pki.key.clone()]).unwrap_err().to_string();
+        assert!(message.starts_with("--ssl_client_verify needs --ssl_client_ca_file"), "{message}");
+        let missing = pem_files(false).read().unwrap_err().to_string();
+        assert!(missing.starts_with("--ssl_cert_file tls/tls.crt: "), "{missing}");
     }
 }
