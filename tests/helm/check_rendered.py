@@ -10,7 +10,8 @@ merges them (a null removes a key). Checks, each failing with the object it is a
   readOnlyRootFilesystem, no privilege escalation, all capabilities dropped; every main
   container: startup, liveness and readiness probes, /tmp on an emptyDir, the binary at
   /usr/local/bin/<crate>, the image <registry>/vigil-<component>:<tag>;
-- the model server: gRPC health probes, the rollout Kafka flags exactly when enabled,
+- the model server: gRPC health probes (HTTPS GETs with TLS on), the rollout Kafka flags
+  exactly when enabled,
   --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
   declared in services/model-server/src/config.rs; the device simulator's flags in its
   cli.rs; --config in the processor's, alerts' and ingest's cli.rs;
@@ -23,6 +24,14 @@ merges them (a null removes a key). Checks, each failing with the object it is a
   the properties the server sets itself named alike in config.rs, the values schema and
   the template that leaves them out;
 - the headless model server Service, and the processor's model.endpoints pointing at it;
+- the model server's security: with TLS on, --ssl_cert_file/--ssl_key_file from the
+  Secret mounted as a directory; a generated Secret's certificate checked with openssl
+  (chains to its CA, names both Services in every DNS form, is its key's); a cert-manager
+  Certificate for the same names and issuer; nothing rendered for an existing Secret; the
+  processor dialing https with model.tls_ca_file and only the CA of the Secret mounted;
+  the ServiceMonitor scraping https verified by that CA. The token file from its Secret (a
+  generated one: 48 random letters and digits), allowed subjects as flags with the client
+  CA; with either off, none of its flags or objects;
 - the rollout file: the rollouts of the values, field by field (versions, weight, shadow,
   analysis bounds);
 - OpenTelemetry variables in every container exactly when otel.endpoint is set, except
@@ -42,11 +51,14 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 - replicas vs autoscaling, NetworkPolicy ingress of the model server, ServiceMonitor ports.
 """
 
+import base64
 import copy
 import json
 import pathlib
 import re
+import subprocess
 import sys
+import tempfile
 import tomllib
 
 import yaml
@@ -356,6 +368,130 @@ def check_alerts(values: dict, deployment: dict, configmap: dict | None, by_kind
         check(not pdbs, "alerts: podDisruptionBudget.enabled is false but one is rendered")
 
 
+MODEL_SERVER_TLS_DIR = "/etc/vigil/model-server-tls"
+MODEL_SERVER_TOKEN_DIR = "/etc/vigil/model-server-token"
+
+
+def openssl(*args: str, stdin: bytes | None = None) -> str:
+    result = subprocess.run(["openssl", *args], input=stdin, capture_output=True, timeout=30)
+    check(result.returncode == 0, f"openssl {' '.join(args)}: {result.stderr.decode().strip()}")
+    return result.stdout.decode()
+
+
+def check_generated_certificate(secret: dict, ca_key: str, names: list[str]) -> None:
+    """The chart's own certificate: chains to its CA, names every Service name, and is the key's."""
+    data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+    if not check({"tls.crt", "tls.key", ca_key} <= set(data), f"Secret {secret['metadata']['name']}: keys {sorted(data)}"):
+        return
+    with tempfile.TemporaryDirectory() as work:
+        files = {}
+        for key, value in data.items():
+            files[key] = pathlib.Path(work) / key
+            files[key].write_bytes(value)
+        verified = openssl("verify", "-CAfile", str(files[ca_key]), str(files["tls.crt"]))
+        check(verified.strip().endswith(": OK"), f"Secret {secret['metadata']['name']}: tls.crt does not chain to {ca_key}")
+        san = openssl("x509", "-in", str(files["tls.crt"]), "-noout", "-ext", "subjectAltName")
+        for name in names:
+            check(f"DNS:{name}," in san.strip() + ",", f"Secret {secret['metadata']['name']}: the certificate does not name {name} ({san.strip()})")
+        cert_key = openssl("x509", "-in", str(files["tls.crt"]), "-noout", "-pubkey")
+        key_key = openssl("pkey", "-in", str(files["tls.key"]), "-pubout")
+        check(cert_key == key_key, f"Secret {secret['metadata']['name']}: tls.key is not tls.crt's key")
+
+
+def check_model_server_security(values: dict, deployments: dict, configmaps: dict, by_kind: dict) -> None:
+    """modelServer.security: TLS and the token as flags, mounts, Secrets or a Certificate,
+    probes that can speak TLS, and the processor and ServiceMonitor dialing TLS with the CA."""
+    ms = values["modelServer"]
+    security = ms["security"]
+    deployment = deployments["model-server"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    where = "model-server container"
+    flags = flag_args(container)
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    release = deployment["metadata"]["name"].removesuffix("-model-server")
+    services = [s["metadata"]["name"] for s in by_kind.get("Service", {}).values()
+                if s["metadata"]["labels"]["app.kubernetes.io/component"] == "model-server"]
+    namespace = "vigil"
+    names = [f"{svc}{suffix}" for svc in sorted(services) for suffix in ("", f".{namespace}", f".{namespace}.svc", f".{namespace}.svc.cluster.local")]
+    tls = security["tls"]
+    secrets = by_kind.get("Secret", {})
+    certificates = by_kind.get("Certificate", {})
+    if tls["enabled"]:
+        check(flags.get("ssl_cert_file") == f"{MODEL_SERVER_TLS_DIR}/tls.crt" and flags.get("ssl_key_file") == f"{MODEL_SERVER_TLS_DIR}/tls.key",
+              f"{where}: TLS is on but --ssl_cert_file/--ssl_key_file are {flags.get('ssl_cert_file')}, {flags.get('ssl_key_file')}")
+        check("ssl_config_file" not in flags, f"{where}: --ssl_config_file beside the PEM files")
+        secret_name = tls["existingSecret"] if tls["source"] == "secret" else f"{release}-model-server-tls"
+        mount = mounts.get(MODEL_SERVER_TLS_DIR)
+        volume = volumes.get(mount["name"]) if mount else None
+        check(volume is not None and volume.get("secret", {}).get("secretName") == secret_name and "subPath" not in mount,
+              f"{where}: {MODEL_SERVER_TLS_DIR} is not Secret {secret_name} mounted as a directory")
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = container[probe].get("httpGet", {})
+            check(get.get("scheme") == "HTTPS" and get.get("port") == "http", f"{where}: {probe} is not an HTTPS GET of the REST port ({container[probe]})")
+        check(container["readinessProbe"]["httpGet"]["path"] == "/ready", f"{where}: readiness is not /ready")
+        if tls["source"] == "generated":
+            if check(secret_name in secrets, f"TLS source generated but no Secret {secret_name}"):
+                check(secrets[secret_name]["type"] == "kubernetes.io/tls", f"Secret {secret_name} is not kubernetes.io/tls")
+                check_generated_certificate(secrets[secret_name], tls["caKey"], names)
+            check(not certificates, "TLS source generated but a Certificate is rendered")
+        elif tls["source"] == "certManager":
+            certificate = next(iter(certificates.values()), None)
+            if check(certificate is not None and len(certificates) == 1, "TLS source certManager but not one Certificate"):
+                spec = certificate["spec"]
+                check(spec["secretName"] == secret_name, f"Certificate secretName {spec['secretName']} != {secret_name}")
+                check(set(names) <= set(spec["dnsNames"]), f"Certificate dnsNames {spec['dnsNames']} miss some of {names}")
+                check(spec["issuerRef"] == tls["certManager"]["issuerRef"], f"Certificate issuerRef {spec['issuerRef']}")
+            check(secret_name not in secrets, f"TLS from cert-manager, but the chart renders Secret {secret_name} too")
+        else:
+            check(secret_name not in secrets and not certificates, f"TLS from the existing Secret {secret_name}, but the chart renders one")
+        if "stream-processor" in deployments:
+            processor = tomllib.loads(configmaps["stream-processor"]["data"]["stream-processor.toml"])
+            ca_file = f"{MODEL_SERVER_TLS_DIR}/{tls['caKey']}"
+            check(processor["model"].get("tls_ca_file") == ca_file, f"processor model.tls_ca_file is {processor['model'].get('tls_ca_file')}, not {ca_file}")
+            sp_pod = deployments["stream-processor"]["spec"]["template"]["spec"]
+            sp_mount = next((m for m in sp_pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == MODEL_SERVER_TLS_DIR), None)
+            sp_volume = next((v for v in sp_pod.get("volumes", []) if sp_mount and v["name"] == sp_mount["name"]), {})
+            items = sp_volume.get("secret", {}).get("items", [])
+            check(sp_volume.get("secret", {}).get("secretName") == secret_name and [i["key"] for i in items] == [tls["caKey"]],
+                  f"stream-processor: the model server's Secret is not mounted with only its CA ({sp_volume})")
+        for monitor in by_kind.get("ServiceMonitor", {}).values():
+            if monitor["metadata"]["labels"]["app.kubernetes.io/component"] == "model-server":
+                endpoint = monitor["spec"]["endpoints"][0]
+                check(endpoint.get("scheme") == "https" and endpoint.get("tlsConfig", {}).get("ca", {}).get("secret") == {"name": secret_name, "key": tls["caKey"]},
+                      f"ServiceMonitor {monitor['metadata']['name']}: does not scrape https verified by the model server's CA")
+                check(endpoint["tlsConfig"].get("serverName") in names, f"ServiceMonitor {monitor['metadata']['name']}: serverName is not a certificate name")
+    else:
+        for flag in ("ssl_cert_file", "ssl_key_file", "ssl_client_ca_file", "ssl_config_file"):
+            check(flag not in flags, f"{where}: TLS is off but --{flag} is set")
+        check(MODEL_SERVER_TLS_DIR not in mounts, f"{where}: TLS is off but a TLS Secret is mounted")
+        check(not certificates and not any(n.endswith("-model-server-tls") for n in secrets), "TLS is off but a TLS Secret or Certificate is rendered")
+    subjects = security["allowedSubjects"]
+    check(flag_values(container, "management_allowed_subject") == subjects, f"{where}: --management_allowed_subject {flag_values(container, 'management_allowed_subject')} != {subjects}")
+    if subjects:
+        check(flags.get("ssl_client_ca_file") == f"{MODEL_SERVER_TLS_DIR}/{tls['caKey']}", f"{where}: allowed subjects without --ssl_client_ca_file")
+    else:
+        check("ssl_client_ca_file" not in flags, f"{where}: --ssl_client_ca_file without allowed subjects")
+    token = security["managementToken"]
+    if token["enabled"]:
+        secret_name = token["existingSecret"] or f"{release}-model-server-token"
+        check(flags.get("management_token_file") == f"{MODEL_SERVER_TOKEN_DIR}/{token['key']}", f"{where}: --management_token_file is {flags.get('management_token_file')}")
+        mount = mounts.get(MODEL_SERVER_TOKEN_DIR)
+        volume = volumes.get(mount["name"]) if mount else None
+        check(volume is not None and volume.get("secret", {}).get("secretName") == secret_name, f"{where}: the token Secret {secret_name} is not mounted")
+        if not token["existingSecret"]:
+            if check(secret_name in secrets, f"no token Secret {secret_name}"):
+                value = base64.b64decode(secrets[secret_name]["data"].get(token["key"], "")).decode()
+                check(re.fullmatch(r"[A-Za-z0-9]{48}", value) is not None, f"Secret {secret_name}: the token is not 48 random letters and digits")
+        else:
+            check(secret_name not in secrets, f"the token comes from the existing Secret {secret_name}, but the chart renders one")
+    else:
+        check("management_token_file" not in flags, f"{where}: the token is off but --management_token_file is set")
+    print(f"    model-server security: TLS {'from ' + tls['source'] if tls['enabled'] else 'off'}, management token "
+          f"{('from ' + (token['existingSecret'] or 'a generated Secret')) if token['enabled'] else 'off'}, {len(subjects)} allowed subjects")
+
+
 def main() -> int:
     rendered_path, chart_values = sys.argv[1], sys.argv[2]
     values = yaml.safe_load(pathlib.Path(chart_values).read_text())
@@ -447,8 +583,9 @@ def main() -> int:
     if "model-server" in deployments:
         container = deployments["model-server"]["spec"]["template"]["spec"]["containers"][0]
         where = "model-server container"
-        for probe in ("startupProbe", "readinessProbe"):
-            check(container[probe].get("grpc", {}).get("port") == ms["ports"]["grpc"], f"{where}: {probe} is not gRPC health on {ms['ports']['grpc']}")
+        if not ms["security"]["tls"]["enabled"]:
+            for probe in ("startupProbe", "readinessProbe"):
+                check(container[probe].get("grpc", {}).get("port") == ms["ports"]["grpc"], f"{where}: {probe} is not gRPC health on {ms['ports']['grpc']}")
         flags = flag_args(container)
         source = (REPO / "services/model-server/src/config.rs").read_text()
         for flag in flags:
@@ -486,8 +623,10 @@ def main() -> int:
             check(service["spec"].get("publishNotReadyAddresses", False) is False, "the headless Service publishes unready pods")
             if "stream-processor" in configmaps and not values["streamProcessor"]["modelEndpoints"]:
                 processor = tomllib.loads(configmaps["stream-processor"]["data"]["stream-processor.toml"])
-                want = [f"http://{service['metadata']['name']}:{ms['ports']['grpc']}"]
+                scheme = "https" if ms["security"]["tls"]["enabled"] else "http"
+                want = [f"{scheme}://{service['metadata']['name']}:{ms['ports']['grpc']}"]
                 check(processor["model"]["endpoints"] == want, f"processor model.endpoints {processor['model']['endpoints']} != {want}")
+        check_model_server_security(values, deployments, configmaps, by_kind)
 
         files = configmaps["model-server"]["data"]
         rollouts = tomllib.loads(files["rollouts.toml"]).get("rollouts", [])

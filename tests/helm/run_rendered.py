@@ -38,6 +38,7 @@ directory in place of their mount paths:
 """
 
 import atexit
+import base64
 import json
 import os
 import pathlib
@@ -45,6 +46,7 @@ import queue
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -179,6 +181,73 @@ def stand_in_file(directory: pathlib.Path, prop: str, relative: str) -> pathlib.
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(key_pem if prop == "ssl.key.location" else cert_pem, target)
     return target
+
+
+MODEL_SERVER_TLS_DIR = "/etc/vigil/model-server-tls"
+MODEL_SERVER_TOKEN_DIR = "/etc/vigil/model-server-token"
+
+
+def stand_in_server_tls(directory: pathlib.Path, name: str, ca_key: str) -> None:
+    """tls.crt, tls.key and the CA as a kubernetes.io/tls Secret holds them: a throwaway CA
+    and a server certificate for `name` (openssl), for a Secret the chart does not render."""
+    directory.mkdir(parents=True, exist_ok=True)
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60, cwd=directory)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=vigil-helm-check CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign",
+        "-keyout", "ca.key", "-out", ca_key)
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", "tls.key", "-out", "tls.csr")
+    (directory / "ext.cnf").write_text(f"subjectAltName=DNS:{name}\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", "tls.csr", "-CA", ca_key, "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "ext.cnf", "-out", "tls.crt")
+
+
+def model_server_secret_files(pod: dict, container: dict, args: list[str], secrets: dict, values: dict,
+                              service: str, work: pathlib.Path) -> tuple[list[str], list[str], str | None, str]:
+    """The model server's TLS and token Secrets as files: a Secret the chart rendered (its
+    generated certificate and token) is written as it is; an existing Secret (or one
+    cert-manager makes) gets stand-ins. Returns the args pointed at them, the vigil CLI's TLS
+    flags, the token file, and what was used."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    tls_flags, token, used = [], None, []
+    ca_key = values["modelServer"]["security"]["tls"]["caKey"]
+    for mount in container.get("volumeMounts", []):
+        secret = volumes[mount["name"]].get("secret")
+        if not secret or mount["mountPath"] not in (MODEL_SERVER_TLS_DIR, MODEL_SERVER_TOKEN_DIR):
+            continue
+        name = secret["secretName"]
+        directory = work / "model-server" / mount["name"]
+        directory.mkdir(parents=True, exist_ok=True)
+        if name in secrets:
+            for key, value in secrets[name]["data"].items():
+                (directory / key).write_bytes(base64.b64decode(value))
+            used.append(f"the rendered Secret {name}")
+        elif mount["mountPath"] == MODEL_SERVER_TLS_DIR:
+            stand_in_server_tls(directory, service, ca_key)
+            used.append(f"a stand-in certificate for Secret {name}")
+        else:
+            for item in secret.get("items", []):
+                (directory / item["path"]).write_text("stand-in-token-" + os.urandom(12).hex() + "\n")
+            used.append(f"a stand-in token for Secret {name}")
+        args = [a.replace(mount["mountPath"] + "/", f"{directory}/") for a in args]
+        if mount["mountPath"] == MODEL_SERVER_TLS_DIR:
+            tls_flags = ["--ca-file", str(directory / ca_key), "--tls-server-name", service]
+    token = next((a.split("=", 1)[1] for a in args if a.startswith("--management_token_file=")), None)
+    return args, tls_flags, token, ", ".join(used)
+
+
+def https_get(url: str, ca_file: str) -> tuple[int | str, str]:
+    """A GET as the kubelet's HTTPS probe makes it: the certificate chain is checked here
+    against the CA, the name is not (the probe dials the pod's address)."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = False
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except (urllib.error.URLError, OSError) as error:
+        return f"no answer ({getattr(error, 'reason', error)})", ""
 
 
 def http_get(url: str) -> tuple[int | str, str]:
@@ -360,6 +429,12 @@ def main() -> int:
             config_file = models / "models.config"
             config_file.write_text(config_file.read_text().replace(f'"{mount_path}/', f'"{REPO}/deploy/models/'))
             args = [re.sub(r"^--(port|rest_api_port)=\d+$", r"--\1=0", a) for a in args]
+            service = next(d["metadata"]["name"] for d in docs if d["kind"] == "Service"
+                           and d["metadata"]["labels"]["app.kubernetes.io/component"] == "model-server" and d["spec"].get("clusterIP") != "None")
+            secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+            args, tls_flags, token, used = model_server_secret_files(pod, container, args, secrets, values, service, work)
+            if used:
+                print(f"    model-server: TLS and token files from {used}")
             kafka_args, kafka_env = args, env
             args, env, dropped = without_rollout_kafka(args, env)
             if dropped:
@@ -370,17 +445,42 @@ def main() -> int:
                 match = output.wait_for(r"Running gRPC ModelServer at [^:]+:(\d+)", 30)
                 if not check(match is not None, f"model-server did not start: {output.tail(20)}"):
                     continue
-                server = f"http://127.0.0.1:{match.group(1)}"
+                rest = output.wait_for(r"Exporting HTTP/REST API at [^:]+:(\d+)", 30)
+                scheme = "https" if tls_flags else "http"
+                server = f"{scheme}://127.0.0.1:{match.group(1)}"
+                vigil_rollout = [str(bin_dir / "vigil"), "rollout", "--server", server, *tls_flags]
                 listed = None
                 for _ in range(50):  # the port answers once the models are loaded
-                    result = subprocess.run([str(bin_dir / "vigil"), "rollout", "list", "--json", "--server", server],
-                                            capture_output=True, text=True, timeout=60)
+                    result = subprocess.run([*vigil_rollout, "list", "--json"], capture_output=True, text=True, timeout=60)
                     if result.returncode == 0:
                         listed = json.loads(result.stdout)["rollouts"]
                         break
                     time.sleep(0.2)
                 if not check(listed is not None, f"model-server: vigil rollout list failed: {result.stderr.strip()}"):
                     continue
+                if tls_flags:
+                    print(f"    model-server: vigil rollout list over TLS, the certificate checked against the CA for {service}")
+                    ca_file = tls_flags[1]
+                    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                        get = container[probe].get("httpGet")
+                        if check(get is not None and get.get("scheme") == "HTTPS" and rest is not None, f"model-server: {probe} is not an HTTPS GET"):
+                            status, _ = https_get(f"https://127.0.0.1:{rest.group(1)}{get['path']}", ca_file)
+                            check(status == 200, f"model-server: its {probe} path {get['path']} answers {status} over TLS, not 200")
+                    status, _ = http_get(f"http://127.0.0.1:{rest.group(1)}/live") if rest else ("no REST port", "")
+                    check(status != 200, "model-server: its REST port answers plain HTTP while TLS is on")
+                if token:
+                    # A management call (to a model that is not served, so it changes nothing):
+                    # refused without the token, past the credentials check with it.
+                    abort = [*vigil_rollout, "abort", "helm-check-no-such-model", "--reason", "helm check"]
+                    without = subprocess.run(abort, capture_output=True, text=True, timeout=60)
+                    check(without.returncode != 0 and without.stderr.startswith("error: unauthenticated"),
+                          f"model-server: a management call without the token was not refused as unauthenticated: {without.stderr.strip()[:500]}")
+                    with_token = subprocess.run([*abort, "--token-file", token], capture_output=True, text=True, timeout=60)
+                    refused = ("unauthenticated", "permission denied")
+                    check(not any(r in with_token.stderr for r in refused),
+                          f"model-server: a management call with the Secret's token was refused: {with_token.stderr.strip()[:500]}")
+                    print(f"    model-server: a management call without the token: unauthenticated; with it: past the check "
+                          f"({with_token.stderr.strip().splitlines()[0][:100] if with_token.stderr.strip() else 'ok'})")
                 want = values["modelServer"]["rollouts"]
                 check(len(listed) == len(want), f"model-server serves {len(listed)} rollouts, the values declare {len(want)}")
                 for spec in want:

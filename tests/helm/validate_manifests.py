@@ -3,9 +3,10 @@
 Usage: validate_manifests.py KUBERNETES_VERSION RENDERED.yaml...
 
 Each document is checked with kubernetes-validate in strict mode (unknown fields are
-errors) for the given Kubernetes version. ServiceMonitor is a Prometheus Operator CRD, so
-it has no Kubernetes schema: it is checked against tests/helm/schemas/servicemonitor-v1.json
-instead, and the output says so for each one. Any other kind without a schema fails: no
+errors) for the given Kubernetes version. ServiceMonitor (a Prometheus Operator CRD) and
+Certificate (cert-manager's) have no Kubernetes schema: they are checked against
+tests/helm/schemas/servicemonitor-v1.json and certificate-v1.json instead, and the output
+says so for each one. Any other kind without a schema fails: no
 document is skipped.
 """
 
@@ -21,6 +22,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 # Kinds that are not in the Kubernetes API schemas, and the schema each is checked against.
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): HERE / "schemas" / "servicemonitor-v1.json",
+    ("cert-manager.io/v1", "Certificate"): HERE / "schemas" / "certificate-v1.json",
 }
 
 

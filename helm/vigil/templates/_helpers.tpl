@@ -430,3 +430,36 @@ pods that send traces: .traces), and networkPolicy.extraEgress. Called with
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The model server's TLS and token (modelServer.security): where the Secrets are mounted,
+their names, and the DNS names its certificate must carry (the processor checks the
+headless Service's name; clients of the other Service, its).
+*/}}
+{{- define "vigil.modelServer.tlsDir" -}}/etc/vigil/model-server-tls{{- end -}}
+{{- define "vigil.modelServer.tokenDir" -}}/etc/vigil/model-server-token{{- end -}}
+{{- define "vigil.modelServer.tls" -}}
+{{- if and .Values.modelServer.enabled .Values.modelServer.security.tls.enabled }}true{{ end -}}
+{{- end -}}
+{{- define "vigil.modelServer.tlsSecretName" -}}
+{{- $tls := .Values.modelServer.security.tls -}}
+{{- if eq $tls.source "secret" -}}
+{{- $tls.existingSecret -}}
+{{- else -}}
+{{- include "vigil.componentName" (dict "root" . "component" "model-server-tls") -}}
+{{- end -}}
+{{- end -}}
+{{- define "vigil.modelServer.tokenSecretName" -}}
+{{- $token := .Values.modelServer.security.managementToken -}}
+{{- $token.existingSecret | default (include "vigil.componentName" (dict "root" . "component" "model-server-token")) -}}
+{{- end -}}
+{{- define "vigil.modelServer.dnsNames" -}}
+{{- $ns := .Release.Namespace -}}
+{{- range $component := list "model-server" "model-server-headless" }}
+{{- $name := include "vigil.componentName" (dict "root" $ "component" $component) }}
+- {{ $name }}
+- {{ $name }}.{{ $ns }}
+- {{ $name }}.{{ $ns }}.svc
+- {{ $name }}.{{ $ns }}.svc.cluster.local
+{{- end }}
+{{- end -}}

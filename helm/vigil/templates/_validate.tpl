@@ -28,6 +28,22 @@ failing here says so before anything is deployed.
 {{- fail "mqtt.tls.certKey needs mqtt.tls.existingSecret: the Secret holding the client certificate and key" -}}
 {{- end -}}
 
+{{- $msSecurity := $v.modelServer.security -}}
+{{- if $v.modelServer.enabled -}}
+{{- if and $msSecurity.tls.enabled (eq $msSecurity.tls.source "secret") (not $msSecurity.tls.existingSecret) -}}
+{{- fail "modelServer.security.tls.source secret needs modelServer.security.tls.existingSecret: a kubernetes.io/tls Secret (tls.crt, tls.key and the CA)" -}}
+{{- end -}}
+{{- if and $msSecurity.tls.enabled (eq $msSecurity.tls.source "certManager") (not $msSecurity.tls.certManager.issuerRef.name) -}}
+{{- fail "modelServer.security.tls.source certManager needs modelServer.security.tls.certManager.issuerRef.name: the cert-manager Issuer or ClusterIssuer to request the certificate from" -}}
+{{- end -}}
+{{- if and $msSecurity.allowedSubjects (not $msSecurity.tls.enabled) -}}
+{{- fail "modelServer.security.allowedSubjects needs modelServer.security.tls.enabled: subjects are read from verified client certificates" -}}
+{{- end -}}
+{{- if and $msSecurity.tls.existingSecret (ne $msSecurity.tls.source "secret") -}}
+{{- fail (printf "modelServer.security.tls.existingSecret is set but tls.source is %q, which would not use it: set source: secret" $msSecurity.tls.source) -}}
+{{- end -}}
+{{- end -}}
+
 {{- range $name, $component := dict "modelServer" $v.modelServer "streamProcessor" $v.streamProcessor "alerts" $v.alerts "ingest" $v.ingest -}}
 {{- $pdb := $component.podDisruptionBudget -}}
 {{- if $pdb.enabled -}}

@@ -8,7 +8,9 @@
 //! `benchmarks/results/model-server-load.json`; see docs/benchmarks.md).
 //! `VIGIL_BENCH_CONCURRENCY=64` measures only the listed levels and writes nothing, for
 //! quick comparisons while tuning; `VIGIL_BENCH_SERVER=on` measures only the servers whose
-//! name contains the text (for profiling one of them).
+//! name contains the text (for profiling one of them); `VIGIL_BENCH_SERVERS` lists exact names
+//! separated by `|`, and keeps the ceiling (so shares are computed), for comparing the same
+//! set of servers across builds.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -200,6 +202,8 @@ fn main() {
         .map(|v| v.split(',').map(|c| c.trim().parse().expect("VIGIL_BENCH_CONCURRENCY: numbers")).collect());
     let levels = only.clone().unwrap_or(CONCURRENCY.to_vec());
     let only_server = std::env::var("VIGIL_BENCH_SERVER").ok();
+    let only_servers: Option<Vec<String>> =
+        std::env::var("VIGIL_BENCH_SERVERS").ok().map(|names| names.split('|').map(str::to_owned).collect());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut rows = Vec::new();
     runtime.block_on(async {
@@ -231,6 +235,9 @@ fn main() {
             ),
         ] {
             if only_server.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+                continue;
+            }
+            if only_servers.as_ref().is_some_and(|names| name != CEILING && !names.iter().any(|n| n == name)) {
                 continue;
             }
             servers.push(start(name, extra, security, &base, &pki).await);
@@ -281,7 +288,7 @@ fn main() {
             let _ = server.task.await;
         }
     });
-    if only.is_some() || only_server.is_some() {
+    if only.is_some() || only_server.is_some() || only_servers.is_some() {
         return;
     }
     let out = root.join("benchmarks/results/model-server-load.json");

@@ -343,7 +343,7 @@ pub struct ServeArgs {
 
     /// A client certificate subject allowed to make management calls (repeatable), matched
     /// against the certificate's common name (`deployer`) or its whole RFC 4514 subject
-    /// (`CN=deployer,O=Vigil`). Needs --ssl_config_file with custom_ca. The variable takes a
+    /// (`CN=deployer,O=Vigil`). Needs --ssl_config_file with custom_ca, or --ssl_client_ca_file. The variable takes a
     /// `;`-separated list.
     #[arg(
         long = "management_allowed_subject",

@@ -20,6 +20,10 @@ pub struct DialArgs {
     /// PEM CA certificate(s) the server's certificate must chain to; dials TLS.
     #[arg(long, global = true, value_name = "PATH")]
     ca_file: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it is not the URL's host: through
+    /// a `kubectl port-forward` the URL says 127.0.0.1 and the certificate names the Service.
+    #[arg(long, global = true, value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// PEM client certificate, for a server requiring mutual TLS (with --key-file).
     #[arg(long, global = true, value_name = "PATH", requires = "key_file")]
     cert_file: Option<PathBuf>,
@@ -89,15 +93,18 @@ impl DialArgs {
                 ))
             })?;
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--ca-file", ca)?));
+            if let Some(name) = &self.tls_server_name {
+                tls = tls.domain_name(name.clone());
+            }
             if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
                 tls = tls.identity(Identity::from_pem(read("--cert-file", cert)?, read("--key-file", key)?));
             }
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| DialError::Setup(format!("TLS for {url}: {}", error_chain(&e))))?;
-        } else if self.wants_tls() {
+        } else if self.wants_tls() || self.tls_server_name.is_some() {
             return Err(DialError::Setup(format!(
-                "--ca-file and --cert-file are for TLS, but {url} is plaintext: use https://"
+                "--ca-file, --cert-file and --tls-server-name are for TLS, but {url} is plaintext: use https://"
             )));
         }
         let bearer = match &self.token_file {

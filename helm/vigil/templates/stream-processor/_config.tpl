@@ -1,7 +1,8 @@
 {{/*
 The stream processor's TOML config (services/stream-processor/src/config.rs,
 ProcessorConfig): streamProcessor.config plus what the chart owns: admin_listen,
-grpc_listen, the kafka table and model.endpoints.
+grpc_listen, the kafka table, model.endpoints and, with the model server's TLS on,
+model.tls_ca_file (the CA of its Secret).
 */}}
 {{- define "vigil.streamProcessor.config" -}}
 {{- $sp := .Values.streamProcessor -}}
@@ -12,8 +13,13 @@ grpc_listen, the kafka table and model.endpoints.
 {{- $_ := set $config "consumer" (fromYaml (include "vigil.stringMap" $sp.config.consumer)) -}}
 {{- $_ := set $config "producer" (fromYaml (include "vigil.stringMap" $sp.config.producer)) -}}
 {{- $headless := include "vigil.componentName" (dict "root" . "component" "model-server-headless") -}}
-{{- $endpoints := $sp.modelEndpoints | default (list (printf "http://%s:%d" $headless (int .Values.modelServer.ports.grpc))) -}}
+{{- $tls := include "vigil.modelServer.tls" . -}}
+{{- $scheme := ternary "https" "http" (not (empty $tls)) -}}
+{{- $endpoints := $sp.modelEndpoints | default (list (printf "%s://%s:%d" $scheme $headless (int .Values.modelServer.ports.grpc))) -}}
 {{- $_ := set $config.model "endpoints" $endpoints -}}
+{{- if $tls -}}
+{{- $_ := set $config.model "tls_ca_file" (printf "%s/%s" (include "vigil.modelServer.tlsDir" .) .Values.modelServer.security.tls.caKey) -}}
+{{- end -}}
 # Vigil stream processor (services/stream-processor/src/config.rs), from the Helm values
 # streamProcessor.config. Secrets come from the environment: PROCESSOR_KAFKA__SASL_*.
 {{- include "vigil.toml.table" (dict "table" $config "path" list) }}
