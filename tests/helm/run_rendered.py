@@ -21,7 +21,14 @@ directory in place of their mount paths:
   must get as far as asking the brokers for metadata (its producer and consumer created
   with the rendered properties), then exit on that failure;
 - model-server serving the bundled models (deploy/models, the layout of the vigil-models
-  image) on a free port, without the rollout state's Kafka (no Kafka here): without
+  image) on free ports, its TLS and token Secrets written where they are mounted (a Secret
+  the chart rendered, such as its generated certificate and token, as rendered; an existing
+  one or cert-manager's as a throwaway CA, certificate and token), without the rollout
+  state's Kafka (no Kafka here): with TLS on, `vigil rollout list` must work over TLS
+  checking the certificate against the CA by the Service's name, the probes' paths must
+  answer 200 over TLS and the REST port must not answer plain HTTP; with the token on, a
+  management call must be refused as unauthenticated without it and pass the check with
+  it; without
   --rollout_kafka_brokers, --rollout_kafka_property and MODEL_SERVER_ROLLOUT_KAFKA__*
   (the server refuses properties without brokers; the topic and group flags are still
   parsed): `vigil rollout list --json` must show the rendered rollout file's rollouts,
@@ -39,6 +46,7 @@ directory in place of their mount paths:
 
 import atexit
 import base64
+import http.client
 import json
 import os
 import pathlib
@@ -257,8 +265,8 @@ def http_get(url: str) -> tuple[int | str, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, ""
-    except (urllib.error.URLError, OSError) as error:
-        return f"no answer ({getattr(error, 'reason', error)})", ""
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+        return f"no answer ({getattr(error, 'reason', error)!r})", ""
 
 
 def check_alerts_running(binary: pathlib.Path, args: list[str], env: dict, pod: dict, container: dict,
@@ -392,7 +400,8 @@ def main() -> int:
                 mounts[mount["mountPath"]] = directory
         args = list(container.get("args", []))
         for path, directory in mounts.items():
-            args = [a.replace(path, str(directory)) for a in args]
+            # Path by path (with the slash): /etc/vigil/model-server is a prefix of its TLS mount.
+            args = [a.replace(path + "/", f"{directory}/") for a in args]
         env = container_env(container)
         if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
             # No collector here: a closed local port refuses at once, so exports fail fast
@@ -428,7 +437,9 @@ def main() -> int:
             mount_path = values["modelServer"]["modelSource"]["mountPath"].rstrip("/")
             config_file = models / "models.config"
             config_file.write_text(config_file.read_text().replace(f'"{mount_path}/', f'"{REPO}/deploy/models/'))
-            args = [re.sub(r"^--(port|rest_api_port)=\d+$", r"--\1=0", a) for a in args]
+            # Free ports: gRPC on 0; REST on 127.0.0.1:0 (--rest_api_port=0 would turn REST off).
+            args = [re.sub(r"^--port=\d+$", "--port=0", a) for a in args]
+            args = [re.sub(r"^--rest_api_port=\d+$", "--rest_api_address=127.0.0.1:0", a) for a in args]
             service = next(d["metadata"]["name"] for d in docs if d["kind"] == "Service"
                            and d["metadata"]["labels"]["app.kubernetes.io/component"] == "model-server" and d["spec"].get("clusterIP") != "None")
             secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
@@ -468,6 +479,7 @@ def main() -> int:
                             check(status == 200, f"model-server: its {probe} path {get['path']} answers {status} over TLS, not 200")
                     status, _ = http_get(f"http://127.0.0.1:{rest.group(1)}/live") if rest else ("no REST port", "")
                     check(status != 200, "model-server: its REST port answers plain HTTP while TLS is on")
+                    print(f"    model-server: its probes' paths answered 200 over TLS on the REST port; plain HTTP there: {str(status)[:60]}")
                 if token:
                     # A management call (to a model that is not served, so it changes nothing):
                     # refused without the token, past the credentials check with it.
