@@ -242,7 +242,8 @@ async fn the_rollout_cli_dials_tls_sends_its_token_and_says_what_is_missing_with
     // says which name to check (the test certificate names localhost, not "model-server").
     let named = with(&["--server", &https, "--ca-file", &ca_file, "--tls-server-name", "localhost"], &["list"]).await;
     assert_eq!(named.code, 0, "{}", named.stderr);
-    let misnamed = with(&["--server", &https, "--ca-file", &ca_file, "--tls-server-name", "model-server"], &["list"]).await;
+    let misnamed =
+        with(&["--server", &https, "--ca-file", &ca_file, "--tls-server-name", "model-server"], &["list"]).await;
     assert_eq!(misnamed.code, 1, "a certificate that does not name model-server was accepted: {}", misnamed.stdout);
     server.stop().await;
 }
