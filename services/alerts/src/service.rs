@@ -34,8 +34,6 @@ use crate::config::AlertsConfig;
 use crate::engine::{Applied, Observation, Partition, Rule};
 use crate::metrics::Metrics;
 
-pub const HEADER_DEAD_LETTER_REASON: &str = "vigil.dead_letter.reason";
-
 /// An unreadable score record waiting to be written: its partition, bytes and headers.
 type DeadLetter = (i32, Vec<u8>, OwnedHeaders);
 
@@ -165,18 +163,13 @@ impl State {
             Err((reason, error)) => {
                 // Restored first, so the partition's state is there when offsets commit.
                 self.engine(partition)?;
+                use kafka::headers::*;
                 let headers = OwnedHeaders::new()
-                    .insert(Header { key: HEADER_DEAD_LETTER_REASON, value: Some(reason) })
-                    .insert(Header { key: "vigil.dead_letter.error", value: Some(error.as_str()) })
-                    .insert(Header { key: "vigil.dead_letter.source_topic", value: Some(&self.config.scores_topic) })
-                    .insert(Header {
-                        key: "vigil.dead_letter.source_partition",
-                        value: Some(partition.to_string().as_str()),
-                    })
-                    .insert(Header {
-                        key: "vigil.dead_letter.source_offset",
-                        value: Some(offset.to_string().as_str()),
-                    });
+                    .insert(Header { key: DEAD_LETTER_REASON, value: Some(reason) })
+                    .insert(Header { key: DEAD_LETTER_ERROR, value: Some(error.as_str()) })
+                    .insert(Header { key: DEAD_LETTER_SOURCE_TOPIC, value: Some(&self.config.scores_topic) })
+                    .insert(Header { key: DEAD_LETTER_SOURCE_PARTITION, value: Some(partition.to_string().as_str()) })
+                    .insert(Header { key: DEAD_LETTER_SOURCE_OFFSET, value: Some(offset.to_string().as_str()) });
                 self.dead_letters.push((partition, payload.to_vec(), headers));
                 self.metrics.dead_lettered.with_label_values(&[reason]).inc();
             }
@@ -334,40 +327,12 @@ fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> anyhow:
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)).map_err(|e| {
-        anyhow::anyhow!("changelog {topic} partition {partition}: {e} (it needs the scores topic's partitions)")
-    })?;
     let mut records = Vec::new();
-    if high <= low {
-        return Ok(records);
-    }
-    let mut assignment = TopicPartitionList::new();
-    assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&assignment)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => {
-                records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(<[u8]>::to_vec)));
-                if message.offset() + 1 >= high {
-                    break;
-                }
-            }
-            Some(Err(error)) => anyhow::bail!("reading changelog {topic} partition {partition}: {error}"),
-            None => anyhow::ensure!(
-                Instant::now() < deadline,
-                "reading changelog {topic} partition {partition}: stalled before offset {high}"
-            ),
-        }
-    }
+    kafka::read_partition_to_end(&consumer, topic, partition, Duration::from_secs(60), |message| {
+        records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(<[u8]>::to_vec)));
+    })
+    .map_err(|e| anyhow::anyhow!("{e} (the changelog needs the scores topic's partitions)"))?;
     Ok(records)
-}
-
-/// Partitions of `topic` (0 when it does not exist).
-fn partitions_of(client: &ClientConfig, topic: &str) -> anyhow::Result<usize> {
-    let consumer: BaseConsumer = client.clone().set("group.id", "vigil-alerts-metadata").create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
 }
 
 /// The changelog must have the scores topic's partitions (partition p keeps the state of
@@ -377,34 +342,11 @@ fn ensure_changelog(
     config: &AlertsConfig,
     runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let scores = partitions_of(client, &config.scores_topic)?;
+    let metadata: BaseConsumer = client.clone().set("group.id", "vigil-alerts-metadata").create()?;
+    let scores = kafka::partitions_of(metadata.client(), &config.scores_topic)?;
     anyhow::ensure!(scores > 0, "the scores topic {} does not exist (or has no partitions)", config.scores_topic);
-    let mut changelog = partitions_of(client, &config.changelog_topic)?;
-    if changelog == 0 {
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = client.create()?;
-        let topic = NewTopic::new(&config.changelog_topic, scores as i32, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact");
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        match runtime.block_on(admin.create_topics([&topic], &options)) {
-            Ok(results) => {
-                for result in results {
-                    if let Err((_, code)) = result {
-                        tracing::warn!(topic = %config.changelog_topic, %code, "creating the changelog topic");
-                    }
-                }
-            }
-            Err(error) => tracing::warn!(topic = %config.changelog_topic, %error, "creating the changelog topic"),
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while changelog == 0 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(200));
-            changelog = partitions_of(client, &config.changelog_topic)?;
-        }
-        if changelog > 0 {
-            tracing::info!(topic = %config.changelog_topic, partitions = changelog, "created the compacted changelog topic");
-        }
-    }
+    let spec = kafka::TopicSpec { partitions: scores as i32, compacted: true };
+    let changelog = runtime.block_on(kafka::ensure_topic(client, &config.changelog_topic, spec))?.partitions;
     anyhow::ensure!(
         changelog == scores,
         "the changelog topic {} has {changelog} partitions and the scores topic {} has {scores}: they must match \

@@ -22,9 +22,7 @@ pub const HEADER_MQTT_TOPIC: &str = "mqtt.topic";
 pub const HEADER_MQTT_QOS: &str = "mqtt.qos";
 pub const HEADER_MQTT_CONTENT_TYPE: &str = "mqtt.content_type";
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
-pub const HEADER_DEAD_LETTER_REASON: &str = "vigil.dead_letter.reason";
-pub const HEADER_DEAD_LETTER_ERROR: &str = "vigil.dead_letter.error";
-pub const HEADER_DEAD_LETTER_FIELD: &str = "vigil.dead_letter.field";
+use kafka::headers::{DEAD_LETTER_ERROR, DEAD_LETTER_FIELD, DEAD_LETTER_REASON};
 
 /// A record for Kafka, owned so it can be sent again.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,10 +46,10 @@ impl OutRecord {
     pub fn into_dead_letter(mut self, topic: &str, reason: &'static str, error: &str, field: Option<&str>) -> Self {
         self.topic = topic.to_owned();
         self.headers.retain(|(k, _)| !k.starts_with("vigil.dead_letter."));
-        self.headers.push((HEADER_DEAD_LETTER_REASON.into(), reason.into()));
-        self.headers.push((HEADER_DEAD_LETTER_ERROR.into(), error.into()));
+        self.headers.push((DEAD_LETTER_REASON.into(), reason.into()));
+        self.headers.push((DEAD_LETTER_ERROR.into(), error.into()));
         if let Some(field) = field {
-            self.headers.push((HEADER_DEAD_LETTER_FIELD.into(), field.into()));
+            self.headers.push((DEAD_LETTER_FIELD.into(), field.into()));
         }
         self.dead_letter = Some(reason);
         self
@@ -203,9 +201,9 @@ mod tests {
             let record = from_mqtt(&routes, "dlq", &message("vehicles/sensor/data/car-1", &payload, &[]));
             assert_eq!((record.topic.as_str(), record.dead_letter), ("dlq", Some(reason)));
             assert_eq!(record.payload, payload, "the original payload is kept");
-            assert_eq!(record.header(HEADER_DEAD_LETTER_REASON), Some(reason.as_bytes()));
-            assert_eq!(record.header(HEADER_DEAD_LETTER_FIELD), field.map(str::as_bytes));
-            assert!(!record.header(HEADER_DEAD_LETTER_ERROR).unwrap().is_empty());
+            assert_eq!(record.header(DEAD_LETTER_REASON), Some(reason.as_bytes()));
+            assert_eq!(record.header(DEAD_LETTER_FIELD), field.map(str::as_bytes));
+            assert!(!record.header(DEAD_LETTER_ERROR).unwrap().is_empty());
             assert_eq!(record.header(HEADER_MQTT_TOPIC), Some(&b"vehicles/sensor/data/car-1"[..]));
             assert_eq!(record.key.as_deref(), Some(&b"car-1"[..]), "dead letters stay keyed by device");
         }

@@ -40,7 +40,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use sensor::SensorReading;
 use serde_json::json;
 use stream_processor::config::ProcessorConfig;
-use stream_processor::pipeline::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS, client_config};
+use stream_processor::kafka_clients::{CONSUMER_DEFAULTS, PRODUCER_DEFAULTS};
 
 // As the stream-processor and model-server binaries.
 #[global_allocator]
@@ -154,10 +154,11 @@ async fn pass_through(bootstrap: String, round: Round, stop: Arc<AtomicBool>) {
     let defaults = ProcessorConfig::default();
     let mut common = defaults.kafka.clone();
     common.insert("bootstrap.servers".into(), bootstrap);
-    let mut consumer_config = client_config(CONSUMER_DEFAULTS, &common, &defaults.consumer);
+    let mut consumer_config = kafka::client_config(CONSUMER_DEFAULTS, &[&common, &defaults.consumer]);
     consumer_config.set("group.id", &round.group).set("enable.auto.offset.store", "false");
     let consumer: Arc<StreamConsumer> = Arc::new(consumer_config.create().unwrap());
-    let producer: FutureProducer = client_config(PRODUCER_DEFAULTS, &common, &defaults.producer).create().unwrap();
+    let producer: FutureProducer =
+        kafka::client_config(PRODUCER_DEFAULTS, &[&common, &defaults.producer]).create().unwrap();
     consumer.subscribe(&[&round.readings]).unwrap();
     let in_flight = PARTITIONS as usize * defaults.max_in_flight_per_partition;
     let (pending, mut confirmed) =

@@ -24,6 +24,7 @@
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod kafka_clients;
 pub mod metrics;
 pub mod model;
 pub mod output;
@@ -42,7 +43,7 @@ use rdkafka::producer::Producer as _;
 use tokio::net::TcpListener;
 
 use crate::config::{Delivery, ProcessorConfig};
-use crate::pipeline::{CONSUMER_DEFAULTS, ConsumerCtx, PRODUCER_DEFAULTS, Shared, Workers};
+use crate::pipeline::{ConsumerCtx, Shared, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
@@ -104,7 +105,7 @@ pub async fn run(
 
     let model = model::ModelClient::new(&config.model, metrics.clone()).map_err(ProcessorError::Config)?;
     let exactly_once = config.delivery == Delivery::ExactlyOnce;
-    let mut producer_config = pipeline::client_config(PRODUCER_DEFAULTS, &config.kafka, &config.producer);
+    let mut producer_config = kafka_clients::producer_config(&config);
     if exactly_once {
         // A transaction must finish within transaction.timeout.ms, so a record may not
         // wait forever (message.timeout.ms 0) inside one.
@@ -123,7 +124,7 @@ pub async fn run(
         Duration::from_secs(config.rebalance_drain_seconds),
         metrics.clone(),
     );
-    let mut consumer_config = pipeline::client_config(CONSUMER_DEFAULTS, &config.kafka, &config.consumer);
+    let mut consumer_config = kafka_clients::consumer_config(&config);
     consumer_config
         .set("group.id", &config.group_id)
         // Exactly-once: offsets are committed in the producer's transactions instead.

@@ -168,12 +168,13 @@ pub fn dead_letter(
     reason: &'static str,
     error: &str,
 ) -> OutRecord {
+    use kafka::headers::*;
     let mut headers = source.headers.clone();
-    headers.push(("vigil.dead_letter.reason".into(), reason.as_bytes().to_vec()));
-    headers.push(("vigil.dead_letter.error".into(), error.as_bytes().to_vec()));
-    headers.push(("vigil.dead_letter.source_topic".into(), source.topic.clone().into_bytes()));
-    headers.push(("vigil.dead_letter.source_partition".into(), source.partition.to_string().into_bytes()));
-    headers.push(("vigil.dead_letter.source_offset".into(), source.offset.to_string().into_bytes()));
+    headers.push((DEAD_LETTER_REASON.into(), reason.as_bytes().to_vec()));
+    headers.push((DEAD_LETTER_ERROR.into(), error.as_bytes().to_vec()));
+    headers.push((DEAD_LETTER_SOURCE_TOPIC.into(), source.topic.clone().into_bytes()));
+    headers.push((DEAD_LETTER_SOURCE_PARTITION.into(), source.partition.to_string().into_bytes()));
+    headers.push((DEAD_LETTER_SOURCE_OFFSET.into(), source.offset.to_string().into_bytes()));
     OutRecord {
         topic: config.dead_letter_topic.clone(),
         key: source.key.clone().unwrap_or_default(),

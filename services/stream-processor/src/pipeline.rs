@@ -37,8 +37,8 @@ use prost::Message as _;
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers as _, Message as _, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, Producer as _};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use sensor::SensorReading;
 use tokio::runtime::Handle;
@@ -659,28 +659,6 @@ fn warn_now_and_then(shared: &Shared, error: &str, backoff: Duration) {
     }
 }
 
-fn future_record(record: &OutRecord) -> FutureRecord<'_, [u8], [u8]> {
-    let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-    for (key, value) in &record.headers {
-        headers = headers.insert(Header { key, value: Some(value.as_slice()) });
-    }
-    FutureRecord::to(&record.topic).key(record.key.as_slice()).payload(record.payload.as_slice()).headers(headers)
-}
-
-/// Hands `record` to `producer`, waiting while its queue is full; any other refusal is
-/// the caller's to handle. The live path and replays both write through this.
-pub(crate) async fn send_waiting(producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture, KafkaError> {
-    loop {
-        match producer.send_result(future_record(record)) {
-            Ok(delivery) => return Ok(delivery),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((error, _)) => return Err(error),
-        }
-    }
-}
-
 /// Hands every record to the producer, in order; waits while its queue is full.
 async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFuture> {
     let mut deliveries = Vec::with_capacity(records.len());
@@ -692,7 +670,7 @@ async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFutu
 
 async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
     loop {
-        match send_waiting(&shared.producer, record).await {
+        match crate::kafka_clients::send(&shared.producer, record).await {
             Ok(delivery) => return delivery,
             Err(error) => {
                 tracing::warn!(topic = %record.topic, %error, "handing a record to the producer failed; retrying");
@@ -708,7 +686,7 @@ async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
 async fn enqueue_all_in_transaction(shared: &Shared, records: &[OutRecord]) -> Result<Vec<DeliveryFuture>, String> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
-        let delivery = send_waiting(&shared.producer, record).await;
+        let delivery = crate::kafka_clients::send(&shared.producer, record).await;
         deliveries.push(delivery.map_err(|error| format!("producing to {}: {error}", record.topic))?);
     }
     Ok(deliveries)
@@ -748,47 +726,4 @@ async fn confirm(shared: Arc<Shared>, prepared: Prepared, deliveries: Vec<Delive
         }
     }
     Ok(prepared)
-}
-
-/// Producer settings the processor applies before the user's.
-pub const PRODUCER_DEFAULTS: &[(&str, &str)] = &[
-    ("acks", "all"),
-    ("enable.idempotence", "true"),
-    // Never give up on a record locally: the offset waits for it.
-    ("message.timeout.ms", "0"),
-    ("compression.type", "lz4"),
-    ("linger.ms", "2"),
-    ("client.id", "vigil-stream-processor"),
-];
-
-/// Consumer settings the processor applies before the user's (the offset-store ones are
-/// not the user's to change: see `ProcessorConfig::check`).
-pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
-    ("auto.offset.reset", "earliest"),
-    // Commits are cheap and bound the repeats after a crash.
-    ("auto.commit.interval.ms", "100"),
-    // How long a broker may hold a fetch that found nothing new. Apache Kafka answers as
-    // soon as a record arrives, but librdkafka's mock cluster (the embedded default) and
-    // tansu 0.6 hold every such fetch for the full wait: at librdkafka's 500 ms that
-    // added 260 ms to the median reading (docs/benchmarks.md). On Kafka, 10 ms only means
-    // more empty fetches while a partition is idle.
-    ("fetch.wait.max.ms", "10"),
-    ("statistics.interval.ms", "5000"),
-    ("client.id", "vigil-stream-processor"),
-];
-
-/// Builds the librdkafka config: defaults, then `kafka`, then the specific table.
-pub fn client_config(
-    defaults: &[(&str, &str)],
-    common: &std::collections::BTreeMap<String, String>,
-    specific: &std::collections::BTreeMap<String, String>,
-) -> rdkafka::ClientConfig {
-    let mut config = rdkafka::ClientConfig::new();
-    for (key, value) in defaults {
-        config.set(*key, *value);
-    }
-    for (key, value) in common.iter().chain(specific) {
-        config.set(key, value);
-    }
-    config
 }

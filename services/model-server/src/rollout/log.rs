@@ -21,9 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{Consumer as _, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -34,6 +32,8 @@ use super::state::RolloutState;
 
 /// How long a proposer waits for its change to come back from the state topic.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long catching up on the state topic may go without a record before it fails.
+const CATCH_UP_STALL: Duration = Duration::from_secs(30);
 
 /// Where the Kafka-kept state and events live.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,47 +151,45 @@ impl RolloutLog {
         ])
         .create()
         .context("creating the rollout state reader")?;
-        // Brief blocking calls, once at startup.
-        let partitions_of = || {
-            tail.fetch_metadata(Some(&options.state_topic), Duration::from_secs(10))
-                .map(|m| m.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len() as i32))
-                .with_context(|| format!("reading the metadata of rollout state topic {}", options.state_topic))
-        };
-        let mut partitions = partitions_of()?;
-        if partitions == 0 {
-            create_state_topic(&client(&[]), &options.state_topic).await;
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while partitions == 0 && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                partitions = partitions_of()?;
-            }
-        }
+        let spec = kafka::TopicSpec { partitions: 1, compacted: true };
+        let partitions = kafka::ensure_topic(&client(&[]), &options.state_topic, spec)
+            .await
+            .with_context(|| format!("reading the metadata of rollout state topic {}", options.state_topic))?
+            .partitions as i32;
         anyhow::ensure!(
             partitions > 0,
             "rollout state topic {} does not exist and could not be created on {}; create it (compacted, one partition)",
             options.state_topic,
             options.brokers
         );
+
+        // Catch up before serving, so a restarted replica does not act on stale state: each
+        // partition read to its end by a consumer of its own (blocking reads, off the async
+        // workers), then followed from there by the tail.
+        let reader: BaseConsumer = client(&[
+            ("group.id", &format!("vigil-rollout-catch-up-{replica}")),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+        ])
+        .create()
+        .context("creating the rollout state reader")?;
+        let (topic, caught_up) = (options.state_topic.clone(), rollouts.clone());
+        let ends = tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|partition| {
+                    kafka::read_partition_to_end(&reader, &topic, partition, CATCH_UP_STALL, |message| {
+                        apply_record(&caught_up, message.payload())
+                    })
+                })
+                .collect::<Result<Vec<i64>, _>>()
+        })
+        .await
+        .context("reading the rollout state topic")??;
         let mut assignment = TopicPartitionList::new();
-        let mut ends = Vec::new();
-        for partition in 0..partitions {
-            assignment.add_partition_offset(&options.state_topic, partition, Offset::Beginning)?;
-            let (_, high) = tail
-                .fetch_watermarks(&options.state_topic, partition, Duration::from_secs(10))
-                .with_context(|| format!("reading the end of rollout state topic {}", options.state_topic))?;
-            ends.push(high);
+        for (partition, end) in (0..partitions).zip(ends) {
+            assignment.add_partition_offset(&options.state_topic, partition, Offset::Offset(end))?;
         }
         tail.assign(&assignment)?;
-
-        // Catch up before serving, so a restarted replica does not act on stale state.
-        let mut next = vec![0i64; partitions as usize];
-        while next.iter().zip(&ends).any(|(n, end)| n < end) {
-            let message = tokio::time::timeout(Duration::from_secs(30), tail.recv())
-                .await
-                .with_context(|| format!("reading rollout state topic {} to its end", options.state_topic))??;
-            next[message.partition() as usize] = message.offset() + 1;
-            apply_record(&rollouts, message.payload());
-        }
         tracing::info!(topic = %options.state_topic, rollouts = rollouts.list().len(), "rollout state read");
 
         let follow = {
@@ -310,30 +308,6 @@ fn apply_record(rollouts: &Rollouts, payload: Option<&[u8]>) {
             }
         }
         Err(e) => tracing::warn!("skipping an unreadable rollout state record: {e}"),
-    }
-}
-
-/// Creates the state topic compacted with one partition; an existing topic is fine, and a
-/// cluster that refuses (no permission, say) leaves it to auto-creation, with a warning.
-async fn create_state_topic(config: &ClientConfig, topic: &str) {
-    let admin: AdminClient<DefaultClientContext> = match config.create() {
-        Ok(admin) => admin,
-        Err(e) => return tracing::warn!("cannot create rollout state topic {topic}: {e}"),
-    };
-    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
-    match admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await {
-        Ok(results) => {
-            for result in results {
-                match result {
-                    Ok(_) => tracing::info!(topic, "created the compacted rollout state topic"),
-                    Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((_, code)) => {
-                        tracing::warn!(topic, "creating the rollout state topic: {code}; create it compacted")
-                    }
-                }
-            }
-        }
-        Err(e) => tracing::warn!(topic, "creating the rollout state topic: {e}; create it compacted"),
     }
 }
 

@@ -38,7 +38,7 @@ use prost::Message as _;
 use proto::vigil::replay::v1::{ReplayReport, ReplayRequest};
 use proto::vigil::scoring::v1::Score;
 use rdkafka::consumer::Consumer as _;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use sensor::SensorReading;
@@ -378,38 +378,27 @@ fn replay_group_id(config: &ProcessorConfig) -> String {
 
 /// Partitions of `topic`; 0 when it does not exist.
 fn partition_count(consumer: &range::RangeConsumer, topic: &str) -> Result<usize, ReplayError> {
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len()))
+    Ok(kafka::partitions_of(consumer.client(), topic)?)
 }
 
 /// Creates the output topic with the readings topic's partition count and the broker's
 /// default replication. A failure is only logged: the producer may still create it
 /// (auto-creation), and if not, its deliveries fail naming the topic.
 async fn create_topic(config: &ProcessorConfig, topic: &str, partitions: usize) {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let client = crate::pipeline::client_config(&[], &config.kafka, &config.producer);
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = match client.create() {
-        Ok(admin) => admin,
-        Err(error) => {
-            tracing::warn!(topic, %error, "creating the replay's output topic");
-            return;
+    let client = kafka::client_config(&[], &[&config.kafka, &config.producer]);
+    let spec = kafka::TopicSpec { partitions: partitions as i32, compacted: false };
+    match kafka::ensure_topic(&client, topic, spec).await {
+        Ok(ensured) if ensured.created => tracing::info!(topic, partitions, "created the replay's output topic"),
+        Ok(ensured) if ensured.partitions == 0 => {
+            tracing::warn!(topic, "the replay's output topic is not there; leaving it to the producer")
         }
-    };
-    let new = NewTopic::new(topic, partitions.max(1) as i32, TopicReplication::Fixed(-1));
-    let options = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(10)));
-    match admin.create_topics([&new], &options).await.map(|results| results.into_iter().next()) {
-        Ok(Some(Ok(_))) => tracing::info!(topic, partitions, "created the replay's output topic"),
-        Ok(Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists)))) | Ok(None) => {}
-        Ok(Some(Err((_, code)))) => tracing::warn!(topic, %code, "creating the replay's output topic"),
+        Ok(_) => {}
         Err(error) => tracing::warn!(topic, %error, "creating the replay's output topic"),
     }
 }
 
 fn producer(config: &ProcessorConfig) -> Result<FutureProducer, ReplayError> {
-    let mut client =
-        crate::pipeline::client_config(crate::pipeline::PRODUCER_DEFAULTS, &config.kafka, &config.producer);
+    let mut client = crate::kafka_clients::producer_config(config);
     client.set("message.timeout.ms", OUTPUT_TIMEOUT_MS).set("client.id", "vigil-stream-processor-replay");
     Ok(client.create()?)
 }
@@ -474,7 +463,7 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
 
 /// Hands a record to the producer, waiting while its queue is full.
 async fn send(producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture, ReplayError> {
-    let delivery = crate::pipeline::send_waiting(producer, record).await;
+    let delivery = crate::kafka_clients::send(producer, record).await;
     delivery.map_err(|error| ReplayError::Kafka(format!("writing to {}: {error}", record.topic)))
 }
 

@@ -31,7 +31,7 @@ pub const IDLE_LIMIT: Duration = Duration::from_secs(30);
 const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     // An offset retention already deleted: read from what is left.
     ("auto.offset.reset", "earliest"),
-    // See pipeline::CONSUMER_DEFAULTS: the mock cluster holds empty fetches this long.
+    // See kafka_clients::CONSUMER_DEFAULTS: the mock cluster holds empty fetches this long.
     ("fetch.wait.max.ms", "10"),
     ("client.id", "vigil-stream-processor-replay"),
 ];
@@ -97,7 +97,7 @@ pub fn consumer(config: &ProcessorConfig, group_id: &str) -> Result<RangeConsume
 /// The consumer's settings: the processor's Kafka properties, `group_id` (librdkafka needs
 /// one; nothing is ever committed under it) and no offset commits or stores.
 pub fn consumer_config(config: &ProcessorConfig, group_id: &str) -> rdkafka::ClientConfig {
-    let mut client = crate::pipeline::client_config(CONSUMER_DEFAULTS, &config.kafka, &config.consumer);
+    let mut client = kafka::client_config(CONSUMER_DEFAULTS, &[&config.kafka, &config.consumer]);
     client
         .set("group.id", group_id)
         .set("enable.auto.commit", "false")

@@ -1,0 +1,14 @@
+//! Headers a dead letter carries, so a reader of any dead-letter topic finds why the record
+//! landed there under the same names whichever service wrote it.
+
+/// Why, from a fixed set per service (a metric label too): `invalid-json`, `model-rejected`...
+pub const DEAD_LETTER_REASON: &str = "vigil.dead_letter.reason";
+/// The error's text, for a person.
+pub const DEAD_LETTER_ERROR: &str = "vigil.dead_letter.error";
+/// The field at fault, when one is.
+pub const DEAD_LETTER_FIELD: &str = "vigil.dead_letter.field";
+/// Where the record was read from, when it came from Kafka: topic, partition and offset
+/// (decimal text), so it can be found again or replayed.
+pub const DEAD_LETTER_SOURCE_TOPIC: &str = "vigil.dead_letter.source_topic";
+pub const DEAD_LETTER_SOURCE_PARTITION: &str = "vigil.dead_letter.source_partition";
+pub const DEAD_LETTER_SOURCE_OFFSET: &str = "vigil.dead_letter.source_offset";
