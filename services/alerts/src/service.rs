@@ -280,26 +280,7 @@ fn send<'a>(producer: &FutureProducer, record: FutureRecord<'a, str, [u8]>) -> a
 /// A Score from protobuf or the processor's JSON form; or why not.
 fn decode(payload: &[u8]) -> Result<Score, (&'static str, String)> {
     if payload.first() == Some(&b'{') {
-        let value: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| ("not_a_score", format!("not JSON: {e}")))?;
-        let field = |name: &str| value.get(name).ok_or(("not_a_score", format!("JSON score without {name:?}")));
-        let device_id = field("device_id")?.as_str().unwrap_or_default().to_owned();
-        let event_time = match field("event_time")?.as_str() {
-            Some(text) => {
-                Some(parse_rfc3339(text).ok_or(("not_a_score", format!("event_time {text:?} is not RFC 3339")))?)
-            }
-            None => None,
-        };
-        let score = Score {
-            device_id,
-            event_time,
-            score: field("score")?.as_f64().unwrap_or(f64::NAN) as f32,
-            threshold: field("threshold")?.as_f64().unwrap_or(f64::NAN) as f32,
-            is_anomaly: field("is_anomaly")?.as_bool().unwrap_or(false),
-            model_version: field("model_version")?.as_i64().unwrap_or(0),
-            ..Default::default()
-        };
-        return check(score);
+        return check(sensor::score_json::from_json(payload).map_err(|e| ("not_a_score", e.to_string()))?);
     }
     let score = Score::decode(payload).map_err(|e| ("not_a_score", format!("not a vigil.scoring.v1.Score: {e}")))?;
     check(score)
@@ -313,10 +294,6 @@ fn check(score: Score) -> Result<Score, (&'static str, String)> {
         return Err(("invalid_score", format!("score {} is not a finite number", score.score)));
     }
     Ok(score)
-}
-
-fn parse_rfc3339(text: &str) -> Option<prost_types::Timestamp> {
-    text.parse::<prost_types::Timestamp>().ok()
 }
 
 /// Every record of one changelog partition, from the start to its end now.
@@ -447,10 +424,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode(&score.encode_to_vec()).unwrap(), score);
-        let json = br#"{"device_id":"car-1","event_time":"2026-05-28T20:26:40.250Z","score":1.5,"threshold":1.0,"is_anomaly":true,"model_version":2}"#;
-        let from_json = decode(json).unwrap();
-        assert_eq!(from_json.event_time, score.event_time);
-        assert_eq!((from_json.score, from_json.is_anomaly, from_json.model_version), (1.5, true, 2));
+        // The processor's JSON form (output_format = "json"), written by the one encoder.
+        let json = serde_json::to_vec(&sensor::score_json::to_json(&score)).unwrap();
+        assert_eq!(decode(&json).unwrap(), score);
+        // Fields missing from the form the processor writes: not a score.
+        let partial = br#"{"device_id":"car-1","event_time":"2026-05-28T20:26:40.250Z","score":1.5,"threshold":1.0,"is_anomaly":true,"model_version":2}"#;
+        let (reason, why) = decode(partial).unwrap_err();
+        assert_eq!((reason, why.as_str()), ("not_a_score", "JSON score without \"sequence\""));
         assert_eq!(decode(b"{\"score\": 1}").unwrap_err().0, "not_a_score");
         assert_eq!(decode(b"\xff\xff garbage").unwrap_err().0, "not_a_score");
         let nameless = Score { device_id: String::new(), ..score };

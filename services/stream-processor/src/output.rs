@@ -82,7 +82,7 @@ pub fn score(source: &Source, reading: &SensorReading, scored: &Scored) -> Score
 pub fn encode_score(format: OutputFormat, score: &Score) -> Vec<u8> {
     match format {
         OutputFormat::Protobuf => score.encode_to_vec(),
-        OutputFormat::Json => serde_json::to_vec(&score_json(score)).unwrap_or_default(),
+        OutputFormat::Json => serde_json::to_vec(&sensor::score_json::to_json(score)).unwrap_or_default(),
     }
 }
 
@@ -109,7 +109,7 @@ pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading
             // The reading in its canonical JSON form (always valid JSON).
             let reading: serde_json::Value =
                 serde_json::from_str(&sensor::json::to_json(reading)).unwrap_or(serde_json::Value::Null);
-            serde_json::to_vec(&serde_json::json!({"score": score_json(&score), "reading": reading}))
+            serde_json::to_vec(&serde_json::json!({"score": sensor::score_json::to_json(&score), "reading": reading}))
                 .unwrap_or_default()
         }
     });
@@ -130,34 +130,6 @@ pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading
         });
     }
     records
-}
-
-fn rfc3339(time: Option<prost_types::Timestamp>) -> serde_json::Value {
-    match time {
-        Some(t) => sensor::json::format_time(&t).map_or(serde_json::Value::Null, serde_json::Value::String),
-        None => serde_json::Value::Null,
-    }
-}
-
-/// A score as a JSON object, keys as the proto's field names.
-pub fn score_json(score: &Score) -> serde_json::Value {
-    serde_json::json!({
-        "device_id": score.device_id,
-        "event_time": rfc3339(score.event_time),
-        "sequence": score.sequence,
-        "score": score.score,
-        "threshold": score.threshold,
-        "is_anomaly": score.is_anomaly,
-        "model_name": score.model_name,
-        "model_version": score.model_version,
-        "model_latency_us": score.model_latency_us,
-        "pipeline_latency_us": score.pipeline_latency_us,
-        "scored_at": rfc3339(score.scored_at),
-        "source_topic": score.source_topic,
-        "source_partition": score.source_partition,
-        "source_offset": score.source_offset,
-        "fault": sensor::fault_name(score.fault()),
-    })
 }
 
 /// The reading's original bytes on the dead-letter topic, with headers saying why.

@@ -12,7 +12,7 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::rollout::error_chain;
+use crate::grpc_errors::error_chain;
 
 /// The TLS and credential flags.
 #[derive(Debug, Clone, Default, clap::Args)]

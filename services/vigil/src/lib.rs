@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod dial;
+pub mod grpc_errors;
 pub mod observe;
 pub mod replay;
 pub mod rollout;

@@ -27,7 +27,7 @@ use proto::vigil::replay::v1::replay_service_client::ReplayServiceClient;
 use serde_json::{Value, json};
 
 use crate::dial::{DialArgs, DialError};
-use crate::rollout::code_name;
+use crate::grpc_errors::code_name;
 
 /// The stream processor's default gRPC address on this machine (its `grpc_listen`, and
 /// `vigil up`'s `--processor-grpc-port`).

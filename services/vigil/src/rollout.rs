@@ -31,12 +31,16 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
-use chrono::{DateTime, Utc};
 use proto::vigil::rollout::v1 as pb;
 use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::dial::{DialArgs, DialError, Dialed};
+use crate::grpc_errors::{code_name, error_chain};
+
+mod render;
+
+use render::{pretty, render, render_list, rollout_json, watch_line};
 
 /// TF Serving's gRPC port on this machine: where `vigil up` and `model-server` listen by
 /// default.
@@ -249,31 +253,6 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-/// The gRPC code's canonical name in words ("invalid argument"), which operators search
-/// docs and dashboards by; tonic's own descriptions are sentences.
-pub(crate) fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid argument",
-        Code::DeadlineExceeded => "deadline exceeded",
-        Code::NotFound => "not found",
-        Code::AlreadyExists => "already exists",
-        Code::PermissionDenied => "permission denied",
-        Code::ResourceExhausted => "resource exhausted",
-        Code::FailedPrecondition => "failed precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out of range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
-}
-
 /// Runs `vigil rollout ...` to completion.
 pub fn main(args: RolloutArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -453,177 +432,8 @@ fn is_over(phase: i32) -> bool {
     matches!(pb::Phase::try_from(phase), Ok(pb::Phase::Promoted | pb::Phase::RolledBack | pb::Phase::Aborted))
 }
 
-/// The phase as the server's events name it (`rolled_back`).
-fn phase_name(phase: i32) -> &'static str {
-    match pb::Phase::try_from(phase) {
-        Ok(pb::Phase::Progressing) => "progressing",
-        Ok(pb::Phase::Manual) => "manual",
-        Ok(pb::Phase::Promoted) => "promoted",
-        Ok(pb::Phase::RolledBack) => "rolled_back",
-        Ok(pb::Phase::Aborted) => "aborted",
-        Ok(pb::Phase::Unspecified) => "unspecified",
-        Err(_) => "unknown",
-    }
-}
-
-/// The phase in words (`rolled back`), for text output.
-fn phase_words(phase: i32) -> String {
-    phase_name(phase).replace('_', " ")
-}
-
-fn rollout_json(rollout: &pb::Rollout) -> Value {
-    json!({
-        "spec": rollout.spec.as_ref().map(spec_json),
-        "phase": phase_name(rollout.phase),
-        "canary_weight_percent": rollout.canary_weight_percent,
-        "step": rollout.step,
-        "failures": rollout.failures,
-        "revision": rollout.revision,
-        "last_decision": rollout.last_decision,
-        "updated_unix_ms": rollout.updated_unix_ms,
-        "source": rollout.source,
-        "updated_by": rollout.updated_by,
-    })
-}
-
-fn spec_json(spec: &pb::RolloutSpec) -> Value {
-    json!({
-        "model": spec.model,
-        "stable_version": spec.stable_version,
-        "canary_version": spec.canary_version,
-        "canary_weight_percent": spec.canary_weight_percent,
-        "shadow_percent": spec.shadow_percent,
-        "analysis": spec.analysis.as_ref().map(|a| json!({
-            "step_weights_percent": a.step_weights_percent,
-            "interval_seconds": a.interval_seconds,
-            "failure_limit": a.failure_limit,
-            "min_samples": a.min_samples,
-            "max_error_rate_increase": a.max_error_rate_increase,
-            "max_latency_p99_ratio": a.max_latency_p99_ratio,
-            "max_anomaly_rate_difference": a.max_anomaly_rate_difference,
-            "score_significance": a.score_significance,
-            "max_score_shift": a.max_score_shift,
-        })),
-    })
-}
-
-fn pretty(value: &Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-}
-
-/// A rollout as a block of `label: value` lines.
-fn render(rollout: &pb::Rollout, now_ms: i64) -> String {
-    let default_spec = pb::RolloutSpec::default();
-    let spec = rollout.spec.as_ref().unwrap_or(&default_spec);
-    let progress = match &spec.analysis {
-        Some(plan) => format!(
-            "step {} of {}, failures {} (roll back at {})",
-            rollout.step + 1,
-            plan.step_weights_percent.len(),
-            rollout.failures,
-            plan.failure_limit
-        ),
-        None => format!("step {}, failures {}", rollout.step, rollout.failures),
-    };
-    let mut lines = vec![
-        ("model", spec.model.clone()),
-        ("phase", phase_words(rollout.phase)),
-        ("versions", format!("stable {} -> canary {}", spec.stable_version, spec.canary_version)),
-        ("canary weight", format!("{}%", rollout.canary_weight_percent)),
-        ("shadow", format!("{}%", spec.shadow_percent)),
-        ("progress", progress),
-        ("revision", format!("{} (source: {})", rollout.revision, rollout.source)),
-        ("updated", format!("by {} at {}", rollout.updated_by, when(rollout.updated_unix_ms, now_ms))),
-        ("last decision", rollout.last_decision.clone()),
-    ];
-    if let Some(plan) = &spec.analysis {
-        lines.push(("analysis", plan_line(plan)));
-    }
-    lines.iter().map(|(label, value)| format!("{:<15}{value}\n", format!("{label}:"))).collect()
-}
-
-/// The analysis plan on one line.
-fn plan_line(plan: &pb::Analysis) -> String {
-    let steps: Vec<String> = plan.step_weights_percent.iter().map(|w| format!("{w}%")).collect();
-    format!(
-        "steps {}, a check every {} s, {} failed checks roll back; each side needs {} samples; \
-         fails beyond: error rate +{}, p99 latency x{}, anomaly rate ±{}, score shift {} (p < {})",
-        steps.join(" "),
-        plan.interval_seconds,
-        plan.failure_limit,
-        plan.min_samples,
-        plan.max_error_rate_increase,
-        plan.max_latency_p99_ratio,
-        plan.max_anomaly_rate_difference,
-        plan.max_score_shift,
-        plan.score_significance,
-    )
-}
-
-/// One line per rollout, columns aligned.
-fn render_list(rollouts: &[pb::Rollout], now_ms: i64) -> String {
-    let model = |r: &pb::Rollout| r.spec.as_ref().map_or("", |s| s.model.as_str()).to_owned();
-    let width = rollouts.iter().map(|r| model(r).len()).max().unwrap_or(0);
-    rollouts
-        .iter()
-        .map(|r| {
-            let (stable, canary) = r.spec.as_ref().map_or((0, 0), |s| (s.stable_version, s.canary_version));
-            format!(
-                "{:<width$}  {:<11}  stable {stable} -> canary {canary} at {:>3}%  revision {}  updated {}\n",
-                model(r),
-                phase_words(r.phase),
-                r.canary_weight_percent,
-                r.revision,
-                when(r.updated_unix_ms, now_ms),
-            )
-        })
-        .collect()
-}
-
-/// What `watch` prints for a revision.
-fn watch_line(rollout: &pb::Rollout) -> String {
-    let time = DateTime::<Utc>::from_timestamp_millis(rollout.updated_unix_ms)
-        .map_or_else(|| "--:--:--".to_owned(), |t| t.format("%H:%M:%S").to_string());
-    format!(
-        "{time} revision {}: {}, canary {}%: {}",
-        rollout.revision,
-        phase_words(rollout.phase),
-        rollout.canary_weight_percent,
-        rollout.last_decision
-    )
-}
-
-/// A Unix-millisecond time in UTC with how long ago it was.
-fn when(unix_ms: i64, now_ms: i64) -> String {
-    let Some(time) = DateTime::<Utc>::from_timestamp_millis(unix_ms).filter(|_| unix_ms > 0) else {
-        return "an unknown time".to_owned();
-    };
-    let ago = Duration::from_millis(now_ms.saturating_sub(unix_ms).max(0).try_into().unwrap_or(0)).as_secs();
-    let ago = match ago {
-        0..60 => format!("{ago} s ago"),
-        60..3600 => format!("{} min ago", ago / 60),
-        3600..86_400 => format!("{} h ago", ago / 3600),
-        _ => format!("{} days ago", ago / 86_400),
-    };
-    format!("{} ({ago})", time.format("%Y-%m-%d %H:%M:%S UTC"))
-}
-
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis().try_into().unwrap_or(i64::MAX))
-}
-
-/// The error and its causes, each once (tonic's transport errors say little at the top).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -660,7 +470,7 @@ mod tests {
         assert_eq!(value["revision"], 7);
         assert_eq!(value["spec"]["stable_version"], 2);
         assert_eq!(value["spec"]["analysis"]["step_weights_percent"], json!([5.0, 25.0]));
-        assert_eq!(rollout_json(&rollout(None))["spec"]["analysis"], Value::Null);
+        assert_eq!(rollout_json(&rollout(None))["spec"]["analysis"], serde_json::Value::Null);
     }
 
     #[test]

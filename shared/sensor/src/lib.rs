@@ -4,11 +4,13 @@
 //! type, and each signal's unit and valid range are read from that file's field options at
 //! start-up ([`signals`]), so the ranges exist in one place. [`json`] turns MQTT payloads
 //! (Vigil's own JSON form and the seed demo's, as published) into validated readings and
-//! readings back into JSON.
+//! readings back into JSON. [`score_json`] is the score record's JSON form, written by the
+//! processor and read by alerts and replays.
 
 #![forbid(unsafe_code)]
 
 pub mod json;
+pub mod score_json;
 mod signals;
 
 pub use proto::vigil::sensor::v1::{FaultKind, SensorReading};

@@ -511,23 +511,9 @@ fn live_scores(
 pub fn decode_score(payload: &[u8], format: OutputFormat) -> Option<Score> {
     let protobuf = || Score::decode(payload).ok().filter(|s| !s.source_topic.is_empty());
     match format {
-        OutputFormat::Protobuf => protobuf().or_else(|| score_from_json(payload)),
-        OutputFormat::Json => score_from_json(payload).or_else(protobuf),
+        OutputFormat::Protobuf => protobuf().or_else(|| sensor::score_json::from_json(payload).ok()),
+        OutputFormat::Json => sensor::score_json::from_json(payload).ok().or_else(protobuf),
     }
-}
-
-/// The fields a replay joins and compares on, from a score written as JSON.
-fn score_from_json(payload: &[u8]) -> Option<Score> {
-    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    Some(Score {
-        score: value["score"].as_f64()? as f32,
-        is_anomaly: value["is_anomaly"].as_bool()?,
-        model_version: value["model_version"].as_i64()?,
-        source_topic: value["source_topic"].as_str()?.to_owned(),
-        source_partition: i32::try_from(value["source_partition"].as_i64()?).ok()?,
-        source_offset: value["source_offset"].as_i64()?,
-        ..Score::default()
-    })
 }
 
 #[cfg(test)]

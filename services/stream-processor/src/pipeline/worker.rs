@@ -1,0 +1,268 @@
+//! One partition's worker: takes readings while the in-flight window has room, scores them
+//! concurrently through the model server, and writes each reading's outputs and stores its
+//! offset in the partition's order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt as _;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use opentelemetry::trace::TraceContextExt as _;
+use prost::Message as _;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use sensor::SensorReading;
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::model::ScoreError;
+use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
+use crate::trace;
+
+use super::*;
+
+/// A reading turned into its outputs.
+pub(super) struct Prepared {
+    pub(super) offset: i64,
+    pub(super) timestamp: Option<SystemTime>,
+    pub(super) records: Vec<OutRecord>,
+    pub(super) model_version: Option<i64>,
+    /// The reading's span, ended once its outputs are written.
+    pub(super) trace: telemetry::Context,
+}
+
+/// One partition: takes readings from its queue while fewer than the bound are in
+/// flight, scores them concurrently, writes outputs and stores offsets in the
+/// partition's order, until its channel closes and everything taken is done.
+///
+/// Taking only what there is room for is the flow control: readings wait in librdkafka's
+/// queue, whose prefetch librdkafka bounds itself (`queued.max.messages.kbytes`). The
+/// partition is paused only while the model server is failing and the window is full,
+/// so fetching stops during an outage; pausing is not used for ordinary flow control
+/// because every resume makes librdkafka drop what it had prefetched and fetch it again.
+pub(super) async fn partition_worker(
+    topic: String,
+    partition: i32,
+    mut queue: Option<PartitionQueue<ConsumerCtx>>,
+    mut messages: mpsc::Receiver<OwnedMessage>,
+    shared: Arc<Shared>,
+    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+) {
+    let bound = shared.config.max_in_flight_per_partition;
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    if let Some(queue) = queue.as_mut() {
+        let arrived = arrived.clone();
+        queue.set_nonempty_callback(move || arrived.notify_one());
+    }
+    let mut scoring: FuturesOrdered<BoxFuture<'static, Prepared>> = FuturesOrdered::new();
+    let mut writing: FuturesOrdered<BoxFuture<'static, Result<Prepared, String>>> = FuturesOrdered::new();
+    let mut open = true;
+    let mut paused = false;
+    let mut model_state = shared.model_state.subscribe();
+    loop {
+        // Take what there is room for: readings handed over by the poll thread first
+        // (they are older), then the partition's own queue.
+        while open && scoring.len() + writing.len() < bound {
+            let message = match messages.try_recv() {
+                Ok(message) => message,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => match queue.as_ref().and_then(|q| q.poll(Duration::ZERO)) {
+                    Some(Ok(message)) => {
+                        shared.metrics.consumed.inc();
+                        message.detach()
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(%topic, partition, %error, "consumer error");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            shared.metrics.in_flight.inc();
+            scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+        }
+        if !open && scoring.is_empty() && writing.is_empty() {
+            break;
+        }
+        let full = scoring.len() + writing.len() >= bound;
+        if full
+            && !paused
+            && shared.model_failing.load(Ordering::Relaxed)
+            && set_paused(&consumer, &topic, partition, true)
+        {
+            paused = true;
+            shared.metrics.paused_partitions.inc();
+        }
+        tokio::select! {
+            biased;
+            Some(written) = writing.next() => match written {
+                Ok(done) => {
+                    shared.metrics.in_flight.dec();
+                    record_written(&shared.metrics, &done);
+                    if shared.transactions.is_some() {
+                        // Its offset went into the transaction with its outputs.
+                    } else if let Err(error) = consumer.store_offset(&topic, partition, done.offset) {
+                        // The partition was taken away meanwhile: its next owner redoes it.
+                        tracing::debug!(%topic, partition, %error, "storing an offset failed");
+                    }
+                }
+                Err(fatal) => {
+                    tracing::error!(%fatal, "the producer failed fatally: stopping without storing more offsets");
+                    let _ = shared.fatal.send(Some(fatal));
+                    break;
+                }
+            },
+            Some(prepared) = scoring.next() => {
+                if paused && set_paused(&consumer, &topic, partition, false) {
+                    paused = false;
+                    shared.metrics.paused_partitions.dec();
+                }
+                // Handed to the producer here, in the partition's order.
+                if let Some(transactions) = &shared.transactions {
+                    let Some(_open) = transactions.enter().await else {
+                        // A transaction failed; the processor is stopping.
+                        break;
+                    };
+                    match enqueue_all_in_transaction(&shared, &prepared.records).await {
+                        Ok(deliveries) => {
+                            transactions.record(&topic, partition, prepared.offset);
+                            writing.push_back(Box::pin(delivered(prepared, deliveries)));
+                        }
+                        Err(error) => {
+                            // Typically the open transaction already failed (a record
+                            // Kafka refused). It may hold part of this reading's outputs
+                            // without its offset, so it must not commit: it is aborted at
+                            // shutdown.
+                            transactions.mark_failed();
+                            let error = format!("exactly-once: the transaction cannot take more records ({error})");
+                            tracing::error!(%error, "stopping");
+                            let _ = shared.fatal.send(Some(error));
+                            break;
+                        }
+                    }
+                } else {
+                    let deliveries = enqueue_all(&shared, &prepared.records).await;
+                    writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
+                }
+            }
+            () = arrived.notified(), if open && !full => {}
+            // A full window and the model server failing: time to pause (above).
+            Ok(()) = model_state.changed(), if full && !paused => {}
+            message = messages.recv(), if open && !full => match message {
+                Some(message) => {
+                    shared.metrics.in_flight.inc();
+                    scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+                }
+                None => open = false,
+            },
+        }
+    }
+    if paused && set_paused(&consumer, &topic, partition, false) {
+        shared.metrics.paused_partitions.dec();
+    }
+}
+
+fn record_written(metrics: &Metrics, done: &Prepared) {
+    let version = done.model_version.map(|v| v.to_string()).unwrap_or_default();
+    for record in &done.records {
+        match record.kind {
+            OutKind::Score { .. } => metrics.scored.with_label_values(&[version.as_str()]).inc(),
+            OutKind::Anomaly => metrics.anomalies.with_label_values(&[version.as_str()]).inc(),
+            OutKind::DeadLetter(reason) => metrics.dead_lettered.with_label_values(&[reason]).inc(),
+        }
+    }
+    if let Some(latency) = done.timestamp.and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        metrics.event_latency.observe(latency.as_secs_f64());
+    }
+    done.trace.span().end();
+}
+
+/// Decodes and scores one reading; waits out model server trouble (never drops it).
+async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
+    let config = &shared.config;
+    let mut source = Source {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        timestamp: message
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter(|h| CARRIED_HEADERS.contains(&h.key))
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let trace = trace::reading(&mut source);
+    let payload = message.payload().unwrap_or_default();
+    let dead = |reason: &'static str, error: &str| {
+        trace::dead_lettered(&trace, reason, error);
+        Prepared {
+            offset: source.offset,
+            timestamp: source.timestamp,
+            records: vec![output::dead_letter(config, &source, payload, reason, error)],
+            model_version: None,
+            trace: trace.clone(),
+        }
+    };
+    let reading = match SensorReading::decode(payload) {
+        Ok(reading) => reading,
+        Err(error) => return dead("not_a_sensor_reading", &format!("not a vigil.sensor.v1.SensorReading: {error}")),
+    };
+    if let Err(invalid) = sensor::validate(&reading) {
+        return dead(invalid.reason(), &invalid.to_string());
+    }
+    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut rejected_before = false;
+    loop {
+        match shared.model.score(&reading, &trace).await {
+            Ok(scored) => {
+                shared.set_model_failing(false);
+                trace::scored(&trace, &reading.device_id, &scored);
+                return Prepared {
+                    offset: source.offset,
+                    timestamp: source.timestamp,
+                    records: output::scored(config, &source, &reading, &scored),
+                    model_version: Some(scored.model_version),
+                    trace,
+                };
+            }
+            // The first refusal may come from a signature that changed under us (the
+            // client reads it again); a second one is about the reading.
+            Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+            Err(ScoreError::Rejected(error)) => return dead("model_rejected", &error),
+            Err(ScoreError::Transient(error)) => {
+                shared.set_model_failing(true);
+                shared.metrics.model_backoffs.inc();
+                warn_now_and_then(&shared, &error, backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+            }
+        }
+    }
+}
+
+fn warn_now_and_then(shared: &Shared, error: &str, backoff: Duration) {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let last = shared.last_warning.load(Ordering::Relaxed);
+    if now >= last + 5 && shared.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    {
+        tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "the model server could not score readings; holding them and trying again");
+    } else {
+        tracing::debug!(%error, "scoring failed; trying again");
+    }
+}
