@@ -23,23 +23,25 @@
 //! window closes) are counted in the summary.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use alerts::config::{AlertsConfig, RuleConfig};
-use anyhow::{Context as _, bail};
-use clap::Parser as _;
+use anyhow::Context as _;
 use device_simulator::fleet::FleetOptions;
 use device_simulator::metrics::PublishMetrics;
-use device_simulator::publish::{PublishOptions, publish};
-use embedded_brokers::{KafkaCluster, KafkaUnderTest, MqttBroker};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use device_simulator::publish::{PublishOptions, Report as PublishReport, publish};
 
-use crate::observe::{Observed, Observer, Topics};
+use crate::observe::{Observed, Observer};
 use crate::summary::{Ending, Summary};
 use crate::view::LiveView;
+
+mod parts;
+
+use parts::{
+    Brokers, Ports, Service, ready, start_alerts, start_ingest, start_model_server, start_processor, versions_on_disk,
+    wait_until,
+};
 
 /// What `vigil up` runs.
 #[derive(Debug, Clone)]
@@ -137,53 +139,6 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(120);
 /// How often the alerts service writes its alerts and state (its default).
 const ALERTS_COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5.
-struct Mqtt {
-    host: String,
-    publish_port: u16,
-    ingest_url: String,
-    name: String,
-}
-
-/// A service running in this process until its stop is sent.
-struct Running<E> {
-    name: &'static str,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), E>>,
-}
-
-impl<E: std::fmt::Display> Running<E> {
-    fn spawn<F>(name: &'static str, run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
-    where
-        F: Future<Output = Result<(), E>> + Send + 'static,
-        E: Send + 'static,
-    {
-        let (stop, stopped) = oneshot::channel();
-        Self { name, stop, task: tokio::spawn(run(stopped)) }
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        match self.task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => bail!("{}: {error}", self.name),
-            Err(error) => bail!("{}: {error}", self.name),
-        }
-    }
-}
-
-async fn until(stopped: oneshot::Receiver<()>) {
-    let _ = stopped.await;
-}
-
-async fn loopback() -> anyhow::Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0").await.context("binding a loopback port")
-}
-
-fn address(listener: &TcpListener) -> anyhow::Result<SocketAddr> {
-    listener.local_addr().context("a listener's address")
-}
-
 /// What a run leaves: its summary, and what the observer saw (for checks beyond it).
 pub struct Finished {
     pub summary: Summary,
@@ -203,194 +158,22 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     AlertsConfig { rules: options.alert_rules.clone(), ..AlertsConfig::default() }
         .check()
         .context("the alert rules")?;
-    let grpc = TcpListener::bind(("127.0.0.1", options.model_server_port)).await.with_context(|| {
-        format!(
-            "binding the model server's gRPC port 127.0.0.1:{} (pass --model-server-port 0 for a free port, or another port)",
-            options.model_server_port
-        )
-    })?;
-    let processor_grpc = TcpListener::bind(("127.0.0.1", options.processor_grpc_port)).await.with_context(|| {
-        format!(
-            "binding the stream processor's gRPC port 127.0.0.1:{} (pass --processor-grpc-port 0 for a free port, or another port)",
-            options.processor_grpc_port
-        )
-    })?;
+    let ports = Ports::bind(&options).await?;
 
-    // Brokers. External ones get this run's own topics, so nothing else on them is
-    // counted and nothing of theirs is disturbed.
-    let (kafka, kafka_name, topics) = match &options.kafka_brokers {
-        Some(servers) => {
-            let kafka = KafkaUnderTest::External { servers: servers.clone(), name: format!("Kafka at {servers}") };
-            (kafka, format!("Kafka at {servers}"), run_topics(&format!("vigil-up-{run_id}-")))
-        }
-        None => {
-            let cluster = KafkaCluster::start(1).context("starting the embedded Kafka cluster")?;
-            let name = "embedded Kafka: librdkafka's mock cluster (in memory; the development default, not a Kafka)";
-            (KafkaUnderTest::Mock(cluster), name.to_owned(), run_topics("vigil-"))
-        }
-    };
-    for (topic, partitions) in [
-        (&topics.readings, 4),
-        (&topics.scores, 4),
-        (&topics.anomalies, 4),
-        (&topics.dead_letters[0], 1),
-        (&topics.dead_letters[1], 1),
-        (&topics.alerts, 4),
-        (&topics.alert_dead_letters, 1),
-    ] {
-        kafka.create_topic(topic, partitions).await?;
-    }
-    // The alerts service creates its changelog, compacted, on a real Kafka; the mock
-    // cluster answers no CreateTopics, so the run creates it there (as many partitions as
-    // the scores topic: partition p keeps the state of scores partition p).
-    if let KafkaUnderTest::Mock(_) = &kafka {
-        kafka.create_topic(&topics.alerts_changelog, 4).await?;
-    }
-    let mqtt = match &options.mqtt_url {
-        Some(url) => {
-            let (host, port) = host_port(url)?;
-            Mqtt { host, publish_port: port, ingest_url: url.clone(), name: format!("MQTT broker at {url}") }
-        }
-        None => {
-            let broker = MqttBroker::start().context("starting the embedded MQTT broker")?;
-            Mqtt {
-                host: "127.0.0.1".into(),
-                publish_port: broker.v4.port(),
-                ingest_url: format!("mqtt://127.0.0.1:{}", broker.v5.port()),
-                name: format!(
-                    "embedded MQTT broker (rumqttd): 127.0.0.1:{} (3.1.1), 127.0.0.1:{} (5)",
-                    broker.v4.port(),
-                    broker.v5.port()
-                ),
-            }
-        }
-    };
-    let mqtt_prefix = match &options.mqtt_url {
-        Some(_) => format!("vigil-up/{run_id}/vehicles/sensor/data"),
-        None => device_simulator::publish::DEFAULT_TOPIC_PREFIX.to_owned(),
-    };
-    say(format!("Kafka:        {kafka_name} at {}", kafka.bootstrap_servers()));
-    say(format!("MQTT:         {}", mqtt.name));
-
-    // Model server: every version of the model, rollout state and events on this run's
-    // Kafka (its own topics and leader group on an external one).
-    let model_config =
-        tempfile::Builder::new().prefix("vigil-up-").tempdir().context("creating a temporary directory")?;
-    let model_config_file = model_config.path().join("models.config");
-    std::fs::write(
-        &model_config_file,
-        model_server::model_config::all_versions_config(MODEL_NAME, &options.model_dir).map_err(anyhow::Error::msg)?,
-    )
-    .with_context(|| format!("writing {}", model_config_file.display()))?;
-    let mut flags = vec![
-        "model-server".to_owned(),
-        format!("--model_config_file={}", model_config_file.display()),
-        format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers()),
-    ];
-    if options.kafka_brokers.is_some() {
-        flags.push(format!("--rollout_state_topic=vigil-up-{run_id}-rollout-state"));
-        flags.push(format!("--rollout_events_topic=vigil-up-{run_id}-rollout-events"));
-        flags.push(format!("--rollout_leader_group=vigil-up-{run_id}-rollouts"));
-    }
-    let serve = ServeCli::try_parse_from(flags)?.serve;
-    // The mock cluster answers no CreateTopics, so the run creates the state topic there;
-    // on a real Kafka the server creates it itself, compacted as it must be (this run's
-    // topics would not be). The server only produces events, so the run creates that topic.
-    if let KafkaUnderTest::Mock(_) = &kafka {
-        kafka.create_topic(&serve.rollout_state_topic, 1).await?;
-    }
-    kafka.create_topic(&serve.rollout_events_topic, 1).await?;
-    let server_config = serve.resolve().map_err(anyhow::Error::msg)?;
-    let rest = loopback().await?;
-    let (grpc_address, rest_address) = (address(&grpc)?, address(&rest)?);
-    let model_server = Running::spawn("model server", |stopped| {
-        model_server::server::run(
-            server_config,
-            model_server::server::Listeners { grpc, rest: Some(rest) },
-            until(stopped),
-        )
-    });
-    say(format!("model server: gRPC {grpc_address} (TF Serving, KServe v2, rollouts), REST http://{rest_address}"));
-    // A plan that concludes within the default one-minute run of 50 readings a second (the
-    // defaults check once a minute on 200 samples a side, for production traffic); shadow
-    // scoring judges scores on the same readings, since the split gives each side other cars.
-    if let [.., canary, stable] = versions_on_disk(&options.model_dir)[..] {
-        say(format!(
-            "              try: vigil rollout --server http://{grpc_address} start {MODEL_NAME} --stable {stable} \
-             --canary {canary} --steps 25,50 --interval-seconds 10 --min-samples 100 --shadow 50"
-        ));
-    }
-
-    // Stream processor.
-    let mut processor_config = stream_processor::config::ProcessorConfig::default();
-    processor_config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
-    processor_config.readings_topic.clone_from(&topics.readings);
-    processor_config.scores_topic.clone_from(&topics.scores);
-    processor_config.anomalies_topic.clone_from(&topics.anomalies);
-    processor_config.dead_letter_topic.clone_from(&topics.dead_letters[1]);
-    processor_config.group_id = format!("vigil-up-{run_id}");
-    processor_config.model.endpoints = vec![format!("http://{grpc_address}")];
-    processor_config.model.name = MODEL_NAME.into();
-    let processor_admin = loopback().await?;
-    let processor_metrics = format!("http://{}", address(&processor_admin)?);
-    let processor_grpc_address = address(&processor_grpc)?;
-    let processor = Running::spawn("stream processor", |stopped| {
-        let listeners = stream_processor::Listeners { admin: Some(processor_admin), grpc: Some(processor_grpc) };
-        stream_processor::run(processor_config, listeners, until(stopped))
-    });
-
-    // Alerts: window rules over the scores.
-    let alerts_config = AlertsConfig {
-        group_id: format!("vigil-up-alerts-{run_id}"),
-        scores_topic: topics.scores.clone(),
-        alerts_topic: topics.alerts.clone(),
-        changelog_topic: topics.alerts_changelog.clone(),
-        dead_letter_topic: topics.alert_dead_letters.clone(),
-        commit_interval_ms: ALERTS_COMMIT_INTERVAL.as_millis() as u64,
-        admin_listen: String::new(),
-        rules: options.alert_rules.clone(),
-        kafka: [("bootstrap.servers".to_owned(), kafka.bootstrap_servers().to_owned())].into(),
-        ..AlertsConfig::default()
-    };
-    for rule in &alerts_config.rules {
-        say(format!("alerts:       rule {}: {}", rule.name, describe_rule(rule)));
-    }
-    let alerts_admin = loopback().await?;
-    let alerts_metrics = format!("http://{}", address(&alerts_admin)?);
-    let alerts_service = Running::spawn("alerts", |stopped| {
-        alerts::run(alerts_config, alerts::Listeners { admin: Some(alerts_admin) }, until(stopped))
-    });
-
-    // Ingest.
-    let mut ingest_config = ingest::config::IngestConfig::default();
-    ingest_config.mqtt.url.clone_from(&mqtt.ingest_url);
-    ingest_config.mqtt.protocol = ingest::config::MqttProtocol::V5;
-    ingest_config.mqtt.client_id = format!("vigil-up-ingest-{run_id}");
-    let filter = format!("{mqtt_prefix}/+");
-    ingest_config.mqtt.subscriptions = vec![filter.clone()];
-    ingest_config.rules = vec![ingest::config::RuleConfig {
-        filter: Some(filter),
-        regex: None,
-        topic: topics.readings.clone(),
-        key: None,
-        device_id: Some(format!("{{level:{}}}", mqtt_prefix.split('/').count())),
-        payload: ingest::config::PayloadKind::SensorReading,
-    }];
-    ingest_config.dead_letter_topic.clone_from(&topics.dead_letters[0]);
-    ingest_config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
-    ingest_config.grpc.listen.clear();
-    let ingest_admin = loopback().await?;
-    let ingest_metrics = format!("http://{}", address(&ingest_admin)?);
-    let ingest = Running::spawn("ingest", |stopped| {
-        ingest::run(ingest_config, ingest::Listeners { grpc: None, admin: Some(ingest_admin) }, until(stopped))
-    });
+    let brokers = Brokers::start(&options, run_id).await?;
+    say(format!("Kafka:        {} at {}", brokers.kafka_name, brokers.kafka.bootstrap_servers()));
+    say(format!("MQTT:         {}", brokers.mqtt.name));
+    let model_server = start_model_server(&options, &brokers, run_id, ports.model_server, &say).await?;
+    let (processor, processor_grpc) = start_processor(&brokers, run_id, model_server.grpc, ports.processor).await?;
+    let alerts_service = start_alerts(&options, &brokers, run_id, &say).await?;
+    let ingest = start_ingest(&brokers, run_id).await?;
     say(format!(
-        "ingest:       metrics {ingest_metrics}/metrics; stream processor: metrics {processor_metrics}/metrics, \
-         gRPC {processor_grpc_address} (replays)"
+        "ingest:       metrics {}/metrics; stream processor: metrics {}/metrics, gRPC {processor_grpc} (replays)",
+        ingest.admin, processor.admin
     ));
     if let [.., older, _] = versions_on_disk(&options.model_dir)[..] {
         say(format!(
-            "              try, after a minute: vigil replay --processor http://{processor_grpc_address} --from -1m \
+            "              try, after a minute: vigil replay --processor http://{processor_grpc} --from -1m \
              --version {older} --output-topic vigil-replay-v{older}"
         ));
     }
@@ -398,17 +181,61 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     // Wait until the pipeline is there: ingest subscribed, the processor owning the
     // readings' partitions (so its group starts at the first reading).
     wait_until(Duration::from_secs(60), "ingest and the stream processor to be ready", || async {
-        ready(&ingest_metrics).await
-            && ready(&processor_metrics).await
-            && ready(&alerts_metrics).await
-            && metric(&processor_metrics, "processor_assigned_partitions").await > 0.0
+        ready(&ingest.admin).await
+            && ready(&processor.admin).await
+            && ready(&alerts_service.admin).await
+            && metric(&processor.admin, "processor_assigned_partitions").await > 0.0
     })
     .await?;
-    let observer = Observer::start(kafka.bootstrap_servers(), &topics)?;
+    let observer = Observer::start(brokers.kafka.bootstrap_servers(), &brokers.topics)?;
 
-    // The simulated fleet: every car has driven for WARM_UP before the run shows it (a
-    // short run would otherwise be mostly cold starts), and faults begin early enough in
-    // the run to be seen.
+    let started = Instant::now();
+    let mut view = LiveView::new(options.live);
+    let publish_metrics = PublishMetrics::new(&prometheus::Registry::new())?;
+    let report =
+        drive_fleet(&options, &brokers, run_id, interrupt, &publish_metrics, &observer, &mut view, &say).await?;
+    let acknowledged = report.acknowledged;
+    say(format!(
+        "\nsimulator stopped: {} readings published, {acknowledged} acknowledged; draining the pipeline...",
+        report.published
+    ));
+    let drained = drain(acknowledged, &observer, &mut view, started, &publish_metrics).await;
+    let alerts = settle_alerts(drained, &alerts_service, &observer).await;
+    view.tick(started, &publish_metrics, &observer);
+    let elapsed = started.elapsed();
+
+    let alerts_stopped = alerts_service.running.stop().await;
+    let processor_stopped = processor.running.stop().await;
+    let ingest_stopped = ingest.running.stop().await;
+    let model_server_stopped = model_server.running.stop().await;
+    let observed = observer.finish();
+    let Brokers { kafka, kafka_name, mqtt, .. } = brokers;
+    drop(kafka);
+    drop(model_server._config_dir);
+    let ending = Ending { elapsed, drained, alerts };
+    let summary = Summary::new(&options, &report, &observed, &ending, &kafka_name, &mqtt.name);
+    alerts_stopped?;
+    processor_stopped?;
+    ingest_stopped?;
+    model_server_stopped?;
+    Ok(Finished { summary, observed })
+}
+
+/// The simulated fleet, publishing until the run's time is up or `interrupt`: every car has
+/// driven for WARM_UP before the run shows it (a short run would otherwise be mostly cold
+/// starts), and faults begin early enough in the run to be seen. The live view ticks each
+/// second meanwhile.
+#[allow(clippy::too_many_arguments)] // each is one of the run's parts; a struct would only rename them
+async fn drive_fleet(
+    options: &UpOptions,
+    brokers: &Brokers,
+    run_id: u64,
+    interrupt: impl Future<Output = ()>,
+    publish_metrics: &PublishMetrics,
+    observer: &Observer,
+    view: &mut LiveView,
+    say: &dyn Fn(String),
+) -> anyhow::Result<PublishReport> {
     let seconds = options.duration.map_or(600.0, |d| d.as_secs_f64());
     let warm = WARM_UP.as_secs_f64();
     let fleet = FleetOptions {
@@ -418,15 +245,14 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         onset_window_s: (warm + seconds * 0.1, warm + seconds * 0.5),
         ..FleetOptions::default()
     };
-    let mut publishing = PublishOptions::new(mqtt.host.clone(), mqtt.publish_port);
-    publishing.topic_prefix = mqtt_prefix;
+    let mut publishing = PublishOptions::new(brokers.mqtt.host.clone(), brokers.mqtt.publish_port);
+    publishing.topic_prefix.clone_from(&brokers.mqtt_prefix);
     publishing.interval = options.interval;
     publishing.cars_per_connection = 10;
     publishing.client_id_prefix = format!("vigil-up-{run_id}");
     publishing.start = SystemTime::now().into();
     publishing.drain_timeout = Duration::from_secs(30);
     publishing.warm_up = WARM_UP;
-    let publish_metrics = PublishMetrics::new(&prometheus::Registry::new())?;
     say(format!(
         "fleet:        {} cars, {} s between readings, {:.0}% develop a fault (kinds: {})",
         fleet.cars,
@@ -439,7 +265,6 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         None => "running until Ctrl-C (the pipeline drains first)\n".to_owned(),
     });
     let started = Instant::now();
-    let mut view = LiveView::new(options.live);
     let stop_publishing = async {
         match options.duration {
             Some(duration) => tokio::select! {
@@ -449,24 +274,26 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
             None => interrupt.await,
         }
     };
-    let report = {
-        let publishing = publish(&fleet, &publishing, &publish_metrics, stop_publishing);
-        tokio::pin!(publishing);
-        let mut ticks = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                report = &mut publishing => break report.context("the device simulator")?,
-                _ = ticks.tick() => view.tick(started, &publish_metrics, &observer),
-            }
+    let publishing = publish(&fleet, &publishing, publish_metrics, stop_publishing);
+    tokio::pin!(publishing);
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            report = &mut publishing => return report.context("the device simulator"),
+            _ = ticks.tick() => view.tick(started, publish_metrics, observer),
         }
-    };
-    let acknowledged = report.acknowledged;
-    say(format!(
-        "\nsimulator stopped: {} readings published, {acknowledged} acknowledged; draining the pipeline...",
-        report.published
-    ));
+    }
+}
 
-    // Drain: everything acknowledged is in Kafka; wait for it to be observed and scored.
+/// Waits until everything acknowledged (in Kafka, since ingest acknowledges only then) has
+/// been observed and scored, for at most DRAIN_LIMIT; whether it was.
+async fn drain(
+    acknowledged: u64,
+    observer: &Observer,
+    view: &mut LiveView,
+    started: Instant,
+    publish_metrics: &PublishMetrics,
+) -> bool {
     let drain_started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     let drained = loop {
@@ -480,58 +307,33 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
             break false;
         }
         ticks.tick().await;
-        view.tick(started, &publish_metrics, &observer);
+        view.tick(started, publish_metrics, observer);
     };
-    view.tick(started, &publish_metrics, &observer);
+    view.tick(started, publish_metrics, observer);
+    drained
+}
 
-    // The alerts service has read every score, and the observer has seen every alert it
-    // fired (it writes them every commit interval).
-    let alerts_settled = drained
+/// The alerts service has read every score, and the observer has seen every alert it fired
+/// (it writes them every commit interval); what it ended with.
+async fn settle_alerts<E>(drained: bool, alerts: &Service<E>, observer: &Observer) -> AlertsOutcome {
+    let settled = drained
         && wait_until(DRAIN_LIMIT, "the alerts service to read every score", || async {
-            metric(&alerts_metrics, "alerts_scores_consumed_total").await >= observer.state().score_records as f64
+            metric(&alerts.admin, "alerts_scores_consumed_total").await >= observer.state().score_records as f64
         })
         .await
         .is_ok()
         && {
             tokio::time::sleep(ALERTS_COMMIT_INTERVAL * 3).await;
             wait_until(Duration::from_secs(30), "the observer to see every alert", || async {
-                metric(&alerts_metrics, "alerts_fired_total").await as usize <= observer.state().alerts.len()
+                metric(&alerts.admin, "alerts_fired_total").await as usize <= observer.state().alerts.len()
             })
             .await
             .is_ok()
         };
-    let alerts = AlertsOutcome {
-        open_windows: metric(&alerts_metrics, "alerts_open_windows").await as u64,
-        late_readings: metric(&alerts_metrics, "alerts_late_readings_total").await as u64,
-        settled: alerts_settled,
-    };
-    view.tick(started, &publish_metrics, &observer);
-    let elapsed = started.elapsed();
-    let alerts_stopped = alerts_service.stop().await;
-    let processor_stopped = processor.stop().await;
-    let ingest_stopped = ingest.stop().await;
-    let model_server_stopped = model_server.stop().await;
-    let observed = observer.finish();
-    drop(kafka);
-    drop(model_config);
-    let ending = Ending { elapsed, drained, alerts };
-    let summary = Summary::new(&options, &report, &observed, &ending, &kafka_name, &mqtt.name);
-    alerts_stopped?;
-    processor_stopped?;
-    ingest_stopped?;
-    model_server_stopped?;
-    Ok(Finished { summary, observed })
-}
-
-fn run_topics(prefix: &str) -> Topics {
-    Topics {
-        readings: format!("{prefix}readings"),
-        scores: format!("{prefix}scores"),
-        anomalies: format!("{prefix}anomalies"),
-        dead_letters: [format!("{prefix}dead-letter"), format!("{prefix}scoring-dead-letter")],
-        alerts: format!("{prefix}alerts"),
-        alerts_changelog: format!("{prefix}alerts-changelog"),
-        alert_dead_letters: format!("{prefix}alerts-dead-letter"),
+    AlertsOutcome {
+        open_windows: metric(&alerts.admin, "alerts_open_windows").await as u64,
+        late_readings: metric(&alerts.admin, "alerts_late_readings_total").await as u64,
+        settled,
     }
 }
 
@@ -560,59 +362,10 @@ pub fn describe_rule(rule: &RuleConfig) -> String {
     )
 }
 
-/// The numbered version directories in `dir`, ascending.
-fn versions_on_disk(dir: &Path) -> Vec<i64> {
-    let mut versions: Vec<i64> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|entry| entry.path().is_dir())
-        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
-        .collect();
-    versions.sort_unstable();
-    versions
-}
-
-fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .with_context(|| format!("--mqtt-url {url:?}: expected mqtt://host:port"))?;
-    let (host, port) = rest.rsplit_once(':').unwrap_or((rest, "1883"));
-    let port = port.trim_end_matches('/').parse().with_context(|| format!("--mqtt-url {url:?}: the port"))?;
-    Ok((host.to_owned(), port))
-}
-
-async fn ready(admin: &str) -> bool {
-    reqwest::get(format!("{admin}/ready")).await.is_ok_and(|r| r.status().is_success())
-}
-
 /// An unlabelled metric's value, or the sum over a labelled one's series (0 if absent).
 pub async fn metric(admin: &str, name: &str) -> f64 {
     let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
     admin::metric_sum(&response.text().await.unwrap_or_default(), name)
-}
-
-async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("waited {} s for {what}", limit.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-/// The model server's own flags, so `vigil up` configures it exactly as a user would.
-#[derive(clap::Parser)]
-struct ServeCli {
-    #[command(flatten)]
-    serve: model_server::config::ServeArgs,
 }
 
 #[cfg(test)]
