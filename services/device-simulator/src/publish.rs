@@ -141,7 +141,7 @@ async fn connection(
         let client_id = client_id.clone();
         let metrics = metrics.clone();
         async move {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = admin::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
             let mut up = false;
             let mut set_up = |now: bool| {
                 if now != up {
@@ -156,7 +156,7 @@ async fn connection(
                         metrics.acknowledged.inc();
                     }
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff = Duration::from_millis(100);
+                        backoff.reset();
                         set_up(true);
                     }
                     Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
@@ -167,9 +167,9 @@ async fn connection(
                     Err(error) => {
                         set_up(false);
                         metrics.connection_errors.inc();
-                        tracing::warn!(client_id, %error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection failed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        let wait = backoff.next_delay();
+                        tracing::warn!(client_id, %error, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed");
+                        tokio::time::sleep(wait).await;
                     }
                 }
             }

@@ -117,7 +117,7 @@ impl Sink {
         mut attempt: Result<DeliveryFuture, KafkaError>,
     ) -> Result<Written, SinkError> {
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = admin::retry::Backoff::new(Duration::from_millis(10), Duration::from_secs(5));
         loop {
             let outcome = match attempt {
                 Ok(delivery) => match delivery.await {
@@ -156,7 +156,7 @@ impl Sink {
                     tracing::warn!(%error, bytes = record.payload.len(), "kafka refused the dead letter: sending it without its payload");
                     let bytes = record.payload.len().to_string();
                     record.payload.clear();
-                    record.headers.push(("vigil.dead_letter.payload_bytes".into(), bytes.into_bytes()));
+                    record.headers.push((kafka::headers::DEAD_LETTER_PAYLOAD_BYTES.into(), bytes.into_bytes()));
                 } else {
                     tracing::error!(topic = %record.topic, %error, "kafka refuses the dead-letter topic; retrying");
                     self.pause(&mut backoff).await;
@@ -169,10 +169,9 @@ impl Sink {
         }
     }
 
-    async fn pause(&self, backoff: &mut Duration) {
+    async fn pause(&self, backoff: &mut admin::retry::Backoff) {
         self.metrics.produce_retries.inc();
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        backoff.wait().await;
     }
 }
 

@@ -320,7 +320,7 @@ pub async fn run(
     let mut stopping = false;
     let grace = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600)); // set at shutdown
     let mut grace = std::pin::pin!(grace);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = admin::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     // Counts connection losses: an ack token from an earlier connection is stale.
     let mut connection: u64 = 0;
     // Ready (and counted as connected) once connected and subscribed.
@@ -396,7 +396,7 @@ pub async fn run(
                 }
                 Ok(SessionEvent::Connected { session_present }) => {
                     tracing::info!(session_present, "mqtt connected");
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     if session_present {
                         set_connected(true); // the broker kept the subscriptions
                     } else {
@@ -426,9 +426,9 @@ pub async fn run(
                     if stopping {
                         break; // nothing more can be acknowledged on this connection
                     }
-                    tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "mqtt connection failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    let wait = backoff.next_delay();
+                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed");
+                    tokio::time::sleep(wait).await;
                 }
             },
         }

@@ -114,7 +114,8 @@ pub struct ModelConfig {
     pub retry_budget_percent: f32,
     pub retry_min_per_second: u32,
     /// When calls keep failing (every replica down), the reading is tried again after a
-    /// backoff doubling from `backoff_initial_ms` up to `backoff_max_ms`; it is never
+    /// backoff doubling from `backoff_initial_ms` up to `backoff_max_ms`, each wait with a
+    /// random part of up to itself added (so partitions do not retry in lockstep); it is never
     /// dropped. Its partition stops being read once its in-flight bound is full.
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
@@ -150,6 +151,14 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The waits between attempts when the model server cannot score.
+    pub fn backoff(&self) -> admin::retry::Backoff {
+        admin::retry::Backoff::new(
+            std::time::Duration::from_millis(self.backoff_initial_ms),
+            std::time::Duration::from_millis(self.backoff_max_ms),
+        )
+    }
+
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }

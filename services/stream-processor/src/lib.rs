@@ -134,20 +134,20 @@ pub async fn run(
 
     let mut shutdown = std::pin::pin!(shutdown);
     // Read nothing before the model's signature is known: scoring needs it.
-    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut backoff = config.model.backoff();
     loop {
         match model.inputs().await {
             Ok(_) => break,
             Err(error) => {
-                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "waiting for the model server");
+                let wait = backoff.next_delay();
+                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "waiting for the model server");
                 tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                     () = &mut shutdown => {
                         let _ = finish.send(());
                         return Ok(());
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
             }
         }
     }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod layered_config;
+pub mod retry;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -7,6 +7,9 @@ pub const DEAD_LETTER_REASON: &str = "vigil.dead_letter.reason";
 pub const DEAD_LETTER_ERROR: &str = "vigil.dead_letter.error";
 /// The field at fault, when one is.
 pub const DEAD_LETTER_FIELD: &str = "vigil.dead_letter.field";
+/// A dead letter that Kafka refused even as such (too large) goes without its payload;
+/// this says how many bytes it had.
+pub const DEAD_LETTER_PAYLOAD_BYTES: &str = "vigil.dead_letter.payload_bytes";
 /// Where the record was read from, when it came from Kafka: topic, partition and offset
 /// (decimal text), so it can be found again or replayed.
 pub const DEAD_LETTER_SOURCE_TOPIC: &str = "vigil.dead_letter.source_topic";

@@ -68,7 +68,7 @@ pub(super) async fn confirm(
 ) -> Result<Prepared, String> {
     for (record, delivery) in prepared.records.iter().zip(deliveries) {
         let mut delivery = delivery;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = admin::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             let error = match delivery.await {
                 Ok(Ok(_)) => break,
@@ -80,8 +80,7 @@ pub(super) async fn confirm(
             }
             tracing::warn!(topic = %record.topic, %error, "Kafka did not take a record; sending it again");
             shared.metrics.produce_retries.inc();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff.wait().await;
             delivery = enqueue(&shared, record).await;
         }
     }

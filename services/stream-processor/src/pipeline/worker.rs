@@ -226,7 +226,7 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
     if let Err(invalid) = sensor::validate(&reading) {
         return dead(invalid.reason(), &invalid.to_string());
     }
-    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut backoff = config.model.backoff();
     let mut rejected_before = false;
     loop {
         match shared.model.score(&reading, &trace).await {
@@ -248,9 +248,9 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
             Err(ScoreError::Transient(error)) => {
                 shared.set_model_failing(true);
                 shared.metrics.model_backoffs.inc();
-                warn_now_and_then(&shared, &error, backoff);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+                let wait = backoff.next_delay();
+                warn_now_and_then(&shared, &error, wait);
+                tokio::time::sleep(wait).await;
             }
         }
     }

@@ -333,7 +333,7 @@ async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient,
     let unseen = Metrics::new(&prometheus::Registry::new()).map_err(|e| ReplayError::Internal(e.to_string()))?;
     let client = ModelClient::new(&model_config, unseen).map_err(ReplayError::Internal)?;
     let what = format!("model {} version {}", plan.model, plan.version);
-    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut backoff = config.model.backoff();
     let mut tries = 0;
     loop {
         tries += 1;
@@ -364,8 +364,7 @@ async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient,
         if tries >= ATTEMPTS {
             return Err(ReplayError::ModelServer(format!("reading {what}'s signature: {error}")));
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
+        backoff.wait().await;
     }
 }
 
@@ -421,7 +420,7 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
     };
     // No trace of its own: a replay is not a reading's journey.
     let trace = telemetry::Context::new();
-    let mut backoff = Duration::from_millis(config.model.backoff_initial_ms);
+    let mut backoff = config.model.backoff();
     let (mut tries, mut rejected_before) = (0, false);
     let scored = loop {
         tries += 1;
@@ -438,10 +437,7 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
             Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
             Err(ScoreError::Rejected(error)) => return Outcome::Failed(error),
             Err(ScoreError::Transient(error)) if tries >= ATTEMPTS => return Outcome::Failed(error),
-            Err(ScoreError::Transient(_)) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(config.model.backoff_max_ms));
-            }
+            Err(ScoreError::Transient(_)) => backoff.wait().await,
         }
     };
     let score = output::score(&source, &reading, &scored);
