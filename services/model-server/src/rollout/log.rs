@@ -144,13 +144,16 @@ impl RolloutLog {
         let producer: FutureProducer = client(&[("enable.idempotence", "true"), ("linger.ms", "0")])
             .create()
             .context("creating the rollout state producer")?;
-        let tail: StreamConsumer = client(&[
-            ("group.id", &format!("vigil-rollout-tail-{replica}")),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "false"),
-        ])
-        .create()
-        .context("creating the rollout state reader")?;
+        // Readers of the state topic: assigned partitions, nothing committed (the group id is
+        // librdkafka's requirement only).
+        let reader_config = |role: &str| {
+            client(&[
+                ("group.id", &format!("vigil-rollout-{role}-{replica}")),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+            ])
+        };
+        let tail: StreamConsumer = reader_config("tail").create().context("creating the rollout state reader")?;
         let spec = kafka::TopicSpec { partitions: 1, compacted: true };
         let partitions = kafka::ensure_topic(&client(&[]), &options.state_topic, spec)
             .await
@@ -166,13 +169,8 @@ impl RolloutLog {
         // Catch up before serving, so a restarted replica does not act on stale state: each
         // partition read to its end by a consumer of its own (blocking reads, off the async
         // workers), then followed from there by the tail.
-        let reader: BaseConsumer = client(&[
-            ("group.id", &format!("vigil-rollout-catch-up-{replica}")),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "false"),
-        ])
-        .create()
-        .context("creating the rollout state reader")?;
+        let reader: BaseConsumer =
+            reader_config("catch-up").create().context("creating the rollout state catch-up reader")?;
         let (topic, caught_up) = (options.state_topic.clone(), rollouts.clone());
         let ends = tokio::task::spawn_blocking(move || {
             (0..partitions)
