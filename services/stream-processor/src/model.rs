@@ -65,6 +65,13 @@ pub enum ScoreError {
     Transient(String),
 }
 
+/// After a transient failure: wait this long and call again, or give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    After(Duration),
+    GiveUp,
+}
+
 /// Why the served signature could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SignatureError {
@@ -389,6 +396,32 @@ impl ModelClient {
             model_spec: Some(self.spec()),
             inputs: inputs.into_iter().collect(),
             output_filter: vec![SCORE_OUTPUT.into(), THRESHOLD_OUTPUT.into()],
+        }
+    }
+
+    /// Scores `reading` as the live path and replays both do: one rejection is tolerated
+    /// (the first may come from a signature that changed under us, which the client reads
+    /// again; a second one is about the reading), and after each transient failure
+    /// `on_transient` (told the error and the attempt, from 1) says whether to wait and
+    /// call again or give up with that error.
+    pub async fn score_with_retry(
+        &self,
+        reading: &SensorReading,
+        trace: &telemetry::Context,
+        mut on_transient: impl FnMut(&str, u32) -> Retry,
+    ) -> Result<Scored, ScoreError> {
+        let (mut attempt, mut rejected_before) = (0u32, false);
+        loop {
+            attempt += 1;
+            match self.score(reading, trace).await {
+                Ok(scored) => return Ok(scored),
+                Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+                Err(rejected @ ScoreError::Rejected(_)) => return Err(rejected),
+                Err(ScoreError::Transient(error)) => match on_transient(&error, attempt) {
+                    Retry::After(wait) => tokio::time::sleep(wait).await,
+                    Retry::GiveUp => return Err(ScoreError::Transient(error)),
+                },
+            }
         }
     }
 

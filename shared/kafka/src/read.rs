@@ -8,6 +8,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+/// How long the watermark request may take.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a partition was not read to its end.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -30,7 +33,7 @@ pub fn read_partition_to_end<C: ConsumerContext>(
     mut on_record: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<i64, ReadError> {
     let kafka = |source| ReadError::Kafka { topic: topic.to_owned(), partition, source };
-    let (low, end) = consumer.fetch_watermarks(topic, partition, stall).map_err(kafka)?;
+    let (low, end) = consumer.fetch_watermarks(topic, partition, WATERMARKS_TIMEOUT).map_err(kafka)?;
     if end <= low {
         return Ok(end);
     }

@@ -18,7 +18,7 @@ use sensor::SensorReading;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::model::ScoreError;
+use crate::model::{Retry, ScoreError};
 use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
 use crate::trace;
 
@@ -227,32 +227,30 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
         return dead(invalid.reason(), &invalid.to_string());
     }
     let mut backoff = config.model.backoff();
-    let mut rejected_before = false;
-    loop {
-        match shared.model.score(&reading, &trace).await {
-            Ok(scored) => {
-                shared.set_model_failing(false);
-                trace::scored(&trace, &reading.device_id, &scored);
-                return Prepared {
-                    offset: source.offset,
-                    timestamp: source.timestamp,
-                    records: output::scored(config, &source, &reading, &scored),
-                    model_version: Some(scored.model_version),
-                    trace,
-                };
-            }
-            // The first refusal may come from a signature that changed under us (the
-            // client reads it again); a second one is about the reading.
-            Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+    // Never given up: a reading the model server cannot score yet waits (and holds its
+    // partition's window) until it can.
+    let scored = loop {
+        let attempt = shared.model.score_with_retry(&reading, &trace, |error, _| {
+            shared.set_model_failing(true);
+            shared.metrics.model_backoffs.inc();
+            let wait = backoff.next_delay();
+            warn_now_and_then(&shared, error, wait);
+            Retry::After(wait)
+        });
+        match attempt.await {
+            Ok(scored) => break scored,
             Err(ScoreError::Rejected(error)) => return dead("model_rejected", &error),
-            Err(ScoreError::Transient(error)) => {
-                shared.set_model_failing(true);
-                shared.metrics.model_backoffs.inc();
-                let wait = backoff.next_delay();
-                warn_now_and_then(&shared, &error, wait);
-                tokio::time::sleep(wait).await;
-            }
+            Err(ScoreError::Transient(_)) => {}
         }
+    };
+    shared.set_model_failing(false);
+    trace::scored(&trace, &reading.device_id, &scored);
+    Prepared {
+        offset: source.offset,
+        timestamp: source.timestamp,
+        records: output::scored(config, &source, &reading, &scored),
+        model_version: Some(scored.model_version),
+        trace,
     }
 }
 

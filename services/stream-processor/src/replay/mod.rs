@@ -49,7 +49,7 @@ use self::report::{Pair, Tally};
 use self::request::{Invalid, Plan};
 use crate::config::{OutputFormat, ProcessorConfig};
 use crate::metrics::Metrics;
-use crate::model::{ModelClient, ScoreError, SignatureError};
+use crate::model::{ModelClient, Retry, ScoreError, SignatureError};
 use crate::output::{self, OutKind, OutRecord, Source};
 
 /// How much earlier than a reading's Kafka timestamp its live score's may be (clocks of
@@ -421,24 +421,18 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
     // No trace of its own: a replay is not a reading's journey.
     let trace = telemetry::Context::new();
     let mut backoff = config.model.backoff();
-    let (mut tries, mut rejected_before) = (0, false);
-    let scored = loop {
-        tries += 1;
-        match model.score(&reading, &trace).await {
-            Ok(scored) if scored.model_version == plan.version => break scored,
-            Ok(scored) => {
-                return Outcome::Failed(format!(
-                    "version {} answered instead of the candidate {}",
-                    scored.model_version, plan.version
-                ));
-            }
-            // The first refusal may come from a signature that changed (the client reads
-            // it again); a second one is about the reading.
-            Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
-            Err(ScoreError::Rejected(error)) => return Outcome::Failed(error),
-            Err(ScoreError::Transient(error)) if tries >= ATTEMPTS => return Outcome::Failed(error),
-            Err(ScoreError::Transient(_)) => backoff.wait().await,
+    let retry = |_: &str, attempt: u32| {
+        if attempt >= ATTEMPTS { Retry::GiveUp } else { Retry::After(backoff.next_delay()) }
+    };
+    let scored = match model.score_with_retry(&reading, &trace, retry).await {
+        Ok(scored) if scored.model_version == plan.version => scored,
+        Ok(scored) => {
+            return Outcome::Failed(format!(
+                "version {} answered instead of the candidate {}",
+                scored.model_version, plan.version
+            ));
         }
+        Err(ScoreError::Rejected(error) | ScoreError::Transient(error)) => return Outcome::Failed(error),
     };
     let score = output::score(&source, &reading, &scored);
     let record = OutRecord {
