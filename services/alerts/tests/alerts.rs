@@ -126,6 +126,15 @@ impl Running {
         admin::metric_sum(&page, name)
     }
 
+    /// Waits (up to a minute) until `holds` says the service's metrics show what is awaited.
+    async fn wait_for(&self, what: &str, mut holds: impl AsyncFnMut(&Self) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !holds(self).await {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn stop(self) {
         let _ = self.stop.send(());
         tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("stops").unwrap().unwrap();
@@ -356,9 +365,17 @@ async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_
 
     let a = Running::start(config(&kafka, "rebalance", &topics));
     produce(&kafka, &topics.scores, &first).await;
-    tokio::time::sleep(Duration::from_secs(4)).await; // a applies and writes the first half
+    a.wait_for("a to read the first half", async |a| {
+        a.metric("alerts_scores_consumed_total").await >= first.len() as f64
+    })
+    .await;
     let b = Running::start(config(&kafka, "rebalance", &topics));
-    tokio::time::sleep(Duration::from_secs(6)).await; // b joins: partitions move
+    // b joins: partitions move, and both hold some once the rebalance is over.
+    b.wait_for("the partitions to be split between a and b", async |b| {
+        let (on_a, on_b) = (a.metric("alerts_assigned_partitions").await, b.metric("alerts_assigned_partitions").await);
+        on_a >= 1.0 && on_b >= 1.0 && on_a + on_b == f64::from(PARTITIONS)
+    })
+    .await;
     produce(&kafka, &topics.scores, &second).await;
     let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
     assert_eq!(got, want);

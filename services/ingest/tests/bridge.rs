@@ -192,10 +192,15 @@ async fn no_acknowledged_reading_is_lost_when_ingest_crashes_mid_stream() {
     let fleet = fleet(10);
     let readings_per_car = 80;
     let sending = publishing(&brokers, &fleet, readings_per_car, 10, 5);
-    // Crash a quarter of the way in, stay down a while, come back on the same session.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let acked_before_crash = ingest.metric("ingest_mqtt_acked_total").await as u64;
+    // Crash once a tenth of the stream is through, stay down a while, come back on the same
+    // session.
     let total = fleet.cars as u64 * readings_per_car;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while (ingest.metric("ingest_mqtt_acked_total").await as u64) < total / 10 {
+        assert!(std::time::Instant::now() < deadline, "ingest acknowledged nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let acked_before_crash = ingest.metric("ingest_mqtt_acked_total").await as u64;
     assert!(
         acked_before_crash > 0 && acked_before_crash < total,
         "mid-stream: {acked_before_crash} of {total} acknowledged"
