@@ -12,6 +12,8 @@
 //!
 //! What stays in the services: which topics, which defaults, and what a record means.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod headers;
 pub mod read;
