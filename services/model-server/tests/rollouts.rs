@@ -328,7 +328,10 @@ async fn the_analysis_rolls_back_a_canary_that_flags_everything_and_promotes_a_g
     };
     let decisions =
         |decision| metric(&text, "model_server_rollout_decisions_total", &[("decision", decision)]).unwrap_or(0.0);
-    assert_eq!((decisions("failed_check"), decisions("rolled_back")), (1.0, 1.0));
+    // The bad canary's first failed check, then any the good one was allowed (a check can
+    // fail on latency noise here; the good rollout carries its own count).
+    assert!(good.failures < quick_analysis().failure_limit, "{good:?}");
+    assert_eq!((decisions("failed_check"), decisions("rolled_back")), (1.0 + f64::from(good.failures), 1.0));
     assert_eq!((decisions("advanced"), decisions("promoted")), (1.0, 1.0));
     assert_eq!(metric(&text, "model_server_rollout_canary_weight_percent", &[("model", MODEL)]), Some(100.0));
     let anomalies = |version| metric(&text, "model_server_output_anomalies_total", &[("version", version)]).unwrap();
