@@ -11,13 +11,12 @@
 //! - the `vigil` binary stopped with Ctrl-C (SIGINT) instead of a duration: the simulator
 //!   stops first, the pipeline drains, and the summary it writes still reconciles.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use std::collections::{BTreeMap, HashMap};
 
+use test_support::{ChildService, Output};
 use vigil::observe::Observed;
 use vigil::up::{Finished, UpOptions, up};
 
@@ -103,80 +102,12 @@ fn recount_alerts(
         .collect()
 }
 
-/// The `vigil` binary, its stdout read line by line on a thread.
-struct Vigil {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Vigil {
-    fn up(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-            .arg("up")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("vigil starts");
-        let stdout = child.stdout.take().unwrap();
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("vigil| {line}");
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Self { child, lines, seen: Vec::new() }
-    }
-
-    /// Reads lines until one satisfies `wanted`, or panics after `limit`.
-    fn wait_for(&mut self, limit: Duration, what: &str, wanted: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    let found = wanted(&line);
-                    self.seen.push(line);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => panic!("waited {} s for {what}", limit.as_secs()),
-            }
-        }
-    }
-
-    fn interrupt(&self) {
-        let pid = rustix::process::Pid::from_child(&self.child);
-        rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT sent");
-    }
-
-    /// Waits for the process to exit (killing it after `limit`) and reads the rest of its output.
-    fn exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                self.seen.extend(self.lines.iter());
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("vigil did not exit within {} s of Ctrl-C", limit.as_secs());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Vigil {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `vigil up <args>` as a child process, its stdout (the live view and the summary) read
+/// line by line; killed when dropped.
+fn vigil_up(args: &[&str]) -> ChildService {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    command.arg("up").args(args).stderr(Stdio::inherit());
+    ChildService::spawn("vigil", command, Output::Stdout)
 }
 
 /// The scored count on a live-view progress line (`[  12 s] published ... | scored   340 (...`).
@@ -190,7 +121,7 @@ fn ctrl_c_stops_the_fleet_first_then_drains_so_the_summary_reconciles() {
     let dir = tempfile::tempdir().unwrap();
     let summary_path = dir.path().join("summary.json");
     let summary_file = summary_path.to_str().unwrap();
-    let mut vigil = Vigil::up(&[
+    let mut vigil = vigil_up(&[
         "--duration",
         "0",
         "--cars",
@@ -202,12 +133,13 @@ fn ctrl_c_stops_the_fleet_first_then_drains_so_the_summary_reconciles() {
         "--summary-json",
         summary_file,
     ]);
-    vigil.wait_for(Duration::from_secs(180), "the fleet to start", |line| line.starts_with("running until Ctrl-C"));
-    vigil.wait_for(Duration::from_secs(60), "readings to be scored", |line| scored(line).is_some_and(|n| n >= 50));
+    vigil
+        .wait_for_line(Duration::from_secs(180), "the fleet to start", |line| line.starts_with("running until Ctrl-C"));
+    vigil.wait_for_line(Duration::from_secs(60), "readings to be scored", |line| scored(line).is_some_and(|n| n >= 50));
     vigil.interrupt();
-    let status = vigil.exit(Duration::from_secs(180));
+    let status = vigil.wait_exit(Duration::from_secs(180));
     assert!(status.success(), "vigil exits 0 when the counts reconcile: {status}");
-    let said = |text: &str| vigil.seen.iter().any(|line| line.contains(text));
+    let said = |text: &str| vigil.seen().iter().any(|line| line.contains(text));
     assert!(said("stopping: the simulator stops first"), "Ctrl-C was acknowledged");
     assert!(said("simulator stopped:"), "the simulator stopped before the drain");
     assert!(said("counts reconcile"), "the printed summary reconciles");

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser as _;
 use embedded_brokers::{KafkaCluster, MqttBroker, ReadRecord};
@@ -22,6 +22,8 @@ use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData
 use prost::Message as _;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::PublishProperties;
+use test_support::kafka::{produce, producer, read_topic};
+use test_support::{Endpoint, eventually, observe_until};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -169,10 +171,10 @@ impl Pipeline {
         let (admin, alerts_admin) = loopback().await;
         let alerts_service = spawn(|stopped| {
             tokio::spawn(async move {
-                alerts::run(alerts_config, alerts::Listeners { admin: Some(admin) }, async {
+                Ok(alerts::run(alerts_config, alerts::Listeners { admin: Some(admin) }, async {
                     let _ = stopped.await;
                 })
-                .await
+                .await?)
             })
         });
 
@@ -216,36 +218,22 @@ impl Pipeline {
             services: vec![ingest, alerts_service, processor, model_server],
             _model_config: config_dir,
         };
-        // Ready: ingest subscribed, the processor owning the readings' partitions.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ingest_ready = get(&format!("http://{}/ready", pipeline.ingest_admin)).await.0 == 200;
-            let processor =
-                admin::metric_sum(&pipeline.scrape(pipeline.processor_admin).await, "processor_assigned_partitions");
-            if ingest_ready && processor >= 2.0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the pipeline was not ready within 60 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (ingest, processor) = (Endpoint::new(pipeline.ingest_admin), Endpoint::new(pipeline.processor_admin));
+        let what = "the pipeline to be ready: ingest subscribed, the processor owning the readings' partitions";
+        eventually(Duration::from_secs(60), what, async || {
+            ingest.is_ready().await && processor.metric_sum("processor_assigned_partitions").await >= 2.0
+        })
+        .await;
         pipeline
     }
 
     async fn scrape(&self, admin: SocketAddr) -> String {
-        let (status, body) = get(&format!("http://{admin}/metrics")).await;
-        assert_eq!(status, 200, "GET http://{admin}/metrics");
-        body
+        Endpoint::new(admin).metrics().await
     }
 
     /// Reads `topic` until `count` records are there.
     async fn read(&self, topic: &'static str, count: usize) -> Vec<ReadRecord> {
-        let servers = self.kafka.bootstrap_servers().to_owned();
-        let records = tokio::task::spawn_blocking(move || {
-            embedded_brokers::read_topic(&servers, topic, Duration::from_secs(30), |r| r.len() >= count)
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let records = read_topic(&self.kafka, topic, Duration::from_secs(30), move |r| r.len() >= count).await;
         assert_eq!(records.len(), count, "records on {topic}");
         records
     }
@@ -255,13 +243,6 @@ impl Pipeline {
             let _ = stop.send(());
             tokio::time::timeout(Duration::from_secs(30), task).await.expect("stops").unwrap().unwrap();
         }
-    }
-}
-
-async fn get(url: &str) -> (u16, String) {
-    match reqwest::get(url).await {
-        Ok(response) => (response.status().as_u16(), response.text().await.unwrap_or_default()),
-        Err(_) => (0, String::new()),
     }
 }
 
@@ -287,17 +268,13 @@ fn parse_traceparent(value: &[u8]) -> (TraceId, SpanId) {
     (TraceId::from_hex(parts[1]).unwrap(), SpanId::from_hex(parts[2]).unwrap())
 }
 
-/// Waits until the trace has `count` ended spans and returns them.
+/// Waits until the trace has `count` ended spans and returns them (what there is after
+/// 20 s: the caller's assertion names them).
 async fn trace(id: TraceId, count: usize) -> Vec<SpanData> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let found: Vec<_> =
-            spans().get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == id).collect();
-        if found.len() >= count || Instant::now() > deadline {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let ended = async || -> Vec<SpanData> {
+        spans().get_finished_spans().unwrap().into_iter().filter(|s| s.span_context.trace_id() == id).collect()
+    };
+    observe_until(Duration::from_secs(20), ended, |found| found.len() >= count).await
 }
 
 /// The one span named `name` made by `scope`.
@@ -500,15 +477,9 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
         .publish(format!("{PREFIX}/car-hot"), QoS::AtLeastOnce, false, sensor::json::to_json(&hot).into_bytes())
         .await
         .unwrap();
-    let producer: rdkafka::producer::FutureProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", pipeline.kafka.bootstrap_servers()).create().unwrap();
-    producer
-        .send(
-            rdkafka::producer::FutureRecord::<str, [u8]>::to(READINGS).key("car-garbage").payload(&b"garbage"[..]),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    let garbage =
+        rdkafka::producer::FutureRecord::<str, [u8]>::to(READINGS).key("car-garbage").payload(&b"garbage"[..]);
+    produce(&producer(&pipeline.kafka), vec![garbage]).await;
     let mut predict = proto::tensorflow::serving::prediction_service_client::PredictionServiceClient::connect(format!(
         "http://{}",
         pipeline.model_server_grpc
@@ -533,23 +504,23 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
         ("model-server", pipeline.model_server_rest),
         ("alerts", pipeline.alerts_admin),
     ];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let pages = loop {
+    let scrape_all = async || {
         let mut pages = Vec::new();
         for (service, address) in endpoints {
             pages.push((service, pipeline.scrape(address).await));
         }
-        let settled = admin::metric_sum(&pages[2].1, "processor_scores_total") as u64 >= scored
+        pages
+    };
+    let settled = |pages: &Vec<(&str, String)>| {
+        admin::metric_sum(&pages[2].1, "processor_scores_total") as u64 >= scored
             && admin::metric_sum(&pages[2].1, "processor_dead_lettered_total") >= 1.0
             && pages[2].1.contains("processor_consumer_lag{")
             && admin::metric_sum(&pages[3].1, "model_server_rollout_decisions_total") >= 1.0
             && admin::metric_sum(&pages[4].1, "alerts_scores_consumed_total") as u64 >= scored
-            && admin::metric_sum(&pages[4].1, "alerts_fired_total") >= 1.0;
-        if settled || Instant::now() > deadline {
-            break pages;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+            && admin::metric_sum(&pages[4].1, "alerts_fired_total") >= 1.0
     };
+    // What is there after 30 s either way: the assertions below say which figure is off.
+    let pages = observe_until(Duration::from_secs(30), scrape_all, settled).await;
     for (service, page) in &pages {
         check_exposition(service, page);
         // Every service reports its process (admin::register_process_metrics); CPU comes

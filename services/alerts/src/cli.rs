@@ -1,59 +1,44 @@
-//! `alerts`: flags over `ALERTS_*` variables over the TOML file over defaults.
+//! The `alerts` command line (the `alerts` binary and `vigil alerts`). Config: defaults <
+//! `--config` TOML < `ALERTS_*` environment < flags (see [`crate::config`]); the rest is
+//! the services' shared scaffold ([`admin::service`]).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
-use anyhow::Context as _;
-use clap::Parser;
+use admin::layered_config::FlagValue;
+use admin::service::{ServiceFlags, ServiceNames, bind_optional, run_service};
 
-use crate::config::{AlertsConfig, Overrides};
+use crate::config::AlertsConfig;
 
-#[derive(Parser)]
-#[command(
-    name = "alerts",
-    version,
-    about = "Windowed alert rules over the scores topic: one alert per device, rule and window"
-)]
-struct Cli {
-    /// TOML configuration file (rules, topics, Kafka properties).
-    #[arg(long, env = "ALERTS_CONFIG")]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap servers (`kafka."bootstrap.servers"`).
-    #[arg(long)]
-    kafka_brokers: Option<String>,
+#[derive(clap::Args)]
+struct Flags {
     /// The consumer group (`group_id`).
     #[arg(long)]
     group_id: Option<String>,
-    /// /live, /ready, /metrics address (`admin_listen`); empty: not served.
-    #[arg(long)]
-    admin_listen: Option<String>,
-    /// Print the resulting configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
 }
+
+impl ServiceFlags for Flags {
+    fn flag_values(&self) -> Vec<FlagValue> {
+        FlagValue::given(&["group_id"], self.group_id.clone()).into_iter().collect()
+    }
+}
+
+const NAMES: ServiceNames = ServiceNames {
+    program: "alerts",
+    about: "Windowed alert rules over the scores topic: one alert per device, rule and window",
+    config_variable: "ALERTS_CONFIG",
+    trace_service: "vigil-alerts",
+};
 
 /// Parses `args` (the program name first) and runs until a termination signal.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
-    admin::init_logs();
-    let cli = Cli::parse_from(args);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+    run_service::<Flags, AlertsConfig, _, _>(&NAMES, args, |config, stop| async move {
+        let listeners = crate::Listeners { admin: bind_optional(&config.admin_listen).await? };
+        Ok(crate::run(config, listeners, stop).await?)
+    })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let overrides =
-        Overrides { kafka_brokers: cli.kafka_brokers, group_id: cli.group_id, admin_listen: cli.admin_listen };
-    let config = AlertsConfig::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
-    if cli.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
-        return Ok(());
-    }
-    let admin = if config.admin_listen.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&config.admin_listen)
-            .await
-            .with_context(|| format!("binding {}", config.admin_listen))?;
-        Some(listener)
-    };
-    crate::run(config, crate::Listeners { admin }, admin::termination_signal()).await
+/// The flag layer `flags` give, for the config's tests.
+#[cfg(test)]
+pub(crate) fn flag_values(flags: &[&str]) -> Vec<FlagValue> {
+    admin::service::flag_values_of::<Flags>(&NAMES, flags)
 }

@@ -12,9 +12,9 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use admin::layered_config::{self, EnvLayout};
+use admin::layered_config::EnvLayout;
+pub use admin::layered_config::{ConfigError, ServiceConfig};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_SCORES_TOPIC: &str = "vigil-scores";
@@ -99,39 +99,11 @@ impl Default for AlertsConfig {
     }
 }
 
-/// Values given as flags, over everything else.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub kafka_brokers: Option<String>,
-    pub group_id: Option<String>,
-    pub admin_listen: Option<String>,
-}
+impl ServiceConfig for AlertsConfig {
+    const ENV: EnvLayout<'static> =
+        EnvLayout { prefix: "ALERTS_", pass_through: &["kafka"], flag_variables: &["CONFIG"] };
 
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(pub String);
-
-const ENV_PREFIX: &str = "ALERTS_";
-
-impl AlertsConfig {
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
-        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka"], flag_variables: &["CONFIG"] };
-        let flags: &[(&[&str], Option<String>)] = &[
-            (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
-            (&["group_id"], overrides.group_id.clone()),
-            (&["admin_listen"], overrides.admin_listen.clone()),
-        ];
-        let config = layered_config::load(&AlertsConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
-        config.check()?;
-        Ok(config)
-    }
-
-    /// Checks what the types cannot, naming the field.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn check(&self) -> Result<(), ConfigError> {
         let error = |text: String| Err(ConfigError(text));
         for (name, topic) in [
             ("scores_topic", &self.scores_topic),
@@ -202,16 +174,10 @@ impl AlertsConfig {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
-
     #[test]
     fn rules_come_from_the_file_and_the_rest_layers_as_in_every_service() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("alerts.toml");
-        std::fs::write(
-            &file,
+        let file = test_support::temp_file(
+            "alerts.toml",
             r#"
 alerts_topic = "from-file"
 [[rules]]
@@ -220,16 +186,15 @@ window_seconds = 60
 advance_seconds = 20
 mean_score_above = 2.5
 "#,
-        )
-        .unwrap();
+        );
         let config = AlertsConfig::load(
-            Some(&file),
-            env(&[
+            Some(&file.path),
+            [
                 ("ALERTS_COMMIT_INTERVAL_MS", "50"),
                 ("ALERTS_CONFIG", "/ignored"),
                 ("ALERTS_KAFKA__SASL_MECHANISM", "PLAIN"),
-            ]),
-            &Overrides { kafka_brokers: Some("flag:9092".into()), ..Overrides::default() },
+            ],
+            &crate::cli::flag_values(&["--kafka-brokers", "flag:9092"]),
         )
         .unwrap();
         assert_eq!(config.alerts_topic, "from-file");

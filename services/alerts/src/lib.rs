@@ -7,13 +7,15 @@
 //!
 //! - `config`: rules and settings (file, `ALERTS_*` environment, flags);
 //! - `engine`: the windows and rules of one partition, without Kafka;
-//! - `service`: the consumer group, restoring from and writing to the changelog, commits.
+//! - `service`: the consumer group, restoring from and writing to the changelog, commits;
+//! - `error`: why the service stops, and why a scores record is dead-lettered.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod metrics;
 pub mod service;
 
@@ -23,7 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
 
-use crate::config::AlertsConfig;
+use crate::config::{AlertsConfig, ServiceConfig as _};
+pub use crate::error::AlertsError;
 
 pub struct Listeners {
     pub admin: Option<TcpListener>,
@@ -36,18 +39,12 @@ pub async fn run(
     config: AlertsConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> Result<(), AlertsError> {
     config.check()?;
     let registry = prometheus::Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let readiness = admin::Readiness::new();
-    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(listener) = listeners.admin {
-        tracing::info!(address = %listener.local_addr()?, "serving /live, /ready, /metrics");
-        tokio::spawn(admin::serve(listener, registry, readiness.clone(), async {
-            let _ = admin_stopped.await;
-        }));
-    }
+    let admin_endpoint = admin::AdminEndpoint::start(listeners.admin, registry, readiness.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let stopping = stop.clone();
     tokio::spawn(async move {
@@ -56,6 +53,6 @@ pub async fn run(
     });
     tracing::info!(rules = config.rules.len(), scores = %config.scores_topic, alerts = %config.alerts_topic, "starting");
     let result = tokio::task::spawn_blocking(move || service::run_loop(config, metrics, readiness, stop)).await?;
-    let _ = stop_admin.send(());
+    admin_endpoint.stop().await;
     result
 }

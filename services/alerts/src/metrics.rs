@@ -1,6 +1,7 @@
 //! Every Prometheus metric the alerts service exports, declared in one place.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use admin::metrics::MetricsRegistrar;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -26,40 +27,30 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let metrics = Self {
-            consumed: IntCounter::new("alerts_scores_consumed_total", "Score records read")?,
-            skipped: IntCounter::new(
+        let metrics = MetricsRegistrar::new(registry);
+        Ok(Self {
+            consumed: metrics.counter("alerts_scores_consumed_total", "Score records read")?,
+            skipped: metrics.counter(
                 "alerts_scores_skipped_total",
                 "Score records skipped because the restored state already held them",
             )?,
-            fired: IntCounterVec::new(Opts::new("alerts_fired_total", "Alerts Kafka confirmed, by rule"), &["rule"])?,
-            late: IntCounterVec::new(
-                Opts::new("alerts_late_readings_total", "Readings that came after their window closed, by rule"),
+            fired: metrics.counter_vec("alerts_fired_total", "Alerts Kafka confirmed, by rule", &["rule"])?,
+            late: metrics.counter_vec(
+                "alerts_late_readings_total",
+                "Readings that came after their window closed, by rule",
                 &["rule"],
             )?,
-            dead_lettered: IntCounterVec::new(
-                Opts::new("alerts_dead_lettered_total", "Unreadable score records dead-lettered, by reason"),
+            dead_lettered: metrics.counter_vec(
+                "alerts_dead_lettered_total",
+                "Unreadable score records dead-lettered, by reason",
                 &["reason"],
             )?,
-            open_windows: IntGauge::new("alerts_open_windows", "Windows open over the assigned partitions")?,
-            assigned_partitions: IntGauge::new("alerts_assigned_partitions", "Scores partitions this instance owns")?,
-            rebalances: IntCounterVec::new(Opts::new("alerts_rebalances_total", "Rebalances, by kind"), &["kind"])?,
-            restored_records: IntCounter::new(
-                "alerts_restored_records_total",
-                "Changelog records read to restore window state",
-            )?,
-            commit_failures: IntCounter::new("alerts_commit_failures_total", "Offset commits that failed")?,
-        };
-        registry.register(Box::new(metrics.commit_failures.clone()))?;
-        registry.register(Box::new(metrics.consumed.clone()))?;
-        registry.register(Box::new(metrics.skipped.clone()))?;
-        registry.register(Box::new(metrics.fired.clone()))?;
-        registry.register(Box::new(metrics.late.clone()))?;
-        registry.register(Box::new(metrics.dead_lettered.clone()))?;
-        registry.register(Box::new(metrics.open_windows.clone()))?;
-        registry.register(Box::new(metrics.assigned_partitions.clone()))?;
-        registry.register(Box::new(metrics.rebalances.clone()))?;
-        registry.register(Box::new(metrics.restored_records.clone()))?;
-        Ok(metrics)
+            open_windows: metrics.gauge("alerts_open_windows", "Windows open over the assigned partitions")?,
+            assigned_partitions: metrics.gauge("alerts_assigned_partitions", "Scores partitions this instance owns")?,
+            rebalances: metrics.counter_vec("alerts_rebalances_total", "Rebalances, by kind", &["kind"])?,
+            restored_records: metrics
+                .counter("alerts_restored_records_total", "Changelog records read to restore window state")?,
+            commit_failures: metrics.counter("alerts_commit_failures_total", "Offset commits that failed")?,
+        })
     }
 }

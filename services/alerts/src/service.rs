@@ -32,6 +32,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::AlertsConfig;
 use crate::engine::{Applied, Observation, Partition, Rule};
+use crate::error::{AlertsError, Unreadable};
 use crate::metrics::Metrics;
 
 /// An unreadable score record waiting to be written: its partition, bytes and headers.
@@ -40,8 +41,9 @@ type DeadLetter = (i32, Vec<u8>, OwnedHeaders);
 /// A changelog record as read: key, and value (`None`: a tombstone).
 type ChangelogRecord = (Vec<u8>, Option<Vec<u8>>);
 
-/// What the loop and the rebalance callbacks share.
-struct State {
+/// The engines of the partitions this instance owns and their pending outputs: what the
+/// consumer loop and the rebalance callbacks share.
+struct AssignedPartitions {
     config: AlertsConfig,
     rules: Arc<[Rule]>,
     producer: FutureProducer,
@@ -59,16 +61,17 @@ struct State {
     deadline: Option<Instant>,
 }
 
-struct Ctx {
-    state: Arc<Mutex<State>>,
+/// Writes and commits a partition's outputs before it is revoked; counts rebalances.
+struct RebalanceHandler {
+    partitions: Arc<Mutex<AssignedPartitions>>,
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for RebalanceHandler {}
 
-impl ConsumerContext for Ctx {
+impl ConsumerContext for RebalanceHandler {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
             let revoked: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
             tracing::info!(?revoked, "partitions revoked: writing their alerts and state");
             state.metrics.rebalances.with_label_values(&["revoke"]).inc();
@@ -85,7 +88,7 @@ impl ConsumerContext for Ctx {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         if let Rebalance::Assign(_) = rebalance {
             state.metrics.rebalances.with_label_values(&["assign"]).inc();
         }
@@ -94,7 +97,7 @@ impl ConsumerContext for Ctx {
     }
 }
 
-impl State {
+impl AssignedPartitions {
     fn client(&self) -> ClientConfig {
         let mut client = ClientConfig::new();
         for (key, value) in &self.config.kafka {
@@ -104,14 +107,16 @@ impl State {
     }
 
     /// The engine of `partition`, restored from the changelog on first use.
-    fn engine(&mut self, partition: i32) -> anyhow::Result<&mut Partition> {
+    fn engine(&mut self, partition: i32) -> Result<&mut Partition, AlertsError> {
         if !self.engines.contains_key(&partition) {
             let started = Instant::now();
             let records = read_changelog(&self.client(), &self.config.changelog_topic, partition)?;
             let engine =
                 Partition::restore(self.rules.clone(), records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
-                    .map_err(|e| {
-                        anyhow::anyhow!("restoring partition {partition} from {}: {e}", self.config.changelog_topic)
+                    .map_err(|e| AlertsError::Restore {
+                        partition,
+                        topic: self.config.changelog_topic.clone(),
+                        reason: e.to_string(),
                     })?;
             tracing::info!(
                 partition,
@@ -134,7 +139,7 @@ impl State {
         offset: i64,
         payload: &[u8],
         kafka_time_ms: Option<i64>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AlertsError> {
         self.metrics.consumed.inc();
         match decode(payload) {
             Ok(score) => {
@@ -160,13 +165,14 @@ impl State {
                     }
                 }
             }
-            Err((reason, error)) => {
+            Err(unreadable) => {
+                let reason = unreadable.reason();
                 // Restored first, so the partition's state is there when offsets commit.
                 self.engine(partition)?;
                 use kafka::headers::*;
                 let headers = OwnedHeaders::new()
                     .insert(Header { key: DEAD_LETTER_REASON, value: Some(reason) })
-                    .insert(Header { key: DEAD_LETTER_ERROR, value: Some(error.as_str()) })
+                    .insert(Header { key: DEAD_LETTER_ERROR, value: Some(unreadable.to_string().as_str()) })
                     .insert(Header { key: DEAD_LETTER_SOURCE_TOPIC, value: Some(&self.config.scores_topic) })
                     .insert(Header { key: DEAD_LETTER_SOURCE_PARTITION, value: Some(partition.to_string().as_str()) })
                     .insert(Header { key: DEAD_LETTER_SOURCE_OFFSET, value: Some(offset.to_string().as_str()) });
@@ -184,7 +190,7 @@ impl State {
         &mut self,
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AlertsError> {
         let mut deliveries: Vec<(DeliveryFuture, Option<String>)> = Vec::new();
         let mut fired: Vec<Alert> = Vec::new();
         for partition in partitions {
@@ -232,12 +238,9 @@ impl State {
             let confirmed = match self.deadline {
                 Some(deadline) => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    self.runtime.block_on(tokio::time::timeout(left, delivery)).map_err(|_| {
-                        anyhow::anyhow!(
-                            "shutdown grace ({} s) over before Kafka confirmed the last writes; the next owner redoes them",
-                            self.config.shutdown_grace_seconds
-                        )
-                    })?
+                    self.runtime
+                        .block_on(tokio::time::timeout(left, delivery))
+                        .map_err(|_| AlertsError::GraceOver(self.config.shutdown_grace_seconds))?
                 }
                 None => self.runtime.block_on(delivery),
             };
@@ -247,8 +250,8 @@ impl State {
                         self.metrics.fired.with_label_values(&[rule.as_str()]).inc();
                     }
                 }
-                Ok(Err((error, _))) => anyhow::bail!("Kafka refused a write: {error}"),
-                Err(_) => anyhow::bail!("the producer was dropped"),
+                Ok(Err((error, _))) => return Err(AlertsError::WriteRefused(error)),
+                Err(_) => return Err(AlertsError::ProducerDropped),
             }
         }
         for alert in &fired {
@@ -273,31 +276,32 @@ impl State {
     }
 }
 
-fn send<'a>(producer: &FutureProducer, record: FutureRecord<'a, str, [u8]>) -> anyhow::Result<DeliveryFuture> {
-    producer.send_result(record).map_err(|(error, _)| anyhow::anyhow!("producing: {error}"))
+fn send<'a>(producer: &FutureProducer, record: FutureRecord<'a, str, [u8]>) -> Result<DeliveryFuture, AlertsError> {
+    producer.send_result(record).map_err(|(error, _)| AlertsError::Produce(error))
 }
 
 /// A Score from protobuf or the processor's JSON form; or why not.
-fn decode(payload: &[u8]) -> Result<Score, (&'static str, String)> {
+fn decode(payload: &[u8]) -> Result<Score, Unreadable> {
     if payload.first() == Some(&b'{') {
-        return check(sensor::score_json::from_json(payload).map_err(|e| ("not_a_score", e.to_string()))?);
+        return check(sensor::score_json::from_json(payload).map_err(|e| Unreadable::NotAScore(e.to_string()))?);
     }
-    let score = Score::decode(payload).map_err(|e| ("not_a_score", format!("not a vigil.scoring.v1.Score: {e}")))?;
+    let score =
+        Score::decode(payload).map_err(|e| Unreadable::NotAScore(format!("not a vigil.scoring.v1.Score: {e}")))?;
     check(score)
 }
 
-fn check(score: Score) -> Result<Score, (&'static str, String)> {
+fn check(score: Score) -> Result<Score, Unreadable> {
     if score.device_id.is_empty() {
-        return Err(("missing_device_id", "the score has no device_id".into()));
+        return Err(Unreadable::MissingDeviceId);
     }
     if !score.score.is_finite() {
-        return Err(("invalid_score", format!("score {} is not a finite number", score.score)));
+        return Err(Unreadable::InvalidScore(score.score));
     }
     Ok(score)
 }
 
 /// Every record of one changelog partition, from the start to its end now.
-fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> anyhow::Result<Vec<ChangelogRecord>> {
+fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> Result<Vec<ChangelogRecord>, AlertsError> {
     let consumer: BaseConsumer = client
         .clone()
         .set("group.id", "vigil-alerts-restore") // required by librdkafka; nothing is committed
@@ -308,7 +312,7 @@ fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> anyhow:
     kafka::read_partition_to_end(&consumer, topic, partition, Duration::from_secs(60), |message| {
         records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(<[u8]>::to_vec)));
     })
-    .map_err(|e| anyhow::anyhow!("{e} (the changelog needs the scores topic's partitions)"))?;
+    .map_err(|source| AlertsError::ChangelogRead { source })?;
     Ok(records)
 }
 
@@ -318,19 +322,22 @@ fn ensure_changelog(
     client: &ClientConfig,
     config: &AlertsConfig,
     runtime: &tokio::runtime::Handle,
-) -> anyhow::Result<()> {
+) -> Result<(), AlertsError> {
     let metadata: BaseConsumer = client.clone().set("group.id", "vigil-alerts-metadata").create()?;
     let scores = kafka::partitions_of(metadata.client(), &config.scores_topic)?;
-    anyhow::ensure!(scores > 0, "the scores topic {} does not exist (or has no partitions)", config.scores_topic);
+    if scores == 0 {
+        return Err(AlertsError::NoScoresTopic(config.scores_topic.clone()));
+    }
     let spec = kafka::TopicSpec { partitions: scores as i32, compacted: true };
     let changelog = runtime.block_on(kafka::ensure_topic(client, &config.changelog_topic, spec))?.partitions;
-    anyhow::ensure!(
-        changelog == scores,
-        "the changelog topic {} has {changelog} partitions and the scores topic {} has {scores}: they must match \
-         (create it compacted with {scores} partitions)",
-        config.changelog_topic,
-        config.scores_topic
-    );
+    if changelog != scores {
+        return Err(AlertsError::PartitionMismatch {
+            changelog_topic: config.changelog_topic.clone(),
+            changelog,
+            scores_topic: config.scores_topic.clone(),
+            scores,
+        });
+    }
     Ok(())
 }
 
@@ -341,7 +348,7 @@ pub fn run_loop(
     metrics: Metrics,
     ready: admin::Readiness,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> anyhow::Result<()> {
+) -> Result<(), AlertsError> {
     let rules: Arc<[Rule]> = config.rules.iter().map(Rule::new).collect();
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka {
@@ -351,7 +358,7 @@ pub fn run_loop(
         client.clone().set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").create()?;
     let runtime = tokio::runtime::Handle::current();
     ensure_changelog(&client, &config, &runtime)?;
-    let state = Arc::new(Mutex::new(State {
+    let state = Arc::new(Mutex::new(AssignedPartitions {
         config: config.clone(),
         rules,
         producer,
@@ -362,18 +369,18 @@ pub fn run_loop(
         runtime,
         deadline: None,
     }));
-    let consumer: BaseConsumer<Ctx> = client
+    let consumer: BaseConsumer<RebalanceHandler> = client
         .clone()
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .create_with_context(Ctx { state: state.clone() })?;
+        .create_with_context(RebalanceHandler { partitions: state.clone() })?;
     consumer.subscribe(&[&config.scores_topic])?;
     ready.set(true);
     let interval = Duration::from_millis(config.commit_interval_ms);
     let mut last_write = Instant::now();
-    let result = (|| -> anyhow::Result<()> {
+    let result = (|| -> Result<(), AlertsError> {
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(message) = consumer.poll(Duration::from_millis(50)) {
                 match message {
@@ -429,11 +436,13 @@ mod tests {
         assert_eq!(decode(&json).unwrap(), score);
         // Fields missing from the form the processor writes: not a score.
         let partial = br#"{"device_id":"car-1","event_time":"2026-05-28T20:26:40.250Z","score":1.5,"threshold":1.0,"is_anomaly":true,"model_version":2}"#;
-        let (reason, why) = decode(partial).unwrap_err();
-        assert_eq!((reason, why.as_str()), ("not_a_score", "JSON score without \"sequence\""));
-        assert_eq!(decode(b"{\"score\": 1}").unwrap_err().0, "not_a_score");
-        assert_eq!(decode(b"\xff\xff garbage").unwrap_err().0, "not_a_score");
-        let nameless = Score { device_id: String::new(), ..score };
-        assert_eq!(decode(&nameless.encode_to_vec()).unwrap_err().0, "missing_device_id");
+        let why = decode(partial).unwrap_err();
+        assert_eq!((why.reason(), why.to_string().as_str()), ("not_a_score", "JSON score without \"sequence\""));
+        assert_eq!(decode(b"{\"score\": 1}").unwrap_err().reason(), "not_a_score");
+        assert_eq!(decode(b"\xff\xff garbage").unwrap_err().reason(), "not_a_score");
+        let nameless = Score { device_id: String::new(), ..score.clone() };
+        assert_eq!(decode(&nameless.encode_to_vec()).unwrap_err(), Unreadable::MissingDeviceId);
+        let infinite = Score { score: f32::INFINITY, ..score };
+        assert_eq!(decode(&infinite.encode_to_vec()).unwrap_err().reason(), "invalid_score");
     }
 }

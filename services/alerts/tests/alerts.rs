@@ -7,15 +7,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use alerts::config::{AlertsConfig, RuleConfig};
 use alerts::engine::{Observation, Partition, Rule};
-use embedded_brokers::{KafkaCluster, ReadRecord};
+use embedded_brokers::KafkaCluster;
 use prost::Message as _;
 use proto::vigil::alerts::v1::Alert;
 use proto::vigil::scoring::v1::Score;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+use test_support::kafka::{produce, producer, read_to_end, read_topic};
+use test_support::{Endpoint, eventually, observe_until};
 use tokio::sync::oneshot;
 
 const PARTITIONS: i32 = 3;
@@ -104,8 +106,8 @@ impl Topics {
 
 struct Running {
     stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    admin: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<Result<(), alerts::AlertsError>>,
+    admin: Endpoint,
 }
 
 impl Running {
@@ -113,7 +115,7 @@ impl Running {
         let (stop, stopped) = oneshot::channel();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        let admin = listener.local_addr().unwrap();
+        let admin = Endpoint::new(listener.local_addr().unwrap());
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let task = tokio::spawn(alerts::run(config, alerts::Listeners { admin: Some(listener) }, async {
             let _ = stopped.await;
@@ -122,17 +124,7 @@ impl Running {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let page = reqwest::get(format!("http://{}/metrics", self.admin)).await.unwrap().text().await.unwrap();
-        admin::metric_sum(&page, name)
-    }
-
-    /// Waits (up to a minute) until `holds` says the service's metrics show what is awaited.
-    async fn wait_for(&self, what: &str, mut holds: impl AsyncFnMut(&Self) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !holds(self).await {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.admin.metric_sum(name).await
     }
 
     async fn stop(self) {
@@ -157,18 +149,20 @@ fn score(device: &str, seconds: f64, anomalous: bool) -> Score {
     }
 }
 
-async fn produce(kafka: &KafkaCluster, topic: &str, planned: &[Planned]) {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.bootstrap_servers())
-        .set("enable.idempotence", "true")
-        .create()
-        .unwrap();
-    for (partition, device, seconds, anomalous) in planned {
-        let payload = score(device, *seconds, *anomalous).encode_to_vec();
-        let record =
-            FutureRecord::<str, [u8]>::to(topic).partition(*partition).key(device.as_str()).payload(payload.as_slice());
-        producer.send(record, Duration::from_secs(10)).await.unwrap();
-    }
+/// Writes `planned` to `topic`, each score on its partition, keyed by its device.
+async fn produce_scores(kafka: &KafkaCluster, topic: &str, planned: &[Planned]) {
+    let payloads: Vec<Vec<u8>> = planned
+        .iter()
+        .map(|(_, device, seconds, anomalous)| score(device, *seconds, *anomalous).encode_to_vec())
+        .collect();
+    let records = planned
+        .iter()
+        .zip(&payloads)
+        .map(|((partition, device, _, _), payload)| {
+            FutureRecord::<str, [u8]>::to(topic).partition(*partition).key(device.as_str()).payload(payload.as_slice())
+        })
+        .collect();
+    produce(&producer(kafka), records).await;
 }
 
 /// A fleet on three partitions: per partition some devices with anomalies in various
@@ -217,19 +211,13 @@ fn expected(planned: &[Planned]) -> BTreeMap<String, Alert> {
     out
 }
 
-async fn read(kafka: &KafkaCluster, topic: &str, count: usize, wait: Duration) -> Vec<ReadRecord> {
-    let (servers, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || embedded_brokers::read_topic(&servers, &topic, wait, |r| r.len() >= count))
-        .await
-        .unwrap()
-        .unwrap()
-}
-
 /// Waits for `count` alerts, then a little longer for any extra one; returns them all.
 async fn alerts(kafka: &KafkaCluster, topic: &str, count: usize) -> Vec<Alert> {
-    read(kafka, topic, count, Duration::from_secs(60)).await;
+    read_topic(kafka, topic, Duration::from_secs(60), move |r| r.len() >= count).await;
+    // Room for a wrongful extra alert: there is no event to wait on for one that must
+    // not come, so the read below also takes whatever arrives in its 3 s.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    read(kafka, topic, usize::MAX, Duration::from_secs(3))
+    read_topic(kafka, topic, Duration::from_secs(3), |_| false)
         .await
         .iter()
         .map(|r| {
@@ -259,16 +247,9 @@ async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lette
     assert!(want.keys().any(|id| id.contains("/hot/")) && want.keys().any(|id| id.contains("/repeated/")));
 
     let service = Running::start(config(&kafka, "figures", &topics));
-    produce(&kafka, &topics.scores, &planned).await;
-    let producer: FutureProducer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().unwrap();
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&topics.scores).partition(1).key("odd").payload(&b"\xff not a score"[..]),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    produce_scores(&kafka, &topics.scores, &planned).await;
+    let odd = FutureRecord::<str, [u8]>::to(&topics.scores).partition(1).key("odd").payload(&b"\xff not a score"[..]);
+    produce(&producer(&kafka), vec![odd]).await;
 
     let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
@@ -278,7 +259,7 @@ async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lette
     assert_eq!(sample.condition, "anomalies >= 3");
     assert_eq!(sample.model_versions, vec![2]);
 
-    let dead = read(&kafka, &topics.dead_letters, 1, Duration::from_secs(20)).await;
+    let dead = read_topic(&kafka, &topics.dead_letters, Duration::from_secs(20), |r| !r.is_empty()).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload, b"\xff not a score", "the original bytes");
     assert_eq!(dead[0].header("vigil.dead_letter.reason"), Some(&b"not_a_score"[..]));
@@ -302,30 +283,27 @@ async fn state_survives_a_restart_redelivery_fires_nothing_twice_and_a_replay_gi
     let want = expected(&all);
 
     let service = Running::start(config(&kafka, "restart", &topics));
-    produce(&kafka, &topics.scores, &first).await;
+    produce_scores(&kafka, &topics.scores, &first).await;
     // Some alerts of the first half's closed windows may be out already; wait until the
     // service has read everything, then stop it (it writes its state and commits).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let changelog = read(&kafka, &topics.changelog, usize::MAX, Duration::from_millis(500)).await;
-        let progress: i64 = (0..PARTITIONS)
+    let applied = async || {
+        let changelog = read_to_end(&kafka, &topics.changelog).await;
+        (0..PARTITIONS)
             .filter_map(|p| {
                 changelog.iter().rev().find(|r| r.partition == p && r.key.as_deref() == Some(b"p")).map(|r| {
                     proto::vigil::alerts::v1::PartitionProgress::decode(r.payload.as_slice()).unwrap().applied_offset
                         + 1
                 })
             })
-            .sum();
-        if progress as usize == first.len() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the first half was not applied: {progress} of {}", first.len());
-    }
+            .sum::<i64>()
+    };
+    let progress = observe_until(Duration::from_secs(60), applied, |progress| *progress as usize == first.len()).await;
+    assert_eq!(progress as usize, first.len(), "the first half was not applied: {progress} of {}", first.len());
     service.stop().await;
 
     // Restarted: the second half, on the state the first instance left.
     let service = Running::start(config(&kafka, "restart", &topics));
-    produce(&kafka, &topics.scores, &second).await;
+    produce_scores(&kafka, &topics.scores, &second).await;
     let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
     assert_eq!(got, want, "the same alerts as one uninterrupted run");
     let spanning =
@@ -336,11 +314,10 @@ async fn state_survives_a_restart_redelivery_fires_nothing_twice_and_a_replay_gi
     // A new group reads every score again (a redelivery of everything) on the same state:
     // nothing fires again.
     let service = Running::start(config(&kafka, "restart-redelivered", &topics));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while service.metric("alerts_scores_skipped_total").await < all.len() as f64 {
-        assert!(Instant::now() < deadline, "the new group did not read every score again");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(60), "the new group to read every score again", async || {
+        service.metric("alerts_scores_skipped_total").await >= all.len() as f64
+    })
+    .await;
     let after = alerts(&kafka, &topics.alerts, want.len()).await;
     assert_eq!(after.len(), want.len(), "no alert written twice");
     service.stop().await;
@@ -364,19 +341,19 @@ async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_
     let want = expected(&all);
 
     let a = Running::start(config(&kafka, "rebalance", &topics));
-    produce(&kafka, &topics.scores, &first).await;
-    a.wait_for("a to read the first half", async |a| {
+    produce_scores(&kafka, &topics.scores, &first).await;
+    eventually(Duration::from_secs(60), "a to read the first half", async || {
         a.metric("alerts_scores_consumed_total").await >= first.len() as f64
     })
     .await;
     let b = Running::start(config(&kafka, "rebalance", &topics));
     // b joins: partitions move, and both hold some once the rebalance is over.
-    b.wait_for("the partitions to be split between a and b", async |b| {
+    eventually(Duration::from_secs(60), "the partitions to be split between a and b", async || {
         let (on_a, on_b) = (a.metric("alerts_assigned_partitions").await, b.metric("alerts_assigned_partitions").await);
         on_a >= 1.0 && on_b >= 1.0 && on_a + on_b == f64::from(PARTITIONS)
     })
     .await;
-    produce(&kafka, &topics.scores, &second).await;
+    produce_scores(&kafka, &topics.scores, &second).await;
     let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
     assert_eq!(got, want);
     assert!(a.metric("alerts_rebalances_total").await >= 2.0, "a gave partitions away");

@@ -116,28 +116,20 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
             let report = runtime.block_on(async {
                 let registry = prometheus::Registry::new();
                 let metrics = PublishMetrics::new(&registry)?;
-                let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-                if !admin_listen.is_empty() {
-                    let listener = tokio::net::TcpListener::bind(&admin_listen)
-                        .await
-                        .with_context(|| format!("binding the admin endpoint to {admin_listen}"))?;
-                    tracing::info!(address = %listener.local_addr()?, "serving /live, /ready and /metrics");
-                    let readiness = admin::Readiness::new();
-                    tokio::spawn(admin::serve(listener, registry, readiness.clone(), async {
-                        let _ = admin_stopped.await;
-                    }));
-                    // Ready while every connection is up (checked twice a second).
-                    let metrics = metrics.clone();
-                    tokio::spawn(async move {
-                        loop {
-                            readiness.set(metrics.all_connected());
-                            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                        }
-                    });
-                }
+                let readiness = admin::Readiness::new();
+                let listener = admin::service::bind_optional(&admin_listen).await?;
+                let admin_endpoint = admin::AdminEndpoint::start(listener, registry, readiness.clone());
+                // Ready while every connection is up (checked twice a second).
+                let connections = metrics.clone();
+                tokio::spawn(async move {
+                    loop {
+                        readiness.set(connections.all_connected());
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                });
                 tracing::info!(cars = fleet.cars, %mqtt_url, "publishing");
                 let report = publish(&fleet, &options, &metrics, shutdown_signal()).await;
-                let _ = stop_admin.send(());
+                admin_endpoint.stop().await;
                 report
             })?;
             println!(

@@ -2,7 +2,8 @@
 //! own figures are what a load test is read against: how much it offered, how much the
 //! broker acknowledged, and whether its connections held.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use admin::metrics::MetricsRegistrar;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Debug, Clone)]
 pub struct PublishMetrics {
@@ -21,28 +22,24 @@ pub struct PublishMetrics {
 impl PublishMetrics {
     /// Creates the metrics and registers them with `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let metrics = Self {
-            published: IntCounterVec::new(
-                Opts::new("simulator_readings_published_total", "Readings handed to the MQTT client, by label"),
+        let metrics = MetricsRegistrar::new(registry);
+        Ok(Self {
+            published: metrics.counter_vec(
+                "simulator_readings_published_total",
+                "Readings handed to the MQTT client, by label",
                 &["label"],
             )?,
-            acknowledged: IntCounter::new(
+            acknowledged: metrics.counter(
                 "simulator_readings_acknowledged_total",
                 "Readings the MQTT broker acknowledged (QoS 1 PUBACK)",
             )?,
-            connection_errors: IntCounter::new(
+            connection_errors: metrics.counter(
                 "simulator_connection_errors_total",
                 "MQTT connections that failed or dropped; each is retried with backoff",
             )?,
-            connected: IntGauge::new("simulator_connections_up", "MQTT connections currently up")?,
-            connections: IntGauge::new("simulator_connections", "MQTT connections the fleet uses")?,
-        };
-        registry.register(Box::new(metrics.published.clone()))?;
-        registry.register(Box::new(metrics.acknowledged.clone()))?;
-        registry.register(Box::new(metrics.connection_errors.clone()))?;
-        registry.register(Box::new(metrics.connected.clone()))?;
-        registry.register(Box::new(metrics.connections.clone()))?;
-        Ok(metrics)
+            connected: metrics.gauge("simulator_connections_up", "MQTT connections currently up")?,
+            connections: metrics.gauge("simulator_connections", "MQTT connections the fleet uses")?,
+        })
     }
 
     /// Unregistered metrics, for callers that do not export them.

@@ -10,18 +10,14 @@ use device_simulator::metrics::PublishMetrics;
 use device_simulator::publish::{PublishOptions, publish};
 use embedded_brokers::{MqttBroker, Outage};
 use prost_types::Timestamp;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use sensor::SensorReading;
 use sensor::json::{Envelope, parse};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fleet_publishes_every_labelled_reading_to_its_topic_and_gets_it_acknowledged() {
-    let broker = MqttBroker::start().unwrap();
-    let fleet = FleetOptions { cars: 12, fault_share: 0.5, onset_window_s: (0.05, 0.2), ..FleetOptions::default() };
-    let readings_per_car = 25;
-
-    // A subscriber on the seed's topic filter, subscribed before anything is published.
-    let mut options = MqttOptions::new("test-subscriber", "127.0.0.1", broker.v4.port());
+/// A client of `broker` subscribed to the seed's topic filter (its SUBACK received, so
+/// nothing published from now on is missed), and its event loop to receive on.
+async fn subscriber(broker: &MqttBroker, client_id: &str) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.v4.port());
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (subscriber, mut events) = AsyncClient::new(options, 100);
     subscriber.subscribe("vehicles/sensor/data/+", QoS::AtLeastOnce).await.unwrap();
@@ -30,6 +26,17 @@ async fn a_fleet_publishes_every_labelled_reading_to_its_topic_and_gets_it_ackno
             break;
         }
     }
+    (subscriber, events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_publishes_every_labelled_reading_to_its_topic_and_gets_it_acknowledged() {
+    let broker = MqttBroker::start().unwrap();
+    let fleet = FleetOptions { cars: 12, fault_share: 0.5, onset_window_s: (0.05, 0.2), ..FleetOptions::default() };
+    let readings_per_car = 25;
+
+    // A subscriber on the seed's topic filter, subscribed before anything is published.
+    let (_subscriber, mut events) = subscriber(&broker, "test-subscriber").await;
     let expected_count = fleet.cars * readings_per_car;
     let received = tokio::spawn(async move {
         let mut received = Vec::new();
@@ -83,15 +90,7 @@ async fn a_network_outage_mid_run_loses_no_reading_the_cars_reconnect_and_resend
     let readings_per_car = 60;
 
     // The subscriber is behind no relay: it sees what reached the broker.
-    let mut options = MqttOptions::new("outage-subscriber", "127.0.0.1", broker.v4.port());
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (subscriber, mut events) = AsyncClient::new(options, 100);
-    subscriber.subscribe("vehicles/sensor/data/+", QoS::AtLeastOnce).await.unwrap();
-    loop {
-        if let Event::Incoming(Packet::SubAck(_)) = events.poll().await.unwrap() {
-            break;
-        }
-    }
+    let (_subscriber, mut events) = subscriber(&broker, "outage-subscriber").await;
     let expected_count = fleet.cars * readings_per_car;
     let received = tokio::spawn(async move {
         // At least once: a reading whose ack was lost in the outage may arrive twice.

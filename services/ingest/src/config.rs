@@ -7,9 +7,10 @@
 //! process's own.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use admin::layered_config::{self, EnvLayout};
+use admin::layered_config::EnvLayout;
+pub use admin::layered_config::{ConfigError, ServiceConfig};
 use serde::{Deserialize, Serialize};
 
 /// The readings topic of the default rule and of the gRPC API.
@@ -181,41 +182,9 @@ impl Default for GrpcConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(String);
-
-/// Settings given as flags, the last layer.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub mqtt_url: Option<String>,
-    pub kafka_brokers: Option<String>,
-    pub grpc_listen: Option<String>,
-    pub admin_listen: Option<String>,
-    pub client_id: Option<String>,
-}
-
-const ENV_PREFIX: &str = "INGEST_";
-
-impl IngestConfig {
-    /// Layers the defaults, `file`, the `INGEST_*` variables of `env` and `overrides`.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
-        let layout = EnvLayout { prefix: ENV_PREFIX, pass_through: &["kafka"], flag_variables: &["CONFIG"] };
-        let flags: &[(&[&str], Option<String>)] = &[
-            (&["mqtt", "url"], overrides.mqtt_url.clone()),
-            (&["mqtt", "client_id"], overrides.client_id.clone()),
-            (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
-            (&["grpc", "listen"], overrides.grpc_listen.clone()),
-            (&["admin_listen"], overrides.admin_listen.clone()),
-        ];
-        let config = layered_config::load(&IngestConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
-        config.check()?;
-        Ok(config)
-    }
+impl ServiceConfig for IngestConfig {
+    const ENV: EnvLayout<'static> =
+        EnvLayout { prefix: "INGEST_", pass_through: &["kafka"], flag_variables: &["CONFIG"] };
 
     fn check(&self) -> Result<(), ConfigError> {
         if self.max_in_flight == 0 || self.max_in_flight > usize::from(u16::MAX) {
@@ -253,17 +222,13 @@ impl IngestConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
+    use admin::layered_config::NO_ENV;
+    use std::path::Path;
 
     #[test]
     fn layers_apply_in_order_defaults_file_env_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("ingest.toml");
-        std::fs::write(
-            &file,
+        let file = test_support::temp_file(
+            "ingest.toml",
             r#"
 max_in_flight = 64
 dead_letter_topic = "from-file"
@@ -279,19 +244,18 @@ topic = "plant"
 key = "{machine}"
 payload = "raw"
 "#,
-        )
-        .unwrap();
+        );
         let config = IngestConfig::load(
-            Some(&file),
-            env(&[
+            Some(&file.path),
+            [
                 ("INGEST_MQTT__URL", "mqtt://env:1883"),
                 ("INGEST_MAX_IN_FLIGHT", "128"),
                 ("INGEST_KAFKA__SASL_MECHANISM", "PLAIN"),
                 ("OTHER_VARIABLE", "ignored"),
                 // Names the file for the `--config` flag (which clap read): not a key.
                 ("INGEST_CONFIG", "/etc/vigil/ingest.toml"),
-            ]),
-            &Overrides { kafka_brokers: Some("flag:9092".into()), ..Overrides::default() },
+            ],
+            &crate::cli::flag_values(&["--kafka-brokers", "flag:9092"]),
         )
         .unwrap();
         assert_eq!(config.mqtt.url, "mqtt://env:1883", "env over file");
@@ -310,15 +274,15 @@ payload = "raw"
     fn numeric_looking_environment_values_stay_strings_where_strings_are_expected() {
         let config = IngestConfig::load(
             None,
-            env(&[
+            [
                 ("INGEST_MQTT__USERNAME", "4711"),
                 ("INGEST_MQTT__PASSWORD", "12345"),
                 ("INGEST_MQTT__CLIENT_ID", "007"),
                 ("INGEST_KAFKA__LINGER_MS", "10"),
                 ("INGEST_MQTT__SUBSCRIPTIONS", r#"["plant/+/temp", "plant/#"]"#),
                 ("INGEST_MQTT__KEEP_ALIVE_SECONDS", "15"),
-            ]),
-            &Overrides::default(),
+            ],
+            &[],
         )
         .unwrap();
         assert_eq!(config.mqtt.username.as_deref(), Some("4711"));
@@ -331,19 +295,16 @@ payload = "raw"
 
     #[test]
     fn mistakes_are_reported_with_their_key() {
-        let dir = tempfile::tempdir().unwrap();
         let load = |text: &str| {
-            let file = dir.path().join("bad.toml");
-            std::fs::write(&file, text).unwrap();
-            IngestConfig::load(Some(&file), Vec::new(), &Overrides::default()).unwrap_err().to_string()
+            let file = test_support::temp_file("bad.toml", text);
+            IngestConfig::load(Some(&file.path), NO_ENV, &[]).unwrap_err().to_string()
         };
         assert!(load("max_inflight = 3").contains("max_inflight"), "unknown keys are refused");
         assert!(load("[mqtt]\nprotocol = \"4\"").contains("protocol"));
         assert!(load("max_in_flight = 0").contains("max_in_flight"));
         assert!(load("[mqtt]\nsubscriptions = [\"a/#/b\"]").contains("a/#/b"));
         assert!(load("[[rules]]\nfilter = \"a\"\ntopic = \"t-{x}\"").contains("mapping rule 0"));
-        let missing =
-            IngestConfig::load(Some(Path::new("/nonexistent/ingest.toml")), Vec::new(), &Overrides::default());
+        let missing = IngestConfig::load(Some(Path::new("/nonexistent/ingest.toml")), NO_ENV, &[]);
         assert!(missing.unwrap_err().to_string().contains("/nonexistent/ingest.toml"));
     }
 }

@@ -70,10 +70,9 @@ pub async fn run(
     let readiness = admin::Readiness::new();
     let routes = Arc::new(routing::Routes::new(&config.rules).map_err(|e| IngestError::Config(e.to_string()))?);
     let sink = kafka::Sink::new(&config.kafka, &config.dead_letter_topic, metrics.clone())?;
-    // `draining` fires on shutdown: intake stops (MQTT and gRPC). `finished` fires once
-    // the drain is over: the admin endpoint stays up until then, reporting not ready.
+    // `draining` fires on shutdown: intake stops (MQTT and gRPC). The admin endpoint stays
+    // up until the drain is over, reporting not ready.
     let (drain, draining) = watch::channel(false);
-    let (finish, finished) = watch::channel(false);
     let signal = |mut receiver: watch::Receiver<bool>| async move {
         let _ = receiver.wait_for(|fired| *fired).await;
     };
@@ -82,17 +81,8 @@ pub async fn run(
         let _ = drain.send(true);
     });
 
+    let admin_endpoint = admin::AdminEndpoint::start(listeners.admin, registry.clone(), readiness.clone());
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(listener) = listeners.admin {
-        tracing::info!(address = %local_addr(&listener)?, "serving /live, /ready, /metrics");
-        let (registry, readiness, finished) = (registry.clone(), readiness.clone(), signal(finished.clone()));
-        tasks.spawn(async move {
-            if let Err(error) = admin::serve(listener, registry, readiness, finished).await {
-                tracing::error!(%error, "admin endpoint failed");
-            }
-            Ok(())
-        });
-    }
     if let Some(listener) = listeners.grpc {
         tracing::info!(address = %local_addr(&listener)?, "serving gRPC IngestService");
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -118,7 +108,7 @@ pub async fn run(
 
     let result = mqtt::run(&config, routes, sink.clone(), metrics, readiness.clone(), signal(draining)).await;
     readiness.set(false);
-    let _ = finish.send(true);
+    admin_endpoint.stop().await;
     while let Some(task) = tasks.join_next().await {
         if let Ok(Err(error)) = task {
             tracing::error!(%error, "ingest task failed");

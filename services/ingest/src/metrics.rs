@@ -1,6 +1,7 @@
 //! Every Prometheus metric ingest exports, declared in one place.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use admin::metrics::MetricsRegistrar;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -28,55 +29,39 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let metrics = Self {
-            received: IntCounterVec::new(
-                Opts::new("ingest_messages_received_total", "Messages taken in, by source"),
+        let metrics = MetricsRegistrar::new(registry);
+        Ok(Self {
+            received: metrics.counter_vec(
+                "ingest_messages_received_total",
+                "Messages taken in, by source",
                 &["source"],
             )?,
-            produced: IntCounterVec::new(
-                Opts::new(
-                    "ingest_records_produced_total",
-                    "Records Kafka confirmed, by topic as configured (templates unexpanded)",
-                ),
+            produced: metrics.counter_vec(
+                "ingest_records_produced_total",
+                "Records Kafka confirmed, by topic as configured (templates unexpanded)",
                 &["topic"],
             )?,
-            dead_lettered: IntCounterVec::new(
-                Opts::new("ingest_dead_lettered_total", "Messages written to the dead-letter topic, by reason"),
+            dead_lettered: metrics.counter_vec(
+                "ingest_dead_lettered_total",
+                "Messages written to the dead-letter topic, by reason",
                 &["reason"],
             )?,
-            produce_retries: IntCounter::new("ingest_produce_retries_total", "Sends retried after a Kafka error")?,
-            mqtt_acked: IntCounter::new(
-                "ingest_mqtt_acked_total",
-                "MQTT PUBACKs sent after Kafka confirmed the write",
-            )?,
-            mqtt_stale_acks: IntCounter::new(
+            produce_retries: metrics.counter("ingest_produce_retries_total", "Sends retried after a Kafka error")?,
+            mqtt_acked: metrics
+                .counter("ingest_mqtt_acked_total", "MQTT PUBACKs sent after Kafka confirmed the write")?,
+            mqtt_stale_acks: metrics.counter(
                 "ingest_mqtt_stale_acks_dropped_total",
                 "Acks not sent because the connection their message came on was lost",
             )?,
-            in_flight: IntGauge::new("ingest_in_flight", "Messages read and not yet confirmed by Kafka")?,
-            mqtt_connected: IntGauge::new("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
-            mqtt_connection_errors: IntCounter::new(
-                "ingest_mqtt_connection_errors_total",
-                "MQTT connections that failed or dropped",
+            in_flight: metrics.gauge("ingest_in_flight", "Messages read and not yet confirmed by Kafka")?,
+            mqtt_connected: metrics.gauge("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
+            mqtt_connection_errors: metrics
+                .counter("ingest_mqtt_connection_errors_total", "MQTT connections that failed or dropped")?,
+            produce_latency: metrics.histogram(
+                "ingest_produce_latency_seconds",
+                "From handing a record to the producer to Kafka's confirmation",
+                prometheus::exponential_buckets(0.0005, 2.0, 16)?,
             )?,
-            produce_latency: Histogram::with_opts(
-                HistogramOpts::new(
-                    "ingest_produce_latency_seconds",
-                    "From handing a record to the producer to Kafka's confirmation",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
-            )?,
-        };
-        registry.register(Box::new(metrics.received.clone()))?;
-        registry.register(Box::new(metrics.produced.clone()))?;
-        registry.register(Box::new(metrics.dead_lettered.clone()))?;
-        registry.register(Box::new(metrics.produce_retries.clone()))?;
-        registry.register(Box::new(metrics.mqtt_acked.clone()))?;
-        registry.register(Box::new(metrics.mqtt_stale_acks.clone()))?;
-        registry.register(Box::new(metrics.in_flight.clone()))?;
-        registry.register(Box::new(metrics.mqtt_connected.clone()))?;
-        registry.register(Box::new(metrics.mqtt_connection_errors.clone()))?;
-        registry.register(Box::new(metrics.produce_latency.clone()))?;
-        Ok(metrics)
+        })
     }
 }

@@ -12,16 +12,17 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use device_simulator::fleet::FleetOptions;
 use device_simulator::metrics::PublishMetrics;
 use device_simulator::publish::{PublishOptions, publish};
 use embedded_brokers::KafkaCluster;
 use ingest::config::IngestConfig;
-use support::{DEAD_LETTERS, READINGS, RunningIngest, kafka, read, readings};
+use support::{DEAD_LETTERS, READINGS, RunningIngest, kafka, readings};
+use test_support::kafka::{read_to_end, read_topic};
+use test_support::{ChildService, Endpoint, Output, observe_until};
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run tests/system/ingest_mosquitto.sh"))
@@ -69,59 +70,37 @@ fn distinct(records: &[embedded_brokers::ReadRecord]) -> BTreeSet<(String, u64)>
 
 /// The `ingest` binary as a child process, its admin endpoint on a port it picked.
 struct IngestProcess {
-    child: Child,
-    admin: String,
+    process: ChildService,
+    admin: Endpoint,
 }
 
 impl IngestProcess {
     fn start(kafka: &KafkaCluster, client_id: &str, group: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ingest"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ingest"));
+        command
             .args(["--mqtt-url", &env("VIGIL_MOSQUITTO_URL"), "--kafka-brokers", kafka.bootstrap_servers()])
             .args(["--client-id", client_id, "--grpc-listen", "", "--admin-listen", "127.0.0.1:0"])
             .env("INGEST_MQTT__SHARE_GROUP", group)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .env("NO_COLOR", "1");
         // The log names the admin address it bound; the rest of the log is echoed.
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let admin = loop {
-            let line = lines.next().expect("ingest exited before serving /ready").unwrap();
-            eprintln!("ingest: {line}");
-            if line.contains("serving /live") {
-                let address = line.rsplit("address=").next().unwrap().trim().to_owned();
-                break format!("http://{address}");
-            }
-        };
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| eprintln!("ingest: {line}")));
-        Self { child, admin }
+        let mut process = ChildService::spawn("ingest", command, Output::Stderr);
+        let admin = Endpoint::new(process.logged_address("serving /live", Duration::from_secs(60)));
+        Self { process, admin }
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(response) = reqwest::get(format!("{}/ready", self.admin)).await
-                && response.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "ingest not ready within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.admin.wait_ready("ingest", Duration::from_secs(20)).await;
     }
 
     /// SIGKILL: no drain, no acknowledgement, no DISCONNECT.
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+    fn kill(self) {
+        self.process.kill();
     }
 
     /// SIGTERM, and the exit status of the graceful shutdown.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM)
-            .unwrap();
-        self.child.wait().unwrap()
+    fn terminate(self) -> std::process::ExitStatus {
+        self.process.terminate(Duration::from_secs(60))
     }
 }
 
@@ -136,7 +115,8 @@ async fn a_killed_ingest_process_loses_no_reading_mosquitto_acknowledged() {
     let sending = simulate(&fleet, per_car, 10, "crash-sim");
 
     // Kill it while readings are flowing, stay down while the broker queues, restart.
-    let kafka_read = |enough: u64| read(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= enough);
+    let kafka_read =
+        |enough: u64| read_topic(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= enough);
     let before_kill = kafka_read(300).await.len();
     assert!(before_kill >= 300, "readings flowed before the kill");
     ingest.kill();
@@ -145,7 +125,8 @@ async fn a_killed_ingest_process_loses_no_reading_mosquitto_acknowledged() {
     let sent = sending.await.unwrap();
     assert_eq!(sent, 20 * per_car);
 
-    let records = read(&kafka, READINGS, Duration::from_secs(60), move |r| distinct(r).len() as u64 >= sent).await;
+    let records =
+        read_topic(&kafka, READINGS, Duration::from_secs(60), move |r| distinct(r).len() as u64 >= sent).await;
     assert_eq!(distinct(&records).len() as u64, sent, "every reading Mosquitto acknowledged reached Kafka");
     assert!(records.len() as u64 >= sent);
     let status = ingest.terminate();
@@ -161,7 +142,7 @@ async fn two_replicas_on_one_shared_subscription_split_the_fleet_and_write_each_
     let b = RunningIngest::start(config(&kafka, &url, "replica-b", "replicas"), None).await;
     let sent = simulate(&fleet(10), 40, 5, "shared-sim").await.unwrap();
 
-    let records = read(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    let records = read_topic(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
     assert_eq!(records.len() as u64, sent);
     assert_eq!(distinct(&records).len() as u64, sent, "each reading once: the group shares one subscription");
     let (from_a, from_b) =
@@ -182,7 +163,7 @@ async fn ingest_connects_over_tls_with_a_password_and_refuses_a_wrong_one_clearl
     tls.mqtt.tls.ca_file = Some(env("VIGIL_MOSQUITTO_CA").into());
     let ingest = RunningIngest::start(tls.clone(), None).await;
     let sent = simulate(&fleet(4), 10, 5, "tls-sim").await.unwrap();
-    let records = read(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    let records = read_topic(&kafka, READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
     assert_eq!(records.len() as u64, sent, "readings published in the clear arrive through the TLS session");
     ingest.stop().await.unwrap();
 
@@ -196,25 +177,19 @@ async fn ingest_connects_over_tls_with_a_password_and_refuses_a_wrong_one_clearl
     untrusted.mqtt.tls.ca_file = None;
     for refused in [wrong, untrusted] {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let endpoint = Endpoint::new(admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(ingest::run(refused, ingest::Listeners { grpc: None, admin: Some(admin) }, async {
             let _ = stopped.await;
         }));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let errors = loop {
-            let text = reqwest::get(format!("{admin_url}/metrics")).await.unwrap().text().await.unwrap();
-            let errors: f64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix("ingest_mqtt_connection_errors_total "))
-                .map_or(0.0, |v| v.parse().unwrap());
-            if errors >= 2.0 || Instant::now() > deadline {
-                break errors;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let errors = observe_until(
+            Duration::from_secs(10),
+            async || endpoint.metric_sum("ingest_mqtt_connection_errors_total").await,
+            |errors| *errors >= 2.0,
+        )
+        .await;
         assert!(errors >= 2.0, "the refused connection is retried and counted");
-        assert_eq!(reqwest::get(format!("{admin_url}/ready")).await.unwrap().status().as_u16(), 503, "not ready");
+        assert_eq!(endpoint.status("/ready").await, 503, "not ready");
         let _ = stop.send(());
         tokio::time::timeout(Duration::from_secs(15), task).await.unwrap().unwrap().unwrap();
     }
@@ -268,14 +243,12 @@ async fn every_payload_the_seed_demo_publishes_lands_in_readings_or_dead_letters
     }
     tokio::time::timeout(Duration::from_secs(60), acked).await.expect("Mosquitto acknowledged every payload").unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (records, letters) = loop {
-        let records = read(&kafka, READINGS, Duration::from_secs(1), |_| false).await;
-        let letters = read(&kafka, DEAD_LETTERS, Duration::from_secs(1), |_| false).await;
-        if records.len() + letters.len() >= total || Instant::now() > deadline {
-            break (records, letters);
-        }
-    };
+    let (records, letters) = observe_until(
+        Duration::from_secs(60),
+        async || (read_to_end(&kafka, READINGS).await, read_to_end(&kafka, DEAD_LETTERS).await),
+        |(records, letters)| records.len() + letters.len() >= total,
+    )
+    .await;
     assert_eq!(records.len() + letters.len(), total, "none lost: each is a reading or a dead letter");
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for letter in &letters {

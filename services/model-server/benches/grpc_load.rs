@@ -20,8 +20,6 @@ mod support;
 #[path = "../tests/support/pki.rs"]
 mod pki;
 
-use clap::Parser;
-use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
 use proto::tensorflow::serving::prediction_service_server::{PredictionService, PredictionServiceServer};
 use proto::tensorflow::serving::*;
@@ -41,12 +39,6 @@ const CONNECTIONS: usize = 4;
 // The allocator the server binary uses (see src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
 
 /// The ceiling: decodes the request and answers with its input, no inference.
 struct Echo;
@@ -155,11 +147,7 @@ async fn start(
                 .map_err(anyhow::Error::from)
         }),
         Some(extra) => {
-            let mut args = vec![
-                "model-server".to_owned(),
-                "--model_name=autoencoder".into(),
-                format!("--model_base_path={}", base.display()),
-            ];
+            let mut args = vec!["--model_name=autoencoder".to_owned(), format!("--model_base_path={}", base.display())];
             args.extend(extra);
             let (ca, dir) = pki;
             if security != Security::Plain {
@@ -172,7 +160,7 @@ async fn start(
                 std::fs::write(&ssl, pki::ssl_config(&ca.server(), None, false)).unwrap();
                 args.push(format!("--ssl_config_file={}", ssl.display()));
             }
-            let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
+            let config = support::serve_config(&args);
             tokio::spawn(server::run(config, Listeners { grpc: listener, rest: None }, async {
                 let _ = stopped.await;
             }))

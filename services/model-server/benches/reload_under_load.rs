@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use clap::Parser;
-use model_server::config::ServeArgs;
 use model_server::server::{self, Listeners};
 use proto::tensorflow::serving::file_system_storage_path_source_config::ServableVersionPolicy;
 use proto::tensorflow::serving::file_system_storage_path_source_config::servable_version_policy::{
@@ -23,22 +21,13 @@ use proto::tensorflow::serving::file_system_storage_path_source_config::servable
 };
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
-use proto::tensorflow::serving::{
-    GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, ModelSpec, PredictRequest,
-    ReloadConfigRequest, model_server_config,
-};
+use proto::tensorflow::serving::{GetModelStatusRequest, ModelConfig, ModelSpec, PredictRequest};
 use serde_json::json;
 use tokio::sync::Mutex;
 
 // The allocator the server binary uses (see src/main.rs): it gives freed pages back.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
 
 const CLIENTS: usize = 8;
 
@@ -64,15 +53,6 @@ fn model_config(name: &str, base: &Path) -> ModelConfig {
     }
 }
 
-fn reload(configs: Vec<ModelConfig>) -> ReloadConfigRequest {
-    ReloadConfigRequest {
-        config: Some(ModelServerConfig {
-            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: configs })),
-        }),
-        ..Default::default()
-    }
-}
-
 fn predict() -> PredictRequest {
     support::autoencoder_request(vec![0.25; 18])
 }
@@ -89,8 +69,8 @@ fn main() {
     let small = root.join("tests/fixtures/savedmodels/autoencoder");
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let report = runtime.block_on(async {
-        let args = ["model-server".to_owned(), "--model_name=autoencoder".into(), format!("--model_base_path={}", small.display())];
-        let config = Flags::try_parse_from(args).unwrap().serve.resolve().unwrap();
+        let args = ["--model_name=autoencoder".to_owned(), format!("--model_base_path={}", small.display())];
+        let config = support::serve_config(&args);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -125,22 +105,23 @@ fn main() {
 
         let mut models = ModelServiceClient::new(channel.clone());
         let started = Instant::now();
-        models.handle_reload_config_request(reload(vec![model_config("autoencoder", &small), model_config("large", &large)])).await.unwrap();
+        models.handle_reload_config_request(support::reload_request(vec![model_config("autoencoder", &small), model_config("large", &large)])).await.unwrap();
         let load_seconds = started.elapsed().as_secs_f64();
         let during_load = percentiles(take().await);
         let rss_loaded = rss_mib();
 
-        models.handle_reload_config_request(reload(vec![model_config("autoencoder", &small)])).await.unwrap();
-        // Unloading completes when the last in-flight request on it is done.
-        loop {
-            let status = models
-                .get_model_status(GetModelStatusRequest { model_spec: Some(ModelSpec { name: "large".into(), ..Default::default() }) })
-                .await;
-            if status.map(|s| s.into_inner().model_version_status.iter().all(|v| v.state == 50)).unwrap_or(true) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        models.handle_reload_config_request(support::reload_request(vec![model_config("autoencoder", &small)])).await.unwrap();
+        // Unloading completes when the last in-flight request on it is done (a generous
+        // limit: the large model's size is the caller's).
+        test_support::Poll::within(Duration::from_secs(300))
+            .every(Duration::from_millis(20))
+            .until("the large model to unload", async || {
+                let status = models
+                    .get_model_status(GetModelStatusRequest { model_spec: Some(ModelSpec { name: "large".into(), ..Default::default() }) })
+                    .await;
+                status.map(|s| s.into_inner().model_version_status.iter().all(|v| v.state == 50)).unwrap_or(true)
+            })
+            .await;
         take().await;
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after_unload = percentiles(take().await);

@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use clap::Parser;
-use model_server::config::ServeArgs;
 use model_server::rollout::windows::{MAX_SAMPLES, Outcome, Windows};
 use model_server::server::{self, Listeners};
 use pb::rollout_service_client::RolloutServiceClient;
@@ -53,12 +51,6 @@ const BASELINE: &str = "baseline";
 // The allocator the server binary uses (see src/main.rs).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-struct Flags {
-    #[command(flatten)]
-    serve: ServeArgs,
-}
 
 /// A server under test: the rollout it runs, if any.
 struct ServerSetup {
@@ -312,7 +304,7 @@ async fn start(models_flag: &str) -> Running {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
-    let config = Flags::try_parse_from(["model-server", models_flag]).unwrap().serve.resolve().unwrap();
+    let config = support::serve_config(&[models_flag]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(server::run(config, Listeners { grpc, rest: Some(rest) }, async {
         let _ = stopped.await;

@@ -143,12 +143,12 @@ struct Task {
 struct Queue {
     tasks: VecDeque<Task>,
     rows: usize,
-    /// Batches being run right now, by threads or inline; at most `Shared::slots`.
+    /// Batches being run right now, by threads or inline; at most `SchedulerState::slots`.
     running: usize,
     closed: bool,
 }
 
-struct Shared {
+struct SchedulerState {
     plan: Arc<SignaturePlan>,
     mode: SchedulingMode,
     /// Most concurrent engine runs (the thread count).
@@ -163,7 +163,7 @@ struct Shared {
 /// The queue and threads for one signature. Dropping it lets queued work finish, then
 /// stops the threads.
 pub struct Scheduler {
-    shared: Arc<Shared>,
+    shared: Arc<SchedulerState>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -188,7 +188,7 @@ impl Scheduler {
             SchedulingMode::Unbatched(o) => o.threads,
         };
         let slots = threads.max(1);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(SchedulerState {
             plan,
             mode,
             slots,
@@ -314,7 +314,7 @@ enum Next<'a> {
 /// request is cancelled before it ran anything) gives the slot back and wakes a thread
 /// for whatever is still queued, so no queued request is stranded.
 struct Combiner<'a> {
-    shared: &'a Shared,
+    shared: &'a SchedulerState,
     holds_slot: bool,
 }
 
@@ -359,7 +359,7 @@ impl Drop for Scheduler {
     }
 }
 
-impl Shared {
+impl SchedulerState {
     fn work(&self) {
         while let Some(batch) = self.next_batch() {
             self.run(batch);

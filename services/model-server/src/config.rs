@@ -413,12 +413,7 @@ fn rollout_kafka_properties(
     env: impl IntoIterator<Item = (String, String)>,
     flags: &[String],
 ) -> Result<Vec<(String, String)>, String> {
-    let mut properties = std::collections::BTreeMap::new();
-    for (name, value) in env {
-        if let Some(key) = name.strip_prefix(ROLLOUT_KAFKA_ENV_PREFIX) {
-            properties.insert(key.to_ascii_lowercase().replace('_', "."), value);
-        }
-    }
+    let mut properties = admin::layered_config::properties_from_env(ROLLOUT_KAFKA_ENV_PREFIX, env);
     for flag in flags {
         let (key, value) = flag
             .split_once('=')

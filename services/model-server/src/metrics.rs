@@ -9,9 +9,8 @@
 
 use std::time::Duration;
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use admin::metrics::MetricsRegistrar;
+use prometheus::{Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder};
 
 /// Which front door a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,152 +61,103 @@ pub struct SignatureMetrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::declare().expect("the model server's metric definitions are valid and their names unique")
+    }
+
+    fn declare() -> prometheus::Result<Self> {
         let registry = Registry::new();
+        let metrics = MetricsRegistrar::new(&registry);
         let labels = &["api", "model", "version", "signature"];
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let declared = Self {
+            requests: metrics.counter_vec(
                 "model_server_requests_total",
                 "Inference and metadata requests, by API, model, version and signature",
-            ),
-            labels,
-        )
-        .expect("metric definition");
-        let errors = IntCounterVec::new(
-            Opts::new(
+                labels,
+            )?,
+            errors: metrics.counter_vec(
                 "model_server_request_errors_total",
                 "Failed requests, by API, model, version, signature and gRPC code",
-            ),
-            &["api", "model", "version", "signature", "code"],
-        )
-        .expect("metric definition");
-        let latency = HistogramVec::new(
-            HistogramOpts::new("model_server_request_duration_seconds", "Time from request decoded to response built")
-                .buckets(prometheus::exponential_buckets(25e-6, 2.0, 18).expect("buckets")),
-            labels,
-        )
-        .expect("metric definition");
-        let batch_size = HistogramVec::new(
-            HistogramOpts::new("model_server_batch_size", "Rows per engine run (after padding)")
-                .buckets(prometheus::exponential_buckets(1.0, 2.0, 12).expect("buckets")),
-            &["model", "version", "signature"],
-        )
-        .expect("metric definition");
-        let queue_depth = IntGaugeVec::new(
-            Opts::new("model_server_queue_depth", "Requests queued for an engine run"),
-            &["model", "version", "signature"],
-        )
-        .expect("metric definition");
-        let load_failures = IntCounterVec::new(
-            Opts::new("model_server_load_failures_total", "Model versions that failed to load"),
-            &["model"],
-        )
-        .expect("metric definition");
-        let versions_available = IntGaugeVec::new(
-            Opts::new("model_server_version_available", "1 while a model version is AVAILABLE"),
-            &["model", "version"],
-        )
-        .expect("metric definition");
-        // What a version answers, for judging a canary by its outputs: every row's anomaly
-        // score, and the rows over their threshold. Scores of this workspace's models run
-        // from ~0.3 (healthy) to ~1e5 (a flat tyre), hence the wide exponential buckets.
-        let output_scores = HistogramVec::new(
-            HistogramOpts::new(
+                &["api", "model", "version", "signature", "code"],
+            )?,
+            latency: metrics.histogram_vec(
+                "model_server_request_duration_seconds",
+                "Time from request decoded to response built",
+                prometheus::exponential_buckets(25e-6, 2.0, 18)?,
+                labels,
+            )?,
+            batch_size: metrics.histogram_vec(
+                "model_server_batch_size",
+                "Rows per engine run (after padding)",
+                prometheus::exponential_buckets(1.0, 2.0, 12)?,
+                &["model", "version", "signature"],
+            )?,
+            queue_depth: metrics.gauge_vec(
+                "model_server_queue_depth",
+                "Requests queued for an engine run",
+                &["model", "version", "signature"],
+            )?,
+            load_failures: metrics.counter_vec(
+                "model_server_load_failures_total",
+                "Model versions that failed to load",
+                &["model"],
+            )?,
+            versions_available: metrics.gauge_vec(
+                "model_server_version_available",
+                "1 while a model version is AVAILABLE",
+                &["model", "version"],
+            )?,
+            // What a version answers, for judging a canary by its outputs: every row's
+            // anomaly score, and the rows over their threshold. Scores of this workspace's
+            // models run from ~0.3 (healthy) to ~1e5 (a flat tyre), hence the wide buckets.
+            output_scores: metrics.histogram_vec(
                 "model_server_output_scores",
                 "Each answered row's anomaly score (signatures with an `anomaly_score` output)",
-            )
-            .buckets(prometheus::exponential_buckets(0.05, 2.0, 22).expect("buckets")),
-            &["model", "version"],
-        )
-        .expect("metric definition");
-        let output_anomalies = IntCounterVec::new(
-            Opts::new(
+                prometheus::exponential_buckets(0.05, 2.0, 22)?,
+                &["model", "version"],
+            )?,
+            output_anomalies: metrics.counter_vec(
                 "model_server_output_anomalies_total",
                 "Answered rows whose anomaly score exceeds their `threshold` output",
-            ),
-            &["model", "version"],
-        )
-        .expect("metric definition");
-        // Canary rollouts: rows the canary scored in shadow and whether it flagged them as
-        // stable did; each rollout's weight and phase; the analysis decisions.
-        let shadow_rows = IntCounterVec::new(
-            Opts::new(
+                &["model", "version"],
+            )?,
+            // Canary rollouts: rows the canary scored in shadow and whether it flagged them
+            // as stable did; each rollout's weight and phase; the analysis decisions.
+            shadow_rows: metrics.counter_vec(
                 "model_server_shadow_rows_total",
                 "Rows a canary scored in shadow, by whether its flag agreed with the stable answer's",
-            ),
-            &["model", "version", "agreement"],
-        )
-        .expect("metric definition");
-        let shadow_skipped = IntCounterVec::new(
-            Opts::new(
+                &["model", "version", "agreement"],
+            )?,
+            shadow_skipped: metrics.counter_vec(
                 "model_server_shadow_skipped_total",
                 "Requests picked for shadowing that were not (too many shadow runs in flight, or the canary's queue full)",
-            ),
-            &["model", "version"],
-        )
-        .expect("metric definition");
-        let rollout_weight = prometheus::GaugeVec::new(
-            Opts::new("model_server_rollout_canary_weight_percent", "The canary's share of unpinned requests"),
-            &["model"],
-        )
-        .expect("metric definition");
-        let rollout_phase = IntGaugeVec::new(
-            Opts::new("model_server_rollout_phase", "1 for the phase each model's rollout is in"),
-            &["model", "phase"],
-        )
-        .expect("metric definition");
-        let rollout_decisions = IntCounterVec::new(
-            Opts::new("model_server_rollout_decisions_total", "Canary analysis decisions made by this replica"),
-            &["model", "decision"],
-        )
-        .expect("metric definition");
-        // Label: "grpc" or "rest" only (never anything a client sent).
-        let requests_shed = IntCounterVec::new(
-            Opts::new(
+                &["model", "version"],
+            )?,
+            rollout_weight: metrics.float_gauge_vec(
+                "model_server_rollout_canary_weight_percent",
+                "The canary's share of unpinned requests",
+                &["model"],
+            )?,
+            rollout_phase: metrics.gauge_vec(
+                "model_server_rollout_phase",
+                "1 for the phase each model's rollout is in",
+                &["model", "phase"],
+            )?,
+            rollout_decisions: metrics.counter_vec(
+                "model_server_rollout_decisions_total",
+                "Canary analysis decisions made by this replica",
+                &["model", "decision"],
+            )?,
+            // Label: "grpc" or "rest" only (never anything a client sent).
+            requests_shed: metrics.counter_vec(
                 "model_server_requests_shed_total",
                 "Requests refused at once because the server had --max_in_flight_requests in flight",
-            ),
-            &["api"],
-        )
-        .expect("metric definition");
-        for collector in [
-            Box::new(requests_shed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(requests.clone()),
-            Box::new(errors.clone()),
-            Box::new(latency.clone()),
-            Box::new(batch_size.clone()),
-            Box::new(queue_depth.clone()),
-            Box::new(load_failures.clone()),
-            Box::new(versions_available.clone()),
-            Box::new(output_scores.clone()),
-            Box::new(output_anomalies.clone()),
-            Box::new(shadow_rows.clone()),
-            Box::new(shadow_skipped.clone()),
-            Box::new(rollout_weight.clone()),
-            Box::new(rollout_phase.clone()),
-            Box::new(rollout_decisions.clone()),
-        ] {
-            registry.register(collector).expect("unique metric names");
-        }
+                &["api"],
+            )?,
+            registry: registry.clone(),
+        };
         // process_start_time_seconds among them (the server declared its own before).
         admin::register_process_metrics(&registry);
-        Self {
-            registry,
-            requests,
-            errors,
-            latency,
-            batch_size,
-            queue_depth,
-            load_failures,
-            versions_available,
-            output_scores,
-            output_anomalies,
-            shadow_rows,
-            shadow_skipped,
-            rollout_weight,
-            rollout_phase,
-            rollout_decisions,
-            requests_shed,
-        }
+        Ok(declared)
     }
 
     /// Counts a request refused for want of an in-flight permit (`api`: "grpc" or "rest").
@@ -222,6 +172,20 @@ impl Metrics {
             batch_size: self.batch_size.with_label_values(&labels),
             queue_depth: self.queue_depth.with_label_values(&labels),
         }
+    }
+
+    /// Records one finished request from the model version it resolved to (`target`: model,
+    /// version, signature), when it started and how it ended.
+    pub fn observe_result<T>(
+        &self,
+        api: Api,
+        target: Option<&(String, i64, String)>,
+        started: std::time::Instant,
+        result: &Result<T, crate::error::ServeError>,
+    ) {
+        let target = target.map(|(model, version, signature)| (model.as_str(), *version, signature.as_str()));
+        let code = result.as_ref().err().map(crate::error::ServeError::code);
+        self.observe_request(api, target, started.elapsed(), code);
     }
 
     /// Records one finished request; `code` is `None` on success.

@@ -121,7 +121,7 @@ pub struct LoadedVersion {
     /// Every signature's interface, including ones the engine cannot run.
     pub specs: BTreeMap<String, SignatureSpec>,
     pub signatures: BTreeMap<String, ServedSignature>,
-    repository: Weak<Shared>,
+    repository: Weak<RepositoryState>,
 }
 
 impl LoadedVersion {
@@ -188,7 +188,7 @@ struct Control {
 }
 
 #[derive(Debug)]
-struct Shared {
+struct RepositoryState {
     table: ArcSwap<ServingTable>,
     control: Mutex<Control>,
     /// Locked only briefly and never while dropping a table or a version.
@@ -200,14 +200,14 @@ struct Shared {
 /// Cheap to clone; all clones are the same repository.
 #[derive(Debug, Clone)]
 pub struct Repository {
-    shared: Arc<Shared>,
+    shared: Arc<RepositoryState>,
 }
 
 impl Repository {
     pub fn new(configs: Vec<ModelConfig>, options: RepositoryOptions, metrics: Metrics) -> Result<Self, ServeError> {
         validate_configs(&configs, &options.allowed_base_paths)?;
         Ok(Self {
-            shared: Arc::new(Shared {
+            shared: Arc::new(RepositoryState {
                 table: ArcSwap::from_pointee(ServingTable::default()),
                 control: Mutex::new(Control {
                     configs,
@@ -557,7 +557,7 @@ impl Repository {
     }
 }
 
-impl Shared {
+impl RepositoryState {
     /// The control lock. Nothing that can panic runs under it, but a poisoned lock is
     /// recovered rather than `expect`ed: its state is only ever replaced whole.
     fn lock_control(&self) -> MutexGuard<'_, Control> {

@@ -11,9 +11,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::admission::WireTensor;
@@ -37,25 +36,20 @@ pub struct RestState {
 /// Bodies over `max_body_bytes` are refused (413) before they are read whole: a JSON body
 /// expands ~16x once parsed (every number a 32-byte value), so this is the REST budget.
 pub fn router(state: RestState, monitoring_path: Option<String>, max_body_bytes: usize) -> Router {
-    let mut router = Router::new()
-        .route("/live", get(|| async { "live\n" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics));
-    if let Some(path) = monitoring_path.filter(|p| p != "/metrics") {
-        router = router.route(&path, get(metrics));
-    }
-    router.fallback(model_api).layer(DefaultBodyLimit::max(max_body_bytes)).with_state(state)
+    let model_api = Router::new().fallback(model_api).layer(DefaultBodyLimit::max(max_body_bytes));
+    admin::health_routes(state.clone(), monitoring_path.as_deref()).merge(model_api.with_state(state))
 }
 
-async fn ready(State(state): State<RestState>) -> Response {
-    match state.inference.repository.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+/// Ready once every configured model has a version loaded; the metrics are the server's
+/// own registry.
+impl admin::Health for RestState {
+    fn readiness(&self) -> Result<(), String> {
+        self.inference.repository.readiness()
     }
-}
 
-async fn metrics(State(state): State<RestState>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+    fn metrics_text(&self) -> Result<Vec<u8>, String> {
+        Ok(self.metrics.render().into_bytes())
+    }
 }
 
 /// What a `/v1/models/...` path addresses.
@@ -197,13 +191,7 @@ async fn predict(
     let started = Instant::now();
     let mut target = None;
     let result = predict_inner(state, path, routing_key, body, &mut target).await;
-    let target_ref = target.as_ref().map(|(m, v, s): &(String, i64, String)| (m.as_str(), *v, s.as_str()));
-    state.metrics.observe_request(
-        Api::RestPredict,
-        target_ref,
-        started.elapsed(),
-        result.as_ref().err().map(ServeError::code),
-    );
+    state.metrics.observe_result(Api::RestPredict, target.as_ref(), started, &result);
     result
 }
 

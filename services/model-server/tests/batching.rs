@@ -9,6 +9,7 @@ use std::sync::Arc;
 use proto::tensorflow::serving::PredictRequest;
 use savedmodel::{SavedModel, Tensor};
 use support::*;
+use test_support::metric;
 
 /// A distinct input per client: rows of values derived from the client index.
 fn input(client: usize, rows: usize) -> Vec<f32> {

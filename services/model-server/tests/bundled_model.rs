@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
 use proto::tensorflow::serving::{GetModelMetadataRequest, GetModelStatusRequest, PredictRequest, SignatureDefMap};
 use support::*;
+use test_support::metric;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_bundled_versions_load_and_answer_with_their_own_threshold() {

@@ -8,13 +8,14 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use canary::split::{Weight, bucket};
 use proto::tensorflow::serving::PredictRequest;
 use proto::tensorflow::serving::model_spec::VersionChoice;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use support::*;
+use test_support::eventually;
 use tonic::transport::Channel;
 
 const MODEL: &str = "ae";
@@ -126,11 +127,10 @@ async fn the_rollout_file_is_reread_and_a_bad_one_keeps_the_rollout_in_force() {
 
     let file = root.path().join("rollouts.toml");
     std::fs::write(&file, rollout(1, 2, 100.0)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while answered(&mut client, None, Some("car-0")).await != 2 {
-        assert!(Instant::now() < deadline, "the new weight was never applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), "the new weight to be applied", async || {
+        answered(&mut client, None, Some("car-0")).await == 2
+    })
+    .await;
 
     // A weight out of range is refused; the 100% rollout stays. Three poll periods pass
     // (there is no event to wait on for something that must not happen).

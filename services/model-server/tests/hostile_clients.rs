@@ -3,13 +3,13 @@
 //! serving afterwards, and, over the whole run, that its peak resident memory stays within
 //! [`RSS_BOUND_MIB`] of what it used before the first hostile request.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 mod support;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use proto::inference::model_infer_request::InferInputTensor;
@@ -20,6 +20,7 @@ use proto::tensorflow::serving::{GetModelStatusRequest, ModelConfig, ModelSpec, 
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use proto::vigil::rollout::v1::AbortRolloutRequest;
 use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
+use test_support::{ChildService, Endpoint, Output};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -28,11 +29,12 @@ const RSS_BOUND_MIB: u64 = 256;
 
 const MODEL: &str = "autoencoder";
 
-/// The real `model-server` binary serving the autoencoder fixture from `models/autoencoder`.
+/// The real `model-server` binary serving the autoencoder fixture from `models/autoencoder`
+/// (killed when dropped).
 struct Server {
-    child: Child,
+    process: ChildService,
     grpc: SocketAddr,
-    rest: SocketAddr,
+    rest: Endpoint,
     models: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -46,42 +48,33 @@ impl Server {
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let models =
             support::model_base(&dir.path().join("models"), MODEL, "autoencoder", &[1]).parent().unwrap().to_owned();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_model-server"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_model-server"));
+        command
             .args(["--port=0", "--bind_address=127.0.0.1", "--rest_api_address=127.0.0.1:0"])
             .arg(format!("--model_name={MODEL}"))
             .arg(format!("--model_base_path={}", models.join(MODEL).display()))
             .args(["--enable_grpc_healthcheck_service", "--file_system_poll_wait_seconds=0"])
             .args(extra)
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+            .stderr(Stdio::null());
+        let mut process = ChildService::spawn("model-server", command, Output::Stdout);
+        // Its first two lines, as TF Serving prints them.
         let mut address = |prefix: &str| -> SocketAddr {
-            let line = lines.next().expect("the server printed its addresses").unwrap();
+            let line = process.next_line(Duration::from_secs(60));
             line.strip_prefix(prefix).unwrap_or_else(|| panic!("{line:?}")).trim().parse().unwrap()
         };
         let grpc = address("Running gRPC ModelServer at ");
-        let rest = address("Exporting HTTP/REST API at ");
-        Server { child, grpc, rest, models, _dir: dir }
+        let rest = Endpoint::new(address("Exporting HTTP/REST API at "));
+        Server { process, grpc, rest, models, _dir: dir }
     }
 
     async fn channel(&self) -> Channel {
-        let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match endpoint.connect().await {
-                Ok(channel) => return channel,
-                Err(e) if Instant::now() > deadline => panic!("no connection to {}: {e}", self.grpc),
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        support::channel_to(self.grpc, Duration::from_secs(60)).await
     }
 
     /// (current, peak) resident set size in KiB, from /proc.
     fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).unwrap();
         let field = |name: &str| {
             status
                 .lines()
@@ -93,14 +86,7 @@ impl Server {
     }
 
     fn is_running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.is_running()
     }
 }
 
@@ -143,8 +129,7 @@ async fn assert_serving(server: &Server, channel: &Channel, case: &str) {
     predict(channel, predict_request(MODEL, "", vec![("sensors", one_row())]))
         .await
         .unwrap_or_else(|e| panic!("after {case}: Predict failed: {e:?}"));
-    let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
-    assert_eq!(ready.status(), 200, "after {case}: /ready");
+    assert_eq!(server.rest.status("/ready").await, 200, "after {case}: /ready");
 }
 
 fn model_config(name: &str, base_path: &Path) -> ModelConfig {
@@ -158,10 +143,6 @@ fn model_config(name: &str, base_path: &Path) -> ModelConfig {
 
 fn kserve_input(name: &str, shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
     InferInputTensor { name: name.into(), datatype: "FP32".into(), shape, contents, ..Default::default() }
-}
-
-async fn metrics_text(server: &Server) -> String {
-    reqwest::get(format!("http://{}/metrics", server.rest)).await.unwrap().text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +238,7 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
     eprintln!("peak after the KServe cases (a 60 MB message among them): {} MiB", server.rss_kib().1 / 1024);
 
     // 5. Random 1 KiB signature names are not labels: /metrics does not grow with them.
-    let before = metrics_text(&server).await;
+    let before = server.rest.metrics().await;
     let calls: Vec<_> = (0..2000)
         .map(|i| {
             let channel = channel.clone();
@@ -269,13 +250,13 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
         assert_eq!(result.unwrap_err().code(), Code::InvalidArgument);
     }
     // The same through REST.
-    let url = format!("http://{}/v1/models/{MODEL}:predict", server.rest);
+    let url = format!("{}/v1/models/{MODEL}:predict", server.rest);
     for i in 0..200 {
         let body = serde_json::json!({ "signature_name": format!("rest-{i}-{}", "y".repeat(1024)), "instances": [vec![0.5; 18]] });
         let response = reqwest::Client::new().post(&url).json(&body).send().await.unwrap();
         assert_eq!(response.status(), 400);
     }
-    let after = metrics_text(&server).await;
+    let after = server.rest.metrics().await;
     assert!(!after.contains("sig-1-x") && !after.contains("rest-1-y"), "a client's signature name became a label");
     assert!(
         after.len() < before.len() + 8 * 1024,
@@ -303,8 +284,7 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
         .handle_reload_config_request(support::reload_request(vec![]))
         .await
         .expect("an empty model list is a valid config");
-    let ready = reqwest::get(format!("http://{}/ready", server.rest)).await.unwrap();
-    assert_eq!(ready.status(), 503, "/ready with nothing configured");
+    assert_eq!(server.rest.status("/ready").await, 503, "/ready with nothing configured");
     let ready = GrpcInferenceServiceClient::new(channel.clone()).server_ready(ServerReadyRequest {}).await.unwrap();
     assert!(!ready.into_inner().ready);
     models
@@ -323,7 +303,7 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
 
     // 9. REST: a number a float cannot hold, malformed JSON, a body over the limit.
     let http = reqwest::Client::new();
-    let url = format!("http://{}/v1/models/{MODEL}:predict", server.rest);
+    let url = format!("{}/v1/models/{MODEL}:predict", server.rest);
     let row: Vec<f64> = std::iter::once(1e300).chain(std::iter::repeat_n(0.5, 17)).collect();
     let response = http.post(&url).json(&serde_json::json!({ "instances": [row] })).send().await.unwrap();
     assert_eq!(response.status(), 400);
@@ -413,9 +393,9 @@ async fn past_the_in_flight_limit_requests_are_shed_with_resource_exhausted_and_
         results.iter().filter_map(|r| r.as_ref().err()).filter(|e| e.code() != Code::ResourceExhausted).collect();
     assert!(other_errors.is_empty(), "{other_errors:?}");
     assert!(shed > 0 && shed < 64, "{shed} of 64 shed");
-    let text = metrics_text(&server).await;
+    let text = server.rest.metrics().await;
     let counted =
-        support::metric(&text, "model_server_requests_shed_total", &[("api", "grpc")]).expect("the shed counter");
+        test_support::metric(&text, "model_server_requests_shed_total", &[("api", "grpc")]).expect("the shed counter");
     assert_eq!(counted as usize, shed);
     // Health checks are never shed, and the server serves once the burst is over.
     predict(&channel, predict_request(MODEL, "", vec![("sensors", one_row())])).await.unwrap();

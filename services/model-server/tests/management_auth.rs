@@ -8,7 +8,7 @@
 mod pki;
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pki::{Ca, Leaf, ssl_config, tls_channel, write_atomically};
 use proto::tensorflow::serving::model_server_config;
@@ -19,6 +19,7 @@ use proto::tensorflow::serving::{
 use proto::vigil::rollout::v1 as rollout;
 use proto::vigil::rollout::v1::rollout_service_client::RolloutServiceClient;
 use support::*;
+use test_support::eventually;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -109,11 +110,10 @@ async fn management_calls_need_the_token_or_an_allowed_certificate_and_reads_nee
 
     // Rotating the token file: the old token stops working, the new one works.
     write_atomically(&token_file, "second-token\n");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reload(&anonymous, &base, Some("first-token")).await == Code::Ok {
-        assert!(Instant::now() < deadline, "the rotated token file was never read");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), "the rotated token file to be read", async || {
+        reload(&anonymous, &base, Some("first-token")).await != Code::Ok
+    })
+    .await;
     assert_eq!(reload(&anonymous, &base, Some("first-token")).await, Code::PermissionDenied);
     assert_eq!(reload(&anonymous, &base, Some("second-token")).await, Code::Ok);
     server.stop().await;

@@ -7,17 +7,15 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prost::Message;
 use proto::tensorflow::serving::model_service_client::ModelServiceClient;
 use proto::tensorflow::serving::model_spec::VersionChoice;
 use proto::tensorflow::serving::prediction_log::LogType;
-use proto::tensorflow::serving::{
-    GetModelStatusRequest, ModelConfig, ModelConfigList, ModelServerConfig, PredictLog, PredictRequest, PredictionLog,
-    ReloadConfigRequest, model_server_config,
-};
+use proto::tensorflow::serving::{GetModelStatusRequest, ModelConfig, PredictLog, PredictRequest, PredictionLog};
 use support::*;
+use test_support::{eventually, metric};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -40,14 +38,6 @@ async fn statuses(channel: &Channel, model: &str) -> Vec<(i64, i32, String)> {
         .into_iter()
         .map(|s| (s.version, s.state, s.status.map(|s| s.error_message).unwrap_or_default()))
         .collect()
-}
-
-async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,8 +74,8 @@ async fn a_new_version_swaps_in_under_load_and_a_corrupt_one_never_replaces_it()
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     add_version(&base, "autoencoder", 2);
-    wait_for("version 2 to answer", async || seen.lock().unwrap().contains(&2)).await;
-    wait_for("version 1 to unload", async || {
+    eventually(Duration::from_secs(60), "version 2 to answer", async || seen.lock().unwrap().contains(&2)).await;
+    eventually(Duration::from_secs(60), "version 1 to unload", async || {
         statuses(&channel, "ae").await.iter().any(|(v, state, _)| *v == 1 && *state == 50)
     })
     .await;
@@ -95,7 +85,7 @@ async fn a_new_version_swaps_in_under_load_and_a_corrupt_one_never_replaces_it()
     copy_dir(&fixture_root("autoencoder").join("1"), &staging);
     std::fs::write(staging.join("saved_model.pb"), b"definitely not a protobuf").unwrap();
     std::fs::rename(&staging, base.join("3")).unwrap();
-    wait_for("version 3 to fail", async || {
+    eventually(Duration::from_secs(60), "version 3 to fail", async || {
         statuses(&channel, "ae").await.iter().any(|(v, state, _)| *v == 3 && *state == 50)
     })
     .await;
@@ -133,15 +123,6 @@ fn model_config(name: &str, base: &std::path::Path, versions: &[i64], labels: &[
     }
 }
 
-fn reload(configs: Vec<ModelConfig>) -> ReloadConfigRequest {
-    ReloadConfigRequest {
-        config: Some(ModelServerConfig {
-            config: Some(model_server_config::Config::ModelConfigList(ModelConfigList { config: configs })),
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_policies_labels_and_reload_requests() {
     let root = tempfile::tempdir().unwrap();
@@ -175,19 +156,19 @@ async fn config_file_policies_labels_and_reload_requests() {
     let mut models = ModelServiceClient::new(channel.clone());
     let two_io = model_base(root.path(), "two_io", "module_two_io", &[1]);
     let refused = models
-        .handle_reload_config_request(reload(vec![model_config("ae", &ae, &[1, 2], &[("canary", 3)])]))
+        .handle_reload_config_request(reload_request(vec![model_config("ae", &ae, &[1, 2], &[("canary", 3)])]))
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("canary") && refused.message().contains('3'), "{}", refused.message());
     let invalid = models
-        .handle_reload_config_request(reload(vec![model_config("ae", &ae, &[1, 2], &[("can-ary", 1)])]))
+        .handle_reload_config_request(reload_request(vec![model_config("ae", &ae, &[1, 2], &[("can-ary", 1)])]))
         .await
         .unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
 
     let accepted = models
-        .handle_reload_config_request(reload(vec![
+        .handle_reload_config_request(reload_request(vec![
             model_config("ae", &ae, &[2, 3], &[("stable", 2)]),
             model_config("two_io", &two_io, &[1], &[]),
         ]))
@@ -199,7 +180,7 @@ async fn config_file_policies_labels_and_reload_requests() {
     assert_eq!(version_of(response), Some(VersionChoice::Version(2)));
     let response = client.predict(request("ae", Some(3), None)).await.unwrap().into_inner();
     assert_eq!(version_of(response), Some(VersionChoice::Version(3)));
-    wait_for("version 1 to unload", async || {
+    eventually(Duration::from_secs(60), "version 1 to unload", async || {
         statuses(&channel, "ae").await.iter().any(|(v, state, _)| *v == 1 && *state == 50)
     })
     .await;

@@ -10,6 +10,7 @@ use proto::inference::{
 };
 use serde_json::{Value, json};
 use support::*;
+use test_support::metric;
 use tonic::Code;
 
 async fn server(flags: &[&str]) -> (tempfile::TempDir, TestServer) {

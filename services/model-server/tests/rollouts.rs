@@ -11,7 +11,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use embedded_brokers::KafkaCluster;
 use pb::rollout_service_client::RolloutServiceClient;
@@ -21,6 +21,8 @@ use proto::tensorflow::serving::prediction_service_client::PredictionServiceClie
 use proto::vigil::rollout::v1 as pb;
 use serde_json::Value;
 use support::*;
+use test_support::kafka::read_topic;
+use test_support::{metric, observe_until};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -220,23 +222,24 @@ async fn the_canary_scores_stable_traffic_in_shadow_without_its_answer_leaking()
     // The canary flagged every row; it agreed with stable only where stable flagged too.
     let rows = golden.readings.len() as f64;
     let stable_flags = golden.v1_scores.iter().filter(|&&s| s > golden.v1_threshold).count() as f64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = get_text(server.rest, "/metrics").await;
-        let shadow = |agreement| {
-            metric(&text, "model_server_shadow_rows_total", &[("version", "3"), ("agreement", agreement)])
-                .unwrap_or(0.0)
-        };
-        let (agree, disagree) = (shadow("agree"), shadow("disagree"));
-        if agree + disagree >= rows {
-            assert_eq!((agree, disagree), (stable_flags, rows - stable_flags));
-            // Shadow rows are not answers: version 3 answered nothing.
-            assert_eq!(metric(&text, "model_server_output_anomalies_total", &[("version", "3")]), None);
-            break;
-        }
-        assert!(Instant::now() < deadline, "shadow rows counted: {agree} + {disagree} of {rows}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (text, agree, disagree) = observe_until(
+        Duration::from_secs(30),
+        async || {
+            let text = get_text(server.rest, "/metrics").await;
+            let shadow = |agreement| {
+                metric(&text, "model_server_shadow_rows_total", &[("version", "3"), ("agreement", agreement)])
+                    .unwrap_or(0.0)
+            };
+            let (agree, disagree) = (shadow("agree"), shadow("disagree"));
+            (text, agree, disagree)
+        },
+        |(_, agree, disagree)| agree + disagree >= rows,
+    )
+    .await;
+    assert!(agree + disagree >= rows, "shadow rows counted: {agree} + {disagree} of {rows}");
+    assert_eq!((agree, disagree), (stable_flags, rows - stable_flags));
+    // Shadow rows are not answers: version 3 answered nothing.
+    assert_eq!(metric(&text, "model_server_output_anomalies_total", &[("version", "3")]), None);
     server.stop().await;
 }
 
@@ -276,15 +279,9 @@ async fn under_load(server: &TestServer, rollout: pb::StartRolloutRequest) -> pb
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed, tasks) = load(server, 4, stop.clone());
     api.start_rollout(rollout).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let last = loop {
-        let rollout = status(&mut api).await;
-        if phase(&rollout) != pb::Phase::Progressing {
-            break rollout;
-        }
-        assert!(Instant::now() < deadline, "the analysis never concluded: {rollout:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let concluded = |rollout: &pb::Rollout| phase(rollout) != pb::Phase::Progressing;
+    let last = observe_until(Duration::from_secs(90), async || status(&mut api).await, concluded).await;
+    assert!(concluded(&last), "the analysis never concluded: {last:?}");
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
@@ -317,15 +314,9 @@ async fn the_analysis_rolls_back_a_canary_that_flags_everything_and_promotes_a_g
     }
 
     // The rollout gauges follow the state within a tick of the analysis loop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let text = loop {
-        let text = get_text(server.rest, "/metrics").await;
-        if metric(&text, "model_server_rollout_phase", &[("phase", "promoted")]) == Some(1.0) {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "the phase gauge never showed the promotion");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let promoted = |text: &String| metric(text, "model_server_rollout_phase", &[("phase", "promoted")]) == Some(1.0);
+    let text = observe_until(Duration::from_secs(10), async || get_text(server.rest, "/metrics").await, promoted).await;
+    assert!(promoted(&text), "the phase gauge never showed the promotion");
     let decisions =
         |decision| metric(&text, "model_server_rollout_decisions_total", &[("decision", decision)]).unwrap_or(0.0);
     // The bad canary's first failed check, then any the good one was allowed (a check can
@@ -355,16 +346,12 @@ async fn replicas_converge_on_the_rollout_state_through_kafka() {
     let (mut api_a, mut api_b) = (rollouts(&a).await, rollouts(&b).await);
 
     let converged = async |api: &mut RolloutServiceClient<Channel>, revision: u64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(rollout) = api.get_rollout(pb::GetRolloutRequest { model: MODEL.into() }).await
-                && rollout.get_ref().revision >= revision
-            {
-                return rollout.into_inner();
-            }
-            assert!(Instant::now() < deadline, "revision {revision} never reached the other replica");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let reached = async || {
+            let answer = api.get_rollout(pb::GetRolloutRequest { model: MODEL.into() }).await;
+            answer.ok().map(tonic::Response::into_inner).filter(|rollout| rollout.revision >= revision)
+        };
+        let rollout = observe_until(Duration::from_secs(30), reached, Option::is_some).await;
+        rollout.unwrap_or_else(|| panic!("revision {revision} never reached the other replica"))
     };
     let started = api_a.start_rollout(spec_of(1, 2, 30.0, None)).await.unwrap().into_inner();
     assert_eq!(converged(&mut api_b, 1).await, started);
@@ -400,15 +387,10 @@ async fn replicas_converge_on_the_rollout_state_through_kafka() {
     slow.min_samples = 1_000_000;
     converged(&mut api_a, 3).await;
     api_a.start_rollout(spec_of(1, 2, 0.0, Some(slow))).await.unwrap();
-    let servers = kafka.bootstrap_servers().to_owned();
-    let events = tokio::task::spawn_blocking(move || {
-        embedded_brokers::read_topic(&servers, "vigil.rollout-events", Duration::from_secs(60), |records| {
-            records.iter().filter(|r| String::from_utf8_lossy(&r.payload).contains("\"event\":\"held\"")).count() >= 3
-        })
-        .unwrap()
+    let events = read_topic(&kafka, "vigil.rollout-events", Duration::from_secs(60), |records| {
+        records.iter().filter(|r| String::from_utf8_lossy(&r.payload).contains("\"event\":\"held\"")).count() >= 3
     })
-    .await
-    .unwrap();
+    .await;
     let events: Vec<Value> = events.iter().map(|r| serde_json::from_slice(&r.payload).unwrap()).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(&kinds[..4], ["started", "weight_set", "aborted", "started"], "{kinds:?}");
@@ -426,16 +408,13 @@ async fn replicas_converge_on_the_rollout_state_through_kafka() {
 /// Waits until both replicas hold the same rollout at `revision`, and returns it.
 async fn both_at(a: &RolloutServiceClient<Channel>, b: &RolloutServiceClient<Channel>, revision: u64) -> pb::Rollout {
     let (mut a, mut b) = (a.clone(), b.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (on_a, on_b) = (status(&mut a).await, status(&mut b).await);
-        if on_a.revision >= revision && on_a == on_b {
-            assert_eq!(on_a.revision, revision, "each change is applied once: {on_a:?}");
-            return on_a;
-        }
-        assert!(Instant::now() < deadline, "replicas at {} and {}, not {revision}", on_a.revision, on_b.revision);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let agree = |(on_a, on_b): &(pb::Rollout, pb::Rollout)| on_a.revision >= revision && on_a == on_b;
+    let both =
+        observe_until(Duration::from_secs(30), async || (status(&mut a).await, status(&mut b).await), agree).await;
+    let (on_a, on_b) = &both;
+    assert!(agree(&both), "replicas at {} and {}, not {revision}", on_a.revision, on_b.revision);
+    assert_eq!(on_a.revision, revision, "each change is applied once: {on_a:?}");
+    both.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

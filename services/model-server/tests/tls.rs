@@ -10,12 +10,13 @@ mod pki;
 mod support;
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pki::{Ca, presented_certificate, ssl_config, tls_channel, tls_connect, write_atomically};
 use proto::tensorflow::serving::PredictRequest;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 use support::*;
+use test_support::eventually;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
@@ -137,14 +138,6 @@ fn logs() -> Arc<Mutex<Vec<u8>>> {
     .clone()
 }
 
-async fn wait_for(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_presented_to_new_connections_and_an_invalid_file_is_ignored() {
     let logs = logs();
@@ -157,7 +150,7 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_an_invalid_fi
     let established = tls_channel(server.grpc, &ca, None).await.unwrap();
 
     write_atomically(&file, &ssl_config(&second, None, false));
-    wait_for("the new certificate on a new connection", async || {
+    eventually(Duration::from_secs(30), "the new certificate on a new connection", async || {
         presented_certificate(server.grpc, &ca).await.unwrap() == second.der()
     })
     .await;
@@ -167,7 +160,7 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_an_invalid_fi
     // A broken file is reported and changes nothing.
     write_atomically(&file, "server_cert: \"not a certificate\"\n");
     let reported = format!("{}", file.display());
-    wait_for("the invalid file to be reported", async || {
+    eventually(Duration::from_secs(30), "the invalid file to be reported", async || {
         let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
         text.lines().any(|line| line.contains(&reported) && line.contains("not valid"))
     })
@@ -222,7 +215,7 @@ async fn pem_files_from_a_secret_volume_serve_mutual_tls_and_are_renewed_in_plac
     // Renewal: a new key and certificate, swapped in together.
     let second = ca.server();
     write_secret_volume(&secret, 2, &[("tls.crt", &second.cert), ("tls.key", &second.key), ("ca.crt", &ca.pem)]);
-    wait_for("the renewed certificate on a new connection", async || {
+    eventually(Duration::from_secs(30), "the renewed certificate on a new connection", async || {
         presented_certificate(server.grpc, &ca).await.unwrap() == second.der()
     })
     .await;

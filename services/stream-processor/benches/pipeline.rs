@@ -254,15 +254,7 @@ fn load_producer(kafka: &Kafka) -> FutureProducer {
 
 /// Writes `readings` to `topic` keyed by device id, as ingest does, and waits for Kafka.
 async fn produce(producer: &FutureProducer, topic: &str, readings: &[SensorReading]) {
-    let mut deliveries = Vec::with_capacity(readings.len());
-    for reading in readings {
-        let payload = reading.encode_to_vec();
-        let record = FutureRecord::to(topic).key(reading.device_id.as_bytes()).payload(&payload);
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for delivery in deliveries {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+    support::write_readings(producer, topic, readings.iter().map(|reading| (reading, None))).await;
 }
 
 /// A reader on the round's output topic, and how many records it has seen so far.
@@ -331,12 +323,12 @@ async fn latency_round(
         })
         .collect();
     produce(&producer, &round.readings, &warm_up).await;
-    // The group is joined and every partition flowing before the clock starts.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while seen.load(Ordering::Relaxed) < WARM_UP_READINGS {
-        assert!(Instant::now() < deadline, "the warm-up readings did not come out within 60 s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The group is joined and every partition flowing before the clock starts (looked
+    // at often: the clock starts as soon as they are).
+    test_support::Poll::within(Duration::from_secs(60))
+        .every(Duration::from_millis(10))
+        .until("the warm-up readings to come out", async || seen.load(Ordering::Relaxed) >= WARM_UP_READINGS)
+        .await;
     let tick = Duration::from_millis(5);
     let per_tick = rate * tick.as_secs_f64();
     let start = Instant::now();

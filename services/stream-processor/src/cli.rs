@@ -1,36 +1,23 @@
 //! The `stream-processor` command line (the `stream-processor` binary and `vigil
 //! stream-processor`). Config: defaults < `--config` TOML < `PROCESSOR_*` environment <
-//! flags (see [`crate::config`]).
+//! flags (see [`crate::config`]); the rest is the services' shared scaffold
+//! ([`admin::service`]).
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
-use anyhow::Context as _;
-use clap::Parser;
+use admin::layered_config::FlagValue;
+use admin::service::{ServiceFlags, ServiceNames, bind_optional, run_service};
 
-use crate::config::{Overrides, ProcessorConfig};
+use crate::config::ProcessorConfig;
 
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Scores every reading on the readings topic with the model server, in order, at least once or exactly once"
-)]
-struct Cli {
-    /// TOML config file.
-    #[arg(long, env = "PROCESSOR_CONFIG")]
-    config: Option<PathBuf>,
-    /// Kafka bootstrap servers (`kafka."bootstrap.servers"`).
-    #[arg(long)]
-    kafka_brokers: Option<String>,
+#[derive(clap::Args)]
+struct Flags {
     /// Model server replicas, comma-separated `http://host:port` (`model.endpoints`).
     #[arg(long)]
     model_endpoints: Option<String>,
     /// Consumer group (`group_id`).
     #[arg(long)]
     group_id: Option<String>,
-    /// /live, /ready, /metrics address (`admin_listen`); empty: not served.
-    #[arg(long)]
-    admin_listen: Option<String>,
     /// gRPC ReplayService and health address (`grpc_listen`, default 0.0.0.0:50062); empty:
     /// not served.
     #[arg(long)]
@@ -38,47 +25,45 @@ struct Cli {
     /// `at-least-once` (default) or `exactly-once` (Kafka transactions) (`delivery`).
     #[arg(long)]
     delivery: Option<String>,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
 }
+
+impl ServiceFlags for Flags {
+    fn flag_values(&self) -> Vec<FlagValue> {
+        let endpoints = self
+            .model_endpoints
+            .as_ref()
+            .map(|list| list.split(',').map(|endpoint| endpoint.trim().to_owned()).collect::<Vec<_>>());
+        let own = [
+            FlagValue::given(&["model", "endpoints"], endpoints),
+            FlagValue::given(&["group_id"], self.group_id.clone()),
+            FlagValue::given(&["grpc_listen"], self.grpc_listen.clone()),
+            FlagValue::given(&["delivery"], self.delivery.clone()),
+        ];
+        own.into_iter().flatten().collect()
+    }
+}
+
+const NAMES: ServiceNames = ServiceNames {
+    program: "stream-processor",
+    about: "Scores every reading on the readings topic with the model server, in order, at least once or exactly once",
+    config_variable: "PROCESSOR_CONFIG",
+    trace_service: "vigil-stream-processor",
+};
 
 /// Parses `args` (the program name first) and runs the processor until a termination
 /// signal.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
-    admin::init_logs();
-    let cli = Cli::parse_from(args);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli))
+    run_service::<Flags, ProcessorConfig, _, _>(&NAMES, args, |config, stop| async move {
+        let listeners = crate::Listeners {
+            admin: bind_optional(&config.admin_listen).await?,
+            grpc: bind_optional(&config.grpc_listen).await?,
+        };
+        Ok(crate::run(config, listeners, stop).await?)
+    })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let overrides = Overrides {
-        kafka_brokers: cli.kafka_brokers,
-        model_endpoints: cli.model_endpoints,
-        group_id: cli.group_id,
-        admin_listen: cli.admin_listen,
-        grpc_listen: cli.grpc_listen,
-        delivery: cli.delivery,
-    };
-    let config = ProcessorConfig::load(cli.config.as_deref(), std::env::vars(), &overrides)?;
-    if cli.print_config {
-        print!("{}", toml::to_string_pretty(&config)?);
-        return Ok(());
-    }
-    let admin = bind(&config.admin_listen).await?;
-    let grpc = bind(&config.grpc_listen).await?;
-    let tracing = telemetry::Tracing::from_env("vigil-stream-processor")?;
-    let result = crate::run(config, crate::Listeners { admin, grpc }, admin::drain_signal()).await;
-    tracing.shutdown().await;
-    result?;
-    Ok(())
-}
-
-/// Binds `address`; an empty one serves nothing.
-async fn bind(address: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
-    if address.is_empty() {
-        return Ok(None);
-    }
-    let listener = tokio::net::TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
-    Ok(Some(listener))
+/// The flag layer `flags` give, for the config's tests.
+#[cfg(test)]
+pub(crate) fn flag_values(flags: &[&str]) -> Vec<FlagValue> {
+    admin::service::flag_values_of::<Flags>(&NAMES, flags)
 }

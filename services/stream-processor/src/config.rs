@@ -4,11 +4,11 @@
 //! `PROCESSOR_KAFKA__SASL_MECHANISM` sets librdkafka's `sasl.mechanism`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use admin::layered_config::{self, EnvLayout};
+use admin::layered_config::EnvLayout;
+pub use admin::layered_config::{ConfigError, ServiceConfig};
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_READINGS_TOPIC: &str = "vigil-readings";
@@ -191,25 +191,6 @@ impl Default for ProcessorConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(pub String);
-
-/// Settings given as flags, the last layer.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub kafka_brokers: Option<String>,
-    /// Comma-separated.
-    pub model_endpoints: Option<String>,
-    pub group_id: Option<String>,
-    pub admin_listen: Option<String>,
-    pub grpc_listen: Option<String>,
-    /// `at-least-once` or `exactly-once`.
-    pub delivery: Option<String>,
-}
-
-const ENV_PREFIX: &str = "PROCESSOR_";
-
 impl ProcessorConfig {
     /// The producer's `transactional.id` in exactly-once mode.
     pub fn transactional_id(&self) -> String {
@@ -224,34 +205,16 @@ impl ProcessorConfig {
             .unwrap_or_else(|| "localhost".to_owned());
         format!("{}-{host}", self.group_id)
     }
+}
 
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        overrides: &Overrides,
-    ) -> Result<Self, ConfigError> {
-        let layout = EnvLayout {
-            prefix: ENV_PREFIX,
-            pass_through: &["kafka", "consumer", "producer"],
-            flag_variables: &["CONFIG"],
-        };
-        let flags: &[(&[&str], Option<String>)] = &[
-            (&["kafka", "bootstrap.servers"], overrides.kafka_brokers.clone()),
-            (&["group_id"], overrides.group_id.clone()),
-            (&["admin_listen"], overrides.admin_listen.clone()),
-            (&["grpc_listen"], overrides.grpc_listen.clone()),
-            (&["delivery"], overrides.delivery.clone()),
-        ];
-        let mut config =
-            layered_config::load(&ProcessorConfig::default(), file, layout, env, flags).map_err(ConfigError)?;
-        if let Some(endpoints) = &overrides.model_endpoints {
-            config.model.endpoints = endpoints.split(',').map(|e| e.trim().to_owned()).collect();
-        }
-        config.check()?;
-        Ok(config)
-    }
+impl ServiceConfig for ProcessorConfig {
+    const ENV: EnvLayout<'static> = EnvLayout {
+        prefix: "PROCESSOR_",
+        pass_through: &["kafka", "consumer", "producer"],
+        flag_variables: &["CONFIG"],
+    };
 
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn check(&self) -> Result<(), ConfigError> {
         let error = |text: String| Err(ConfigError(text));
         if self.max_in_flight_per_partition == 0 {
             return error("max_in_flight_per_partition must be at least 1".into());
@@ -323,17 +286,12 @@ impl ProcessorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
-    }
+    use admin::layered_config::NO_ENV;
 
     #[test]
     fn layers_apply_in_order_defaults_file_env_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("processor.toml");
-        std::fs::write(
-            &file,
+        let file = test_support::temp_file(
+            "processor.toml",
             r#"
 group_id = "from-file"
 output_format = "json"
@@ -343,23 +301,24 @@ timeout_ms = 300
 [consumer]
 "session.timeout.ms" = "6000"
 "#,
-        )
-        .unwrap();
+        );
         let config = ProcessorConfig::load(
-            Some(&file),
-            env(&[
+            Some(&file.path),
+            [
                 ("PROCESSOR_MODEL__TIMEOUT_MS", "400"),
                 ("PROCESSOR_PRODUCER__LINGER_MS", "2"),
                 ("PROCESSOR_GROUP_ID", "from-env"),
                 // Names the file for the `--config` flag (which clap read): not a key.
                 ("PROCESSOR_CONFIG", "/etc/vigil/processor.toml"),
+            ],
+            &crate::cli::flag_values(&[
+                "--group-id",
+                "from-flag",
+                "--grpc-listen",
+                "127.0.0.1:7000",
+                "--model-endpoints",
+                "http://a:1, http://b:2",
             ]),
-            &Overrides {
-                group_id: Some("from-flag".into()),
-                grpc_listen: Some("127.0.0.1:7000".into()),
-                model_endpoints: Some("http://a:1, http://b:2".into()),
-                ..Overrides::default()
-            },
         )
         .unwrap();
         assert_eq!(config.group_id, "from-flag", "flag over env over file");
@@ -374,9 +333,8 @@ timeout_ms = 300
 
     #[test]
     fn mistakes_are_refused_by_name() {
-        let load = |pairs: &[(&str, &str)]| {
-            ProcessorConfig::load(None, env(pairs), &Overrides::default()).unwrap_err().to_string()
-        };
+        let load =
+            |pairs: &[(&str, &str)]| ProcessorConfig::load(None, pairs.iter().copied(), &[]).unwrap_err().to_string();
         assert!(load(&[("PROCESSOR_MODEL__ENDPOINTS", "[\"ftp://x:1\"]")]).contains("ftp://x:1"));
         assert!(load(&[("PROCESSOR_CONSUMER__ENABLE_AUTO_OFFSET_STORE", "true")]).contains("enable.auto.offset.store"));
         assert!(load(&[("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", "0")]).contains("max_in_flight_per_partition"));
@@ -387,17 +345,15 @@ timeout_ms = 300
         assert!(load(&[("PROCESSOR_PRODUCER__TRANSACTIONAL_ID", "x")]).contains("transactional_id"));
         let exactly_once = ProcessorConfig::load(
             None,
-            env(&[("PROCESSOR_TRANSACTIONAL_ID", "processor-0")]),
-            &Overrides { delivery: Some("exactly-once".into()), ..Overrides::default() },
+            [("PROCESSOR_TRANSACTIONAL_ID", "processor-0")],
+            &crate::cli::flag_values(&["--delivery", "exactly-once"]),
         )
         .unwrap();
         assert_eq!(exactly_once.delivery, Delivery::ExactlyOnce);
         assert_eq!(exactly_once.transactional_id(), "processor-0");
         assert!(ProcessorConfig::default().transactional_id().starts_with("vigil-stream-processor-"), "group and host");
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("p.toml");
-        std::fs::write(&file, "[model]\ntimeuot_ms = 5\n").unwrap();
-        let error = ProcessorConfig::load(Some(&file), env(&[]), &Overrides::default()).unwrap_err().to_string();
+        let file = test_support::temp_file("processor.toml", "[model]\ntimeuot_ms = 5\n");
+        let error = ProcessorConfig::load(Some(&file.path), NO_ENV, &[]).unwrap_err().to_string();
         assert!(error.contains("timeuot_ms"), "{error}");
     }
 }

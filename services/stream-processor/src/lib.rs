@@ -42,8 +42,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::Producer as _;
 use tokio::net::TcpListener;
 
-use crate::config::{Delivery, ProcessorConfig};
-use crate::pipeline::{ConsumerCtx, Shared, Workers};
+use crate::config::{Delivery, ProcessorConfig, ServiceConfig as _};
+use crate::pipeline::{RebalanceHandler, WorkerResources, Workers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessorError {
@@ -79,22 +79,8 @@ pub async fn run(
     let registry = prometheus::Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let readiness = admin::Readiness::new();
-    let (finish, finished) = tokio::sync::oneshot::channel::<()>();
-    let admin_task = listeners.admin.map(|listener| {
-        if let Ok(address) = listener.local_addr() {
-            tracing::info!(%address, "serving /live, /ready, /metrics");
-        }
-        let (registry, readiness) = (registry.clone(), readiness.clone());
-        tokio::spawn(async move {
-            if let Err(error) = admin::serve(listener, registry, readiness, async {
-                let _ = finished.await;
-            })
-            .await
-            {
-                tracing::error!(%error, "admin endpoint failed");
-            }
-        })
-    });
+    // Dropped on an early return, which stops it too.
+    let admin_endpoint = admin::AdminEndpoint::start(listeners.admin, registry.clone(), readiness.clone());
 
     // Dropped on any return, which also stops the gRPC server and cancels a running replay.
     let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
@@ -118,7 +104,7 @@ pub async fn run(
     let producer: rdkafka::producer::FutureProducer = producer_config.create()?;
     let workers = Arc::new(Mutex::new(Workers::default()));
     let runtime = tokio::runtime::Handle::current();
-    let context = ConsumerCtx::new(
+    let context = RebalanceHandler::new(
         workers.clone(),
         runtime.clone(),
         Duration::from_secs(config.rebalance_drain_seconds),
@@ -130,7 +116,7 @@ pub async fn run(
         // Exactly-once: offsets are committed in the producer's transactions instead.
         .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
         .set("enable.auto.offset.store", "false");
-    let consumer: Arc<BaseConsumer<ConsumerCtx>> = Arc::new(consumer_config.create_with_context(context)?);
+    let consumer: Arc<BaseConsumer<RebalanceHandler>> = Arc::new(consumer_config.create_with_context(context)?);
 
     let mut shutdown = std::pin::pin!(shutdown);
     // Read nothing before the model's signature is known: scoring needs it.
@@ -144,7 +130,7 @@ pub async fn run(
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = &mut shutdown => {
-                        let _ = finish.send(());
+                        admin_endpoint.stop().await;
                         return Ok(());
                     }
                 }
@@ -163,7 +149,7 @@ pub async fn run(
         None
     };
     let (fatal, mut fatal_seen) = tokio::sync::watch::channel(None);
-    let shared = Arc::new(Shared::new(producer.clone(), model, config.clone(), metrics, transactions, fatal));
+    let shared = Arc::new(WorkerResources::new(producer.clone(), model, config.clone(), metrics, transactions, fatal));
     consumer.context().wire(&consumer, shared.clone());
     consumer.subscribe(&[config.readings_topic.as_str()])?;
     tracing::info!(topic = %config.readings_topic, group = %config.group_id, "consuming");
@@ -189,10 +175,7 @@ pub async fn run(
     let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
     drop(shared);
     let _ = tokio::task::spawn_blocking(move || producer.flush(grace)).await;
-    let _ = finish.send(());
-    if let Some(task) = admin_task {
-        let _ = task.await;
-    }
+    admin_endpoint.stop().await;
     if let Some(task) = grpc_task {
         let _ = task.await;
     }

@@ -11,13 +11,14 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use canary::split::{Weight, bucket};
 use device_simulator::fleet::{Fleet, FleetOptions};
 use proto::vigil::rollout::v1 as rollout;
 use rollout::rollout_service_client::RolloutServiceClient;
 use support::*;
+use test_support::{Endpoint, metric_total, observe_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
@@ -61,15 +62,6 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     server.stop().await;
 }
 
-/// The cluster's address, for a task that outlives no borrow.
-struct Servers(String);
-
-impl Kafka for Servers {
-    fn servers(&self) -> &str {
-        &self.0
-    }
-}
-
 /// Checks every 2 s from 30 requests and rows a side, steps 20% then 50%, two failures roll back.
 /// Latency is noise in a debug build on two shared cores, so its bound is wide.
 fn rollout_to(canary: i64) -> rollout::StartRolloutRequest {
@@ -100,16 +92,17 @@ async fn concluded(
     request: rollout::StartRolloutRequest,
 ) -> rollout::Rollout {
     api.start_rollout(request).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let state =
-            api.get_rollout(rollout::GetRolloutRequest { model: "car-anomaly".into() }).await.unwrap().into_inner();
-        if state.phase != rollout::Phase::Progressing as i32 {
-            return state;
-        }
-        assert!(Instant::now() < deadline, "the analysis never concluded: {state:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let progressing = rollout::Phase::Progressing as i32;
+    let state = observe_until(
+        Duration::from_secs(120),
+        async || {
+            api.get_rollout(rollout::GetRolloutRequest { model: "car-anomaly".into() }).await.unwrap().into_inner()
+        },
+        |state| state.phase != progressing,
+    )
+    .await;
+    assert!(state.phase != progressing, "the analysis never concluded: {state:?}");
+    state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +111,7 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     let kafka = kafka();
     kafka.create_topic("vigil.rollout-state", 1).unwrap();
     kafka.create_topic("vigil.rollout-events", 1).unwrap();
-    let brokers = format!("--rollout_kafka_brokers={}", kafka.servers());
+    let brokers = format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers());
     let server = ModelServer::start(&[&three_versions(dir.path()), &brokers]).await;
     let processor = Processor::start(config(&kafka, &[server.grpc])).await;
     let mut api = RolloutServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
@@ -129,9 +122,8 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicUsize::new(0));
     let fleet = {
-        let (stop, produced, servers) = (stop.clone(), produced.clone(), kafka.servers().to_owned());
+        let (stop, produced, kafka) = (stop.clone(), produced.clone(), kafka.bootstrap_servers().to_owned());
         tokio::spawn(async move {
-            let kafka = Servers(servers);
             let options = FleetOptions {
                 cars: 100,
                 seed: 8,
@@ -186,13 +178,9 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     assert!(saw_bad > 0, "some devices were scored by the bad canary before its rollback");
 
     // The model server's metrics and the rollout events agree.
-    let metrics = reqwest::get(format!("http://{}/metrics", server.rest)).await.unwrap().text().await.unwrap();
-    let decisions = |decision: &str| {
-        admin::metric_sum(
-            &metrics.lines().filter(|l| l.contains(&format!("decision=\"{decision}\""))).collect::<Vec<_>>().join("\n"),
-            "model_server_rollout_decisions_total",
-        )
-    };
+    let metrics = Endpoint::new(server.rest).metrics().await;
+    let decisions =
+        |decision: &str| metric_total(&metrics, "model_server_rollout_decisions_total", &[("decision", decision)]);
     assert_eq!((decisions("rolled_back"), decisions("promoted")), (1.0, 1.0));
     let events = read(&kafka, "vigil.rollout-events", |r| {
         r.iter().any(|r| String::from_utf8_lossy(&r.payload).contains("\"event\":\"promoted\""))

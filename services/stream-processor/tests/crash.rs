@@ -5,68 +5,39 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
+use test_support::{ChildService, Endpoint, Output, eventually};
 
 const IN_FLIGHT: usize = 16;
 
+/// The `stream-processor` binary, its admin endpoint on the port it picked (killed when
+/// dropped, so a failed assertion leaves nothing consuming).
 struct ProcessorProcess {
-    child: Child,
-    admin: String,
+    process: ChildService,
+    admin: Endpoint,
 }
 
 impl ProcessorProcess {
     fn start(kafka: &embedded_brokers::KafkaCluster, model: std::net::SocketAddr) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stream-processor"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stream-processor"));
+        command
             .args(["--kafka-brokers", kafka.bootstrap_servers(), "--admin-listen", "127.0.0.1:0"])
             .args(["--grpc-listen", "127.0.0.1:0"])
             .args(["--model-endpoints", &format!("http://{model}"), "--group-id", "crash-test"])
             .env("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", IN_FLIGHT.to_string())
             .env("PROCESSOR_CONSUMER__SESSION_TIMEOUT_MS", "6000")
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let admin = loop {
-            let line = lines.next().expect("the processor exited before serving /ready").unwrap();
-            eprintln!("processor: {line}");
-            if line.contains("serving /live") {
-                break format!("http://{}", line.rsplit("address=").next().unwrap().trim());
-            }
-        };
-        std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| eprintln!("processor: {line}")));
-        Self { child, admin }
+            .env("NO_COLOR", "1");
+        let mut process = ChildService::spawn("processor", command, Output::Stderr);
+        let admin = Endpoint::new(process.logged_address("serving /live", Duration::from_secs(60)));
+        Self { process, admin }
     }
 
     async fn scored(&self) -> f64 {
-        metric(&self.admin, "processor_scores_total").await
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), rustix::process::Signal::TERM)
-            .unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-/// A failed assertion must not leave the process running (it would hold the test's
-/// output pipe open and keep consuming).
-impl Drop for ProcessorProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.admin.metric_sum("processor_scores_total").await
     }
 }
 
@@ -81,24 +52,10 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     let producing = {
         let (servers, readings) = (kafka.bootstrap_servers().to_owned(), readings.clone());
         tokio::spawn(async move {
-            let producer = rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &servers)
-                .set("enable.idempotence", "true")
-                .set("linger.ms", "1")
-                .create::<rdkafka::producer::FutureProducer>()
-                .unwrap();
+            let producer = test_support::kafka::producer(&servers);
             for chunk in readings.chunks(50) {
-                let mut deliveries = Vec::new();
-                for reading in chunk {
-                    let payload = prost::Message::encode_to_vec(reading);
-                    let record = rdkafka::producer::FutureRecord::to(READINGS)
-                        .key(reading.device_id.as_bytes())
-                        .payload(&payload);
-                    deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-                }
-                for delivery in deliveries {
-                    delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-                }
+                write_readings(&producer, READINGS, chunk.iter().map(|reading| (reading, None))).await;
+                // Pacing, not waiting: the stream keeps arriving while the processor dies.
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
         })
@@ -107,7 +64,7 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     let first = ProcessorProcess::start(&kafka, server.grpc);
     eventually(Duration::from_secs(60), "scores flowing before the kill", || async { first.scored().await >= 600.0 })
         .await;
-    first.kill();
+    first.process.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let second = ProcessorProcess::start(&kafka, server.grpc);
     producing.await.unwrap();
@@ -126,6 +83,6 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     assert!(repeats <= bound, "{repeats} repeats exceed the in-flight windows plus a commit interval ({bound})");
 
     // A graceful stop drains and exits cleanly.
-    assert!(second.terminate().success(), "SIGTERM: a clean exit");
+    assert!(second.process.terminate(Duration::from_secs(60)).success(), "SIGTERM: a clean exit");
     server.stop().await;
 }

@@ -22,9 +22,10 @@ mod support;
 use std::time::Duration;
 
 use embedded_brokers::KafkaUnderTest;
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use stream_processor::config::{Delivery, ProcessorConfig};
 use support::*;
+use test_support::eventually;
+use test_support::kafka::{Bootstrap, committed_offsets, read_topic};
 
 fn exactly_once(config: &mut ProcessorConfig, transactional_id: &str) {
     config.delivery = Delivery::ExactlyOnce;
@@ -47,25 +48,8 @@ async fn external_kafka() -> KafkaUnderTest {
 
 /// Every score record on the topic: reads until more than `expected` are there or 5 s
 /// passed, so repeats would be seen.
-async fn all_scores(kafka: &impl Kafka, expected: usize) -> Vec<embedded_brokers::ReadRecord> {
-    let servers = kafka.servers().to_owned();
-    tokio::task::spawn_blocking(move || {
-        embedded_brokers::read_topic(&servers, SCORES, Duration::from_secs(5), |r| r.len() > expected).unwrap()
-    })
-    .await
-    .unwrap()
-}
-
-/// The group's committed offset for each partition of the readings topic.
-fn committed(kafka: &impl Kafka, group: &str) -> Vec<i64> {
-    let consumer: BaseConsumer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.servers()).set("group.id", group).create().unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        list.add_partition(READINGS, partition);
-    }
-    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
-    committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1)).collect()
+async fn all_scores(kafka: &impl Bootstrap, expected: usize) -> Vec<embedded_brokers::ReadRecord> {
+    read_topic(kafka, SCORES, Duration::from_secs(5), move |r| r.len() > expected).await
 }
 
 fn assert_once_in_order(records: &[embedded_brokers::ReadRecord], expected: usize) {
@@ -131,8 +115,9 @@ async fn offsets_are_committed_with_the_outputs_and_a_restart_resumes_from_them(
     processor.stop().await;
     assert_once_in_order(&all_scores(&kafka, count).await, count);
     // Auto-commit is off in this mode: these offsets came with the transactions.
-    let offsets = committed(&kafka, &config.group_id);
-    assert_eq!(offsets.iter().sum::<i64>(), count as i64, "committed up to every reading: {offsets:?}");
+    let offsets = committed_offsets(&kafka, &config.group_id, READINGS, PARTITIONS);
+    assert_eq!(offsets.len(), PARTITIONS as usize, "an offset committed on every partition: {offsets:?}");
+    assert_eq!(offsets.values().sum::<i64>(), count as i64, "committed up to every reading: {offsets:?}");
 
     let processor = Processor::start(config).await;
     produce_readings(&kafka, late).await;
@@ -158,7 +143,7 @@ async fn a_rebalance_between_two_processors_writes_nothing_twice() {
     read(&kafka, SCORES, move |r| r.len() >= count / 2).await;
     exactly_once(&mut config, "exactly-once-second");
     let second = Processor::start(config).await;
-    eventually(Duration::from_secs(30), "the partitions split between the two", || async {
+    eventually(Duration::from_secs(30), "the partitions split between the two", async || {
         first.metric("processor_assigned_partitions").await > 0.0
             && second.metric("processor_assigned_partitions").await > 0.0
     })

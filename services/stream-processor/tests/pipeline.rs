@@ -9,6 +9,7 @@ use std::time::Duration;
 use prost::Message as _;
 use proto::vigil::scoring::v1::Anomaly;
 use support::*;
+use test_support::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_is_scored_once_in_order_per_device_across_two_balanced_replicas() {
@@ -138,7 +139,7 @@ async fn what_cannot_be_scored_is_dead_lettered_with_the_reason_and_the_stream_g
     let total = good.len();
     let scored = read(&kafka, SCORES, move |r| r.len() >= total).await;
     assert_eq!(distinct(&scored), total, "the valid readings around them are scored");
-    eventually(Duration::from_secs(10), "dead letters counted", || async {
+    eventually(Duration::from_secs(10), "dead letters counted", async || {
         processor.metric("processor_dead_lettered_total").await == 2.0
     })
     .await;
@@ -168,7 +169,7 @@ async fn a_model_server_outage_pauses_the_partitions_and_loses_nothing() {
         produce_readings(&kafka, during).await;
         // While the model server is away: partitions fill their bound and are paused,
         // readings wait and are tried again.
-        eventually(Duration::from_secs(3), "partitions paused during the outage", || async {
+        eventually(Duration::from_secs(3), "partitions paused during the outage", async || {
             processor.metric("processor_paused_partitions").await > 0.0
         })
         .await;
@@ -181,7 +182,7 @@ async fn a_model_server_outage_pauses_the_partitions_and_loses_nothing() {
     assert_eq!(distinct(&records), total, "every reading scored after the outage");
     assert_first_scores_in_order(&records);
     assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0, "nothing dead-lettered");
-    eventually(Duration::from_secs(5), "partitions resumed", || async {
+    eventually(Duration::from_secs(5), "partitions resumed", async || {
         processor.metric("processor_paused_partitions").await == 0.0
     })
     .await;
@@ -201,19 +202,19 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
     let count = early.len();
     read(&kafka, SCORES, move |r| r.len() >= count / 2).await;
     // Lag comes with librdkafka's statistics (every 5 s): the first owns every partition.
-    eventually(Duration::from_secs(30), "the first processor's lag on every partition", || async {
+    eventually(Duration::from_secs(30), "the first processor's lag on every partition", async || {
         lag_partitions(&first).await.len() == PARTITIONS as usize
     })
     .await;
     let second = Processor::start(config).await;
-    eventually(Duration::from_secs(30), "the partitions split between the two", || async {
+    eventually(Duration::from_secs(30), "the partitions split between the two", async || {
         first.metric("processor_assigned_partitions").await > 0.0
             && second.metric("processor_assigned_partitions").await > 0.0
     })
     .await;
     // Each reports lag for its own partitions only: none keeps a revoked partition's
     // last value (the dashboard takes the max over instances).
-    eventually(Duration::from_secs(30), "each processor's lag series to be its own partitions", || async {
+    eventually(Duration::from_secs(30), "each processor's lag series to be its own partitions", async || {
         let (mine, theirs) = (lag_partitions(&first).await, lag_partitions(&second).await);
         mine.len() == first.metric("processor_assigned_partitions").await as usize
             && theirs.len() == second.metric("processor_assigned_partitions").await as usize
@@ -244,7 +245,7 @@ async fn a_second_processor_joining_takes_partitions_without_loss_or_reordering(
 
 /// The partitions a processor reports `processor_consumer_lag` for.
 async fn lag_partitions(processor: &Processor) -> std::collections::BTreeSet<String> {
-    let page = reqwest::get(format!("{}/metrics", processor.admin)).await.unwrap().text().await.unwrap();
+    let page = processor.admin.metrics().await;
     page.lines()
         .filter(|line| line.starts_with("processor_consumer_lag{"))
         .filter_map(|line| line.split("partition=\"").nth(1)?.split('"').next().map(str::to_owned))

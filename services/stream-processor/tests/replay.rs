@@ -17,6 +17,8 @@ use proto::vigil::replay::v1::{Bounds, ReplayReport, ReplayRequest};
 use proto::vigil::scoring::v1::Score;
 use sensor::SensorReading;
 use support::*;
+use test_support::eventually;
+use test_support::kafka::{Bootstrap, committed_offsets, end_offsets};
 
 const LIVE_GROUP: &str = "live-processor";
 
@@ -52,12 +54,10 @@ impl Setup {
     /// Waits until the live processor has scored `readings` readings and committed every
     /// offset of the readings topic.
     async fn live_caught_up(&self, readings: usize) {
-        let ends = high_watermarks(&self.kafka, READINGS);
-        let servers = self.kafka.bootstrap_servers().to_owned();
+        let ends = end_offsets(&self.kafka, READINGS);
         read(&self.kafka, SCORES, move |r| scored_readings(r).len() >= readings).await;
-        eventually(Duration::from_secs(30), "the live group to commit every reading", || {
-            let (servers, ends) = (servers.clone(), ends.clone());
-            async move { committed(&Cluster(servers), LIVE_GROUP, READINGS, PARTITIONS) == ends }
+        eventually(Duration::from_secs(30), "the live group to commit every reading", async || {
+            committed_offsets(&self.kafka, LIVE_GROUP, READINGS, PARTITIONS) == ends
         })
         .await;
     }
@@ -65,15 +65,6 @@ impl Setup {
     async fn stop(self) {
         self.processor.stop().await;
         self.server.stop().await;
-    }
-}
-
-/// The cluster by address, for closures that cannot borrow it.
-struct Cluster(String);
-
-impl Kafka for Cluster {
-    fn servers(&self) -> &str {
-        &self.0
     }
 }
 
@@ -102,7 +93,7 @@ fn request(from_ms: i64, to_ms: i64, version: i64, output_topic: &str) -> Replay
 }
 
 /// (partition, offset) -> (device, sequence) of every reading on the readings topic.
-async fn readings_by_offset(kafka: &impl Kafka, count: usize) -> BTreeMap<(i32, i64), (String, u64)> {
+async fn readings_by_offset(kafka: &impl Bootstrap, count: usize) -> BTreeMap<(i32, i64), (String, u64)> {
     let records = read(kafka, READINGS, move |r| r.len() >= count).await;
     records
         .iter()
@@ -149,9 +140,9 @@ async fn a_replay_leaves_the_live_group_alone_and_writes_one_candidate_score_per
     // with members from a consumer outside it; this holds the broker to that too.)
     let scores = read(kafka, SCORES, move |r| scored_readings(r).len() >= total).await;
     assert_eq!(scored_readings(&scores).len(), total, "the live processor scored every reading");
-    assert_eq!(committed(kafka, LIVE_GROUP, READINGS, PARTITIONS), high_watermarks(kafka, READINGS));
+    assert_eq!(committed_offsets(kafka, LIVE_GROUP, READINGS, PARTITIONS), end_offsets(kafka, READINGS));
     for topic in [SCORES, "replay-isolation"] {
-        assert_eq!(committed(kafka, LIVE_GROUP, topic, PARTITIONS), BTreeMap::new(), "{topic}");
+        assert_eq!(committed_offsets(kafka, LIVE_GROUP, topic, PARTITIONS), BTreeMap::new(), "{topic}");
     }
 
     // One candidate score per reading of the range, naming its reading, from version 2.

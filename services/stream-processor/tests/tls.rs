@@ -41,6 +41,7 @@ async fn readings_are_scored_through_a_model_server_that_requires_mutual_tls() {
 
 #[test]
 fn an_https_endpoint_without_a_ca_is_refused_naming_the_field() {
+    use stream_processor::config::ServiceConfig as _;
     let mut config = stream_processor::config::ProcessorConfig::default();
     config.model.endpoints = vec!["https://model-server:8500".into()];
     let error = config.check().unwrap_err().0;

@@ -376,14 +376,7 @@ mod tests {
                 ]
             },
             skipped: 2,
-            bounds: Some(pb::Bounds {
-                max_anomaly_rate_difference: 0.05,
-                min_agreement: 0.9,
-                max_score_shift: 0.2,
-                min_compared: 100,
-                score_significance: 0.001,
-                max_failure_rate: 0.01,
-            }),
+            bounds: Some(stream_processor::replay::request::DEFAULT_BOUNDS),
         }
     }
 

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use alerts::config::{AlertsConfig, RuleConfig};
+use alerts::config::{AlertsConfig, RuleConfig, ServiceConfig as _};
 use anyhow::Context as _;
 use device_simulator::fleet::FleetOptions;
 use device_simulator::metrics::PublishMetrics;

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use clap::Parser as _;
 use prost::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use serde_json::Value;
+use test_support::kafka::{produce, producer, read_topic};
 use tokio::sync::oneshot;
 
 mod support;
@@ -113,20 +114,15 @@ impl Stack {
         let mut fleet =
             device_simulator::fleet::Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
         let readings: Vec<_> = (0..8).flat_map(|_| fleet.step(1.0)).collect();
-        let producer: FutureProducer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.bootstrap_servers()).create().unwrap();
-        for reading in &readings {
-            let payload = reading.encode_to_vec();
-            let record = FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload);
-            producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
-        }
-        let servers = kafka.bootstrap_servers().to_owned();
+        let payloads: Vec<Vec<u8>> = readings.iter().map(|reading| reading.encode_to_vec()).collect();
+        let records = readings
+            .iter()
+            .zip(&payloads)
+            .map(|(reading, payload)| FutureRecord::to(READINGS).key(reading.device_id.as_str()).payload(payload))
+            .collect();
+        produce(&producer(&kafka), records).await;
         let total = readings.len();
-        let scored = tokio::task::spawn_blocking(move || {
-            embedded_brokers::read_topic(&servers, SCORES, Duration::from_secs(60), |r| r.len() >= total).unwrap()
-        })
-        .await
-        .unwrap();
+        let scored = read_topic(&kafka, SCORES, Duration::from_secs(60), move |r| r.len() >= total).await;
         assert!(scored.len() >= total, "the live processor scored the history");
         Self {
             model_server: format!("http://{model_server}"),

@@ -28,14 +28,59 @@ pub struct EnvLayout<'a> {
     pub flag_variables: &'a [&'a str],
 }
 
-/// Layers `defaults`, `file`, the variables of `env` under `layout` and `flags` (given as
-/// (path, value) pairs), and extracts the result.
-pub fn load<T: Serialize + DeserializeOwned>(
+/// A configuration its service could not run with, naming the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// A service's whole configuration: how its variables are named and what it checks
+/// beyond its types. [`ServiceConfig::load`] is every service's way in.
+pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
+    /// Its environment variables (`INGEST_`, the pass-through Kafka tables).
+    const ENV: EnvLayout<'static>;
+
+    /// Checks what the types cannot, naming the key at fault.
+    fn check(&self) -> Result<(), ConfigError>;
+
+    /// Layers the defaults, `file`, the variables of `env` under [`Self::ENV`] and the
+    /// given `flags`, and checks the result.
+    fn load<K: Into<String>, V: Into<String>>(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (K, V)>,
+        flags: &[FlagValue],
+    ) -> Result<Self, ConfigError> {
+        let config = load(&Self::default(), file, Self::ENV, env, flags).map_err(ConfigError)?;
+        config.check()?;
+        Ok(config)
+    }
+}
+
+/// No variables: the environment of a test that sets none.
+pub const NO_ENV: [(&str, &str); 0] = [];
+
+/// A command-line flag that was given, at the config key it sets: the last layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagValue {
+    /// The key's path (`["kafka", "bootstrap.servers"]`).
+    pub path: &'static [&'static str],
+    pub value: Value,
+}
+
+impl FlagValue {
+    /// `value` at `path` if the flag was given.
+    pub fn given(path: &'static [&'static str], value: Option<impl Into<Value>>) -> Option<Self> {
+        value.map(|value| Self { path, value: value.into() })
+    }
+}
+
+/// Layers `defaults`, `file`, the variables of `env` under `layout` and `flags`, and
+/// extracts the result.
+pub fn load<T: Serialize + DeserializeOwned, K: Into<String>, V: Into<String>>(
     defaults: &T,
     file: Option<&Path>,
     layout: EnvLayout<'_>,
-    env: impl IntoIterator<Item = (String, String)>,
-    flags: &[(&[&str], Option<String>)],
+    env: impl IntoIterator<Item = (K, V)>,
+    flags: &[FlagValue],
 ) -> Result<T, String> {
     let mut figment = Figment::from(Serialized::defaults(defaults));
     if let Some(path) = file {
@@ -44,12 +89,11 @@ pub fn load<T: Serialize + DeserializeOwned>(
         }
         figment = figment.merge(Toml::file_exact(path));
     }
+    let env = env.into_iter().map(|(name, value)| (name.into(), value.into()));
     figment = figment.merge(Serialized::defaults(env_layer(layout, env)?));
     let mut set = Dict::new();
-    for (path, value) in flags {
-        if let Some(value) = value {
-            insert(&mut set, path, Value::from(value.clone()));
-        }
+    for flag in flags {
+        insert(&mut set, flag.path, flag.value.clone());
     }
     figment.merge(Serialized::defaults(set)).extract_lossy().map_err(|e| e.to_string())
 }
@@ -76,7 +120,7 @@ fn env_layer(layout: EnvLayout<'_>, env: impl IntoIterator<Item = (String, Strin
                     path[0].to_ascii_uppercase()
                 ));
             }
-            path[1] = path[1].replace('_', ".");
+            path[1] = property_name(&path[1]);
             Value::from(raw) // librdkafka takes every property as a string
         } else {
             // Lists and tables parse (`["a/+", "b/#"]`); a number or boolean stays the
@@ -91,6 +135,22 @@ fn env_layer(layout: EnvLayout<'_>, env: impl IntoIterator<Item = (String, Strin
         insert(&mut dict, &path, value);
     }
     Ok(dict)
+}
+
+/// The librdkafka property an environment variable's suffix names: `SASL_MECHANISM` is
+/// `sasl.mechanism`.
+pub fn property_name(variable_suffix: &str) -> String {
+    variable_suffix.to_ascii_lowercase().replace('_', ".")
+}
+
+/// The librdkafka properties the variables of `env` under `prefix` set
+/// (`PREFIX_SASL_MECHANISM=PLAIN` is `sasl.mechanism = PLAIN`), for a service whose Kafka
+/// properties are not a table of a layered config (the model server's rollout log).
+pub fn properties_from_env(
+    prefix: &str,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> std::collections::BTreeMap<String, String> {
+    env.into_iter().filter_map(|(name, value)| Some((property_name(name.strip_prefix(prefix)?), value))).collect()
 }
 
 fn insert(dict: &mut Dict, path: &[&str], value: Value) {

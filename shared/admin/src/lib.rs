@@ -4,13 +4,15 @@
 //! `/metrics` (the service's Prometheus registry in the text format, with the process's
 //! own CPU, memory, threads and file descriptors: `process_*`, see [`register_process_metrics`]).
 //!
-//! The model server answers the same paths on its REST port (it also serves predictions
-//! there); every other service takes a listener for this endpoint alone.
+//! The model server answers the same paths on its REST port ([`health_routes`] beside its
+//! prediction routes); every other service takes a listener for this endpoint alone.
 
 #![forbid(unsafe_code)]
 
 pub mod layered_config;
+pub mod metrics;
 pub mod retry;
+pub mod service;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,10 +43,31 @@ impl Readiness {
     }
 }
 
+/// What the probe and metrics routes ask of a service.
+pub trait Health: Clone + Send + Sync + 'static {
+    /// `Ok` when the service can do its job now; otherwise why not (the 503's body).
+    fn readiness(&self) -> Result<(), String>;
+    /// The service's metrics in the Prometheus text format.
+    fn metrics_text(&self) -> Result<Vec<u8>, String>;
+}
+
+/// A service's own registry and readiness latch: the usual [`Health`].
 #[derive(Clone)]
 struct AdminState {
     registry: Registry,
     readiness: Readiness,
+}
+
+impl Health for AdminState {
+    fn readiness(&self) -> Result<(), String> {
+        if self.readiness.is_ready() { Ok(()) } else { Err("not ready".into()) }
+    }
+
+    fn metrics_text(&self) -> Result<Vec<u8>, String> {
+        let mut body = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut body).map_err(|e| format!("encoding metrics: {e}"))?;
+        Ok(body)
+    }
 }
 
 /// Adds the process's CPU seconds, resident and virtual memory, threads, open and maximum
@@ -63,11 +86,21 @@ pub fn register_process_metrics(registry: &Registry) {
 /// [`register_process_metrics`]) and `readiness`.
 pub fn router(registry: Registry, readiness: Readiness) -> Router {
     register_process_metrics(&registry);
-    Router::new()
+    health_routes(AdminState { registry, readiness }, None)
+}
+
+/// `/live`, `/ready` and `/metrics` (and the metrics again at `extra_metrics_path`, e.g.
+/// TF Serving's monitoring path) answered from `health`: for a service that serves them
+/// beside other routes.
+pub fn health_routes<H: Health>(health: H, extra_metrics_path: Option<&str>) -> Router {
+    let mut router = Router::new()
         .route("/live", get(|| async { "live\n" }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(AdminState { registry, readiness })
+        .route("/ready", get(ready::<H>))
+        .route("/metrics", get(metrics::<H>));
+    if let Some(path) = extra_metrics_path.filter(|p| *p != "/metrics") {
+        router = router.route(path, get(metrics::<H>));
+    }
+    router.with_state(health)
 }
 
 /// Serves the endpoint on `listener` until `shutdown` resolves.
@@ -80,19 +113,53 @@ pub async fn serve(
     axum::serve(listener, router(registry, readiness)).with_graceful_shutdown(shutdown).await
 }
 
-async fn ready(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+/// The endpoint served on its own task, from [`AdminEndpoint::start`] until
+/// [`AdminEndpoint::stop`] (or until it is dropped).
+#[derive(Debug)]
+pub struct AdminEndpoint {
+    running: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
+}
+
+impl AdminEndpoint {
+    /// Serves `/live`, `/ready` and `/metrics` on `listener` (logging its address); with
+    /// no listener, serves nothing.
+    pub fn start(listener: Option<tokio::net::TcpListener>, registry: Registry, readiness: Readiness) -> Self {
+        let Some(listener) = listener else { return Self { running: None } };
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving /live, /ready, /metrics");
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            if let Err(error) = serve(listener, registry, readiness, stopped).await {
+                tracing::error!(%error, "admin endpoint failed");
+            }
+        });
+        Self { running: Some((stop, task)) }
+    }
+
+    /// Stops serving, letting requests under way finish.
+    pub async fn stop(self) {
+        if let Some((stop, task)) = self.running {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
     }
 }
 
-async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut body = Vec::new();
-    match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
-        Ok(()) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {error}\n")).into_response(),
+async fn ready<H: Health>(State(health): State<H>) -> impl IntoResponse {
+    match health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
+async fn metrics<H: Health>(State(health): State<H>) -> impl IntoResponse {
+    match health.metrics_text() {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
     }
 }
 

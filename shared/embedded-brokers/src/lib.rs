@@ -250,6 +250,26 @@ pub struct ReadRecord {
 }
 
 impl ReadRecord {
+    /// A consumed message, copied out of the consumer's buffer.
+    pub fn from_message(message: &impl rdkafka::message::Message) -> Self {
+        use rdkafka::message::Headers as _;
+        Self {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+            headers: message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_slice())
     }
@@ -265,7 +285,6 @@ pub fn read_topic(
     enough: impl Fn(&[ReadRecord]) -> bool,
 ) -> Result<Vec<ReadRecord>, BrokerError> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    use rdkafka::message::{Headers as _, Message as _};
     let kafka = |e: rdkafka::error::KafkaError| BrokerError::Kafka(format!("reading {topic}: {e}"));
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap_servers)
@@ -290,21 +309,7 @@ pub fn read_topic(
     let mut records = Vec::new();
     while !enough(&records) && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(message)) => records.push(ReadRecord {
-                partition: message.partition(),
-                offset: message.offset(),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                headers: message
-                    .headers()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            }),
+            Some(Ok(message)) => records.push(ReadRecord::from_message(&message)),
             Some(Err(error)) => return Err(kafka(error)),
             None => {}
         }

@@ -3,10 +3,12 @@
 
 #![allow(dead_code, unreachable_pub)] // each test file uses part of it
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use embedded_brokers::{KafkaCluster, MqttBroker, ReadRecord, read_topic};
+use embedded_brokers::{KafkaCluster, MqttBroker, ReadRecord};
 use ingest::config::{IngestConfig, MqttProtocol};
+use test_support::Endpoint;
+use test_support::kafka::read_topic;
 use tokio::sync::oneshot;
 
 pub const READINGS: &str = "vigil-readings";
@@ -35,7 +37,7 @@ impl Brokers {
         timeout: Duration,
         enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
     ) -> Vec<ReadRecord> {
-        read(&self.kafka, topic, timeout, enough).await
+        read_topic(&self.kafka, topic, timeout, enough).await
     }
 }
 
@@ -69,20 +71,9 @@ pub fn config(kafka: &KafkaCluster, mqtt_url: &str, client_id: &str) -> IngestCo
     config
 }
 
-/// Everything in `topic` of `kafka` once `enough` holds (or after `timeout`).
-pub async fn read(
-    kafka: &KafkaCluster,
-    topic: &str,
-    timeout: Duration,
-    enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
-) -> Vec<ReadRecord> {
-    let (bootstrap, topic) = (kafka.bootstrap_servers().to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || read_topic(&bootstrap, &topic, timeout, enough).unwrap()).await.unwrap()
-}
-
 /// Ingest running in a task.
 pub struct RunningIngest {
-    pub admin: String,
+    pub admin: Endpoint,
     stop: Option<oneshot::Sender<()>>,
     pub task: tokio::task::JoinHandle<Result<(), ingest::IngestError>>,
 }
@@ -91,35 +82,20 @@ impl RunningIngest {
     /// Starts ingest and waits until it is subscribed (`/ready`).
     pub async fn start(config: IngestConfig, grpc: Option<tokio::net::TcpListener>) -> Self {
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = format!("http://{}", admin_listener.local_addr().unwrap());
+        let admin = Endpoint::new(admin_listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let listeners = ingest::Listeners { grpc, admin: Some(admin_listener) };
         let task = tokio::spawn(ingest::run(config, listeners, async {
             let _ = stopped.await;
         }));
         let running = Self { admin, stop: Some(stop), task };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while running.status("/ready").await != 200 {
-            assert!(Instant::now() < deadline, "ingest not ready within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        running.admin.wait_ready("ingest", Duration::from_secs(20)).await;
         running
-    }
-
-    pub async fn status(&self, path: &str) -> u16 {
-        match reqwest::get(format!("{}{path}", self.admin)).await {
-            Ok(response) => response.status().as_u16(),
-            Err(_) => 0,
-        }
     }
 
     /// The value of an unlabelled metric, or the sum of a labelled one.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.admin)).await.unwrap().text().await.unwrap();
-        text.lines()
-            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with([' ', '{']))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        self.admin.metric_sum(name).await
     }
 
     /// Graceful shutdown; returns ingest's result.

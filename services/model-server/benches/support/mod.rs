@@ -8,6 +8,14 @@ use proto::tensorflow::serving::prediction_service_client::PredictionServiceClie
 use proto::tensorflow::serving::{ModelSpec, PredictRequest};
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 
+/// The tests' support, for what the benches do alike: the server's config from flags and
+/// model reload requests.
+#[path = "../../tests/support/mod.rs"]
+mod tests_support;
+
+#[allow(unused_imports)] // each bench uses part of it
+pub use tests_support::{reload_request, serve_config};
+
 /// A one-row Predict for the autoencoder fixture (`sensors`: float32[1,18]).
 pub fn autoencoder_request(row: Vec<f32>) -> PredictRequest {
     assert_eq!(row.len(), 18, "the autoencoder takes 18 signals");

@@ -186,14 +186,6 @@ impl GrpcInferenceService for Kserve {
         let mut target = None;
         let routing_key = super::routing_key(request.metadata());
         let result = self.infer_inner(request.into_inner(), routing_key, &mut target).await;
-        let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
-        super::trace_target(target_ref);
-        self.metrics.observe_request(
-            Api::KserveInfer,
-            target_ref,
-            started.elapsed(),
-            result.as_ref().err().map(ServeError::code),
-        );
-        result.map(Response::new).map_err(Status::from)
+        super::finish_call(&self.metrics, Api::KserveInfer, started, target.as_ref(), result)
     }
 }

@@ -151,15 +151,7 @@ impl PredictionService for TfServing {
         let mut target = None;
         let routing_key = super::routing_key(request.metadata());
         let result = self.predict_inner(request.into_inner(), routing_key, &mut target).await;
-        let target_ref = target.as_ref().map(|(m, v, s)| (m.as_str(), *v, s.as_str()));
-        super::trace_target(target_ref);
-        self.metrics.observe_request(
-            Api::GrpcPredict,
-            target_ref,
-            started.elapsed(),
-            result.as_ref().err().map(ServeError::code),
-        );
-        result.map(Response::new).map_err(Status::from)
+        super::finish_call(&self.metrics, Api::GrpcPredict, started, target.as_ref(), result)
     }
 
     async fn get_model_metadata(
@@ -168,13 +160,7 @@ impl PredictionService for TfServing {
     ) -> Result<Response<GetModelMetadataResponse>, Status> {
         let started = Instant::now();
         let result = self.metadata_inner(request.into_inner());
-        self.metrics.observe_request(
-            Api::GrpcMetadata,
-            None,
-            started.elapsed(),
-            result.as_ref().err().map(ServeError::code),
-        );
-        result.map(Response::new).map_err(Status::from)
+        super::finish_call(&self.metrics, Api::GrpcMetadata, started, None, result)
     }
 
     async fn classify(&self, _: Request<ClassificationRequest>) -> Result<Response<ClassificationResponse>, Status> {

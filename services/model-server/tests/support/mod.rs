@@ -1,12 +1,14 @@
 //! Starts the model server in-process on pre-bound loopback listeners, with model
-//! directories copied from the TF-exported fixtures, and builds requests.
+//! directories copied from the TF-exported fixtures, and builds requests. The benches
+//! include it too (for the server's config from flags and reload requests).
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Parser;
-use model_server::config::ServeArgs;
+use model_server::config::{ServeArgs, ServerConfig};
 use model_server::server::{self, Listeners};
 use proto::tensorflow::serving::model_spec::VersionChoice;
 use proto::tensorflow::serving::prediction_service_client::PredictionServiceClient;
@@ -15,6 +17,7 @@ use proto::tensorflow::serving::{
 };
 use proto::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 use serde_json::Value;
+use test_support::Endpoint;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -22,6 +25,20 @@ use tonic::transport::Channel;
 struct TestCli {
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// The server's config from these flags, as on its command line (without the binary name).
+pub fn serve_config(flags: &[impl AsRef<str>]) -> ServerConfig {
+    let args = std::iter::once("model-server").chain(flags.iter().map(AsRef::as_ref));
+    TestCli::try_parse_from(args).unwrap().serve.resolve().unwrap()
+}
+
+/// A channel to the server at `addr` once it accepts connections (a server finishes its
+/// initial loads before it does); panics after `within`.
+pub async fn channel_to(addr: SocketAddr, within: Duration) -> Channel {
+    let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+    let connected = test_support::observe_until(within, async || endpoint.connect().await, Result::is_ok).await;
+    connected.unwrap_or_else(|e| panic!("the server at {addr} accepted no connection within {within:?}: {e}"))
 }
 
 /// `tests/fixtures/savedmodels/<name>` in the workspace.
@@ -69,8 +86,7 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server with these flags (as on the command line, without the binary name).
     pub async fn start(flags: &[&str]) -> TestServer {
-        let cli = TestCli::try_parse_from(std::iter::once("model-server").chain(flags.iter().copied())).unwrap();
-        let config = cli.serve.resolve().unwrap();
+        let config = serve_config(flags);
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (grpc_addr, rest_addr) = (grpc.local_addr().unwrap(), rest.local_addr().unwrap());
@@ -82,15 +98,7 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        // The server finishes initial loads before accepting; allow for that.
-        let endpoint = Channel::from_shared(format!("http://{}", self.grpc)).unwrap();
-        for _ in 0..600 {
-            if let Ok(channel) = endpoint.connect().await {
-                return channel;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("the server at {} never accepted a connection", self.grpc);
+        channel_to(self.grpc, Duration::from_secs(30)).await
     }
 
     pub async fn predict_client(&self) -> PredictionServiceClient<Channel> {
@@ -151,22 +159,7 @@ pub fn assert_close(actual: &[f32], expected: &[f32], context: &str) {
 
 /// GET over HTTP/1.1; returns the body (panics on a non-2xx status).
 pub async fn get_text(addr: SocketAddr, path: &str) -> String {
-    let response = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
-    assert!(response.status().is_success(), "GET {path}: {}", response.status());
-    response.text().await.unwrap()
-}
-
-/// The value of one sample in Prometheus text, matched by name and (a subset of) labels.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
-        if series_name != name {
-            return None;
-        }
-        let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-        all.then(|| value.parse().ok()).flatten()
-    })
+    Endpoint::new(addr).text(path).await
 }
 
 /// `HandleReloadConfigRequest` replacing the model list with `models`.

@@ -21,13 +21,13 @@ use super::*;
 
 /// What the rebalance callback needs to start workers, known once the consumer exists.
 struct Wiring {
-    consumer: Weak<BaseConsumer<ConsumerCtx>>,
-    shared: Arc<Shared>,
+    consumer: Weak<BaseConsumer<RebalanceHandler>>,
+    shared: Arc<WorkerResources>,
 }
 
 /// librdkafka callbacks: rebalances (start workers for assigned partitions, drain
 /// revoked ones) and statistics (lag).
-pub struct ConsumerCtx {
+pub struct RebalanceHandler {
     workers: Arc<Mutex<Workers>>,
     runtime: Handle,
     drain_for: Duration,
@@ -35,13 +35,13 @@ pub struct ConsumerCtx {
     wiring: OnceLock<Wiring>,
 }
 
-impl ConsumerCtx {
+impl RebalanceHandler {
     pub fn new(workers: Arc<Mutex<Workers>>, runtime: Handle, drain_for: Duration, metrics: Metrics) -> Self {
         Self { workers, runtime, drain_for, metrics, wiring: OnceLock::new() }
     }
 
     /// Must be called before subscribing: assigned partitions get their workers from here.
-    pub fn wire(&self, consumer: &Arc<BaseConsumer<ConsumerCtx>>, shared: Arc<Shared>) {
+    pub fn wire(&self, consumer: &Arc<BaseConsumer<RebalanceHandler>>, shared: Arc<WorkerResources>) {
         let _ = self.wiring.set(Wiring { consumer: Arc::downgrade(consumer), shared });
     }
 
@@ -70,9 +70,9 @@ impl ConsumerCtx {
 fn spawn_worker(
     runtime: &Handle,
     (topic, partition): (String, i32),
-    queue: Option<PartitionQueue<ConsumerCtx>>,
-    shared: &Arc<Shared>,
-    consumer: &Arc<BaseConsumer<ConsumerCtx>>,
+    queue: Option<PartitionQueue<RebalanceHandler>>,
+    shared: &Arc<WorkerResources>,
+    consumer: &Arc<BaseConsumer<RebalanceHandler>>,
 ) -> Worker {
     let (sender, receiver) = mpsc::channel(shared.config.max_in_flight_per_partition);
     let task = runtime.spawn(partition_worker(topic, partition, queue, receiver, shared.clone(), consumer.clone()));
@@ -122,7 +122,7 @@ fn drain(
     })
 }
 
-impl ClientContext for ConsumerCtx {
+impl ClientContext for RebalanceHandler {
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
             for (partition, stats) in &stats.partitions {
@@ -142,7 +142,7 @@ impl ClientContext for ConsumerCtx {
     }
 }
 
-impl ConsumerContext for ConsumerCtx {
+impl ConsumerContext for RebalanceHandler {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
@@ -180,7 +180,7 @@ impl ConsumerContext for ConsumerCtx {
 
 /// Commits what is done: the open transaction in exactly-once mode (a failure stops the
 /// processor), else the stored offsets.
-fn commit(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared) {
+fn commit(consumer: &BaseConsumer<RebalanceHandler>, shared: &WorkerResources) {
     match &shared.transactions {
         Some(transactions) => match transactions.commit(consumer) {
             Ok(true) => shared.metrics.transactions.with_label_values(&["committed"]).inc(),
@@ -198,7 +198,7 @@ fn commit(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared) {
 /// may have left part of a reading's outputs in the open transaction without its offset):
 /// then the transaction is aborted and the processor stops, and the readings since the
 /// last commit are redone from the committed offsets.
-fn commit_drained(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared, finished: bool) {
+fn commit_drained(consumer: &BaseConsumer<RebalanceHandler>, shared: &WorkerResources, finished: bool) {
     match &shared.transactions {
         Some(transactions) if transactions.is_broken() => transactions.abort(),
         Some(transactions) if !finished => {
@@ -212,7 +212,7 @@ fn commit_drained(consumer: &BaseConsumer<ConsumerCtx>, shared: &Shared, finishe
 }
 
 /// Commits the stored offsets now (a revoke or shutdown must not wait for auto-commit).
-fn commit_stored(consumer: &BaseConsumer<ConsumerCtx>) {
+fn commit_stored(consumer: &BaseConsumer<RebalanceHandler>) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {} // nothing new stored
@@ -225,9 +225,9 @@ fn commit_stored(consumer: &BaseConsumer<ConsumerCtx>) {
 /// callbacks; readings normally go straight from each partition's queue to its worker,
 /// and only the rare ones that arrive here are handed over.
 pub fn poll_loop(
-    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    consumer: Arc<BaseConsumer<RebalanceHandler>>,
     workers: Arc<Mutex<Workers>>,
-    shared: Arc<Shared>,
+    shared: Arc<WorkerResources>,
     stop: Arc<AtomicBool>,
     runtime: Handle,
 ) {
@@ -303,7 +303,7 @@ pub fn poll_loop(
     tracing::info!("consumer stopped; offsets committed");
 }
 
-pub(super) fn set_paused(consumer: &BaseConsumer<ConsumerCtx>, topic: &str, partition: i32, pause: bool) -> bool {
+pub(super) fn set_paused(consumer: &BaseConsumer<RebalanceHandler>, topic: &str, partition: i32, pause: bool) -> bool {
     let mut list = TopicPartitionList::new();
     list.add_partition(topic, partition);
     let result = if pause { consumer.pause(&list) } else { consumer.resume(&list) };

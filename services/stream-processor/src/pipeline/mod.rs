@@ -46,12 +46,13 @@ mod produce;
 mod worker;
 
 use consumer::set_paused;
-pub use consumer::{ConsumerCtx, poll_loop};
+pub use consumer::{RebalanceHandler, poll_loop};
 use produce::{confirm, delivered, enqueue_all, enqueue_all_in_transaction};
 use worker::{Prepared, partition_worker};
 
-/// What the workers share.
-pub struct Shared {
+/// What every partition worker uses: the producer, the model client, the config and
+/// metrics, and the processor-wide failure signals.
+pub struct WorkerResources {
     pub producer: FutureProducer,
     pub model: ModelClient,
     pub config: Arc<ProcessorConfig>,
@@ -69,7 +70,7 @@ pub struct Shared {
     model_state: tokio::sync::watch::Sender<bool>,
 }
 
-impl Shared {
+impl WorkerResources {
     pub fn new(
         producer: FutureProducer,
         model: ModelClient,

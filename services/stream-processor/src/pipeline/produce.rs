@@ -13,7 +13,7 @@ use crate::output::OutRecord;
 use super::*;
 
 /// Hands every record to the producer, in order; waits while its queue is full.
-pub(super) async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<DeliveryFuture> {
+pub(super) async fn enqueue_all(shared: &WorkerResources, records: &[OutRecord]) -> Vec<DeliveryFuture> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
         deliveries.push(enqueue(shared, record).await);
@@ -21,7 +21,7 @@ pub(super) async fn enqueue_all(shared: &Shared, records: &[OutRecord]) -> Vec<D
     deliveries
 }
 
-pub(super) async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFuture {
+pub(super) async fn enqueue(shared: &WorkerResources, record: &OutRecord) -> DeliveryFuture {
     loop {
         match crate::kafka_clients::send(&shared.producer, record).await {
             Ok(delivery) => return delivery,
@@ -37,7 +37,7 @@ pub(super) async fn enqueue(shared: &Shared, record: &OutRecord) -> DeliveryFutu
 /// Exactly-once: hands every record to the producer, in order, waiting while its queue is
 /// full; any other refusal means the transaction is unusable.
 pub(super) async fn enqueue_all_in_transaction(
-    shared: &Shared,
+    shared: &WorkerResources,
     records: &[OutRecord],
 ) -> Result<Vec<DeliveryFuture>, String> {
     let mut deliveries = Vec::with_capacity(records.len());
@@ -62,7 +62,7 @@ pub(super) async fn delivered(prepared: Prepared, deliveries: Vec<DeliveryFuture
 /// Waits for Kafka to confirm each record (sending again what failed); `Err` only when
 /// the producer failed fatally.
 pub(super) async fn confirm(
-    shared: Arc<Shared>,
+    shared: Arc<WorkerResources>,
     prepared: Prepared,
     deliveries: Vec<DeliveryFuture>,
 ) -> Result<Prepared, String> {

@@ -46,10 +46,10 @@ pub(super) struct Prepared {
 pub(super) async fn partition_worker(
     topic: String,
     partition: i32,
-    mut queue: Option<PartitionQueue<ConsumerCtx>>,
+    mut queue: Option<PartitionQueue<RebalanceHandler>>,
     mut messages: mpsc::Receiver<OwnedMessage>,
-    shared: Arc<Shared>,
-    consumer: Arc<BaseConsumer<ConsumerCtx>>,
+    shared: Arc<WorkerResources>,
+    consumer: Arc<BaseConsumer<RebalanceHandler>>,
 ) {
     let bound = shared.config.max_in_flight_per_partition;
     let arrived = Arc::new(tokio::sync::Notify::new());
@@ -184,7 +184,7 @@ fn record_written(metrics: &Metrics, done: &Prepared) {
 }
 
 /// Decodes and scores one reading; waits out model server trouble (never drops it).
-async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
+async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepared {
     let config = &shared.config;
     let mut source = Source {
         topic: message.topic().to_owned(),
@@ -254,7 +254,7 @@ async fn prepare(shared: Arc<Shared>, message: OwnedMessage) -> Prepared {
     }
 }
 
-fn warn_now_and_then(shared: &Shared, error: &str, backoff: Duration) {
+fn warn_now_and_then(shared: &WorkerResources, error: &str, backoff: Duration) {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let last = shared.last_warning.load(Ordering::Relaxed);
     if now >= last + 5 && shared.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()

@@ -225,7 +225,7 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
             let consumer = range::consumer(&config, &group)?;
             let readings = &config.readings_topic;
             let spans = range::spans(&consumer, readings, from)?;
-            let output = partition_count(&consumer, &output)?;
+            let output = kafka::partitions_of(consumer.client(), &output)?;
             Ok((consumer, spans, output))
         })
         .await?
@@ -373,11 +373,6 @@ async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient,
 fn replay_group_id(config: &ProcessorConfig) -> String {
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{}-replay-{}-{nanos}", config.group_id, std::process::id())
-}
-
-/// Partitions of `topic`; 0 when it does not exist.
-fn partition_count(consumer: &range::RangeConsumer, topic: &str) -> Result<usize, ReplayError> {
-    Ok(kafka::partitions_of(consumer.client(), topic)?)
 }
 
 /// Creates the output topic with the readings topic's partition count and the broker's

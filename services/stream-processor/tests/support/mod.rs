@@ -5,16 +5,18 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use device_simulator::fleet::{Fleet, FleetOptions};
-use embedded_brokers::{KafkaCluster, KafkaUnderTest, ReadRecord};
+use embedded_brokers::{KafkaCluster, ReadRecord};
 use prost::Message as _;
 use proto::vigil::scoring::v1::Score;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sensor::SensorReading;
 use stream_processor::config::ProcessorConfig;
+use test_support::Endpoint;
+use test_support::kafka::{Bootstrap, produce, producer, read_topic};
 use tokio::sync::oneshot;
 
 pub const READINGS: &str = "vigil-readings";
@@ -34,24 +36,6 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Where the tests' Kafka is: the mock cluster, or an external broker
-/// ([`KafkaUnderTest`]) for what the mock cannot do.
-pub trait Kafka {
-    fn servers(&self) -> &str;
-}
-
-impl Kafka for KafkaCluster {
-    fn servers(&self) -> &str {
-        self.bootstrap_servers()
-    }
-}
-
-impl Kafka for KafkaUnderTest {
-    fn servers(&self) -> &str {
-        self.bootstrap_servers()
-    }
-}
-
 /// A mock cluster with the processor's topics.
 pub fn kafka() -> KafkaCluster {
     init_logs();
@@ -63,10 +47,11 @@ pub fn kafka() -> KafkaCluster {
     kafka
 }
 
-/// The processor's config for `kafka` and these model server addresses.
-pub fn config(kafka: &impl Kafka, model_servers: &[SocketAddr]) -> ProcessorConfig {
+/// The processor's config for `kafka` (the mock cluster, or an external broker for what
+/// the mock cannot do) and these model server addresses.
+pub fn config(kafka: &impl Bootstrap, model_servers: &[SocketAddr]) -> ProcessorConfig {
     let mut config = ProcessorConfig::default();
-    config.kafka.insert("bootstrap.servers".into(), kafka.servers().into());
+    config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
     // Quick group joins and departures on the mock cluster.
     config.consumer.insert("session.timeout.ms".into(), "6000".into());
     config.consumer.insert("heartbeat.interval.ms".into(), "500".into());
@@ -111,13 +96,10 @@ impl ModelServer {
         Self { grpc: grpc_addr, rest: rest_addr, stop: Some(stop), task }
     }
 
-    /// Predict calls this server answered.
+    /// gRPC Predict calls this server answered.
     pub async fn predictions(&self) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.rest)).await.unwrap().text().await.unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("model_server_requests_total{") && l.contains("predict"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let text = Endpoint::new(self.rest).metrics().await;
+        test_support::metric_total(&text, "model_server_requests_total", &[("api", "grpc_predict")])
     }
 
     pub async fn stop(mut self) {
@@ -152,67 +134,55 @@ pub fn fleet_readings(cars: usize, per_car: usize, seed: u64) -> Vec<SensorReadi
 }
 
 /// Writes readings to the readings topic as ingest does: protobuf, keyed by device id.
-pub async fn produce_readings(kafka: &impl Kafka, readings: &[SensorReading]) {
-    let producer = producer(kafka);
-    let mut deliveries = Vec::new();
-    for reading in readings {
-        let payload = reading.encode_to_vec();
-        let record = FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload);
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for delivery in deliveries {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+pub async fn produce_readings(kafka: &impl Bootstrap, readings: &[SensorReading]) {
+    write_readings(&producer(kafka), READINGS, readings.iter().map(|reading| (reading, None))).await;
 }
 
 /// Writes readings as [`produce_readings`] does, each with the given Kafka timestamp
 /// (milliseconds since the epoch), in order.
-pub async fn produce_readings_at(kafka: &impl Kafka, readings: &[(SensorReading, i64)]) {
-    let producer = producer(kafka);
-    let mut deliveries = Vec::new();
-    for (reading, timestamp) in readings {
-        let payload = reading.encode_to_vec();
-        let record =
-            FutureRecord::to(READINGS).key(reading.device_id.as_bytes()).payload(&payload).timestamp(*timestamp);
-        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for delivery in deliveries {
-        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
+pub async fn produce_readings_at(kafka: &impl Bootstrap, readings: &[(SensorReading, i64)]) {
+    write_readings(&producer(kafka), READINGS, readings.iter().map(|(reading, at)| (reading, Some(*at)))).await;
+}
+
+/// Writes readings to `topic` through `producer` as ingest does (protobuf, keyed by device
+/// id), each with its Kafka timestamp when given, and waits until Kafka has them all.
+pub async fn write_readings<'r>(
+    producer: &FutureProducer,
+    topic: &str,
+    readings: impl IntoIterator<Item = (&'r SensorReading, Option<i64>)>,
+) {
+    let encoded: Vec<(&str, Vec<u8>, Option<i64>)> =
+        readings.into_iter().map(|(reading, at)| (reading.device_id.as_str(), reading.encode_to_vec(), at)).collect();
+    let records = encoded
+        .iter()
+        .map(|(device, payload, at)| {
+            let record = FutureRecord::to(topic).key(*device).payload(payload);
+            match at {
+                Some(at) => record.timestamp(*at),
+                None => record,
+            }
+        })
+        .collect();
+    produce(producer, records).await;
 }
 
 /// Writes raw bytes to the readings topic.
-pub async fn produce_raw(kafka: &impl Kafka, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
-    let producer = producer(kafka);
+pub async fn produce_raw(kafka: &impl Bootstrap, key: &str, payload: &[u8], headers: &[(&str, &str)]) {
     let mut owned = rdkafka::message::OwnedHeaders::new();
     for (k, v) in headers {
         owned = owned.insert(rdkafka::message::Header { key: k, value: Some(v.as_bytes()) });
     }
-    let record = FutureRecord::to(READINGS).key(key.as_bytes()).payload(payload).headers(owned);
-    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
-}
-
-pub fn producer(kafka: &impl Kafka) -> FutureProducer {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.servers())
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "1")
-        .create()
-        .unwrap()
+    let record = FutureRecord::to(READINGS).key(key).payload(payload).headers(owned);
+    produce(&producer(kafka), vec![record]).await;
 }
 
 /// Every record of `topic`, read until `enough` holds (or 60 s).
 pub async fn read(
-    kafka: &impl Kafka,
+    kafka: &impl Bootstrap,
     topic: &str,
     enough: impl Fn(&[ReadRecord]) -> bool + Send + 'static,
 ) -> Vec<ReadRecord> {
-    let (servers, topic) = (kafka.servers().to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        embedded_brokers::read_topic(&servers, &topic, Duration::from_secs(60), enough).unwrap()
-    })
-    .await
-    .unwrap()
+    read_topic(kafka, topic, Duration::from_secs(60), enough).await
 }
 
 pub fn scores(records: &[ReadRecord]) -> Vec<Score> {
@@ -238,7 +208,7 @@ pub fn sequences_by_device(records: &[ReadRecord]) -> BTreeMap<String, Vec<u64>>
 
 /// The processor, in this process.
 pub struct Processor {
-    pub admin: String,
+    pub admin: Endpoint,
     /// Its gRPC ReplayService, `http://127.0.0.1:port`.
     pub grpc: String,
     stop: Option<oneshot::Sender<()>>,
@@ -249,7 +219,7 @@ impl Processor {
     /// Starts the processor and waits until it is ready (the model's signature read).
     pub async fn start(config: ProcessorConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin = format!("http://{}", listener.local_addr().unwrap());
+        let admin = Endpoint::new(listener.local_addr().unwrap());
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = format!("http://{}", grpc_listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -258,21 +228,13 @@ impl Processor {
             let _ = stopped.await;
         }));
         let processor = Self { admin, grpc, stop: Some(stop), task };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !processor.ready().await {
-            assert!(Instant::now() < deadline, "the processor was not ready within 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        processor.admin.wait_ready("the processor", Duration::from_secs(30)).await;
         processor
-    }
-
-    pub async fn ready(&self) -> bool {
-        reqwest::get(format!("{}/ready", self.admin)).await.is_ok_and(|r| r.status().is_success())
     }
 
     /// An unlabelled metric's value, or the sum over a labelled one's series.
     pub async fn metric(&self, name: &str) -> f64 {
-        metric(&self.admin, name).await
+        self.admin.metric_sum(name).await
     }
 
     /// Waits for the processor to stop by itself (a fatal error) and returns how it ended.
@@ -287,60 +249,5 @@ impl Processor {
             .expect("the processor stops within 60 s")
             .unwrap()
             .unwrap();
-    }
-}
-
-/// Each partition's end (high watermark) of `topic`.
-pub fn high_watermarks(kafka: &impl Kafka, topic: &str) -> BTreeMap<i32, i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kafka.servers())
-        .set("group.id", "watermarks")
-        .create()
-        .unwrap();
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.id(), consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).unwrap().1))
-        .collect()
-}
-
-/// The offsets `group` has committed for `topic`'s partitions `0..partitions` (absent:
-/// none committed), asked of the group coordinator without joining the group.
-pub fn committed(kafka: &impl Kafka, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer as _};
-    let consumer: BaseConsumer =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka.servers()).set("group.id", group).create().unwrap();
-    let mut wanted = rdkafka::TopicPartitionList::new();
-    for partition in 0..partitions {
-        wanted.add_partition(topic, partition);
-    }
-    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10)).unwrap();
-    committed
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
-            _ => None,
-        })
-        .collect()
-}
-
-pub async fn metric(admin: &str, name: &str) -> f64 {
-    let Ok(response) = reqwest::get(format!("{admin}/metrics")).await else { return 0.0 };
-    admin::metric_sum(&response.text().await.unwrap_or_default(), name)
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

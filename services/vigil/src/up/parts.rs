@@ -264,7 +264,7 @@ pub(super) async fn start_alerts(
     brokers: &Brokers,
     run_id: u64,
     say: &dyn Fn(String),
-) -> anyhow::Result<Service<anyhow::Error>> {
+) -> anyhow::Result<Service<alerts::AlertsError>> {
     let topics = &brokers.topics;
     let config = AlertsConfig {
         group_id: format!("vigil-up-alerts-{run_id}"),
