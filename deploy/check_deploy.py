@@ -378,10 +378,14 @@ def declared_metrics() -> dict[str, set[str]]:
         declared.update({name: set() for name in PROCESS_METRICS})
     for path in sorted(ROOT.glob("services/*/src/metrics.rs")):
         source = path.read_text()
-        for match in re.finditer(r"\b(\w+)::(new|with_opts)\(", source):
-            kind = match.group(1)
+        # prometheus' constructors (`IntCounterVec::new(...)`), or shared/admin's
+        # MetricsRegistrar, which makes and registers in one call (`metrics.counter_vec(...)`).
+        for match in re.finditer(r"\b(\w+)::(new|with_opts)\(|\.(counter|counter_vec|gauge|gauge_vec|float_gauge|"
+                                 r"float_gauge_vec|histogram|histogram_vec)\(", source):
+            kind = match.group(1) or match.group(3)
             if kind not in ("IntCounter", "IntGauge", "Gauge", "Counter", "Histogram", "IntCounterVec",
-                            "IntGaugeVec", "GaugeVec", "CounterVec", "HistogramVec"):
+                            "IntGaugeVec", "GaugeVec", "CounterVec", "HistogramVec", "counter", "counter_vec",
+                            "gauge", "gauge_vec", "float_gauge", "float_gauge_vec", "histogram", "histogram_vec"):
                 continue
             args = call_arguments(source, match.end() - 1)
             if not args:
@@ -390,7 +394,7 @@ def declared_metrics() -> dict[str, set[str]]:
             if not name:
                 continue
             labels = set()
-            if kind.endswith("Vec") and len(args) >= 2:
+            if kind.endswith(("Vec", "_vec")) and len(args) >= 2:
                 label_arg = args[-1]
                 if not label_arg.startswith("&["):  # a `let labels = &[...]` defined earlier
                     bound = re.search(rf"let {re.escape(label_arg)}\s*=\s*(&\[[^\]]*\])", source)

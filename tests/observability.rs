@@ -249,8 +249,8 @@ impl Pipeline {
 /// A healthy reading of one simulated car, as its device would publish it.
 fn reading(device: &str) -> sensor::SensorReading {
     let options = device_simulator::fleet::FleetOptions { cars: 1, seed: 7, ..Default::default() };
-    let mut fleet =
-        device_simulator::fleet::Fleet::new(&options, prost_types::Timestamp { seconds: 1_780_000_000, nanos: 0 });
+    // Within ingest's default event-time bounds of its arrival.
+    let mut fleet = device_simulator::fleet::Fleet::new(&options, std::time::SystemTime::now().into());
     let mut reading = fleet.step(1.0).remove(0);
     reading.device_id = device.into();
     reading

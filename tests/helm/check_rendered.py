@@ -14,7 +14,8 @@ merges them (a null removes a key). Checks, each failing with the object it is a
   exactly when enabled,
   --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
   declared in services/model-server/src/config.rs; the device simulator's flags in its
-  cli.rs; --config in the processor's, alerts' and ingest's cli.rs;
+  cli.rs; the processor's, alerts' and ingest's flags in their cli.rs or, the common ones
+  (--config, ...), in shared/admin/src/service.rs;
 - the model server's rollout Kafka security: on kafka.brokers, the --rollout_kafka_property
   flags are kafka's security (security.protocol, sasl.mechanism, ssl.*.location) and
   kafka.properties, then rolloutState.kafka.properties, less bootstrap.servers and the
@@ -305,7 +306,7 @@ def check_alerts(values: dict, deployment: dict, configmap: dict | None, by_kind
     check("ALERTS_CONFIG" not in env, f"{where}: ALERTS_CONFIG is set; it is the --config flag's variable")
     source = (REPO / "services/alerts/src/config.rs").read_text()
     if sasl:
-        check('ENV_PREFIX: &str = "ALERTS_"' in source and 'pass_through: &["kafka"]' in source,
+        check('prefix: "ALERTS_"' in source and 'pass_through: &["kafka"]' in source,
               f"{where}: services/alerts/src/config.rs does not read ALERTS_KAFKA__<PROPERTY> variables")
 
     # alerts.toml: every AlertsConfig field, each as the values give it; the rules field for field.
@@ -652,13 +653,18 @@ def main() -> int:
         for flag in flag_args(container):
             check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
                   f"device-simulator: --{flag} is not an argument in services/device-simulator/src/cli.rs")
+    # The Kafka services declare their own flags; the common ones (--config, --kafka-brokers,
+    # --admin-listen, --print-config) are the shared scaffold's.
+    common = (REPO / "shared/admin/src/service.rs").read_text()
+    common = common[common.index("pub struct CommonFlags"):]
+    common = common[:common.index("\n}\n")]
     for component in ("stream-processor", "alerts", "ingest"):
         if component in deployments:
             container = deployments[component]["spec"]["template"]["spec"]["containers"][0]
-            source = (REPO / f"services/{component}/src/cli.rs").read_text()
+            source = (REPO / f"services/{component}/src/cli.rs").read_text() + common
             for flag in flag_args(container):
                 check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
-                      f"{component}: --{flag} is not an argument in services/{component}/src/cli.rs")
+                      f"{component}: --{flag} is not an argument in services/{component}/src/cli.rs or the common flags")
 
     # Kafka security in the rendered config files.
     protocol = {(True, True): "SASL_SSL", (True, False): "SASL_PLAINTEXT", (False, True): "SSL"}.get(

@@ -294,7 +294,7 @@ def check_alerts_running(binary: pathlib.Path, args: list[str], env: dict, pod: 
                                       f"({output.tail(3)[:1000]})")
             status, metrics = http_get(base + "/metrics")
             check(status == 200 and "alerts_scores_consumed_total" in metrics, f"alerts: /metrics answers {status} without alerts_scores_consumed_total")
-        reached = output.wait_for(r"^Error: Meta data fetch error", 60)
+        reached = output.wait_for(r"^Error: (Kafka: )?Meta data fetch error", 60)
         check(reached is not None,
               f"alerts: did not get as far as asking the (closed) brokers for metadata, so its Kafka clients were not created "
               f"with the rendered properties: {output.tail(6)[:2000]}")

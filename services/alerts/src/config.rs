@@ -34,6 +34,9 @@ pub struct AlertsConfig {
     pub changelog_topic: String,
     /// Score records that cannot be read, with headers naming the reason.
     pub dead_letter_topic: String,
+    /// How far a score's event time may lie from its record's Kafka timestamp; a score
+    /// outside is dead-lettered (`implausible_event_time`) and never moves stream time.
+    pub event_time: sensor::EventTimeBounds,
     /// How often alerts and changed state are written and offsets committed: what a
     /// crash can make the next owner redo (it skips what the changelog says was applied).
     pub commit_interval_ms: u64,
@@ -80,6 +83,7 @@ impl Default for AlertsConfig {
             alerts_topic: DEFAULT_ALERTS_TOPIC.into(),
             changelog_topic: DEFAULT_CHANGELOG_TOPIC.into(),
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
+            event_time: sensor::EventTimeBounds::default(),
             commit_interval_ms: 200,
             shutdown_grace_seconds: 10,
             admin_listen: "0.0.0.0:9106".into(),

@@ -69,12 +69,17 @@ impl Rule {
     }
 
     /// The starts of the windows holding event time `t`: every multiple of the advance in
-    /// (t - window, t].
+    /// (t - window, t]. Computed in 128 bits, so no event time (the service refuses
+    /// implausible ones, but the engine does not rely on it) can overflow the arithmetic or
+    /// make the iteration endless; starts outside `i64` are left out.
     fn window_starts(&self, t: i64) -> impl Iterator<Item = i64> + use<> {
-        let advance = self.advance_ms;
+        let (t, window, advance) = (i128::from(t), i128::from(self.window_ms), i128::from(self.advance_ms));
         let last = t.div_euclid(advance) * advance;
-        let first = (t - self.window_ms).div_euclid(advance) * advance + advance;
-        (0..).map(move |k| first + k * advance).take_while(move |start| *start <= last)
+        let first = (t - window).div_euclid(advance) * advance + advance;
+        (0..)
+            .map(move |k: i128| first + k * advance)
+            .take_while(move |start| *start <= last)
+            .filter_map(|start| i64::try_from(start).ok())
     }
 
     /// The condition in words ("anomalies >= 3 and mean score > 2.5").
@@ -172,33 +177,50 @@ impl Partition {
     }
 
     /// The engine as a changelog partition's records (in their order; a later record for
-    /// a key replaces an earlier one, `None` deletes it) left it. Windows of rules no
-    /// longer configured are dropped.
+    /// a key replaces an earlier one, `None` deletes it) left it, and why each record it
+    /// could not read was skipped. A record that is not the engine's (another writer's, a
+    /// corrupt one) must not stop the service from starting: it is skipped, and what it
+    /// held is rebuilt from the scores after the last commit. Windows of rules no longer
+    /// configured are dropped.
     pub fn restore<'a>(
         rules: Arc<[Rule]>,
         records: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
-    ) -> Result<Self, String> {
+    ) -> (Self, Vec<String>) {
         let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
         for (key, value) in records {
             latest.insert(key.to_vec(), value.map(<[u8]>::to_vec));
         }
         let mut partition = Self::new(rules);
+        let mut skipped = Vec::new();
         for (key, value) in latest {
             let Some(value) = value else { continue };
-            let key = String::from_utf8(key).map_err(|_| "a changelog key is not UTF-8".to_owned())?;
+            let Ok(key) = String::from_utf8(key) else {
+                skipped.push("a key that is not UTF-8".to_owned());
+                continue;
+            };
+            // What is echoed of a key is bounded: it came from whoever wrote the topic.
+            let shown: String = key.chars().take(80).collect();
             if key == PROGRESS_KEY {
-                let progress =
-                    PartitionProgress::decode(value.as_slice()).map_err(|e| format!("changelog {key}: {e}"))?;
-                partition.stream_time_ms = progress.stream_time_unix_ms;
-                partition.applied_offset = progress.applied_offset;
+                match PartitionProgress::decode(value.as_slice()) {
+                    Ok(progress) => {
+                        partition.stream_time_ms = progress.stream_time_unix_ms;
+                        partition.applied_offset = progress.applied_offset;
+                    }
+                    Err(error) => skipped.push(format!("{PROGRESS_KEY:?}: {error}")),
+                }
                 continue;
             }
             let Some(device_id) = key.strip_prefix(DEVICE_KEY_PREFIX) else {
-                return Err(format!(
-                    "changelog key {key:?} is neither {PROGRESS_KEY:?} nor {DEVICE_KEY_PREFIX}<device>"
-                ));
+                skipped.push(format!("key {shown:?} is neither {PROGRESS_KEY:?} nor {DEVICE_KEY_PREFIX}<device>"));
+                continue;
             };
-            let stored = DeviceWindows::decode(value.as_slice()).map_err(|e| format!("changelog {key}: {e}"))?;
+            let stored = match DeviceWindows::decode(value.as_slice()) {
+                Ok(stored) => stored,
+                Err(error) => {
+                    skipped.push(format!("{shown:?}: {error}"));
+                    continue;
+                }
+            };
             let mut device = Device { applied_offset: stored.applied_offset, windows: BTreeMap::new() };
             for window in stored.windows {
                 let Some(index) = partition.rules.iter().position(|r| r.name == window.rule) else {
@@ -218,7 +240,7 @@ impl Partition {
             }
             partition.devices.insert(device_id.to_owned(), device);
         }
-        Ok(partition)
+        (partition, skipped)
     }
 
     /// Applies the record at `offset` (in the partition's order); windows it closes are
@@ -442,6 +464,21 @@ mod tests {
     }
 
     #[test]
+    fn extreme_event_times_neither_overflow_nor_hang() {
+        for rule in [rule("r", 60, Some(20), 30, 1), rule("r", 1, None, 0, 1), rule("r", u64::MAX, None, u64::MAX, 1)] {
+            let rule = Rule::new(&rule);
+            for t in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX - 1, i64::MAX] {
+                let starts: Vec<i64> = rule.window_starts(t).take(1_000).collect();
+                assert!(starts.len() < 1_000, "{t}: the windows of one time are few");
+                assert!(starts.iter().all(|start| *start <= t), "{t}: {starts:?}");
+            }
+        }
+        let mut e = engine(&[rule("r", 60, Some(20), 30, 1)]);
+        assert!(matches!(e.apply(1, &anomaly("car", 9.2e15)), Applied::Applied { .. }));
+        assert!(matches!(e.apply(2, &anomaly("car", -9.2e15)), Applied::Applied { .. }));
+    }
+
+    #[test]
     fn lateness_lets_a_reading_in_until_the_window_closes_and_drops_it_after() {
         let mut e = engine(&[rule("r", 60, None, 10, 2)]);
         e.apply(0, &anomaly("car", 50.0));
@@ -493,8 +530,9 @@ mod tests {
         assert!(run(&mut first, &input[..5]).is_empty());
         let changelog = first.take_changes();
         let rules: Arc<[Rule]> = rules.iter().map(Rule::new).collect();
-        let mut second =
-            Partition::restore(rules, changelog.iter().map(|(k, v)| (k.as_bytes(), v.as_deref()))).unwrap();
+        let (mut second, skipped) =
+            Partition::restore(rules, changelog.iter().map(|(k, v)| (k.as_bytes(), v.as_deref())));
+        assert!(skipped.is_empty(), "{skipped:?}");
         assert_eq!(second.applied_offset(), 4);
         for (offset, observation) in input.iter().enumerate().skip(3) {
             let applied = second.apply(offset as i64, observation);
@@ -503,6 +541,27 @@ mod tests {
             }
         }
         assert_eq!(second.take_alerts().into_iter().map(|a| a.id).collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn records_of_other_writers_in_the_changelog_are_skipped_and_named() {
+        let rules = [rule("r", 60, None, 5, 3)];
+        let mut first = engine(&rules);
+        assert!(run(&mut first, &[anomaly("a", 1.0), anomaly("a", 2.0)]).is_empty());
+        let mut changelog = first.take_changes();
+        // A score record a misdirected writer put there, a corrupt device record, a long
+        // foreign key, and a key that is not UTF-8.
+        changelog.push(("car-1".to_owned(), Some(b"\x08\x01 a score".to_vec())));
+        changelog.push(("d/b".to_owned(), Some(b"\xff\xff\xff".to_vec())));
+        changelog.push(("k".repeat(10_000), Some(b"x".to_vec())));
+        let rules: Arc<[Rule]> = rules.iter().map(Rule::new).collect();
+        let records =
+            changelog.iter().map(|(k, v)| (k.as_bytes(), v.as_deref())).chain([(&b"\xff"[..], Some(&b"x"[..]))]);
+        let (mut restored, skipped) = Partition::restore(rules, records);
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(skipped.iter().all(|why| why.len() < 300), "what is echoed of a key is bounded");
+        assert_eq!(restored.applied_offset(), 1, "the engine's own records are restored");
+        assert_eq!(run(&mut restored, &[anomaly("a", 3.0), normal("a", 70.0)]), vec!["a/r/0"]);
     }
 
     #[test]
@@ -517,8 +576,7 @@ mod tests {
         let later = e.take_changes(); // device a at offset 1, progress at 1
         let device_only: Vec<_> = early.iter().chain(later.iter().filter(|(k, _)| k != PROGRESS_KEY)).collect();
         let rules: Arc<[Rule]> = rules.iter().map(Rule::new).collect();
-        let mut restored =
-            Partition::restore(rules, device_only.iter().map(|(k, v)| (k.as_bytes(), v.as_deref()))).unwrap();
+        let mut restored = Partition::restore(rules, device_only.iter().map(|(k, v)| (k.as_bytes(), v.as_deref()))).0;
         assert_eq!(restored.applied_offset(), 0, "the progress record of offset 1 was lost");
         restored.apply(1, &anomaly("a", 2.0)); // redelivered
         restored.apply(2, &normal("z", 61.0));

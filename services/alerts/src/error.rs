@@ -17,8 +17,6 @@ pub enum AlertsError {
     Topic(#[from] kafka::TopicError),
     #[error("{source} (the changelog needs the scores topic's partitions)")]
     ChangelogRead { source: kafka::ReadError },
-    #[error("restoring partition {partition} from {topic}: {reason}")]
-    Restore { partition: i32, topic: String, reason: String },
     #[error("the scores topic {0} does not exist (or has no partitions)")]
     NoScoresTopic(String),
     #[error(
@@ -51,6 +49,10 @@ pub enum Unreadable {
     MissingDeviceId,
     #[error("score {0} is not a finite number")]
     InvalidScore(f32),
+    #[error("the score is for a device id of {0} bytes, more than the {max} allowed", max = sensor::MAX_DEVICE_ID_BYTES)]
+    DeviceIdTooLong(usize),
+    #[error("{0}")]
+    ImplausibleEventTime(sensor::InvalidReading),
 }
 
 impl Unreadable {
@@ -60,6 +62,8 @@ impl Unreadable {
             Self::NotAScore(_) => "not_a_score",
             Self::MissingDeviceId => "missing_device_id",
             Self::InvalidScore(_) => "invalid_score",
+            Self::DeviceIdTooLong(_) => "device_id_too_long",
+            Self::ImplausibleEventTime(_) => "implausible_event_time",
         }
     }
 }

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Changelog records read to restore state.
     pub restored_records: IntCounter,
+    /// Changelog records skipped on restore because they are not the service's own
+    /// (another writer's, or corrupt).
+    pub changelog_unreadable: IntCounter,
     /// Offset commits that failed (redone safely by the next owner).
     pub commit_failures: IntCounter,
 }
@@ -50,6 +53,10 @@ impl Metrics {
             rebalances: metrics.counter_vec("alerts_rebalances_total", "Rebalances, by kind", &["kind"])?,
             restored_records: metrics
                 .counter("alerts_restored_records_total", "Changelog records read to restore window state")?,
+            changelog_unreadable: metrics.counter(
+                "alerts_changelog_unreadable_total",
+                "Changelog records skipped on restore because they could not be read",
+            )?,
             commit_failures: metrics.counter("alerts_commit_failures_total", "Offset commits that failed")?,
         })
     }

@@ -26,6 +26,7 @@ use prost::Message as _;
 use proto::vigil::alerts::v1::Alert;
 use proto::vigil::scoring::v1::Score;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
@@ -111,13 +112,12 @@ impl AssignedPartitions {
         if !self.engines.contains_key(&partition) {
             let started = Instant::now();
             let records = read_changelog(&self.client(), &self.config.changelog_topic, partition)?;
-            let engine =
-                Partition::restore(self.rules.clone(), records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))
-                    .map_err(|e| AlertsError::Restore {
-                        partition,
-                        topic: self.config.changelog_topic.clone(),
-                        reason: e.to_string(),
-                    })?;
+            let (engine, skipped) =
+                Partition::restore(self.rules.clone(), records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+            for why in skipped.iter().take(10) {
+                tracing::warn!(partition, topic = %self.config.changelog_topic, %why, "skipped a changelog record it cannot read");
+            }
+            self.metrics.changelog_unreadable.inc_by(skipped.len() as u64);
             tracing::info!(
                 partition,
                 records = records.len(),
@@ -141,7 +141,19 @@ impl AssignedPartitions {
         kafka_time_ms: Option<i64>,
     ) -> Result<(), AlertsError> {
         self.metrics.consumed.inc();
-        match decode(payload) {
+        let arrival = kafka_time_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map_or_else(std::time::SystemTime::now, |ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        // An implausible event time is dead-lettered before the engine sees it, so it never
+        // moves the partition's stream time.
+        let checked = decode(payload).and_then(|score| {
+            self.config
+                .event_time
+                .check(score.event_time.as_ref(), arrival)
+                .map_err(Unreadable::ImplausibleEventTime)?;
+            Ok(score)
+        });
+        match checked {
             Ok(score) => {
                 let event_time_ms = score
                     .event_time
@@ -191,7 +203,8 @@ impl AssignedPartitions {
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
     ) -> Result<(), AlertsError> {
-        let mut deliveries: Vec<(DeliveryFuture, Option<String>)> = Vec::new();
+        // With each alert's delivery: the alert, to dead-letter it if Kafka refuses it for good.
+        let mut deliveries: Vec<(DeliveryFuture, Option<Alert>)> = Vec::new();
         let mut fired: Vec<Alert> = Vec::new();
         for partition in partitions {
             let Some(engine) = self.engines.get_mut(partition) else { continue };
@@ -210,7 +223,13 @@ impl AssignedPartitions {
                     .key(alert.id.as_str())
                     .payload(payload.as_slice())
                     .headers(headers);
-                deliveries.push((send(&self.producer, record)?, Some(alert.rule.clone())));
+                match send(&self.producer, record) {
+                    Ok(delivery) => deliveries.push((delivery, Some(alert.clone()))),
+                    Err(AlertsError::Produce(error)) if kafka::is_permanent(&error) => {
+                        self.dead_letter_alert(alert, &error)?
+                    }
+                    Err(other) => return Err(other),
+                }
             }
             fired.extend(alerts);
             for (key, value) in &changes {
@@ -234,24 +253,14 @@ impl AssignedPartitions {
                 .headers(headers);
             deliveries.push((send(&self.producer, record)?, None));
         }
-        for (delivery, rule) in deliveries {
-            let confirmed = match self.deadline {
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    self.runtime
-                        .block_on(tokio::time::timeout(left, delivery))
-                        .map_err(|_| AlertsError::GraceOver(self.config.shutdown_grace_seconds))?
-                }
-                None => self.runtime.block_on(delivery),
-            };
-            match confirmed {
-                Ok(Ok(_)) => {
-                    if let Some(rule) = rule {
-                        self.metrics.fired.with_label_values(&[rule.as_str()]).inc();
-                    }
-                }
-                Ok(Err((error, _))) => return Err(AlertsError::WriteRefused(error)),
-                Err(_) => return Err(AlertsError::ProducerDropped),
+        for (delivery, alert) in deliveries {
+            match (self.confirmed(delivery)?, alert) {
+                (Ok(()), Some(alert)) => self.metrics.fired.with_label_values(&[alert.rule.as_str()]).inc(),
+                (Ok(()), None) => {}
+                // An alert Kafka will never take (a topic policy, an authorization) must not
+                // stop every other alert: it goes to the dead letters, saying why.
+                (Err(error), Some(alert)) if kafka::is_permanent(&error) => self.dead_letter_alert(&alert, &error)?,
+                (Err(error), _) => return Err(AlertsError::WriteRefused(error)),
             }
         }
         for alert in &fired {
@@ -276,6 +285,58 @@ impl AssignedPartitions {
     }
 }
 
+impl AssignedPartitions {
+    /// Waits for `delivery` (until the shutdown deadline, when shutting down): Kafka's
+    /// answer, or why there will be none.
+    fn confirmed(&self, delivery: DeliveryFuture) -> Result<Result<(), KafkaError>, AlertsError> {
+        let confirmed = match self.deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                self.runtime
+                    .block_on(tokio::time::timeout(left, delivery))
+                    .map_err(|_| AlertsError::GraceOver(self.config.shutdown_grace_seconds))?
+            }
+            None => self.runtime.block_on(delivery),
+        };
+        match confirmed {
+            Ok(Ok(_)) => Ok(Ok(())),
+            Ok(Err((error, _))) => Ok(Err(error)),
+            Err(_) => Err(AlertsError::ProducerDropped),
+        }
+    }
+
+    /// Writes `alert`, which Kafka refused for good, to the dead letters with the refusal
+    /// and the topic it was for, and waits for it.
+    fn dead_letter_alert(&self, alert: &Alert, error: &KafkaError) -> Result<(), AlertsError> {
+        use kafka::headers::*;
+        let reason = kafka::refusal_reason(error);
+        tracing::warn!(id = %alert.id, %error, "Kafka refused an alert for good; dead-lettering it");
+        let mut payload = alert.encode_to_vec();
+        let error_text = error.to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: DEAD_LETTER_REASON, value: Some(reason) })
+            .insert(Header { key: DEAD_LETTER_ERROR, value: Some(error_text.as_str()) })
+            .insert(Header { key: DEAD_LETTER_TARGET_TOPIC, value: Some(self.config.alerts_topic.as_str()) });
+        if reason == "record_too_large" {
+            // As large on the dead-letter topic: the headers say what it was.
+            let bytes = payload.len().to_string();
+            headers = headers.insert(Header { key: DEAD_LETTER_PAYLOAD_BYTES, value: Some(bytes.as_str()) });
+            payload.clear();
+        }
+        let record = FutureRecord::<str, [u8]>::to(&self.config.dead_letter_topic)
+            .key(alert.id.as_str())
+            .payload(payload.as_slice())
+            .headers(headers);
+        match self.confirmed(send(&self.producer, record)?)? {
+            Ok(()) => {
+                self.metrics.dead_lettered.with_label_values(&[reason]).inc();
+                Ok(())
+            }
+            Err(error) => Err(AlertsError::WriteRefused(error)),
+        }
+    }
+}
+
 fn send<'a>(producer: &FutureProducer, record: FutureRecord<'a, str, [u8]>) -> Result<DeliveryFuture, AlertsError> {
     producer.send_result(record).map_err(|(error, _)| AlertsError::Produce(error))
 }
@@ -293,6 +354,9 @@ fn decode(payload: &[u8]) -> Result<Score, Unreadable> {
 fn check(score: Score) -> Result<Score, Unreadable> {
     if score.device_id.is_empty() {
         return Err(Unreadable::MissingDeviceId);
+    }
+    if score.device_id.len() > sensor::MAX_DEVICE_ID_BYTES {
+        return Err(Unreadable::DeviceIdTooLong(score.device_id.len()));
     }
     if !score.score.is_finite() {
         return Err(Unreadable::InvalidScore(score.score));

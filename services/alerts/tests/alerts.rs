@@ -149,7 +149,8 @@ fn score(device: &str, seconds: f64, anomalous: bool) -> Score {
     }
 }
 
-/// Writes `planned` to `topic`, each score on its partition, keyed by its device.
+/// Writes `planned` to `topic`, each score on its partition, keyed by its device, with its
+/// reading's time as the Kafka timestamp (as the processor writes scores).
 async fn produce_scores(kafka: &KafkaCluster, topic: &str, planned: &[Planned]) {
     let payloads: Vec<Vec<u8>> = planned
         .iter()
@@ -158,8 +159,12 @@ async fn produce_scores(kafka: &KafkaCluster, topic: &str, planned: &[Planned]) 
     let records = planned
         .iter()
         .zip(&payloads)
-        .map(|((partition, device, _, _), payload)| {
-            FutureRecord::<str, [u8]>::to(topic).partition(*partition).key(device.as_str()).payload(payload.as_slice())
+        .map(|((partition, device, seconds, _), payload)| {
+            FutureRecord::<str, [u8]>::to(topic)
+                .partition(*partition)
+                .key(device.as_str())
+                .payload(payload.as_slice())
+                .timestamp(((1_780_000_000.0 + seconds) * 1000.0) as i64)
         })
         .collect();
     produce(&producer(kafka), records).await;
@@ -247,6 +252,15 @@ async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lette
     assert!(want.keys().any(|id| id.contains("/hot/")) && want.keys().any(|id| id.contains("/repeated/")));
 
     let service = Running::start(config(&kafka, "figures", &topics));
+    // Poison first: a score dated in the year 9999 would move partition 1's stream time
+    // past every planned window (none would alert), and one for a device id of 300 KB.
+    let far_future = score("car-from-9999", (253_402_300_799i64 - 1_780_000_000) as f64, true).encode_to_vec();
+    let huge_id = Score { device_id: "x".repeat(300_000), ..score("car-huge", 1.0, true) }.encode_to_vec();
+    let poison = vec![
+        FutureRecord::<str, [u8]>::to(&topics.scores).partition(1).key("car-from-9999").payload(far_future.as_slice()),
+        FutureRecord::<str, [u8]>::to(&topics.scores).partition(2).key("car-huge").payload(huge_id.as_slice()),
+    ];
+    produce(&producer(&kafka), poison).await;
     produce_scores(&kafka, &topics.scores, &planned).await;
     let odd = FutureRecord::<str, [u8]>::to(&topics.scores).partition(1).key("odd").payload(&b"\xff not a score"[..]);
     produce(&producer(&kafka), vec![odd]).await;
@@ -259,11 +273,49 @@ async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lette
     assert_eq!(sample.condition, "anomalies >= 3");
     assert_eq!(sample.model_versions, vec![2]);
 
-    let dead = read_topic(&kafka, &topics.dead_letters, Duration::from_secs(20), |r| !r.is_empty()).await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].payload, b"\xff not a score", "the original bytes");
-    assert_eq!(dead[0].header("vigil.dead_letter.reason"), Some(&b"not_a_score"[..]));
-    assert_eq!(dead[0].header("vigil.dead_letter.source_partition"), Some(&b"1"[..]));
+    let dead = read_topic(&kafka, &topics.dead_letters, Duration::from_secs(20), |r| r.len() >= 3).await;
+    let reason = |payload: &[u8]| {
+        let letter = dead.iter().find(|r| r.payload == payload).expect("dead-lettered with its original bytes");
+        String::from_utf8_lossy(letter.header("vigil.dead_letter.reason").unwrap()).into_owned()
+    };
+    assert_eq!(dead.len(), 3, "{:?}", dead.iter().map(|r| r.header("vigil.dead_letter.reason")).collect::<Vec<_>>());
+    let odd = dead.iter().find(|r| r.payload == b"\xff not a score").expect("the original bytes");
+    assert_eq!(odd.header("vigil.dead_letter.reason"), Some(&b"not_a_score"[..]));
+    assert_eq!(odd.header("vigil.dead_letter.source_partition"), Some(&b"1"[..]));
+    assert_eq!(reason(far_future.as_slice()), "implausible_event_time");
+    assert_eq!(reason(huge_id.as_slice()), "device_id_too_long");
+    assert_eq!(service.metric("alerts_dead_lettered_total").await, 3.0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_kafka_refuses_for_good_is_dead_lettered_and_the_others_still_fire() {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, "refused");
+    let planned = plan(0.0, 240.0, true);
+    let want: BTreeMap<String, Alert> =
+        expected(&planned).into_iter().filter(|(id, _)| id.contains("/repeated/")).collect();
+    assert!(!want.is_empty());
+    let mut config = config(&kafka, "refused", &topics);
+    // A copy of `repeated` under a 300-character name: its alerts (the name is in the id,
+    // the rule and a header) exceed 1,000 bytes, the record limit set here, and are refused
+    // for good; everything else stays under it.
+    let long = RuleConfig { name: "r".repeat(300), ..rules()[0].clone() };
+    config.rules = vec![rules()[0].clone(), long];
+    config.kafka.insert("message.max.bytes".into(), "1000".into());
+    let service = Running::start(config);
+    produce_scores(&kafka, &topics.scores, &planned).await;
+
+    let got = by_id(alerts(&kafka, &topics.alerts, want.len()).await);
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "the other rule's alerts all fire");
+    let dead = read_topic(&kafka, &topics.dead_letters, Duration::from_secs(30), move |r| r.len() >= want.len()).await;
+    assert_eq!(dead.len(), got.len(), "one dead letter per refused alert");
+    for letter in &dead {
+        assert_eq!(letter.header("vigil.dead_letter.reason"), Some(&b"record_too_large"[..]));
+        assert_eq!(letter.header("vigil.dead_letter.target_topic"), Some(topics.alerts.as_bytes()));
+        assert!(letter.key.as_deref().is_some_and(|id| id.windows(300).any(|w| w == "r".repeat(300).as_bytes())));
+    }
+    assert_eq!(service.metric("alerts_dead_lettered_total").await, dead.len() as f64);
     service.stop().await;
 }
 

@@ -31,6 +31,9 @@ pub struct IngestConfig {
     pub rules: Vec<RuleConfig>,
     /// Where invalid readings and unroutable messages go, with headers naming the reason.
     pub dead_letter_topic: String,
+    /// How far a reading's event time may lie from its arrival (MQTT and gRPC); a reading
+    /// outside is dead-lettered (MQTT) or refused (gRPC) as `implausible_event_time`.
+    pub event_time: sensor::EventTimeBounds,
     /// Readings read from MQTT and not yet confirmed by Kafka, at most. With MQTT 5 this
     /// is also the receive maximum announced to the broker, so the broker stops sending
     /// before the bound is reached; with 3.1.1 the broker's own in-flight window applies.
@@ -151,6 +154,7 @@ impl Default for IngestConfig {
                 payload: PayloadKind::SensorReading,
             }],
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
+            event_time: sensor::EventTimeBounds::default(),
             max_in_flight: 1000,
             grpc: GrpcConfig::default(),
             admin_listen: "0.0.0.0:9464".into(),

@@ -8,6 +8,7 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use proto::vigil::ingest::v1::ingest_service_server::IngestService;
 use proto::vigil::ingest::v1::{PublishRequest, PublishResponse};
+use sensor::EventTimeBounds;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::kafka::{Sink, SinkError, Written};
@@ -21,22 +22,25 @@ pub struct IngestGrpc {
     metrics: Metrics,
     /// Sends awaiting Kafka per streaming call, at most.
     max_in_flight: usize,
+    event_time: EventTimeBounds,
 }
 
 impl IngestGrpc {
-    pub fn new(sink: Sink, topic: String, metrics: Metrics, max_in_flight: usize) -> Self {
-        Self { sink, topic, metrics, max_in_flight }
+    pub fn new(sink: Sink, topic: String, metrics: Metrics, max_in_flight: usize, event_time: EventTimeBounds) -> Self {
+        Self { sink, topic, metrics, max_in_flight, event_time }
     }
 
-    /// Validates every reading (filling a missing event time with the arrival time), or
-    /// names the first invalid one.
-    fn check(request: &mut PublishRequest, context: &str) -> Result<(), Status> {
+    /// Validates every reading (filling a missing event time with the arrival time, and
+    /// refusing one too far from it), or names the first invalid one.
+    fn check(&self, request: &mut PublishRequest, context: &str) -> Result<(), Status> {
         let now = SystemTime::now();
         for (index, reading) in request.readings.iter_mut().enumerate() {
             if reading.event_time.is_none() {
                 reading.event_time = Some(now.into());
             }
-            sensor::validate(reading).map_err(|invalid| {
+            let checked =
+                sensor::validate(reading).and_then(|()| self.event_time.check(reading.event_time.as_ref(), now));
+            checked.map_err(|invalid| {
                 let field = invalid.field().map_or(String::new(), |f| format!(".{f}"));
                 Status::invalid_argument(format!("{context}readings[{index}]{field}: {invalid}"))
             })?;
@@ -70,7 +74,7 @@ fn unavailable(error: SinkError) -> Status {
 impl IngestService for IngestGrpc {
     async fn publish(&self, request: Request<PublishRequest>) -> Result<Response<PublishResponse>, Status> {
         let mut request = request.into_inner();
-        Self::check(&mut request, "")?;
+        self.check(&mut request, "")?;
         let mut pending = FuturesUnordered::new();
         self.send_all(&request, &mut pending);
         while let Some(written) = pending.next().await {
@@ -93,7 +97,7 @@ impl IngestService for IngestGrpc {
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(status),
             };
-            if let Err(status) = Self::check(&mut request, &format!("request {index}: ")) {
+            if let Err(status) = self.check(&mut request, &format!("request {index}: ")) {
                 break Err(status);
             }
             index += 1;

@@ -175,20 +175,15 @@ impl Sink {
     }
 }
 
-/// Errors that sending the same record again cannot fix.
+/// Errors that sending the same record again cannot fix: [`kafka::is_permanent`]'s, and a
+/// topic that does not exist, since a routing rule's template can name topics from what a
+/// device sent (and brokers in production create none on their own).
 fn refused_for_what_it_is(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::InvalidTopic
+    kafka::is_permanent(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition)
         )
-    )
 }
 
 #[cfg(test)]

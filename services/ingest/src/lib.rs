@@ -86,8 +86,13 @@ pub async fn run(
     if let Some(listener) = listeners.grpc {
         tracing::info!(address = %local_addr(&listener)?, "serving gRPC IngestService");
         let (health, health_service) = tonic_health::server::health_reporter();
-        let service =
-            grpc::IngestGrpc::new(sink.clone(), config.grpc.topic.clone(), metrics.clone(), config.max_in_flight);
+        let service = grpc::IngestGrpc::new(
+            sink.clone(),
+            config.grpc.topic.clone(),
+            metrics.clone(),
+            config.max_in_flight,
+            config.event_time,
+        );
         health.set_serving::<IngestServiceServer<grpc::IngestGrpc>>().await;
         let draining = signal(draining.clone());
         tasks.spawn(async move {

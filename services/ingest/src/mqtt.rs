@@ -383,7 +383,7 @@ pub async fn run(
                         received_at: SystemTime::now(),
                     };
                     let span = trace::mqtt_message(&received.topic, &received.user_properties);
-                    let mut record = from_mqtt(&routes, &config.dead_letter_topic, &message);
+                    let mut record = from_mqtt(&routes, &config.dead_letter_topic, &config.event_time, &message);
                     trace::attach(&span, &mut record);
                     let delivery = sink.send(record);
                     let ack = received.ack.map(|token| AckToken { connection, ..token });

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use prost::Message as _;
+use sensor::EventTimeBounds;
 use sensor::json::{Envelope, parse};
 
 use crate::config::PayloadKind;
@@ -67,8 +68,14 @@ pub struct MqttMessage<'a> {
     pub received_at: SystemTime,
 }
 
-/// The record for `message`: routed and converted, or a dead letter.
-pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage<'_>) -> OutRecord {
+/// The record for `message`: routed and converted, or a dead letter (a reading whose event
+/// time is outside `event_time` of its arrival among them).
+pub fn from_mqtt(
+    routes: &Routes,
+    dead_letter_topic: &str,
+    event_time: &EventTimeBounds,
+    message: &MqttMessage<'_>,
+) -> OutRecord {
     let mut headers = vec![
         (HEADER_MQTT_TOPIC.to_owned(), message.topic.as_bytes().to_vec()),
         (HEADER_MQTT_QOS.to_owned(), message.qos.to_string().into_bytes()),
@@ -109,7 +116,11 @@ pub fn from_mqtt(routes: &Routes, dead_letter_topic: &str, message: &MqttMessage
         },
         PayloadKind::SensorReading => {
             let envelope = Envelope { topic_device_id: route.device_id.as_deref(), received_at: message.received_at };
-            match parse(message.payload, &envelope) {
+            let checked = parse(message.payload, &envelope).and_then(|reading| {
+                event_time.check(reading.event_time.as_ref(), message.received_at)?;
+                Ok(reading)
+            });
+            match checked {
                 Ok(reading) => {
                     headers.push((HEADER_CONTENT_TYPE.to_owned(), SENSOR_READING_CONTENT_TYPE.into()));
                     OutRecord {
@@ -176,7 +187,12 @@ mod tests {
         let trace =
             vec![("traceparent".to_owned(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned())];
         let payload = seed_payload(12.5);
-        let record = from_mqtt(&routes, "dlq", &message("vehicles/sensor/data/car-9", &payload, &trace));
+        let record = from_mqtt(
+            &routes,
+            "dlq",
+            &EventTimeBounds::default(),
+            &message("vehicles/sensor/data/car-9", &payload, &trace),
+        );
         assert_eq!(record.dead_letter, None);
         assert_eq!(record.topic, "vigil-readings");
         assert_eq!(record.key.as_deref(), Some(&b"car-9"[..]));
@@ -192,13 +208,27 @@ mod tests {
     #[test]
     fn invalid_payloads_become_dead_letters_naming_the_reason_and_field_with_the_original_bytes() {
         let routes = Routes::new(&IngestConfig::default().rules).unwrap();
-        let cases: [(Vec<u8>, &str, Option<&str>); 3] = [
+        let with_field = |field: &str| {
+            let mut payload = seed_payload(12.5);
+            payload.pop();
+            payload.extend_from_slice(format!(", {field}}}").as_bytes());
+            payload
+        };
+        let cases: [(Vec<u8>, &str, Option<&str>); 5] = [
             (b"not json".to_vec(), "not_json", None),
             (seed_payload(1e6), "out_of_range", Some("speed")),
             (b"{\"speed\": 3}".to_vec(), "missing_field", Some("coolant_temp")),
+            // The messages arrive at the epoch here: the year 9999 is far in their future.
+            (with_field("\"event_time\": \"9999-12-31T23:59:59Z\""), "implausible_event_time", Some("event_time")),
+            (with_field(&format!("\"device_id\": \"{}\"", "x".repeat(300))), "too_long", Some("device_id")),
         ];
         for (payload, reason, field) in cases {
-            let record = from_mqtt(&routes, "dlq", &message("vehicles/sensor/data/car-1", &payload, &[]));
+            let record = from_mqtt(
+                &routes,
+                "dlq",
+                &EventTimeBounds::default(),
+                &message("vehicles/sensor/data/car-1", &payload, &[]),
+            );
             assert_eq!((record.topic.as_str(), record.dead_letter), ("dlq", Some(reason)));
             assert_eq!(record.payload, payload, "the original payload is kept");
             assert_eq!(record.header(DEAD_LETTER_REASON), Some(reason.as_bytes()));
@@ -207,7 +237,7 @@ mod tests {
             assert_eq!(record.header(HEADER_MQTT_TOPIC), Some(&b"vehicles/sensor/data/car-1"[..]));
             assert_eq!(record.key.as_deref(), Some(&b"car-1"[..]), "dead letters stay keyed by device");
         }
-        let record = from_mqtt(&routes, "dlq", &message("elsewhere/x", b"{}", &[]));
+        let record = from_mqtt(&routes, "dlq", &EventTimeBounds::default(), &message("elsewhere/x", b"{}", &[]));
         assert_eq!(record.dead_letter, Some("no_route"));
     }
 }

@@ -15,7 +15,7 @@ use tonic::Code;
 /// `rounds` readings from each of `cars` cars, in publishing order.
 fn fleet_readings(cars: usize, rounds: usize) -> Vec<sensor::SensorReading> {
     let options = FleetOptions { cars, ..FleetOptions::default() };
-    let mut fleet = Fleet::new(&options, prost_types::Timestamp { seconds: 1_800_000_000, nanos: 0 });
+    let mut fleet = Fleet::new(&options, std::time::SystemTime::now().into());
     (0..rounds).flat_map(|_| fleet.step(1.0)).collect()
 }
 
@@ -62,6 +62,21 @@ async fn an_invalid_reading_fails_its_request_naming_the_field_and_nothing_of_it
     let status = client.publish(PublishRequest { readings: missing_device }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("device_id"), "{}", status.message());
+
+    // A device id of a few hundred KB, and event times no clock of the fleet can have.
+    let mut huge_device = fleet_readings(1, 1);
+    huge_device[0].device_id = "x".repeat(300_000);
+    let status = client.publish(PublishRequest { readings: huge_device }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("readings[0].device_id: "), "{}", status.message());
+    assert!(status.message().len() < 200, "the id is not echoed: {} bytes", status.message().len());
+    for seconds in [253_402_300_799, i64::MAX, 0] {
+        let mut dated = fleet_readings(1, 1);
+        dated[0].event_time = Some(prost_types::Timestamp { seconds, nanos: 0 });
+        let status = client.publish(PublishRequest { readings: dated }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("readings[0].event_time: "), "{seconds}: {}", status.message());
+    }
 
     // A good request afterwards is the only thing in the topic.
     let good = fleet_readings(2, 1);

@@ -15,6 +15,7 @@ pub const DEFAULT_READINGS_TOPIC: &str = "vigil-readings";
 pub const DEFAULT_SCORES_TOPIC: &str = "vigil-scores";
 pub const DEFAULT_ANOMALIES_TOPIC: &str = "vigil-anomalies";
 pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "vigil-scoring-dead-letter";
+pub const DEFAULT_REPLAY_TOPIC_PREFIX: &str = "vigil-replay-";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -27,6 +28,10 @@ pub struct ProcessorConfig {
     /// Readings that cannot be scored for what they are (not a `SensorReading`, or the
     /// model refused them with INVALID_ARGUMENT), with headers naming the reason.
     pub dead_letter_topic: String,
+    /// How far a reading's event time may lie from its Kafka timestamp; a reading outside
+    /// is dead-lettered as `implausible_event_time` (ingest checks the same on arrival;
+    /// this covers readings other producers write).
+    pub event_time: sensor::EventTimeBounds,
     /// `protobuf` (`vigil.scoring.v1.Score` / `Anomaly`) or `json`.
     pub output_format: OutputFormat,
     /// Readings of one partition being scored or written at once; their outputs are
@@ -55,6 +60,9 @@ pub struct ProcessorConfig {
     /// Readings a replay has at the model server at once. Replays share the model servers
     /// with live scoring, so this is well below `model.concurrency_limit`.
     pub replay_concurrency: usize,
+    /// Every replay's output topic must start with this (and say more), so that a replay
+    /// can never write into a topic another service reads (the alerts changelog, say).
+    pub replay_topic_prefix: String,
     pub model: ModelConfig,
     /// librdkafka properties for both the consumer and the producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`).
@@ -172,6 +180,7 @@ impl Default for ProcessorConfig {
             scores_topic: DEFAULT_SCORES_TOPIC.into(),
             anomalies_topic: DEFAULT_ANOMALIES_TOPIC.into(),
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
+            event_time: sensor::EventTimeBounds::default(),
             output_format: OutputFormat::Protobuf,
             max_in_flight_per_partition: 256,
             rebalance_drain_seconds: 20,
@@ -183,6 +192,7 @@ impl Default for ProcessorConfig {
             // Next to ingest's 50061.
             grpc_listen: "0.0.0.0:50062".into(),
             replay_concurrency: 32,
+            replay_topic_prefix: DEFAULT_REPLAY_TOPIC_PREFIX.into(),
             model: ModelConfig::default(),
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
             consumer: BTreeMap::new(),
@@ -221,6 +231,9 @@ impl ServiceConfig for ProcessorConfig {
         }
         if self.replay_concurrency == 0 {
             return error("replay_concurrency must be at least 1".into());
+        }
+        if self.replay_topic_prefix.trim().is_empty() {
+            return error("replay_topic_prefix is empty: replays could write to any topic".into());
         }
         if self.model.concurrency_limit == 0 {
             return error("model.concurrency_limit must be at least 1".into());

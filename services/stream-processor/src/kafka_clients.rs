@@ -54,7 +54,10 @@ pub async fn send(producer: &FutureProducer, record: &OutRecord) -> Result<Deliv
     for (key, value) in &record.headers {
         headers = headers.insert(Header { key, value: Some(value.as_slice()) });
     }
-    let future =
+    let mut future =
         FutureRecord::to(&record.topic).key(record.key.as_slice()).payload(record.payload.as_slice()).headers(headers);
+    if let Some(ms) = record.timestamp.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()) {
+        future = future.timestamp(i64::try_from(ms.as_millis()).unwrap_or(i64::MAX));
+    }
     kafka::send_waiting(producer, future).await
 }

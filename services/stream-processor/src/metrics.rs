@@ -13,6 +13,9 @@ pub struct Metrics {
     pub anomalies: IntCounterVec,
     /// Dead letters Kafka confirmed, by reason.
     pub dead_lettered: IntCounterVec,
+    /// Outputs Kafka refused for good even as dead letters without their payload, by
+    /// refusal (`not_authorized`, ...): not written.
+    pub outputs_dropped: IntCounterVec,
     /// Readings being scored or written (all partitions).
     pub in_flight: IntGauge,
     pub assigned_partitions: IntGauge,
@@ -62,6 +65,11 @@ impl Metrics {
             dead_lettered: metrics.counter_vec(
                 "processor_dead_lettered_total",
                 "Readings written to the dead-letter topic, by reason",
+                &["reason"],
+            )?,
+            outputs_dropped: metrics.counter_vec(
+                "processor_outputs_dropped_total",
+                "Outputs Kafka refused for good even as dead letters without their payload, by refusal",
                 &["reason"],
             )?,
             in_flight: metrics.gauge("processor_in_flight", "Readings being scored or written")?,

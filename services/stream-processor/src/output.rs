@@ -23,13 +23,23 @@ pub struct OutRecord {
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub kind: OutKind,
+    /// The Kafka timestamp to write it with: the reading's own, so that a record and its
+    /// outputs carry one time however late they were scored (a backlog after an outage
+    /// keeps its times, and the alerts service's event-time check compares like with
+    /// like). `None`: the producer's clock.
+    pub timestamp: Option<SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutKind {
-    Score { anomaly: bool },
+    Score {
+        anomaly: bool,
+    },
     Anomaly,
     DeadLetter(&'static str),
+    /// Kafka refused it for good even as a dead letter without its payload: not written
+    /// (logged and counted; the reading itself is still on the readings topic).
+    Dropped(&'static str),
 }
 
 /// Where a reading came from.
@@ -119,6 +129,7 @@ pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading
         payload: encode_score(config.output_format, &score),
         headers: headers.clone(),
         kind: OutKind::Score { anomaly: is_anomaly },
+        timestamp: source.timestamp,
     }];
     if let Some(payload) = anomaly_payload {
         records.push(OutRecord {
@@ -127,6 +138,7 @@ pub fn scored(config: &ProcessorConfig, source: &Source, reading: &SensorReading
             payload,
             headers,
             kind: OutKind::Anomaly,
+            timestamp: source.timestamp,
         });
     }
     records
@@ -153,5 +165,37 @@ pub fn dead_letter(
         payload: payload.to_vec(),
         headers,
         kind: OutKind::DeadLetter(reason),
+        timestamp: source.timestamp,
     }
+}
+
+/// What to write instead of `record` now that Kafka refused it for good (`error`): its
+/// dead letter, naming the refusal and the topic it was for. Its payload is kept unless the
+/// refusal was for size; a dead letter refused again goes without its payload. `None` when
+/// even that was refused: nothing more can be written for it.
+pub fn refused(config: &ProcessorConfig, record: &OutRecord, error: &rdkafka::error::KafkaError) -> Option<OutRecord> {
+    use kafka::headers::*;
+    let reason = kafka::refusal_reason(error);
+    let was_dead_letter = matches!(record.kind, OutKind::DeadLetter(_));
+    if was_dead_letter && record.payload.is_empty() {
+        return None;
+    }
+    let mut headers = record.headers.clone();
+    if !was_dead_letter {
+        headers.push((DEAD_LETTER_REASON.into(), reason.as_bytes().to_vec()));
+        headers.push((DEAD_LETTER_ERROR.into(), error.to_string().into_bytes()));
+        headers.push((DEAD_LETTER_TARGET_TOPIC.into(), record.topic.clone().into_bytes()));
+    }
+    let keep_payload = !was_dead_letter && reason != "record_too_large";
+    if !keep_payload {
+        headers.push((DEAD_LETTER_PAYLOAD_BYTES.into(), record.payload.len().to_string().into_bytes()));
+    }
+    Some(OutRecord {
+        topic: config.dead_letter_topic.clone(),
+        key: record.key.clone(),
+        payload: if keep_payload { record.payload.clone() } else { Vec::new() },
+        headers,
+        kind: if was_dead_letter { record.kind } else { OutKind::DeadLetter(reason) },
+        timestamp: record.timestamp,
+    })
 }

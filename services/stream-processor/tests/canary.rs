@@ -131,7 +131,7 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
                 onset_window_s: (5.0, 60.0),
                 ..Default::default()
             };
-            let mut fleet = Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
+            let mut fleet = Fleet::new(&options, support::two_hours_ago());
             while !stop.load(Ordering::Relaxed) {
                 let readings = fleet.step(1.0);
                 produce_readings(&kafka, &readings).await;

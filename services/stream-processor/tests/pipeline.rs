@@ -72,7 +72,11 @@ async fn scores_are_tensorflows_for_the_golden_readings() {
         .iter()
         .map(|r| {
             let envelope = sensor::json::Envelope { topic_device_id: None, received_at: std::time::SystemTime::now() };
-            sensor::json::parse(r.to_string().as_bytes(), &envelope).unwrap()
+            let mut reading = sensor::json::parse(r.to_string().as_bytes(), &envelope).unwrap();
+            // Recorded in January 2026; written now, so dated now (the processor refuses
+            // event times a day from their Kafka timestamp). The scores do not depend on it.
+            reading.event_time = Some(std::time::SystemTime::now().into());
+            reading
         })
         .collect();
     produce_readings(&kafka, &readings).await;
@@ -117,10 +121,22 @@ async fn what_cannot_be_scored_is_dead_lettered_with_the_reason_and_the_stream_g
     let mut out_of_range = good[0].clone();
     out_of_range.speed = 1.0e6;
     produce_raw(&kafka, &out_of_range.device_id, &out_of_range.encode_to_vec(), &[]).await;
+    // Written by some other producer: a reading from the year 9999, and one for a device id
+    // of 300 KB (its outputs would exceed Kafka's record limit).
+    let mut far_future = good[1].clone();
+    far_future.event_time = Some(prost_types::Timestamp { seconds: 253_402_300_799, nanos: 0 });
+    produce_raw(&kafka, "car-9999", &far_future.encode_to_vec(), &[]).await;
+    let mut huge_id = good[1].clone();
+    huge_id.device_id = "x".repeat(300_000);
+    produce_raw(&kafka, "car-huge", &huge_id.encode_to_vec(), &[]).await;
     produce_readings(&kafka, &good[3..]).await;
 
-    let dead = read(&kafka, DEAD_LETTERS, |r| r.len() >= 2).await;
-    assert_eq!(dead.len(), 2);
+    let dead = read(&kafka, DEAD_LETTERS, |r| r.len() >= 4).await;
+    assert_eq!(dead.len(), 4);
+    let reason_of =
+        |key: &[u8]| dead.iter().find(|r| r.key.as_deref() == Some(key)).unwrap().header("vigil.dead_letter.reason");
+    assert_eq!(reason_of(b"car-9999"), Some(&b"implausible_event_time"[..]));
+    assert_eq!(reason_of(b"car-huge"), Some(&b"too_long"[..]));
     let garbage = dead.iter().find(|r| r.key.as_deref() == Some(&b"car-x"[..])).unwrap();
     assert_eq!(garbage.payload, b"{\"not\": \"protobuf\"}", "the original bytes");
     assert_eq!(garbage.header("vigil.dead_letter.reason"), Some(&b"not_a_sensor_reading"[..]));
@@ -131,7 +147,7 @@ async fn what_cannot_be_scored_is_dead_lettered_with_the_reason_and_the_stream_g
         Some(&b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"[..]),
         "trace context carried"
     );
-    let range = dead.iter().find(|r| r.key.as_deref() != Some(&b"car-x"[..])).unwrap();
+    let range = dead.iter().find(|r| r.key.as_deref() == Some(out_of_range.device_id.as_bytes())).unwrap();
     assert_eq!(range.header("vigil.dead_letter.reason"), Some(&b"out_of_range"[..]));
     let error = String::from_utf8(range.header("vigil.dead_letter.error").unwrap().to_vec()).unwrap();
     assert!(error.contains("speed"), "{error}");
@@ -140,7 +156,50 @@ async fn what_cannot_be_scored_is_dead_lettered_with_the_reason_and_the_stream_g
     let scored = read(&kafka, SCORES, move |r| r.len() >= total).await;
     assert_eq!(distinct(&scored), total, "the valid readings around them are scored");
     eventually(Duration::from_secs(10), "dead letters counted", async || {
-        processor.metric("processor_dead_lettered_total").await == 2.0
+        processor.metric("processor_dead_lettered_total").await == 4.0
+    })
+    .await;
+    processor.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_kafka_refuses_for_good_is_dead_lettered_and_the_partition_goes_on() {
+    let kafka = kafka();
+    let models = tempfile::tempdir().unwrap();
+    // The latest version, 3, flags every reading: each gets a score and an anomaly record.
+    let server = ModelServer::start(&[&three_versions(models.path())]).await;
+    let mut config = config(&kafka, &[server.grpc]);
+    config.output_format = stream_processor::config::OutputFormat::Json;
+    // Records over 1,000 bytes (the least limit librdkafka takes) are refused for good: an
+    // anomaly record in JSON (score and reading) is larger, a score record is not.
+    config.producer.insert("message.max.bytes".into(), "1000".into());
+    let processor = Processor::start(config).await;
+    let readings = fleet_readings(3, 4, 11);
+    produce_readings(&kafka, &readings).await;
+
+    let total = readings.len();
+    let scored = read(&kafka, SCORES, move |r| r.len() >= total).await;
+    let readings_scored: std::collections::BTreeSet<(String, u64)> = scored
+        .iter()
+        .map(|record| {
+            let score: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
+            (score["device_id"].as_str().unwrap().to_owned(), score["sequence"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(readings_scored.len(), total, "every reading is scored: nothing blocked its partition");
+    let dead = read(&kafka, DEAD_LETTERS, move |r| r.len() >= total).await;
+    assert_eq!(dead.len(), total, "one dead letter per refused anomaly record");
+    for letter in &dead {
+        assert_eq!(letter.header("vigil.dead_letter.reason"), Some(&b"record_too_large"[..]));
+        assert_eq!(letter.header("vigil.dead_letter.target_topic"), Some(ANOMALIES.as_bytes()));
+        assert!(letter.payload.is_empty(), "too large to carry");
+        let bytes: usize =
+            std::str::from_utf8(letter.header("vigil.dead_letter.payload_bytes").unwrap()).unwrap().parse().unwrap();
+        assert!(bytes > 900, "{bytes}");
+    }
+    eventually(Duration::from_secs(10), "the dead letters counted by reason", async || {
+        processor.metric("processor_dead_lettered_total").await == total as f64
     })
     .await;
     processor.stop().await;

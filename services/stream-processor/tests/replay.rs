@@ -121,7 +121,7 @@ async fn a_replay_leaves_the_live_group_alone_and_writes_one_candidate_score_per
     // The replay of that history, with live traffic arriving while it runs.
     let replay = tokio::spawn({
         let mut client = setup.client().await;
-        let request = request(start - 1000, start + 60_000, 2, "replay-isolation");
+        let request = request(start - 1000, start + 60_000, 2, "vigil-replay-isolation");
         async move { client.replay(request).await.map(tonic::Response::into_inner) }
     });
     let live = fleet_readings(20, 5, 6);
@@ -141,14 +141,14 @@ async fn a_replay_leaves_the_live_group_alone_and_writes_one_candidate_score_per
     let scores = read(kafka, SCORES, move |r| scored_readings(r).len() >= total).await;
     assert_eq!(scored_readings(&scores).len(), total, "the live processor scored every reading");
     assert_eq!(committed_offsets(kafka, LIVE_GROUP, READINGS, PARTITIONS), end_offsets(kafka, READINGS));
-    for topic in [SCORES, "replay-isolation"] {
+    for topic in [SCORES, "vigil-replay-isolation"] {
         assert_eq!(committed_offsets(kafka, LIVE_GROUP, topic, PARTITIONS), BTreeMap::new(), "{topic}");
     }
 
     // One candidate score per reading of the range, naming its reading, from version 2.
     assert_eq!((report.replayed, report.compared, report.failed), (200, 200, 0), "{report:?}");
     assert_eq!(report.live_versions, [1]);
-    let outputs = read(kafka, "replay-isolation", |r| r.len() >= 200).await;
+    let outputs = read(kafka, "vigil-replay-isolation", |r| r.len() >= 200).await;
     let outputs: Vec<(Score, Option<Vec<u8>>)> =
         outputs.into_iter().map(|r| (Score::decode(r.payload.as_slice()).unwrap(), r.key)).collect();
     assert_eq!(outputs.len(), 200);
@@ -190,21 +190,21 @@ async fn only_readings_from_from_up_to_before_to_are_replayed() {
     let readings = readings_by_offset(kafka, timed.len() + 1).await;
     setup.live_caught_up(timed.len()).await;
 
-    let mut in_range = request(from, to, 1, "replay-range");
+    let mut in_range = request(from, to, 1, "vigil-replay-range");
     in_range.bounds = Some(Bounds { min_compared: 10, ..Bounds::default() });
     let report = setup.replay(in_range).await.unwrap();
     assert_eq!((report.replayed, report.compared, report.failed), (48, 48, 0), "{report:?}");
     assert_eq!(report.skipped, 0, "the junk was written now, after the range");
     assert!(report.passed, "the live version against itself: {:?}", report.reasons);
     assert_eq!(report.agreement, 1.0);
-    let outputs = read(kafka, "replay-range", |r| r.len() >= 48).await;
+    let outputs = read(kafka, "vigil-replay-range", |r| r.len() >= 48).await;
     let replayed: BTreeSet<(String, u64)> =
         scores(&outputs).iter().map(|s| readings[&(s.source_partition, s.source_offset)].clone()).collect();
     assert_eq!(outputs.len(), 48);
     assert_eq!(replayed, expected);
 
     // A range holding the junk: skipped, neither scored nor failed.
-    let mut recent = request(now_ms() - 120_000, now_ms() + 1000, 1, "replay-recent");
+    let mut recent = request(now_ms() - 120_000, now_ms() + 1000, 1, "vigil-replay-recent");
     recent.bounds = Some(Bounds { min_compared: 1, ..Bounds::default() });
     let report = setup.replay(recent).await.unwrap();
     assert_eq!((report.replayed, report.failed, report.skipped), (0, 0, 1), "{report:?}");
@@ -221,7 +221,7 @@ async fn a_good_candidate_passes_and_one_that_flags_everything_fails_on_anomaly_
     produce_readings_at(&setup.kafka, &history).await;
     setup.live_caught_up(history.len()).await;
 
-    let good = setup.replay(request(start, start + 60_000, 2, "replay-good")).await.unwrap();
+    let good = setup.replay(request(start, start + 60_000, 2, "vigil-replay-good")).await.unwrap();
     println!("version 2: {good:?}");
     assert!(good.passed, "{:?}", good.reasons);
     assert_eq!((good.replayed, good.compared, good.live_versions.as_slice()), (240, 240, &[1][..]));
@@ -238,7 +238,7 @@ async fn a_good_candidate_passes_and_one_that_flags_everything_fails_on_anomaly_
         })
     );
 
-    let bad = setup.replay(request(start, start + 60_000, 3, "replay-bad")).await.unwrap();
+    let bad = setup.replay(request(start, start + 60_000, 3, "vigil-replay-bad")).await.unwrap();
     println!("version 3: {bad:?}");
     assert!(!bad.passed);
     assert_eq!((bad.replayed, bad.compared, bad.candidate_anomaly_rate), (240, 240, 1.0));
@@ -256,13 +256,17 @@ async fn bad_requests_are_refused_naming_the_field_and_an_unserved_version_fails
     let now = now_ms();
     type Change = fn(&mut ReplayRequest);
     let refused = |change: Change| {
-        let mut request = request(now - 60_000, now, 2, "replay-refused");
+        let mut request = request(now - 60_000, now, 2, "vigil-replay-refused");
         change(&mut request);
         async { setup.replay(request).await.unwrap_err() }
     };
-    let cases: [(Change, &str); 7] = [
+    let cases: [(Change, &str); 8] = [
         (|r| r.candidate_version = 0, "candidate_version: "),
         (|r| r.output_topic.clear(), "output_topic: missing"),
+        (
+            |r| r.output_topic = "vigil-alerts-changelog".into(),
+            "output_topic: vigil-alerts-changelog does not start with \"vigil-replay-\"",
+        ),
         (|r| r.output_topic = SCORES.into(), "output_topic: vigil-scores is the processor's scores topic"),
         (|r| r.output_topic = READINGS.into(), "output_topic: vigil-readings is the processor's readings topic"),
         (|r| r.from = None, "from: missing"),
@@ -274,10 +278,10 @@ async fn bad_requests_are_refused_naming_the_field_and_an_unserved_version_fails
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with(message), "{:?} does not start with {message:?}", status.message());
     }
-    let unserved = setup.replay(request(now - 60_000, now, 9, "replay-refused")).await.unwrap_err();
+    let unserved = setup.replay(request(now - 60_000, now, 9, "vigil-replay-refused")).await.unwrap_err();
     assert_eq!(unserved.code(), tonic::Code::FailedPrecondition, "{unserved:?}");
     assert!(unserved.message().starts_with("model car-anomaly version 9 is not served"), "{}", unserved.message());
-    let mut other = request(now - 60_000, now, 1, "replay-refused");
+    let mut other = request(now - 60_000, now, 1, "vigil-replay-refused");
     other.model = "no-such-model".into();
     let status = setup.replay(other).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");

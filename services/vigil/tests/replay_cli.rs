@@ -111,8 +111,9 @@ impl Stack {
             onset_window_s: (5.0, 60.0),
             ..Default::default()
         };
-        let mut fleet =
-            device_simulator::fleet::Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
+        // Two hours ago: within the processor's default event-time bounds of now.
+        let start = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+        let mut fleet = device_simulator::fleet::Fleet::new(&options, start.into());
         let readings: Vec<_> = (0..8).flat_map(|_| fleet.step(1.0)).collect();
         let payloads: Vec<Vec<u8>> = readings.iter().map(|reading| reading.encode_to_vec()).collect();
         let records = readings
@@ -159,14 +160,14 @@ async fn vigil_replay_passes_a_good_candidate_and_fails_a_bad_one_naming_its_bou
         async move { vigil(None, &all.iter().map(String::as_str).collect::<Vec<_>>()).await }
     };
 
-    let good = replay(&["--version", "2", "--output-topic", "cli-good"]).await;
+    let good = replay(&["--version", "2", "--output-topic", "vigil-replay-cli-good"]).await;
     assert_eq!(good.code, 0, "{}", good.stderr);
     assert_eq!(good.field("verdict"), "passed");
     assert_eq!(good.field("candidate"), "car-anomaly version 2 against live version 1");
     assert!(good.field("readings").starts_with("240 replayed, 240 compared with their live scores, 0 failed"));
-    assert_eq!(good.field("output topic"), "cli-good");
+    assert_eq!(good.field("output topic"), "vigil-replay-cli-good");
 
-    let bad = replay(&["--version", "3", "--output-topic", "cli-bad"]).await;
+    let bad = replay(&["--version", "3", "--output-topic", "vigil-replay-cli-bad"]).await;
     assert_eq!(bad.code, 1, "{}", bad.stderr);
     assert_eq!(bad.field("verdict"), "FAILED (3 of the bounds)");
     assert!(bad.field("anomaly rate").starts_with("candidate 1.0000, live "), "{}", bad.stdout);
@@ -188,7 +189,7 @@ async fn vigil_replay_passes_a_good_candidate_and_fails_a_bad_one_naming_its_bou
             "--version",
             "3",
             "--output-topic",
-            "cli-json",
+            "vigil-replay-cli-json",
             "--min-agreement",
             "0.01",
             "--json",
@@ -205,7 +206,7 @@ async fn vigil_replay_passes_a_good_candidate_and_fails_a_bad_one_naming_its_bou
     assert_eq!(reasons.len(), 2, "agreement 0.02 is now enough: {reasons:?}");
 
     // No report: exit 2 with the processor's words.
-    let unserved = replay(&["--version", "9", "--output-topic", "cli-unserved"]).await;
+    let unserved = replay(&["--version", "9", "--output-topic", "vigil-replay-cli-unserved"]).await;
     assert_eq!(unserved.code, 2);
     assert!(
         unserved.stderr.starts_with("error: failed precondition: model car-anomaly version 9 is not served"),

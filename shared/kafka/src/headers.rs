@@ -15,3 +15,5 @@ pub const DEAD_LETTER_PAYLOAD_BYTES: &str = "vigil.dead_letter.payload_bytes";
 pub const DEAD_LETTER_SOURCE_TOPIC: &str = "vigil.dead_letter.source_topic";
 pub const DEAD_LETTER_SOURCE_PARTITION: &str = "vigil.dead_letter.source_partition";
 pub const DEAD_LETTER_SOURCE_OFFSET: &str = "vigil.dead_letter.source_offset";
+/// A record Kafka refused for good, dead-lettered instead: the topic it was written for.
+pub const DEAD_LETTER_TARGET_TOPIC: &str = "vigil.dead_letter.target_topic";

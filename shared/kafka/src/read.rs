@@ -73,3 +73,10 @@ fn position<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partiti
         _ => None,
     }
 }
+
+/// A record's Kafka timestamp (create or log-append time, whichever the topic keeps) as a
+/// `SystemTime`; `None` when it has none or one before the epoch.
+pub fn record_time<M: rdkafka::Message>(message: &M) -> Option<std::time::SystemTime> {
+    let ms = u64::try_from(message.timestamp().to_millis()?).ok()?;
+    Some(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+}

@@ -171,15 +171,23 @@ fn same(a: &Value, b: &Value) -> bool {
 
 fn device_id(object: &Map<String, Value>, from_topic: Option<&str>) -> Result<String, InvalidReading> {
     let from_topic = from_topic.filter(|id| !id.is_empty());
+    if let Some(topic_id) = from_topic {
+        crate::check_device_id_length("device_id (from the topic)", topic_id)?;
+    }
     match lookup(object, &["device_id", "deviceId"])? {
-        Some((key, Value::String(id))) => match from_topic {
-            Some(topic_id) if topic_id != id => Err(InvalidReading::BadValue {
-                field: key.to_owned(),
-                problem: format!("{id:?} differs from the topic's device id {topic_id:?}"),
-            }),
-            _ if id.is_empty() => Err(InvalidReading::BadValue { field: key.to_owned(), problem: "is empty".into() }),
-            _ => Ok(id.clone()),
-        },
+        Some((key, Value::String(id))) => {
+            crate::check_device_id_length(key, id)?;
+            match from_topic {
+                Some(topic_id) if topic_id != id => Err(InvalidReading::BadValue {
+                    field: key.to_owned(),
+                    problem: format!("{id:?} differs from the topic's device id {topic_id:?}"),
+                }),
+                _ if id.is_empty() => {
+                    Err(InvalidReading::BadValue { field: key.to_owned(), problem: "is empty".into() })
+                }
+                _ => Ok(id.clone()),
+            }
+        }
         Some((key, other)) => Err(wrong_type(key, "a string", other)),
         None => from_topic.map(str::to_owned).ok_or_else(|| InvalidReading::Missing {
             field: "device_id (not in the payload, none in the topic)".into(),

@@ -9,11 +9,19 @@
 
 #![forbid(unsafe_code)]
 
+mod event_time;
 pub mod json;
 pub mod score_json;
 mod signals;
 
+pub use event_time::EventTimeBounds;
 pub use proto::vigil::sensor::v1::{FaultKind, SensorReading};
+
+/// The most bytes a device id may have. It is a Kafka key, an MQTT topic level and a
+/// header on every record of the device; ids in the field are far shorter (`car-0042`, a
+/// VIN, a UUID), and a longer one is a mistake or an attack (a few hundred KB made records
+/// exceed Kafka's limit).
+pub const MAX_DEVICE_ID_BYTES: usize = 256;
 pub use signals::{Signal, signal, signals};
 
 /// Why a reading was rejected: the field and what is wrong with it, in words a publisher
@@ -30,6 +38,10 @@ pub enum InvalidReading {
     BadValue { field: String, problem: String },
     #[error("field {field} is {value}, outside its valid range [{min}, {max}] {unit}")]
     OutOfRange { field: String, value: f64, min: f64, max: f64, unit: String },
+    #[error("field {field} is {bytes} bytes long, more than the {max} allowed")]
+    TooLong { field: String, bytes: usize, max: usize },
+    #[error("field event_time is implausible: {problem}")]
+    ImplausibleEventTime { problem: String },
 }
 
 impl InvalidReading {
@@ -42,6 +54,8 @@ impl InvalidReading {
             Self::Missing { .. } => "missing_field",
             Self::BadValue { .. } => "bad_value",
             Self::OutOfRange { .. } => "out_of_range",
+            Self::TooLong { .. } => "too_long",
+            Self::ImplausibleEventTime { .. } => "implausible_event_time",
         }
     }
 
@@ -49,18 +63,33 @@ impl InvalidReading {
     pub fn field(&self) -> Option<&str> {
         match self {
             Self::NotJson(_) | Self::NotAnObject => None,
-            Self::Missing { field } | Self::BadValue { field, .. } | Self::OutOfRange { field, .. } => Some(field),
+            Self::Missing { field }
+            | Self::BadValue { field, .. }
+            | Self::OutOfRange { field, .. }
+            | Self::TooLong { field, .. } => Some(field),
+            Self::ImplausibleEventTime { .. } => Some("event_time"),
         }
     }
 }
 
-/// Checks every signal of a reading against its valid range, and that it names a device.
+/// Checks every signal of a reading against its valid range, and that it names a device
+/// (at most [`MAX_DEVICE_ID_BYTES`]). The event time is checked apart, against when the
+/// reading arrived ([`EventTimeBounds`]).
 pub fn validate(reading: &SensorReading) -> Result<(), InvalidReading> {
     if reading.device_id.is_empty() {
         return Err(InvalidReading::Missing { field: "device_id".into() });
     }
+    check_device_id_length("device_id", &reading.device_id)?;
     for signal in signals() {
         signal.check(signal.get(reading))?;
+    }
+    Ok(())
+}
+
+/// Refuses a device id longer than [`MAX_DEVICE_ID_BYTES`] (without echoing it).
+pub fn check_device_id_length(field: &str, id: &str) -> Result<(), InvalidReading> {
+    if id.len() > MAX_DEVICE_ID_BYTES {
+        return Err(InvalidReading::TooLong { field: field.to_owned(), bytes: id.len(), max: MAX_DEVICE_ID_BYTES });
     }
     Ok(())
 }

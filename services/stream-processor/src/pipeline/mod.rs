@@ -50,6 +50,19 @@ pub use consumer::{RebalanceHandler, poll_loop};
 use produce::{confirm, delivered, enqueue_all, enqueue_all_in_transaction};
 use worker::{Prepared, partition_worker};
 
+/// Whether a reading read from Kafka may be scored: valid ([`sensor::validate`]) and with
+/// an event time within `config.event_time` of its Kafka timestamp (`None`: of now). The
+/// live path dead-letters what fails; a replay skips it, as the live path did.
+pub fn check_reading(
+    config: &ProcessorConfig,
+    reading: &sensor::SensorReading,
+    kafka_timestamp: Option<std::time::SystemTime>,
+) -> Result<(), sensor::InvalidReading> {
+    sensor::validate(reading)?;
+    let arrival = kafka_timestamp.unwrap_or_else(std::time::SystemTime::now);
+    config.event_time.check(reading.event_time.as_ref(), arrival)
+}
+
 /// What every partition worker uses: the producer, the model client, the config and
 /// metrics, and the processor-wide failure signals.
 pub struct WorkerResources {

@@ -8,12 +8,12 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryFuture, Producer as _};
 
-use crate::output::OutRecord;
+use crate::output::{OutKind, OutRecord};
 
 use super::*;
 
-/// Hands every record to the producer, in order; waits while its queue is full.
-pub(super) async fn enqueue_all(shared: &WorkerResources, records: &[OutRecord]) -> Vec<DeliveryFuture> {
+/// Hands every record to the producer, in order (see [`enqueue`]).
+pub(super) async fn enqueue_all(shared: &WorkerResources, records: &mut [OutRecord]) -> Vec<Option<DeliveryFuture>> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
         deliveries.push(enqueue(shared, record).await);
@@ -21,29 +21,70 @@ pub(super) async fn enqueue_all(shared: &WorkerResources, records: &[OutRecord])
     deliveries
 }
 
-pub(super) async fn enqueue(shared: &WorkerResources, record: &OutRecord) -> DeliveryFuture {
+/// Hands `record` to the producer, waiting while its queue is full and retrying what the
+/// producer refuses for now with backoff. A record it refuses for good (too large, say)
+/// is replaced by its dead letter ([`crate::output::refused`]); `None` when even that is
+/// refused, and the record is marked dropped.
+pub(super) async fn enqueue(shared: &WorkerResources, record: &mut OutRecord) -> Option<DeliveryFuture> {
+    let mut backoff = admin::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match crate::kafka_clients::send(&shared.producer, record).await {
-            Ok(delivery) => return delivery,
+            Ok(delivery) => return Some(delivery),
+            Err(error) if kafka::is_permanent(&error) => {
+                if !replace_refused(shared, record, &error) {
+                    return None;
+                }
+            }
             Err(error) => {
                 tracing::warn!(topic = %record.topic, %error, "handing a record to the producer failed; retrying");
                 shared.metrics.produce_retries.inc();
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.wait().await;
             }
         }
     }
 }
 
+/// Replaces `record`, which Kafka refused for good, with its dead letter; `false` (and the
+/// record marked dropped) when there is nothing left to try.
+fn replace_refused(shared: &WorkerResources, record: &mut OutRecord, error: &KafkaError) -> bool {
+    match crate::output::refused(&shared.config, record, error) {
+        Some(dead_letter) => {
+            tracing::warn!(topic = %record.topic, %error, "Kafka refused a record for good; dead-lettering it");
+            *record = dead_letter;
+            true
+        }
+        None => {
+            let reason = kafka::refusal_reason(error);
+            tracing::error!(topic = %record.topic, %error, "Kafka refused even the dead letter; its reading stays only on the readings topic");
+            record.kind = OutKind::Dropped(reason);
+            false
+        }
+    }
+}
+
 /// Exactly-once: hands every record to the producer, in order, waiting while its queue is
-/// full; any other refusal means the transaction is unusable.
+/// full; a record the producer refuses for good is dead-lettered instead (in the same
+/// transaction), and any other refusal means the transaction is unusable.
 pub(super) async fn enqueue_all_in_transaction(
     shared: &WorkerResources,
-    records: &[OutRecord],
+    records: &mut [OutRecord],
 ) -> Result<Vec<DeliveryFuture>, String> {
     let mut deliveries = Vec::with_capacity(records.len());
     for record in records {
-        let delivery = crate::kafka_clients::send(&shared.producer, record).await;
-        deliveries.push(delivery.map_err(|error| format!("producing to {}: {error}", record.topic))?);
+        loop {
+            match crate::kafka_clients::send(&shared.producer, record).await {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err(error) if kafka::is_permanent(&error) => {
+                    if !replace_refused(shared, record, &error) {
+                        break;
+                    }
+                }
+                Err(error) => return Err(format!("producing to {}: {error}", record.topic)),
+            }
+        }
     }
     Ok(deliveries)
 }
@@ -59,15 +100,16 @@ pub(super) async fn delivered(prepared: Prepared, deliveries: Vec<DeliveryFuture
     Ok(prepared)
 }
 
-/// Waits for Kafka to confirm each record (sending again what failed); `Err` only when
-/// the producer failed fatally.
+/// Waits for Kafka to confirm each record: what it refused for now is sent again with
+/// backoff, what it refused for good is dead-lettered instead; `Err` only when the producer
+/// failed fatally.
 pub(super) async fn confirm(
     shared: Arc<WorkerResources>,
-    prepared: Prepared,
-    deliveries: Vec<DeliveryFuture>,
+    mut prepared: Prepared,
+    deliveries: Vec<Option<DeliveryFuture>>,
 ) -> Result<Prepared, String> {
-    for (record, delivery) in prepared.records.iter().zip(deliveries) {
-        let mut delivery = delivery;
+    for (record, delivery) in prepared.records.iter_mut().zip(deliveries) {
+        let Some(mut delivery) = delivery else { continue };
         let mut backoff = admin::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
             let error = match delivery.await {
@@ -78,10 +120,19 @@ pub(super) async fn confirm(
             if let Some((code, reason)) = shared.producer.client().fatal_error() {
                 return Err(format!("the Kafka producer failed fatally: {code:?}: {reason}"));
             }
-            tracing::warn!(topic = %record.topic, %error, "Kafka did not take a record; sending it again");
-            shared.metrics.produce_retries.inc();
-            backoff.wait().await;
-            delivery = enqueue(&shared, record).await;
+            if kafka::is_permanent(&error) {
+                if !replace_refused(&shared, record, &error) {
+                    break;
+                }
+            } else {
+                tracing::warn!(topic = %record.topic, %error, "Kafka did not take a record; sending it again");
+                shared.metrics.produce_retries.inc();
+                backoff.wait().await;
+            }
+            match enqueue(&shared, record).await {
+                Some(next) => delivery = next,
+                None => break,
+            }
         }
     }
     Ok(prepared)

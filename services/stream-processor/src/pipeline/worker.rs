@@ -118,7 +118,7 @@ pub(super) async fn partition_worker(
                     break;
                 }
             },
-            Some(prepared) = scoring.next() => {
+            Some(mut prepared) = scoring.next() => {
                 if paused && set_paused(&consumer, &topic, partition, false) {
                     paused = false;
                     shared.metrics.paused_partitions.dec();
@@ -129,7 +129,7 @@ pub(super) async fn partition_worker(
                         // A transaction failed; the processor is stopping.
                         break;
                     };
-                    match enqueue_all_in_transaction(&shared, &prepared.records).await {
+                    match enqueue_all_in_transaction(&shared, &mut prepared.records).await {
                         Ok(deliveries) => {
                             transactions.record(&topic, partition, prepared.offset);
                             writing.push_back(Box::pin(delivered(prepared, deliveries)));
@@ -147,7 +147,7 @@ pub(super) async fn partition_worker(
                         }
                     }
                 } else {
-                    let deliveries = enqueue_all(&shared, &prepared.records).await;
+                    let deliveries = enqueue_all(&shared, &mut prepared.records).await;
                     writing.push_back(Box::pin(confirm(shared.clone(), prepared, deliveries)));
                 }
             }
@@ -175,6 +175,7 @@ fn record_written(metrics: &Metrics, done: &Prepared) {
             OutKind::Score { .. } => metrics.scored.with_label_values(&[version.as_str()]).inc(),
             OutKind::Anomaly => metrics.anomalies.with_label_values(&[version.as_str()]).inc(),
             OutKind::DeadLetter(reason) => metrics.dead_lettered.with_label_values(&[reason]).inc(),
+            OutKind::Dropped(reason) => metrics.outputs_dropped.with_label_values(&[reason]).inc(),
         }
     }
     if let Some(latency) = done.timestamp.and_then(|t| SystemTime::now().duration_since(t).ok()) {
@@ -191,11 +192,7 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
-        timestamp: message
-            .timestamp()
-            .to_millis()
-            .and_then(|ms| u64::try_from(ms).ok())
-            .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+        timestamp: kafka::record_time(&message),
         headers: message
             .headers()
             .map(|headers| {
@@ -223,7 +220,7 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
         Ok(reading) => reading,
         Err(error) => return dead("not_a_sensor_reading", &format!("not a vigil.sensor.v1.SensorReading: {error}")),
     };
-    if let Err(invalid) = sensor::validate(&reading) {
+    if let Err(invalid) = super::check_reading(config, &reading, source.timestamp) {
         return dead(invalid.reason(), &invalid.to_string());
     }
     let mut backoff = config.model.backoff();

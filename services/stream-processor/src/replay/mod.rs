@@ -400,7 +400,7 @@ fn producer(config: &ProcessorConfig) -> Result<FutureProducer, ReplayError> {
 /// Scores one record of the range with the candidate.
 async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, message: OwnedMessage) -> Outcome {
     let Ok(reading) = SensorReading::decode(message.payload().unwrap_or_default()) else { return Outcome::Skipped };
-    if sensor::validate(&reading).is_err() {
+    if crate::pipeline::check_reading(config, &reading, kafka::record_time(&message)).is_err() {
         return Outcome::Skipped;
     }
     let source = Source {
@@ -436,6 +436,8 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
         payload: output::encode_score(config.output_format, &score),
         headers: output::model_headers(&scored).into(),
         kind: OutKind::Score { anomaly: score.is_anomaly },
+        // Written now: a replay's records are a new run's, not the readings' history.
+        timestamp: None,
     };
     Outcome::Scored {
         partition: source.partition,

@@ -71,6 +71,15 @@ pub fn check(config: &ProcessorConfig, request: &ReplayRequest) -> Result<Plan, 
             ));
         }
     }
+    let prefix = config.replay_topic_prefix.as_str();
+    if output_topic.len() <= prefix.len() || !output_topic.starts_with(prefix) {
+        return Err(invalid(
+            "output_topic",
+            format!(
+                "{output_topic} does not start with {prefix:?}: replays write only to replay topics (e.g. {prefix}v3)"
+            ),
+        ));
+    }
     let from = request.from.as_ref().ok_or_else(|| invalid("from", "missing: the range's start"))?;
     let to = request.to.as_ref().ok_or_else(|| invalid("to", "missing: the range's end"))?;
     let from_ms = millis(from).ok_or_else(|| invalid("from", format!("{from} is not a valid timestamp")))?;
@@ -181,6 +190,10 @@ mod tests {
         assert_eq!(refused(|r| r.candidate_version = -2).field, "candidate_version");
         assert_eq!(refused(|r| r.output_topic.clear()).field, "output_topic");
         assert_eq!(refused(|r| r.output_topic = "a topic".into()).field, "output_topic");
+        for other in ["vigil-alerts-changelog", "vigil-replay-", "replay-v3"] {
+            let error = refused(|r| r.output_topic = other.into());
+            assert!(error.field == "output_topic" && error.message.contains("vigil-replay-"), "{other}: {error:?}");
+        }
         for live in ["vigil-readings", "vigil-scores", "vigil-anomalies", "vigil-scoring-dead-letter"] {
             let error = refused(|r| r.output_topic = live.into());
             assert_eq!(error.field, "output_topic", "{live}");

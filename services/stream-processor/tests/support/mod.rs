@@ -126,10 +126,17 @@ pub fn three_versions(dir: &Path) -> String {
     format!("--model_config_file={}", config.display())
 }
 
+/// A start time for simulated readings: two hours ago is within every service's default
+/// event-time bounds of now (a day back, five minutes ahead), and of the Kafka timestamps
+/// the replay tests backdate their readings to (an hour at most).
+pub fn two_hours_ago() -> prost_types::Timestamp {
+    (std::time::SystemTime::now() - Duration::from_secs(2 * 3600)).into()
+}
+
 /// A simulated fleet's readings, `per_car` from each of `cars` cars, in time order.
 pub fn fleet_readings(cars: usize, per_car: usize, seed: u64) -> Vec<SensorReading> {
     let options = FleetOptions { cars, seed, fault_share: 0.3, onset_window_s: (5.0, 60.0), ..Default::default() };
-    let mut fleet = Fleet::new(&options, prost_types::Timestamp { seconds: 1_767_225_600, nanos: 0 });
+    let mut fleet = Fleet::new(&options, two_hours_ago());
     (0..per_car).flat_map(|_| fleet.step(1.0)).collect()
 }
 
