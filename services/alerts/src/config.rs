@@ -37,6 +37,10 @@ pub struct AlertsConfig {
     /// How far a score's event time may lie from its record's Kafka timestamp; a score
     /// outside is dead-lettered (`implausible_event_time`) and never moves stream time.
     pub event_time: sensor::EventTimeBounds,
+    /// Devices with open windows held per assigned partition, at most; past it the device
+    /// idle longest is evicted with its windows (counted in `alerts_devices_evicted_total`),
+    /// so a flood of made-up device ids cannot grow memory without bound.
+    pub max_devices_per_partition: usize,
     /// How often alerts and changed state are written and offsets committed: what a
     /// crash can make the next owner redo (it skips what the changelog says was applied).
     pub commit_interval_ms: u64,
@@ -84,6 +88,7 @@ impl Default for AlertsConfig {
             changelog_topic: DEFAULT_CHANGELOG_TOPIC.into(),
             dead_letter_topic: DEFAULT_DEAD_LETTER_TOPIC.into(),
             event_time: sensor::EventTimeBounds::default(),
+            max_devices_per_partition: 100_000,
             commit_interval_ms: 200,
             shutdown_grace_seconds: 10,
             admin_listen: "0.0.0.0:9106".into(),
@@ -121,6 +126,9 @@ impl ServiceConfig for AlertsConfig {
         }
         if self.changelog_topic == self.scores_topic || self.alerts_topic == self.scores_topic {
             return error("alerts_topic and changelog_topic must differ from scores_topic".into());
+        }
+        if self.max_devices_per_partition == 0 {
+            return error("max_devices_per_partition must be at least 1".into());
         }
         if self.commit_interval_ms == 0 {
             return error("commit_interval_ms must be at least 1".into());

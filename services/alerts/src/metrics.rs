@@ -21,6 +21,9 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Changelog records read to restore state.
     pub restored_records: IntCounter,
+    /// Devices evicted with their open windows because a partition held
+    /// `max_devices_per_partition`.
+    pub devices_evicted: IntCounter,
     /// Changelog records skipped on restore because they are not the service's own
     /// (another writer's, or corrupt).
     pub changelog_unreadable: IntCounter,
@@ -53,6 +56,10 @@ impl Metrics {
             rebalances: metrics.counter_vec("alerts_rebalances_total", "Rebalances, by kind", &["kind"])?,
             restored_records: metrics
                 .counter("alerts_restored_records_total", "Changelog records read to restore window state")?,
+            devices_evicted: metrics.counter(
+                "alerts_devices_evicted_total",
+                "Devices evicted with their open windows because a partition held max_devices_per_partition",
+            )?,
             changelog_unreadable: metrics.counter(
                 "alerts_changelog_unreadable_total",
                 "Changelog records skipped on restore because they could not be read",

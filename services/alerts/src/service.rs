@@ -114,6 +114,8 @@ impl AssignedPartitions {
             let records = read_changelog(&self.client(), &self.config.changelog_topic, partition)?;
             let (engine, skipped) =
                 Partition::restore(self.rules.clone(), records.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+            let mut engine = engine.with_device_limit(self.config.max_devices_per_partition);
+            self.metrics.devices_evicted.inc_by(engine.take_evictions());
             for why in skipped.iter().take(10) {
                 tracing::warn!(partition, topic = %self.config.changelog_topic, %why, "skipped a changelog record it cannot read");
             }
@@ -168,7 +170,11 @@ impl AssignedPartitions {
                     model_version: score.model_version,
                 };
                 let rules = self.rules.clone();
-                match self.engine(partition)?.apply(offset, &observation) {
+                let engine = self.engine(partition)?;
+                let applied = engine.apply(offset, &observation);
+                let evicted = engine.take_evictions();
+                self.metrics.devices_evicted.inc_by(evicted);
+                match applied {
                     Applied::Skipped => self.metrics.skipped.inc(),
                     Applied::Applied { late_for } => {
                         for index in late_for {

@@ -63,6 +63,10 @@ pub struct ProcessorConfig {
     /// Every replay's output topic must start with this (and say more), so that a replay
     /// can never write into a topic another service reads (the alerts changelog, say).
     pub replay_topic_prefix: String,
+    /// Readings one replay may re-score, at most: it holds each one's score until it joins
+    /// them with the live scores, so this bounds its memory (about 100 bytes a reading). A
+    /// larger range is refused part way with RESOURCE_EXHAUSTED; replay a narrower one.
+    pub replay_max_readings: usize,
     pub model: ModelConfig,
     /// librdkafka properties for both the consumer and the producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`).
@@ -193,6 +197,7 @@ impl Default for ProcessorConfig {
             grpc_listen: "0.0.0.0:50062".into(),
             replay_concurrency: 32,
             replay_topic_prefix: DEFAULT_REPLAY_TOPIC_PREFIX.into(),
+            replay_max_readings: 1_000_000,
             model: ModelConfig::default(),
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
             consumer: BTreeMap::new(),
@@ -231,6 +236,9 @@ impl ServiceConfig for ProcessorConfig {
         }
         if self.replay_concurrency == 0 {
             return error("replay_concurrency must be at least 1".into());
+        }
+        if self.replay_max_readings == 0 {
+            return error("replay_max_readings must be at least 1".into());
         }
         if self.replay_topic_prefix.trim().is_empty() {
             return error("replay_topic_prefix is empty: replays could write to any topic".into());

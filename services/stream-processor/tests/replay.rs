@@ -32,6 +32,11 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`Setup::start`], with the processor's config changed by `change`.
+    async fn start_with(change: impl FnOnce(&mut stream_processor::config::ProcessorConfig)) -> Self {
         let models = tempfile::tempdir().unwrap();
         let server = ModelServer::start(&[&three_versions(models.path())]).await;
         let kafka = kafka();
@@ -39,6 +44,7 @@ impl Setup {
         config.group_id = LIVE_GROUP.into();
         // The live model: unpinned requests would get the newest, the bad version 3.
         config.model.version = Some(1);
+        change(&mut config);
         let processor = Processor::start(config).await;
         Self { kafka, server, processor, _models: models }
     }
@@ -293,6 +299,23 @@ async fn bad_requests_are_refused_naming_the_field_and_an_unserved_version_fails
     let check = tonic_health::pb::HealthCheckRequest { service: "vigil.replay.v1.ReplayService".into() };
     let status = health.check(check).await.unwrap().into_inner().status;
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    assert_eq!(setup.processor.metric("processor_replays_total").await, 9.0, "each refusal counted");
+    assert_eq!(setup.processor.metric("processor_replays_total").await, 10.0, "each refusal counted");
+    setup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_more_readings_than_it_may_hold_is_refused_part_way() {
+    let setup = Setup::start_with(|config| config.replay_max_readings = 50).await;
+    let start = now_ms() - 600_000;
+    let history: Vec<(SensorReading, i64)> =
+        fleet_readings(10, 8, 3).into_iter().enumerate().map(|(i, r)| (r, start + i as i64 * 10)).collect();
+    produce_readings_at(&setup.kafka, &history).await;
+    let status = setup.replay(request(start - 1000, start + 60_000, 2, "vigil-replay-too-many")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("more than 50 readings to re-score (replay_max_readings)"),
+        "{}",
+        status.message()
+    );
     setup.stop().await;
 }

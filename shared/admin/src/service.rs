@@ -147,16 +147,16 @@ pub async fn bind_optional(address: &str) -> anyhow::Result<Option<tokio::net::T
 mod tests {
     use super::*;
 
+    /// A flag whose value is a number, at a nested key.
     #[derive(clap::Args)]
     struct ExampleFlags {
-        /// Sets `group_id`.
         #[arg(long)]
-        group_id: Option<String>,
+        window_seconds: Option<u32>,
     }
 
     impl ServiceFlags for ExampleFlags {
         fn flag_values(&self) -> Vec<FlagValue> {
-            FlagValue::given(&["group_id"], self.group_id.clone()).into_iter().collect()
+            FlagValue::given(&["window", "seconds"], self.window_seconds).into_iter().collect()
         }
     }
 
@@ -169,11 +169,13 @@ mod tests {
 
     #[test]
     fn only_given_flags_become_values_at_their_keys() {
-        let values = flag_values_of::<ExampleFlags>(&NAMES, &["--kafka-brokers", "k:9092", "--group-id", "g"]);
+        let values = flag_values_of::<ExampleFlags>(&NAMES, &["--kafka-brokers", "k:9092", "--window-seconds", "30"]);
         assert_eq!(values.len(), 2, "{values:?}");
         assert_eq!(values[0].path, ["kafka", "bootstrap.servers"]);
         assert_eq!(values[0].value.as_str(), Some("k:9092"));
-        assert_eq!(values[1].path, ["group_id"]);
+        assert_eq!(values[1].path, ["window", "seconds"]);
+        assert_eq!(values[1].value.to_u128(), Some(30), "a number stays one");
+        assert!(flag_values_of::<ExampleFlags>(&NAMES, &[]).is_empty(), "only the flags given");
         let cli = parse::<ExampleFlags>(&NAMES, ["example", "--print-config"].map(OsString::from));
         assert!(cli.common.config.is_none() && cli.common.print_config);
     }
@@ -181,7 +183,9 @@ mod tests {
     #[test]
     fn help_names_the_service_and_its_config_variable() {
         let help = command::<ExampleFlags>(&NAMES).render_help().to_string();
-        for expected in ["Usage: example", "An example", "ADMIN_SERVICE_TEST_CONFIG", "--kafka-brokers", "--group-id"] {
+        for expected in
+            ["Usage: example", "An example", "ADMIN_SERVICE_TEST_CONFIG", "--kafka-brokers", "--window-seconds"]
+        {
             assert!(help.contains(expected), "{expected} in {help}");
         }
     }

@@ -79,6 +79,11 @@ pub enum ReplayError {
     NotServed(String),
     #[error("a replay is already running on this processor (one at a time); try again once it is done")]
     Busy,
+    #[error(
+        "the range holds more than {0} readings to re-score (replay_max_readings); replay a narrower range \
+         (what was written to the output topic so far stays there)"
+    )]
+    TooManyReadings(usize),
     #[error("model server: {0}")]
     ModelServer(String),
     #[error("{0}")]
@@ -94,7 +99,7 @@ impl From<ReplayError> for tonic::Status {
         match error {
             ReplayError::Invalid(_) => tonic::Status::invalid_argument(message),
             ReplayError::NotServed(_) => tonic::Status::failed_precondition(message),
-            ReplayError::Busy => tonic::Status::resource_exhausted(message),
+            ReplayError::Busy | ReplayError::TooManyReadings(_) => tonic::Status::resource_exhausted(message),
             ReplayError::ModelServer(_) | ReplayError::Kafka(_) => tonic::Status::unavailable(message),
             ReplayError::Internal(_) => tonic::Status::internal(message),
         }
@@ -271,6 +276,9 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
     while let Some(outcome) = outcomes.next().await {
         match outcome {
             Outcome::Scored { partition, offset, record, score, anomaly } => {
+                if scored.len() >= config.replay_max_readings {
+                    return Err(ReplayError::TooManyReadings(config.replay_max_readings));
+                }
                 deliveries.push(send(&producer, &record).await?);
                 while deliveries.len() >= MAX_UNCONFIRMED {
                     confirmed(deliveries.next().await, &plan.output_topic)?;
@@ -543,6 +551,7 @@ mod tests {
         assert_eq!(tonic::Status::from(ReplayError::Invalid(invalid)).message(), "output_topic: missing");
         assert_eq!(code(ReplayError::NotServed("x".into())), tonic::Code::FailedPrecondition);
         assert_eq!(code(ReplayError::Busy), tonic::Code::ResourceExhausted);
+        assert_eq!(code(ReplayError::TooManyReadings(10)), tonic::Code::ResourceExhausted);
         assert_eq!(code(ReplayError::Kafka("x".into())), tonic::Code::Unavailable);
         assert_eq!(code(ReplayError::ModelServer("x".into())), tonic::Code::Unavailable);
     }
