@@ -196,6 +196,7 @@ pub fn refused(config: &ProcessorConfig, record: &OutRecord, error: &rdkafka::er
         payload: if keep_payload { record.payload.clone() } else { Vec::new() },
         headers,
         kind: if was_dead_letter { record.kind } else { OutKind::DeadLetter(reason) },
-        timestamp: record.timestamp,
+        // Written now: the reading's time may be what the broker refused.
+        timestamp: None,
     })
 }

@@ -1,5 +1,6 @@
 //! Whether Kafka refused a record for good or for now. A record refused for what it is
-//! (too large, corrupt, a topic the client may not write, a broker policy) is refused
+//! (too large, corrupt, a timestamp outside the topic's bounds, a topic the client may not
+//! write, a broker policy) is refused
 //! again however often it is sent, so retrying it stops its partition forever; such a
 //! record is dead-lettered with the reason and the stream goes on. Anything else (brokers
 //! down, timeouts, leader changes) passes, and is retried with backoff.
@@ -19,6 +20,7 @@ pub fn is_permanent_code(code: RDKafkaErrorCode) -> bool {
             | RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::InvalidMessage
             | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::InvalidTimestamp
             | RDKafkaErrorCode::BadMessage
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::UnknownPartition
