@@ -27,6 +27,13 @@ pub const DEFAULT_DEAD_LETTER_TOPIC: &str = "vigil-alerts-dead-letter";
 pub struct AlertsConfig {
     /// The consumer group: instances with the same group split the scores' partitions.
     pub group_id: String,
+    /// Static group membership (`group.instance.id`): an instance restarted under the same
+    /// id takes its partitions back at once, instead of after its predecessor's session
+    /// timeout (docs/failure-model.md). Off: an ordinary dynamic member.
+    pub static_membership: bool,
+    /// This instance's `group.instance.id`; empty: the host name (in Kubernetes the pod
+    /// name, kept across container restarts). Every instance in the group needs its own.
+    pub group_instance_id: String,
     pub scores_topic: String,
     pub alerts_topic: String,
     /// Compacted, with as many partitions as the scores topic: partition p holds the
@@ -83,6 +90,8 @@ impl Default for AlertsConfig {
     fn default() -> Self {
         Self {
             group_id: "vigil-alerts".into(),
+            static_membership: true,
+            group_instance_id: String::new(),
             scores_topic: DEFAULT_SCORES_TOPIC.into(),
             alerts_topic: DEFAULT_ALERTS_TOPIC.into(),
             changelog_topic: DEFAULT_CHANGELOG_TOPIC.into(),
@@ -105,6 +114,13 @@ impl Default for AlertsConfig {
             }],
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
         }
+    }
+}
+
+impl AlertsConfig {
+    /// The consumer's `group.instance.id`; `None` without static membership.
+    pub fn group_instance_id(&self) -> Option<String> {
+        kafka::group::instance_id(self.static_membership, &self.group_instance_id)
     }
 }
 
@@ -136,9 +152,13 @@ impl ServiceConfig for AlertsConfig {
         if self.rules.is_empty() {
             return error("rules is empty: nothing to alert on".into());
         }
-        for key in ["group.id", "enable.auto.commit", "enable.auto.offset.store", "transactional.id"] {
+        for key in
+            ["group.id", "group.instance.id", "enable.auto.commit", "enable.auto.offset.store", "transactional.id"]
+        {
             if self.kafka.contains_key(key) {
-                return error(format!("kafka.\"{key}\" is set by the service (group_id sets the group)"));
+                return error(format!(
+                    "kafka.\"{key}\" is set by the service (group_id and group_instance_id set the group)"
+                ));
             }
         }
         let mut names = std::collections::HashSet::new();

@@ -36,6 +36,8 @@ pub enum AlertsError {
     Metrics(#[from] prometheus::Error),
     #[error("the admin endpoint: {0}")]
     Admin(#[from] std::io::Error),
+    #[error("{0}")]
+    ConsumerFailed(String),
     #[error("the consumer loop ended abnormally: {0}")]
     Loop(#[from] tokio::task::JoinError),
 }

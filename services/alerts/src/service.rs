@@ -65,6 +65,8 @@ struct AssignedPartitions {
 /// Writes and commits a partition's outputs before it is revoked; counts rebalances.
 struct RebalanceHandler {
     partitions: Arc<Mutex<AssignedPartitions>>,
+    /// Set ready at the first assignment: the group has taken this instance in.
+    ready: admin::Readiness,
 }
 
 impl ClientContext for RebalanceHandler {}
@@ -92,6 +94,7 @@ impl ConsumerContext for RebalanceHandler {
         let state = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
         if let Rebalance::Assign(_) = rebalance {
             state.metrics.rebalances.with_label_values(&["assign"]).inc();
+            self.ready.set(true);
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         state.metrics.assigned_partitions.set(assigned as i64);
@@ -439,15 +442,23 @@ pub fn run_loop(
         runtime,
         deadline: None,
     }));
-    let consumer: BaseConsumer<RebalanceHandler> = client
-        .clone()
-        .set("group.id", &config.group_id)
+    let instance_id = config.group_instance_id();
+    let mut consumer_config = kafka::client_config(kafka::group::FAST_FAILOVER, &[&config.kafka]);
+    kafka::group::join(&mut consumer_config, &config.group_id, instance_id.as_deref());
+    let consumer: BaseConsumer<RebalanceHandler> = consumer_config
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .create_with_context(RebalanceHandler { partitions: state.clone() })?;
+        .create_with_context(RebalanceHandler { partitions: state.clone(), ready: ready.clone() })?;
     consumer.subscribe(&[&config.scores_topic])?;
-    ready.set(true);
+    tracing::info!(
+        topic = %config.scores_topic,
+        group = %config.group_id,
+        instance = instance_id.as_deref().unwrap_or("(dynamic member)"),
+        "consuming"
+    );
+    // Ready once the group has answered (the rebalance handler sets it).
+    ready.set_waiting(kafka::group::NO_PARTITIONS_YET);
     let interval = Duration::from_millis(config.commit_interval_ms);
     let mut last_write = Instant::now();
     let result = (|| -> Result<(), AlertsError> {
@@ -463,7 +474,12 @@ pub fn run_loop(
                             message.timestamp().to_millis(),
                         )?;
                     }
-                    Err(error) => tracing::warn!(%error, "consumer error"),
+                    Err(error) => {
+                        if let Some(why) = kafka::group::fatal_reason(consumer.client(), instance_id.as_deref()) {
+                            return Err(AlertsError::ConsumerFailed(why));
+                        }
+                        tracing::warn!(%error, "consumer error");
+                    }
                 }
             }
             if last_write.elapsed() >= interval {
@@ -482,7 +498,7 @@ pub fn run_loop(
         let partitions: Vec<i32> = state.engines.keys().copied().collect();
         state.write_and_commit(&consumer, &partitions)?;
     }
-    consumer.unsubscribe();
+    kafka::group::leave(&consumer, Duration::from_secs(2));
     result
 }
 

@@ -111,7 +111,12 @@ struct Running {
 }
 
 impl Running {
-    fn start(config: AlertsConfig) -> Self {
+    /// A static member gets an instance id of its own unless the config names one (the
+    /// host name would make two instances of one test fence each other).
+    fn start(mut config: AlertsConfig) -> Self {
+        if config.static_membership && config.group_instance_id.is_empty() {
+            config.group_instance_id = test_support::unique_name("alerts");
+        }
         let (stop, stopped) = oneshot::channel();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();

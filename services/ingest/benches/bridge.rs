@@ -307,7 +307,7 @@ async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) ->
                 content_type: None,
                 received_at: std::time::SystemTime::now(),
             };
-            records.push(ingest::record::from_mqtt(&routes, &config.dead_letter_topic, &config.event_time, &message));
+            records.push(ingest::record::from_mqtt(&routes, &ingest::record::MqttChecks::of(&config), &message));
         }
     }
     let metrics = ingest::metrics::Metrics::new(&prometheus::Registry::new()).unwrap();

@@ -70,6 +70,15 @@ pub struct MqttConfig {
     pub password: Option<String>,
     /// Certificates for an `mqtts://` URL.
     pub tls: MqttTlsConfig,
+    /// The largest payload ingest converts (a reading is under 1 KiB); a larger one is
+    /// dead-lettered as `payload_too_large`, keeping its first 4 KiB.
+    pub max_payload_bytes: usize,
+    /// The largest MQTT packet ingest reads. MQTT 5 tells the broker, which drops larger
+    /// messages unseen, as the protocol requires; MQTT 3.1.1 cannot, so a larger message
+    /// breaks the connection, and ingest then reads it once on a connection with a raised
+    /// limit to dead-letter it (one allocation of its size). Either way, set the broker to
+    /// refuse them at publish (Mosquitto: `message_size_limit`; docs/failure-model.md).
+    pub max_packet_bytes: u32,
 }
 
 /// TLS to the MQTT broker (used when `mqtt.url` is `mqtts://`). The broker's certificate
@@ -173,6 +182,8 @@ impl Default for MqttConfig {
             share_group: "vigil-ingest".into(),
             session_expiry_seconds: 3600,
             keep_alive_seconds: 30,
+            max_payload_bytes: 64 * 1024,
+            max_packet_bytes: 1024 * 1024,
             username: None,
             password: None,
             tls: MqttTlsConfig::default(),
@@ -213,6 +224,17 @@ impl ServiceConfig for IngestConfig {
         }
         if self.mqtt.username.is_none() && self.mqtt.password.is_some() {
             return Err(ConfigError("mqtt.password is set without mqtt.username".into()));
+        }
+        if self.mqtt.max_payload_bytes == 0 || self.mqtt.max_payload_bytes >= self.mqtt.max_packet_bytes as usize {
+            return Err(ConfigError(
+                "mqtt.max_payload_bytes must be at least 1 and below mqtt.max_packet_bytes".into(),
+            ));
+        }
+        if self.mqtt.max_packet_bytes > crate::mqtt::MQTT_MAX_PACKET_BYTES {
+            return Err(ConfigError(format!(
+                "mqtt.max_packet_bytes may be at most {} (MQTT's own limit)",
+                crate::mqtt::MQTT_MAX_PACKET_BYTES
+            )));
         }
         crate::mqtt::parse_url(&self.mqtt.url).map_err(|e| ConfigError(e.to_string()))?;
         if self.dead_letter_topic.is_empty() {

@@ -23,6 +23,9 @@ pub struct Metrics {
     /// 1 while the MQTT connection is up.
     pub mqtt_connected: IntGauge,
     pub mqtt_connection_errors: IntCounter,
+    /// Connections broken by a message over `mqtt.max_packet_bytes` (each such message is
+    /// then read once more, with a raised limit, and dead-lettered).
+    pub mqtt_oversized: IntCounter,
     /// From handing a record to the producer to Kafka's confirmation.
     pub produce_latency: Histogram,
 }
@@ -57,6 +60,10 @@ impl Metrics {
             mqtt_connected: metrics.gauge("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
             mqtt_connection_errors: metrics
                 .counter("ingest_mqtt_connection_errors_total", "MQTT connections that failed or dropped")?,
+            mqtt_oversized: metrics.counter(
+                "ingest_mqtt_oversized_packets_total",
+                "MQTT connections broken by a message over mqtt.max_packet_bytes",
+            )?,
             produce_latency: metrics.histogram(
                 "ingest_produce_latency_seconds",
                 "From handing a record to the producer to Kafka's confirmation",

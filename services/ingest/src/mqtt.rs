@@ -33,7 +33,7 @@ use rumqttc::{Packet as Packet4, QoS};
 use crate::config::{IngestConfig, MqttProtocol, MqttTlsConfig};
 use crate::kafka::{Sink, SinkError, Written};
 use crate::metrics::Metrics;
-use crate::record::{MqttMessage, from_mqtt};
+use crate::record::{MqttChecks, MqttMessage, from_mqtt};
 use crate::routing::Routes;
 use crate::trace;
 
@@ -141,7 +141,8 @@ enum Session {
 }
 
 impl Session {
-    fn connect(config: &IngestConfig, endpoint: Endpoint) -> Result<Self, SourceError> {
+    /// A session reading packets of up to `max_packet_bytes` (MQTT 5 tells the broker).
+    fn connect(config: &IngestConfig, endpoint: Endpoint, max_packet_bytes: u32) -> Result<Self, SourceError> {
         let mqtt = &config.mqtt;
         let transport = if endpoint.tls { Some(tls_transport(&mqtt.tls)?) } else { None };
         let (host, port) = (endpoint.host, endpoint.port);
@@ -158,7 +159,7 @@ impl Session {
                     .set_clean_start(false)
                     .set_session_expiry_interval(Some(mqtt.session_expiry_seconds))
                     .set_receive_maximum(Some(config.max_in_flight as u16))
-                    .set_max_packet_size(Some(sensor_max_packet()))
+                    .set_max_packet_size(Some(max_packet_bytes))
                     .set_manual_acks(true);
                 if let Some(user) = &mqtt.username {
                     options.set_credentials(user, &password);
@@ -174,7 +175,8 @@ impl Session {
                 options
                     .set_keep_alive(keep_alive)
                     .set_clean_session(false)
-                    .set_max_packet_size(sensor_max_packet() as usize, sensor_max_packet() as usize)
+                    // Outgoing: acks and subscriptions only.
+                    .set_max_packet_size(max_packet_bytes as usize, 64 * 1024)
                     .set_manual_acks(true);
                 if let Some(user) = &mqtt.username {
                     options.set_credentials(user, &password);
@@ -188,9 +190,9 @@ impl Session {
         }
     }
 
-    async fn poll(&mut self) -> Result<SessionEvent, String> {
+    async fn poll(&mut self) -> Result<SessionEvent, PollError> {
         match self {
-            Self::V5(_, events) => match events.poll().await.map_err(|e| e.to_string())? {
+            Self::V5(_, events) => match events.poll().await.map_err(PollError::v5)? {
                 rumqttc::v5::Event::Incoming(Packet5::Publish(publish)) => {
                     let properties = publish.properties.unwrap_or_default();
                     let qos = publish.qos as u8;
@@ -219,7 +221,7 @@ impl Session {
                 rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(SessionEvent::Disconnected),
                 _ => Ok(SessionEvent::Other),
             },
-            Self::V311(_, events) => match events.poll().await.map_err(|e| e.to_string())? {
+            Self::V311(_, events) => match events.poll().await.map_err(PollError::v311)? {
                 rumqttc::Event::Incoming(Packet4::Publish(publish)) => {
                     let qos = publish.qos as u8;
                     Ok(SessionEvent::Message(Received {
@@ -284,9 +286,41 @@ impl Session {
     }
 }
 
-/// The largest MQTT packet ingest accepts (a reading is well under 1 KiB).
-fn sensor_max_packet() -> u32 {
-    1 << 20
+/// MQTT's own largest packet: the most its remaining-length field can say.
+pub const MQTT_MAX_PACKET_BYTES: u32 = 268_435_455;
+
+/// Why polling the session failed.
+struct PollError {
+    text: String,
+    /// The connection broke on a packet of this many bytes, over the session's limit.
+    oversized: Option<usize>,
+}
+
+impl PollError {
+    fn v5(error: rumqttc::v5::ConnectionError) -> Self {
+        use rumqttc::v5::mqttbytes::Error as Bytes;
+        use rumqttc::v5::{ConnectionError, StateError};
+        let oversized = match &error {
+            ConnectionError::MqttState(StateError::Deserialization(Bytes::PayloadSizeLimitExceeded {
+                pkt_size,
+                ..
+            })) => Some(*pkt_size),
+            _ => None,
+        };
+        Self { text: error.to_string(), oversized }
+    }
+
+    fn v311(error: rumqttc::ConnectionError) -> Self {
+        use rumqttc::mqttbytes::Error as Bytes;
+        use rumqttc::{ConnectionError, StateError};
+        let oversized = match &error {
+            ConnectionError::MqttState(StateError::Deserialization(Bytes::PayloadSizeLimitExceeded(size))) => {
+                Some(*size)
+            }
+            _ => None,
+        };
+        Self { text: error.to_string(), oversized }
+    }
 }
 
 type Pending = Pin<Box<dyn Future<Output = (Result<Written, SinkError>, Option<AckToken>)> + Send>>;
@@ -301,7 +335,11 @@ pub async fn run(
     readiness: admin::Readiness,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SourceError> {
-    let mut session = Session::connect(config, parse_url(&config.mqtt.url)?)?;
+    let endpoint = parse_url(&config.mqtt.url)?;
+    let mut session = Session::connect(config, endpoint.clone(), config.mqtt.max_packet_bytes)?;
+    // Raised above mqtt.max_packet_bytes for one connection to read a message that broke
+    // the last one (see `oversized`).
+    let mut raised_limit = false;
     let filters: Vec<String> = config
         .mqtt
         .subscriptions
@@ -383,7 +421,7 @@ pub async fn run(
                         received_at: SystemTime::now(),
                     };
                     let span = trace::mqtt_message(&received.topic, &received.user_properties);
-                    let mut record = from_mqtt(&routes, &config.dead_letter_topic, &config.event_time, &message);
+                    let mut record = from_mqtt(&routes, &MqttChecks::of(config), &message);
                     trace::attach(&span, &mut record);
                     let delivery = sink.send(record);
                     let ack = received.ack.map(|token| AckToken { connection, ..token });
@@ -427,8 +465,24 @@ pub async fn run(
                         break; // nothing more can be acknowledged on this connection
                     }
                     let wait = backoff.next_delay();
-                    tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed");
+                    tracing::warn!(error = %error.text, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed");
                     tokio::time::sleep(wait).await;
+                    if let Some(size) = error.oversized {
+                        metrics.mqtt_oversized.inc();
+                        tracing::error!(
+                            bytes = size,
+                            limit = config.mqtt.max_packet_bytes,
+                            "the broker sent a message larger than mqtt.max_packet_bytes; reading it once on a \
+                             connection with a raised limit to dead-letter it (set the broker's own limit, e.g. \
+                             Mosquitto's message_size_limit, to refuse such messages at publish)"
+                        );
+                        let limit = u32::try_from(size).unwrap_or(MQTT_MAX_PACKET_BYTES).min(MQTT_MAX_PACKET_BYTES);
+                        session = Session::connect(config, endpoint.clone(), limit)?;
+                        raised_limit = true;
+                    } else if raised_limit {
+                        session = Session::connect(config, endpoint.clone(), config.mqtt.max_packet_bytes)?;
+                        raised_limit = false;
+                    }
                 }
             },
         }

@@ -23,7 +23,11 @@ pub const HEADER_MQTT_TOPIC: &str = "mqtt.topic";
 pub const HEADER_MQTT_QOS: &str = "mqtt.qos";
 pub const HEADER_MQTT_CONTENT_TYPE: &str = "mqtt.content_type";
 pub const HEADER_CONTENT_TYPE: &str = "content-type";
-use kafka::headers::{DEAD_LETTER_ERROR, DEAD_LETTER_FIELD, DEAD_LETTER_REASON};
+use kafka::headers::{DEAD_LETTER_ERROR, DEAD_LETTER_FIELD, DEAD_LETTER_PAYLOAD_BYTES, DEAD_LETTER_REASON};
+
+/// How much of a payload over `mqtt.max_payload_bytes` its dead letter keeps: enough to see
+/// what it was, small enough for any Kafka's record limit.
+pub const TOO_LARGE_PREFIX_BYTES: usize = 4096;
 
 /// A record for Kafka, owned so it can be sent again.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,14 +72,31 @@ pub struct MqttMessage<'a> {
     pub received_at: SystemTime,
 }
 
-/// The record for `message`: routed and converted, or a dead letter (a reading whose event
-/// time is outside `event_time` of its arrival among them).
-pub fn from_mqtt(
-    routes: &Routes,
-    dead_letter_topic: &str,
-    event_time: &EventTimeBounds,
-    message: &MqttMessage<'_>,
-) -> OutRecord {
+/// What every MQTT message is checked against on arrival.
+#[derive(Debug, Clone, Copy)]
+pub struct MqttChecks<'a> {
+    pub dead_letter_topic: &'a str,
+    pub event_time: &'a EventTimeBounds,
+    /// A larger payload is dead-lettered (`payload_too_large`) with its first
+    /// [`TOO_LARGE_PREFIX_BYTES`] only.
+    pub max_payload_bytes: usize,
+}
+
+impl<'a> MqttChecks<'a> {
+    pub fn of(config: &'a crate::config::IngestConfig) -> Self {
+        Self {
+            dead_letter_topic: &config.dead_letter_topic,
+            event_time: &config.event_time,
+            max_payload_bytes: config.mqtt.max_payload_bytes,
+        }
+    }
+}
+
+/// The record for `message`: routed and converted, or a dead letter (a payload over the
+/// size limit, or a reading whose event time is outside `event_time` of its arrival, among
+/// them).
+pub fn from_mqtt(routes: &Routes, checks: &MqttChecks<'_>, message: &MqttMessage<'_>) -> OutRecord {
+    let dead_letter_topic = checks.dead_letter_topic;
     let mut headers = vec![
         (HEADER_MQTT_TOPIC.to_owned(), message.topic.as_bytes().to_vec()),
         (HEADER_MQTT_QOS.to_owned(), message.qos.to_string().into_bytes()),
@@ -94,6 +115,24 @@ pub fn from_mqtt(
         headers,
         dead_letter: None,
     };
+    if message.payload.len() > checks.max_payload_bytes {
+        let size = message.payload.len();
+        let prefix = OutRecord {
+            topic: String::new(),
+            topic_label: Arc::from(""),
+            key: None,
+            payload: message.payload[..TOO_LARGE_PREFIX_BYTES.min(size)].to_vec(),
+            headers,
+            dead_letter: None,
+        };
+        let error = format!(
+            "a payload of {size} bytes, over mqtt.max_payload_bytes ({}); this dead letter keeps its first {} bytes",
+            checks.max_payload_bytes, TOO_LARGE_PREFIX_BYTES
+        );
+        let mut dead_letter = prefix.into_dead_letter(dead_letter_topic, "payload_too_large", &error, None);
+        dead_letter.headers.push((DEAD_LETTER_PAYLOAD_BYTES.to_owned(), size.to_string().into_bytes()));
+        return dead_letter;
+    }
     let route = match routes.route(message.topic) {
         Ok(route) => route,
         Err(no_route) => {
@@ -117,7 +156,7 @@ pub fn from_mqtt(
         PayloadKind::SensorReading => {
             let envelope = Envelope { topic_device_id: route.device_id.as_deref(), received_at: message.received_at };
             let checked = parse(message.payload, &envelope).and_then(|reading| {
-                event_time.check(reading.event_time.as_ref(), message.received_at)?;
+                checks.event_time.check(reading.event_time.as_ref(), message.received_at)?;
                 Ok(reading)
             });
             match checked {
@@ -174,6 +213,11 @@ mod tests {
         }
     }
 
+    fn checks() -> MqttChecks<'static> {
+        static BOUNDS: std::sync::LazyLock<EventTimeBounds> = std::sync::LazyLock::new(EventTimeBounds::default);
+        MqttChecks { dead_letter_topic: "dlq", event_time: &BOUNDS, max_payload_bytes: 64 * 1024 }
+    }
+
     fn seed_payload(speed: f64) -> Vec<u8> {
         let mut fields: Vec<String> =
             sensor::signals().iter().map(|s| format!("\"{}\": {}", s.name, s.min.max(0.0))).collect();
@@ -187,12 +231,7 @@ mod tests {
         let trace =
             vec![("traceparent".to_owned(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned())];
         let payload = seed_payload(12.5);
-        let record = from_mqtt(
-            &routes,
-            "dlq",
-            &EventTimeBounds::default(),
-            &message("vehicles/sensor/data/car-9", &payload, &trace),
-        );
+        let record = from_mqtt(&routes, &checks(), &message("vehicles/sensor/data/car-9", &payload, &trace));
         assert_eq!(record.dead_letter, None);
         assert_eq!(record.topic, "vigil-readings");
         assert_eq!(record.key.as_deref(), Some(&b"car-9"[..]));
@@ -223,12 +262,7 @@ mod tests {
             (with_field(&format!("\"device_id\": \"{}\"", "x".repeat(300))), "too_long", Some("device_id")),
         ];
         for (payload, reason, field) in cases {
-            let record = from_mqtt(
-                &routes,
-                "dlq",
-                &EventTimeBounds::default(),
-                &message("vehicles/sensor/data/car-1", &payload, &[]),
-            );
+            let record = from_mqtt(&routes, &checks(), &message("vehicles/sensor/data/car-1", &payload, &[]));
             assert_eq!((record.topic.as_str(), record.dead_letter), ("dlq", Some(reason)));
             assert_eq!(record.payload, payload, "the original payload is kept");
             assert_eq!(record.header(DEAD_LETTER_REASON), Some(reason.as_bytes()));
@@ -237,7 +271,27 @@ mod tests {
             assert_eq!(record.header(HEADER_MQTT_TOPIC), Some(&b"vehicles/sensor/data/car-1"[..]));
             assert_eq!(record.key.as_deref(), Some(&b"car-1"[..]), "dead letters stay keyed by device");
         }
-        let record = from_mqtt(&routes, "dlq", &EventTimeBounds::default(), &message("elsewhere/x", b"{}", &[]));
+        let record = from_mqtt(&routes, &checks(), &message("elsewhere/x", b"{}", &[]));
         assert_eq!(record.dead_letter, Some("no_route"));
+    }
+
+    #[test]
+    fn a_payload_over_the_limit_is_dead_lettered_with_its_size_and_first_bytes_only() {
+        let routes = Routes::new(&IngestConfig::default().rules).unwrap();
+        let limit = checks().max_payload_bytes;
+        let fits = seed_payload(12.5);
+        let mut padded = fits.clone();
+        padded.resize(limit, b' ');
+        let record = from_mqtt(&routes, &checks(), &message("vehicles/sensor/data/car-1", &padded, &[]));
+        assert_eq!(record.dead_letter, None, "a reading padded to exactly the limit is read");
+        padded.push(b' ');
+        let record = from_mqtt(&routes, &checks(), &message("vehicles/sensor/data/car-1", &padded, &[]));
+        assert_eq!((record.topic.as_str(), record.dead_letter), ("dlq", Some("payload_too_large")));
+        assert_eq!(record.payload, padded[..TOO_LARGE_PREFIX_BYTES]);
+        assert_eq!(record.header(DEAD_LETTER_PAYLOAD_BYTES), Some((limit + 1).to_string().as_bytes()));
+        assert_eq!(record.header(HEADER_MQTT_TOPIC), Some(&b"vehicles/sensor/data/car-1"[..]));
+        // Whatever the route: an unrouted topic's oversized payload is cut too.
+        let record = from_mqtt(&routes, &checks(), &message("elsewhere/x", &padded, &[]));
+        assert_eq!((record.dead_letter, record.payload.len()), (Some("payload_too_large"), TOO_LARGE_PREFIX_BYTES));
     }
 }

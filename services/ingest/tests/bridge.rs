@@ -258,3 +258,71 @@ async fn a_dropped_mqtt_connection_loses_nothing_and_old_acks_are_not_sent_on_th
     );
     ingest.stop().await.unwrap();
 }
+
+/// An oversized message never stalls ingest: a payload over `max_payload_bytes` is
+/// dead-lettered with its first bytes; one over `max_packet_bytes`, which with MQTT 3.1.1
+/// breaks the connection (the broker cannot know the limit) and is resent on every
+/// reconnect, is read once more on a connection with a raised limit and dead-lettered, so
+/// readings keep flowing after it. With MQTT 5 the broker may drop it unseen instead.
+async fn oversized_messages_are_dead_lettered_and_ingest_keeps_flowing(protocol: ingest::config::MqttProtocol) {
+    let brokers = Brokers::start();
+    let mut config = brokers.config("ingest-oversized");
+    if protocol == ingest::config::MqttProtocol::V311 {
+        config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.v4.port());
+    }
+    config.mqtt.protocol = protocol;
+    config.mqtt.share_group.clear(); // see the crash test: rumqttd and shared groups
+    config.mqtt.max_payload_bytes = 4 * 1024;
+    config.mqtt.max_packet_bytes = 16 * 1024;
+    let ingest = RunningIngest::start(config, None).await;
+    let client = publisher(&brokers, "oversized-publisher").await;
+    let (large, huge) = (vec![b'x'; 8 * 1024], vec![b'y'; 100 * 1024]);
+    for payload in [&large, &huge] {
+        client.publish("vehicles/sensor/data/car-big", QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+    }
+    let sent = simulate(&brokers, &fleet(2), 10, 5).await;
+    let records = brokers.read(READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    assert_eq!(records.len() as u64, sent, "readings after the oversized messages flow");
+
+    // The 8 KiB one may be dead-lettered twice: its ack is dropped when the 100 KiB one
+    // breaks the connection, and the broker resends it (at least once, never lost).
+    let size_of = |letter: &embedded_brokers::ReadRecord| {
+        String::from_utf8_lossy(letter.header("vigil.dead_letter.payload_bytes").unwrap_or_default()).into_owned()
+    };
+    let v311 = protocol == ingest::config::MqttProtocol::V311;
+    let letters = brokers
+        .read(DEAD_LETTERS, Duration::from_secs(20), move |letters| {
+            let sizes: Vec<String> = letters.iter().map(size_of).collect();
+            sizes.iter().any(|s| s == "8192") && (!v311 || sizes.iter().any(|s| s == "102400"))
+        })
+        .await;
+    let sizes: Vec<String> = letters.iter().map(size_of).collect();
+    assert!(sizes.iter().any(|s| s == "8192"), "dead letters: {sizes:?}");
+    for letter in &letters {
+        assert_eq!(letter.header("vigil.dead_letter.reason"), Some(&b"payload_too_large"[..]), "{sizes:?}");
+        assert_eq!(letter.payload.len(), 4096, "the dead letter keeps the first 4 KiB");
+        assert!(["8192", "102400"].contains(&size_of(letter).as_str()), "{sizes:?}");
+    }
+    let oversized = ingest.metric("ingest_mqtt_oversized_packets_total").await;
+    if v311 {
+        assert!(sizes.iter().any(|s| s == "102400"), "dead letters: {sizes:?}");
+        assert_eq!(oversized, 1.0, "broke one connection, once");
+    }
+    // No loop: at most the one broken connection, however long it runs.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(oversized <= 1.0);
+    assert!(ingest.metric("ingest_mqtt_connection_errors_total").await <= 1.0);
+    let letters = brokers.read(DEAD_LETTERS, Duration::from_secs(1), |_| false).await;
+    assert_eq!(ingest.metric("ingest_dead_lettered_total").await, letters.len() as f64, "every one counted");
+    ingest.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_over_mqtt_3_1_1_are_dead_lettered_without_a_reconnect_loop() {
+    oversized_messages_are_dead_lettered_and_ingest_keeps_flowing(ingest::config::MqttProtocol::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_over_mqtt_5_are_dead_lettered_or_dropped_by_the_broker() {
+    oversized_messages_are_dead_lettered_and_ingest_keeps_flowing(ingest::config::MqttProtocol::V5).await;
+}

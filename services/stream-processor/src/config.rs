@@ -22,6 +22,14 @@ pub const DEFAULT_REPLAY_TOPIC_PREFIX: &str = "vigil-replay-";
 pub struct ProcessorConfig {
     /// The consumer group: processors with the same group split the partitions.
     pub group_id: String,
+    /// Static group membership (`group.instance.id`): a processor restarted under the same
+    /// id takes its partitions back at once, instead of after its predecessor's session
+    /// timeout (docs/failure-model.md). Off: an ordinary dynamic member.
+    pub static_membership: bool,
+    /// This processor's `group.instance.id`; empty: the host name (in Kubernetes the pod
+    /// name, kept across container restarts). Every processor in the group needs its own:
+    /// a second one with the same id fences the first, which then stops.
+    pub group_instance_id: String,
     pub readings_topic: String,
     pub scores_topic: String,
     pub anomalies_topic: String,
@@ -180,6 +188,8 @@ impl Default for ProcessorConfig {
     fn default() -> Self {
         Self {
             group_id: "vigil-stream-processor".into(),
+            static_membership: true,
+            group_instance_id: String::new(),
             readings_topic: DEFAULT_READINGS_TOPIC.into(),
             scores_topic: DEFAULT_SCORES_TOPIC.into(),
             anomalies_topic: DEFAULT_ANOMALIES_TOPIC.into(),
@@ -207,17 +217,17 @@ impl Default for ProcessorConfig {
 }
 
 impl ProcessorConfig {
+    /// The live consumer's `group.instance.id`; `None` without static membership.
+    pub fn group_instance_id(&self) -> Option<String> {
+        kafka::group::instance_id(self.static_membership, &self.group_instance_id)
+    }
+
     /// The producer's `transactional.id` in exactly-once mode.
     pub fn transactional_id(&self) -> String {
         if !self.transactional_id.is_empty() {
             return self.transactional_id.clone();
         }
-        let host = std::env::var("HOSTNAME")
-            .ok()
-            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-            .map(|host| host.trim().to_owned())
-            .filter(|host| !host.is_empty())
-            .unwrap_or_else(|| "localhost".to_owned());
+        let host = kafka::group::host_name();
         format!("{}-{host}", self.group_id)
     }
 }
@@ -299,6 +309,9 @@ impl ServiceConfig for ProcessorConfig {
                     "{key:?} is set by the processor (offsets are stored only once outputs are safe); remove it"
                 ));
             }
+        }
+        if self.consumer.contains_key("group.instance.id") || self.kafka.contains_key("group.instance.id") {
+            return error("\"group.instance.id\" is set by the processor: use group_instance_id".into());
         }
         Ok(())
     }

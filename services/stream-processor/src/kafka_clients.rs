@@ -37,9 +37,12 @@ pub const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "vigil-stream-processor"),
 ];
 
-/// The live consumer's config before the group and offset settings the pipeline adds.
+/// The live consumer's config before the group and offset settings the pipeline adds:
+/// [`CONSUMER_DEFAULTS`] and the group's fast-failover settings
+/// ([`kafka::group::FAST_FAILOVER`]) under the user's tables.
 pub fn consumer_config(config: &ProcessorConfig) -> rdkafka::ClientConfig {
-    kafka::client_config(CONSUMER_DEFAULTS, &[&config.kafka, &config.consumer])
+    let defaults: Vec<(&str, &str)> = CONSUMER_DEFAULTS.iter().chain(kafka::group::FAST_FAILOVER).copied().collect();
+    kafka::client_config(&defaults, &[&config.kafka, &config.consumer])
 }
 
 /// The producer's config (before exactly-once's transaction settings).

@@ -109,10 +109,11 @@ pub async fn run(
         runtime.clone(),
         Duration::from_secs(config.rebalance_drain_seconds),
         metrics.clone(),
+        readiness.clone(),
     );
     let mut consumer_config = kafka_clients::consumer_config(&config);
+    kafka::group::join(&mut consumer_config, &config.group_id, config.group_instance_id().as_deref());
     consumer_config
-        .set("group.id", &config.group_id)
         // Exactly-once: offsets are committed in the producer's transactions instead.
         .set("enable.auto.commit", if exactly_once { "false" } else { "true" })
         .set("enable.auto.offset.store", "false");
@@ -152,8 +153,15 @@ pub async fn run(
     let shared = Arc::new(WorkerResources::new(producer.clone(), model, config.clone(), metrics, transactions, fatal));
     consumer.context().wire(&consumer, shared.clone());
     consumer.subscribe(&[config.readings_topic.as_str()])?;
-    tracing::info!(topic = %config.readings_topic, group = %config.group_id, "consuming");
-    readiness.set(true);
+    tracing::info!(
+        topic = %config.readings_topic,
+        group = %config.group_id,
+        instance = config.group_instance_id().as_deref().unwrap_or("(dynamic member)"),
+        "consuming"
+    );
+    // Ready once the group has answered (the rebalance handler sets it), even with no
+    // partitions for this replica.
+    readiness.set_waiting(kafka::group::NO_PARTITIONS_YET);
     let stop = Arc::new(AtomicBool::new(false));
     let poll_thread = {
         let (consumer, workers, shared, stop) = (consumer.clone(), workers.clone(), shared.clone(), stop.clone());

@@ -15,8 +15,7 @@ pub mod retry;
 pub mod service;
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -25,9 +24,18 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 
-/// Whether the service can do its job now; starts not ready. Clones share one latch.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// Whether the service can do its job now, and if not, why (the 503's body); starts not
+/// ready. Clones share one latch.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<Mutex<Result<(), &'static str>>>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Err(NOT_READY))))
+    }
+}
+
+const NOT_READY: &str = "not ready";
 
 impl Readiness {
     pub fn new() -> Self {
@@ -35,11 +43,25 @@ impl Readiness {
     }
 
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.put(if ready { Ok(()) } else { Err(NOT_READY) });
+    }
+
+    /// Not ready, for the reason `why` (e.g. "no partitions yet").
+    pub fn set_waiting(&self, why: &'static str) {
+        self.put(Err(why));
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.state().is_ok()
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn state(&self) -> Result<(), &'static str> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, state: Result<(), &'static str>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 }
 
@@ -60,7 +82,7 @@ struct AdminState {
 
 impl Health for AdminState {
     fn readiness(&self) -> Result<(), String> {
-        if self.readiness.is_ready() { Ok(()) } else { Err("not ready".into()) }
+        self.readiness.state().map_err(str::to_owned)
     }
 
     fn metrics_text(&self) -> Result<Vec<u8>, String> {

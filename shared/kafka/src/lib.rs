@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: a librdkafka config built from a service's defaults and the user's tables,
 //!   and the guard against user properties a service sets itself;
+//! - [`group`]: joining a consumer group so that a crash or a rolling update costs seconds;
 //! - [`topics`]: how many partitions a topic has, and "create it if missing, then wait until
 //!   its partitions appear";
 //! - [`read`]: reading a partition from the beginning to its high watermark (state restore),
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod group;
 pub mod headers;
 pub mod read;
 pub mod refusal;

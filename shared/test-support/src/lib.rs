@@ -11,6 +11,7 @@
 //!   killed or terminated ([`ChildService`]);
 //! - [`files`]: a file written to a temporary directory for the code under test to read
 //!   ([`temp_file`]);
+//! - [`names`]: names unique in the test run ([`unique_name`]);
 //! - [`kafka`]: records produced and confirmed, and a topic read back, on the shared
 //!   `kafka` crate and the embedded brokers.
 //!
@@ -24,10 +25,12 @@ pub mod endpoint;
 pub mod files;
 pub mod kafka;
 pub mod metrics;
+pub mod names;
 pub mod wait;
 
 pub use child::{ChildService, Output};
 pub use endpoint::Endpoint;
 pub use files::{TempFile, temp_file};
 pub use metrics::{metric, metric_total};
+pub use names::unique_name;
 pub use wait::{Poll, eventually, observe_until, wait_until};

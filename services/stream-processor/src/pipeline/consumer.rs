@@ -32,12 +32,20 @@ pub struct RebalanceHandler {
     runtime: Handle,
     drain_for: Duration,
     metrics: Metrics,
+    /// Set ready at the first assignment: the group has taken this replica in.
+    readiness: admin::Readiness,
     wiring: OnceLock<Wiring>,
 }
 
 impl RebalanceHandler {
-    pub fn new(workers: Arc<Mutex<Workers>>, runtime: Handle, drain_for: Duration, metrics: Metrics) -> Self {
-        Self { workers, runtime, drain_for, metrics, wiring: OnceLock::new() }
+    pub fn new(
+        workers: Arc<Mutex<Workers>>,
+        runtime: Handle,
+        drain_for: Duration,
+        metrics: Metrics,
+        readiness: admin::Readiness,
+    ) -> Self {
+        Self { workers, runtime, drain_for, metrics, readiness, wiring: OnceLock::new() }
     }
 
     /// Must be called before subscribing: assigned partitions get their workers from here.
@@ -172,6 +180,7 @@ impl ConsumerContext for RebalanceHandler {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
             self.start_workers(partitions);
+            self.readiness.set(true);
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.metrics.assigned_partitions.set(assigned as i64);
@@ -268,6 +277,12 @@ pub fn poll_loop(
         let message = match consumer.poll(timeout) {
             None => continue,
             Some(Err(error)) => {
+                let instance = shared.config.group_instance_id();
+                if let Some(why) = kafka::group::fatal_reason(consumer.client(), instance.as_deref()) {
+                    tracing::error!(%why, "the consumer cannot go on");
+                    let _ = shared.fatal.send(Some(why));
+                    return;
+                }
                 tracing::debug!(%error, "consumer error");
                 continue;
             }
@@ -299,8 +314,8 @@ pub fn poll_loop(
     let grace = Duration::from_secs(shared.config.shutdown_grace_seconds);
     let finished = drain(&workers, &runtime, grace, &shared.metrics, &all);
     commit_drained(&consumer, &shared, finished);
-    consumer.unsubscribe();
-    tracing::info!("consumer stopped; offsets committed");
+    kafka::group::leave(&consumer, Duration::from_secs(2));
+    tracing::info!("consumer stopped; offsets committed; left the group");
 }
 
 pub(super) fn set_paused(consumer: &BaseConsumer<RebalanceHandler>, topic: &str, partition: i32, pause: bool) -> bool {

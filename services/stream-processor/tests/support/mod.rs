@@ -223,8 +223,14 @@ pub struct Processor {
 }
 
 impl Processor {
-    /// Starts the processor and waits until it is ready (the model's signature read).
-    pub async fn start(config: ProcessorConfig) -> Self {
+    /// Starts the processor and waits until it is ready (the model's signature read, the
+    /// group joined). A static member gets an instance id of its own unless the config
+    /// names one: the default, the host name, would make processors of one test fence
+    /// each other.
+    pub async fn start(mut config: ProcessorConfig) -> Self {
+        if config.static_membership && config.group_instance_id.is_empty() {
+            config.group_instance_id = test_support::unique_name("processor");
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = Endpoint::new(listener.local_addr().unwrap());
         let grpc_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
