@@ -3,7 +3,7 @@
 # to a subscriber that discards, for fleets of 100 and 2,000 cars, in one run: on the
 # embedded rumqttd and on Mosquitto (Debian's, installed when missing). Kafka is first
 # librdkafka's mock cluster in the bench process, then tansu in its own process (installed
-# with cargo when missing), so the second run charges the bench process with ingest's
+# when missing: tests/system/lib.sh), so the second run charges the bench process with ingest's
 # work only. Everything is on loopback. Writes benchmarks/results/ingest-bridge.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."

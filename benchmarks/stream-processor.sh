@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Readings topic -> scores topic through the stream processor, next to a pass-through
 # consumer -> producer with no RPC, on the same broker: on librdkafka's mock cluster and
-# on tansu (an independent Kafka-protocol broker, installed with cargo when missing).
+# on tansu (an independent Kafka-protocol broker, installed when missing: tests/system/lib.sh).
 # Everything is on loopback. Writes benchmarks/results/stream-processor.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -35,6 +35,9 @@ bash tests/system/simulator_mosquitto.sh
 step "system test: ingest against Mosquitto (crash, shared subscription, TLS, seed data)"
 bash tests/system/ingest_mosquitto.sh
 
+step "fault system test: every service killed in turn and poison records, on Mosquitto and tansu (tests/system/pipeline_faults.sh)"
+bash tests/system/pipeline_faults.sh
+
 # CI's disk is small: a build that outgrows it fails with "No space left on device".
 step "disk taken by the build"
 du -sh "$CARGO_TARGET_DIR" || true

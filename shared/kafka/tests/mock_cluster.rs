@@ -8,7 +8,6 @@ use std::time::Duration;
 use embedded_brokers::KafkaCluster;
 use kafka::{TopicSpec, ensure_topic, read_partition_to_end, send_waiting};
 use rdkafka::ClientConfig;
-use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -34,10 +33,10 @@ async fn an_existing_topic_is_found_and_a_partition_is_read_back_to_its_end() {
         delivery.await.unwrap().unwrap();
     }
 
-    let consumer: BaseConsumer = config.clone().set("group.id", "reader").create().unwrap();
+    let reader = config.clone().set("group.id", "reader").clone();
     let mut read = Vec::new();
     let end = tokio::task::spawn_blocking(move || {
-        let end = read_partition_to_end(&consumer, "state", 1, Duration::from_secs(10), |message| {
+        let end = read_partition_to_end(&reader, "state", 1, Duration::from_secs(10), |message| {
             read.push(String::from_utf8(message.payload().unwrap().to_vec()).unwrap());
         });
         (end, read)
@@ -48,9 +47,9 @@ async fn an_existing_topic_is_found_and_a_partition_is_read_back_to_its_end() {
     assert_eq!(end.unwrap(), 5);
     assert_eq!(read, (0..5).map(|i| format!("record {i}")).collect::<Vec<_>>());
 
-    let consumer: BaseConsumer = config.clone().set("group.id", "reader").create().unwrap();
+    let reader = config.clone().set("group.id", "reader").clone();
     let empty = tokio::task::spawn_blocking(move || {
-        read_partition_to_end(&consumer, "state", 0, Duration::from_secs(10), |_| panic!("partition 0 is empty"))
+        read_partition_to_end(&reader, "state", 0, Duration::from_secs(10), |_| panic!("partition 0 is empty"))
     })
     .await
     .unwrap();

@@ -91,11 +91,31 @@ impl ChildService {
     /// The address logged on the first line that contains `marker`, from its `address=`
     /// field: the services log `serving /live, /ready, /metrics address=127.0.0.1:port`.
     pub fn logged_address(&mut self, marker: &str, within: Duration) -> SocketAddr {
-        let line = self.wait_for_line(within, &format!("a line saying {marker:?}"), |line| line.contains(marker));
-        let field = line.rsplit("address=").next().and_then(|rest| rest.split_whitespace().next());
-        field
-            .and_then(|address| address.parse().ok())
-            .unwrap_or_else(|| panic!("{}: no address= field with an address in {line:?}", self.name))
+        let [address] = self.logged_addresses([marker], within);
+        address
+    }
+
+    /// [`ChildService::logged_address`] for several listeners, logged in any order (a
+    /// service that binds its gRPC and admin ports logs each as it goes): the address on
+    /// the first line containing each of `markers`.
+    pub fn logged_addresses<const N: usize>(&mut self, markers: [&str; N], within: Duration) -> [SocketAddr; N] {
+        let mut lines: [Option<String>; N] = std::array::from_fn(|_| None);
+        let what = format!("lines saying {markers:?}");
+        self.wait_for_line(within, &what, |line| {
+            for (marker, found) in markers.iter().zip(lines.iter_mut()) {
+                if found.is_none() && line.contains(marker) {
+                    *found = Some(line.to_owned());
+                }
+            }
+            lines.iter().all(Option::is_some)
+        });
+        lines.map(|line| {
+            let line = line.expect("every marker was found");
+            let field = line.rsplit("address=").next().and_then(|rest| rest.split_whitespace().next());
+            field
+                .and_then(|address| address.parse().ok())
+                .unwrap_or_else(|| panic!("{}: no address= field with an address in {line:?}", self.name))
+        })
     }
 
     /// Every line read so far, in order.
@@ -184,6 +204,16 @@ mod tests {
         assert_eq!(child.logged_address("serving /live", WITHIN), SocketAddr::from(([127, 0, 0, 1], 4321)));
         assert_eq!(child.seen().len(), 2);
         assert!(child.is_running());
+        child.kill();
+    }
+
+    #[test]
+    fn reads_several_logged_addresses_in_the_order_asked_whatever_the_order_logged() {
+        let script = "echo 'INFO serving /live address=127.0.0.1:2' >&2; echo 'INFO serving gRPC address=127.0.0.1:1' >&2; \
+                      sleep 30";
+        let mut child = ChildService::spawn("two-listeners", shell(script), Output::Stderr);
+        let [grpc, admin] = child.logged_addresses(["serving gRPC", "serving /live"], WITHIN);
+        assert_eq!((grpc.port(), admin.port()), (1, 2));
         child.kill();
     }
 

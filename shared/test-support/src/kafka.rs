@@ -110,7 +110,7 @@ pub async fn read_to_end(kafka: &(impl Bootstrap + ?Sized), topic: &str) -> Vec<
         let consumer = reader(&servers);
         let mut records = Vec::new();
         for partition in 0..partitions(&consumer, &topic) {
-            ::kafka::read_partition_to_end(&consumer, &topic, partition, STALL, |message| {
+            ::kafka::read_partition_to_end(&reader_config(&servers), &topic, partition, STALL, |message| {
                 records.push(ReadRecord::from_message(message));
             })
             .unwrap_or_else(|e| panic!("{e} ({servers})"));
@@ -166,13 +166,16 @@ pub fn committed_offsets(
 }
 
 /// A consumer that reads by assignment and commits nothing.
-fn reader(servers: &str) -> BaseConsumer {
+fn reader_config(servers: &str) -> rdkafka::ClientConfig {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", servers)
         .set("group.id", "vigil-test-reader") // required by librdkafka; nothing is committed
         .set("enable.auto.commit", "false")
-        .create()
-        .unwrap_or_else(|e| panic!("a consumer for {servers}: {e}"))
+        .clone()
+}
+
+fn reader(servers: &str) -> BaseConsumer {
+    reader_config(servers).create().unwrap_or_else(|e| panic!("a consumer for {servers}: {e}"))
 }
 
 fn partitions(consumer: &BaseConsumer, topic: &str) -> i32 {

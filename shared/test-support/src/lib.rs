@@ -13,7 +13,9 @@
 //!   ([`temp_file`]);
 //! - [`names`]: names unique in the test run ([`unique_name`]);
 //! - [`kafka`]: records produced and confirmed, and a topic read back, on the shared
-//!   `kafka` crate and the embedded brokers.
+//!   `kafka` crate and the embedded brokers;
+//! - [`tail`]: topics followed from their beginning with each record's times, never
+//!   trusting a watermark (tansu's are wrong) ([`Tail`]).
 //!
 //! What stays in each suite's own support: starting that service in process, its config and
 //! what its records mean.
@@ -26,6 +28,7 @@ pub mod files;
 pub mod kafka;
 pub mod metrics;
 pub mod names;
+pub mod tail;
 pub mod wait;
 
 pub use child::{ChildService, Output};
@@ -33,4 +36,5 @@ pub use endpoint::Endpoint;
 pub use files::{TempFile, temp_file};
 pub use metrics::{metric, metric_total};
 pub use names::unique_name;
+pub use tail::{Tail, TailedRecord};
 pub use wait::{Poll, eventually, observe_until, wait_until};

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
+use rdkafka::consumer::{Consumer as _, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message as _, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -169,8 +169,7 @@ impl RolloutLog {
         // Catch up before serving, so a restarted replica does not act on stale state: each
         // partition read to its end by a consumer of its own (blocking reads, off the async
         // workers), then followed from there by the tail.
-        let reader: BaseConsumer =
-            reader_config("catch-up").create().context("creating the rollout state catch-up reader")?;
+        let reader = reader_config("catch-up");
         let (topic, caught_up) = (options.state_topic.clone(), rollouts.clone());
         let ends = tokio::task::spawn_blocking(move || {
             (0..partitions)
