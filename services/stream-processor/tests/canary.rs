@@ -92,6 +92,11 @@ async fn concluded(
     request: rollout::StartRolloutRequest,
 ) -> rollout::Rollout {
     api.start_rollout(request).await.unwrap();
+    conclusion(api).await
+}
+
+/// Waits until the running rollout's analysis concludes; returns the final phase.
+async fn conclusion(api: &mut RolloutServiceClient<tonic::transport::Channel>) -> rollout::Rollout {
     let progressing = rollout::Phase::Progressing as i32;
     let state = observe_until(
         Duration::from_secs(120),
@@ -116,6 +121,9 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     let processor = Processor::start(config(&kafka, &[server.grpc])).await;
     let mut api = RolloutServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
 
+    // The bad canary's rollout starts before any reading is produced: without a rollout the
+    // server answers with its latest version, the bad one, for every device.
+    api.start_rollout(rollout_to(3)).await.unwrap();
     // The load: a simulated fleet of 100 cars (30% develop faults), a reading per car as
     // fast as the mock cluster confirms them (about one round a second), until both
     // rollouts are over.
@@ -140,7 +148,7 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
         })
     };
 
-    let bad = concluded(&mut api, rollout_to(3)).await;
+    let bad = conclusion(&mut api).await;
     assert_eq!(bad.phase, rollout::Phase::RolledBack as i32, "{bad:?}");
     assert!(bad.last_decision.contains("anomaly rate"), "{}", bad.last_decision);
     let good = concluded(&mut api, rollout_to(2)).await;
