@@ -41,6 +41,7 @@ impl IngestGrpc {
             let checked =
                 sensor::validate(reading).and_then(|()| self.event_time.check(reading.event_time.as_ref(), now));
             checked.map_err(|invalid| {
+                self.metrics.grpc_refused.with_label_values(&[invalid.reason()]).inc();
                 let field = invalid.field().map_or(String::new(), |f| format!(".{f}"));
                 Status::invalid_argument(format!("{context}readings[{index}]{field}: {invalid}"))
             })?;

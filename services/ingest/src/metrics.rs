@@ -12,6 +12,9 @@ pub struct Metrics {
     pub produced: IntCounterVec,
     /// Dead letters Kafka confirmed, by reason.
     pub dead_lettered: IntCounterVec,
+    /// gRPC requests refused with INVALID_ARGUMENT, by the first invalid reading's reason
+    /// (a fixed set: `missing_field`, `out_of_range`, `too_long`, `implausible_event_time`...).
+    pub grpc_refused: IntCounterVec,
     /// Sends retried after a Kafka error.
     pub produce_retries: IntCounter,
     /// MQTT PUBACKs sent (after Kafka confirmed).
@@ -47,6 +50,11 @@ impl Metrics {
             dead_lettered: metrics.counter_vec(
                 "ingest_dead_lettered_total",
                 "Messages written to the dead-letter topic, by reason",
+                &["reason"],
+            )?,
+            grpc_refused: metrics.counter_vec(
+                "ingest_grpc_requests_refused_total",
+                "gRPC requests refused with INVALID_ARGUMENT, by the first invalid reading's reason",
                 &["reason"],
             )?,
             produce_retries: metrics.counter("ingest_produce_retries_total", "Sends retried after a Kafka error")?,

@@ -78,6 +78,16 @@ async fn an_invalid_reading_fails_its_request_naming_the_field_and_nothing_of_it
         assert!(status.message().starts_with("readings[0].event_time: "), "{seconds}: {}", status.message());
     }
 
+    // Each refusal counted by its reason, never by anything the client chose.
+    let metrics = ingest.admin.metrics().await;
+    for (reason, count) in
+        [("out_of_range", 1.0), ("missing_field", 1.0), ("too_long", 1.0), ("implausible_event_time", 3.0)]
+    {
+        let counted = test_support::metric(&metrics, "ingest_grpc_requests_refused_total", &[("reason", reason)]);
+        assert_eq!(counted, Some(count), "{reason}");
+    }
+    assert_eq!(test_support::metric_total(&metrics, "ingest_grpc_requests_refused_total", &[]), 6.0);
+
     // A good request afterwards is the only thing in the topic.
     let good = fleet_readings(2, 1);
     client.publish(PublishRequest { readings: good.clone() }).await.unwrap();
