@@ -146,6 +146,11 @@ struct Queue {
     /// Batches being run right now, by threads or inline; at most `SchedulerState::slots`.
     running: usize,
     closed: bool,
+    /// Threads parked waiting for work. Only tests read it: a thread that has not reached
+    /// its first wait yet takes queued work without being woken, which would race with
+    /// what a test sets up.
+    #[cfg_attr(not(test), allow(dead_code))]
+    idle_threads: usize,
 }
 
 struct SchedulerState {
@@ -192,7 +197,7 @@ impl Scheduler {
             plan,
             mode,
             slots,
-            queue: Mutex::new(Queue { tasks: VecDeque::new(), rows: 0, running: 0, closed: false }),
+            queue: Mutex::new(Queue { tasks: VecDeque::new(), rows: 0, running: 0, closed: false, idle_threads: 0 }),
             ready: Condvar::new(),
             cheap: AtomicBool::new(false),
             metrics,
@@ -399,7 +404,9 @@ impl SchedulerState {
                 if queue.closed && queue.tasks.is_empty() {
                     return None;
                 }
+                queue.idle_threads += 1;
                 queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                queue.idle_threads -= 1;
             }
             let (max_rows, timeout) = self.batch_limits();
             // Let the batch fill until it is full or its oldest request has waited long enough.

@@ -29,6 +29,15 @@ fn distinct(plan: &SignaturePlan, seed: usize) -> (PreparedInputs, Vec<f32>) {
     (prepared, expected.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec())
 }
 
+/// Waits until every scheduler thread is parked, so none takes queued work unless woken.
+fn until_threads_wait(scheduler: &Scheduler) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scheduler.shared.queue.lock().unwrap().idle_threads < scheduler.shared.slots {
+        assert!(Instant::now() < deadline, "scheduler threads never parked");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn rows(plan: &SignaturePlan, n: usize) -> PreparedInputs {
     plan.prepare([("sensors".to_owned(), Tensor::from_shape(&[n, 18], &vec![0.5f32; n * 18]).unwrap())]).unwrap()
 }
@@ -73,6 +82,7 @@ async fn a_cheap_signature_runs_on_the_caller_and_merges_what_is_ready() {
     // Inline running is earned by a measured run; debug builds may be slower than the
     // limit, so mark the signature cheap as a release build of this model is.
     scheduler.shared.cheap.store(true, Ordering::Relaxed);
+    until_threads_wait(&scheduler);
     let tasks: Vec<_> = (0..8)
         .map(|seed| {
             let scheduler = Arc::clone(&scheduler);
@@ -103,6 +113,7 @@ async fn a_cancelled_combiner_hands_queued_requests_to_the_threads() {
     let metrics = Metrics::new().signature("m", 1, "serving_default");
     let scheduler = Scheduler::start(Arc::clone(&plan), batched(64, 1), metrics, "test");
     scheduler.shared.cheap.store(true, Ordering::Relaxed);
+    until_threads_wait(&scheduler);
     let waker = std::task::Waker::noop();
     let mut context = std::task::Context::from_waker(waker);
     // The first request claims the only run slot and yields; the second queues behind it.
