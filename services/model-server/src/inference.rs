@@ -19,6 +19,8 @@ use crate::repository::{LoadedVersion, Repository, VersionSelector};
 use crate::rollout::Rollouts;
 use crate::rollout::windows::{Outcome, Windows};
 
+mod per_row;
+
 /// Request limits (checked before anything is decoded or queued).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
@@ -50,6 +52,18 @@ pub struct InferenceRequest {
     pub output_filter: Vec<String>,
     /// Sticks the request to one side of a canary split (the device id, say).
     pub routing_key: Option<Vec<u8>>,
+    /// Or one routing key per row: each row is answered by the side its key falls on, and
+    /// the response says which version answered each row ([`per_row`]).
+    pub row_keys: Option<Vec<Vec<u8>>>,
+}
+
+/// What a request's parts share while they run.
+struct Call<'a> {
+    signature: &'a str,
+    /// The request asked for the latest version (so a rollout may route and shadow it).
+    latest: bool,
+    output_filter: &'a [String],
+    started: Instant,
 }
 
 #[derive(Debug)]
@@ -121,14 +135,18 @@ impl Inference {
     ///
     /// Under an active rollout the outcome also goes into the answering version's analysis
     /// window, and a stable-answered, unpinned request picked for shadowing is run again on
-    /// the canary in the background: its answer is compared with stable's and dropped.
+    /// the canary in the background: its answer is compared with stable's and dropped. A
+    /// request with per-row routing keys is split by the side each row's key falls on
+    /// ([`per_row`]).
     pub async fn run(
         &self,
         request: InferenceRequest,
         target: &mut Option<Target>,
     ) -> Result<InferenceResponse, ServeError> {
         let started = Instant::now();
-        let version = self.resolve(&request.model, &request.selector, request.routing_key.as_deref())?;
+        let first_key = request.row_keys.as_ref().and_then(|keys| keys.first()).map(Vec::as_slice);
+        let routing_key = first_key.or(request.routing_key.as_deref());
+        let version = self.resolve(&request.model, &request.selector, routing_key)?;
         let signature =
             request.signature.filter(|s| !s.is_empty()).unwrap_or_else(|| savedmodel::DEFAULT_SIGNATURE.to_owned());
         *target = Some(version.metrics_target(&signature));
@@ -140,12 +158,37 @@ impl Inference {
         };
         let admitted = admission::admit(&version.model, version.version, plan.spec(), request.inputs, limits)?;
         let inputs = admission::decode_admitted(admitted).await?;
+        let call = Call {
+            signature: &signature,
+            latest: matches!(request.selector, VersionSelector::Latest),
+            output_filter: &request.output_filter,
+            started,
+        };
+        match request.row_keys {
+            Some(keys) => self.run_per_row(version, &call, inputs, keys).await,
+            None => {
+                let outputs = self.answer(&version, &call, inputs, routing_key).await?;
+                Ok(InferenceResponse { version, signature, outputs })
+            }
+        }
+    }
+
+    /// Runs admitted inputs on `version`: into its analysis window under an active rollout,
+    /// shadowed on the canary if `routing_key` is picked for that; the filtered outputs.
+    async fn answer(
+        &self,
+        version: &Arc<LoadedVersion>,
+        call: &Call<'_>,
+        inputs: Vec<(String, Tensor)>,
+        routing_key: Option<&[u8]>,
+    ) -> Result<BTreeMap<String, Tensor>, ServeError> {
+        let signature = call.signature;
         let rollout = self.rollouts.get(&version.model).filter(|r| r.phase.is_active());
         let watched = rollout.as_ref().is_some_and(|r| [r.spec.stable, r.spec.canary].contains(&version.version));
         let shadow = rollout
             .as_ref()
-            .filter(|r| matches!(request.selector, VersionSelector::Latest) && version.version == r.spec.stable)
-            .and_then(|_| self.rollouts.shadow(&version.model, request.routing_key.as_deref()))
+            .filter(|r| call.latest && version.version == r.spec.stable)
+            .and_then(|_| self.rollouts.shadow(&version.model, routing_key))
             .and_then(|canary| match self.shadow_slots.clone().try_acquire_owned() {
                 Ok(slot) => Some((canary, slot, inputs.clone())),
                 Err(_) => {
@@ -154,7 +197,7 @@ impl Inference {
                 }
             });
 
-        let result = self.execute(&version, &signature, inputs, &request.output_filter).await;
+        let result = self.execute(version, signature, inputs, call.output_filter).await;
         if watched {
             let outputs = result.as_ref().ok();
             self.windows.record(
@@ -162,7 +205,7 @@ impl Inference {
                 version.version,
                 Outcome {
                     error: result.as_ref().is_err_and(ServeError::is_server_side),
-                    latency_ms: started.elapsed().as_secs_f64() * 1e3,
+                    latency_ms: call.started.elapsed().as_secs_f64() * 1e3,
                     scores: outputs.and_then(|o| floats(o, canary::SCORE_OUTPUT)).unwrap_or_default(),
                     thresholds: outputs.and_then(|o| floats(o, canary::THRESHOLD_OUTPUT)),
                 },
@@ -181,16 +224,16 @@ impl Inference {
             && let Some((scores, thresholds)) = scored(&outputs)
         {
             let stable = (scores.to_vec(), thresholds.to_vec());
-            let run = self.clone().shadow(version.model.clone(), canary, signature.clone(), inputs, stable);
+            let run = self.clone().shadow(version.model.clone(), canary, signature.to_owned(), inputs, stable);
             tokio::spawn(async move {
                 run.await;
                 drop(slot);
             });
         }
-        if !request.output_filter.is_empty() {
-            outputs.retain(|name, _| request.output_filter.contains(name));
+        if !call.output_filter.is_empty() {
+            outputs.retain(|name, _| call.output_filter.contains(name));
         }
-        Ok(InferenceResponse { version, signature, outputs })
+        Ok(outputs)
     }
 
     /// Scores `inputs` with the canary in shadow: into its analysis window and, beside

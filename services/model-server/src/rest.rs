@@ -235,6 +235,7 @@ async fn predict_inner(
                 inputs,
                 output_filter: Vec::new(),
                 routing_key: None, // the version is pinned above
+                row_keys: None,
             },
             target,
         )

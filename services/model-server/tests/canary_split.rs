@@ -141,3 +141,92 @@ async fn the_rollout_file_is_reread_and_a_bad_one_keeps_the_rollout_in_force() {
     }
     server.stop().await;
 }
+
+/// The floats of a float tensor, from either encoding.
+fn floats_of(tensor: &proto::tensorflow::TensorProto) -> Vec<f32> {
+    if tensor.tensor_content.is_empty() {
+        return tensor.float_val.clone();
+    }
+    tensor.tensor_content.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+}
+
+/// A call carrying many devices' rows, as the stream processor batches them.
+fn batched_request(rows: &[Vec<f32>], keys: Option<proto::tensorflow::TensorProto>) -> PredictRequest {
+    let values: Vec<f32> = rows.concat();
+    let mut inputs: std::collections::HashMap<String, proto::tensorflow::TensorProto> =
+        [("sensors".to_owned(), float_tensor(&[rows.len(), 18], &values))].into();
+    if let Some(keys) = keys {
+        inputs.insert(canary::ROW_ROUTING_KEYS_INPUT.to_owned(), keys);
+    }
+    PredictRequest { model_spec: spec(MODEL, None, None, ""), inputs, output_filter: vec![] }
+}
+
+fn keys_tensor(keys: &[String]) -> proto::tensorflow::TensorProto {
+    proto::tensorflow::TensorProto {
+        dtype: proto::tensorflow::DataType::DtString as i32,
+        tensor_shape: shape(&[keys.len()]),
+        string_val: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_call_routes_each_row_by_its_own_key_and_says_which_version_answered_it() {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
+    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
+    let server = TestServer::start(&[&models, &rollouts]).await;
+    let mut client = server.predict_client().await;
+    let weight = Weight::from_percent(25.0).unwrap().basis_points();
+
+    let rows: Vec<Vec<f32>> =
+        (0..60).map(|i| (0..18).map(|j| ((i * 7 + j * 3) % 17) as f32 / 17.0).collect()).collect();
+    let keys: Vec<String> = (0..60).map(|i| format!("car-{i:05}")).collect();
+    let response = client.predict(batched_request(&rows, Some(keys_tensor(&keys)))).await.unwrap().into_inner();
+
+    // Each row was answered by the version its own key routes to, as if it came alone.
+    let versions = &response.outputs[canary::ROW_VERSIONS_OUTPUT];
+    assert_eq!(versions.int64_val.len(), 60, "{versions:?}");
+    for (key, version) in keys.iter().zip(&versions.int64_val) {
+        let expected = if bucket(MODEL, key.as_bytes()) < weight { 2 } else { 1 };
+        assert_eq!(*version, expected, "{key}");
+        assert_eq!(answered(&mut client, None, Some(key)).await, expected, "{key} alone");
+    }
+    assert!(versions.int64_val.contains(&1) && versions.int64_val.contains(&2), "both sides answered rows");
+    // And each row's outputs are its own, in the request's order (both versions are the
+    // same model, so a row's answer does not depend on which one ran it).
+    let merged = floats_of(&response.outputs["output_0"]);
+    assert_eq!(merged.len(), 60 * 18);
+    for (i, row) in rows.iter().enumerate() {
+        let alone = PredictRequest {
+            model_spec: spec(MODEL, Some(1), None, ""),
+            inputs: [("sensors".to_owned(), float_tensor(&[1, 18], row))].into(),
+            output_filter: vec![],
+        };
+        let alone = floats_of(&client.predict(alone).await.unwrap().into_inner().outputs["output_0"]);
+        assert_close(&merged[i * 18..(i + 1) * 18], &alone, &format!("row {i}"));
+    }
+
+    // A call without per-row keys gets no extra output: plain TF Serving clients see nothing new.
+    let plain = client.predict(batched_request(&rows, None)).await.unwrap().into_inner();
+    assert!(!plain.outputs.contains_key(canary::ROW_VERSIONS_OUTPUT));
+
+    // Keys that do not fit the rows, or are not strings, or are too long, are refused by name.
+    let long = "x".repeat(canary::MAX_ROUTING_KEY_BYTES + 1);
+    let wrong_dtype = proto::tensorflow::TensorProto { dtype: 1, ..keys_tensor(&keys) };
+    for (keys, what) in [
+        (keys_tensor(&keys[..59]), "59 keys for 60 rows"),
+        (wrong_dtype, "floats"),
+        (keys_tensor(&[vec![long], keys[1..].to_vec()].concat()), "a key too long"),
+        (proto::tensorflow::TensorProto { tensor_shape: shape(&[7]), ..keys_tensor(&keys) }, "a shape that lies"),
+    ] {
+        let status = client.predict(batched_request(&rows, Some(keys))).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{what}: {status:?}");
+        assert!(status.message().contains(canary::ROW_ROUTING_KEYS_INPUT), "{what}: {}", status.message());
+    }
+    assert_eq!(
+        answered(&mut client, None, Some("car-00000")).await,
+        answered(&mut client, None, Some("car-00000")).await
+    );
+    server.stop().await;
+}

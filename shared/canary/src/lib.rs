@@ -19,3 +19,16 @@ pub const ROUTING_KEY_METADATA: &str = "vigil-routing-key";
 /// threshold the answering version flags it against.
 pub const SCORE_OUTPUT: &str = "anomaly_score";
 pub const THRESHOLD_OUTPUT: &str = "threshold";
+
+/// A Predict input carrying one routing key per row (`DT_STRING`, shape `[rows]`): a
+/// client that batches many devices' readings in one call sends it so each row sticks to
+/// the side of a split its own key falls on. Vigil's model server takes it off before the
+/// signature sees the inputs; a server that does not know it refuses the request.
+pub const ROW_ROUTING_KEYS_INPUT: &str = "vigil_routing_keys";
+
+/// The output a request with [`ROW_ROUTING_KEYS_INPUT`] gets back beside the signature's:
+/// the version that answered each row (`DT_INT64`, shape `[rows]`).
+pub const ROW_VERSIONS_OUTPUT: &str = "vigil_model_versions";
+
+/// Most bytes of one routing key.
+pub const MAX_ROUTING_KEY_BYTES: usize = 256;

@@ -96,7 +96,15 @@ impl Kserve {
         let answer = self
             .inference
             .run(
-                InferenceRequest { model: model.clone(), selector, signature, inputs, output_filter, routing_key },
+                InferenceRequest {
+                    model: model.clone(),
+                    selector,
+                    signature,
+                    inputs,
+                    output_filter,
+                    routing_key,
+                    row_keys: None,
+                },
                 target,
             )
             .await?;

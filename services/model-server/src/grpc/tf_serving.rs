@@ -14,7 +14,9 @@ use proto::tensorflow::serving::{
     MultiInferenceResponse, PredictRequest, PredictResponse, RegressionRequest, RegressionResponse,
     ReloadConfigRequest, ReloadConfigResponse, SignatureDefMap, StatusProto,
 };
-use proto::tensorflow::{SignatureDef, TensorInfo, TensorShapeProto, tensor_info, tensor_shape_proto};
+use proto::tensorflow::{
+    DataType, SignatureDef, TensorInfo, TensorProto, TensorShapeProto, tensor_info, tensor_shape_proto,
+};
 use savedmodel::SignatureSpec;
 use tonic::{Request, Response, Status};
 
@@ -64,12 +66,16 @@ pub fn answered_spec(model: &str, version: i64, signature: &str) -> ModelSpec {
 impl TfServing {
     async fn predict_inner(
         &self,
-        request: PredictRequest,
+        mut request: PredictRequest,
         routing_key: Option<Vec<u8>>,
         target: &mut Option<(String, i64, String)>,
     ) -> Result<PredictResponse, ServeError> {
         let (model, selector) = spec_target(request.model_spec.as_ref())?;
         let signature = request.model_spec.as_ref().map(|s| s.signature_name.clone());
+        let row_keys = match request.inputs.remove(canary::ROW_ROUTING_KEYS_INPUT) {
+            Some(keys) => Some(row_routing_keys(keys, self.inference.limits.max_request_rows)?),
+            None => None,
+        };
         // Undecoded: admission checks them against the signature before anything is allocated.
         let inputs = request.inputs.into_iter().map(|(name, tensor)| (name, WireTensor::TfProto(tensor))).collect();
         let answer = self
@@ -82,6 +88,7 @@ impl TfServing {
                     inputs,
                     output_filter: request.output_filter,
                     routing_key,
+                    row_keys,
                 },
                 target,
             )
@@ -121,6 +128,32 @@ impl TfServing {
             metadata: [(SIGNATURE_DEF_FIELD.to_owned(), any)].into(),
         })
     }
+}
+
+/// The per-row routing keys of a batched call ([`canary::ROW_ROUTING_KEYS_INPUT`]): one
+/// string per row, each short; anything else is refused naming the input.
+fn row_routing_keys(tensor: TensorProto, max_rows: usize) -> Result<Vec<Vec<u8>>, ServeError> {
+    let name = canary::ROW_ROUTING_KEYS_INPUT;
+    let refuse = |why: String| Err(ServeError::InvalidArgument(format!("input {name:?}: {why}")));
+    if tensor.dtype != DataType::DtString as i32 {
+        return refuse("must be DT_STRING, one routing key per row".into());
+    }
+    let keys = tensor.string_val;
+    let dims: Vec<i64> = tensor.tensor_shape.map(|s| s.dim.iter().map(|d| d.size).collect()).unwrap_or_default();
+    if dims != [keys.len() as i64] {
+        return refuse(format!("shape {dims:?} does not match its {} strings (one per row, shape [rows])", keys.len()));
+    }
+    if keys.is_empty() || keys.len() > max_rows {
+        return refuse(format!("{} keys; between 1 and {max_rows} (one per row)", keys.len()));
+    }
+    if let Some((row, key)) = keys.iter().enumerate().find(|(_, k)| k.len() > canary::MAX_ROUTING_KEY_BYTES) {
+        return refuse(format!(
+            "the key of row {row} has {} bytes, more than {}",
+            key.len(),
+            canary::MAX_ROUTING_KEY_BYTES
+        ));
+    }
+    Ok(keys)
 }
 
 /// A signature as `GetModelMetadata` reports it.
