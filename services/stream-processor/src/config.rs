@@ -102,6 +102,10 @@ pub enum OutputFormat {
     Json,
 }
 
+/// Most readings one Predict call may carry (the model server's default request limit is
+/// far above; its `max_batch_size` is what matters, see `max_rows_per_call`).
+pub const MAX_ROWS_PER_CALL: usize = 4096;
+
 /// The model server and how it is called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -128,6 +132,20 @@ pub struct ModelConfig {
     pub timeout_ms: u64,
     /// Calls in flight to the model server at once, over all partitions.
     pub concurrency_limit: usize,
+    /// Most readings scored in one Predict call. Above 1, calls are batched adaptively:
+    /// readings that arrive while `calls_in_flight` calls are out go together in the next
+    /// one (never waiting to fill it). 1 sends one call per reading, for a model server
+    /// that cannot take batches. Keep it at or below the model server's `max_batch_size`.
+    pub max_rows_per_call: usize,
+    /// Batched calls out at once (with `max_rows_per_call` above 1). Fewer calls in flight
+    /// make bigger batches; more overlap round trips.
+    pub calls_in_flight: usize,
+    /// In a batched call, send each row's device id (`vigil_routing_keys`) so a canary
+    /// rollout routes every device to its own side, and read each row's version back.
+    /// Vigil's model server understands it; turn it off for another TensorFlow Serving
+    /// compatible server, which refuses the extra input (batched calls are then not
+    /// sticky per device).
+    pub per_row_routing: bool,
     /// Retries are allowed for transient failures (UNAVAILABLE, timeouts, ...) while they
     /// stay under this share of calls (plus `retry_min_per_second`), so a struggling
     /// server is not buried under retries.
@@ -159,6 +177,9 @@ impl Default for ModelConfig {
             version_label: None,
             timeout_ms: 2000,
             concurrency_limit: 1024,
+            max_rows_per_call: 128,
+            calls_in_flight: 4,
+            per_row_routing: true,
             retry_budget_percent: 20.0,
             retry_min_per_second: 10,
             backoff_initial_ms: 50,
@@ -255,6 +276,12 @@ impl ServiceConfig for ProcessorConfig {
         }
         if self.model.concurrency_limit == 0 {
             return error("model.concurrency_limit must be at least 1".into());
+        }
+        if !(1..=MAX_ROWS_PER_CALL).contains(&self.model.max_rows_per_call) {
+            return error(format!("model.max_rows_per_call must be between 1 and {MAX_ROWS_PER_CALL}"));
+        }
+        if self.model.calls_in_flight == 0 || self.model.calls_in_flight > self.model.concurrency_limit {
+            return error("model.calls_in_flight must be at least 1 and at most model.concurrency_limit".into());
         }
         if self.delivery == Delivery::ExactlyOnce && self.transaction_interval_ms == 0 {
             return error("transaction_interval_ms must be at least 1".into());

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     /// Predict call duration (retries included), by the version that answered.
     pub model_latency: HistogramVec,
+    /// Readings per Predict call (1 unless calls are batched).
+    pub model_rows_per_call: Histogram,
     /// Failed Predict calls, by gRPC code.
     pub model_errors: IntCounterVec,
     /// Attempts retried inside a call (under the retry budget).
@@ -35,6 +37,8 @@ pub struct Metrics {
     pub model_replicas: IntGauge,
     /// From the reading's Kafka timestamp to Kafka confirming its outputs.
     pub event_latency: Histogram,
+    /// Where that time goes, by stage ([`Stage`]).
+    pub stage_latency: HistogramVec,
     pub produce_retries: IntCounter,
     /// Exactly-once mode: transactions committed or failed.
     pub transactions: IntCounterVec,
@@ -46,7 +50,37 @@ pub struct Metrics {
     pub replay_readings: IntCounterVec,
 }
 
+/// The stages of a scored reading's latency (`processor_stage_seconds{stage}`).
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    /// From its Kafka timestamp until a partition worker took it: the producer's send, the
+    /// broker, the consumer's fetch and waiting for room in the in-flight window.
+    Fetch,
+    /// Waiting for its Predict call to start (batched calls).
+    CallWait,
+    /// The Predict call, retries included.
+    Call,
+    /// From scored to its outputs confirmed by Kafka, in its partition's order.
+    Produce,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::CallWait => "call_wait",
+            Stage::Call => "call",
+            Stage::Produce => "produce",
+        }
+    }
+}
+
 impl Metrics {
+    /// Records `duration` for `stage`.
+    pub fn stage(&self, stage: Stage, duration: std::time::Duration) {
+        self.stage_latency.with_label_values(&[stage.label()]).observe(duration.as_secs_f64());
+    }
+
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
         let latency_buckets = vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0];
         let metrics = MetricsRegistrar::new(registry);
@@ -94,6 +128,11 @@ impl Metrics {
                 latency_buckets.clone(),
                 &["model_version"],
             )?,
+            model_rows_per_call: metrics.histogram(
+                "processor_model_rows_per_call",
+                "Readings scored per Predict call: batched calls take what queued while others were in flight",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0],
+            )?,
             model_errors: metrics.counter_vec(
                 "processor_model_errors_total",
                 "Failed Predict calls, by gRPC code",
@@ -111,7 +150,15 @@ impl Metrics {
             event_latency: metrics.histogram(
                 "processor_event_latency_seconds",
                 "From the reading's Kafka timestamp to Kafka confirming its outputs",
-                latency_buckets,
+                latency_buckets.clone(),
+            )?,
+            stage_latency: metrics.histogram_vec(
+                "processor_stage_seconds",
+                "A scored reading's time by stage: fetch (Kafka timestamp to a worker taking it), call_wait \
+                 (waiting for its Predict call to start), call (the call), produce (scored to outputs confirmed, \
+                 in partition order)",
+                latency_buckets.clone(),
+                &["stage"],
             )?,
             produce_retries: metrics.counter("processor_produce_retries_total", "Sends retried after a Kafka error")?,
             transactions: metrics.counter_vec(

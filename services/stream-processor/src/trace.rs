@@ -57,18 +57,32 @@ pub fn dead_lettered(cx: &Context, reason: &'static str, error: &str) {
     span.set_status(Status::error(error.to_owned()));
 }
 
-/// Starts the client span of one `Predict` attempt.
-pub fn predict_call(parent: &Context, device_id: &str) -> Context {
+/// Starts the client span of one `Predict` attempt: a child of the (first) reading's span,
+/// carrying the routing key when the call scores one reading, and linked to the spans of
+/// the other readings of a batched call (`batched`), as OpenTelemetry models batches.
+pub fn predict_call(parent: &Context, device_id: Option<&str>, rows: usize, batched: &[Context]) -> Context {
     let tracer = telemetry::tracer(SCOPE);
+    let mut attributes = vec![
+        KeyValue::new("rpc.system", "grpc"),
+        KeyValue::new("rpc.service", "tensorflow.serving.PredictionService"),
+        KeyValue::new("rpc.method", "Predict"),
+        KeyValue::new("vigil.rows", rows as i64),
+    ];
+    if let Some(device_id) = device_id {
+        attributes.push(KeyValue::new("vigil.routing_key", device_id.to_owned()));
+    }
     let span = tracer
         .span_builder(PREDICT)
         .with_kind(SpanKind::Client)
-        .with_attributes([
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", "tensorflow.serving.PredictionService"),
-            KeyValue::new("rpc.method", "Predict"),
-            KeyValue::new("vigil.routing_key", device_id.to_owned()),
-        ])
+        .with_attributes(attributes)
+        .with_links(
+            batched
+                .iter()
+                .map(|cx| cx.span().span_context().clone())
+                .filter(|span| span.is_valid())
+                .map(opentelemetry::trace::Link::with_context)
+                .collect(),
+        )
         .start_with_context(&tracer, parent);
     parent.with_span(span)
 }

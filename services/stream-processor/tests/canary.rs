@@ -22,6 +22,16 @@ use test_support::{Endpoint, metric_total, observe_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
+    scores_come_from_each_devices_version(Calls::Batched).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_per_reading_routes_each_device_by_its_key_too() {
+    scores_come_from_each_devices_version(Calls::PerReading).await;
+}
+
+/// Batched calls carry one routing key per row; a call per reading carries the reading's.
+async fn scores_come_from_each_devices_version(calls: Calls) {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models.config");
     std::fs::write(
@@ -42,7 +52,9 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     ])
     .await;
     let kafka = kafka();
-    let processor = Processor::start(config(&kafka, &[server.grpc])).await;
+    let mut config = config(&kafka, &[server.grpc]);
+    calls.apply(&mut config);
+    let processor = Processor::start(config).await;
     let readings = fleet_readings(40, 10, 21);
     produce_readings(&kafka, &readings).await;
     let total = readings.len();
@@ -58,6 +70,11 @@ async fn each_devices_scores_come_from_the_version_its_routing_key_picks() {
     }
     let on_canary = versions.values().filter(|v| v[0] == 2).count();
     assert!(on_canary > 0 && on_canary < versions.len(), "both versions scored some devices: {on_canary} of 40");
+    let calls_made = processor.metric("processor_model_rows_per_call_count").await;
+    match calls {
+        Calls::PerReading => assert_eq!(calls_made, total as f64),
+        Calls::Batched => assert!(calls_made < total as f64, "{calls_made} calls for {total} readings: none batched"),
+    }
     processor.stop().await;
     server.stop().await;
 }

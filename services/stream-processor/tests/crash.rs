@@ -54,10 +54,12 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
         let (servers, readings) = (kafka.bootstrap_servers().to_owned(), readings.clone());
         tokio::spawn(async move {
             let producer = test_support::kafka::producer(&servers);
-            for chunk in readings.chunks(50) {
+            for chunk in readings.chunks(10) {
                 write_readings(&producer, READINGS, chunk.iter().map(|reading| (reading, None))).await;
-                // Pacing, not waiting: the stream keeps arriving while the processor dies.
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                // Pacing, not waiting: the stream keeps arriving while the processor dies
+                // (over 6 s: the processor keeps up with it, so it must still be arriving
+                // when the processor is killed, or the restarted one has nothing to do).
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     };
@@ -71,6 +73,7 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     let (before, sampled) = (first.scored().await, Instant::now());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let scoring_rate = (first.scored().await - before) / sampled.elapsed().as_secs_f64();
+    assert!(!producing.is_finished(), "the readings were all written before the kill: nothing tests the restart");
     first.process.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restarted = Instant::now();

@@ -69,7 +69,12 @@ async fn every_reading_is_written_once_in_order_through_committed_transactions()
     config.max_in_flight_per_partition = 64;
     let processor = Processor::start(config).await;
     let readings = fleet_readings(30, 30, 21);
-    produce_readings(&kafka, &readings).await;
+    // In waves over about a second, so the run spans several commit intervals (100 ms)
+    // however fast the processor scores.
+    for wave in readings.chunks(90) {
+        produce_readings(&kafka, wave).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let total = readings.len();
     read(&kafka, SCORES, move |r| r.len() >= total).await;
     let committed = processor.metric("processor_transactions_total").await;

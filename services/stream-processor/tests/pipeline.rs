@@ -13,9 +13,19 @@ use test_support::eventually;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_is_scored_once_in_order_per_device_across_two_balanced_replicas() {
+    scored_once_in_order_across_two_replicas(Calls::Batched).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_per_reading_scores_each_once_in_order_across_two_balanced_replicas() {
+    scored_once_in_order_across_two_replicas(Calls::PerReading).await;
+}
+
+async fn scored_once_in_order_across_two_replicas(calls: Calls) {
     let kafka = kafka();
     let (a, b) = (ModelServer::start(&[]).await, ModelServer::start(&[]).await);
     let mut config = config(&kafka, &[a.grpc, b.grpc]);
+    calls.apply(&mut config);
     config.max_in_flight_per_partition = 64;
     let processor = Processor::start(config).await;
     let readings = fleet_readings(40, 50, 11);
@@ -48,8 +58,14 @@ async fn every_reading_is_scored_once_in_order_per_device_across_two_balanced_re
     }
     // Both replicas took calls (power of two choices over the two).
     let (on_a, on_b) = (a.predictions().await, b.predictions().await);
-    assert_eq!(on_a + on_b, total as f64, "one Predict per reading");
-    assert!(on_a > total as f64 * 0.2 && on_b > total as f64 * 0.2, "balanced: {on_a} and {on_b}");
+    let calls_made = on_a + on_b;
+    match calls {
+        Calls::PerReading => assert_eq!(calls_made, total as f64, "one Predict per reading"),
+        Calls::Batched => assert!(calls_made < total as f64, "{calls_made} calls for {total} readings: none batched"),
+    }
+    assert!(on_a > calls_made * 0.2 && on_b > calls_made * 0.2, "balanced: {on_a} and {on_b}");
+    let rows = processor.metric("processor_model_rows_per_call_sum").await;
+    assert_eq!(rows, total as f64, "every reading was one row of one call");
     assert_eq!(processor.metric("processor_scores_total").await, total as f64);
     processor.stop().await;
     a.stop().await;
@@ -100,6 +116,30 @@ async fn scores_are_tensorflows_for_the_golden_readings() {
         checked += 1;
     }
     assert_eq!(checked, total);
+    processor.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_larger_than_the_servers_batches_are_split_and_every_reading_is_scored() {
+    // The server refuses calls over 8 rows (INVALID_ARGUMENT); the processor sends up to
+    // its default max_rows_per_call. Refused calls are split until they fit: nothing is
+    // dead-lettered for it.
+    let dir = tempfile::tempdir().unwrap();
+    let batching = dir.path().join("batching.config");
+    std::fs::write(&batching, "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 0 }\n").unwrap();
+    let batching = format!("--batching_parameters_file={}", batching.display());
+    let server = ModelServer::start(&["--enable_batching", &batching]).await;
+    let kafka = kafka();
+    let processor = Processor::start(config(&kafka, &[server.grpc])).await;
+    let readings = fleet_readings(20, 20, 17);
+    produce_readings(&kafka, &readings).await;
+    let total = readings.len();
+    let records = read(&kafka, SCORES, move |r| r.len() >= total).await;
+    assert_eq!(distinct(&records), total, "every reading scored");
+    let refused = processor.metric("processor_model_errors_total").await;
+    assert!(refused > 0.0, "no call was over 8 rows, so nothing was split: the test proves nothing");
+    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
     processor.stop().await;
     server.stop().await;
 }

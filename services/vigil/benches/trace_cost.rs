@@ -103,7 +103,7 @@ async fn one_reading(server: &mut impl tower::Service<http::Request<()>, Respons
         headers: record.headers.into_iter().filter(|(k, _)| k == "traceparent" || k == "tracestate").collect(),
     };
     let reading = stream_processor::trace::reading(&mut source);
-    let call = stream_processor::trace::predict_call(&reading, "car-17");
+    let call = stream_processor::trace::predict_call(&reading, Some("car-17"), 1, &[]);
     let mut metadata = tonic::metadata::MetadataMap::new();
     telemetry::context_into_metadata(&call, &mut metadata);
 
@@ -121,6 +121,7 @@ async fn one_reading(server: &mut impl tower::Service<http::Request<()>, Respons
         model_name: "car-anomaly".into(),
         model_version: 2,
         latency: Duration::from_micros(900),
+        waited: Duration::ZERO,
     };
     stream_processor::trace::scored(&reading, "car-17", &scored);
     reading.span().end();

@@ -153,7 +153,10 @@ mod tests {
             Part { rows: vec![0, 2], version: 1, outputs: [("x".to_owned(), even)].into() },
         ];
         let merged = merge_rows(&parts, 4).unwrap();
-        assert_eq!(merged["x"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(), tensor.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec());
+        assert_eq!(
+            merged["x"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec(),
+            tensor.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        );
         // An output that lost its batch axis cannot be merged, and the error says so.
         let scalar = Part { rows: vec![0], version: 3, outputs: [("x".to_owned(), Tensor::from(1f32))].into() };
         let error = merge_rows(&[scalar], 1).unwrap_err().to_string();

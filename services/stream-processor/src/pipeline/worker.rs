@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -17,7 +17,7 @@ use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
 use sensor::SensorReading;
 use tokio::sync::mpsc;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::model::{Retry, ScoreError};
 use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
 use crate::trace;
@@ -32,6 +32,8 @@ pub(super) struct Prepared {
     pub(super) model_version: Option<i64>,
     /// The reading's span, ended once its outputs are written.
     pub(super) trace: telemetry::Context,
+    /// When its score came back (for the produce stage's latency); `None` for a dead letter.
+    pub(super) scored_at: Option<Instant>,
 }
 
 /// One partition: takes readings from its queue while fewer than the bound are in
@@ -181,12 +183,18 @@ fn record_written(metrics: &Metrics, done: &Prepared) {
     if let Some(latency) = done.timestamp.and_then(|t| SystemTime::now().duration_since(t).ok()) {
         metrics.event_latency.observe(latency.as_secs_f64());
     }
+    if let Some(scored_at) = done.scored_at {
+        metrics.stage(Stage::Produce, scored_at.elapsed());
+    }
     done.trace.span().end();
 }
 
 /// Decodes and scores one reading; waits out model server trouble (never drops it).
 async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepared {
     let config = &shared.config;
+    if let Some(fetched) = kafka::record_time(&message).and_then(|t| SystemTime::now().duration_since(t).ok()) {
+        shared.metrics.stage(Stage::Fetch, fetched);
+    }
     let mut source = Source {
         topic: message.topic().to_owned(),
         partition: message.partition(),
@@ -214,6 +222,7 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
             records: vec![output::dead_letter(config, &source, payload, reason, error)],
             model_version: None,
             trace: trace.clone(),
+            scored_at: None,
         }
     };
     let reading = match SensorReading::decode(payload) {
@@ -241,6 +250,8 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
         }
     };
     shared.set_model_failing(false);
+    shared.metrics.stage(Stage::CallWait, scored.waited);
+    shared.metrics.stage(Stage::Call, scored.latency);
     trace::scored(&trace, &reading.device_id, &scored);
     Prepared {
         offset: source.offset,
@@ -248,6 +259,7 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
         records: output::scored(config, &source, &reading, &scored),
         model_version: Some(scored.model_version),
         trace,
+        scored_at: Some(Instant::now()),
     }
 }
 

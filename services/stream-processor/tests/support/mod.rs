@@ -63,6 +63,24 @@ pub fn config(kafka: &impl Bootstrap, model_servers: &[SocketAddr]) -> Processor
     config
 }
 
+/// How the processor calls the model server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calls {
+    /// Readings that queue while calls are out go together (the default).
+    Batched,
+    /// One Predict per reading (`model.max_rows_per_call = 1`).
+    PerReading,
+}
+
+impl Calls {
+    pub fn apply(self, config: &mut ProcessorConfig) {
+        config.model.max_rows_per_call = match self {
+            Calls::Batched => ProcessorConfig::default().model.max_rows_per_call,
+            Calls::PerReading => 1,
+        };
+    }
+}
+
 #[derive(Parser)]
 struct ServeCli {
     #[command(flatten)]

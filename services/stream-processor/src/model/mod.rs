@@ -1,11 +1,8 @@
-//! Calling the model server: one `Predict` per reading over a long-lived, balanced set of
-//! connections, through a tower stack.
-//!
-//! ```text
-//!  score() ─▶ ConcurrencyLimit ─▶ Retry (transient codes, retry budget, backoff)
-//!          ─▶ Timeout (per attempt) ─▶ PredictionServiceClient
-//!          ─▶ Buffer ─▶ p2c Balance (pending requests) ─▶ Eject ─▶ Channel per replica
-//! ```
+//! Calling the model server over a long-lived, balanced set of connections, through a
+//! tower stack ([`stack`]). Readings are scored one `Predict` per reading, or, with
+//! `model.max_rows_per_call` above 1 (the default), in batched calls ([`batch`]): readings
+//! that arrive while `model.calls_in_flight` calls are out go together in the next one,
+//! each row carrying its device id so a canary rollout still routes per device.
 //!
 //! The model's inputs are not configured here: they are read from the served
 //! signature (`GetModelMetadata`), whose input names are reading signals
@@ -15,9 +12,7 @@
 //! in the graph) and the threshold of the version that answered.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
@@ -29,13 +24,16 @@ use proto::tensorflow::serving::{
 use proto::tensorflow::{DataType, TensorProto, TensorShapeProto, tensor_shape_proto};
 use sensor::{SensorReading, Signal};
 use tonic::Code;
-use tower::retry::budget::{Budget as _, TpsBudget};
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt as _};
+use tower::ServiceExt as _;
 
 use crate::config::ModelConfig;
 use crate::discovery::{self, Target};
 use crate::metrics::Metrics;
-use crate::trace;
+
+mod batch;
+mod stack;
+
+use stack::{Balanced, Call, Stack};
 
 /// gRPC metadata naming the device, for sticky canary routing on the model server.
 pub use canary::ROUTING_KEY_METADATA;
@@ -51,6 +49,8 @@ pub struct Scored {
     pub model_version: i64,
     /// The whole call, retries included.
     pub latency: Duration,
+    /// How long the reading waited for its (batched) call to start.
+    pub waited: Duration,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -94,135 +94,27 @@ pub struct ModelInputs {
     pub version: i64,
 }
 
-/// One Predict call: the request plus the metadata it carries.
-#[derive(Debug, Clone)]
-pub struct Call {
-    pub request: PredictRequest,
-    pub routing_key: String,
-    /// The reading's span: each attempt's span is its child.
-    pub parent: telemetry::Context,
-}
-
-type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
-type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
-type Balance = tower::balance::p2c::Balance<discovery::ReplicaChanges, HttpRequest>;
-
-/// The balanced replicas as one cloneable HTTP/2 service for the generated client.
-#[derive(Clone)]
-struct Balanced(tower::buffer::Buffer<HttpRequest, <Balance as Service<HttpRequest>>::Future>);
-
-impl Service<HttpRequest> for Balanced {
-    type Response = HttpResponse;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: HttpRequest) -> Self::Future {
-        Box::pin(self.0.call(request))
-    }
-}
-
-/// The client at the bottom of the stack.
-#[derive(Clone)]
-struct PredictCall {
-    client: PredictionServiceClient<Balanced>,
-}
-
-impl Service<Call> for PredictCall {
-    type Response = PredictResponse;
-    type Error = tonic::Status;
-    type Future = Pin<Box<dyn Future<Output = Result<PredictResponse, tonic::Status>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The client waits for the balancer inside the call (under the timeout).
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, call: Call) -> Self::Future {
-        let mut client = self.client.clone();
-        Box::pin(async move {
-            let span = trace::predict_call(&call.parent, &call.routing_key);
-            let mut request = tonic::Request::new(call.request);
-            if let Ok(value) = call.routing_key.parse() {
-                request.metadata_mut().insert(ROUTING_KEY_METADATA, value);
-            }
-            telemetry::context_into_metadata(&span, request.metadata_mut());
-            let result = client.predict(request).await;
-            trace::predict_done(&span, &result);
-            result.map(tonic::Response::into_inner)
-        })
-    }
-}
-
-/// Retries transient failures while the shared budget allows, after a short backoff.
-#[derive(Clone)]
-struct RetryTransient {
-    budget: Arc<TpsBudget>,
-    attempt: u32,
-    backoff: Duration,
-    retries: prometheus::IntCounter,
-}
-
-/// At most this many tries per call; the pipeline tries the reading again after that.
-const ATTEMPTS_PER_CALL: u32 = 3;
-
-impl tower::retry::Policy<Call, PredictResponse, BoxError> for RetryTransient {
-    type Future = tokio::time::Sleep;
-
-    fn retry(&mut self, _: &mut Call, result: &mut Result<PredictResponse, BoxError>) -> Option<Self::Future> {
-        match result {
-            Ok(_) => {
-                self.budget.deposit();
-                None
-            }
-            Err(error) => {
-                if !retryable(error) || self.attempt + 1 >= ATTEMPTS_PER_CALL || !self.budget.withdraw() {
-                    return None;
-                }
-                self.attempt += 1;
-                self.retries.inc();
-                Some(tokio::time::sleep(self.backoff * 2u32.pow(self.attempt - 1)))
-            }
-        }
-    }
-
-    fn clone_request(&mut self, call: &Call) -> Option<Call> {
-        Some(call.clone())
-    }
-}
-
-/// Codes worth another attempt right away: the server (or the path to it) was busy or
-/// away, not wrong about the request.
-fn retryable(error: &BoxError) -> bool {
-    match error.downcast_ref::<tonic::Status>() {
-        Some(status) => {
-            matches!(
-                status.code(),
-                Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted
-            )
-        }
-        // Timeouts, a closed buffer, connection failures.
-        None => true,
-    }
-}
-
-type Stack = tower::limit::ConcurrencyLimit<tower::retry::Retry<RetryTransient, tower::timeout::Timeout<PredictCall>>>;
-
 /// The signature's inputs and when they were read.
 type CachedInputs = (Arc<ModelInputs>, Instant);
 
-/// The model server client; clones share connections, limits and the retry budget.
+/// The model server client; clones share connections, limits, the retry budget and the
+/// batcher.
 #[derive(Clone)]
 pub struct ModelClient {
+    caller: Caller,
+    /// Where readings wait for a batched call; `None` when each reading is its own call.
+    batches: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
+    _discovery: Arc<DiscoveryTask>,
+}
+
+/// What makes a call: the stack, the signature's inputs and the settings.
+#[derive(Clone)]
+struct Caller {
     stack: Stack,
     metadata: PredictionServiceClient<Balanced>,
     config: Arc<ModelConfig>,
     inputs: Arc<RwLock<Option<CachedInputs>>>,
     metrics: Metrics,
-    _discovery: Arc<DiscoveryTask>,
 }
 
 struct DiscoveryTask(tokio::task::JoinHandle<()>);
@@ -233,8 +125,16 @@ impl Drop for DiscoveryTask {
     }
 }
 
+/// A reading to score and the span its call is traced under.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub reading: SensorReading,
+    pub trace: telemetry::Context,
+}
+
 impl ModelClient {
-    /// Starts discovering replicas; connections are made as calls need them.
+    /// Starts discovering replicas (and the batcher, when calls are batched); connections
+    /// are made as calls need them. Needs a Tokio runtime.
     pub fn new(config: &ModelConfig, metrics: Metrics) -> Result<Self, String> {
         let targets = config.endpoints.iter().map(|e| Target::parse(e)).collect::<Result<Vec<_>, _>>()?;
         let tls = match &config.tls_ca_file {
@@ -254,34 +154,64 @@ impl ModelClient {
             metrics.model_replicas.clone(),
             tls,
         );
-        let balance = tower::balance::p2c::Balance::new(changes);
-        let balanced = Balanced(tower::buffer::Buffer::new(balance, config.concurrency_limit.max(16)));
-        let client = PredictionServiceClient::new(balanced);
-        let policy = RetryTransient {
-            budget: Arc::new(TpsBudget::new(
-                Duration::from_secs(10),
-                config.retry_min_per_second,
-                config.retry_budget_percent / 100.0,
-            )),
-            attempt: 0,
-            backoff: Duration::from_millis(config.backoff_initial_ms),
-            retries: metrics.model_retries.clone(),
-        };
-        let stack = ServiceBuilder::new()
-            .concurrency_limit(config.concurrency_limit)
-            .retry(policy)
-            .timeout(config.timeout())
-            .service(PredictCall { client: client.clone() });
-        Ok(Self {
-            stack,
-            metadata: client,
-            config: Arc::new(config.clone()),
-            inputs: Arc::new(RwLock::new(None)),
-            metrics,
-            _discovery: Arc::new(DiscoveryTask(task)),
-        })
+        let (stack, metadata) = stack::build(config, changes, &metrics);
+        let caller =
+            Caller { stack, metadata, config: Arc::new(config.clone()), inputs: Arc::new(RwLock::new(None)), metrics };
+        let batches = (config.max_rows_per_call > 1).then(|| batch::start(caller.clone()));
+        Ok(Self { caller, batches, _discovery: Arc::new(DiscoveryTask(task)) })
     }
 
+    /// The model's inputs, read from its signature (cached, refreshed periodically).
+    pub async fn inputs(&self) -> Result<Arc<ModelInputs>, ScoreError> {
+        self.caller.inputs().await
+    }
+
+    /// Reads the signature now (not from the cache) and caches it; unlike [`Self::inputs`],
+    /// the error says whether the server refused (e.g. NOT_FOUND: the version is not
+    /// served), did not answer, or served something the processor cannot score with.
+    pub async fn signature(&self) -> Result<Arc<ModelInputs>, SignatureError> {
+        self.caller.signature().await
+    }
+
+    /// Scores `reading` as the live path and replays both do: one rejection is tolerated
+    /// (the first may come from a signature that changed under us, which the client reads
+    /// again; a second one is about the reading), and after each transient failure
+    /// `on_transient` (told the error and the attempt, from 1) says whether to wait and
+    /// call again or give up with that error.
+    pub async fn score_with_retry(
+        &self,
+        reading: &SensorReading,
+        trace: &telemetry::Context,
+        mut on_transient: impl FnMut(&str, u32) -> Retry,
+    ) -> Result<Scored, ScoreError> {
+        let (mut attempt, mut rejected_before) = (0u32, false);
+        loop {
+            attempt += 1;
+            match self.score(reading, trace).await {
+                Ok(scored) => return Ok(scored),
+                Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
+                Err(rejected @ ScoreError::Rejected(_)) => return Err(rejected),
+                Err(ScoreError::Transient(error)) => match on_transient(&error, attempt) {
+                    Retry::After(wait) => tokio::time::sleep(wait).await,
+                    Retry::GiveUp => return Err(ScoreError::Transient(error)),
+                },
+            }
+        }
+    }
+
+    /// Scores one reading: alone in one call through the stack (which retries transient
+    /// failures a few times under the budget), or as a row of a batched call; each
+    /// attempt traced as a child of `trace` (of the first row's, in a batched call).
+    pub async fn score(&self, reading: &SensorReading, trace: &telemetry::Context) -> Result<Scored, ScoreError> {
+        let row = Row { reading: reading.clone(), trace: trace.clone() };
+        match &self.batches {
+            Some(batches) => batch::submit(batches, row).await,
+            None => self.caller.call(std::slice::from_ref(&row)).await.pop().expect("one result per row"),
+        }
+    }
+}
+
+impl Caller {
     fn spec(&self) -> ModelSpec {
         let version_choice = match (&self.config.version, &self.config.version_label) {
             (Some(version), _) => Some(VersionChoice::Version(*version)),
@@ -292,7 +222,7 @@ impl ModelClient {
     }
 
     /// The model's inputs, read from its signature (cached, refreshed periodically).
-    pub async fn inputs(&self) -> Result<Arc<ModelInputs>, ScoreError> {
+    async fn inputs(&self) -> Result<Arc<ModelInputs>, ScoreError> {
         let refresh = Duration::from_secs(self.config.metadata_refresh_seconds.max(1));
         if let Some((inputs, at)) = self.inputs.read().unwrap_or_else(|e| e.into_inner()).as_ref()
             && at.elapsed() < refresh
@@ -306,14 +236,14 @@ impl ModelClient {
 
     /// Forgets the cached signature, so the next call reads it again (after a version
     /// refused what the old signature described).
-    pub fn forget_inputs(&self) {
+    fn forget_inputs(&self) {
         *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Reads the signature now (not from the cache) and caches it; unlike [`Self::inputs`],
     /// the error says whether the server refused (e.g. NOT_FOUND: the version is not
     /// served), did not answer, or served something the processor cannot score with.
-    pub async fn signature(&self) -> Result<Arc<ModelInputs>, SignatureError> {
+    async fn signature(&self) -> Result<Arc<ModelInputs>, SignatureError> {
         let fetched = Arc::new(self.fetch_inputs().await?);
         *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((fetched.clone(), Instant::now()));
         Ok(fetched)
@@ -373,70 +303,66 @@ impl ModelClient {
         Ok(ModelInputs { inputs, version })
     }
 
-    /// The Predict request for one reading.
-    pub fn request(&self, inputs: &ModelInputs, reading: &SensorReading) -> PredictRequest {
-        let shape = Some(TensorShapeProto {
-            dim: vec![tensor_shape_proto::Dim { size: 1, ..Default::default() }],
-            ..Default::default()
-        });
-        let inputs: BTreeMap<String, TensorProto> = inputs
+    /// The Predict request for `rows`: one float tensor of shape `[rows]` per input and,
+    /// for several rows with `per_row_routing`, each row's device id
+    /// ([`canary::ROW_ROUTING_KEYS_INPUT`]).
+    fn request(&self, inputs: &ModelInputs, rows: &[Row]) -> PredictRequest {
+        let shape = |n: usize| {
+            Some(TensorShapeProto {
+                dim: vec![tensor_shape_proto::Dim { size: n as i64, ..Default::default() }],
+                ..Default::default()
+            })
+        };
+        let mut tensors: BTreeMap<String, TensorProto> = inputs
             .inputs
             .iter()
             .map(|(name, signal)| {
                 let tensor = TensorProto {
                     dtype: DataType::DtFloat as i32,
-                    tensor_shape: shape.clone(),
-                    float_val: vec![signal.get(reading) as f32],
+                    tensor_shape: shape(rows.len()),
+                    float_val: rows.iter().map(|row| signal.get(&row.reading) as f32).collect(),
                     ..Default::default()
                 };
                 (name.clone(), tensor)
             })
             .collect();
+        if rows.len() > 1 && self.config.per_row_routing {
+            let keys = TensorProto {
+                dtype: DataType::DtString as i32,
+                tensor_shape: shape(rows.len()),
+                string_val: rows.iter().map(|row| row.reading.device_id.clone().into_bytes()).collect(),
+                ..Default::default()
+            };
+            tensors.insert(canary::ROW_ROUTING_KEYS_INPUT.to_owned(), keys);
+        }
         PredictRequest {
             model_spec: Some(self.spec()),
-            inputs: inputs.into_iter().collect(),
+            inputs: tensors.into_iter().collect(),
             output_filter: vec![SCORE_OUTPUT.into(), THRESHOLD_OUTPUT.into()],
         }
     }
 
-    /// Scores `reading` as the live path and replays both do: one rejection is tolerated
-    /// (the first may come from a signature that changed under us, which the client reads
-    /// again; a second one is about the reading), and after each transient failure
-    /// `on_transient` (told the error and the attempt, from 1) says whether to wait and
-    /// call again or give up with that error.
-    pub async fn score_with_retry(
-        &self,
-        reading: &SensorReading,
-        trace: &telemetry::Context,
-        mut on_transient: impl FnMut(&str, u32) -> Retry,
-    ) -> Result<Scored, ScoreError> {
-        let (mut attempt, mut rejected_before) = (0u32, false);
-        loop {
-            attempt += 1;
-            match self.score(reading, trace).await {
-                Ok(scored) => return Ok(scored),
-                Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
-                Err(rejected @ ScoreError::Rejected(_)) => return Err(rejected),
-                Err(ScoreError::Transient(error)) => match on_transient(&error, attempt) {
-                    Retry::After(wait) => tokio::time::sleep(wait).await,
-                    Retry::GiveUp => return Err(ScoreError::Transient(error)),
-                },
-            }
-        }
+    /// Scores `rows` in one call (a few attempts under the retry budget); one result per
+    /// row, in order. A call the server refuses (INVALID_ARGUMENT) is split and its halves
+    /// called again ([`batch::split_rejected`]), so one bad row is refused alone.
+    async fn call(&self, rows: &[Row]) -> Vec<Result<Scored, ScoreError>> {
+        let call_once = |part| self.call_once(part);
+        batch::split_rejected(rows, &call_once).await
     }
 
-    /// Scores one reading: one call through the stack (which retries transient failures
-    /// a few times under the budget), each attempt traced as a child of `trace`.
-    pub async fn score(&self, reading: &SensorReading, trace: &telemetry::Context) -> Result<Scored, ScoreError> {
+    async fn call_once(&self, rows: &[Row]) -> Result<Vec<Scored>, ScoreError> {
         let inputs = self.inputs().await?;
         let call = Call {
-            request: self.request(&inputs, reading),
-            routing_key: reading.device_id.clone(),
-            parent: trace.clone(),
+            request: self.request(&inputs, rows),
+            routing_key: (rows.len() == 1).then(|| rows[0].reading.device_id.clone()),
+            rows: rows.len(),
+            parent: rows[0].trace.clone(),
+            batched: rows[1..].iter().map(|row| row.trace.clone()).collect(),
         };
         let started = Instant::now();
         let result = self.stack.clone().oneshot(call).await;
         let latency = started.elapsed();
+        self.metrics.model_rows_per_call.observe(rows.len() as f64);
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -453,15 +379,18 @@ impl ModelClient {
                 return Err(ScoreError::Transient(text));
             }
         };
-        let scored = self.decode(response, latency)?;
+        let scored = self.decode(response, rows.len(), latency)?;
         self.metrics
             .model_latency
-            .with_label_values(&[&scored.model_version.to_string()])
+            .with_label_values(&[&scored[0].model_version.to_string()])
             .observe(latency.as_secs_f64());
         Ok(scored)
     }
 
-    fn decode(&self, response: PredictResponse, latency: Duration) -> Result<Scored, ScoreError> {
+    /// One score per row: `anomaly_score` has one value per row, `threshold` one per row
+    /// or one for all, and the version is the row's ([`canary::ROW_VERSIONS_OUTPUT`]) or
+    /// the call's.
+    fn decode(&self, response: PredictResponse, rows: usize, latency: Duration) -> Result<Vec<Scored>, ScoreError> {
         let (model_name, model_version) = match response.model_spec {
             Some(spec) => {
                 let version = match spec.version_choice {
@@ -472,29 +401,57 @@ impl ModelClient {
             }
             None => (self.config.name.clone(), 0),
         };
-        let value = |name: &str| -> Result<f32, ScoreError> {
-            let tensor = response.outputs.get(name).ok_or_else(|| {
-                ScoreError::Transient(format!("model {model_name} version {model_version} returned no {name:?}"))
-            })?;
-            first_float(tensor).ok_or_else(|| {
-                ScoreError::Transient(format!("model {model_name} version {model_version}: {name:?} is not one float"))
-            })
+        let wrong = |what: String| ScoreError::Transient(format!("model {model_name} version {model_version}: {what}"));
+        let values = |name: &str| -> Result<Vec<f32>, ScoreError> {
+            let tensor = response.outputs.get(name).ok_or_else(|| wrong(format!("returned no {name:?}")))?;
+            let values = floats(tensor).ok_or_else(|| wrong(format!("{name:?} is not float32")))?;
+            match values.len() {
+                n if n == rows => Ok(values),
+                1 => Ok(vec![values[0]; rows]),
+                n => Err(wrong(format!("{name:?} has {n} values for {rows} readings"))),
+            }
         };
-        let (score, threshold) = (value(SCORE_OUTPUT)?, value(THRESHOLD_OUTPUT)?);
-        Ok(Scored { score, threshold, model_name, model_version, latency })
+        let (scores, thresholds) = (values(SCORE_OUTPUT)?, values(THRESHOLD_OUTPUT)?);
+        let versions = match response.outputs.get(canary::ROW_VERSIONS_OUTPUT) {
+            Some(tensor) if tensor.int64_val.len() == rows => tensor.int64_val.clone(),
+            Some(tensor) => {
+                return Err(wrong(format!(
+                    "{:?} has {} values for {rows} readings",
+                    canary::ROW_VERSIONS_OUTPUT,
+                    tensor.int64_val.len()
+                )));
+            }
+            None => vec![model_version; rows],
+        };
+        Ok(scores
+            .into_iter()
+            .zip(thresholds)
+            .zip(versions)
+            .map(|((score, threshold), model_version)| Scored {
+                score,
+                threshold,
+                model_name: model_name.clone(),
+                model_version,
+                latency,
+                waited: Duration::ZERO,
+            })
+            .collect())
     }
 }
 
-/// The first value of a float tensor, from `float_val` or `tensor_content`.
-fn first_float(tensor: &TensorProto) -> Option<f32> {
+/// The values of a float tensor, from `float_val` or `tensor_content`.
+fn floats(tensor: &TensorProto) -> Option<Vec<f32>> {
     if tensor.dtype != DataType::DtFloat as i32 {
         return None;
     }
-    if let Some(value) = tensor.float_val.first() {
-        return Some(*value);
+    if !tensor.float_val.is_empty() {
+        return Some(tensor.float_val.clone());
     }
-    let bytes: [u8; 4] = tensor.tensor_content.get(..4)?.try_into().ok()?;
-    Some(f32::from_le_bytes(bytes))
+    let content = &tensor.tensor_content;
+    content
+        .len()
+        .is_multiple_of(4)
+        .then(|| content.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 pub fn code_name(code: Code) -> &'static str {
@@ -525,26 +482,15 @@ mod tests {
 
     #[test]
     fn floats_come_from_either_encoding() {
-        let listed = TensorProto { dtype: DataType::DtFloat as i32, float_val: vec![2.5], ..Default::default() };
-        assert_eq!(first_float(&listed), Some(2.5));
+        let listed = TensorProto { dtype: DataType::DtFloat as i32, float_val: vec![2.5, 3.0], ..Default::default() };
+        assert_eq!(floats(&listed), Some(vec![2.5, 3.0]));
         let packed = TensorProto {
             dtype: DataType::DtFloat as i32,
             tensor_content: 7.25f32.to_le_bytes().to_vec(),
             ..Default::default()
         };
-        assert_eq!(first_float(&packed), Some(7.25));
+        assert_eq!(floats(&packed), Some(vec![7.25]));
         let wrong = TensorProto { dtype: DataType::DtDouble as i32, double_val: vec![1.0], ..Default::default() };
-        assert_eq!(first_float(&wrong), None);
-    }
-
-    #[test]
-    fn only_transient_failures_are_retried() {
-        let status = |code| -> BoxError { Box::new(tonic::Status::new(code, "x")) };
-        assert!(retryable(&status(Code::Unavailable)));
-        assert!(retryable(&status(Code::DeadlineExceeded)));
-        assert!(!retryable(&status(Code::InvalidArgument)));
-        assert!(!retryable(&status(Code::NotFound)));
-        let elapsed: BoxError = Box::new(tower::timeout::error::Elapsed::new());
-        assert!(retryable(&elapsed));
+        assert_eq!(floats(&wrong), None);
     }
 }
