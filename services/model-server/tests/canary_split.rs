@@ -54,6 +54,16 @@ async fn answered(client: &mut PredictionServiceClient<Channel>, version: Option
     }
 }
 
+/// A server with versions 1 and 2 and a rollout sending 25% to version 2 (the directory
+/// holding them goes with the first value).
+async fn quarter_on_the_canary() -> (tempfile::TempDir, TestServer) {
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
+    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
+    let server = TestServer::start(&[&models, &rollouts]).await;
+    (root, server)
+}
+
 /// `count` is within 5 standard deviations of a binomial(n, share) count.
 fn assert_near_share(count: usize, n: usize, share: f64, what: &str) {
     let (expected, sd) = (n as f64 * share, (n as f64 * share * (1.0 - share)).sqrt());
@@ -62,10 +72,7 @@ fn assert_near_share(count: usize, n: usize, share: f64, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpinned_requests_split_by_weight_and_each_device_sticks_to_its_side() {
-    let root = tempfile::tempdir().unwrap();
-    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
-    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
-    let server = TestServer::start(&[&models, &rollouts]).await;
+    let (_root, server) = quarter_on_the_canary().await;
     let mut client = server.predict_client().await;
 
     // Every device lands where its bucket says: the canary below 25% of the buckets.
@@ -172,10 +179,7 @@ fn keys_tensor(keys: &[String]) -> proto::tensorflow::TensorProto {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_call_routes_each_row_by_its_own_key_and_says_which_version_answered_it() {
-    let root = tempfile::tempdir().unwrap();
-    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
-    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
-    let server = TestServer::start(&[&models, &rollouts]).await;
+    let (_root, server) = quarter_on_the_canary().await;
     let mut client = server.predict_client().await;
     let weight = Weight::from_percent(25.0).unwrap().basis_points();
 

@@ -66,6 +66,8 @@ enum Consumer {
     /// Batched, with `delivery = "exactly-once"` (peak only, and only on the mock
     /// cluster: tansu 0.6 serves no EndTxn).
     BatchedExactlyOnce,
+    /// The model in the processor's own process (`model.mode = "embedded"`), batched.
+    Embedded,
 }
 
 impl Consumer {
@@ -75,6 +77,7 @@ impl Consumer {
             Self::PerReading => "stream processor: one Predict per reading",
             Self::Batched => "stream processor: batched Predict calls",
             Self::BatchedExactlyOnce => "stream processor, batched, exactly-once",
+            Self::Embedded => "stream processor: embedded model",
         }
     }
 
@@ -84,6 +87,7 @@ impl Consumer {
             Self::PerReading => "per_reading",
             Self::Batched => "batched",
             Self::BatchedExactlyOnce => "batched_exactly_once",
+            Self::Embedded => "embedded",
         }
     }
 
@@ -93,8 +97,10 @@ impl Consumer {
             "per-reading" => Self::PerReading,
             "batched" => Self::Batched,
             "batched-exactly-once" => Self::BatchedExactlyOnce,
+            "embedded" => Self::Embedded,
             other => panic!(
-                "VIGIL_BENCH_CONSUMER: {other:?} is not pass-through, per-reading, batched or batched-exactly-once"
+                "VIGIL_BENCH_CONSUMER: {other:?} is not pass-through, per-reading, batched, batched-exactly-once or \
+                 embedded"
             ),
         }
     }
@@ -142,7 +148,7 @@ impl Running {
                     tokio::spawn(pass_through(kafka.bootstrap_servers().to_owned(), round.clone(), stop.clone()));
                 Self::PassThrough { stop, task }
             }
-            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce => {
+            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce | Consumer::Embedded => {
                 let mut config = ProcessorConfig::default();
                 config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
                 config.model.endpoints = vec![format!("http://{}", model.grpc)];
@@ -159,8 +165,15 @@ impl Running {
                 if let Some(Ok(calls)) = std::env::var("VIGIL_BENCH_CALLS_IN_FLIGHT").ok().map(|v| v.parse()) {
                     config.model.calls_in_flight = calls;
                 }
+                if let Some(Ok(window)) = std::env::var("VIGIL_BENCH_IN_FLIGHT").ok().map(|v| v.parse()) {
+                    config.max_in_flight_per_partition = window;
+                }
                 if consumer == Consumer::PerReading {
                     config.model.max_rows_per_call = 1;
+                }
+                if consumer == Consumer::Embedded {
+                    config.model.mode = stream_processor::config::ModelMode::Embedded;
+                    config.model.model_dir = Some(support::bundled_model_dir());
                 }
                 if consumer == Consumer::BatchedExactlyOnce {
                     config.delivery = stream_processor::config::Delivery::ExactlyOnce;
@@ -261,7 +274,7 @@ fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usiz
         seen.store(arrivals.records, Ordering::Relaxed);
         let payload = message.payload().unwrap_or_default();
         let (sequence, event_time) = match consumer {
-            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce => {
+            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce | Consumer::Embedded => {
                 let score = Score::decode(payload).unwrap();
                 (score.sequence, score.event_time)
             }
@@ -492,7 +505,7 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
     }
     let mut peak: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..PEAK_ROUNDS {
-        let mut order = vec![Consumer::PassThrough, Consumer::PerReading, Consumer::Batched];
+        let mut order = vec![Consumer::PassThrough, Consumer::PerReading, Consumer::Batched, Consumer::Embedded];
         if matches!(kafka, Kafka::Mock(_)) {
             order.push(Consumer::BatchedExactlyOnce);
         }
@@ -513,7 +526,7 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
         |mode: &str| -> Vec<f64> { peak[mode].iter().zip(&peak["pass_through"]).map(|(p, c)| round3(p / c)).collect() };
     let mut modes = serde_json::Map::new();
     let mut latency_rows = Vec::new();
-    for consumer in [Consumer::PerReading, Consumer::Batched] {
+    for consumer in [Consumer::PerReading, Consumer::Batched, Consumer::Embedded] {
         let shares = share(consumer.key());
         let mode_peak = median(peak[consumer.key()].clone());
         eprintln!("  {} at {} of the pass-through ceiling", consumer.name(), median(shares.clone()));

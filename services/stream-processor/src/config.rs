@@ -106,10 +106,31 @@ pub enum OutputFormat {
 /// far above; its `max_batch_size` is what matters, see `max_rows_per_call`).
 pub const MAX_ROWS_PER_CALL: usize = 4096;
 
+/// Where readings are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelMode {
+    /// Through the model server's `Predict` over gRPC (`endpoints`): canary rollouts,
+    /// one model shared by every processor.
+    #[default]
+    Remote,
+    /// In this process, from `model_dir` (docs/stream-processor.md says when to choose it).
+    Embedded,
+}
+
 /// The model server and how it is called.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// `remote` (the model server, the default) or `embedded` (the SavedModel in this
+    /// process, from `model_dir`).
+    pub mode: ModelMode,
+    /// Embedded mode: the model's directory, holding numbered version directories
+    /// (`1/`, `2/`, ... each a SavedModel). The latest is served (or the pinned `version`);
+    /// a new one is loaded in the background and takes over once ready.
+    pub model_dir: Option<PathBuf>,
+    /// Embedded mode: how often `model_dir` is looked at for new versions.
+    pub reload_poll_seconds: u64,
     /// Model server replicas: `http://host:port` each, or `https://host:port` for a model
     /// server with TLS (`--ssl_config_file`; then `tls_ca_file` is required). A host name is
     /// resolved again every `discovery_refresh_seconds` and every address it has becomes a
@@ -167,6 +188,9 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            mode: ModelMode::Remote,
+            model_dir: None,
+            reload_poll_seconds: 5,
             endpoints: vec!["http://127.0.0.1:8500".into()],
             tls_ca_file: None,
             tls_cert_file: None,
@@ -280,6 +304,14 @@ impl ServiceConfig for ProcessorConfig {
         if !(1..=MAX_ROWS_PER_CALL).contains(&self.model.max_rows_per_call) {
             return error(format!("model.max_rows_per_call must be between 1 and {MAX_ROWS_PER_CALL}"));
         }
+        if self.model.mode == ModelMode::Embedded {
+            if self.model.model_dir.is_none() {
+                return error("model.model_dir must name the model's directory in embedded mode".into());
+            }
+            if self.model.version_label.is_some() {
+                return error("model.version_label is a model server's; pin model.version in embedded mode".into());
+            }
+        }
         if self.model.calls_in_flight == 0 || self.model.calls_in_flight > self.model.concurrency_limit {
             return error("model.calls_in_flight must be at least 1 and at most model.concurrency_limit".into());
         }
@@ -289,7 +321,7 @@ impl ServiceConfig for ProcessorConfig {
         if self.producer.contains_key("transactional.id") || self.kafka.contains_key("transactional.id") {
             return error("transactional.id is set by the processor: use transactional_id (exactly-once only)".into());
         }
-        if self.model.endpoints.is_empty() {
+        if self.model.mode == ModelMode::Remote && self.model.endpoints.is_empty() {
             return error("model.endpoints is empty: there is no model server to call".into());
         }
         for endpoint in &self.model.endpoints {
@@ -399,6 +431,9 @@ timeout_ms = 300
         assert!(load(&[("PROCESSOR_MODEL__ENDPOINTS", "[\"ftp://x:1\"]")]).contains("ftp://x:1"));
         assert!(load(&[("PROCESSOR_CONSUMER__ENABLE_AUTO_OFFSET_STORE", "true")]).contains("enable.auto.offset.store"));
         assert!(load(&[("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", "0")]).contains("max_in_flight_per_partition"));
+        assert!(load(&[("PROCESSOR_MODEL__MODE", "embedded")]).contains("model.model_dir"));
+        assert!(load(&[("PROCESSOR_MODEL__MAX_ROWS_PER_CALL", "0")]).contains("max_rows_per_call"));
+        assert!(load(&[("PROCESSOR_MODEL__CALLS_IN_FLIGHT", "0")]).contains("calls_in_flight"));
         assert!(load(&[("PROCESSOR_REPLAY_CONCURRENCY", "0")]).contains("replay_concurrency"));
         assert!(load(&[("PROCESSOR_OUTPUT_FORMAT", "xml")]).contains("xml"));
         assert!(load(&[("PROCESSOR_SCORES_TOPIC", "vigil-readings")]).contains("differ"));

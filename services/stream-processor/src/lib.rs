@@ -1,12 +1,13 @@
 //! Vigil's stream processor: every reading on the readings topic is scored by the model
-//! server (one gRPC `Predict` per event) and its score, and anomaly when it is one, is
-//! written back to Kafka, in order per partition and at least once (or, with
+//! server (gRPC `Predict`, readings batched into calls adaptively; or, embedded, by the
+//! SavedModel in this process) and its score, and anomaly when it is one, is written back
+//! to Kafka, in order per partition and at least once (or, with
 //! `delivery = "exactly-once"`, in Kafka transactions: [`transactions`]).
 //!
 //! ```text
 //!  readings topic ──▶ pipeline (consumer group; a worker per partition, bounded)
 //!                       │ model::ModelClient ──Predict──▶ model server replicas
-//!                       ▼    (tower: limit, retry budget, timeout, p2c over DNS)
+//!                       ▼    (batches; tower: limit, retry budget, timeout, p2c over DNS)
 //!                     output (Score / Anomaly / dead letter; protobuf or JSON)
 //!                       ▼
 //!  scores · anomalies · dead-letter topics  (idempotent producer; offsets stored only
@@ -127,7 +128,7 @@ pub async fn run(
             Ok(_) => break,
             Err(error) => {
                 let wait = backoff.next_delay();
-                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "waiting for the model server");
+                tracing::warn!(%error, retry_in_ms = wait.as_millis() as u64, "waiting for the model (its server, or its first version to load when embedded)");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = &mut shutdown => {

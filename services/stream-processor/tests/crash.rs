@@ -22,12 +22,21 @@ struct ProcessorProcess {
 }
 
 impl ProcessorProcess {
-    fn start(kafka: &embedded_brokers::KafkaCluster, model: std::net::SocketAddr) -> Self {
+    /// Scoring through the model server at `model`, or embedded (`None`).
+    fn start(kafka: &embedded_brokers::KafkaCluster, model: Option<std::net::SocketAddr>) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_stream-processor"));
+        match model {
+            Some(model) => {
+                command.args(["--model-endpoints", &format!("http://{model}")]);
+            }
+            None => {
+                command.env("PROCESSOR_MODEL__MODE", "embedded").env("PROCESSOR_MODEL__MODEL_DIR", bundled_model_dir());
+            }
+        }
         command
             .args(["--kafka-brokers", kafka.bootstrap_servers(), "--admin-listen", "127.0.0.1:0"])
             .args(["--grpc-listen", "127.0.0.1:0"])
-            .args(["--model-endpoints", &format!("http://{model}"), "--group-id", "crash-test"])
+            .args(["--group-id", "crash-test"])
             .env("PROCESSOR_MAX_IN_FLIGHT_PER_PARTITION", IN_FLIGHT.to_string())
             .env("PROCESSOR_CONSUMER__SESSION_TIMEOUT_MS", "6000")
             .env("RUST_LOG", "info")
@@ -44,8 +53,19 @@ impl ProcessorProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
+    killed_and_restarted(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_embedded_processor_loses_no_reading_and_repeats_at_most_its_window() {
+    killed_and_restarted(true).await;
+}
+
+/// The kill and restart, scoring through a model server or (`in_process`) embedded.
+async fn killed_and_restarted(in_process: bool) {
     let kafka = kafka();
-    let server = ModelServer::start(&[]).await;
+    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
+    let model = server.as_ref().map(|s| s.grpc);
     let readings = fleet_readings(50, 60, 13);
     let total = readings.len();
     // Readings arrive steadily while the processor runs, is killed and comes back.
@@ -64,7 +84,7 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
         })
     };
 
-    let first = ProcessorProcess::start(&kafka, server.grpc);
+    let first = ProcessorProcess::start(&kafka, model);
     eventually(Duration::from_secs(60), "scores flowing before the kill", || async { first.scored().await >= 600.0 })
         .await;
     // How fast it confirms outputs (and stores offsets) just before the kill: while it
@@ -77,7 +97,7 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
     first.process.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let restarted = Instant::now();
-    let second = ProcessorProcess::start(&kafka, server.grpc);
+    let second = ProcessorProcess::start(&kafka, model);
     // librdkafka's mock cluster does not hand a restarted static member its predecessor's
     // partitions (it waits out the dead member's session, 6 s by default, then rebalances),
     // so this bound is that plus the mock's rebalance; the 10 s of a broker that does
@@ -111,5 +131,7 @@ async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
 
     // A graceful stop drains and exits cleanly.
     assert!(second.process.terminate(Duration::from_secs(60)).success(), "SIGTERM: a clean exit");
-    server.stop().await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
 }

@@ -62,10 +62,23 @@ fn assert_once_in_order(records: &[embedded_brokers::ReadRecord], expected: usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_is_written_once_in_order_through_committed_transactions() {
+    written_once_in_order(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_scoring_writes_every_reading_once_in_order_through_committed_transactions() {
+    written_once_in_order(true).await;
+}
+
+/// Scoring through a model server or (`in_process`) embedded.
+async fn written_once_in_order(in_process: bool) {
     let kafka = kafka();
-    let server = ModelServer::start(&[]).await;
-    let mut config = config(&kafka, &[server.grpc]);
-    exactly_once(&mut config, "exactly-once-mock");
+    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
+    let mut config = config(&kafka, &server.iter().map(|s| s.grpc).collect::<Vec<_>>());
+    if in_process {
+        embedded(&mut config, &bundled_model_dir());
+    }
+    exactly_once(&mut config, if in_process { "exactly-once-embedded" } else { "exactly-once-mock" });
     config.max_in_flight_per_partition = 64;
     let processor = Processor::start(config).await;
     let readings = fleet_readings(30, 30, 21);
@@ -82,7 +95,9 @@ async fn every_reading_is_written_once_in_order_through_committed_transactions()
     assert_once_in_order(&all_scores(&kafka, total).await, total);
     // Outputs land only with a commit; at 100 ms a run this long takes several.
     assert!(committed >= 2.0, "{committed} transactions committed");
-    server.stop().await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,9 +74,22 @@ async fn scored_once_in_order_across_two_replicas(calls: Calls) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scores_are_tensorflows_for_the_golden_readings() {
+    scores_are_tensorflows(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_scores_are_tensorflows_for_the_golden_readings() {
+    scores_are_tensorflows(true).await;
+}
+
+/// The golden readings' scores, through the model server or (`in_process`) embedded.
+async fn scores_are_tensorflows(in_process: bool) {
     let kafka = kafka();
-    let server = ModelServer::start(&[]).await;
-    let mut config = config(&kafka, &[server.grpc]);
+    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
+    let mut config = config(&kafka, &server.iter().map(|s| s.grpc).collect::<Vec<_>>());
+    if in_process {
+        embedded(&mut config, &bundled_model_dir());
+    }
     config.output_format = stream_processor::config::OutputFormat::Json;
     let processor = Processor::start(config).await;
     let golden: serde_json::Value =
@@ -117,7 +130,9 @@ async fn scores_are_tensorflows_for_the_golden_readings() {
     }
     assert_eq!(checked, total);
     processor.stop().await;
-    server.stop().await;
+    if let Some(server) = server {
+        server.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! Files a test writes for the code under test to read, kept until the test drops them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A file in a fresh temporary directory: its path, and the directory (deleted on drop).
 pub struct TempFile {
@@ -15,6 +15,21 @@ pub fn temp_file(name: &str, text: &str) -> TempFile {
     let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap_or_else(|error| panic!("writing {}: {error}", path.display()));
     TempFile { path, _dir: dir }
+}
+
+/// Copies the directory `from` (a SavedModel version, say) to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap_or_else(|error| panic!("creating {}: {error}", to.display()));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|error| panic!("reading {}: {error}", from.display())) {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .unwrap_or_else(|error| panic!("copying {} to {}: {error}", entry.path().display(), target.display()));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ pub mod wait;
 
 pub use child::{ChildService, Output};
 pub use endpoint::Endpoint;
-pub use files::{TempFile, temp_file};
+pub use files::{TempFile, copy_dir, temp_file};
 pub use metrics::{metric, metric_total};
 pub use names::unique_name;
 pub use tail::{Tail, TailedRecord};

@@ -46,18 +46,7 @@ pub fn fixture_root(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/savedmodels").join(name)
 }
 
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
+pub use test_support::copy_dir;
 
 /// A model base path holding the fixture `fixture` (its version 1) as each of `versions`.
 pub fn model_base(root: &Path, model: &str, fixture: &str, versions: &[i64]) -> PathBuf {

@@ -26,11 +26,12 @@ use sensor::{SensorReading, Signal};
 use tonic::Code;
 use tower::ServiceExt as _;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, ModelMode};
 use crate::discovery::{self, Target};
 use crate::metrics::Metrics;
 
 mod batch;
+mod embedded;
 mod stack;
 
 use stack::{Balanced, Call, Stack};
@@ -104,17 +105,34 @@ pub struct ModelClient {
     caller: Caller,
     /// Where readings wait for a batched call; `None` when each reading is its own call.
     batches: Option<tokio::sync::mpsc::Sender<batch::Pending>>,
-    _discovery: Arc<DiscoveryTask>,
+    /// `None` in embedded mode.
+    _discovery: Option<Arc<DiscoveryTask>>,
 }
 
-/// What makes a call: the stack, the signature's inputs and the settings.
+/// What makes a call: the model server (or the embedded engine), the signature's inputs
+/// and the settings.
 #[derive(Clone)]
 struct Caller {
-    stack: Stack,
-    metadata: PredictionServiceClient<Balanced>,
+    backend: Backend,
     config: Arc<ModelConfig>,
     inputs: Arc<RwLock<Option<CachedInputs>>>,
     metrics: Metrics,
+}
+
+/// Where readings are scored.
+#[derive(Clone)]
+enum Backend {
+    /// The model server's replicas, over gRPC (boxed: the stack is large, and cloned with
+    /// every call).
+    Remote(Box<Remote>),
+    /// The model, in this process ([`embedded`]).
+    Embedded(Arc<embedded::Engine>),
+}
+
+#[derive(Clone)]
+struct Remote {
+    stack: Stack,
+    metadata: PredictionServiceClient<Balanced>,
 }
 
 struct DiscoveryTask(tokio::task::JoinHandle<()>);
@@ -136,6 +154,17 @@ impl ModelClient {
     /// Starts discovering replicas (and the batcher, when calls are batched); connections
     /// are made as calls need them. Needs a Tokio runtime.
     pub fn new(config: &ModelConfig, metrics: Metrics) -> Result<Self, String> {
+        if config.mode == ModelMode::Embedded {
+            let engine = Arc::new(embedded::Engine::start(config)?);
+            let caller = Caller {
+                backend: Backend::Embedded(engine),
+                config: Arc::new(config.clone()),
+                inputs: Arc::new(RwLock::new(None)),
+                metrics,
+            };
+            let batches = (config.max_rows_per_call > 1).then(|| batch::start(caller.clone()));
+            return Ok(Self { caller, batches, _discovery: None });
+        }
         let targets = config.endpoints.iter().map(|e| Target::parse(e)).collect::<Result<Vec<_>, _>>()?;
         let tls = match &config.tls_ca_file {
             Some(ca) => {
@@ -155,10 +184,14 @@ impl ModelClient {
             tls,
         );
         let (stack, metadata) = stack::build(config, changes, &metrics);
-        let caller =
-            Caller { stack, metadata, config: Arc::new(config.clone()), inputs: Arc::new(RwLock::new(None)), metrics };
+        let caller = Caller {
+            backend: Backend::Remote(Box::new(Remote { stack, metadata })),
+            config: Arc::new(config.clone()),
+            inputs: Arc::new(RwLock::new(None)),
+            metrics,
+        };
         let batches = (config.max_rows_per_call > 1).then(|| batch::start(caller.clone()));
-        Ok(Self { caller, batches, _discovery: Arc::new(DiscoveryTask(task)) })
+        Ok(Self { caller, batches, _discovery: Some(Arc::new(DiscoveryTask(task))) })
     }
 
     /// The model's inputs, read from its signature (cached, refreshed periodically).
@@ -250,8 +283,16 @@ impl Caller {
     }
 
     async fn fetch_inputs(&self) -> Result<ModelInputs, SignatureError> {
+        let metadata = match &self.backend {
+            Backend::Remote(remote) => &remote.metadata,
+            Backend::Embedded(engine) => {
+                let inputs = engine.inputs()?;
+                tracing::info!(model = %self.config.name, version = inputs.version, inputs = inputs.inputs.len(), "read the model's signature");
+                return Ok(inputs);
+            }
+        };
         let unusable = |text: String| SignatureError::Unusable(text);
-        let mut client = self.metadata.clone();
+        let mut client = metadata.clone();
         let request =
             GetModelMetadataRequest { model_spec: Some(self.spec()), metadata_field: vec!["signature_def".into()] };
         let response = tokio::time::timeout(self.config.timeout(), client.get_model_metadata(request))
@@ -275,32 +316,11 @@ impl Caller {
                 self.config.name, self.config.signature
             ))
         })?;
-        for output in [SCORE_OUTPUT, THRESHOLD_OUTPUT] {
-            if !signature.outputs.contains_key(output) {
-                return Err(unusable(format!(
-                    "model {} version {version}: signature {:?} has no output {output:?} (the processor reads {SCORE_OUTPUT:?} and {THRESHOLD_OUTPUT:?})",
-                    self.config.name, self.config.signature
-                )));
-            }
-        }
-        let mut inputs = Vec::new();
-        for (name, info) in &signature.inputs {
-            let signal = sensor::signal(name).ok_or_else(|| {
-                unusable(format!(
-                    "model {} version {version}: input {name:?} is not a reading signal",
-                    self.config.name
-                ))
-            })?;
-            if info.dtype != DataType::DtFloat as i32 {
-                return Err(unusable(format!(
-                    "model {} version {version}: input {name:?} is not float32",
-                    self.config.name
-                )));
-            }
-            inputs.push((name.clone(), signal));
-        }
-        tracing::info!(model = %self.config.name, version, inputs = inputs.len(), "read the model's signature");
-        Ok(ModelInputs { inputs, version })
+        check_outputs(&self.config.name, version, &self.config.signature, |name| signature.outputs.contains_key(name))?;
+        let inputs = signature.inputs.iter().map(|(name, info)| (name.clone(), info.dtype == DataType::DtFloat as i32));
+        let inputs = reading_inputs(&self.config.name, version, inputs)?;
+        tracing::info!(model = %self.config.name, version, inputs = inputs.inputs.len(), "read the model's signature");
+        Ok(inputs)
     }
 
     /// The Predict request for `rows`: one float tensor of shape `[rows]` per input and,
@@ -352,6 +372,15 @@ impl Caller {
 
     async fn call_once(&self, rows: &[Row]) -> Result<Vec<Scored>, ScoreError> {
         let inputs = self.inputs().await?;
+        let stack = match &self.backend {
+            Backend::Remote(remote) => &remote.stack,
+            Backend::Embedded(engine) => {
+                self.metrics.model_rows_per_call.observe(rows.len() as f64);
+                let scored = engine.score(&inputs, rows).await.map_err(|(code, text)| self.failed(code, text))?;
+                self.observe_latency(&scored);
+                return Ok(scored);
+            }
+        };
         let call = Call {
             request: self.request(&inputs, rows),
             routing_key: (rows.len() == 1).then(|| rows[0].reading.device_id.clone()),
@@ -360,31 +389,42 @@ impl Caller {
             batched: rows[1..].iter().map(|row| row.trace.clone()).collect(),
         };
         let started = Instant::now();
-        let result = self.stack.clone().oneshot(call).await;
+        let result = stack.clone().oneshot(call).await;
         let latency = started.elapsed();
         self.metrics.model_rows_per_call.observe(rows.len() as f64);
         let response = match result {
             Ok(response) => response,
             Err(error) => {
-                let (code, text) = match error.downcast_ref::<tonic::Status>() {
-                    Some(status) => (status.code(), format!("{}: {}", status.code(), status.message())),
-                    None => (Code::Unavailable, format!("model server: {error}")),
-                };
-                self.metrics.model_errors.with_label_values(&[code_name(code)]).inc();
-                if code == Code::InvalidArgument {
-                    // Perhaps the signature changed under us: read it again next time.
-                    self.forget_inputs();
-                    return Err(ScoreError::Rejected(text));
-                }
-                return Err(ScoreError::Transient(text));
+                return Err(match error.downcast_ref::<tonic::Status>() {
+                    Some(status) => self.failed(status.code(), format!("{}: {}", status.code(), status.message())),
+                    None => self.failed(Code::Unavailable, format!("model server: {error}")),
+                });
             }
         };
         let scored = self.decode(response, rows.len(), latency)?;
-        self.metrics
-            .model_latency
-            .with_label_values(&[&scored[0].model_version.to_string()])
-            .observe(latency.as_secs_f64());
+        self.observe_latency(&scored);
         Ok(scored)
+    }
+
+    /// A call that failed with `code`: a rejection of its readings (INVALID_ARGUMENT) or
+    /// a transient failure, counted.
+    fn failed(&self, code: Code, text: String) -> ScoreError {
+        self.metrics.model_errors.with_label_values(&[code_name(code)]).inc();
+        if code == Code::InvalidArgument {
+            // Perhaps the signature changed under us: read it again next time.
+            self.forget_inputs();
+            return ScoreError::Rejected(text);
+        }
+        ScoreError::Transient(text)
+    }
+
+    fn observe_latency(&self, scored: &[Scored]) {
+        if let Some(first) = scored.first() {
+            self.metrics
+                .model_latency
+                .with_label_values(&[&first.model_version.to_string()])
+                .observe(first.latency.as_secs_f64());
+        }
     }
 
     /// One score per row: `anomaly_score` has one value per row, `threshold` one per row
@@ -452,6 +492,38 @@ fn floats(tensor: &TensorProto) -> Option<Vec<f32>> {
         .len()
         .is_multiple_of(4)
         .then(|| content.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+}
+
+/// Whether a signature has the outputs the processor reads.
+fn check_outputs(model: &str, version: i64, signature: &str, has: impl Fn(&str) -> bool) -> Result<(), SignatureError> {
+    match [SCORE_OUTPUT, THRESHOLD_OUTPUT].into_iter().find(|output| !has(output)) {
+        Some(output) => Err(SignatureError::Unusable(format!(
+            "model {model} version {version}: signature {signature:?} has no output {output:?} (the processor reads \
+             {SCORE_OUTPUT:?} and {THRESHOLD_OUTPUT:?})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A signature's inputs (name, whether float32) as reading signals, or why they are not.
+fn reading_inputs(
+    model: &str,
+    version: i64,
+    inputs: impl IntoIterator<Item = (String, bool)>,
+) -> Result<ModelInputs, SignatureError> {
+    let mut signals = Vec::new();
+    for (name, float) in inputs {
+        let signal = sensor::signal(&name).ok_or_else(|| {
+            SignatureError::Unusable(format!("model {model} version {version}: input {name:?} is not a reading signal"))
+        })?;
+        if !float {
+            return Err(SignatureError::Unusable(format!(
+                "model {model} version {version}: input {name:?} is not float32"
+            )));
+        }
+        signals.push((name, signal));
+    }
+    Ok(ModelInputs { inputs: signals, version })
 }
 
 pub fn code_name(code: Code) -> &'static str {

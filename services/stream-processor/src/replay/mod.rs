@@ -338,6 +338,7 @@ async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient,
     model_config.version = Some(plan.version);
     model_config.version_label = None;
     model_config.concurrency_limit = config.replay_concurrency;
+    model_config.calls_in_flight = model_config.calls_in_flight.min(config.replay_concurrency);
     let unseen = Metrics::new(&prometheus::Registry::new()).map_err(|e| ReplayError::Internal(e.to_string()))?;
     let client = ModelClient::new(&model_config, unseen).map_err(ReplayError::Internal)?;
     let what = format!("model {} version {}", plan.model, plan.version);

@@ -81,6 +81,18 @@ impl Calls {
     }
 }
 
+/// The bundled model's directory (versions 1 and 2).
+pub fn bundled_model_dir() -> PathBuf {
+    root().join("deploy/models/car-anomaly")
+}
+
+/// Makes the processor score in-process, from `model_dir`, instead of calling a model server.
+pub fn embedded(config: &mut ProcessorConfig, model_dir: &Path) {
+    config.model.mode = stream_processor::config::ModelMode::Embedded;
+    config.model.model_dir = Some(model_dir.to_owned());
+    config.model.endpoints.clear();
+}
+
 #[derive(Parser)]
 struct ServeCli {
     #[command(flatten)]
