@@ -129,26 +129,11 @@ impl Engine {
                 .ok()
                 .and_then(|t| t.as_slice::<f32>().ok())
                 .ok_or((Code::Internal, format!("{name:?} is not float32")))?;
-            match values.len() {
-                n if n == rows.len() => Ok(values.to_vec()),
-                1 => Ok(vec![values[0]; rows.len()]),
-                n => Err((Code::Internal, format!("{name:?} has {n} values for {} readings", rows.len()))),
-            }
+            super::one_per_row(name, values.to_vec(), rows.len()).map_err(|why| (Code::Internal, why))
         };
         let (scores, thresholds) = (floats(SCORE_OUTPUT)?, floats(THRESHOLD_OUTPUT)?);
-        let version = answer.version.version;
-        Ok(scores
-            .into_iter()
-            .zip(thresholds)
-            .map(|(score, threshold)| Scored {
-                score,
-                threshold,
-                model_name: self.model.clone(),
-                model_version: version,
-                latency,
-                waited: Duration::ZERO,
-            })
-            .collect())
+        let versions = vec![answer.version.version; rows.len()];
+        Ok(super::scored_rows(&self.model, scores, thresholds, versions, latency))
     }
 }
 

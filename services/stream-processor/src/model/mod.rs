@@ -445,11 +445,7 @@ impl Caller {
         let values = |name: &str| -> Result<Vec<f32>, ScoreError> {
             let tensor = response.outputs.get(name).ok_or_else(|| wrong(format!("returned no {name:?}")))?;
             let values = floats(tensor).ok_or_else(|| wrong(format!("{name:?} is not float32")))?;
-            match values.len() {
-                n if n == rows => Ok(values),
-                1 => Ok(vec![values[0]; rows]),
-                n => Err(wrong(format!("{name:?} has {n} values for {rows} readings"))),
-            }
+            one_per_row(name, values, rows).map_err(wrong)
         };
         let (scores, thresholds) = (values(SCORE_OUTPUT)?, values(THRESHOLD_OUTPUT)?);
         let versions = match response.outputs.get(canary::ROW_VERSIONS_OUTPUT) {
@@ -463,20 +459,40 @@ impl Caller {
             }
             None => vec![model_version; rows],
         };
-        Ok(scores
-            .into_iter()
-            .zip(thresholds)
-            .zip(versions)
-            .map(|((score, threshold), model_version)| Scored {
-                score,
-                threshold,
-                model_name: model_name.clone(),
-                model_version,
-                latency,
-                waited: Duration::ZERO,
-            })
-            .collect())
+        Ok(scored_rows(&model_name, scores, thresholds, versions, latency))
     }
+}
+
+/// An output's values for `rows` readings: one per row, or one for all (a threshold, say).
+fn one_per_row(name: &str, values: Vec<f32>, rows: usize) -> Result<Vec<f32>, String> {
+    match values.len() {
+        n if n == rows => Ok(values),
+        1 => Ok(vec![values[0]; rows]),
+        n => Err(format!("{name:?} has {n} values for {rows} readings")),
+    }
+}
+
+/// Each row's score from a call's (or an embedded run's) per-row outputs.
+fn scored_rows(
+    model_name: &str,
+    scores: Vec<f32>,
+    thresholds: Vec<f32>,
+    versions: Vec<i64>,
+    latency: Duration,
+) -> Vec<Scored> {
+    scores
+        .into_iter()
+        .zip(thresholds)
+        .zip(versions)
+        .map(|((score, threshold), model_version)| Scored {
+            score,
+            threshold,
+            model_name: model_name.to_owned(),
+            model_version,
+            latency,
+            waited: Duration::ZERO,
+        })
+        .collect()
 }
 
 /// The values of a float tensor, from `float_val` or `tensor_content`.
