@@ -62,16 +62,17 @@ impl Inference {
         }
         let mut parts = Vec::with_capacity(groups.len());
         let mut answered_first = None;
+        // All rows routed alike (one group) run on the inputs as they are, not a copy.
+        let (mut whole, to_split) = if groups.len() == 1 { (Some(inputs), Vec::new()) } else { (None, inputs) };
         for rows_of_group in groups.into_values() {
             let key = keys[rows_of_group[0]].as_slice();
             let group_version = self.resolve(&version.model, &VersionSelector::Latest, Some(key))?;
-            let group_inputs = if parts.is_empty() && rows_of_group.len() == rows {
-                inputs.clone()
-            } else {
-                inputs
+            let group_inputs = match whole.take() {
+                Some(all) => all,
+                None => to_split
                     .iter()
                     .map(|(name, tensor)| Ok((name.clone(), take_rows(tensor, &rows_of_group)?)))
-                    .collect::<Result<Vec<_>, ServeError>>()?
+                    .collect::<Result<Vec<_>, ServeError>>()?,
             };
             let outputs = self.answer(&group_version, call, group_inputs, Some(key)).await?;
             if rows_of_group[0] == 0 {
