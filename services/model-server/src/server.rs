@@ -270,14 +270,10 @@ where
 }
 
 async fn poll_versions(repository: Repository, period: Duration, stop: watch::Receiver<bool>) {
-    every(period, stop, || {
-        let repository = repository.clone();
-        // Directory scans are blocking IO; loads themselves start their own threads.
-        async move {
-            let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
-        }
-    })
-    .await;
+    tokio::select! {
+        () = repository.follow_versions(period) => {}
+        () = stopped(stop) => {}
+    }
 }
 
 async fn poll_config_file(

@@ -68,6 +68,10 @@ enum Consumer {
     BatchedExactlyOnce,
     /// The model in the processor's own process (`model.mode = "embedded"`), batched.
     Embedded,
+    /// Batched, against a model server with a canary rollout in progress (v1 stable, v2 on
+    /// 25% of the devices, 10% of stable's rows shadowed on v2, automated analysis on):
+    /// every call's rows are split by device between the versions.
+    BatchedCanary,
 }
 
 impl Consumer {
@@ -78,6 +82,7 @@ impl Consumer {
             Self::Batched => "stream processor: batched Predict calls",
             Self::BatchedExactlyOnce => "stream processor, batched, exactly-once",
             Self::Embedded => "stream processor: embedded model",
+            Self::BatchedCanary => "stream processor: batched, canary rollout under way",
         }
     }
 
@@ -88,6 +93,7 @@ impl Consumer {
             Self::Batched => "batched",
             Self::BatchedExactlyOnce => "batched_exactly_once",
             Self::Embedded => "embedded",
+            Self::BatchedCanary => "batched_canary",
         }
     }
 
@@ -98,9 +104,10 @@ impl Consumer {
             "batched" => Self::Batched,
             "batched-exactly-once" => Self::BatchedExactlyOnce,
             "embedded" => Self::Embedded,
+            "batched-canary" => Self::BatchedCanary,
             other => panic!(
-                "VIGIL_BENCH_CONSUMER: {other:?} is not pass-through, per-reading, batched, batched-exactly-once or \
-                 embedded"
+                "VIGIL_BENCH_CONSUMER: {other:?} is not pass-through, per-reading, batched, batched-exactly-once, \
+                 embedded or batched-canary"
             ),
         }
     }
@@ -133,6 +140,48 @@ impl Round {
     }
 }
 
+/// The model servers the processor modes call (in this process, batching on, the bundled
+/// `car-anomaly`).
+struct ModelServers {
+    /// The latest version only.
+    plain: support::ModelServer,
+    /// Versions 1 and 2, a canary rollout from 1 to 2 in progress (see `Consumer::BatchedCanary`).
+    canary: support::ModelServer,
+    _files: tempfile::TempDir,
+}
+
+impl ModelServers {
+    async fn start() -> Self {
+        let files = tempfile::tempdir().unwrap();
+        let models = files.path().join("models.config");
+        let bundled = support::root().join("deploy/models/car-anomaly");
+        std::fs::write(&models, model_server::model_config::all_versions_config("car-anomaly", &bundled).unwrap())
+            .unwrap();
+        // One analysis step that does not end during a run: the rollout stays in progress,
+        // its checks computing over both sides' rows.
+        let rollouts = files.path().join("rollouts.toml");
+        std::fs::write(
+            &rollouts,
+            "[[rollouts]]\nmodel = \"car-anomaly\"\nstable = 1\ncanary = 2\ncanary_weight_percent = 25\n\
+             shadow_percent = 10\n[rollouts.analysis]\nstep_weights_percent = [25, 50]\ninterval_seconds = 3600\n",
+        )
+        .unwrap();
+        let canary = support::ModelServer::start(&[
+            "--enable_batching",
+            &format!("--model_config_file={}", models.display()),
+            &format!("--rollout_config_file={}", rollouts.display()),
+        ])
+        .await;
+        let plain = support::ModelServer::start(&["--enable_batching"]).await;
+        Self { plain, canary, _files: files }
+    }
+
+    async fn stop(self) {
+        self.plain.stop().await;
+        self.canary.stop().await;
+    }
+}
+
 /// The consumer under test, running until stopped.
 enum Running {
     PassThrough { stop: Arc<AtomicBool>, task: tokio::task::JoinHandle<()> },
@@ -140,7 +189,7 @@ enum Running {
 }
 
 impl Running {
-    async fn start(consumer: Consumer, kafka: &Kafka, round: &Round, model: &support::ModelServer) -> Self {
+    async fn start(consumer: Consumer, kafka: &Kafka, round: &Round, servers: &ModelServers) -> Self {
         match consumer {
             Consumer::PassThrough => {
                 let stop = Arc::new(AtomicBool::new(false));
@@ -148,7 +197,12 @@ impl Running {
                     tokio::spawn(pass_through(kafka.bootstrap_servers().to_owned(), round.clone(), stop.clone()));
                 Self::PassThrough { stop, task }
             }
-            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce | Consumer::Embedded => {
+            Consumer::PerReading
+            | Consumer::Batched
+            | Consumer::BatchedExactlyOnce
+            | Consumer::Embedded
+            | Consumer::BatchedCanary => {
+                let model = if consumer == Consumer::BatchedCanary { &servers.canary } else { &servers.plain };
                 let mut config = ProcessorConfig::default();
                 config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
                 config.model.endpoints = vec![format!("http://{}", model.grpc)];
@@ -274,7 +328,11 @@ fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usiz
         seen.store(arrivals.records, Ordering::Relaxed);
         let payload = message.payload().unwrap_or_default();
         let (sequence, event_time) = match consumer {
-            Consumer::PerReading | Consumer::Batched | Consumer::BatchedExactlyOnce | Consumer::Embedded => {
+            Consumer::PerReading
+            | Consumer::Batched
+            | Consumer::BatchedExactlyOnce
+            | Consumer::Embedded
+            | Consumer::BatchedCanary => {
                 let score = Score::decode(payload).unwrap();
                 (score.sequence, score.event_time)
             }
@@ -321,7 +379,7 @@ fn spawn_reader(
 /// Records/s of `consumer` over readings already waiting in the topic.
 async fn peak_round(
     kafka: &Kafka,
-    model: &support::ModelServer,
+    servers: &ModelServers,
     consumer: Consumer,
     tag: &str,
     readings: &[SensorReading],
@@ -329,7 +387,7 @@ async fn peak_round(
     let round = Round::create(kafka, tag).await;
     produce(&load_producer(kafka), &round.readings, readings).await;
     let (reader, _) = spawn_reader(kafka, &round, consumer, readings.len());
-    let running = Running::start(consumer, kafka, &round, model).await;
+    let running = Running::start(consumer, kafka, &round, servers).await;
     let arrivals = reader.await.unwrap();
     if let Running::Processor(processor) = &running {
         let text = processor.admin.metrics().await;
@@ -341,6 +399,14 @@ async fn peak_round(
             stat("processor_model_retries_total"),
             stat("processor_model_backoffs_total"),
         );
+        if consumer == Consumer::BatchedCanary {
+            // The rollout is really in progress: both versions scored devices.
+            let by_version =
+                |v: &str| test_support::metric_total(&text, "processor_scores_total", &[("model_version", v)]);
+            let (stable, canary) = (by_version("1"), by_version("2"));
+            eprintln!("  rollout: {stable} readings scored by v1 (stable), {canary} by v2 (canary)");
+            assert!(stable > 0.0 && canary > 0.0, "a canary rollout in progress scores on both versions");
+        }
     }
     running.stop().await;
     (arrivals.records - 1) as f64 / (arrivals.last - arrivals.first).as_secs_f64()
@@ -358,21 +424,43 @@ async fn stage_totals(running: &Running) -> Option<[(f64, f64); 4]> {
     }))
 }
 
-/// Latencies (us, sorted) of `consumer` under a steady `rate` of readings per second, and
-/// for the processor the mean time (ms) its readings spent in each stage.
+/// CPU time this process has used so far, in seconds (all threads, living or ended), from
+/// `/proc/self/stat` (utime + stime, in the kernel's USER_HZ = 100 ticks a second).
+fn process_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// What a latency round measured.
+struct LatencyRound {
+    /// `arrival - event time` of every timed reading, in microseconds, sorted.
+    latencies_us: Vec<u64>,
+    /// For the processor: the mean time (ms) its readings spent in each stage.
+    stages: Option<serde_json::Value>,
+    /// CPU cores this whole process (load, readers, model server, consumer under test and,
+    /// on the mock cluster, the broker) kept busy while the timed readings went through.
+    cpu_cores: f64,
+}
+
+/// Latencies of `consumer` under a steady `rate` of readings per second, its stages and the
+/// CPU it took.
 async fn latency_round(
     kafka: &Kafka,
-    model: &support::ModelServer,
+    servers: &ModelServers,
     consumer: Consumer,
     tag: &str,
     rate: f64,
-) -> (Vec<u64>, Option<serde_json::Value>) {
+) -> LatencyRound {
     let round = Round::create(kafka, tag).await;
     let mut fleet =
         support::fleet_readings(CARS, 1 + (WARM_UP_READINGS + (rate * LATENCY_SECONDS) as usize) / CARS, 7).into_iter();
     let timed = (rate * LATENCY_SECONDS) as usize;
     let (reader, seen) = spawn_reader(kafka, &round, consumer, WARM_UP_READINGS + timed);
-    let running = Running::start(consumer, kafka, &round, model).await;
+    let running = Running::start(consumer, kafka, &round, servers).await;
     let producer = load_producer(kafka);
     let warm_up: Vec<SensorReading> = fleet
         .by_ref()
@@ -390,6 +478,7 @@ async fn latency_round(
         .until("the warm-up readings to come out", async || seen.load(Ordering::Relaxed) >= WARM_UP_READINGS)
         .await;
     let warm = stage_totals(&running).await;
+    let cpu_before = process_cpu_seconds();
     let tick = Duration::from_millis(5);
     let per_tick = rate * tick.as_secs_f64();
     let start = Instant::now();
@@ -411,6 +500,7 @@ async fn latency_round(
         delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
     let arrivals = reader.await.unwrap();
+    let cpu_cores = (process_cpu_seconds() - cpu_before) / start.elapsed().as_secs_f64();
     let stages = match (warm, stage_totals(&running).await) {
         (Some(before), Some(after)) => {
             let mut breakdown = serde_json::Map::new();
@@ -427,7 +517,7 @@ async fn latency_round(
     let mut latencies = arrivals.latencies_us;
     assert_eq!(latencies.len(), timed, "every timed reading came out once");
     latencies.sort_unstable();
-    (latencies, stages)
+    LatencyRound { latencies_us: latencies, stages, cpu_cores: (cpu_cores * 100.0).round() / 100.0 }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -443,7 +533,7 @@ fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
 /// One latency row: `consumer` at `rate` over the latency rounds.
 async fn latency_row(
     kafka: &Kafka,
-    model: &support::ModelServer,
+    servers: &ModelServers,
     run: &str,
     consumer: Consumer,
     rate: f64,
@@ -452,16 +542,18 @@ async fn latency_row(
     let mut by_round = Vec::new();
     for round in 0..LATENCY_ROUNDS {
         let tag = format!("{run}-latency{round}-{}-{rate}", consumer.key()).replace('_', "-");
-        let (latencies, stages) = latency_round(kafka, model, consumer, &tag, rate).await;
+        let LatencyRound { latencies_us: latencies, stages, cpu_cores } =
+            latency_round(kafka, servers, consumer, &tag, rate).await;
         let (p50, p99) = (percentile_ms(&latencies, 0.5), percentile_ms(&latencies, 0.99));
         eprintln!(
-            "{:38} {:44} at {rate} readings/s, round {round}: p50 {p50} ms, p99 {p99} ms, max {} ms; stages {}",
+            "{:38} {:44} at {rate} readings/s, round {round}: p50 {p50} ms, p99 {p99} ms, max {} ms; {cpu_cores} cores \
+             busy; stages {}",
             kafka.name(),
             consumer.name(),
             percentile_ms(&latencies, 1.0),
             stages.as_ref().map_or(String::new(), |s| s.to_string()),
         );
-        by_round.push(json!({ "p50_ms": p50, "p99_ms": p99, "stages": stages }));
+        by_round.push(json!({ "p50_ms": p50, "p99_ms": p99, "cpu_cores": cpu_cores, "stages": stages }));
         all.extend(latencies);
     }
     all.sort_unstable();
@@ -477,7 +569,7 @@ async fn latency_row(
     })
 }
 
-async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serde_json::Value {
+async fn measure(kafka: &Kafka, servers: &ModelServers, run: &str) -> serde_json::Value {
     let readings: Vec<SensorReading> = support::fleet_readings(CARS, PEAK_READINGS / CARS, 11);
     // `VIGIL_BENCH_CONSUMER=batched` (or `per-reading`, `pass-through`,
     // `batched-exactly-once`): peak rounds of that one only, printed, not written; for
@@ -488,24 +580,32 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
         if let Ok(rate) = std::env::var("VIGIL_BENCH_RATE") {
             let tag = format!("{run}-only-latency-{consumer:?}").to_lowercase();
             let rate = rate.parse().expect("VIGIL_BENCH_RATE: readings per second");
-            let (latencies, stages) = latency_round(kafka, model, consumer, &tag, rate).await;
+            let LatencyRound { latencies_us: latencies, stages, cpu_cores } =
+                latency_round(kafka, servers, consumer, &tag, rate).await;
             let [p50, p99, max] = [0.5, 0.99, 1.0].map(|p| percentile_ms(&latencies, p));
             eprintln!(
-                "{} at {rate} readings/s: p50 {p50} ms, p99 {p99} ms, max {max} ms; stages {stages:?}",
+                "{} at {rate} readings/s: p50 {p50} ms, p99 {p99} ms, max {max} ms; {cpu_cores} cores busy; stages \
+                 {stages:?}",
                 consumer.name()
             );
             std::process::exit(0);
         }
         for round in 0..PEAK_ROUNDS {
             let tag = format!("{run}-only{round}-{consumer:?}").to_lowercase();
-            let rate = peak_round(kafka, model, consumer, &tag, &readings).await;
+            let rate = peak_round(kafka, servers, consumer, &tag, &readings).await;
             eprintln!("{:38} {:44} round {round}: {rate:>9.0} readings/s", kafka.name(), consumer.name());
         }
         std::process::exit(0);
     }
     let mut peak: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..PEAK_ROUNDS {
-        let mut order = vec![Consumer::PassThrough, Consumer::PerReading, Consumer::Batched, Consumer::Embedded];
+        let mut order = vec![
+            Consumer::PassThrough,
+            Consumer::PerReading,
+            Consumer::Batched,
+            Consumer::Embedded,
+            Consumer::BatchedCanary,
+        ];
         if matches!(kafka, Kafka::Mock(_)) {
             order.push(Consumer::BatchedExactlyOnce);
         }
@@ -514,7 +614,7 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
         }
         for consumer in order {
             let tag = format!("{run}-peak{round}-{consumer:?}").to_lowercase();
-            let rate = peak_round(kafka, model, consumer, &tag, &readings).await;
+            let rate = peak_round(kafka, servers, consumer, &tag, &readings).await;
             eprintln!("{:38} {:44} round {round}: {rate:>9.0} readings/s", kafka.name(), consumer.name());
             peak.entry(consumer.key()).or_default().push(rate);
         }
@@ -526,7 +626,7 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
         |mode: &str| -> Vec<f64> { peak[mode].iter().zip(&peak["pass_through"]).map(|(p, c)| round3(p / c)).collect() };
     let mut modes = serde_json::Map::new();
     let mut latency_rows = Vec::new();
-    for consumer in [Consumer::PerReading, Consumer::Batched, Consumer::Embedded] {
+    for consumer in [Consumer::PerReading, Consumer::Batched, Consumer::Embedded, Consumer::BatchedCanary] {
         let shares = share(consumer.key());
         let mode_peak = median(peak[consumer.key()].clone());
         eprintln!("  {} at {} of the pass-through ceiling", consumer.name(), median(shares.clone()));
@@ -539,13 +639,17 @@ async fn measure(kafka: &Kafka, model: &support::ModelServer, run: &str) -> serd
                 "share_of_ceiling_by_round": shares,
             }),
         );
-        latency_rows.push(latency_row(kafka, model, run, consumer, (mode_peak / 2.0).round()).await);
+        latency_rows.push(latency_row(kafka, servers, run, consumer, (mode_peak / 2.0).round()).await);
     }
     // The ceiling's latency at the batched mode's half-peak rate (its own half-peak is far
-    // beyond any processor's), and the batched mode at a light 1,000 readings/s.
+    // beyond any processor's).
     let batched_half = (median(peak["batched"].clone()) / 2.0).round();
-    latency_rows.push(latency_row(kafka, model, run, Consumer::PassThrough, batched_half).await);
-    latency_rows.push(latency_row(kafka, model, run, Consumer::Batched, 1000.0).await);
+    latency_rows.push(latency_row(kafka, servers, run, Consumer::PassThrough, batched_half).await);
+    // At a light 1,000 readings/s: the batched and embedded modes, and the pass-through as
+    // the floor that the broker and the clients' settings give on their own.
+    for consumer in [Consumer::Batched, Consumer::Embedded, Consumer::PassThrough] {
+        latency_rows.push(latency_row(kafka, servers, run, consumer, 1000.0).await);
+    }
     if let Some(exactly_once) = peak.get("batched_exactly_once") {
         let ratios: Vec<f64> = exactly_once.iter().zip(&peak["batched"]).map(|(e, a)| e / a).collect();
         modes.insert(
@@ -573,11 +677,11 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let report = runtime.block_on(async {
         let kafka = Kafka::from_env().unwrap();
-        let model = support::ModelServer::start(&["--enable_batching"]).await;
+        let servers = ModelServers::start().await;
         // Distinct topic names per run, so an external broker can be reused.
         let run = format!("{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs());
-        let result = measure(&kafka, &model, &run).await;
-        model.stop().await;
+        let result = measure(&kafka, &servers, &run).await;
+        servers.stop().await;
         result
     });
     let out = support::root().join("benchmarks/results/stream-processor.json");
@@ -590,11 +694,12 @@ fn main() {
     results.retain(|row| row["broker"] != report["broker"]);
     results.push(report);
     let file = json!({
-        "benchmark": "readings topic -> scores topic through the stream processor (one Predict per reading, and \
-                      batched calls, to an in-process model server, its batching on) vs a pass-through consumer -> \
-                      producer with the processor's Kafka settings and no RPC, on the same broker; one machine, one \
-                      process; latency at half of each mode's own peak, stages are the processor's mean \
-                      processor_stage_seconds per reading",
+        "benchmark": "readings topic -> scores topic through the stream processor (one Predict per reading, batched \
+                      calls, batched calls under a canary rollout, to in-process model servers with batching on; \
+                      and the model embedded) vs a pass-through consumer -> producer with the processor's Kafka \
+                      settings and no RPC, on the same broker; one machine, one process; latency at half of each \
+                      mode's own peak and at 1,000/s, stages are the processor's mean processor_stage_seconds per \
+                      reading, cpu_cores the whole process's CPU over the round",
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "partitions": PARTITIONS, "cars": CARS, "peak_rounds": PEAK_ROUNDS,
         "latency_rounds": LATENCY_ROUNDS, "latency_seconds_per_round": LATENCY_SECONDS,

@@ -96,6 +96,10 @@ struct UpArgs {
     /// bundled one (a path inside the source tree; images set VIGIL_MODEL_DIR).
     #[arg(long, env = "VIGIL_MODEL_DIR")]
     model_dir: Option<PathBuf>,
+    /// How the stream processor scores: batched Predict calls to the model server, one
+    /// call per reading, or the model embedded in the processor (docs/stream-processor.md).
+    #[arg(long, value_enum, default_value_t = vigil::up::Scoring::Batched)]
+    scoring: vigil::up::Scoring,
     /// The model server's gRPC port on 127.0.0.1 (TF Serving's, where `vigil rollout`
     /// looks by default); 0 picks a free port.
     #[arg(long, default_value_t = 8500)]
@@ -163,6 +167,7 @@ fn up(args: UpArgs) -> ExitCode {
         kafka_brokers: args.kafka_brokers,
         mqtt_url: args.mqtt_url,
         model_dir: args.model_dir.unwrap_or_else(vigil::up::bundled_model),
+        scoring: args.scoring,
         model_server_port: args.model_server_port,
         processor_grpc_port: args.processor_grpc_port,
         live: !args.quiet,

@@ -17,6 +17,8 @@ pub struct Summary {
     pub cars: usize,
     pub kafka: String,
     pub mqtt: String,
+    /// How the processor scored: `batched`, `per-reading` or `embedded`.
+    pub scoring: String,
     /// Readings the simulator sent, and those the broker acknowledged (ingest has the
     /// broker acknowledge only once Kafka has the reading).
     pub published: u64,
@@ -104,6 +106,9 @@ impl Summary {
             cars: options.cars,
             kafka: kafka.to_owned(),
             mqtt: mqtt.to_owned(),
+            scoring: clap::ValueEnum::to_possible_value(&options.scoring)
+                .map(|value| value.get_name().to_owned())
+                .unwrap_or_default(),
             published: report.published,
             acknowledged: report.acknowledged,
             ingested: observed.readings,
@@ -155,6 +160,7 @@ impl Summary {
             format!("Summary ({} s, {} cars)", self.seconds, self.cars),
             format!("  Kafka      {}", self.kafka),
             format!("  MQTT       {}", self.mqtt),
+            format!("  scoring    {}", self.scoring),
             format!("  published  {:>8}  readings sent by the simulator", self.published),
             format!("  acked      {:>8}  acknowledged by the broker (after Kafka had them)", self.acknowledged),
             format!("  ingested   {:>8}  on the readings topic ({} dead-lettered)", self.ingested, self.dead_lettered),

@@ -60,6 +60,8 @@ pub struct UpOptions {
     pub mqtt_url: Option<String>,
     /// The model server's model (a directory of numbered SavedModel versions, all served).
     pub model_dir: PathBuf,
+    /// How the stream processor scores (docs/stream-processor.md, "Three ways to score").
+    pub scoring: Scoring,
     /// The model server's gRPC port on 127.0.0.1; 0 picks a free one.
     pub model_server_port: u16,
     /// The stream processor's gRPC port (ReplayService) on 127.0.0.1; 0 picks a free one.
@@ -68,6 +70,19 @@ pub struct UpOptions {
     pub live: bool,
     /// The alerts service's rules (default: [`demo_alert_rules`]).
     pub alert_rules: Vec<RuleConfig>,
+}
+
+/// How the demo's stream processor scores its readings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scoring {
+    /// Readings that arrive while calls are out go together in one Predict (the default).
+    #[default]
+    Batched,
+    /// One Predict call per reading (`model.max_rows_per_call = 1`).
+    PerReading,
+    /// The model runs inside the processor (`model.mode = "embedded"`), from the same
+    /// model directory; the model server still runs, for `vigil rollout` and clients.
+    Embedded,
 }
 
 impl Default for UpOptions {
@@ -82,6 +97,7 @@ impl Default for UpOptions {
             kafka_brokers: None,
             mqtt_url: None,
             model_dir: bundled_model(),
+            scoring: Scoring::default(),
             // TF Serving's, where `vigil rollout` looks by default.
             model_server_port: 8500,
             // The processor's own default, where `vigil replay` looks.
@@ -164,7 +180,8 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
     say(format!("Kafka:        {} at {}", brokers.kafka_name, brokers.kafka.bootstrap_servers()));
     say(format!("MQTT:         {}", brokers.mqtt.name));
     let model_server = start_model_server(&options, &brokers, run_id, ports.model_server, &say).await?;
-    let (processor, processor_grpc) = start_processor(&brokers, run_id, model_server.grpc, ports.processor).await?;
+    let (processor, processor_grpc) =
+        start_processor(&options, &brokers, run_id, model_server.grpc, ports.processor).await?;
     let alerts_service = start_alerts(&options, &brokers, run_id, &say).await?;
     let ingest = start_ingest(&brokers, run_id).await?;
     say(format!(

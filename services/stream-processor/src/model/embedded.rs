@@ -71,7 +71,16 @@ impl Engine {
         let metrics = model_server::metrics::Metrics::new();
         let repository = Repository::new(models, options, metrics.clone()).map_err(|e| format!("model: {e}"))?;
         let every = Duration::from_secs(config.reload_poll_seconds.max(1));
-        let poller = tokio::spawn(watch(repository.clone(), every));
+        // What the directory holds now, then a look every `every`: a new version loads beside
+        // the served one and replaces it once ready (loads run on threads of their own).
+        let poller = tokio::spawn({
+            let repository = repository.clone();
+            async move {
+                let first = repository.clone();
+                let _ = tokio::task::spawn_blocking(move || drop(first.reconcile())).await;
+                repository.follow_versions(every).await;
+            }
+        });
         let selector = config.version.map_or(VersionSelector::Latest, VersionSelector::Version);
         Ok(Self {
             inference: Inference::new(repository, Limits::default(), Rollouts::default(), metrics),
@@ -134,16 +143,5 @@ impl Engine {
         let (scores, thresholds) = (floats(SCORE_OUTPUT)?, floats(THRESHOLD_OUTPUT)?);
         let versions = vec![answer.version.version; rows.len()];
         Ok(super::scored_rows(&self.model, scores, thresholds, versions, latency))
-    }
-}
-
-/// Loads what the directory holds now, then looks again every `every`: a new version is
-/// loaded beside the served one and replaces it once ready.
-async fn watch(repository: Repository, every: Duration) {
-    loop {
-        let repository = repository.clone();
-        // Directory scans are blocking IO; loads start their own threads.
-        let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
-        tokio::time::sleep(every).await;
     }
 }

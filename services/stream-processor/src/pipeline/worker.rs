@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::FutureExt as _;
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
@@ -103,23 +104,38 @@ pub(super) async fn partition_worker(
         }
         tokio::select! {
             biased;
-            Some(written) = writing.next() => match written {
-                Ok(done) => {
-                    shared.metrics.in_flight.dec();
-                    record_written(&shared.metrics, &done);
-                    if shared.transactions.is_some() {
-                        // Its offset went into the transaction with its outputs.
-                    } else if let Err(error) = consumer.store_offset(&topic, partition, done.offset) {
-                        // The partition was taken away meanwhile: its next owner redoes it.
-                        tracing::debug!(%topic, partition, %error, "storing an offset failed");
+            Some(written) = writing.next() => {
+                // This and every other reading already written, in order; the offset is
+                // stored once for all of them (each store is a librdkafka call with a
+                // partition list of its own).
+                let mut stored = None;
+                let mut fatal = None;
+                let mut next = Some(written);
+                while let Some(written) = next.take() {
+                    match written {
+                        Ok(done) => {
+                            shared.metrics.in_flight.dec();
+                            record_written(&shared.metrics, &done);
+                            stored = Some(done.offset);
+                            next = writing.next().now_or_never().flatten();
+                        }
+                        Err(error) => fatal = Some(error),
                     }
                 }
-                Err(fatal) => {
+                if shared.transactions.is_some() {
+                    // Their offsets went into the transaction with their outputs.
+                } else if let Some(offset) = stored
+                    && let Err(error) = consumer.store_offset(&topic, partition, offset)
+                {
+                    // The partition was taken away meanwhile: its next owner redoes it.
+                    tracing::debug!(%topic, partition, %error, "storing an offset failed");
+                }
+                if let Some(fatal) = fatal {
                     tracing::error!(%fatal, "the producer failed fatally: stopping without storing more offsets");
                     let _ = shared.fatal.send(Some(fatal));
                     break;
                 }
-            },
+            }
             Some(mut prepared) = scoring.next() => {
                 if paused && set_paused(&consumer, &topic, partition, false) {
                     paused = false;

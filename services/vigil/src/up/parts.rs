@@ -14,7 +14,7 @@ use embedded_brokers::{KafkaCluster, KafkaUnderTest, MqttBroker};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::{ALERTS_COMMIT_INTERVAL, MODEL_NAME, UpOptions, describe_rule};
+use super::{ALERTS_COMMIT_INTERVAL, MODEL_NAME, Scoring, UpOptions, describe_rule};
 use crate::observe::Topics;
 
 /// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5.
@@ -233,6 +233,7 @@ pub(super) struct Service<E> {
 /// The stream processor, scoring through the model server at `model_server`, with its gRPC
 /// ReplayService on `grpc`.
 pub(super) async fn start_processor(
+    options: &UpOptions,
     brokers: &Brokers,
     run_id: u64,
     model_server: SocketAddr,
@@ -248,6 +249,14 @@ pub(super) async fn start_processor(
     config.group_id = format!("vigil-up-{run_id}");
     config.model.endpoints = vec![format!("http://{model_server}")];
     config.model.name = MODEL_NAME.into();
+    match options.scoring {
+        Scoring::Batched => {}
+        Scoring::PerReading => config.model.max_rows_per_call = 1,
+        Scoring::Embedded => {
+            config.model.mode = stream_processor::config::ModelMode::Embedded;
+            config.model.model_dir = Some(options.model_dir.clone());
+        }
+    }
     let admin = loopback().await?;
     let metrics = format!("http://{}", address(&admin)?);
     let grpc_address = address(&grpc)?;
