@@ -16,4 +16,5 @@ cargo bench -p stream-processor --bench pipeline
 port="$(free_port)"
 start_tansu "$port" "$work/tansu.log"
 VIGIL_BENCH_KAFKA="127.0.0.1:$port" VIGIL_BENCH_KAFKA_NAME="tansu $TANSU_VERSION (memory storage)" \
+  VIGIL_BENCH_BROKER_PID="$TANSU_PID" \
   cargo bench -p stream-processor --bench pipeline

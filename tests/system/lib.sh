@@ -61,8 +61,9 @@ find_tansu() { # sets TANSU to the first tansu $TANSU_VERSION found
   return 1
 }
 
-start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background (need_tansu first)
+start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background (need_tansu first); sets TANSU_PID
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$1" --advertised-listener-url "tcp://127.0.0.1:$1" \
     --storage-engine memory://tansu/ > "$2" 2>&1 &
+  TANSU_PID=$!
   wait_for_port "$1" || { cat "$2"; return 1; }
 }

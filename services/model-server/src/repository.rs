@@ -336,18 +336,6 @@ impl Repository {
         Ok(self.reconcile())
     }
 
-    /// Reconciles every `period`, first after one period, for as long as it is polled: how
-    /// new versions on disk are picked up (the model server, and the stream processor's
-    /// embedded mode). The directory scans run on tokio's blocking pool; loads start their
-    /// own threads and are not waited for.
-    pub async fn follow_versions(self, period: std::time::Duration) {
-        loop {
-            tokio::time::sleep(period).await;
-            let repository = self.clone();
-            let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
-        }
-    }
-
     /// Scans every model's base path and converges: starts loads of wanted versions, unloads
     /// unwanted ones once a wanted version is available, refreshes labels. Returns the load
     /// threads it started (startup waits for them; the poller does not).

@@ -1,11 +1,26 @@
 //! What a model config may say, checked before anything changes (names as TF Serving
-//! allows them, base paths under the allowed roots), and which versions on disk it asks for.
+//! allows them, base paths under the allowed roots), which versions on disk it asks for,
+//! and looking at the disk again for new ones.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{ModelConfig, VersionPolicy};
+use super::{ModelConfig, Repository, VersionPolicy};
 use crate::error::ServeError;
+
+impl Repository {
+    /// Reconciles every `period`, first after one period, for as long as it is polled: how
+    /// new versions on disk are picked up (the model server, and the stream processor's
+    /// embedded mode). The directory scans run on tokio's blocking pool; loads start their
+    /// own threads and are not waited for.
+    pub async fn follow_versions(self, period: std::time::Duration) {
+        loop {
+            tokio::time::sleep(period).await;
+            let repository = self.clone();
+            let _ = tokio::task::spawn_blocking(move || drop(repository.reconcile())).await;
+        }
+    }
+}
 
 /// Numeric subdirectories of a model's base path, as TF Serving discovers versions.
 pub fn list_versions(base_path: &Path) -> std::io::Result<BTreeSet<i64>> {
