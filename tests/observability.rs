@@ -198,7 +198,7 @@ impl Pipeline {
         let ((grpc, ingest_grpc), (admin, ingest_admin)) = (loopback().await, loopback().await);
         let ingest = spawn(|stopped| {
             tokio::spawn(async move {
-                let listeners = ingest::Listeners { grpc: Some(grpc), admin: Some(admin) };
+                let listeners = ingest::Listeners { grpc: Some(grpc), admin: Some(admin), ..Default::default() };
                 ingest::run(ingest_config, listeners, async {
                     let _ = stopped.await;
                 })

@@ -164,7 +164,7 @@ async fn start_ingest(config: IngestConfig) -> RunningIngest {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = Endpoint::new(listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let listeners = ingest::Listeners { grpc: None, admin: Some(listener) };
+    let listeners = ingest::Listeners { admin: Some(listener), ..Default::default() };
     let task = tokio::spawn(ingest::run(config, listeners, async {
         let _ = stopped.await;
     }));

@@ -20,6 +20,9 @@ struct Flags {
     /// gRPC IngestService address (`grpc.listen`); empty: not served.
     #[arg(long)]
     grpc_listen: Option<String>,
+    /// HTTP ingest address, `POST /v1/readings` (`http.listen`); empty: not served.
+    #[arg(long)]
+    http_listen: Option<String>,
 }
 
 impl ServiceFlags for Flags {
@@ -28,6 +31,7 @@ impl ServiceFlags for Flags {
             FlagValue::given(&["mqtt", "url"], self.mqtt_url.clone()),
             FlagValue::given(&["mqtt", "client_id"], self.client_id.clone()),
             FlagValue::given(&["grpc", "listen"], self.grpc_listen.clone()),
+            FlagValue::given(&["http", "listen"], self.http_listen.clone()),
         ];
         own.into_iter().flatten().collect()
     }
@@ -45,6 +49,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
     run_service::<Flags, IngestConfig, _, _>(&NAMES, args, |config, stop| async move {
         let listeners = crate::Listeners {
             grpc: bind_optional(&config.grpc.listen).await?,
+            http: bind_optional(&config.http.listen).await?,
             admin: bind_optional(&config.admin_listen).await?,
         };
         Ok(crate::run(config, listeners, stop).await?)

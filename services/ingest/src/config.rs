@@ -39,6 +39,7 @@ pub struct IngestConfig {
     /// before the bound is reached; with 3.1.1 the broker's own in-flight window applies.
     pub max_in_flight: usize,
     pub grpc: GrpcConfig,
+    pub http: HttpConfig,
     /// Address of the `/live`, `/ready`, `/metrics` endpoint; empty to not serve it.
     pub admin_listen: String,
     /// How long shutdown waits for Kafka to confirm what was read before disconnecting
@@ -115,6 +116,30 @@ pub struct GrpcConfig {
     pub topic: String,
 }
 
+/// HTTP ingest: `POST /v1/readings` (README, "HTTP ingest").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the HTTP endpoint; empty (the default) to not serve it.
+    pub listen: String,
+    /// The topic readings posted over HTTP go to (keyed by device id).
+    pub topic: String,
+    /// The largest request body read; a request that declares or sends more is refused
+    /// with 413 before more than this is read.
+    pub max_body_bytes: usize,
+    /// The most readings one request may carry; more are refused with 413 before any is
+    /// decoded.
+    pub max_readings_per_request: usize,
+    /// Requests handled at once; more wait (their bodies unread) for a turn. With the two
+    /// limits above this bounds what HTTP ingest can hold: about max_concurrent_requests x
+    /// (max_body_bytes + max_readings_per_request x 1 KiB).
+    pub max_concurrent_requests: usize,
+    /// A file holding the bearer token every request must present
+    /// (`Authorization: Bearer <token>`), e.g. a mounted Secret; none: no token asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
 /// One mapping rule: a match on the MQTT topic and where matching messages go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -166,6 +191,7 @@ impl Default for IngestConfig {
             event_time: sensor::EventTimeBounds::default(),
             max_in_flight: 1000,
             grpc: GrpcConfig::default(),
+            http: HttpConfig::default(),
             admin_listen: "0.0.0.0:9464".into(),
             shutdown_grace_seconds: 20,
         }
@@ -194,6 +220,19 @@ impl Default for MqttConfig {
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self { listen: "0.0.0.0:50061".into(), topic: DEFAULT_READINGS_TOPIC.into() }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            topic: DEFAULT_READINGS_TOPIC.into(),
+            max_body_bytes: 1024 * 1024,
+            max_readings_per_request: 2_000,
+            max_concurrent_requests: 16,
+            token_file: None,
+        }
     }
 }
 
@@ -237,6 +276,15 @@ impl ServiceConfig for IngestConfig {
             )));
         }
         crate::mqtt::parse_url(&self.mqtt.url).map_err(|e| ConfigError(e.to_string()))?;
+        if self.http.max_body_bytes == 0
+            || self.http.max_readings_per_request == 0
+            || self.http.max_concurrent_requests == 0
+        {
+            return Err(ConfigError(
+                "http.max_body_bytes, http.max_readings_per_request and http.max_concurrent_requests must be at least 1"
+                    .into(),
+            ));
+        }
         if self.dead_letter_topic.is_empty() {
             return Err(ConfigError("dead_letter_topic is empty".into()));
         }

@@ -2,8 +2,6 @@
 //! A response means Kafka confirmed every reading of the call; an invalid reading fails
 //! the call with INVALID_ARGUMENT naming it before anything of that request is written.
 
-use std::time::SystemTime;
-
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use proto::vigil::ingest::v1::ingest_service_server::IngestService;
@@ -11,10 +9,9 @@ use proto::vigil::ingest::v1::{PublishRequest, PublishResponse};
 use sensor::EventTimeBounds;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::kafka::{Sink, SinkError, Written};
+use crate::batch::{self, Delivery};
+use crate::kafka::{Sink, SinkError};
 use crate::metrics::Metrics;
-use crate::record::from_reading;
-use crate::trace;
 
 pub struct IngestGrpc {
     sink: Sink,
@@ -30,42 +27,18 @@ impl IngestGrpc {
         Self { sink, topic, metrics, max_in_flight, event_time }
     }
 
-    /// Validates every reading (filling a missing event time with the arrival time, and
-    /// refusing one too far from it), or names the first invalid one.
+    /// Validates every reading, or names the first invalid one (see [`batch::check`]).
     fn check(&self, request: &mut PublishRequest, context: &str) -> Result<(), Status> {
-        let now = SystemTime::now();
-        for (index, reading) in request.readings.iter_mut().enumerate() {
-            if reading.event_time.is_none() {
-                reading.event_time = Some(now.into());
-            }
-            let checked =
-                sensor::validate(reading).and_then(|()| self.event_time.check(reading.event_time.as_ref(), now));
-            checked.map_err(|invalid| {
-                self.metrics.grpc_refused.with_label_values(&[invalid.reason()]).inc();
-                let field = invalid.field().map_or(String::new(), |f| format!(".{f}"));
-                Status::invalid_argument(format!("{context}readings[{index}]{field}: {invalid}"))
-            })?;
-        }
-        Ok(())
+        batch::check(&mut request.readings, &self.event_time).map_err(|refused| {
+            self.metrics.grpc_refused.with_label_values(&[refused.invalid.reason()]).inc();
+            Status::invalid_argument(refused.describe(context))
+        })
     }
 
     fn send_all(&self, request: &PublishRequest, pending: &mut FuturesUnordered<Delivery>) {
-        self.metrics.received.with_label_values(&["grpc"]).inc_by(request.readings.len() as u64);
-        for reading in &request.readings {
-            let span = trace::grpc_reading(&reading.device_id);
-            let mut record = from_reading(&self.topic, reading);
-            trace::attach(&span, &mut record);
-            let delivery = self.sink.send(record);
-            pending.push(Box::pin(async move {
-                let written = delivery.await;
-                trace::written(&span, &written);
-                written
-            }));
-        }
+        batch::send_all(&self.sink, &self.topic, &request.readings, &self.metrics, "grpc", pending);
     }
 }
-
-type Delivery = std::pin::Pin<Box<dyn Future<Output = Result<Written, SinkError>> + Send>>;
 
 fn unavailable(error: SinkError) -> Status {
     Status::unavailable(error.to_string())

@@ -5,7 +5,7 @@
 //!  MQTT broker ──PUBLISH──▶ mqtt (session, ordered acks, in-flight bound)
 //!                              │ record::from_mqtt (routing rules, validation)
 //!                              ▼
-//!  gRPC clients ──Publish──▶ kafka::Sink (idempotent producer, acks=all) ──▶ Kafka
+//!  gRPC or HTTP ──Publish──▶ kafka::Sink (idempotent producer, acks=all) ──▶ Kafka
 //!                              │ readings topic · dead-letter topic
 //!  MQTT broker ◀──PUBACK──── (after Kafka confirmed, in arrival order)
 //! ```
@@ -13,13 +13,16 @@
 //! [`config`] layers defaults, file, environment and flags; [`routing`] maps MQTT topics
 //! to Kafka topics and keys; [`record`] builds the canonical `SensorReading` record or a
 //! dead letter with the reason; [`kafka`] sends and waits for confirmation; [`mqtt`]
-//! drives the MQTT session; [`grpc`] serves `IngestService`; [`run`] wires them.
+//! drives the MQTT session; [`grpc`] serves `IngestService` and [`http`] `POST
+//! /v1/readings`, both through [`batch`] (all or nothing per request); [`run`] wires them.
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
@@ -55,6 +58,8 @@ pub enum IngestError {
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub grpc: Option<TcpListener>,
+    /// HTTP ingest (`POST /v1/readings`).
+    pub http: Option<TcpListener>,
     pub admin: Option<TcpListener>,
 }
 
@@ -108,6 +113,34 @@ pub async fn run(
                 .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
                 .await
                 .map_err(IngestError::from)
+        });
+    }
+
+    if let Some(listener) = listeners.http {
+        tracing::info!(address = %local_addr(&listener)?, path = http::PATH, "serving HTTP ingest");
+        let token = match &config.http.token_file {
+            Some(path) => Some(
+                admin::token::Token::from_file(path)
+                    .map_err(|e| IngestError::Config(format!("http.token_file: {e}")))?,
+            ),
+            None => None,
+        };
+        let ingest = Arc::new(http::HttpIngest {
+            sink: sink.clone(),
+            topic: config.http.topic.clone(),
+            metrics: metrics.clone(),
+            event_time: config.event_time,
+            max_readings: config.http.max_readings_per_request,
+            token,
+        });
+        let router = http::router(ingest, config.http.max_body_bytes, config.http.max_concurrent_requests);
+        let draining = signal(draining.clone());
+        // Graceful: requests under way finish (their readings confirmed) before it returns.
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(draining)
+                .await
+                .map_err(|e| IngestError::Config(format!("http server: {e}")))
         });
     }
 

@@ -5,7 +5,7 @@ use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    /// Messages taken in, by source (`mqtt`, `grpc`).
+    /// Messages taken in, by source (`mqtt`, `grpc`, `http`).
     pub received: IntCounterVec,
     /// Records Kafka confirmed, by topic as configured (a templated topic's template, so
     /// devices choosing MQTT topics cannot add series).
@@ -15,6 +15,11 @@ pub struct Metrics {
     /// gRPC requests refused with INVALID_ARGUMENT, by the first invalid reading's reason
     /// (a fixed set: `missing_field`, `out_of_range`, `too_long`, `implausible_event_time`...).
     pub grpc_refused: IntCounterVec,
+    /// HTTP requests refused, by reason: the first invalid reading's (as for gRPC), or
+    /// `unauthorized`, `unsupported_media_type`, `not_json`, `not_protobuf`,
+    /// `too_many_readings`, `kafka_unavailable`. (A body over the size limit is refused
+    /// with 413 before the handler and not counted here.)
+    pub http_refused: IntCounterVec,
     /// Sends retried after a Kafka error.
     pub produce_retries: IntCounter,
     /// MQTT PUBACKs sent (after Kafka confirmed).
@@ -55,6 +60,11 @@ impl Metrics {
             grpc_refused: metrics.counter_vec(
                 "ingest_grpc_requests_refused_total",
                 "gRPC requests refused with INVALID_ARGUMENT, by the first invalid reading's reason",
+                &["reason"],
+            )?,
+            http_refused: metrics.counter_vec(
+                "ingest_http_requests_refused_total",
+                "HTTP ingest requests refused, by reason",
                 &["reason"],
             )?,
             produce_retries: metrics.counter("ingest_produce_retries_total", "Sends retried after a Kafka error")?,

@@ -28,8 +28,8 @@ pub fn mqtt_message(mqtt_topic: &str, user_properties: &[(String, String)]) -> C
     parent.with_span(span)
 }
 
-/// Starts the span of a reading that came in the current gRPC call.
-pub fn grpc_reading(device_id: &str) -> Context {
+/// Starts the span of a reading that came in the current API call (gRPC or HTTP).
+pub fn api_reading(device_id: &str) -> Context {
     let parent = Context::current();
     let tracer = telemetry::tracer(SCOPE);
     let span = tracer

@@ -179,9 +179,10 @@ async fn ingest_connects_over_tls_with_a_password_and_refuses_a_wrong_one_clearl
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = Endpoint::new(admin.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(ingest::run(refused, ingest::Listeners { grpc: None, admin: Some(admin) }, async {
-            let _ = stopped.await;
-        }));
+        let task =
+            tokio::spawn(ingest::run(refused, ingest::Listeners { admin: Some(admin), ..Default::default() }, async {
+                let _ = stopped.await;
+            }));
         let errors = observe_until(
             Duration::from_secs(10),
             async || endpoint.metric_sum("ingest_mqtt_connection_errors_total").await,

@@ -13,6 +13,7 @@ pub mod layered_config;
 pub mod metrics;
 pub mod retry;
 pub mod service;
+pub mod token;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

@@ -81,10 +81,15 @@ pub struct RunningIngest {
 impl RunningIngest {
     /// Starts ingest and waits until it is subscribed (`/ready`).
     pub async fn start(config: IngestConfig, grpc: Option<tokio::net::TcpListener>) -> Self {
+        Self::start_with(config, ingest::Listeners { grpc, ..Default::default() }).await
+    }
+
+    /// The same with `listeners` (its admin listener is the test's own).
+    pub async fn start_with(config: IngestConfig, mut listeners: ingest::Listeners) -> Self {
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = Endpoint::new(admin_listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let listeners = ingest::Listeners { grpc, admin: Some(admin_listener) };
+        listeners.admin = Some(admin_listener);
         let task = tokio::spawn(ingest::run(config, listeners, async {
             let _ = stopped.await;
         }));

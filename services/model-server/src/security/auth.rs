@@ -43,41 +43,7 @@ pub fn is_management(path: &str) -> bool {
     MANAGED_SERVICES.iter().any(|(managed, reads)| *managed == service && !reads.contains(&method))
 }
 
-/// A bearer token; never printed.
-#[derive(Clone)]
-pub struct Token(Arc<[u8]>);
-
-impl Token {
-    /// The token in a token file: its text without surrounding whitespace (the newline an
-    /// editor or `echo` leaves). Empty is refused: it would match an empty bearer.
-    pub fn from_file_text(text: &str) -> Result<Token, &'static str> {
-        let token = text.trim();
-        if token.is_empty() {
-            return Err("the file is empty");
-        }
-        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err("the token has whitespace inside: a file holds one token");
-        }
-        Ok(Token(token.as_bytes().into()))
-    }
-
-    /// Constant time in the contents (the length may show: tokens are random strings of a
-    /// fixed length).
-    fn matches(&self, offered: &[u8]) -> bool {
-        let expected = &self.0[..];
-        if expected.len() != offered.len() {
-            return false;
-        }
-        let difference = expected.iter().zip(offered).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        std::hint::black_box(difference) == 0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
-}
+pub use admin::token::Token;
 
 /// The accepted credentials. The token is replaced when its file changes.
 #[derive(Debug, Clone)]

@@ -320,7 +320,7 @@ pub(super) async fn start_ingest(brokers: &Brokers, run_id: u64) -> anyhow::Resu
     let admin = loopback().await?;
     let metrics = format!("http://{}", address(&admin)?);
     let running = Running::spawn("ingest", |stopped| {
-        ingest::run(config, ingest::Listeners { grpc: None, admin: Some(admin) }, until(stopped))
+        ingest::run(config, ingest::Listeners { admin: Some(admin), ..Default::default() }, until(stopped))
     });
     Ok(Service { running, admin: metrics })
 }
