@@ -11,7 +11,7 @@ use crate::config::IngestConfig;
 
 #[derive(clap::Args)]
 struct Flags {
-    /// MQTT broker, e.g. mqtt://127.0.0.1:1883 (`mqtt.url`).
+    /// MQTT broker, e.g. mqtt://127.0.0.1:1883 (`mqtt.url`); empty: no MQTT bridge.
     #[arg(long)]
     mqtt_url: Option<String>,
     /// MQTT client id (`mqtt.client_id`); distinct per replica.

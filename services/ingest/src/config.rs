@@ -51,7 +51,8 @@ pub struct IngestConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
     /// `mqtt://host:port` (port 1883 when left out), or `mqtts://host:port` for TLS (port
-    /// 8883 when left out; see `tls`).
+    /// 8883 when left out; see `tls`). Empty: no MQTT bridge, readings come only through
+    /// the gRPC and HTTP APIs.
     pub url: String,
     pub protocol: MqttProtocol,
     /// Client id; replicas need distinct ids (the Helm chart uses the pod name). The
@@ -275,7 +276,15 @@ impl ServiceConfig for IngestConfig {
                 crate::mqtt::MQTT_MAX_PACKET_BYTES
             )));
         }
-        crate::mqtt::parse_url(&self.mqtt.url).map_err(|e| ConfigError(e.to_string()))?;
+        if self.mqtt.url.is_empty() {
+            if self.grpc.listen.is_empty() && self.http.listen.is_empty() {
+                return Err(ConfigError(
+                    "mqtt.url, grpc.listen and http.listen are all empty: ingest would take nothing in".into(),
+                ));
+            }
+        } else {
+            crate::mqtt::parse_url(&self.mqtt.url).map_err(|e| ConfigError(e.to_string()))?;
+        }
         if self.http.max_body_bytes == 0
             || self.http.max_readings_per_request == 0
             || self.http.max_concurrent_requests == 0
@@ -378,6 +387,8 @@ payload = "raw"
         assert!(load("max_in_flight = 0").contains("max_in_flight"));
         assert!(load("[mqtt]\nsubscriptions = [\"a/#/b\"]").contains("a/#/b"));
         assert!(load("[[rules]]\nfilter = \"a\"\ntopic = \"t-{x}\"").contains("mapping rule 0"));
+        assert!(load("[mqtt]\nurl = \"\"\n[grpc]\nlisten = \"\"").contains("would take nothing in"));
+        assert!(load("[http]\nmax_concurrent_requests = 0").contains("max_concurrent_requests"));
         let missing = IngestConfig::load(Some(Path::new("/nonexistent/ingest.toml")), NO_ENV, &[]);
         assert!(missing.unwrap_err().to_string().contains("/nonexistent/ingest.toml"));
     }

@@ -144,7 +144,14 @@ pub async fn run(
         });
     }
 
-    let result = mqtt::run(&config, routes, sink.clone(), metrics, readiness.clone(), signal(draining)).await;
+    let result = if config.mqtt.url.is_empty() {
+        // No MQTT bridge: the APIs alone take readings in, ready from the start.
+        readiness.set(true);
+        signal(draining).await;
+        Ok(())
+    } else {
+        mqtt::run(&config, routes, sink.clone(), metrics, readiness.clone(), signal(draining)).await
+    };
     readiness.set(false);
     admin_endpoint.stop().await;
     while let Some(task) = tasks.join_next().await {

@@ -219,6 +219,26 @@ async fn hostile_requests_are_refused_before_they_cost_memory_and_the_endpoint_k
     ingest.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_mqtt_broker_http_ingest_alone_is_ready_and_takes_readings() {
+    // No MQTT broker anywhere: `mqtt.url` empty turns the bridge off.
+    let kafka = support::kafka();
+    let mut config = support::config(&kafka, "", "http-only");
+    assert!(config.grpc.listen.is_empty());
+    config.mqtt.url.clear();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}{}", listener.local_addr().unwrap(), ingest::http::PATH);
+    let ingest =
+        RunningIngest::start_with(config, ingest::Listeners { http: Some(listener), ..Default::default() }).await;
+    let batch = fleet_readings(3, 2);
+    let (status, body) = post(&url, "application/json", json_array(&batch)).await;
+    assert_eq!((status, body["accepted"].as_u64()), (StatusCode::OK, Some(6)), "{body}");
+    let records = test_support::kafka::read_topic(&kafka, READINGS, Duration::from_secs(10), |r| r.len() >= 6).await;
+    assert_eq!(records.len(), 6);
+    assert_eq!(ingest.metric("ingest_mqtt_connected").await, 0.0, "no MQTT connection was made");
+    ingest.stop().await.unwrap();
+}
+
 /// How far above its resident size before the attack the binary may ever go.
 const RSS_BOUND_MIB: u64 = 128;
 
