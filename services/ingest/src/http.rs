@@ -73,6 +73,17 @@ impl Refusal {
     fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
         Self { status, reason, message: message.into(), index: None, field: None }
     }
+
+    /// A 400 naming the invalid reading, its index and field.
+    fn invalid(refused: &batch::Refused) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            reason: refused.invalid.reason(),
+            message: refused.describe(""),
+            index: Some(refused.index),
+            field: refused.invalid.field().map(str::to_owned),
+        }
+    }
 }
 
 async fn publish(State(ingest): State<Arc<HttpIngest>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -125,15 +136,7 @@ async fn take(ingest: &HttpIngest, headers: &HeaderMap, body: &[u8]) -> Result<u
             ));
         }
     };
-    if let Err(refused) = batch::check(&mut readings, &ingest.event_time) {
-        return Err(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            reason: refused.invalid.reason(),
-            message: refused.describe(""),
-            index: Some(refused.index),
-            field: refused.invalid.field().map(str::to_owned),
-        });
-    }
+    batch::check(&mut readings, &ingest.event_time).map_err(|refused| Refusal::invalid(&refused))?;
     batch::send_and_confirm(&ingest.sink, &ingest.topic, &readings, &ingest.metrics, "http")
         .await
         .map_err(|error| Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "kafka_unavailable", error.to_string()))?;
@@ -167,13 +170,8 @@ fn from_json(body: &[u8], max: usize) -> Result<Vec<SensorReading>, Refusal> {
     raw.iter()
         .enumerate()
         .map(|(index, raw)| {
-            sensor::json::parse(raw.get().as_bytes(), &envelope).map_err(|invalid| Refusal {
-                status: StatusCode::BAD_REQUEST,
-                reason: invalid.reason(),
-                message: batch::Refused { index, invalid: invalid.clone() }.describe(""),
-                index: Some(index),
-                field: invalid.field().map(str::to_owned),
-            })
+            sensor::json::parse(raw.get().as_bytes(), &envelope)
+                .map_err(|invalid| Refusal::invalid(&batch::Refused { index, invalid }))
         })
         .collect()
 }
