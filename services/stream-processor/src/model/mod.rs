@@ -283,14 +283,16 @@ impl Caller {
     }
 
     async fn fetch_inputs(&self) -> Result<ModelInputs, SignatureError> {
-        let metadata = match &self.backend {
-            Backend::Remote(remote) => &remote.metadata,
-            Backend::Embedded(engine) => {
-                let inputs = engine.inputs()?;
-                tracing::info!(model = %self.config.name, version = inputs.version, inputs = inputs.inputs.len(), "read the model's signature");
-                return Ok(inputs);
-            }
+        let inputs = match &self.backend {
+            Backend::Remote(remote) => self.remote_inputs(&remote.metadata).await?,
+            Backend::Embedded(engine) => engine.inputs()?,
         };
+        tracing::info!(model = %self.config.name, version = inputs.version, inputs = inputs.inputs.len(), "read the model's signature");
+        Ok(inputs)
+    }
+
+    /// The inputs of the signature a model server reports (GetModelMetadata).
+    async fn remote_inputs(&self, metadata: &PredictionServiceClient<Balanced>) -> Result<ModelInputs, SignatureError> {
         let unusable = |text: String| SignatureError::Unusable(text);
         let mut client = metadata.clone();
         let request =
@@ -318,9 +320,7 @@ impl Caller {
         })?;
         check_outputs(&self.config.name, version, &self.config.signature, |name| signature.outputs.contains_key(name))?;
         let inputs = signature.inputs.iter().map(|(name, info)| (name.clone(), info.dtype == DataType::DtFloat as i32));
-        let inputs = reading_inputs(&self.config.name, version, inputs)?;
-        tracing::info!(model = %self.config.name, version, inputs = inputs.inputs.len(), "read the model's signature");
-        Ok(inputs)
+        reading_inputs(&self.config.name, version, inputs)
     }
 
     /// The Predict request for `rows`: one float tensor of shape `[rows]` per input and,
@@ -372,17 +372,21 @@ impl Caller {
 
     async fn call_once(&self, rows: &[Row]) -> Result<Vec<Scored>, ScoreError> {
         let inputs = self.inputs().await?;
-        let stack = match &self.backend {
-            Backend::Remote(remote) => &remote.stack,
+        self.metrics.model_rows_per_call.observe(rows.len() as f64);
+        let scored = match &self.backend {
+            Backend::Remote(remote) => self.call_remote(&remote.stack, &inputs, rows).await?,
             Backend::Embedded(engine) => {
-                self.metrics.model_rows_per_call.observe(rows.len() as f64);
-                let scored = engine.score(&inputs, rows).await.map_err(|(code, text)| self.failed(code, text))?;
-                self.observe_latency(&scored);
-                return Ok(scored);
+                engine.score(&inputs, rows).await.map_err(|(code, text)| self.failed(code, text))?
             }
         };
+        self.observe_latency(&scored);
+        Ok(scored)
+    }
+
+    /// One Predict call for `rows` through the balanced stack of model server replicas.
+    async fn call_remote(&self, stack: &Stack, inputs: &ModelInputs, rows: &[Row]) -> Result<Vec<Scored>, ScoreError> {
         let call = Call {
-            request: self.request(&inputs, rows),
+            request: self.request(inputs, rows),
             routing_key: (rows.len() == 1).then(|| rows[0].reading.device_id.clone()),
             rows: rows.len(),
             parent: rows[0].trace.clone(),
@@ -391,7 +395,6 @@ impl Caller {
         let started = Instant::now();
         let result = stack.clone().oneshot(call).await;
         let latency = started.elapsed();
-        self.metrics.model_rows_per_call.observe(rows.len() as f64);
         let response = match result {
             Ok(response) => response,
             Err(error) => {
@@ -401,9 +404,7 @@ impl Caller {
                 });
             }
         };
-        let scored = self.decode(response, rows.len(), latency)?;
-        self.observe_latency(&scored);
-        Ok(scored)
+        self.decode(response, rows.len(), latency)
     }
 
     /// A call that failed with `code`: a rejection of its readings (INVALID_ARGUMENT) or
