@@ -23,6 +23,10 @@ struct Flags {
     /// HTTP ingest address, `POST /v1/readings` (`http.listen`); empty: not served.
     #[arg(long)]
     http_listen: Option<String>,
+    /// MQTT proxy address devices connect to, e.g. 0.0.0.0:1883 (`mqtt_proxy.listen`);
+    /// empty: not served.
+    #[arg(long)]
+    mqtt_listen: Option<String>,
 }
 
 impl ServiceFlags for Flags {
@@ -32,6 +36,7 @@ impl ServiceFlags for Flags {
             FlagValue::given(&["mqtt", "client_id"], self.client_id.clone()),
             FlagValue::given(&["grpc", "listen"], self.grpc_listen.clone()),
             FlagValue::given(&["http", "listen"], self.http_listen.clone()),
+            FlagValue::given(&["mqtt_proxy", "listen"], self.mqtt_listen.clone()),
         ];
         own.into_iter().flatten().collect()
     }
@@ -50,6 +55,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
         let listeners = crate::Listeners {
             grpc: bind_optional(&config.grpc.listen).await?,
             http: bind_optional(&config.http.listen).await?,
+            mqtt_proxy: bind_optional(&config.mqtt_proxy.listen).await?,
             admin: bind_optional(&config.admin_listen).await?,
         };
         Ok(crate::run(config, listeners, stop).await?)

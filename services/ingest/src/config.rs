@@ -40,6 +40,8 @@ pub struct IngestConfig {
     pub max_in_flight: usize,
     pub grpc: GrpcConfig,
     pub http: HttpConfig,
+    /// MQTT proxy mode: devices connect to ingest itself, no MQTT broker in between.
+    pub mqtt_proxy: MqttProxyConfig,
     /// Address of the `/live`, `/ready`, `/metrics` endpoint; empty to not serve it.
     pub admin_listen: String,
     /// How long shutdown waits for Kafka to confirm what was read before disconnecting
@@ -141,6 +143,42 @@ pub struct HttpConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// MQTT proxy mode (docs/mqtt-proxy.md): ingest accepts MQTT 3.1.1 and 5 connections
+/// from devices and acknowledges each PUBLISH once Kafka has its record. What the proxy
+/// can hold is bounded by about 2 x `max_connections` x `max_packet_bytes` (read
+/// buffers) plus `max_in_flight_bytes` (records awaiting Kafka): 192 MiB by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttProxyConfig {
+    /// Address devices connect to, e.g. `0.0.0.0:1883`; empty (the default): no proxy.
+    pub listen: String,
+    /// Connections open at once, at most; more are closed on accept.
+    pub max_connections: usize,
+    /// The largest packet a device may send (MQTT 5 clients are told); a larger one
+    /// closes its connection, refused from its header before its body is read.
+    pub max_packet_bytes: u32,
+    /// Messages one connection may have unconfirmed by Kafka; the socket is not read
+    /// beyond it. MQTT 5 clients are told (Receive Maximum) and disconnected for exceeding it.
+    pub receive_maximum: u16,
+    /// Bytes of PUBLISH packets all connections together may have unconfirmed by Kafka,
+    /// each counted as at least 2 KiB (what a record costs besides its payload).
+    pub max_in_flight_bytes: usize,
+    /// How long a new connection has to send its CONNECT.
+    pub connect_timeout_seconds: u64,
+    /// The longest keep-alive granted (also to clients asking for none, which MQTT 5
+    /// clients are told); silence for 1.5 times it closes the connection.
+    pub max_keep_alive_seconds: u16,
+    /// `username:password` lines (e.g. a mounted Secret); every CONNECT must log in as
+    /// one of them. None: no login asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users_file: Option<PathBuf>,
+    /// What the ACL's `{device}` stands for: `client-id`, `username` or `certificate-cn`.
+    pub device_id_from: crate::proxy::access::DeviceIdFrom,
+    /// Topic filters a device may publish to, `{device}` standing for its identity, e.g.
+    /// `vehicles/sensor/data/{device}`. Empty: any topic (the rules still route it).
+    pub acl: Vec<String>,
+}
+
 /// One mapping rule: a match on the MQTT topic and where matching messages go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,6 +231,7 @@ impl Default for IngestConfig {
             max_in_flight: 1000,
             grpc: GrpcConfig::default(),
             http: HttpConfig::default(),
+            mqtt_proxy: MqttProxyConfig::default(),
             admin_listen: "0.0.0.0:9464".into(),
             shutdown_grace_seconds: 20,
         }
@@ -214,6 +253,23 @@ impl Default for MqttConfig {
             username: None,
             password: None,
             tls: MqttTlsConfig::default(),
+        }
+    }
+}
+
+impl Default for MqttProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            max_connections: 4096,
+            max_packet_bytes: 16 * 1024,
+            receive_maximum: 64,
+            max_in_flight_bytes: 64 * 1024 * 1024,
+            connect_timeout_seconds: 10,
+            max_keep_alive_seconds: 300,
+            users_file: None,
+            device_id_from: crate::proxy::access::DeviceIdFrom::ClientId,
+            acl: Vec::new(),
         }
     }
 }
@@ -277,9 +333,11 @@ impl ServiceConfig for IngestConfig {
             )));
         }
         if self.mqtt.url.is_empty() {
-            if self.grpc.listen.is_empty() && self.http.listen.is_empty() {
+            if self.grpc.listen.is_empty() && self.http.listen.is_empty() && self.mqtt_proxy.listen.is_empty() {
                 return Err(ConfigError(
-                    "mqtt.url, grpc.listen and http.listen are all empty: ingest would take nothing in".into(),
+                    "mqtt.url, grpc.listen, http.listen and mqtt_proxy.listen are all empty: ingest would take \
+                     nothing in"
+                        .into(),
                 ));
             }
         } else {
@@ -294,6 +352,39 @@ impl ServiceConfig for IngestConfig {
                     .into(),
             ));
         }
+        let proxy = &self.mqtt_proxy;
+        if proxy.max_connections == 0
+            || proxy.receive_maximum == 0
+            || proxy.connect_timeout_seconds == 0
+            || proxy.max_keep_alive_seconds == 0
+        {
+            return Err(ConfigError(
+                "mqtt_proxy: max_connections, receive_maximum, connect_timeout_seconds and \
+                 max_keep_alive_seconds must be at least 1"
+                    .into(),
+            ));
+        }
+        if proxy.max_packet_bytes < 128 || proxy.max_packet_bytes > crate::mqtt::MQTT_MAX_PACKET_BYTES {
+            return Err(ConfigError(format!(
+                "mqtt_proxy.max_packet_bytes must be between 128 and {}",
+                crate::mqtt::MQTT_MAX_PACKET_BYTES
+            )));
+        }
+        if proxy.max_in_flight_bytes < proxy.max_packet_bytes as usize
+            || proxy.max_in_flight_bytes > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return Err(ConfigError(
+                "mqtt_proxy.max_in_flight_bytes must be at least mqtt_proxy.max_packet_bytes (and below 2^61)".into(),
+            ));
+        }
+        if proxy.device_id_from == crate::proxy::access::DeviceIdFrom::CertificateCn {
+            return Err(ConfigError(
+                "mqtt_proxy.device_id_from = \"certificate-cn\" needs TLS with client certificates on the proxy \
+                 port, which is not available yet (docs/mqtt-proxy.md)"
+                    .into(),
+            ));
+        }
+        crate::proxy::access::Acl::new(&proxy.acl).map_err(|e| ConfigError(format!("mqtt_proxy.acl: {e}")))?;
         if self.dead_letter_topic.is_empty() {
             return Err(ConfigError("dead_letter_topic is empty".into()));
         }
@@ -388,6 +479,8 @@ payload = "raw"
         assert!(load("[mqtt]\nsubscriptions = [\"a/#/b\"]").contains("a/#/b"));
         assert!(load("[[rules]]\nfilter = \"a\"\ntopic = \"t-{x}\"").contains("mapping rule 0"));
         assert!(load("[mqtt]\nurl = \"\"\n[grpc]\nlisten = \"\"").contains("would take nothing in"));
+        assert!(load("[mqtt_proxy]\nacl = [\"a/#/{device}\"]").contains("mqtt_proxy.acl"));
+        assert!(load("[mqtt_proxy]\nreceive_maximum = 0").contains("receive_maximum"));
         assert!(load("[http]\nmax_concurrent_requests = 0").contains("max_concurrent_requests"));
         let missing = IngestConfig::load(Some(Path::new("/nonexistent/ingest.toml")), NO_ENV, &[]);
         assert!(missing.unwrap_err().to_string().contains("/nonexistent/ingest.toml"));

@@ -26,6 +26,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
+pub mod proxy;
 pub mod record;
 pub mod routing;
 pub mod trace;
@@ -60,6 +61,8 @@ pub struct Listeners {
     pub grpc: Option<TcpListener>,
     /// HTTP ingest (`POST /v1/readings`).
     pub http: Option<TcpListener>,
+    /// MQTT proxy mode: devices connect here.
+    pub mqtt_proxy: Option<TcpListener>,
     pub admin: Option<TcpListener>,
 }
 
@@ -81,9 +84,10 @@ pub async fn run(
     let signal = |mut receiver: watch::Receiver<bool>| async move {
         let _ = receiver.wait_for(|fired| *fired).await;
     };
+    let stop = drain.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = drain.send(true);
+        let _ = stop.send(true);
     });
 
     let admin_endpoint = admin::AdminEndpoint::start(listeners.admin, registry.clone(), readiness.clone());
@@ -144,6 +148,19 @@ pub async fn run(
         });
     }
 
+    if let Some(listener) = listeners.mqtt_proxy {
+        tracing::info!(address = %local_addr(&listener)?, "serving MQTT proxy");
+        let shared = proxy::shared(&config, Arc::clone(&routes), sink.clone(), metrics.clone())?;
+        let grace = Duration::from_secs(config.shutdown_grace_seconds);
+        let (draining, drain) = (draining.clone(), drain.clone());
+        tasks.spawn(async move {
+            let result = proxy::run(listener, shared, draining, grace).await;
+            // A fatal producer error ends ingest, as it does the bridge.
+            let _ = drain.send(true);
+            result.map_err(|e| IngestError::Source(mqtt::SourceError::Kafka(e)))
+        });
+    }
+
     let result = if config.mqtt.url.is_empty() {
         // No MQTT bridge: the APIs alone take readings in, ready from the start.
         readiness.set(true);
@@ -154,16 +171,20 @@ pub async fn run(
     };
     readiness.set(false);
     admin_endpoint.stop().await;
+    let mut result = result.map_err(IngestError::from);
     while let Some(task) = tasks.join_next().await {
         if let Ok(Err(error)) = task {
             tracing::error!(%error, "ingest task failed");
+            if result.is_ok() {
+                result = Err(error);
+            }
         }
     }
     // Everything acknowledged was confirmed already; this only waits for sends that
     // were cut short (the grace period ran out), so the next session sees fewer repeats.
     let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
     let _ = tokio::task::spawn_blocking(move || sink.flush(grace)).await;
-    result.map_err(IngestError::from)
+    result
 }
 
 fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, IngestError> {

@@ -22,7 +22,8 @@ pub struct Metrics {
     pub http_refused: IntCounterVec,
     /// Sends retried after a Kafka error.
     pub produce_retries: IntCounter,
-    /// MQTT PUBACKs sent (after Kafka confirmed).
+    /// MQTT PUBACKs (and QoS 2 PUBRECs) sent after Kafka confirmed: to the broker by the
+    /// bridge, to devices by the proxy.
     pub mqtt_acked: IntCounter,
     /// Acks not sent because their connection was lost (the broker resends the message).
     pub mqtt_stale_acks: IntCounter,
@@ -36,6 +37,21 @@ pub struct Metrics {
     pub mqtt_oversized: IntCounter,
     /// From handing a record to the producer to Kafka's confirmation.
     pub produce_latency: Histogram,
+    /// MQTT proxy: device connections open.
+    pub proxy_connections: IntGauge,
+    /// MQTT proxy: connections refused before or at CONNECT, by reason (a fixed set:
+    /// `connection_limit`, `connect_timeout`, `bad_credentials`, `not_authorized`,
+    /// `bad_client_id`, `unsupported_protocol`, `packet_too_large`, `malformed`, `closed`).
+    pub proxy_connects_refused: IntCounterVec,
+    /// MQTT proxy: connections ended, by reason (`client_disconnect`, `closed`,
+    /// `io_error`, `write_timeout`, or the DISCONNECT reason the server gave: `malformed`,
+    /// `protocol_error`, `keep_alive_timeout`, `packet_too_large`, `not_authorized`...).
+    pub proxy_disconnects: IntCounterVec,
+    /// MQTT proxy: PUBLISHes refused (`not_authorized`: the ACL) and SUBSCRIBEs refused
+    /// (`subscribe`).
+    pub proxy_publishes_refused: IntCounterVec,
+    /// MQTT proxy: from reading a PUBLISH to its PUBACK (after Kafka confirmed it).
+    pub proxy_ack_latency: Histogram,
 }
 
 impl Metrics {
@@ -85,6 +101,27 @@ impl Metrics {
             produce_latency: metrics.histogram(
                 "ingest_produce_latency_seconds",
                 "From handing a record to the producer to Kafka's confirmation",
+                prometheus::exponential_buckets(0.0005, 2.0, 16)?,
+            )?,
+            proxy_connections: metrics.gauge("ingest_proxy_connections", "MQTT proxy: device connections open")?,
+            proxy_connects_refused: metrics.counter_vec(
+                "ingest_proxy_connects_refused_total",
+                "MQTT proxy: connections refused before or at CONNECT, by reason",
+                &["reason"],
+            )?,
+            proxy_disconnects: metrics.counter_vec(
+                "ingest_proxy_disconnects_total",
+                "MQTT proxy: connections ended, by reason",
+                &["reason"],
+            )?,
+            proxy_publishes_refused: metrics.counter_vec(
+                "ingest_proxy_refused_total",
+                "MQTT proxy: PUBLISHes (ACL) and SUBSCRIBEs refused, by reason",
+                &["reason"],
+            )?,
+            proxy_ack_latency: metrics.histogram(
+                "ingest_proxy_ack_latency_seconds",
+                "MQTT proxy: from reading a PUBLISH to its acknowledgement, sent after Kafka confirmed it",
                 prometheus::exponential_buckets(0.0005, 2.0, 16)?,
             )?,
         })
