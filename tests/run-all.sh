@@ -35,6 +35,9 @@ bash tests/system/simulator_mosquitto.sh
 step "system test: ingest against Mosquitto (crash, shared subscription, TLS, seed data)"
 bash tests/system/ingest_mosquitto.sh
 
+step "system test: ingest's MQTT proxy with Paho 3.1.1/5, mosquitto_pub and curl, on tansu (kill -9 of a replica, ACL, seed data)"
+bash tests/system/ingest_proxy.sh
+
 step "fault system test: every service killed in turn and poison records, on Mosquitto and tansu (tests/system/pipeline_faults.sh)"
 bash tests/system/pipeline_faults.sh
 

@@ -196,31 +196,11 @@ async fn ingest_connects_over_tls_with_a_password_and_refuses_a_wrong_one_clearl
     }
 }
 
-/// The seed's CSV rows as its publisher sends them: the 18 signals, numbers, `_1_1` names.
-fn seed_csv_payloads(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    lines
-        .map(|line| {
-            let values: Vec<&str> = line.split(',').collect();
-            let car = values[header.iter().position(|h| *h == "car").unwrap()];
-            let fields: Vec<String> = header
-                .iter()
-                .zip(&values)
-                .filter(|(name, _)| !matches!(**name, "time" | "car"))
-                .map(|(name, value)| format!("\"{name}\":{value}"))
-                .collect();
-            (car.to_owned(), format!("{{{}}}", fields.join(",")).into_bytes())
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Mosquitto and the seed data: tests/system/ingest_mosquitto.sh runs it"]
 async fn every_payload_the_seed_demo_publishes_lands_in_readings_or_dead_letters_with_a_reason() {
     let seed = std::path::PathBuf::from(env("VIGIL_SEED_DATA"));
-    let mut payloads = seed_csv_payloads(&seed.join("car-sensor-data.csv"));
+    let mut payloads = support::seed_csv_payloads(&seed.join("car-sensor-data.csv"));
     let json = std::fs::read_to_string(seed.join("cardata-v1.json")).unwrap();
     payloads
         .extend(json.lines().filter(|l| !l.trim().is_empty()).map(|l| ("car-json".to_owned(), l.as_bytes().to_vec())));

@@ -121,3 +121,23 @@ pub fn readings(records: &[ReadRecord]) -> Vec<sensor::SensorReading> {
     use prost::Message as _;
     records.iter().map(|r| sensor::SensorReading::decode(r.payload.as_slice()).expect("a SensorReading")).collect()
 }
+
+/// The seed's CSV rows as its publisher sends them: the 18 signals, numbers, `_1_1` names.
+pub fn seed_csv_payloads(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    lines
+        .map(|line| {
+            let values: Vec<&str> = line.split(',').collect();
+            let car = values[header.iter().position(|h| *h == "car").unwrap()];
+            let fields: Vec<String> = header
+                .iter()
+                .zip(&values)
+                .filter(|(name, _)| !matches!(**name, "time" | "car"))
+                .map(|(name, value)| format!("\"{name}\":{value}"))
+                .collect();
+            (car.to_owned(), format!("{{{}}}", fields.join(",")).into_bytes())
+        })
+        .collect()
+}
