@@ -8,6 +8,8 @@
 //!   the alerts service fires exactly the alerts its rule gives on the scores the run
 //!   produced (recounted here from the score records), once each, and only on cars with
 //!   an injected fault;
+//! - `--mqtt proxy`: the cars connect to ingest's MQTT proxy, no MQTT broker runs, and
+//!   the counts reconcile all the same;
 //! - the `vigil` binary stopped with Ctrl-C (SIGINT) instead of a duration: the simulator
 //!   stops first, the pipeline drains, and the summary it writes still reconciles.
 
@@ -18,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use test_support::{ChildService, Output};
 use vigil::observe::Observed;
-use vigil::up::{Finished, UpOptions, up};
+use vigil::up::{Finished, MqttMode, UpOptions, up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faults() {
@@ -67,6 +69,29 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
         let window = |t: &Option<prost_types::Timestamp>| t.as_ref().unwrap().seconds;
         assert_eq!(window(&alert.window_end) - window(&alert.window_start), rule.window_seconds as i64);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_mqtt_proxy_the_cars_publish_to_ingest_itself_and_every_reading_is_scored() {
+    let options = UpOptions {
+        live: false,
+        model_server_port: 0,
+        processor_grpc_port: 0,
+        mqtt: MqttMode::Proxy,
+        cars: 10,
+        duration: Some(Duration::from_secs(15)),
+        ..UpOptions::default()
+    };
+    let Finished { summary, .. } = up(options, std::future::pending()).await.unwrap();
+    println!("{}", summary.render());
+    assert!(summary.mqtt.contains("ingest's MQTT proxy"), "no broker: {}", summary.mqtt);
+    assert!(summary.published >= 100, "{}", summary.published);
+    assert_eq!(summary.acknowledged, summary.published, "ingest acknowledged every reading");
+    assert_eq!(summary.ingested, summary.published, "every reading on the readings topic");
+    assert_eq!(summary.scored, summary.ingested, "every reading scored");
+    assert_eq!(summary.score_records, summary.scored, "none scored twice");
+    assert!(summary.out_of_order.is_empty(), "scores out of order: {:?}", summary.out_of_order);
+    assert!(summary.reconciled && summary.drained);
 }
 
 /// The alerts a per-car count rule on tumbling windows must fire, recounted from the

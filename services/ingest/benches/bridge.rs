@@ -17,6 +17,8 @@
 //! Run: `cargo bench -p ingest --bench bridge` (writes
 //! `benchmarks/results/ingest-bridge.json`; see docs/benchmarks.md).
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -188,7 +190,7 @@ async fn ingest_round(brokers: &Brokers, cars: usize, per_connection: usize, per
     publish_fleet(brokers, cars, per_connection, per_car, &prefix).await;
     let total = cars as u64 * per_car;
     let start = Instant::now();
-    let cpu = process_cpu_seconds();
+    let cpu = common::process_cpu_seconds();
     let ingest = start_ingest(config).await;
     // The clock, not a wait: no deadline, and looked at every 2 ms over one kept-alive
     // connection (the endpoint's client), so the reading costs the measured process little.
@@ -201,7 +203,7 @@ async fn ingest_round(brokers: &Brokers, cars: usize, per_connection: usize, per
     eprintln!(
         "  mean produce latency {:.2} ms, {:.2} cores busy in this process",
         latency * 1e3,
-        (process_cpu_seconds() - cpu) / elapsed.as_secs_f64()
+        (common::process_cpu_seconds() - cpu) / elapsed.as_secs_f64()
     );
     let dead = ingest.admin.metric_sum("ingest_dead_lettered_total").await;
     assert_eq!(dead, 0.0, "the simulator's readings are all valid");
@@ -252,7 +254,7 @@ async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::V
         }
         let shares: Vec<f64> = bridge.iter().zip(&ceiling).map(|(b, c)| b / c).collect();
         let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
-        let share = round3(median(shares.clone()));
+        let share = round3(common::median(shares.clone()));
         eprintln!(
             "  {} cars={cars}: ingest at {share} of the ceiling (median of the per-round ratios)",
             brokers.mqtt.name
@@ -260,70 +262,17 @@ async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::V
         rows.push(json!({
             "cars": cars, "cars_per_connection": per_connection,
             "readings": per_car * cars as u64,
-            "ceiling_readings_per_second": median(ceiling.clone()).round(),
-            "ingest_readings_per_second": median(bridge.clone()).round(),
+            "ceiling_readings_per_second": common::median(ceiling.clone()).round(),
+            "ingest_readings_per_second": common::median(bridge.clone()).round(),
             "ceiling_by_round": ceiling.iter().map(|r| r.round()).collect::<Vec<_>>(),
             "ingest_by_round": bridge.iter().map(|r| r.round()).collect::<Vec<_>>(),
-            "kafka_only_readings_per_second": median(kafka_only.clone()).round(),
+            "kafka_only_readings_per_second": common::median(kafka_only.clone()).round(),
             "kafka_only_by_round": kafka_only.iter().map(|r| r.round()).collect::<Vec<_>>(),
             "share_of_ceiling": share,
             "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
         }));
     }
     rows
-}
-
-/// CPU time of this process so far (user + system), from /proc.
-fn process_cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or_default().split(' ').collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
-    ticks / 100.0
-}
-
-/// The Kafka side alone: the records ingest would write for the same fleet (converted
-/// beforehand, untimed) sent through ingest's own `Sink` with the same in-flight bound
-/// and in order, as ingest does. The mock cluster, when it is the Kafka broker, runs in
-/// this process, on the same cores, in every round that writes to Kafka.
-async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) -> f64 {
-    use futures::StreamExt as _;
-    let prefix = format!("bench/{tag}");
-    let config = ingest_config(brokers, &prefix, "unused");
-    let routes = ingest::routing::Routes::new(&config.rules).unwrap();
-    let mut fleet = device_simulator::fleet::Fleet::new(
-        &FleetOptions { cars, ..FleetOptions::default() },
-        std::time::SystemTime::now().into(),
-    );
-    let mut records = Vec::with_capacity(cars * per_car as usize);
-    for _ in 0..per_car {
-        for reading in fleet.step(0.001) {
-            let topic = format!("{prefix}/{}", reading.device_id);
-            let payload = sensor::json::to_json(&reading);
-            let message = ingest::record::MqttMessage {
-                topic: &topic,
-                payload: payload.as_bytes(),
-                qos: 1,
-                user_properties: &[],
-                content_type: None,
-                received_at: std::time::SystemTime::now(),
-            };
-            records.push(ingest::record::from_mqtt(&routes, &ingest::record::MqttChecks::of(&config), &message));
-        }
-    }
-    let metrics = ingest::metrics::Metrics::new(&prometheus::Registry::new()).unwrap();
-    let sink = ingest::kafka::Sink::new(&config.kafka, &config.dead_letter_topic, metrics).unwrap();
-    let total = records.len() as u64;
-    let start = Instant::now();
-    let written = futures::stream::iter(records).map(|record| sink.send(record)).buffered(IN_FLIGHT);
-    let confirmed = written.filter(|w| std::future::ready(w.is_ok())).count().await as u64;
-    let elapsed = start.elapsed();
-    assert_eq!(confirmed, total, "Kafka confirmed every record");
-    total as f64 / elapsed.as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 fn main() {
@@ -397,4 +346,13 @@ fn main() {
     });
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap() + "\n").unwrap();
     eprintln!("wrote {}", out.display());
+}
+
+/// The Kafka side alone ([`common::kafka_only_rate`]) for the records ingest would write
+/// for the same fleet.
+async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) -> f64 {
+    let prefix = format!("bench/{tag}");
+    let config = ingest_config(brokers, &prefix, "unused");
+    let messages = common::mqtt_messages(&prefix, &common::fleet_readings(cars, per_car));
+    common::kafka_only_rate(&config, common::mqtt_records(&config, &messages), IN_FLIGHT).await
 }

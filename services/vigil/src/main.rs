@@ -92,6 +92,10 @@ struct UpArgs {
     /// publishes under its own topic prefix there.
     #[arg(long)]
     mqtt_url: Option<String>,
+    /// Where the cars publish: to an MQTT broker ingest subscribes to, or straight to
+    /// ingest's MQTT proxy with no broker at all (docs/mqtt-proxy.md).
+    #[arg(long, value_enum, default_value_t = vigil::up::MqttMode::Broker)]
+    mqtt: vigil::up::MqttMode,
     /// The model (a directory of numbered SavedModel versions, all served); default: the
     /// bundled one (a path inside the source tree; images set VIGIL_MODEL_DIR).
     #[arg(long, env = "VIGIL_MODEL_DIR")]
@@ -166,6 +170,7 @@ fn up(args: UpArgs) -> ExitCode {
         interval: Duration::from_millis(args.interval_ms.max(1)),
         kafka_brokers: args.kafka_brokers,
         mqtt_url: args.mqtt_url,
+        mqtt: args.mqtt,
         model_dir: args.model_dir.unwrap_or_else(vigil::up::bundled_model),
         scoring: args.scoring,
         model_server_port: args.model_server_port,

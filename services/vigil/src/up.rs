@@ -4,7 +4,8 @@
 //! ```text
 //!  device simulator ──MQTT 3.1.1──▶ MQTT broker ──MQTT 5──▶ ingest ──Kafka──▶ readings
 //!   (fault injection)              (embedded rumqttd,                          │
-//!                                   or --mqtt-url)        stream processor ◀──┘
+//!        │                          or --mqtt-url)        stream processor ◀──┘
+//!        └──MQTT 3.1.1 (--mqtt proxy: no broker)──────▶ ingest
 //!                                                             │ gRPC Predict
 //!  observer (live view, summary) ◀──Kafka── scores, anomalies ◀┘ model server
 //!                    ▲                 │    (embedded mock cluster, or --kafka-brokers)
@@ -58,6 +59,9 @@ pub struct UpOptions {
     pub kafka_brokers: Option<String>,
     /// External MQTT broker (`mqtt://host:port`) instead of the embedded rumqttd.
     pub mqtt_url: Option<String>,
+    /// Whether the cars publish to an MQTT broker that ingest subscribes to, or straight
+    /// to ingest's MQTT proxy.
+    pub mqtt: MqttMode,
     /// The model server's model (a directory of numbered SavedModel versions, all served).
     pub model_dir: PathBuf,
     /// How the stream processor scores (docs/stream-processor.md, "Three ways to score").
@@ -70,6 +74,17 @@ pub struct UpOptions {
     pub live: bool,
     /// The alerts service's rules (default: [`demo_alert_rules`]).
     pub alert_rules: Vec<RuleConfig>,
+}
+
+/// Where the demo's cars publish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MqttMode {
+    /// To an MQTT broker (embedded rumqttd, or `--mqtt-url`), which ingest subscribes to
+    /// (the default).
+    #[default]
+    Broker,
+    /// Straight to ingest's MQTT proxy: no MQTT broker runs (docs/mqtt-proxy.md).
+    Proxy,
 }
 
 /// How the demo's stream processor scores its readings.
@@ -96,6 +111,7 @@ impl Default for UpOptions {
             interval: Duration::from_secs(1),
             kafka_brokers: None,
             mqtt_url: None,
+            mqtt: MqttMode::default(),
             model_dir: bundled_model(),
             scoring: Scoring::default(),
             // TF Serving's, where `vigil rollout` looks by default.
@@ -176,14 +192,14 @@ pub async fn up(options: UpOptions, interrupt: impl Future<Output = ()>) -> anyh
         .context("the alert rules")?;
     let ports = Ports::bind(&options).await?;
 
-    let brokers = Brokers::start(&options, run_id).await?;
+    let mut brokers = Brokers::start(&options, run_id).await?;
     say(format!("Kafka:        {} at {}", brokers.kafka_name, brokers.kafka.bootstrap_servers()));
     say(format!("MQTT:         {}", brokers.mqtt.name));
     let model_server = start_model_server(&options, &brokers, run_id, ports.model_server, &say).await?;
     let (processor, processor_grpc) =
         start_processor(&options, &brokers, run_id, model_server.grpc, ports.processor).await?;
     let alerts_service = start_alerts(&options, &brokers, run_id, &say).await?;
-    let ingest = start_ingest(&brokers, run_id).await?;
+    let ingest = start_ingest(&mut brokers, run_id).await?;
     say(format!(
         "ingest:       metrics {}/metrics; stream processor: metrics {}/metrics, gRPC {processor_grpc} (replays)",
         ingest.admin, processor.admin

@@ -14,15 +14,19 @@ use embedded_brokers::{KafkaCluster, KafkaUnderTest, MqttBroker};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::{ALERTS_COMMIT_INTERVAL, MODEL_NAME, Scoring, UpOptions, describe_rule};
+use super::{ALERTS_COMMIT_INTERVAL, MODEL_NAME, MqttMode, Scoring, UpOptions, describe_rule};
 use crate::observe::Topics;
 
-/// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5.
+/// Where the MQTT side is: the simulator publishes with MQTT 3.1.1, ingest reads with 5
+/// from the broker, or (proxy mode) takes the simulator's connections itself.
 pub(super) struct Mqtt {
     pub(super) host: String,
     pub(super) publish_port: u16,
+    /// Empty in proxy mode: ingest subscribes to no broker.
     pub(super) ingest_url: String,
     pub(super) name: String,
+    /// Proxy mode: the port the simulator publishes to, bound here for ingest to serve.
+    pub(super) proxy: Option<tokio::net::TcpListener>,
 }
 
 /// A service running in this process until its stop is sent.
@@ -131,12 +135,32 @@ impl Brokers {
         if let KafkaUnderTest::Mock(_) = &kafka {
             kafka.create_topic(&topics.alerts_changelog, 4).await?;
         }
-        let mqtt = match &options.mqtt_url {
-            Some(url) => {
-                let (host, port) = host_port(url)?;
-                Mqtt { host, publish_port: port, ingest_url: url.clone(), name: format!("MQTT broker at {url}") }
+        let mqtt = match (&options.mqtt_url, options.mqtt) {
+            (Some(_), MqttMode::Proxy) => {
+                anyhow::bail!("--mqtt-url and --mqtt proxy do not go together: the proxy replaces the broker")
             }
-            None => {
+            (None, MqttMode::Proxy) => {
+                let listener = loopback().await?;
+                let port = address(&listener)?.port();
+                Mqtt {
+                    host: "127.0.0.1".into(),
+                    publish_port: port,
+                    ingest_url: String::new(),
+                    name: format!("no MQTT broker: the cars connect to ingest's MQTT proxy at 127.0.0.1:{port}"),
+                    proxy: Some(listener),
+                }
+            }
+            (Some(url), MqttMode::Broker) => {
+                let (host, port) = host_port(url)?;
+                Mqtt {
+                    host,
+                    publish_port: port,
+                    ingest_url: url.clone(),
+                    name: format!("MQTT broker at {url}"),
+                    proxy: None,
+                }
+            }
+            (None, MqttMode::Broker) => {
                 let broker = MqttBroker::start().context("starting the embedded MQTT broker")?;
                 Mqtt {
                     host: "127.0.0.1".into(),
@@ -147,6 +171,7 @@ impl Brokers {
                         broker.v4.port(),
                         broker.v5.port()
                     ),
+                    proxy: None,
                 }
             }
         };
@@ -298,8 +323,10 @@ pub(super) async fn start_alerts(
     Ok(Service { running, admin: metrics })
 }
 
-/// Ingest: MQTT 5 from the run's broker into the readings topic.
-pub(super) async fn start_ingest(brokers: &Brokers, run_id: u64) -> anyhow::Result<Service<ingest::IngestError>> {
+/// Ingest: MQTT 5 from the run's broker (or the cars' own connections, in proxy mode)
+/// into the readings topic.
+pub(super) async fn start_ingest(brokers: &mut Brokers, run_id: u64) -> anyhow::Result<Service<ingest::IngestError>> {
+    let proxy = brokers.mqtt.proxy.take();
     let mut config = ingest::config::IngestConfig::default();
     config.mqtt.url.clone_from(&brokers.mqtt.ingest_url);
     config.mqtt.protocol = ingest::config::MqttProtocol::V5;
@@ -320,7 +347,11 @@ pub(super) async fn start_ingest(brokers: &Brokers, run_id: u64) -> anyhow::Resu
     let admin = loopback().await?;
     let metrics = format!("http://{}", address(&admin)?);
     let running = Running::spawn("ingest", |stopped| {
-        ingest::run(config, ingest::Listeners { admin: Some(admin), ..Default::default() }, until(stopped))
+        ingest::run(
+            config,
+            ingest::Listeners { admin: Some(admin), mqtt_proxy: proxy, ..Default::default() },
+            until(stopped),
+        )
     });
     Ok(Service { running, admin: metrics })
 }
