@@ -265,6 +265,64 @@ def check_processor_grpc(values: dict, deployment: dict, configmap: dict, by_kin
         print(f"    stream-processor gRPC :{port}: ReplayService open to {len(want)} peer selector(s)")
 
 
+def check_ingest_devices(values: dict, deployment: dict, configmap: dict, by_kind: dict) -> None:
+    """The MQTT proxy and HTTP ports: config, container ports, the device Service, the
+    Secrets mounted where the config reads them, the NetworkPolicy and the HPA's metric."""
+    ingest = values["ingest"]
+    config = tomllib.loads(configmap["data"]["ingest.toml"])
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    devices = next((s for s in by_kind.get("Service", {}).values()
+                    if s["spec"].get("selector") == labels and s["metadata"]["name"].endswith("-devices")), None)
+    want_mqtt = values["mqtt"]["url"] if ingest["mqttBridge"]["enabled"] else ""
+    check(config["mqtt"]["url"] == want_mqtt, f"ingest.toml: mqtt.url is {config['mqtt']['url']!r}, want {want_mqtt!r}")
+    served = []
+    for key, section, enabled, secret, secret_key, volume, directory, file_key in (
+        ("mqtt", "mqtt_proxy", ingest["mqttProxy"]["enabled"], ingest["mqttProxy"]["usersSecret"],
+         ingest["mqttProxy"]["usersKey"], "proxy-users", "/etc/vigil/ingest-users", "users_file"),
+        ("http", "http", ingest["http"]["enabled"], ingest["http"]["tokenSecret"],
+         ingest["http"]["tokenKey"], "http-token", "/etc/vigil/ingest-token", "token_file"),
+    ):
+        port = ingest["ports"][key]
+        listen = config[section].get("listen", "")
+        check(listen == (f"0.0.0.0:{port}" if enabled else ""), f"ingest.toml: {section}.listen is {listen!r}")
+        has_port = {"name": key, "containerPort": port, "protocol": "TCP"} in container.get("ports", [])
+        check(has_port == enabled, f"ingest container: port {key} {'missing' if enabled else 'present while off'}")
+        service_ports = [p for p in (devices or {"spec": {"ports": []}})["spec"]["ports"] if p["name"] == key]
+        check(len(service_ports) == int(enabled), f"ingest device Service: {key} ports {service_ports}")
+        if enabled and secret:
+            check(mounts.get(volume) == directory and volumes.get(volume, {}).get("secret", {}).get("secretName") == secret,
+                  f"ingest: Secret {secret} is not mounted at {directory}")
+            check(config[section].get(file_key) == f"{directory}/{secret_key}",
+                  f"ingest.toml: {section}.{file_key} is not the mounted Secret's {secret_key}")
+        else:
+            check(file_key not in config[section] and volume not in mounts, f"ingest: {volume} mounted while unused")
+        if enabled:
+            served.append(f"{key} :{port}")
+    check((devices is not None) == bool(served), "ingest device Service: present exactly when a device port is on")
+    if devices is not None:
+        check(devices["spec"]["type"] == ingest["deviceService"]["type"], "ingest device Service: not deviceService.type")
+    if values["networkPolicy"]["enabled"] and served:
+        policy = next(p for p in by_kind["NetworkPolicy"].values() if p["spec"]["podSelector"].get("matchLabels") == labels)
+        rules = [r for r in policy["spec"].get("ingress") or [] if any(p.get("port") in ("mqtt", "http") for p in r["ports"])]
+        want = values["networkPolicy"]["ingest"]["devicesFrom"]
+        check(len(rules) == 1 and rules[0].get("from", []) == want,
+              f"ingest NetworkPolicy: device ports admitted by {rules}, want from {want or 'anywhere'}")
+    hpa = next((h for h in by_kind.get("HorizontalPodAutoscaler", {}).values()
+                if h["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]), None)
+    target = ingest["mqttProxy"].get("targetConnectionsPerPod")
+    if hpa is not None:
+        pods = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        want = [] if target is None or not ingest["mqttProxy"]["enabled"] else [
+            {"type": "Pods", "pods": {"metric": {"name": "ingest_proxy_connections"},
+                                      "target": {"type": "AverageValue", "averageValue": str(target)}}}]
+        check(pods == want, f"ingest HPA: Pods metrics {pods}, want {want}")
+    if served:
+        print(f"    ingest device ports: {', '.join(served)} on a {ingest['deviceService']['type']} Service")
+
+
 def check_alerts(values: dict, deployment: dict, configmap: dict | None, by_kind: dict) -> None:
     """The alerts Deployment, its config file, NetworkPolicy and PodDisruptionBudget (see the module doc)."""
     al = values["alerts"]
@@ -689,6 +747,9 @@ def main() -> int:
 
     if "stream-processor" in deployments:
         check_processor_grpc(values, deployments["stream-processor"], configmaps["stream-processor"], by_kind)
+
+    if "ingest" in deployments:
+        check_ingest_devices(values, deployments["ingest"], configmaps["ingest"], by_kind)
 
     # NetworkPolicy: the processor may call the model server.
     if values["networkPolicy"]["enabled"] and "model-server" in deployments and "stream-processor" in deployments:

@@ -373,6 +373,9 @@ spec:
           type: Utilization
           averageUtilization: {{ include "vigil.int" $scaling.targetMemoryUtilizationPercentage }}
     {{- end }}
+    {{- with .extraMetrics }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{/* A policy/v1 PodDisruptionBudget for a component's pods. */}}

@@ -1,6 +1,7 @@
 {{/*
 Ingest's TOML config (services/ingest/src/config.rs, IngestConfig): ingest.config plus what
-the chart owns: admin_listen, grpc.listen, the kafka table, mqtt.url and mqtt.tls.
+the chart owns: admin_listen, grpc.listen, the kafka table, mqtt.url (empty without the
+bridge), mqtt.tls, mqtt_proxy.listen and users_file, http.listen and token_file.
 mqtt.client_id (the pod name) and the credentials come from the environment.
 */}}
 {{- define "vigil.ingest.config" -}}
@@ -9,7 +10,15 @@ mqtt.client_id (the pod name) and the credentials come from the environment.
 {{- $_ := set $config "admin_listen" (printf "0.0.0.0:%d" (int $in.ports.metrics)) -}}
 {{- $_ := set $config.grpc "listen" (ternary (printf "0.0.0.0:%d" (int $in.ports.grpc)) "" $in.grpc.enabled) -}}
 {{- $_ := set $config "kafka" (merge (fromYaml (include "vigil.stringMap" $in.kafkaProperties)) (fromYaml (include "vigil.kafka.properties" .))) -}}
-{{- $_ := set $config.mqtt "url" .Values.mqtt.url -}}
+{{- $_ := set $config.mqtt "url" (ternary .Values.mqtt.url "" $in.mqttBridge.enabled) -}}
+{{- $_ := set $config.mqtt_proxy "listen" (ternary (printf "0.0.0.0:%d" (int $in.ports.mqtt)) "" $in.mqttProxy.enabled) -}}
+{{- if and $in.mqttProxy.enabled $in.mqttProxy.usersSecret -}}
+{{- $_ := set $config.mqtt_proxy "users_file" (printf "/etc/vigil/ingest-users/%s" $in.mqttProxy.usersKey) -}}
+{{- end -}}
+{{- $_ := set $config.http "listen" (ternary (printf "0.0.0.0:%d" (int $in.ports.http)) "" $in.http.enabled) -}}
+{{- if and $in.http.enabled $in.http.tokenSecret -}}
+{{- $_ := set $config.http "token_file" (printf "/etc/vigil/ingest-token/%s" $in.http.tokenKey) -}}
+{{- end -}}
 {{- $tls := .Values.mqtt.tls -}}
 {{- if $tls.existingSecret -}}
 {{- $dir := include "vigil.mqtt.tlsDir" . -}}
