@@ -301,6 +301,20 @@ def check_ingest_devices(values: dict, deployment: dict, configmap: dict, by_kin
             check(file_key not in config[section] and volume not in mounts, f"ingest: {volume} mounted while unused")
         if enabled:
             served.append(f"{key} :{port}")
+    tls = ingest["deviceTls"]
+    for section, enabled in (("mqtt_proxy", ingest["mqttProxy"]["enabled"]), ("http", ingest["http"]["enabled"])):
+        want = None
+        if enabled and tls["existingSecret"]:
+            want = {"cert_file": f"/etc/vigil/device-tls/{tls['certKey']}", "key_file": f"/etc/vigil/device-tls/{tls['keyKey']}",
+                    "client_certificates": tls["clientCertificates"]}
+            if tls["clientCertificates"] != "none":
+                want["client_ca_file"] = f"/etc/vigil/device-tls/{tls['caKey']}"
+        check(config[section].get("tls") == want, f"ingest.toml: {section}.tls is {config[section].get('tls')}, want {want}")
+    if tls["existingSecret"] and served:
+        check(mounts.get("device-tls") == "/etc/vigil/device-tls"
+              and volumes.get("device-tls", {}).get("secret", {}).get("secretName") == tls["existingSecret"],
+              f"ingest: deviceTls Secret {tls['existingSecret']} is not mounted at /etc/vigil/device-tls")
+        served = [f"{port} over TLS" for port in served]
     check((devices is not None) == bool(served), "ingest device Service: present exactly when a device port is on")
     if devices is not None:
         check(devices["spec"]["type"] == ingest["deviceService"]["type"], "ingest device Service: not deviceService.type")

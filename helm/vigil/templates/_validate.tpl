@@ -28,6 +28,11 @@ failing here says so before anything is deployed.
 {{- fail "mqtt.tls.certKey needs mqtt.tls.existingSecret: the Secret holding the client certificate and key" -}}
 {{- end -}}
 
+{{- $deviceTls := $v.ingest.deviceTls -}}
+{{- if and (eq $v.ingest.config.mqtt_proxy.device_id_from "certificate-cn") (not (and $deviceTls.existingSecret (eq $deviceTls.clientCertificates "required"))) -}}
+{{- fail "ingest.config.mqtt_proxy.device_id_from certificate-cn needs ingest.deviceTls.existingSecret with clientCertificates required: the identity is the verified device certificate's common name" -}}
+{{- end -}}
+
 {{- $msSecurity := $v.modelServer.security -}}
 {{- if $v.modelServer.enabled -}}
 {{- if and $msSecurity.tls.enabled (eq $msSecurity.tls.source "secret") (not $msSecurity.tls.existingSecret) -}}

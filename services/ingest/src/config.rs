@@ -141,6 +141,9 @@ pub struct HttpConfig {
     /// (`Authorization: Bearer <token>`), e.g. a mounted Secret; none: no token asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// TLS on the HTTP port (HTTPS); none: plain HTTP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::ServerTlsConfig>,
 }
 
 /// MQTT proxy mode (docs/mqtt-proxy.md): ingest accepts MQTT 3.1.1 and 5 connections
@@ -177,6 +180,9 @@ pub struct MqttProxyConfig {
     /// Topic filters a device may publish to, `{device}` standing for its identity, e.g.
     /// `vehicles/sensor/data/{device}`. Empty: any topic (the rules still route it).
     pub acl: Vec<String>,
+    /// TLS on the proxy's port (MQTT over TLS, usually port 8883); none: plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::ServerTlsConfig>,
 }
 
 /// One mapping rule: a match on the MQTT topic and where matching messages go.
@@ -270,6 +276,7 @@ impl Default for MqttProxyConfig {
             users_file: None,
             device_id_from: crate::proxy::access::DeviceIdFrom::ClientId,
             acl: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -289,6 +296,7 @@ impl Default for HttpConfig {
             max_readings_per_request: 2_000,
             max_concurrent_requests: 16,
             token_file: None,
+            tls: None,
         }
     }
 }
@@ -377,12 +385,20 @@ impl ServiceConfig for IngestConfig {
                 "mqtt_proxy.max_in_flight_bytes must be at least mqtt_proxy.max_packet_bytes (and below 2^61)".into(),
             ));
         }
-        if proxy.device_id_from == crate::proxy::access::DeviceIdFrom::CertificateCn {
+        let required = |tls: &Option<crate::tls::ServerTlsConfig>| {
+            tls.as_ref().is_some_and(|t| t.client_certificates == crate::tls::ClientCertificates::Required)
+        };
+        if proxy.device_id_from == crate::proxy::access::DeviceIdFrom::CertificateCn && !required(&proxy.tls) {
             return Err(ConfigError(
-                "mqtt_proxy.device_id_from = \"certificate-cn\" needs TLS with client certificates on the proxy \
-                 port, which is not available yet (docs/mqtt-proxy.md)"
+                "mqtt_proxy.device_id_from = \"certificate-cn\" needs mqtt_proxy.tls with client_certificates = \
+                 \"required\" (every device presents a verified certificate)"
                     .into(),
             ));
+        }
+        for (key, tls) in [("mqtt_proxy.tls", &proxy.tls), ("http.tls", &self.http.tls)] {
+            if let Some(tls) = tls {
+                tls.check(key).map_err(ConfigError)?;
+            }
         }
         crate::proxy::access::Acl::new(&proxy.acl).map_err(|e| ConfigError(format!("mqtt_proxy.acl: {e}")))?;
         if self.dead_letter_topic.is_empty() {

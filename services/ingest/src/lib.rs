@@ -29,6 +29,7 @@ pub mod mqtt;
 pub mod proxy;
 pub mod record;
 pub mod routing;
+pub mod tls;
 pub mod trace;
 
 use std::future::Future;
@@ -138,13 +139,27 @@ pub async fn run(
             token,
         });
         let router = http::router(ingest, config.http.max_body_bytes, config.http.max_concurrent_requests);
-        let draining = signal(draining.clone());
+        let tls = match &config.http.tls {
+            Some(tls) => {
+                let source = tls::TlsSource { config: tls.clone(), key: "http.tls", alpn: vec![b"http/1.1".to_vec()] };
+                let loaded = source.load().map_err(IngestError::Config)?;
+                source.watch(&loaded, draining.clone());
+                Some(loaded)
+            }
+            None => None,
+        };
+        let stopped = signal(draining.clone());
+        let failed = |e: std::io::Error| IngestError::Config(format!("http server: {e}"));
         // Graceful: requests under way finish (their readings confirmed) before it returns.
         tasks.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(draining)
-                .await
-                .map_err(|e| IngestError::Config(format!("http server: {e}")))
+            match tls {
+                None => axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(failed),
+                Some(tls) => {
+                    let listener = server_tls::TlsListener::new(listener, move || tls.current(), nodelay, "http")
+                        .map_err(failed)?;
+                    axum::serve(listener, router).with_graceful_shutdown(stopped).await.map_err(failed)
+                }
+            }
         });
     }
 
@@ -152,9 +167,18 @@ pub async fn run(
         tracing::info!(address = %local_addr(&listener)?, "serving MQTT proxy");
         let shared = proxy::shared(&config, Arc::clone(&routes), sink.clone(), metrics.clone())?;
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
+        let tls = match &config.mqtt_proxy.tls {
+            Some(tls) => {
+                let source = tls::TlsSource { config: tls.clone(), key: "mqtt_proxy.tls", alpn: Vec::new() };
+                let loaded = source.load().map_err(IngestError::Config)?;
+                source.watch(&loaded, draining.clone());
+                Some(loaded)
+            }
+            None => None,
+        };
         let (draining, drain) = (draining.clone(), drain.clone());
         tasks.spawn(async move {
-            let result = proxy::run(listener, shared, draining, grace).await;
+            let result = proxy::run(listener, tls, shared, draining, grace).await;
             // A fatal producer error ends ingest, as it does the bridge.
             let _ = drain.send(true);
             result.map_err(|e| IngestError::Source(mqtt::SourceError::Kafka(e)))
@@ -185,6 +209,11 @@ pub async fn run(
     let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
     let _ = tokio::task::spawn_blocking(move || sink.flush(grace)).await;
     result
+}
+
+/// Readings are small and acknowledgements smaller: no Nagle delay on ingest's ports.
+fn nodelay(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
 }
 
 fn local_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, IngestError> {

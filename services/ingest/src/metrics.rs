@@ -40,7 +40,7 @@ pub struct Metrics {
     /// MQTT proxy: device connections open.
     pub proxy_connections: IntGauge,
     /// MQTT proxy: connections refused before or at CONNECT, by reason (a fixed set:
-    /// `connection_limit`, `connect_timeout`, `bad_credentials`, `not_authorized`,
+    /// `connection_limit`, `connect_timeout`, `tls_handshake`, `bad_credentials`, `not_authorized`,
     /// `bad_client_id`, `unsupported_protocol`, `packet_too_large`, `malformed`, `closed`).
     pub proxy_connects_refused: IntCounterVec,
     /// MQTT proxy: connections ended, by reason (`client_disconnect`, `closed`,

@@ -354,3 +354,108 @@ async fn while_kafka_is_down_nothing_is_acknowledged_and_a_client_over_its_recei
     assert_eq!(records.len(), 8, "the ninth was refused unread");
     ingest.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_client_certificate_is_the_device_identity_and_https_ingest_answers() {
+    use ingest::tls::{ClientCertificates, ServerTlsConfig};
+    use test_support::pki::{Ca, tls_connect};
+    let kafka = support::kafka();
+    let ca = Ca::new("vigil-test-ca");
+    let (server, car_1) = (ca.server(), ca.client("car-1"));
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (cert_file, key_file, ca_file) =
+        (write("tls.crt", &server.cert), write("tls.key", &server.key), write("ca.crt", &ca.pem));
+    let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let https = http_listener.local_addr().unwrap();
+    let mut config = support::config(&kafka, "", "proxy-tls");
+    config.mqtt.url.clear();
+    config.mqtt_proxy.tls = Some(ServerTlsConfig {
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        client_ca_file: Some(ca_file),
+        client_certificates: ClientCertificates::Required,
+    });
+    config.mqtt_proxy.device_id_from = ingest::proxy::access::DeviceIdFrom::CertificateCn;
+    config.mqtt_proxy.acl = vec!["vehicles/sensor/data/{device}".into()];
+    config.http.tls = Some(ServerTlsConfig {
+        cert_file,
+        key_file,
+        client_ca_file: None,
+        client_certificates: ClientCertificates::None,
+    });
+    let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = proxy_listener.local_addr().unwrap();
+    let listeners =
+        ingest::Listeners { mqtt_proxy: Some(proxy_listener), http: Some(http_listener), ..Default::default() };
+    let ingest = RunningIngest::start_with(config, listeners).await;
+    let reading = |device: &str| {
+        let mut fleet =
+            Fleet::new(&FleetOptions { cars: 1, ..FleetOptions::default() }, std::time::SystemTime::now().into());
+        let mut reading = fleet.step(1.0).remove(0);
+        reading.device_id = device.to_owned();
+        (format!("vehicles/sensor/data/{device}"), sensor::json::to_json(&reading))
+    };
+
+    // car-1's certificate: its own topic acknowledged, car-2's refused with 0x87.
+    let mut stream = tls_connect(proxy, &ca, &[], Some(&car_1)).await.unwrap();
+    stream.write_all(&connect_packet(true, "any-client-id", None)).await.unwrap();
+    let (own, foreign) = (reading("car-1"), reading("car-2"));
+    stream.write_all(&publish_packet(true, &own.0, 1, own.1.as_bytes())).await.unwrap();
+    stream.write_all(&publish_packet(true, &foreign.0, 2, foreign.1.as_bytes())).await.unwrap();
+    stream.write_all(&[0xE0, 0x00]).await.unwrap();
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await.unwrap().unwrap_or(0);
+    let after_connack = &received[2 + usize::from(received[1])..];
+    assert_eq!(after_connack, [0x40, 0x02, 0x00, 0x01, 0x40, 0x04, 0x00, 0x02, 0x87, 0x00], "{received:02x?}");
+
+    // No certificate, or no TLS at all: never a CONNACK.
+    for with_tls in [true, false] {
+        let mut received = Vec::new();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            if with_tls {
+                let mut stream = tls_connect(proxy, &ca, &[], None).await?;
+                stream.write_all(&connect_packet(true, "anonymous", None)).await?;
+                stream.read_to_end(&mut received).await
+            } else {
+                let mut stream = TcpStream::connect(proxy).await?;
+                stream.write_all(&connect_packet(true, "plain", None)).await?;
+                stream.read_to_end(&mut received).await
+            }
+        })
+        .await
+        .expect("closed within the CONNECT timeout");
+        assert!(outcome.is_err() || !received.starts_with(&[0x20]), "tls {with_tls}: {received:02x?}");
+    }
+
+    // HTTPS ingest takes the same reading (a plain HTTP/1.1 request over rustls).
+    let body = reading("car-9").1;
+    let mut stream = tls_connect(https, &ca, &[b"http/1.1"], None).await.unwrap();
+    let request = format!(
+        "POST {} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        ingest::http::PATH,
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    let records = test_support::kafka::read_to_end(&kafka, READINGS).await;
+    let mut devices: Vec<_> = readings(&records).into_iter().map(|r| r.device_id).collect();
+    devices.sort();
+    assert_eq!(devices, ["car-1", "car-9"]);
+    let metrics = ingest.admin.metrics().await;
+    let refused = test_support::metrics::metric_total(
+        &metrics,
+        "ingest_proxy_connects_refused_total",
+        &[("reason", "tls_handshake")],
+    );
+    assert!(refused >= 1.0, "handshakes refused: {refused}");
+    ingest.stop().await.unwrap();
+}

@@ -15,7 +15,8 @@
 //! - [`kafka`]: records produced and confirmed, and a topic read back, on the shared
 //!   `kafka` crate and the embedded brokers;
 //! - [`tail`]: topics followed from their beginning with each record's times, never
-//!   trusting a watermark (tansu's are wrong) ([`Tail`]).
+//!   trusting a watermark (tansu's are wrong) ([`Tail`]);
+//! - [`pki`]: test certificates (a CA, server and client certificates) and a TLS client.
 //!
 //! What stays in each suite's own support: starting that service in process, its config and
 //! what its records mean.
@@ -28,6 +29,7 @@ pub mod files;
 pub mod kafka;
 pub mod metrics;
 pub mod names;
+pub mod pki;
 pub mod tail;
 pub mod wait;
 

@@ -1,7 +1,7 @@
 {{/*
 Ingest's TOML config (services/ingest/src/config.rs, IngestConfig): ingest.config plus what
 the chart owns: admin_listen, grpc.listen, the kafka table, mqtt.url (empty without the
-bridge), mqtt.tls, mqtt_proxy.listen and users_file, http.listen and token_file.
+bridge), mqtt.tls, mqtt_proxy.listen, users_file and tls, http.listen, token_file and tls.
 mqtt.client_id (the pod name) and the credentials come from the environment.
 */}}
 {{- define "vigil.ingest.config" -}}
@@ -16,6 +16,14 @@ mqtt.client_id (the pod name) and the credentials come from the environment.
 {{- $_ := set $config.mqtt_proxy "users_file" (printf "/etc/vigil/ingest-users/%s" $in.mqttProxy.usersKey) -}}
 {{- end -}}
 {{- $_ := set $config.http "listen" (ternary (printf "0.0.0.0:%d" (int $in.ports.http)) "" $in.http.enabled) -}}
+{{- with $in.deviceTls.existingSecret -}}
+{{- $tls := dict "cert_file" (printf "/etc/vigil/device-tls/%s" $in.deviceTls.certKey) "key_file" (printf "/etc/vigil/device-tls/%s" $in.deviceTls.keyKey) "client_certificates" $in.deviceTls.clientCertificates -}}
+{{- if ne $in.deviceTls.clientCertificates "none" -}}
+{{- $_ := set $tls "client_ca_file" (printf "/etc/vigil/device-tls/%s" $in.deviceTls.caKey) -}}
+{{- end -}}
+{{- if $in.mqttProxy.enabled }}{{ $_ := set $config.mqtt_proxy "tls" $tls }}{{ end -}}
+{{- if $in.http.enabled }}{{ $_ := set $config.http "tls" (deepCopy $tls) }}{{ end -}}
+{{- end -}}
 {{- if and $in.http.enabled $in.http.tokenSecret -}}
 {{- $_ := set $config.http "token_file" (printf "/etc/vigil/ingest-token/%s" $in.http.tokenKey) -}}
 {{- end -}}

@@ -55,11 +55,36 @@ pub fn shared(
     }))
 }
 
+/// Finishes the TLS handshake (within the CONNECT timeout, the connection's slot held)
+/// and serves the connection, the verified client certificate's common name its identity
+/// when `device_id_from` says so.
+async fn serve_tls(
+    stream: tokio::net::TcpStream,
+    tls: &crate::tls::ServerTls,
+    shared: Arc<connection::Shared>,
+    draining: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+    let timeout = Duration::from_secs(shared.config.connect_timeout_seconds);
+    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let common_name = server_tls::Subject::of_peer(stream.get_ref().1).and_then(|s| s.common_name);
+            connection::serve(stream, common_name, shared, draining).await;
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "MQTT proxy: TLS handshake failed");
+            shared.metrics.proxy_connects_refused.with_label_values(&["tls_handshake"]).inc();
+        }
+        Err(_) => shared.metrics.proxy_connects_refused.with_label_values(&["connect_timeout"]).inc(),
+    }
+}
+
 /// Accepts device connections until `draining` fires, then lets every connection answer
 /// what Kafka confirms within `grace` and closes the rest. Fails when the producer failed
 /// fatally (the connections were closed unacknowledged).
 pub async fn run(
     listener: TcpListener,
+    tls: Option<crate::tls::ServerTls>,
     shared: Arc<connection::Shared>,
     mut draining: watch::Receiver<bool>,
     grace: Duration,
@@ -78,9 +103,12 @@ pub async fn run(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let (shared, draining) = (Arc::clone(&shared), for_connections.clone());
+                let (shared, draining, tls) = (Arc::clone(&shared), for_connections.clone(), tls.clone());
                 tasks.spawn(async move {
-                    connection::serve(stream, None, shared, draining).await;
+                    match tls {
+                        None => connection::serve(stream, None, shared, draining).await,
+                        Some(tls) => serve_tls(stream, &tls, shared, draining).await,
+                    }
                     drop(slot);
                 });
             }

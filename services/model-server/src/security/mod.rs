@@ -5,15 +5,13 @@
 //! The files are re-read while serving, every `--security_files_poll_wait_seconds` (5 by
 //! default): certificates are renewed and tokens rotated without a restart. A file whose
 //! contents changed and are valid is used from then on (new TLS handshakes, new calls); one
-//! that is unreadable or invalid is logged once and the one in use is kept. Contents are
-//! compared, not modification times: a Kubernetes Secret update swaps a symlink, which
-//! leaves the file's own mtime behind.
+//! that is unreadable or invalid is logged once and the one in use is kept
+//! ([`server_tls::watch`]).
 
 pub mod auth;
 pub mod tls;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -22,8 +20,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 
 use auth::{ManagementAuth, Token};
+use server_tls::watch::{Contents, Watched, watch_files};
 pub use tls::TlsSource;
-use tls::{Port, RestListener, Tls};
+use tls::{Port, Tls};
 
 /// What the flags say about security (see `config.rs`).
 #[derive(Debug, Clone, Default)]
@@ -50,17 +49,6 @@ pub enum SecurityError {
     SubjectsWithoutClientCertificates,
 }
 
-/// Files' contents as last read, to notice a change. Never printed: they hold keys and
-/// tokens.
-#[derive(Clone, PartialEq, Eq)]
-struct Contents(Arc<[String]>);
-
-impl std::fmt::Debug for Contents {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<contents>")
-    }
-}
-
 /// The TLS configs and management credentials in force, loaded from the flags' files.
 #[derive(Debug, Clone)]
 pub struct Security {
@@ -80,7 +68,7 @@ impl Security {
                 if !options.management_allowed_subjects.is_empty() && !configs.verifies_clients {
                     return Err(SecurityError::SubjectsWithoutClientCertificates);
                 }
-                Some((Tls::new(configs), Contents(contents.into())))
+                Some((Tls::new(configs), Contents::new(contents)))
             }
             None if !options.management_allowed_subjects.is_empty() => {
                 return Err(SecurityError::SubjectsWithoutClientCertificates);
@@ -93,7 +81,7 @@ impl Security {
                     .map_err(|e| SecurityError::TokenFile { path: path.clone(), message: e.to_string() })?;
                 let token = Token::from_file_text(&text)
                     .map_err(|message| SecurityError::TokenFile { path: path.clone(), message: message.into() })?;
-                (Some(token), Some(Contents(vec![text].into())))
+                (Some(token), Some(Contents::new(vec![text])))
             }
             None => (None, None),
         };
@@ -185,72 +173,13 @@ impl Tls {
         app: axum::Router,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(RestListener::new(self, listener)?, app).with_graceful_shutdown(stop).await
-    }
-}
-
-/// What one poll found.
-enum Polled<T> {
-    Unchanged,
-    Unreadable(String),
-    Changed(Contents, Result<T, String>),
-}
-
-/// Files being re-read: which (for the log), how often, their contents in use, until when.
-struct Watched {
-    what: String,
-    every: Duration,
-    last: Contents,
-    stop: watch::Receiver<bool>,
-}
-
-/// Re-reads files every `every` and applies contents that changed and parse.
-async fn watch_files<T: Send + 'static>(
-    watched: Watched,
-    read: impl Fn() -> Result<Vec<String>, String> + Send + Sync + 'static,
-    parse: impl Fn(&[String]) -> Result<T, String> + Send + Sync + 'static,
-    apply: impl Fn(T),
-) {
-    let Watched { what, every, mut last, mut stop } = watched;
-    let (read, parse) = (Arc::new(read), Arc::new(parse));
-    let mut reported: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
-        }
-        let (read, parse, previous) = (read.clone(), parse.clone(), last.clone());
-        // Reading is blocking IO and building a TLS config parses keys: off the async threads.
-        let polled = tokio::task::spawn_blocking(move || match read() {
-            Err(e) => Polled::Unreadable(e),
-            Ok(contents) if *contents == *previous.0 => Polled::Unchanged,
-            Ok(contents) => {
-                let parsed = parse(&contents);
-                Polled::Changed(Contents(contents.into()), parsed)
-            }
-        })
-        .await;
-        match polled {
-            Ok(Polled::Unchanged) => reported = None,
-            Ok(Polled::Unreadable(error)) => {
-                if reported.as_ref() != Some(&error) {
-                    tracing::error!(files = %what, %error, "file unreadable; keeping the one in use");
-                    reported = Some(error);
-                }
-            }
-            Ok(Polled::Changed(contents, Ok(value))) => {
-                apply(value);
-                last = contents;
-                reported = None;
-                tracing::info!(files = %what, "file changed; new connections and calls use it");
-            }
-            Ok(Polled::Changed(contents, Err(error))) => {
-                // Remembered, so the same bad contents are reported once.
-                last = contents;
-                reported = None;
-                tracing::error!(files = %what, %error, "file changed but is not valid; keeping the one in use");
-            }
-            Err(e) => tracing::error!(files = %what, error = %e, "file poll task failed"),
-        }
+        let tls = self.clone();
+        let listener = server_tls::TlsListener::new(
+            listener,
+            move || tls.current().for_port(Port::Rest).clone(),
+            crate::overload::tune_accepted,
+            Port::Rest.name(),
+        )?;
+        axum::serve(listener, app).with_graceful_shutdown(stop).await
     }
 }

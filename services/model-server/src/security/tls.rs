@@ -6,11 +6,10 @@
 //!
 //! Why handshakes are done here rather than by tonic's `ServerTlsConfig`: the certificate must
 //! change without a restart (cert-manager renews every few weeks), and tonic's config is fixed
-//! when the server starts. So the listeners stay plain `TcpListener`s, an accept loop hands
-//! each connection to its own task that runs the rustls handshake under a timeout (a client
-//! that never finishes its handshake holds one task, not the accept loop), and the finished
-//! streams are served by tonic and axum as any stream. Each handshake takes the config current
-//! at that moment ([`TlsConfigs`] behind an `ArcSwap`), which the file poller replaces.
+//! when the server starts. So the listeners stay plain `TcpListener`s, [`server_tls::accept`]
+//! runs each rustls handshake in its own task under a timeout, and the finished streams are
+//! served by tonic and axum as any stream. Each handshake takes the config current at that
+//! moment ([`TlsConfigs`] behind an `ArcSwap`), which the file poller replaces.
 //!
 //! `client_verify: true` is mutual TLS: every client must present a certificate signed by
 //! `custom_ca`. One deliberate extension to TF Serving, which ignores `custom_ca` unless
@@ -18,30 +17,16 @@
 //! a certificate (verified against `custom_ca` if it does), so management calls can be
 //! authorized by certificate subject while Predict clients need none.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use proto::tensorflow::serving::SslConfig;
-use rustls::RootCertStore;
-use rustls::pki_types::pem::{self, PemObject};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use server_tls::{AcceptedTls, Part};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 use crate::model_config;
-
-/// How long a client gets to finish its TLS handshake after the TCP accept.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most handshakes in progress at once per listener; past that, new connections wait in the
-/// kernel's listen backlog. Bounds what a flood of never-finishing clients can hold.
-const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// TLS settings that cannot be used: the message names the flag, the file and (in an
 /// SSLConfig) the field.
@@ -145,7 +130,7 @@ pub enum Port {
 }
 
 impl Port {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Port::Grpc => "grpc",
             Port::Rest => "rest",
@@ -186,65 +171,27 @@ impl TlsConfigs {
 
 /// Builds the ports' configs; an error names the SSLConfig field at fault.
 fn build(config: &SslConfig) -> Result<TlsConfigs, (&'static str, String)> {
-    let field = |field: &'static str, message: String| (field, message);
-    let certs = certificates(&config.server_cert).map_err(|message| field("server_cert", message))?;
-    let key = PrivateKeyDer::from_pem_slice(config.server_key.as_bytes()).map_err(|e| match e {
-        pem::Error::NoItemsFound => field("server_key", "no PEM private key found".into()),
-        e => field("server_key", format!("not a PEM private key ({e})")),
-    })?;
-    let provider = crypto_provider();
-    let verifier = if config.custom_ca.trim().is_empty() {
-        if config.client_verify {
-            return Err(field(
-                "client_verify",
-                "needs custom_ca (the CA certificates client certificates are verified against)".into(),
-            ));
-        }
-        WebPkiClientVerifier::no_client_auth()
-    } else {
-        let mut roots = RootCertStore::empty();
-        for (i, ca) in
-            certificates(&config.custom_ca).map_err(|message| field("custom_ca", message))?.into_iter().enumerate()
-        {
-            roots.add(ca).map_err(|e| field("custom_ca", format!("certificate {}: {e}", i + 1)))?;
-        }
-        let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-        let builder = if config.client_verify { builder } else { builder.allow_unauthenticated() };
-        builder.build().map_err(|e| field("custom_ca", e.to_string()))?
-    };
+    let server =
+        server_tls::server_config(&config.server_cert, &config.server_key, &config.custom_ca, config.client_verify)
+            .map_err(|e| {
+                let field = match e.part {
+                    Part::Certificate => "server_cert",
+                    Part::Key => "server_key",
+                    Part::ClientCa => "custom_ca",
+                    Part::ClientVerify => "client_verify",
+                };
+                let message = match e.part {
+                    Part::Key => e.message.replace("the certificate's", "server_cert's"),
+                    _ => e.message,
+                };
+                (field, message)
+            })?;
     let verifies_clients = !config.custom_ca.trim().is_empty();
-    let server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| field("server_cert", e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        // Checks that the key is the certificate's.
-        .with_single_cert(certs, key)
-        .map_err(|e| field("server_key", format!("{e} (the key must be server_cert's)")))?;
     let mut grpc = server.clone();
     grpc.alpn_protocols = vec![b"h2".to_vec()];
     let mut rest = server;
     rest.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsConfigs { grpc: Arc::new(grpc), rest: Arc::new(rest), verifies_clients })
-}
-
-/// ring, as the workspace's rustls is built with (see the root Cargo.toml). rustls 0.23.48
-/// deprecated ring's provider because it lacks post-quantum key exchange (X25519MLKEM768,
-/// aws-lc-rs only); switching means building aws-lc's C library in every build. Clients get
-/// classical (X25519, P-256, P-384) key exchange; moving the workspace to aws-lc-rs is the
-/// way to post-quantum.
-#[allow(deprecated)]
-fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not PEM certificates ({e})"))?;
-    if certs.is_empty() {
-        return Err("no PEM certificate found".into());
-    }
-    Ok(certs)
 }
 
 /// The TLS configs in force; replaced whole when the file changes.
@@ -270,100 +217,14 @@ impl Tls {
 
     /// Accepts connections on `listener` and yields each once its handshake finished.
     /// Accepting stops when the receiver is dropped (the server stopped), closing the port.
-    pub fn accept(&self, listener: TcpListener, port: Port) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
-        // A small queue: a finished handshake waits for the server to take it, as a TCP
-        // connection waits in the backlog.
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(accept_loop(listener, self.clone(), port, tx));
-        rx
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    tls: Tls,
-    port: Port,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
-    loop {
-        let accepted = tokio::select! {
-            _ = tx.closed() => return,
-            accepted = async {
-                let permit = pending.clone().acquire_owned().await.expect("the semaphore is never closed");
-                (listener.accept().await, permit)
-            } => accepted,
-        };
-        let ((tcp, peer), permit) = match accepted {
-            (Ok(connection), permit) => (connection, permit),
-            (Err(e), _) => {
-                accept_failed(port, e).await;
-                continue;
-            }
-        };
-        crate::overload::tune_accepted(&tcp);
-        let acceptor = TlsAcceptor::from(tls.current().for_port(port).clone());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = tx.send((stream, peer)).await;
-                }
-                // Worth seeing when a client's certificate or trust is wrong; a port scan
-                // shows up here too, hence info and not warn.
-                Ok(Err(e)) => tracing::info!(port = port.name(), %peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(
-                    port = port.name(),
-                    %peer,
-                    timeout_seconds = HANDSHAKE_TIMEOUT.as_secs(),
-                    "TLS handshake timed out"
-                ),
-            }
-        });
-    }
-}
-
-/// As hyper and axum do: a connection reset before accept is the client's business; any
-/// other error (out of file descriptors) is logged and accepting pauses for a second.
-async fn accept_failed(port: Port, e: std::io::Error) {
-    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
-    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
-        return;
-    }
-    tracing::error!(port = port.name(), error = %e, "accept failed; pausing 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
-/// The REST port's TLS connections as an axum listener, so `axum::serve` serves them as
-/// it serves a `TcpListener`.
-#[derive(Debug)]
-pub struct RestListener {
-    connections: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl RestListener {
-    pub fn new(tls: &Tls, listener: TcpListener) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        Ok(Self { connections: tls.accept(listener, Port::Rest), local })
-    }
-}
-
-impl axum::serve::Listener for RestListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.connections.recv().await {
-            Some(connection) => connection,
-            // The accept loop only ends once this receiver is gone.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.local)
+    pub fn accept(&self, listener: TcpListener, port: Port) -> mpsc::Receiver<AcceptedTls> {
+        let tls = self.clone();
+        server_tls::accept::spawn(
+            listener,
+            move || tls.current().for_port(port).clone(),
+            crate::overload::tune_accepted,
+            port.name(),
+        )
     }
 }
 
