@@ -41,10 +41,16 @@ const ROUNDS: usize = 3;
 /// Ingest's default, and the ceiling subscriber's receive maximum alike.
 const IN_FLIGHT: usize = 1000;
 
+/// MQTT sessions of the line-rate rounds (`mqtt.connections`), sharing one subscription.
+const SESSIONS: usize = 4;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Consumer {
     Ceiling,
     Ingest,
+    /// Ingest with [`SESSIONS`] sessions of one shared subscription (Mosquitto only:
+    /// rumqttd 0.20 mishandles shared groups with persistent sessions).
+    IngestSessions,
     /// Not an MQTT consumer: the Kafka side alone, for reference.
     KafkaOnly,
 }
@@ -54,6 +60,7 @@ impl Consumer {
         match self {
             Self::Ceiling => "ceiling: subscriber that discards",
             Self::Ingest => "ingest: MQTT -> Kafka, ack after Kafka",
+            Self::IngestSessions => "ingest, 4 sessions of a shared subscription",
             Self::KafkaOnly => "kafka only: ingest's producer, no MQTT",
         }
     }
@@ -129,15 +136,21 @@ async fn ceiling_round(brokers: &Brokers, cars: usize, per_connection: usize, pe
     total as f64 / elapsed.as_secs_f64()
 }
 
-fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str) -> IngestConfig {
+fn ingest_config(brokers: &Brokers, prefix: &str, client_id: &str, sessions: usize) -> IngestConfig {
     let mut config = IngestConfig::default();
     config.mqtt.url = format!("mqtt://127.0.0.1:{}", brokers.mqtt.consume_port);
     config.mqtt.protocol = MqttProtocol::V5;
     config.mqtt.client_id = client_id.to_owned();
     config.mqtt.subscriptions = vec![format!("{prefix}/+")];
     // A plain persistent subscription, like the ceiling's (rumqttd 0.20 mishandles a
-    // shared group's last member leaving with a persistent session).
-    config.mqtt.share_group.clear();
+    // shared group's last member leaving with a persistent session); several sessions
+    // share one.
+    if sessions == 1 {
+        config.mqtt.share_group.clear();
+    } else {
+        config.mqtt.share_group = format!("{client_id}-group");
+        config.mqtt.connections = sessions;
+    }
     config.rules = vec![RuleConfig {
         filter: Some(format!("{prefix}/+")),
         regex: None,
@@ -180,9 +193,16 @@ impl RunningIngest {
     }
 }
 
-async fn ingest_round(brokers: &Brokers, cars: usize, per_connection: usize, per_car: u64, tag: &str) -> f64 {
+async fn ingest_round(
+    brokers: &Brokers,
+    cars: usize,
+    per_connection: usize,
+    per_car: u64,
+    tag: &str,
+    sessions: usize,
+) -> f64 {
     let prefix = format!("bench/{tag}");
-    let config = ingest_config(brokers, &prefix, &format!("ingest-{tag}"));
+    let config = ingest_config(brokers, &prefix, &format!("ingest-{tag}"), sessions);
     // Subscribe once, then leave the session behind for the readings to queue in.
     let first = start_ingest(config.clone()).await;
     first.admin.wait_ready("ingest", Duration::from_secs(20)).await;
@@ -219,22 +239,28 @@ async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::V
         let mut ceiling = Vec::new();
         let mut bridge = Vec::new();
         let mut kafka_only = Vec::new();
+        let mut sessions = Vec::new();
+        let shared_groups = brokers.mqtt.name == "Mosquitto";
         for round in 0..ROUNDS {
             // Alternate which goes first within a round.
             let order = if round % 2 == 0 {
-                [Consumer::Ceiling, Consumer::Ingest, Consumer::KafkaOnly]
+                [Consumer::Ceiling, Consumer::Ingest, Consumer::IngestSessions, Consumer::KafkaOnly]
             } else {
-                [Consumer::KafkaOnly, Consumer::Ingest, Consumer::Ceiling]
+                [Consumer::KafkaOnly, Consumer::IngestSessions, Consumer::Ingest, Consumer::Ceiling]
             };
             for consumer in order {
-                if only.is_some_and(|only| only != consumer) {
+                if only.is_some_and(|only| only != consumer) || (consumer == Consumer::IngestSessions && !shared_groups)
+                {
                     continue;
                 }
                 let broker = brokers.mqtt.name.split(' ').next().unwrap_or_default().to_lowercase();
                 let tag = format!("{broker}-c{cars}-r{round}-{consumer:?}").to_lowercase();
                 let rate = match consumer {
                     Consumer::Ceiling => ceiling_round(brokers, cars, per_connection, per_car, &tag).await,
-                    Consumer::Ingest => ingest_round(brokers, cars, per_connection, per_car, &tag).await,
+                    Consumer::Ingest => ingest_round(brokers, cars, per_connection, per_car, &tag, 1).await,
+                    Consumer::IngestSessions => {
+                        ingest_round(brokers, cars, per_connection, per_car, &tag, SESSIONS).await
+                    }
                     Consumer::KafkaOnly => kafka_round(brokers, cars, per_car, &tag).await,
                 };
                 eprintln!(
@@ -245,6 +271,7 @@ async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::V
                 match consumer {
                     Consumer::Ceiling => ceiling.push(rate),
                     Consumer::Ingest => bridge.push(rate),
+                    Consumer::IngestSessions => sessions.push(rate),
                     Consumer::KafkaOnly => kafka_only.push(rate),
                 }
             }
@@ -270,7 +297,16 @@ async fn measure(brokers: &Brokers, only: Option<Consumer>) -> Vec<serde_json::V
             "kafka_only_by_round": kafka_only.iter().map(|r| r.round()).collect::<Vec<_>>(),
             "share_of_ceiling": share,
             "share_of_ceiling_by_round": shares.into_iter().map(round3).collect::<Vec<_>>(),
+            "ingest_share_of_kafka_only": round3(common::median(bridge.clone()) / common::median(kafka_only.clone())),
         }));
+        if !sessions.is_empty() {
+            let row = rows.last_mut().unwrap();
+            let rate = common::median(sessions.clone());
+            row["ingest_sessions"] = json!(SESSIONS);
+            row["ingest_sessions_readings_per_second"] = json!(rate.round());
+            row["ingest_sessions_by_round"] = json!(sessions.iter().map(|r| r.round()).collect::<Vec<_>>());
+            row["ingest_sessions_share_of_kafka_only"] = json!(round3(rate / common::median(kafka_only.clone())));
+        }
     }
     rows
 }
@@ -281,6 +317,7 @@ fn main() {
     // for profiling.
     let only = std::env::var("VIGIL_BENCH_CONSUMER").ok().map(|name| match name.as_str() {
         "ingest" => Consumer::Ingest,
+        "sessions" => Consumer::IngestSessions,
         "ceiling" => Consumer::Ceiling,
         "kafka" => Consumer::KafkaOnly,
         other => panic!("VIGIL_BENCH_CONSUMER: {other:?} is neither ingest nor ceiling"),
@@ -352,7 +389,7 @@ fn main() {
 /// for the same fleet.
 async fn kafka_round(brokers: &Brokers, cars: usize, per_car: u64, tag: &str) -> f64 {
     let prefix = format!("bench/{tag}");
-    let config = ingest_config(brokers, &prefix, "unused");
+    let config = ingest_config(brokers, &prefix, "unused", 1);
     let messages = common::mqtt_messages(&prefix, &common::fleet_readings(cars, per_car));
     common::kafka_only_rate(&config, common::mqtt_records(&config, &messages), IN_FLIGHT).await
 }

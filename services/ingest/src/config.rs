@@ -65,6 +65,10 @@ pub struct MqttConfig {
     /// Subscribe through `$share/<group>/<filter>` so replicas split the messages; empty
     /// for a plain subscription.
     pub share_group: String,
+    /// MQTT sessions per replica, sharing the subscription through `share_group` (client
+    /// ids `<client_id>-<n>` when above 1), each with `max_in_flight` readings awaiting
+    /// Kafka: more in flight when Kafka's latency bounds the rate (docs/benchmarks.md).
+    pub connections: usize,
     /// MQTT 5 session expiry: how long the broker keeps queueing for a disconnected
     /// ingest. (3.1.1 sessions without clean session last until the broker drops them.)
     pub session_expiry_seconds: u32,
@@ -252,6 +256,7 @@ impl Default for MqttConfig {
             client_id: "vigil-ingest".into(),
             subscriptions: vec!["vehicles/sensor/data/+".into()],
             share_group: "vigil-ingest".into(),
+            connections: 1,
             session_expiry_seconds: 3600,
             keep_alive_seconds: 30,
             max_payload_bytes: 64 * 1024,
@@ -316,6 +321,16 @@ impl ServiceConfig for IngestConfig {
             if !rumqttc::valid_filter(filter) {
                 return Err(ConfigError(format!("mqtt.subscriptions: {filter:?} is not a valid MQTT topic filter")));
             }
+        }
+        if self.mqtt.connections == 0 || self.mqtt.connections > 64 {
+            return Err(ConfigError("mqtt.connections must be between 1 and 64".into()));
+        }
+        if self.mqtt.connections > 1 && self.mqtt.share_group.is_empty() {
+            return Err(ConfigError(
+                "mqtt.connections above 1 needs mqtt.share_group: without a shared subscription every session would \
+                 get every message"
+                    .into(),
+            ));
         }
         if self.mqtt.share_group.contains(['/', '+', '#']) {
             return Err(ConfigError(format!(

@@ -29,7 +29,7 @@ pub struct Metrics {
     pub mqtt_stale_acks: IntCounter,
     /// Messages read and not yet confirmed by Kafka.
     pub in_flight: IntGauge,
-    /// 1 while the MQTT connection is up.
+    /// The bridge's MQTT sessions connected and subscribed (`mqtt.connections` when all are).
     pub mqtt_connected: IntGauge,
     pub mqtt_connection_errors: IntCounter,
     /// Connections broken by a message over `mqtt.max_packet_bytes` (each such message is
@@ -91,7 +91,8 @@ impl Metrics {
                 "Acks not sent because the connection their message came on was lost",
             )?,
             in_flight: metrics.gauge("ingest_in_flight", "Messages read and not yet confirmed by Kafka")?,
-            mqtt_connected: metrics.gauge("ingest_mqtt_connected", "1 while the MQTT connection is up")?,
+            mqtt_connected: metrics
+                .gauge("ingest_mqtt_connected", "The bridge's MQTT sessions connected and subscribed")?,
             mqtt_connection_errors: metrics
                 .counter("ingest_mqtt_connection_errors_total", "MQTT connections that failed or dropped")?,
             mqtt_oversized: metrics.counter(

@@ -142,7 +142,12 @@ enum Session {
 
 impl Session {
     /// A session reading packets of up to `max_packet_bytes` (MQTT 5 tells the broker).
-    fn connect(config: &IngestConfig, endpoint: Endpoint, max_packet_bytes: u32) -> Result<Self, SourceError> {
+    fn connect(
+        config: &IngestConfig,
+        client_id: &str,
+        endpoint: Endpoint,
+        max_packet_bytes: u32,
+    ) -> Result<Self, SourceError> {
         let mqtt = &config.mqtt;
         let transport = if endpoint.tls { Some(tls_transport(&mqtt.tls)?) } else { None };
         let (host, port) = (endpoint.host, endpoint.port);
@@ -153,7 +158,7 @@ impl Session {
         let keep_alive = Duration::from_secs(mqtt.keep_alive_seconds);
         match mqtt.protocol {
             MqttProtocol::V5 => {
-                let mut options = rumqttc::v5::MqttOptions::new(&mqtt.client_id, host, port);
+                let mut options = rumqttc::v5::MqttOptions::new(client_id, host, port);
                 options
                     .set_keep_alive(keep_alive)
                     .set_clean_start(false)
@@ -171,7 +176,7 @@ impl Session {
                 Ok(Self::V5(client, Box::new(events)))
             }
             MqttProtocol::V311 => {
-                let mut options = rumqttc::MqttOptions::new(&mqtt.client_id, host, port);
+                let mut options = rumqttc::MqttOptions::new(client_id, host, port);
                 options
                     .set_keep_alive(keep_alive)
                     .set_clean_session(false)
@@ -325,8 +330,35 @@ impl PollError {
 
 type Pending = Pin<Box<dyn Future<Output = (Result<Written, SinkError>, Option<AckToken>)> + Send>>;
 
+/// The bridge's sessions that are connected and subscribed: ingest is ready when all are.
+struct Connected {
+    up: std::sync::atomic::AtomicUsize,
+    sessions: usize,
+    metrics: Metrics,
+    readiness: admin::Readiness,
+}
+
+impl Connected {
+    /// Records that one session (whose state `was` holds) is now up or down.
+    fn set(&self, was: &mut bool, now: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if *was == now {
+            return;
+        }
+        let up = if now { self.up.fetch_add(1, SeqCst) + 1 } else { self.up.fetch_sub(1, SeqCst) - 1 };
+        self.metrics.mqtt_connected.set(up as i64);
+        self.readiness.set(up == self.sessions);
+        *was = now;
+    }
+}
+
 /// Bridges MQTT to Kafka until `shutdown` resolves; returns after the drain. Fails only
 /// when the producer failed fatally (nothing more is acknowledged then).
+///
+/// With `mqtt.connections` above 1, that many sessions (client ids `<client_id>-<n>`) share
+/// the subscription through `mqtt.share_group`, each with its own `max_in_flight`: the
+/// window of readings awaiting Kafka grows with them, which is what bounds the rate when
+/// Kafka's latency is high.
 pub async fn run(
     config: &IngestConfig,
     routes: Arc<Routes>,
@@ -335,8 +367,42 @@ pub async fn run(
     readiness: admin::Readiness,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SourceError> {
+    use futures::FutureExt as _;
     let endpoint = parse_url(&config.mqtt.url)?;
-    let mut session = Session::connect(config, endpoint.clone(), config.mqtt.max_packet_bytes)?;
+    let sessions = config.mqtt.connections;
+    let connected =
+        Connected { up: std::sync::atomic::AtomicUsize::new(0), sessions, metrics: metrics.clone(), readiness };
+    let shutdown = shutdown.shared();
+    let runs = (0..sessions).map(|n| {
+        let client_id =
+            if sessions == 1 { config.mqtt.client_id.clone() } else { format!("{}-{n}", config.mqtt.client_id) };
+        run_session(
+            config,
+            client_id,
+            endpoint.clone(),
+            Arc::clone(&routes),
+            sink.clone(),
+            metrics.clone(),
+            &connected,
+            shutdown.clone(),
+        )
+    });
+    futures::future::try_join_all(runs).await.map(|_| ())
+}
+
+/// One MQTT session of the bridge, as [`run`] describes.
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    config: &IngestConfig,
+    client_id: String,
+    endpoint: Endpoint,
+    routes: Arc<Routes>,
+    sink: Sink,
+    metrics: Metrics,
+    connected_sessions: &Connected,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SourceError> {
+    let mut session = Session::connect(config, &client_id, endpoint.clone(), config.mqtt.max_packet_bytes)?;
     // Raised above mqtt.max_packet_bytes for one connection to read a message that broke
     // the last one (see `oversized`).
     let mut raised_limit = false;
@@ -363,13 +429,7 @@ pub async fn run(
     let mut connection: u64 = 0;
     // Ready (and counted as connected) once connected and subscribed.
     let mut connected = false;
-    let mut set_connected = |now: bool| {
-        if now != connected {
-            metrics.mqtt_connected.set(i64::from(now));
-            readiness.set(now);
-            connected = now;
-        }
-    };
+    let mut set_connected = |now: bool| connected_sessions.set(&mut connected, now);
 
     loop {
         // Acks the queue had no room for go first, in order.
@@ -477,10 +537,10 @@ pub async fn run(
                              Mosquitto's message_size_limit, to refuse such messages at publish)"
                         );
                         let limit = u32::try_from(size).unwrap_or(MQTT_MAX_PACKET_BYTES).min(MQTT_MAX_PACKET_BYTES);
-                        session = Session::connect(config, endpoint.clone(), limit)?;
+                        session = Session::connect(config, &client_id, endpoint.clone(), limit)?;
                         raised_limit = true;
                     } else if raised_limit {
-                        session = Session::connect(config, endpoint.clone(), config.mqtt.max_packet_bytes)?;
+                        session = Session::connect(config, &client_id, endpoint.clone(), config.mqtt.max_packet_bytes)?;
                         raised_limit = false;
                     }
                 }

@@ -93,6 +93,26 @@ async fn mqtt_3_1_1_works_the_same() {
     ingest.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_sessions_of_one_replica_share_the_subscription_and_every_reading_arrives_once() {
+    let brokers = Brokers::start();
+    let mut config = brokers.config("ingest-sessions");
+    config.mqtt.connections = 3;
+    let ingest = RunningIngest::start(config, None).await;
+    assert_eq!(ingest.metric("ingest_mqtt_connected").await, 3.0, "ready once all three are subscribed");
+    let fleet = fleet(12);
+    let sent = simulate(&brokers, &fleet, 30, 5).await;
+    let records = brokers.read(READINGS, Duration::from_secs(30), move |r| r.len() as u64 >= sent).await;
+    assert_eq!(records.len() as u64, sent, "every reading, once");
+    for (device, mut sequences) in sequences_by_device(&records) {
+        // Sessions take turns, so a device's readings may interleave across them.
+        sequences.sort_unstable();
+        assert_eq!(sequences, (1..=30).collect::<Vec<u64>>(), "{device}");
+    }
+    assert_eq!(ingest.metric("ingest_mqtt_acked_total").await as u64, sent);
+    ingest.stop().await.unwrap();
+}
+
 /// A raw MQTT 5 publisher.
 async fn publisher(brokers: &Brokers, id: &str) -> AsyncClient {
     let (client, mut events) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", brokers.mqtt.v5.port()), 100);
