@@ -152,7 +152,7 @@ pub async fn serve<S>(
             if let Some(version) = refusal.answer_as {
                 let mut out = BytesMut::new();
                 wire::write_connack(&mut out, version, ConnectOutcome::UnsupportedProtocol, &no_limits());
-                let _ = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&out)).await;
+                send_and_close(&mut writer, &out).await;
             }
             return;
         }
@@ -168,7 +168,7 @@ pub async fn serve<S>(
         keep_alive_seconds: None,
         assigned_client_id: None,
     };
-    let keep_alive = effective_keep_alive(connect.keep_alive_seconds, shared.config.max_keep_alive_seconds);
+    let keep_alive = effective_keep_alive(version, connect.keep_alive_seconds, shared.config.max_keep_alive_seconds);
     if keep_alive != connect.keep_alive_seconds {
         limits.keep_alive_seconds = Some(keep_alive);
     }
@@ -180,10 +180,10 @@ pub async fn serve<S>(
         outcome.as_ref().err().copied().unwrap_or(ConnectOutcome::Accepted),
         &limits,
     );
-    let written = tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&out)).await;
     let identity = match outcome {
         Ok(identity) => identity,
         Err(refusal) => {
+            send_and_close(&mut writer, &out).await;
             let label = match refusal {
                 ConnectOutcome::BadCredentials => "bad_credentials",
                 ConnectOutcome::BadClientId => "bad_client_id",
@@ -195,7 +195,7 @@ pub async fn serve<S>(
             return;
         }
     };
-    if !matches!(written, Ok(Ok(()))) {
+    if !matches!(tokio::time::timeout(WRITE_TIMEOUT, writer.write_all(&out)).await, Ok(Ok(()))) {
         return;
     }
     out.clear();
@@ -216,18 +216,29 @@ pub async fn serve<S>(
     if let Closing::Server(reason) = closing {
         let mut out = BytesMut::new();
         wire::write_disconnect(&mut out, version, reason);
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-            writer.write_all(&out).await?;
-            writer.shutdown().await
-        })
-        .await;
+        send_and_close(&mut writer, &out).await;
     }
 }
 
-/// The keep-alive the connection runs with: the client's, capped by the server's maximum
-/// (and the maximum when the client asks for none).
-fn effective_keep_alive(asked: u16, maximum: u16) -> u16 {
-    if asked == 0 { maximum } else { asked.min(maximum) }
+/// Sends `bytes` (a refusal, a DISCONNECT), then closes the sending side, within
+/// [`WRITE_TIMEOUT`].
+async fn send_and_close<W: AsyncWrite + Unpin>(writer: &mut W, bytes: &[u8]) {
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        writer.write_all(bytes).await?;
+        writer.shutdown().await
+    })
+    .await;
+}
+
+/// The keep-alive the connection runs with: the server's maximum when the client asks for
+/// none; otherwise the client's, capped by the maximum for MQTT 5, which tells the client
+/// (Server Keep Alive). 3.1.1 has no way to tell it, so its own value stands.
+fn effective_keep_alive(version: Version, asked: u16, maximum: u16) -> u16 {
+    match (version, asked) {
+        (_, 0) => maximum,
+        (Version::V5, asked) => asked.min(maximum),
+        (Version::V311, asked) => asked,
+    }
 }
 
 fn no_limits() -> wire::ServerLimits {
