@@ -172,8 +172,9 @@ pub struct MqttProxyConfig {
     pub max_in_flight_bytes: usize,
     /// How long a new connection has to send its CONNECT.
     pub connect_timeout_seconds: u64,
-    /// The longest keep-alive granted (also to clients asking for none, which MQTT 5
-    /// clients are told); silence for 1.5 times it closes the connection.
+    /// The longest keep-alive granted to MQTT 5 clients (they are told), and the one of
+    /// clients asking for none; a 3.1.1 client's own stands (it cannot be told another).
+    /// Silence for 1.5 times the keep-alive closes the connection.
     pub max_keep_alive_seconds: u16,
     /// `username:password` lines (e.g. a mounted Secret); every CONNECT must log in as
     /// one of them. None: no login asked for.
