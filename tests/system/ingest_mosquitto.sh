@@ -11,15 +11,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 source tests/system/lib.sh
 need_debian_packages mosquitto mosquitto mosquitto_passwd mosquitto openssl openssl
 
-# The seed demo's own data sits beside the repository on the project's machines
-# (../shared/seed-data); elsewhere point VIGIL_SEED_DATA at a copy. Without it the one test
-# that replays it is left out, and this says so.
-seed_data="${VIGIL_SEED_DATA:-$(cd .. && pwd)/shared/seed-data}"
-skip=()
-if [ ! -f "$seed_data/car-sensor-data.csv" ]; then
-  echo "NOTE: no seed data at $seed_data: the seed-payload test is NOT run (set VIGIL_SEED_DATA)" >&2
-  skip=(--skip every_payload_the_seed_demo_publishes)
-fi
+find_seed_data every_payload_the_seed_demo_publishes
 
 work="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
@@ -66,10 +58,9 @@ export VIGIL_MOSQUITTO_TLS_URL="mqtts://127.0.0.1:$tls"
 export VIGIL_MOSQUITTO_CA="$work/ca.pem"
 export VIGIL_MOSQUITTO_USER=vigil-ingest
 export VIGIL_MOSQUITTO_PASSWORD="$password"
-export VIGIL_SEED_DATA="$seed_data"
 # --workspace rather than -p ingest: the features `cargo test --workspace` built with, so
 # nothing recompiles.
-if ! cargo test -q --locked --workspace --test mosquitto -- --ignored --test-threads 1 "${skip[@]}"; then
+if ! cargo test -q --locked --workspace --test mosquitto -- --ignored --test-threads 1 "${SKIP_SEED[@]}"; then
   echo "--- mosquitto log"; tail -50 "$work/mosquitto.log"
   exit 1
 fi

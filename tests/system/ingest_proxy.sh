@@ -21,12 +21,7 @@ if ! "$paho_venv/bin/python" -c 'import paho.mqtt' 2>/dev/null; then
   "$paho_venv/bin/pip" install --quiet --disable-pip-version-check 'paho-mqtt>=2.1,<3'
 fi
 
-seed_data="${VIGIL_SEED_DATA:-$(cd .. && pwd)/shared/seed-data}"
-skip=()
-if [ ! -f "$seed_data/car-sensor-data.csv" ]; then
-  echo "NOTE: no seed data at $seed_data: the seed-payload test is NOT run (set VIGIL_SEED_DATA)" >&2
-  skip=(--skip every_payload_the_seed_demo_publishes)
-fi
+find_seed_data every_payload_the_seed_demo_publishes
 
 work="$(mktemp -d)"
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"; }
@@ -37,9 +32,8 @@ start_tansu "$kafka_port" "$work/tansu.log"
 
 export VIGIL_TANSU_BROKERS="127.0.0.1:$kafka_port"
 export VIGIL_PAHO_PYTHON="$paho_venv/bin/python"
-export VIGIL_SEED_DATA="$seed_data"
 # --workspace: the features `cargo test --workspace` built with, so nothing recompiles.
-if ! cargo test -q --locked --workspace --test proxy_clients -- --ignored --test-threads 1 --nocapture "${skip[@]}"; then
+if ! cargo test -q --locked --workspace --test proxy_clients -- --ignored --test-threads 1 --nocapture "${SKIP_SEED[@]}"; then
   echo "--- tansu log (last 40 lines)"; tail -40 "$work/tansu.log"
   exit 1
 fi

@@ -67,3 +67,16 @@ start_tansu() { # start_tansu PORT LOG: in-memory storage, in the background (ne
   TANSU_PID=$!
   wait_for_port "$1" || { cat "$2"; return 1; }
 }
+
+# The seed demo's own data sits beside the repository on the project's machines
+# (../shared/seed-data); elsewhere point VIGIL_SEED_DATA at a copy. find_seed_data TEST
+# exports VIGIL_SEED_DATA and sets SKIP_SEED: the cargo test arguments that leave TEST out,
+# saying so, when the data is not there.
+find_seed_data() {
+  export VIGIL_SEED_DATA="${VIGIL_SEED_DATA:-$(cd .. && pwd)/shared/seed-data}"
+  SKIP_SEED=()
+  if [ ! -f "$VIGIL_SEED_DATA/car-sensor-data.csv" ]; then
+    echo "NOTE: no seed data at $VIGIL_SEED_DATA: the seed-payload test is NOT run (set VIGIL_SEED_DATA)" >&2
+    SKIP_SEED=(--skip "$1")
+  fi
+}

@@ -239,23 +239,10 @@ async fn without_an_mqtt_broker_http_ingest_alone_is_ready_and_takes_readings() 
     ingest.stop().await.unwrap();
 }
 
-/// How far above its resident size before the attack the binary may ever go.
-const RSS_BOUND_MIB: u64 = 128;
-
-/// (current, peak) resident set size of process `pid` in KiB, from /proc.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc status"));
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 /// The real `ingest` binary at its default HTTP limits (1 MiB bodies, 2,000 readings, 16
 /// requests at once), sent what no well-behaved client sends by 64 clients at once: every
 /// request gets its refusal, the binary keeps serving, and its peak resident memory stays
-/// within [`RSS_BOUND_MIB`] of what it used before.
+/// within [`support::RSS_BOUND_MIB`] of what it used before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_refuses_hostile_clients_keeps_serving_and_stays_within_its_memory_bound() {
     use std::process::Command;
@@ -276,7 +263,7 @@ async fn the_binary_refuses_hostile_clients_keeps_serving_and_stays_within_its_m
     let url = format!("http://{http}{}", ingest::http::PATH);
     let good = json_array(&fleet_readings(2, 1));
     assert_eq!(post(&url, "application/json", good.clone()).await.0, StatusCode::OK);
-    let (before, _) = rss_kib(process.id());
+    let (before, _) = support::rss_kib(process.id());
 
     // Each client sends, in turn: a body over the limit, 500,000 protobuf readings of 2
     // bytes (under the body limit, over the count), 2,001 JSON readings, and JSON nested
@@ -318,10 +305,10 @@ async fn the_binary_refuses_hostile_clients_keeps_serving_and_stays_within_its_m
     assert!(answered >= 3 * 64, "most requests got their refusal rather than a reset: {answered} of 256");
 
     assert_eq!(post(&url, "application/json", good).await.0, StatusCode::OK, "still serving");
-    let (_, peak) = rss_kib(process.id());
+    let (_, peak) = support::rss_kib(process.id());
     let grown_mib = peak.saturating_sub(before) / 1024;
     println!("resident before {} MiB, peak {} MiB, {answered} of 256 refusals answered", before / 1024, peak / 1024);
-    assert!(grown_mib < RSS_BOUND_MIB, "peak RSS grew {grown_mib} MiB (bound {RSS_BOUND_MIB})");
+    assert!(grown_mib < support::RSS_BOUND_MIB, "peak RSS grew {grown_mib} MiB (bound {} MiB)", support::RSS_BOUND_MIB);
     let metrics = admin.metrics().await;
     for reason in ["too_many_readings", "not_json"] {
         assert!(metrics.contains(&format!("ingest_http_requests_refused_total{{reason=\"{reason}\"}}")), "{reason}");

@@ -200,10 +200,7 @@ async fn ingest_connects_over_tls_with_a_password_and_refuses_a_wrong_one_clearl
 #[ignore = "needs Mosquitto and the seed data: tests/system/ingest_mosquitto.sh runs it"]
 async fn every_payload_the_seed_demo_publishes_lands_in_readings_or_dead_letters_with_a_reason() {
     let seed = std::path::PathBuf::from(env("VIGIL_SEED_DATA"));
-    let mut payloads = support::seed_csv_payloads(&seed.join("car-sensor-data.csv"));
-    let json = std::fs::read_to_string(seed.join("cardata-v1.json")).unwrap();
-    payloads
-        .extend(json.lines().filter(|l| !l.trim().is_empty()).map(|l| ("car-json".to_owned(), l.as_bytes().to_vec())));
+    let payloads = support::seed_payloads(&seed);
     let total = payloads.len();
     assert!(total > 10_000, "the seed's 10,000 CSV rows and its JSON payloads");
 

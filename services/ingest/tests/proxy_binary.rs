@@ -17,9 +17,6 @@ use test_support::{ChildService, Endpoint, Output};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-/// How far above its resident size before the attack the binary may ever go.
-const RSS_BOUND_MIB: u64 = 128;
-
 /// The ingest binary with only the MQTT proxy (no bridge), `env` added to its
 /// environment; its admin endpoint and proxy address.
 fn spawn(kafka: &KafkaCluster, env: &[(&str, &str)]) -> (ChildService, Endpoint, SocketAddr) {
@@ -33,16 +30,6 @@ fn spawn(kafka: &KafkaCluster, env: &[(&str, &str)]) -> (ChildService, Endpoint,
     let mut process = ChildService::spawn("ingest", command, Output::Stderr);
     let [admin, proxy] = process.logged_addresses(["serving /live", "serving MQTT proxy"], Duration::from_secs(60));
     (process, Endpoint::new(admin), proxy)
-}
-
-/// (current, peak) resident set size of process `pid` in KiB, from /proc.
-fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc status"));
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 const CONNECT_V5: [u8; 17] =
@@ -89,7 +76,7 @@ async fn one_reading_acknowledged(proxy: SocketAddr, client_id: &str) -> bool {
 /// Each hostile case on 32 connections at once, at the proxy's default limits but for 200
 /// connections and a 2 s CONNECT timeout: every one gets its refusal (or is closed), the
 /// binary keeps serving devices, and its peak resident memory stays within
-/// [`RSS_BOUND_MIB`] of what it used before.
+/// [`support::RSS_BOUND_MIB`] of what it used before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_refuses_hostile_connections_keeps_serving_and_stays_within_its_memory_bound() {
     support::init_logs();
@@ -98,7 +85,7 @@ async fn the_binary_refuses_hostile_connections_keeps_serving_and_stays_within_i
     let (process, admin, proxy) = spawn(&kafka, &env);
     admin.wait_ready("ingest", Duration::from_secs(20)).await;
     assert!(one_reading_acknowledged(proxy, "before").await);
-    let (before, _) = rss_kib(process.id());
+    let (before, _) = support::rss_kib(process.id());
 
     let huge_header = [0x30, 0xFF, 0xFF, 0xFF, 0x7F]; // a PUBLISH announcing 256 MiB
     let mut connect_then_huge = CONNECT_V5.to_vec();
@@ -176,10 +163,10 @@ async fn the_binary_refuses_hostile_connections_keeps_serving_and_stays_within_i
     drop(streams);
 
     assert!(one_reading_acknowledged(proxy, "after").await, "still serving");
-    let (_, peak) = rss_kib(process.id());
+    let (_, peak) = support::rss_kib(process.id());
     let grown_mib = peak.saturating_sub(before) / 1024;
     println!("resident before {} MiB, peak {} MiB", before / 1024, peak / 1024);
-    assert!(grown_mib < RSS_BOUND_MIB, "peak RSS grew {grown_mib} MiB (bound {RSS_BOUND_MIB})");
+    assert!(grown_mib < support::RSS_BOUND_MIB, "peak RSS grew {grown_mib} MiB (bound {} MiB)", support::RSS_BOUND_MIB);
     let metrics = admin.metrics().await;
     let count = |name: &str, reason: &str| test_support::metrics::metric_total(&metrics, name, &[("reason", reason)]);
     assert_eq!(count("ingest_proxy_connects_refused_total", "packet_too_large"), 32.0);

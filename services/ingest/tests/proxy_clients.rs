@@ -227,10 +227,7 @@ async fn paho_3_1_1_and_5_mosquitto_pub_and_curl_write_through_ingest_alone() {
 #[ignore = "needs tansu, Paho and the seed data: tests/system/ingest_proxy.sh runs it"]
 async fn every_payload_the_seed_demo_publishes_through_the_proxy_is_a_reading_or_a_dead_letter() {
     let seed = std::path::PathBuf::from(env("VIGIL_SEED_DATA"));
-    let mut payloads = support::seed_csv_payloads(&seed.join("car-sensor-data.csv"));
-    let json = std::fs::read_to_string(seed.join("cardata-v1.json")).unwrap();
-    payloads
-        .extend(json.lines().filter(|l| !l.trim().is_empty()).map(|l| ("car-json".to_owned(), l.as_bytes().to_vec())));
+    let payloads = support::seed_payloads(&seed);
     let messages: Vec<_> =
         payloads.into_iter().map(|(car, payload)| (format!("vehicles/sensor/data/{car}"), payload)).collect();
     let (readings_topic, dead) = topics("proxy-seed").await;

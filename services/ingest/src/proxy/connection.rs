@@ -497,13 +497,7 @@ impl Connection<'_> {
             match self.ids.get(&pkid) {
                 // QoS 2 sent again after its PUBREC: answer again, write nothing more.
                 Some(IdState::Received) if qos == 2 => {
-                    self.ids.insert(pkid, IdState::Pending);
-                    self.pending.push_back(ready(Settled::Answer {
-                        qos,
-                        pkid,
-                        answer: PublishAnswer::Accepted,
-                        read_at,
-                    }));
+                    self.answer_in_turn(qos, pkid, PublishAnswer::Accepted, read_at);
                     return Ok(());
                 }
                 Some(_) => return Err(Closing::Server(CloseReason::ProtocolError)),
@@ -520,13 +514,7 @@ impl Connection<'_> {
                 return Err(Closing::Server(CloseReason::NotAuthorized));
             }
             if qos > 0 {
-                self.ids.insert(pkid, IdState::Pending);
-                self.pending.push_back(ready(Settled::Answer {
-                    qos,
-                    pkid,
-                    answer: PublishAnswer::NotAuthorized,
-                    read_at,
-                }));
+                self.answer_in_turn(qos, pkid, PublishAnswer::NotAuthorized, read_at);
             }
             return Ok(());
         }
@@ -557,6 +545,13 @@ impl Connection<'_> {
             }
         }));
         Ok(())
+    }
+
+    /// Queues `answer` to a PUBLISH that writes nothing (a QoS 2 repeat, a refusal): it
+    /// goes out after the answers to the PUBLISHes before it.
+    fn answer_in_turn(&mut self, qos: u8, pkid: u16, answer: PublishAnswer, read_at: Instant) {
+        self.ids.insert(pkid, IdState::Pending);
+        self.pending.push_back(Box::pin(std::future::ready(Settled::Answer { qos, pkid, answer, read_at })));
     }
 
     /// Writes the answer of one settled PUBLISH into the output.
@@ -596,8 +591,4 @@ impl Connection<'_> {
             Err(_) => Err(Closing::Lost("write_timeout")),
         }
     }
-}
-
-fn ready(settled: Settled) -> Pending {
-    Box::pin(std::future::ready(settled))
 }

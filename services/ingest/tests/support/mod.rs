@@ -123,7 +123,7 @@ pub fn readings(records: &[ReadRecord]) -> Vec<sensor::SensorReading> {
 }
 
 /// The seed's CSV rows as its publisher sends them: the 18 signals, numbers, `_1_1` names.
-pub fn seed_csv_payloads(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+fn seed_csv_payloads(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
@@ -140,4 +140,27 @@ pub fn seed_csv_payloads(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
             (car.to_owned(), format!("{{{}}}", fields.join(",")).into_bytes())
         })
         .collect()
+}
+
+/// How far above its resident size before an attack a binary may ever go.
+pub const RSS_BOUND_MIB: u64 = 128;
+
+/// (current, peak) resident set size of process `pid` in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in /proc status"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Every payload the seed demo publishes, as (car, payload): its CSV rows as its publisher
+/// sends them, then the lines of its JSON file (under the car `car-json`).
+pub fn seed_payloads(seed: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut payloads = seed_csv_payloads(&seed.join("car-sensor-data.csv"));
+    let json = std::fs::read_to_string(seed.join("cardata-v1.json")).unwrap();
+    payloads
+        .extend(json.lines().filter(|l| !l.trim().is_empty()).map(|l| ("car-json".to_owned(), l.as_bytes().to_vec())));
+    payloads
 }
