@@ -38,5 +38,6 @@ cargo bench -p ingest --bench proxy
 kafka_port="$(free_port)"
 start_tansu "$kafka_port" "$work/tansu.log"
 export VIGIL_BENCH_KAFKA="127.0.0.1:$kafka_port" VIGIL_BENCH_KAFKA_NAME="tansu $TANSU_VERSION (memory storage)"
+export VIGIL_BENCH_BROKER_PID="$TANSU_PID"
 VIGIL_BENCH_MOSQUITTO_PORT="$port" cargo bench -p ingest --bench bridge
 cargo bench -p ingest --bench proxy

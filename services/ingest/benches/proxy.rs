@@ -69,6 +69,10 @@ fn ingest_config(kafka: &Kafka, prefix: &str) -> IngestConfig {
     config.http.topic = kafka.readings_topic.clone();
     config.kafka.insert("bootstrap.servers".into(), kafka.broker.bootstrap_servers().into());
     config.dead_letter_topic = kafka.dead_letter_topic.clone();
+    // As in the bridge bench: another linger for every path alike.
+    if let Ok(linger) = std::env::var("VIGIL_BENCH_LINGER_MS") {
+        config.kafka.insert("linger.ms".into(), linger);
+    }
     config
 }
 
@@ -220,6 +224,7 @@ async fn kafka_round(kafka: &Kafka, tag: &str) -> f64 {
 async fn measure(kafka: &Kafka) -> serde_json::Value {
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut cores: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut broker_cores: HashMap<&str, Vec<f64>> = HashMap::new();
     for round in 0..ROUNDS {
         let order = if round % 2 == 0 {
             [Path::Proxy, Path::Http, Path::KafkaOnly]
@@ -228,22 +233,32 @@ async fn measure(kafka: &Kafka) -> serde_json::Value {
         };
         for path in order {
             let tag = format!("{path:?}-r{round}").to_lowercase();
-            let (name, rate, busy) = match path {
-                Path::Proxy => {
-                    let (rate, _, busy) = proxy_round(kafka, &tag, None).await;
-                    ("proxy", rate, Some(busy))
+            let ((name, rate, busy), broker) = common::with_broker_cpu(async {
+                match path {
+                    Path::Proxy => {
+                        let (rate, _, busy) = proxy_round(kafka, &tag, None).await;
+                        ("proxy", rate, Some(busy))
+                    }
+                    Path::Http => {
+                        let (rate, busy) = http_round(kafka, &tag).await;
+                        ("http", rate, Some(busy))
+                    }
+                    Path::KafkaOnly => ("kafka_only", kafka_round(kafka, &tag).await, None),
                 }
-                Path::Http => {
-                    let (rate, busy) = http_round(kafka, &tag).await;
-                    ("http", rate, Some(busy))
-                }
-                Path::KafkaOnly => ("kafka_only", kafka_round(kafka, &tag).await, None),
-            };
+            })
+            .await;
             let busy_text = busy.map_or(String::new(), |b| format!(", {b:.2} cores busy in this process"));
-            eprintln!("{:28} {name:10} round {round}: {rate:>9.0} readings/s{busy_text}", kafka.broker.name());
+            let broker_text = broker.map_or(String::new(), |b| format!(", {b:.2} in the broker's"));
+            eprintln!(
+                "{:28} {name:10} round {round}: {rate:>9.0} readings/s{busy_text}{broker_text}",
+                kafka.broker.name()
+            );
             rates.entry(name).or_default().push(rate);
             if let Some(busy) = busy {
                 cores.entry(name).or_default().push(busy);
+            }
+            if let Some(broker) = broker {
+                broker_cores.entry(name).or_default().push(broker);
             }
         }
     }
@@ -251,15 +266,28 @@ async fn measure(kafka: &Kafka) -> serde_json::Value {
     let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
     let (proxy, http, kafka_only) = (median("proxy"), median("http"), median("kafka_only"));
 
-    // Latency at half of the proxy's peak, paced.
+    // Latency at half of the proxy's peak, paced; and the Kafka side alone at that rate,
+    // the floor under it.
     let half = proxy / 2.0;
     let (achieved, latencies, busy) = proxy_round(kafka, "latency", Some(half)).await;
-    let ms = |q: f64| round3(common::quantile(latencies.clone(), q) * 1e3);
+    let ms = |latencies: &[f64], q: f64| round3(common::quantile(latencies.to_vec(), q) * 1e3);
     eprintln!(
         "{:28} proxy at {achieved:.0}/s (half of peak): publish-to-PUBACK p50 {} ms, p99 {} ms, {busy:.2} cores busy",
         kafka.broker.name(),
-        ms(0.5),
-        ms(0.99)
+        ms(&latencies, 0.5),
+        ms(&latencies, 0.99)
+    );
+    let floor = {
+        let prefix = "bench/kafka-latency";
+        let config = ingest_config(kafka, prefix);
+        let messages = common::mqtt_messages(prefix, &common::fleet_readings(CARS, READINGS_PER_ROUND / CARS as u64));
+        common::kafka_only_latencies(&config, common::mqtt_records(&config, &messages), half).await
+    };
+    eprintln!(
+        "{:28} kafka only at {half:.0}/s: hand-over to confirmation p50 {} ms, p99 {} ms",
+        kafka.broker.name(),
+        ms(&floor, 0.5),
+        ms(&floor, 0.99)
     );
     let by_round = |name: &str| rates[name].iter().map(|r| r.round()).collect::<Vec<_>>();
     let proxy_cores = common::median(cores["proxy"].clone());
@@ -273,11 +301,16 @@ async fn measure(kafka: &Kafka) -> serde_json::Value {
         "proxy_cores_busy": round3(proxy_cores),
         "proxy_readings_per_second_per_busy_core": (proxy / proxy_cores).round(),
         "http_cores_busy": round3(common::median(cores["http"].clone())),
+        "broker_cores_busy": broker_cores
+            .iter()
+            .map(|(name, cores)| (name.to_string(), json!(round3(common::median(cores.clone())))))
+            .collect::<serde_json::Map<_, _>>(),
         "by_round": {"proxy": by_round("proxy"), "http": by_round("http"), "kafka_only": by_round("kafka_only")},
         "latency_at_half_peak": {
             "target_readings_per_second": half.round(), "achieved_readings_per_second": achieved.round(),
-            "publish_to_puback_p50_ms": ms(0.5), "publish_to_puback_p99_ms": ms(0.99),
+            "publish_to_puback_p50_ms": ms(&latencies, 0.5), "publish_to_puback_p99_ms": ms(&latencies, 0.99),
             "cores_busy": round3(busy),
+            "kafka_only_p50_ms": ms(&floor, 0.5), "kafka_only_p99_ms": ms(&floor, 0.99),
         },
     })
 }
@@ -295,7 +328,12 @@ fn main() {
         };
         kafka.broker.create_topic(&kafka.readings_topic, 4).await.unwrap();
         kafka.broker.create_topic(&kafka.dead_letter_topic, 1).await.unwrap();
-        measure(&kafka).await
+        let mut row = measure(&kafka).await;
+        // A run with another linger is kept beside the default's.
+        if let Ok(linger) = std::env::var("VIGIL_BENCH_LINGER_MS") {
+            row["kafka"] = json!(format!("{}, linger.ms {linger}", kafka.broker.name()));
+        }
+        row
     });
     let out = root.join("benchmarks/results/ingest-proxy.json");
     // One file holds the latest run per Kafka broker.
