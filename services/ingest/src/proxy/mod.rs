@@ -39,6 +39,18 @@ pub fn shared(
         None => None,
     };
     let acl = access::Acl::new(&proxy.acl).map_err(|e| IngestError::Config(format!("mqtt_proxy.acl: {e}")))?;
+    let verified = match proxy.device_id_from {
+        access::DeviceIdFrom::ClientId => false,
+        access::DeviceIdFrom::Username => users.is_some(),
+        access::DeviceIdFrom::CertificateCn => true,
+    };
+    if !acl.is_open() && !verified {
+        tracing::warn!(
+            device_id_from = ?proxy.device_id_from,
+            "mqtt_proxy.acl checks an identity the client only claims: use username with users_file, or \
+             certificate-cn with client certificates, for one the proxy verifies"
+        );
+    }
     Ok(Arc::new(connection::Shared {
         sink,
         routes,
