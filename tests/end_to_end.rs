@@ -43,6 +43,12 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     assert!(summary.reconciled);
     assert!(summary.faulty_readings > 500, "faults were injected: {}", summary.faulty_readings);
     assert_eq!(summary.recall_by_fault.len(), 6, "every fault kind was injected: {:?}", summary.recall_by_fault);
+    let per_fault = &summary.per_fault;
+    assert_eq!(per_fault.by_fault.len(), 6, "judged per fault kind: {per_fault:?}");
+    let faulty_cars: usize = per_fault.by_fault.values().map(|d| d.cars).sum();
+    assert_eq!(faulty_cars, summary.faulty_cars, "each faulty car under its one fault");
+    assert_eq!(per_fault.healthy_cars + faulty_cars, summary.cars);
+    assert!(per_fault.by_fault.values().all(|d| d.caught <= d.cars && d.alerted <= d.cars));
     let (precision, recall) = (summary.precision.unwrap(), summary.recall.unwrap());
     assert!(precision >= 0.9, "precision {precision}");
     assert!(recall >= 0.9, "recall {recall}");

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod detection;
 pub mod dial;
 pub mod grpc_errors;
 pub mod observe;

@@ -76,6 +76,8 @@ pub struct ScoredReading {
     pub event_time_ms: i64,
     pub is_anomaly: bool,
     pub faulty: bool,
+    /// The injected fault's kind, when `faulty`.
+    pub fault: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -125,8 +127,9 @@ impl Observed {
         }
         *self.by_model_version.entry(score.model_version).or_default() += 1;
         let faulty = score.fault() != FaultKind::None && score.fault() != FaultKind::Unspecified;
-        if faulty {
-            let (flagged, readings) = self.by_fault.entry(sensor::fault_name(score.fault())).or_default();
+        let fault = faulty.then(|| sensor::fault_name(score.fault()));
+        if let Some(kind) = &fault {
+            let (flagged, readings) = self.by_fault.entry(kind.clone()).or_default();
             *flagged += u64::from(score.is_anomaly);
             *readings += 1;
         }
@@ -144,6 +147,7 @@ impl Observed {
             device_id: score.device_id,
             is_anomaly: score.is_anomaly,
             faulty,
+            fault,
         });
     }
 

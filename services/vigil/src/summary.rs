@@ -38,6 +38,9 @@ pub struct Summary {
     pub recall: Option<f64>,
     /// Recall per injected fault kind: the share of that fault's readings flagged.
     pub recall_by_fault: std::collections::BTreeMap<String, FaultRecall>,
+    /// Detection judged per fault (cars caught, onset to first anomaly and alert) and
+    /// false alarms per healthy car-hour ([`crate::detection`]).
+    pub per_fault: crate::detection::PerFault,
     /// Scores by the model version that answered.
     pub scored_by_model_version: std::collections::BTreeMap<i64, u64>,
     pub latency_p50_ms: Option<f64>,
@@ -129,6 +132,7 @@ impl Summary {
                     (fault.clone(), FaultRecall { readings, flagged, recall })
                 })
                 .collect(),
+            per_fault: crate::detection::judge(observed, options.interval),
             scored_by_model_version: observed.by_model_version.clone(),
             latency_p50_ms: observed.latency_percentile(0, 0.5).map(round1),
             latency_p99_ms: observed.latency_percentile(0, 0.99).map(round1),
@@ -188,6 +192,7 @@ impl Summary {
                 .map(|(fault, r)| format!("{fault} {:.2} of {}", r.recall, r.readings))
                 .collect();
             lines.push(format!("  recall     by fault: {}", by_fault.join(", ")));
+            lines.extend(self.per_fault.render());
         }
         let by_rule: Vec<String> = self.alerts_by_rule.iter().map(|(rule, n)| format!("{rule}: {n}")).collect();
         lines.push(format!(
