@@ -2,19 +2,22 @@
 //! Kafka has the reading.
 //!
 //! ```text
-//!  MQTT broker ──PUBLISH──▶ mqtt (session, ordered acks, in-flight bound)
+//!  MQTT broker ──PUBLISH──▶ mqtt (bridge sessions, ordered acks, in-flight bound)
+//!  devices ────PUBLISH────▶ proxy (MQTT server: connections, ACL, bounds; TLS)
 //!                              │ record::from_mqtt (routing rules, validation)
 //!                              ▼
 //!  gRPC or HTTP ──Publish──▶ kafka::Sink (idempotent producer, acks=all) ──▶ Kafka
 //!                              │ readings topic · dead-letter topic
-//!  MQTT broker ◀──PUBACK──── (after Kafka confirmed, in arrival order)
+//!  broker / devices ◀─PUBACK── (after Kafka confirmed, in arrival order)
 //! ```
 //!
 //! [`config`] layers defaults, file, environment and flags; [`routing`] maps MQTT topics
 //! to Kafka topics and keys; [`record`] builds the canonical `SensorReading` record or a
 //! dead letter with the reason; [`kafka`] sends and waits for confirmation; [`mqtt`]
-//! drives the MQTT session; [`grpc`] serves `IngestService` and [`http`] `POST
-//! /v1/readings`, both through [`batch`] (all or nothing per request); [`run`] wires them.
+//! drives the bridge's sessions with a broker; [`proxy`] is the MQTT server devices connect
+//! to directly; [`grpc`] serves `IngestService` and [`http`] `POST /v1/readings`, both
+//! through [`batch`] (all or nothing per request); [`tls`] serves the proxy's and HTTP's
+//! ports over TLS; [`run`] wires them.
 
 #![forbid(unsafe_code)]
 
