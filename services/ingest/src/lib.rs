@@ -142,15 +142,7 @@ pub async fn run(
             token,
         });
         let router = http::router(ingest, config.http.max_body_bytes, config.http.max_concurrent_requests);
-        let tls = match &config.http.tls {
-            Some(tls) => {
-                let source = tls::TlsSource { config: tls.clone(), key: "http.tls", alpn: vec![b"http/1.1".to_vec()] };
-                let loaded = source.load().map_err(IngestError::Config)?;
-                source.watch(&loaded, draining.clone());
-                Some(loaded)
-            }
-            None => None,
-        };
+        let tls = serve_tls(&config.http.tls, "http.tls", vec![b"http/1.1".to_vec()], &draining)?;
         let stopped = signal(draining.clone());
         let failed = |e: std::io::Error| IngestError::Config(format!("http server: {e}"));
         // Graceful: requests under way finish (their readings confirmed) before it returns.
@@ -170,15 +162,7 @@ pub async fn run(
         tracing::info!(address = %local_addr(&listener)?, "serving MQTT proxy");
         let shared = proxy::shared(&config, Arc::clone(&routes), sink.clone(), metrics.clone())?;
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
-        let tls = match &config.mqtt_proxy.tls {
-            Some(tls) => {
-                let source = tls::TlsSource { config: tls.clone(), key: "mqtt_proxy.tls", alpn: Vec::new() };
-                let loaded = source.load().map_err(IngestError::Config)?;
-                source.watch(&loaded, draining.clone());
-                Some(loaded)
-            }
-            None => None,
-        };
+        let tls = serve_tls(&config.mqtt_proxy.tls, "mqtt_proxy.tls", Vec::new(), &draining)?;
         let (draining, drain) = (draining.clone(), drain.clone());
         tasks.spawn(async move {
             let result = proxy::run(listener, tls, shared, draining, grace).await;
@@ -212,6 +196,21 @@ pub async fn run(
     let grace = Duration::from_secs(config.shutdown_grace_seconds.min(5));
     let _ = tokio::task::spawn_blocking(move || sink.flush(grace)).await;
     result
+}
+
+/// The TLS of one port, when `config` asks for it: loaded now (a bad file fails start-up,
+/// named by `key`) and re-read until `draining` fires.
+fn serve_tls(
+    config: &Option<tls::ServerTlsConfig>,
+    key: &'static str,
+    alpn: Vec<Vec<u8>>,
+    draining: &watch::Receiver<bool>,
+) -> Result<Option<tls::ServerTls>, IngestError> {
+    let Some(config) = config else { return Ok(None) };
+    let source = tls::TlsSource { config: config.clone(), key, alpn };
+    let loaded = source.load().map_err(IngestError::Config)?;
+    source.watch(&loaded, draining.clone());
+    Ok(Some(loaded))
 }
 
 /// Readings are small and acknowledgements smaller: no Nagle delay on ingest's ports.

@@ -97,21 +97,15 @@ pub enum Inbound {
     Unexpected(&'static str),
 }
 
-/// The fixed header of the frame at the start of `buffer`: `Ok(None)` while incomplete.
-/// Refuses a remaining length over `max_remaining` from the header alone.
-fn frame(buffer: &BytesMut, max_remaining: usize) -> Result<Option<usize>, WireError> {
+/// The length of the frame at the start of `buffer` once it is complete (`Ok(None)` while
+/// incomplete); a remaining length over `max_remaining` is refused from the header alone.
+pub fn frame_length(buffer: &BytesMut, max_remaining: usize) -> Result<Option<usize>, WireError> {
     match rumqttc::mqttbytes::check(buffer.iter(), max_remaining) {
         Ok(header) => Ok(Some(header.frame_length())),
         Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
         Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size)) => Err(WireError::TooLarge(size)),
         Err(error) => Err(WireError::Malformed(error.to_string())),
     }
-}
-
-/// The length of the complete frame at the start of `buffer`: `Ok(None)` while
-/// incomplete; refused from its header when its remaining length is over `max_remaining`.
-pub fn frame_length(buffer: &BytesMut, max_remaining: usize) -> Result<Option<usize>, WireError> {
-    frame(buffer, max_remaining)
 }
 
 /// How many bytes the remaining-length field of the frame at the start of `frame` takes.
@@ -121,7 +115,7 @@ fn length_field_bytes(frame: &[u8]) -> usize {
 
 /// Reads the CONNECT at the start of `buffer` (consuming it) once it is complete.
 pub fn read_connect(buffer: &mut BytesMut, max_remaining: usize) -> Result<Option<ConnectRequest>, WireError> {
-    let Some(length) = frame(buffer, max_remaining)? else {
+    let Some(length) = frame_length(buffer, max_remaining)? else {
         if !buffer.is_empty() && buffer[0] != 0x10 {
             return Err(WireError::NotConnect);
         }
@@ -177,7 +171,7 @@ pub fn read_connect(buffer: &mut BytesMut, max_remaining: usize) -> Result<Optio
 
 /// Reads the next packet at the start of `buffer` (consuming it) once it is complete.
 pub fn read(buffer: &mut BytesMut, version: Version, max_remaining: usize) -> Result<Option<Inbound>, WireError> {
-    let Some(_) = frame(buffer, max_remaining)? else {
+    let Some(_) = frame_length(buffer, max_remaining)? else {
         return Ok(None);
     };
     let malformed = |e: &dyn std::fmt::Display| WireError::Malformed(e.to_string());
