@@ -71,7 +71,7 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     assert_eq!(fired, expected, "alerts (id -> readings, anomalies) against the recount from the score records");
     for alert in observed.alerts.values() {
         assert_eq!(alert.rule, rule.name);
-        assert_eq!(alert.model_versions, [2], "the bundled model's newest version scored every reading");
+        assert_eq!(alert.model_versions, [3], "the bundled model's newest version scored every reading");
         let window = |t: &Option<prost_types::Timestamp>| t.as_ref().unwrap().seconds;
         assert_eq!(window(&alert.window_end) - window(&alert.window_start), rule.window_seconds as i64);
     }

@@ -1,36 +1,50 @@
 #!/usr/bin/env python3
 """Train Vigil's car anomaly model on the device simulator's readings and export it.
 
-The model is an autoencoder over the 17 measured signals of a `SensorReading` (the firmware
-version is an identifier, not a measurement, so it is not an input). Everything a caller
-needs travels inside the SavedModel, so no service restates a constant:
+Three versions of one model, for canary rollouts between them. Each is an autoencoder over
+the 17 measured signals of a `SensorReading` (the firmware version is an identifier, not a
+measurement, so it is not an input). Everything a caller needs travels inside the
+SavedModel, so no service restates a constant:
 
-- inputs: one float32 tensor of shape [batch] per signal, named after the proto field
-  (`coolant_temp`, ...): the signature itself is the feature list, and order cannot drift;
+- inputs: one float32 tensor per signal, named after the proto field (`coolant_temp`,
+  ...): the signature itself is the feature list, and order cannot drift. Versions 1 and 2
+  score one reading (shape [batch]); version 3 scores a window, the device's last
+  `WINDOW` readings (shape [batch, WINDOW], oldest first), as the stream processor keeps
+  them (docs/windowed-models.md);
 - scaling: the training data's mean and standard deviation are constants in the graph, so
   the model takes raw readings; so is the healthy range the network's input is clipped to;
-- outputs: `anomaly_score` (the reconstruction error of the worst signal: each signal's
-  absolute error in the scaled space, in units of that signal's 99.9th-percentile error on
-  healthy readings, then the maximum over signals) and `threshold` (the version's
-  threshold, per row), so a caller decides `score > threshold` with the threshold of the
-  version that answered. The maximum, not the mean: most faults show in one or two
-  signals, and a mean over 17 lets the healthy rest dilute them (a worn shock absorber
-  at a standstill, one accelerometer at four times its neighbours, scored below the
-  threshold as a mean; as a maximum it is flagged);
+- outputs: `anomaly_score` (the reconstruction error of the worst input feature: each
+  feature's absolute error in the scaled space, in units of that feature's 99.9th-percentile
+  error on healthy readings, then the maximum over features) and `threshold` (the
+  version's threshold, per row), so a caller decides `score > threshold` with the threshold
+  of the version that answered. The maximum, not the mean: most faults show in one or two
+  signals, and a mean over 17 lets the healthy rest dilute them;
 - `assets.extra/vigil-model.json`: features, scaling, threshold policy and evaluation, for
   people and tools.
 
+Version 3's features, computed in the graph from the window, are per signal: the newest
+value; how many of the newest readings repeat its exact value, less the fewest any signal
+repeats (a sensor stuck at a rail repeats one value, while a healthy signal's noise never
+does for long; a window padded at a device's first reading repeats every signal alike,
+which cancels); and the newest value's distance from the mean of the readings before it
+(sudden jumps and fast trends). Two dense autoencoders, one over the newest values and one
+over the repeats and jumps (why two: `WindowedCarAnomaly`). The engine runs Conv1D too, but
+not TensorFlow 2's `While`, so no Keras LSTM.
+
 Data comes from the simulator itself (`device-simulator generate`): healthy cars for
 training (seed 1001), a separate healthy validation fleet for the threshold (seed 1002),
-and a labelled hold-out fleet with faults (seed 2002) for precision and recall.
+and a labelled hold-out fleet with faults (seed 2002) for precision, recall and detection
+per fault.
 
 Run from the repository root (TensorFlow from tests/fixtures/requirements.txt):
 
-    python3 deploy/models/train_car_anomaly.py
+    python3 deploy/models/train_car_anomaly.py                # every version
+    python3 deploy/models/train_car_anomaly.py --versions 3   # retrain v3, evaluate all
 
-Writes deploy/models/car-anomaly/{1,2}/, deploy/models/car-anomaly/evaluation.md and
-tests/fixtures/car_anomaly_golden.json (readings and TensorFlow's scores, for the Rust
-parity test).
+Writes deploy/models/car-anomaly/{1,2,3}/ (the versions retrained),
+deploy/models/car-anomaly/evaluation.json (evaluation.md beside it is written by hand from
+its figures) and tests/fixtures/car_anomaly_golden.json (readings, windows and
+TensorFlow's scores, for the Rust parity tests).
 """
 
 import argparse
@@ -52,14 +66,21 @@ MODEL_DIR = os.path.join(ROOT, "deploy", "models", "car-anomaly")
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "car_anomaly_golden.json")
 NOT_FEATURES = {"device_id", "event_time", "sequence", "fault", "control_unit_firmware"}
 
-# Two versions for canary rollouts: v2 has more capacity.
+# Versions for canary rollouts: v2 has more capacity than v1; v3 scores windows.
 VERSIONS = {
     1: {"hidden": (32, 10, 32), "threshold_quantile": 0.999, "epochs": 30},
     2: {"hidden": (64, 14, 64), "threshold_quantile": 0.999, "epochs": 30},
+    # Two autoencoders: one over the newest reading (as v2), one over the window's repeat and
+    # jump features (docs in WindowedCarAnomaly).
+    3: {"hidden": (64, 14, 64), "window_hidden": (64, 12, 64), "threshold_quantile": 0.9995, "epochs": 30,
+        "window": 10},
 }
 
-# Each signal's error is measured in units of this quantile of its healthy errors.
+# Each feature's error is measured in units of this quantile of its healthy errors.
 ERROR_SCALE_QUANTILE = 0.999
+
+# Seconds between two readings of a car in the simulator's output.
+READING_INTERVAL_S = 1.0
 
 
 def simulate(binary, path, seed, cars, seconds, fault_share):
@@ -73,6 +94,27 @@ def simulate(binary, path, seed, cars, seconds, fault_share):
 
 def matrix(readings, features):
     return np.array([[r[f] for f in features] for r in readings], dtype=np.float32)
+
+
+def by_car(readings):
+    """Each car's reading indices, in time order."""
+    cars = {}
+    for i, r in enumerate(readings):
+        cars.setdefault(r["device_id"], []).append(i)
+    return {car: sorted(rows, key=lambda i: readings[i]["sequence"]) for car, rows in cars.items()}
+
+
+def windows(readings, features, k):
+    """[readings, k, features]: each reading's window, its car's last k readings, oldest
+    first; a car's first readings are padded in front with its oldest (the stream
+    processor's rule, services/stream-processor/src/windows.rs)."""
+    x = matrix(readings, features)
+    out = np.zeros((len(readings), k, len(features)), np.float32)
+    for rows in by_car(readings).values():
+        rows = np.array(rows)
+        lags = np.clip(np.arange(len(rows))[:, None] + np.arange(-k + 1, 1)[None, :], 0, None)
+        out[rows] = x[rows][lags]
+    return out
 
 
 class CarAnomaly(tf.Module):
@@ -103,6 +145,59 @@ class CarAnomaly(tf.Module):
         return {"anomaly_score": score, "threshold": threshold}
 
 
+def window_features(w, signal_std):
+    """Version 3's features from windows [n, k, signals] of raw readings: per signal the
+    newest value, its repeat run (relative to the fewest repeats of any signal, over k),
+    and its jump from the mean of the readings before it (in units of the signal's std)."""
+    k = w.shape[1]
+    newest = w[:, k - 1, :]
+    # Unrolled (k is fixed): readings from the newest back that equal it, without a gap
+    # (the newest equals itself: the run starts at 1). Only ops the Rust engine runs.
+    same = tf.cast(tf.equal(newest, newest), tf.float32)
+    run = same
+    for lag in range(k - 2, -1, -1):
+        same = same * tf.cast(tf.equal(w[:, lag, :], newest), tf.float32)
+        run = run + same
+    repeats = (run - tf.reduce_min(run, axis=1, keepdims=True)) / float(k)
+    jump = (newest - tf.reduce_mean(w[:, : k - 1, :], axis=1)) / signal_std
+    return tf.concat([newest, repeats, jump], axis=1)
+
+
+class WindowedCarAnomaly(tf.Module):
+    """Windows of raw readings in ([batch, k] per signal), anomaly score and threshold out.
+
+    Two autoencoders, so that neither reconstructs from the other's features: one over the
+    newest reading's signals, one over the repeat and jump features. Trained as one, the
+    newest values were reconstructed from the jumps too; a device's first readings, whose
+    padded window has no jumps, then looked like faults mid-drive (at the start of
+    `vigil up`, every car's first readings). The score is the worst feature of either."""
+
+    def __init__(self, features, k, signal_std, mean, std, low, high, error_scale, networks, threshold):
+        super().__init__()
+        self.features = features
+        self.signal_std = tf.constant(signal_std, dtype=tf.float32)
+        self.mean = tf.constant(mean, dtype=tf.float32)
+        self.std = tf.constant(std, dtype=tf.float32)
+        self.low = tf.constant((low - mean) / std, dtype=tf.float32)
+        self.high = tf.constant((high - mean) / std, dtype=tf.float32)
+        self.error_scale = tf.constant(error_scale, dtype=tf.float32)
+        self.reading_network, self.window_network = networks
+        self.threshold_value = tf.constant(threshold, dtype=tf.float32)
+        spec = {f: tf.TensorSpec([None, k], tf.float32, name=f) for f in features}
+        self.serve = tf.function(self._serve, input_signature=[spec])
+
+    def _serve(self, readings):
+        w = tf.stack([readings[f] for f in self.features], axis=2)
+        scaled = (window_features(w, self.signal_std) - self.mean) / self.std
+        clipped = tf.minimum(tf.maximum(scaled, self.low), self.high)
+        n = len(self.features)
+        reconstruction = tf.concat(
+            [self.reading_network(clipped[:, :n]), self.window_network(clipped[:, n:])], axis=1)
+        score = tf.reduce_max(tf.abs(reconstruction - scaled) / self.error_scale, axis=1)
+        threshold = score * 0.0 + self.threshold_value
+        return {"anomaly_score": score, "threshold": threshold}
+
+
 def build_network(n, hidden, seed):
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((n,))
@@ -124,11 +219,124 @@ def precision_recall(scores, threshold, faulty):
             "normal_readings": int(np.sum(~faulty)), "faulty_readings": int(np.sum(faulty))}
 
 
+def per_fault(readings, flagged):
+    """Detection as an operator asks it (the same figures as `vigil up`'s summary,
+    services/vigil/src/detection.rs): per fault kind, the cars caught out of the cars that
+    had it and the seconds from onset (its first labelled reading) to the first flagged
+    reading; and flagged readings on cars without any fault per hour of their driving.
+    Alerts are the alerts service's rule over these scores, so they are judged in
+    `vigil up`, not here."""
+    kinds = {}
+    healthy_cars, healthy_readings, false_alarms = 0, 0, 0
+    for rows in by_car(readings).values():
+        labels = [readings[i]["fault"] for i in rows]
+        faulty = [t for t, label in enumerate(labels) if label != "none"]
+        if not faulty:
+            healthy_cars += 1
+            healthy_readings += len(rows)
+            false_alarms += int(sum(flagged[i] for i in rows))
+            continue
+        onset = faulty[0]
+        entry = kinds.setdefault(labels[onset], {"cars": 0, "caught": 0, "delays": []})
+        entry["cars"] += 1
+        hits = [t for t in faulty if flagged[rows[t]]]
+        if hits:
+            entry["caught"] += 1
+            entry["delays"].append((hits[0] - onset) * READING_INTERVAL_S)
+    table = {}
+    for kind in sorted(kinds):
+        delays = kinds[kind]["delays"]
+        quantile = lambda q: float(np.quantile(delays, q, method="inverted_cdf")) if delays else None  # noqa: E731
+        table[kind] = {"cars": kinds[kind]["cars"], "caught": kinds[kind]["caught"],
+                       "onset_to_anomaly_p50_s": quantile(0.5), "onset_to_anomaly_p90_s": quantile(0.9)}
+    hours = healthy_readings * READING_INTERVAL_S / 3600
+    return {"by_fault": table, "healthy_cars": healthy_cars, "healthy_car_hours": hours,
+            "false_alarms": false_alarms, "false_alarms_per_healthy_car_hour": false_alarms / hours if hours else None}
+
+
+def inputs_of(features, x):
+    """The signature's keyword inputs for readings (x: [n, features]) or windows
+    (x: [n, k, features])."""
+    if x.ndim == 2:
+        return {f: tf.constant(x[:, i]) for i, f in enumerate(features)}
+    return {f: tf.constant(x[:, :, i]) for i, f in enumerate(features)}
+
+
+def train_version(version, params, features, data, path):
+    """Trains and exports one version; its metadata entry."""
+    x_train, x_val = data["train"], data["validation"]
+    window = params.get("window")
+    if window:
+        w_train, w_val = data["windows"][window]["train"], data["windows"][window]["validation"]
+        signal_std = np.maximum(x_train.std(axis=0), 1e-3)
+        f_train = window_features(tf.constant(w_train), signal_std).numpy()
+        f_val = window_features(tf.constant(w_val), signal_std).numpy()
+    else:
+        f_train, f_val, w_val = x_train, x_val, x_val
+    mean = f_train.mean(axis=0)
+    std = np.maximum(f_train.std(axis=0), 1e-3)
+    low, high = f_train.min(axis=0), f_train.max(axis=0)
+    s_train = (f_train - mean) / std
+    # Feature groups and their networks: the reading's signals (all of a one-reading
+    # version's features), and for a windowed version its repeat and jump features.
+    n = len(features)
+    groups = [(slice(0, n), params["hidden"])]
+    if window:
+        groups.append((slice(n, 3 * n), params["window_hidden"]))
+    networks = []
+    for part, hidden in groups:
+        network = build_network(part.stop - part.start, hidden, seed=version)
+        network.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
+        network.fit(s_train[:, part], s_train[:, part], epochs=params["epochs"], batch_size=512, shuffle=True,
+                    verbose=0)
+        networks.append(network)
+
+    def reconstruct(clipped):
+        return np.concatenate([network.predict(clipped[:, part], verbose=0, batch_size=4096)
+                               for network, (part, _) in zip(networks, groups)], axis=1)
+
+    # Healthy validation fleet: its first half sets each feature's error scale (the
+    # network sees the clipped features, as in serving), its second half the threshold.
+    half = len(f_val) // 2
+    s_val = (f_val[:half] - mean) / std
+    s_clipped = np.clip(s_val, (low - mean) / std, (high - mean) / std)
+    errors = np.abs(reconstruct(s_clipped) - s_val)
+    error_scale = np.maximum(np.quantile(errors, ERROR_SCALE_QUANTILE, axis=0), 1e-3)
+
+    def module(threshold):
+        if window:
+            return WindowedCarAnomaly(features, window, signal_std, mean, std, low, high, error_scale, networks,
+                                      threshold)
+        return CarAnomaly(features, mean, std, low, high, error_scale, networks[0], threshold)
+
+    probe = module(0.0)
+    val_scores = probe.serve(inputs_of(features, w_val[half:]))["anomaly_score"].numpy()
+    threshold = float(np.quantile(val_scores, params["threshold_quantile"]))
+    exported = module(threshold)
+    tf.saved_model.save(exported, path, signatures={"serving_default": exported.serve})
+    meta = {"model": "car-anomaly", "version": version, "features": features,
+            "network_inputs": ("per signal: newest value, repeat run, jump" if window else "the reading's signals"),
+            "scaling": {"mean": mean.tolist(), "std": std.tolist()},
+            "healthy_range": {"low": low.tolist(), "high": high.tolist()},
+            "error_scale": error_scale.tolist(),
+            "hidden_layers": list(params["hidden"]), "epochs": params["epochs"],
+            "threshold_policy": f"{params['threshold_quantile']} quantile of healthy validation scores",
+            "threshold": threshold}
+    if window:
+        meta["window"] = window
+        meta["window_hidden_layers"] = list(params["window_hidden"])
+        meta["signal_std"] = signal_std.tolist()
+    return meta
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--simulator", default=os.path.join(ROOT, "target", "debug", "device-simulator"))
     parser.add_argument("--work", default="/tmp/vigil-car-anomaly")
+    parser.add_argument("--versions", default=",".join(str(v) for v in VERSIONS),
+                        help="versions to train and export (the others are only evaluated), e.g. 3")
     args = parser.parse_args()
+    retrain = {int(v) for v in args.versions.split(",") if v}
     if not os.path.exists(args.simulator):
         subprocess.run(["cargo", "build", "-q", "-p", "device-simulator"], cwd=ROOT, check=True)
     os.makedirs(args.work, exist_ok=True)
@@ -138,79 +346,91 @@ def main():
     validation = simulate(args.simulator, w("validation.jsonl"), 1002, 60, 1800, 0.0)
     holdout = simulate(args.simulator, w("holdout.jsonl"), 2002, 100, 1800, 0.3)
     features = [k for k in train[0] if k not in NOT_FEATURES]
-    x_train, x_val, x_hold = matrix(train, features), matrix(validation, features), matrix(holdout, features)
     faulty = np.array([r["fault"] != "none" for r in holdout])
-    mean = x_train.mean(axis=0)
-    std = np.maximum(x_train.std(axis=0), 1e-3)
-    low, high = x_train.min(axis=0), x_train.max(axis=0)
+    data = {"train": matrix(train, features), "validation": matrix(validation, features),
+            "holdout": matrix(holdout, features), "windows": {}}
+    for params in VERSIONS.values():
+        k = params.get("window")
+        if k and k not in data["windows"]:
+            data["windows"][k] = {name: windows(rows, features, k)
+                                  for name, rows in [("train", train), ("validation", validation), ("holdout", holdout)]}
     print(f"{len(train)} training, {len(validation)} validation, {len(holdout)} hold-out readings "
           f"({faulty.mean():.1%} faulty); features: {', '.join(features)}")
 
-    # Replace the versions; evaluation.md beside them is written by hand from the figures.
-    for version in VERSIONS:
-        shutil.rmtree(os.path.join(MODEL_DIR, str(version)), ignore_errors=True)
-    report = {"features": features, "versions": {}}
-    golden = {"model": "car-anomaly", "readings": [], "versions": {}}
-    # A few hold-out readings of every kind, for the Rust parity test.
+    # A few hold-out readings of every kind, for the per-reading versions' parity test;
+    # for windowed versions, a stretch of consecutive readings of one car of every kind
+    # around its onset (windows are built over the stretch alone, so its first readings
+    # are padded as a device's first readings are).
     picks = []
     for kind in sorted({r["fault"] for r in holdout}):
         picks += [r for r in holdout if r["fault"] == kind][:4]
-    golden["readings"] = picks
+    stretches, kinds_seen = [], set()
+    for rows in by_car(holdout).values():
+        labels = [holdout[i]["fault"] for i in rows]
+        kind = next((label for label in labels if label != "none"), "none")
+        if kind in kinds_seen:
+            continue
+        kinds_seen.add(kind)
+        onset = labels.index(kind) if kind != "none" else 100
+        stretches.append([holdout[i] for i in rows[max(onset - 12, 0):onset + 12]])
+    golden = {"model": "car-anomaly", "readings": picks, "sequences": stretches, "versions": {}}
+    report = {"features": features, "versions": {}}
 
     for version, params in VERSIONS.items():
-        network = build_network(len(features), params["hidden"], seed=version)
-        network.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
-        s_train = (x_train - mean) / std
-        network.fit(s_train, s_train, epochs=params["epochs"], batch_size=512, shuffle=True, verbose=0)
-
-        # Healthy validation fleet: its first half sets each feature's error scale (the
-        # network sees the clipped reading, as in serving), its second half the threshold.
-        half = len(x_val) // 2
-        s_val = (x_val[:half] - mean) / std
-        s_clipped = np.clip(s_val, (low - mean) / std, (high - mean) / std)
-        errors = np.abs(network.predict(s_clipped, verbose=0) - s_val)
-        error_scale = np.maximum(np.quantile(errors, ERROR_SCALE_QUANTILE, axis=0), 1e-3)
-        probe = CarAnomaly(features, mean, std, low, high, error_scale, network, 0.0)
-        val_scores = probe.serve({f: x_val[half:, i] for i, f in enumerate(features)})["anomaly_score"].numpy()
-        threshold = float(np.quantile(val_scores, params["threshold_quantile"]))
-        module = CarAnomaly(features, mean, std, low, high, error_scale, network, threshold)
-
         path = os.path.join(MODEL_DIR, str(version))
-        tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+        if version in retrain:
+            shutil.rmtree(path, ignore_errors=True)
+            meta = train_version(version, params, features, data, path)
+        else:
+            with open(os.path.join(path, "assets.extra", "vigil-model.json")) as f:
+                meta = json.load(f)
         # Evaluate the export as TF Serving would run it: reload and call the signature.
         loaded = tf.saved_model.load(path).signatures["serving_default"]
-        hold_out = loaded(**{f: tf.constant(x_hold[:, i]) for i, f in enumerate(features)})
-        scores = hold_out["anomaly_score"].numpy()
+        k = params.get("window")
+        x_hold = data["windows"][k]["holdout"] if k else data["holdout"]
+        scores = np.concatenate([
+            loaded(**inputs_of(features, x_hold[i:i + 65536]))["anomaly_score"].numpy()
+            for i in range(0, len(x_hold), 65536)])
+        threshold = meta["threshold"]
         metrics = precision_recall(scores, threshold, faulty)
         by_kind = {}
         for kind in sorted({r["fault"] for r in holdout} - {"none"}):
             rows = np.array([r["fault"] == kind for r in holdout])
             by_kind[kind] = float(np.mean(scores[rows] > threshold))
-        entry = {"hidden_layers": list(params["hidden"]), "epochs": params["epochs"],
-                 "threshold_policy": f"{params['threshold_quantile']} quantile of healthy validation scores",
-                 "threshold": threshold, **metrics, "recall_by_fault": by_kind}
+        detection = per_fault(holdout, scores > threshold)
+        for key in ("network_inputs", "window"):
+            if key in meta:
+                metrics[key] = meta[key]
+        entry = {key: meta[key] for key in ("hidden_layers", "epochs", "threshold_policy", "threshold")}
+        entry.update({**metrics, "recall_by_fault": by_kind, "per_fault": detection})
         report["versions"][str(version)] = entry
         print(f"v{version}: threshold {threshold:.4f} precision {metrics['precision']:.4f} "
               f"recall {metrics['recall']:.4f} by fault {json.dumps(by_kind)}")
-
+        print(f"v{version} per fault: {json.dumps(detection)}")
+        meta.update(entry)
         os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
         with open(os.path.join(path, "assets.extra", "vigil-model.json"), "w") as f:
-            json.dump({"model": "car-anomaly", "version": version, "features": features,
-                       "scaling": {"mean": mean.tolist(), "std": std.tolist()},
-                       "healthy_range": {"low": low.tolist(), "high": high.tolist()},
-                       "error_scale": error_scale.tolist(), **entry}, f, indent=2)
-        outputs = loaded(**{f: tf.constant([r[f] for r in picks], dtype=tf.float32) for f in features})
-        golden["versions"][str(version)] = {
-            "threshold": threshold,
-            "anomaly_score": outputs["anomaly_score"].numpy().tolist(),
-            "hold_out": {"seed": 2002, "cars": 100, "seconds": 1800, "fault_share": 0.3, **metrics},
-        }
+            json.dump(meta, f, indent=2)
+
+        hold_out = {"seed": 2002, "cars": 100, "seconds": 1800, "fault_share": 0.3, **metrics}
+        if k:
+            sequence_scores = []
+            for stretch in stretches:
+                x = windows(stretch, features, k)
+                sequence_scores.append(loaded(**inputs_of(features, x))["anomaly_score"].numpy().tolist())
+            golden["versions"][str(version)] = {"threshold": threshold, "window": k,
+                                                "sequence_scores": sequence_scores, "hold_out": hold_out}
+        else:
+            outputs = loaded(**{f: tf.constant([r[f] for r in picks], dtype=tf.float32) for f in features})
+            golden["versions"][str(version)] = {"threshold": threshold,
+                                                "anomaly_score": outputs["anomaly_score"].numpy().tolist(),
+                                                "hold_out": hold_out}
 
     with open(os.path.join(MODEL_DIR, "evaluation.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(GOLDEN, "w") as f:
         json.dump(golden, f, indent=1)
-    print("exported", ", ".join(f"{MODEL_DIR}/{v}" for v in VERSIONS))
+    print("exported", ", ".join(f"{MODEL_DIR}/{v}" for v in sorted(retrain)))
 
 
 if __name__ == "__main__":

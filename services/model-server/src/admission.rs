@@ -188,7 +188,11 @@ pub fn admit(
             );
         }
         if let Some(fixed) = &expected.shape {
-            let fits = fixed.len() == shape.len() && fixed.iter().zip(&shape).all(|(&f, &s)| f < 0 || f as usize == s);
+            // A longer window than the input's is taken too: the version that runs the
+            // request uses its newest part (crate::inference::reading_windows).
+            let fits = (fixed.len() == shape.len()
+                && fixed.iter().zip(&shape).all(|(&f, &s)| f < 0 || f as usize == s))
+                || crate::inference::reading_windows::is_wider_window(fixed, &shape);
             if !fits {
                 let expected = fixed.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
                 return Err(predict(PredictError::Shape { name, expected: format!("[{expected}]"), got: shape }));
@@ -349,7 +353,8 @@ mod tests {
             (vec![("a".into(), ok()), ("c".into(), ok())], "\"c\" is not an input"),
             (vec![("a".into(), ok())], "\"b\" is missing"),
             (vec![("a".into(), ok()), ("b".into(), proto(9, &[1, 2], vec![]))], "dtype i64, expected f32"),
-            (vec![("a".into(), ok()), ("b".into(), proto(1, &[1, 3], vec![]))], "expected [-1,2]"),
+            (vec![("a".into(), ok()), ("b".into(), proto(1, &[1, 1], vec![]))], "expected [-1,2]"),
+            (vec![("a".into(), ok()), ("b".into(), proto(1, &[1, 2, 1], vec![]))], "expected [-1,2]"),
             (vec![("a".into(), ok()), ("b".into(), proto(1, &[-1, 2], vec![]))], "negative"),
             (vec![("a".into(), ok()), ("b".into(), proto(7, &[1, 2], vec![]))], "DT_STRING"),
         ];
@@ -357,6 +362,10 @@ mod tests {
             let error = admit("m", 3, &two, inputs, LIMITS).unwrap_err().to_string();
             assert!(error.contains(expected) && error.contains("\"m\""), "{error} (wanted {expected})");
         }
+        // A longer window than an input's is admitted, sized as sent: the version running
+        // the request takes its newest part (inference::reading_windows).
+        let wider = admit("m", 3, &two, vec![("a".into(), ok()), ("b".into(), proto(1, &[1, 3], vec![]))], LIMITS);
+        assert_eq!(wider.unwrap().bytes, 8 + 12);
         let admitted = admit("m", 3, &two, vec![("b".into(), ok()), ("a".into(), ok())], LIMITS).unwrap();
         assert_eq!(admitted.bytes, 16);
         let decoded = admitted.decode().unwrap();

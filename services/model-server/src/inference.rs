@@ -20,6 +20,7 @@ use crate::rollout::Rollouts;
 use crate::rollout::windows::{Outcome, Windows};
 
 mod per_row;
+pub mod reading_windows;
 
 /// Request limits (checked before anything is decoded or queued).
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +304,7 @@ impl Inference {
                 )));
             }
         }
+        let inputs = reading_windows::narrow(&version.model, version.version, plan.spec(), inputs)?;
         let prepared = plan.prepare(inputs).map_err(predict_error)?;
         scheduler
             .infer(prepared)

@@ -78,6 +78,9 @@ enum Consumer {
     /// 25% of the devices, 10% of stable's rows shadowed on v2, automated analysis on):
     /// every call's rows are split by device between the versions.
     BatchedCanary,
+    /// Batched, scoring with the windowed v3 (each reading with its device's last 10):
+    /// what windows cost beside `Batched`, which pins the one-reading v2.
+    BatchedWindowed,
 }
 
 impl Consumer {
@@ -94,6 +97,7 @@ impl Consumer {
             Self::BatchedExactlyOnce => "stream processor, batched, exactly-once",
             Self::Embedded => "stream processor: embedded model",
             Self::BatchedCanary => "stream processor: batched, canary rollout under way",
+            Self::BatchedWindowed => "stream processor: batched, windowed model (v3)",
         }
     }
 
@@ -105,6 +109,7 @@ impl Consumer {
             Self::BatchedExactlyOnce => "batched_exactly_once",
             Self::Embedded => "embedded",
             Self::BatchedCanary => "batched_canary",
+            Self::BatchedWindowed => "batched_windowed",
         }
     }
 
@@ -116,9 +121,10 @@ impl Consumer {
             "batched-exactly-once" => Self::BatchedExactlyOnce,
             "embedded" => Self::Embedded,
             "batched-canary" => Self::BatchedCanary,
+            "batched-windowed" => Self::BatchedWindowed,
             other => panic!(
                 "VIGIL_BENCH_CONSUMER: {other:?} is not pass-through, per-reading, batched, batched-exactly-once, \
-                 embedded or batched-canary"
+                 embedded, batched-canary or batched-windowed"
             ),
         }
     }
@@ -154,7 +160,8 @@ impl Round {
 /// The model servers the processor modes call (in this process, batching on, the bundled
 /// `car-anomaly`).
 struct ModelServers {
-    /// The latest version only.
+    /// Every version, no rollout: the modes pin v2 (one reading a call row), except
+    /// `BatchedWindowed`, which takes the latest, the windowed v3.
     plain: support::ModelServer,
     /// Versions 1 and 2, a canary rollout from 1 to 2 in progress (see `Consumer::BatchedCanary`).
     canary: support::ModelServer,
@@ -168,6 +175,18 @@ impl ModelServers {
         let bundled = support::root().join("deploy/models/car-anomaly");
         std::fs::write(&models, model_server::model_config::all_versions_config("car-anomaly", &bundled).unwrap())
             .unwrap();
+        // The rollout's server serves only the versions it rolls between, both one-reading
+        // models: the processor then reads a one-reading signature, as before v3 existed.
+        let canary_models = files.path().join("canary-models.config");
+        std::fs::write(
+            &canary_models,
+            format!(
+                "model_config_list {{ config {{ name: \"car-anomaly\" base_path: \"{}\" model_platform: \"tensorflow\" \
+                 model_version_policy {{ specific {{ versions: 1 versions: 2 }} }} }} }}\n",
+                bundled.display()
+            ),
+        )
+        .unwrap();
         // One analysis step that does not end during a run: the rollout stays in progress,
         // its checks computing over both sides' rows.
         let rollouts = files.path().join("rollouts.toml");
@@ -179,11 +198,13 @@ impl ModelServers {
         .unwrap();
         let canary = support::ModelServer::start(&[
             "--enable_batching",
-            &format!("--model_config_file={}", models.display()),
+            &format!("--model_config_file={}", canary_models.display()),
             &format!("--rollout_config_file={}", rollouts.display()),
         ])
         .await;
-        let plain = support::ModelServer::start(&["--enable_batching"]).await;
+        let plain =
+            support::ModelServer::start(&["--enable_batching", &format!("--model_config_file={}", models.display())])
+                .await;
         Self { plain, canary, _files: files }
     }
 
@@ -212,7 +233,8 @@ impl Running {
             | Consumer::Batched
             | Consumer::BatchedExactlyOnce
             | Consumer::Embedded
-            | Consumer::BatchedCanary => {
+            | Consumer::BatchedCanary
+            | Consumer::BatchedWindowed => {
                 let model = if consumer == Consumer::BatchedCanary { &servers.canary } else { &servers.plain };
                 let mut config = ProcessorConfig::default();
                 config.kafka.insert("bootstrap.servers".into(), kafka.bootstrap_servers().into());
@@ -235,6 +257,10 @@ impl Running {
                 }
                 if consumer == Consumer::PerReading {
                     config.model.max_rows_per_call = 1;
+                }
+                // The one-reading model, as these modes measured before the windowed v3.
+                if !matches!(consumer, Consumer::BatchedCanary | Consumer::BatchedWindowed) {
+                    config.model.version = Some(2);
                 }
                 if consumer == Consumer::Embedded {
                     config.model.mode = stream_processor::config::ModelMode::Embedded;
@@ -343,7 +369,8 @@ fn read_outputs(bootstrap: &str, topic: &str, consumer: Consumer, expected: usiz
             | Consumer::Batched
             | Consumer::BatchedExactlyOnce
             | Consumer::Embedded
-            | Consumer::BatchedCanary => {
+            | Consumer::BatchedCanary
+            | Consumer::BatchedWindowed => {
                 let score = Score::decode(payload).unwrap();
                 (score.sequence, score.event_time)
             }
@@ -625,6 +652,7 @@ async fn measure(kafka: &Kafka, servers: &ModelServers, run: &str) -> serde_json
             Consumer::Batched,
             Consumer::Embedded,
             Consumer::BatchedCanary,
+            Consumer::BatchedWindowed,
         ];
         if matches!(kafka, Kafka::Mock(_)) {
             order.push(Consumer::BatchedExactlyOnce);
@@ -646,7 +674,13 @@ async fn measure(kafka: &Kafka, servers: &ModelServers, run: &str) -> serde_json
         |mode: &str| -> Vec<f64> { peak[mode].iter().zip(&peak["pass_through"]).map(|(p, c)| round3(p / c)).collect() };
     let mut modes = serde_json::Map::new();
     let mut latency_rows = Vec::new();
-    for consumer in [Consumer::PerReading, Consumer::Batched, Consumer::Embedded, Consumer::BatchedCanary] {
+    for consumer in [
+        Consumer::PerReading,
+        Consumer::Batched,
+        Consumer::Embedded,
+        Consumer::BatchedCanary,
+        Consumer::BatchedWindowed,
+    ] {
         let shares = share(consumer.key());
         let mode_peak = median(peak[consumer.key()].clone());
         eprintln!("  {} at {} of the pass-through ceiling", consumer.name(), median(shares.clone()));
@@ -670,6 +704,13 @@ async fn measure(kafka: &Kafka, servers: &ModelServers, run: &str) -> serde_json
     for consumer in [Consumer::Batched, Consumer::Embedded, Consumer::PassThrough] {
         latency_rows.push(latency_row(kafka, servers, run, consumer, 1000.0).await);
     }
+    // What windows cost per reading: the one-reading model's rate over the windowed one's,
+    // round by round.
+    let window_costs: Vec<f64> =
+        peak["batched"].iter().zip(&peak["batched_windowed"]).map(|(one, windowed)| round3(one / windowed)).collect();
+    eprintln!("  windowed scoring costs {}x the one-reading model's per reading", median(window_costs.clone()));
+    modes["batched_windowed"]["cost_per_reading_vs_batched"] = json!(median(window_costs.clone()));
+    modes["batched_windowed"]["cost_per_reading_vs_batched_by_round"] = json!(window_costs);
     if let Some(exactly_once) = peak.get("batched_exactly_once") {
         let ratios: Vec<f64> = exactly_once.iter().zip(&peak["batched"]).map(|(e, a)| e / a).collect();
         modes.insert(
@@ -716,8 +757,8 @@ fn main() {
     results.push(report);
     let file = json!({
         "benchmark": "readings topic -> scores topic through the stream processor (one Predict per reading, batched \
-                      calls, batched calls under a canary rollout, to in-process model servers with batching on; \
-                      and the model embedded) vs a pass-through consumer -> producer with the processor's Kafka \
+                      calls, batched calls under a canary rollout, batched calls to the windowed v3, to in-process \
+                      model servers with batching on; and the model embedded) vs a pass-through consumer -> producer with the processor's Kafka \
                       settings and no RPC, on the same broker; one machine, one process; latency at half of each \
                       mode's own peak and at 1,000/s, stages are the processor's mean processor_stage_seconds per \
                       reading, cpu_cores the whole process's CPU over the round",

@@ -76,6 +76,9 @@ pub struct ProcessorConfig {
     /// larger range is refused part way with RESOURCE_EXHAUSTED; replay a narrower one.
     pub replay_max_readings: usize,
     pub model: ModelConfig,
+    /// Per-device windows, for models that score a device's last readings
+    /// (docs/windowed-models.md); unused while the model scores one reading at a time.
+    pub windows: WindowConfig,
     /// librdkafka properties for both the consumer and the producer
     /// (`bootstrap.servers`, `security.protocol`, `sasl.*`, `ssl.*`).
     pub kafka: BTreeMap<String, String>,
@@ -105,6 +108,47 @@ pub enum OutputFormat {
 /// Most readings one Predict call may carry (the model server's default request limit is
 /// far above; its `max_batch_size` is what matters, see `max_rows_per_call`).
 pub const MAX_ROWS_PER_CALL: usize = 4096;
+
+/// The longest window `model.max_window_readings` may allow.
+pub const MAX_WINDOW_READINGS: usize = 4096;
+
+/// Per-device windows ([`crate::windows`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Devices whose recent readings one partition keeps; past it, the device seen least
+    /// recently is forgotten and its next reading starts a new window.
+    pub max_devices_per_partition: usize,
+    /// A reading more than this many seconds (event time) from its device's previous one
+    /// starts a new window.
+    pub max_gap_seconds: u64,
+    /// When a partition is assigned (a start, a rebalance): how many records before its
+    /// first one are read back to rebuild its devices' windows, so a reading gets the same
+    /// window whichever replica scores it. 0: none (windows start empty).
+    pub rebuild_records: u64,
+    /// How long that read-back may take before scoring starts with what was read.
+    pub rebuild_timeout_seconds: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            max_devices_per_partition: 50_000,
+            max_gap_seconds: 60,
+            rebuild_records: 20_000,
+            rebuild_timeout_seconds: 30,
+        }
+    }
+}
+
+impl WindowConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.max_devices_per_partition == 0 {
+            return Err("windows.max_devices_per_partition must be at least 1".into());
+        }
+        Ok(())
+    }
+}
 
 /// Where readings are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -158,6 +202,10 @@ pub struct ModelConfig {
     /// one (never waiting to fill it). 1 sends one call per reading, for a model server
     /// that cannot take batches. Keep it at or below the model server's `max_batch_size`.
     pub max_rows_per_call: usize,
+    /// The longest window a model may ask for, in readings (an input of shape `[-1, k]`,
+    /// docs/windowed-models.md); a signature asking for more is refused, since every
+    /// device's kept history would grow to it.
+    pub max_window_readings: usize,
     /// Batched calls out at once (with `max_rows_per_call` above 1). Fewer calls in flight
     /// make bigger batches; more overlap round trips.
     pub calls_in_flight: usize,
@@ -202,6 +250,7 @@ impl Default for ModelConfig {
             timeout_ms: 2000,
             concurrency_limit: 1024,
             max_rows_per_call: 256,
+            max_window_readings: 64,
             calls_in_flight: 16,
             per_row_routing: true,
             retry_budget_percent: 20.0,
@@ -254,6 +303,7 @@ impl Default for ProcessorConfig {
             replay_topic_prefix: DEFAULT_REPLAY_TOPIC_PREFIX.into(),
             replay_max_readings: 1_000_000,
             model: ModelConfig::default(),
+            windows: WindowConfig::default(),
             kafka: BTreeMap::from([("bootstrap.servers".to_owned(), "127.0.0.1:9092".to_owned())]),
             consumer: BTreeMap::new(),
             producer: BTreeMap::new(),
@@ -295,11 +345,15 @@ impl ServiceConfig for ProcessorConfig {
         if self.replay_max_readings == 0 {
             return error("replay_max_readings must be at least 1".into());
         }
+        self.windows.check().map_err(ConfigError)?;
         if self.replay_topic_prefix.trim().is_empty() {
             return error("replay_topic_prefix is empty: replays could write to any topic".into());
         }
         if self.model.concurrency_limit == 0 {
             return error("model.concurrency_limit must be at least 1".into());
+        }
+        if !(1..=MAX_WINDOW_READINGS).contains(&self.model.max_window_readings) {
+            return error(format!("model.max_window_readings must be between 1 and {MAX_WINDOW_READINGS}"));
         }
         if !(1..=MAX_ROWS_PER_CALL).contains(&self.model.max_rows_per_call) {
             return error(format!("model.max_rows_per_call must be between 1 and {MAX_ROWS_PER_CALL}"));

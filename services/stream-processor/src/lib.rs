@@ -15,8 +15,9 @@
 //! ```
 //!
 //! [`config`] layers defaults, file, environment and flags; [`discovery`] finds model
-//! server replicas; [`model`] calls them; [`output`] builds the records; [`pipeline`]
-//! consumes, orders, writes and commits; [`replay`] re-scores a time range through a
+//! server replicas; [`model`] calls them; [`windows`] keeps each device's last readings
+//! for models that score a window; [`output`] builds the records; [`pipeline`]
+//! consumes, orders, writes and commits (and rebuilds windows when partitions move); [`replay`] re-scores a time range through a
 //! candidate model version (gRPC `ReplayService`) beside the live group, never in it;
 //! [`run`] wires them together.
 
@@ -33,6 +34,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod trace;
 pub mod transactions;
+pub mod windows;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

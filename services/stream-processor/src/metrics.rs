@@ -21,6 +21,10 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// Partitions not being read because their in-flight bound is full.
     pub paused_partitions: IntGauge,
+    /// Devices whose recent readings are kept for windowed models (all partitions).
+    pub window_devices: IntGauge,
+    /// Records read back to rebuild windows when partitions were assigned.
+    pub window_rebuild_records: IntCounter,
     pub rebalances: IntCounterVec,
     /// Messages in a partition after the last stored offset, from librdkafka's statistics.
     pub consumer_lag: IntGaugeVec,
@@ -111,6 +115,12 @@ impl Metrics {
             paused_partitions: metrics.gauge(
                 "processor_paused_partitions",
                 "Partitions not being read because their in-flight bound is full",
+            )?,
+            window_devices: metrics
+                .gauge("processor_window_devices", "Devices whose recent readings are kept for a windowed model")?,
+            window_rebuild_records: metrics.counter(
+                "processor_window_rebuild_records_total",
+                "Records read back to rebuild devices' windows after partitions were assigned",
             )?,
             rebalances: metrics.counter_vec(
                 "processor_rebalances_total",

@@ -223,3 +223,120 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     processor.stop().await;
     server.stop().await;
 }
+
+/// A model config serving the bundled car-anomaly 1, 2 and 3 (3 scores windows).
+fn bundled_versions(dir: &std::path::Path) -> String {
+    let config = dir.join("models.config");
+    let base = root().join("deploy/models/car-anomaly");
+    std::fs::write(&config, model_server::model_config::all_versions_config("car-anomaly", &base).unwrap()).unwrap();
+    format!("--model_config_file={}", config.display())
+}
+
+/// From v2 (one reading) to the windowed v3 (the device's last 10 readings), as a data
+/// scientist would: the live processor, unpinned, reads the newest signature (v3's) and
+/// sends windows, which the model server narrows to the newest reading for v2. First a
+/// replay of the fleet's history through v3 beside the live scores; then a rollout by
+/// weight with automated analysis (shadowing half of v2's readings on v3) under the
+/// fleet's load, which promotes v3 with every reading scored once and nothing failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windowed_v3_replayed_then_rolled_out_over_v2_is_promoted_with_nothing_lost() {
+    use proto::vigil::replay::v1::ReplayRequest;
+    use proto::vigil::replay::v1::replay_service_client::ReplayServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = kafka();
+    kafka.create_topic("vigil.rollout-state", 1).unwrap();
+    kafka.create_topic("vigil.rollout-events", 1).unwrap();
+    let brokers = format!("--rollout_kafka_brokers={}", kafka.bootstrap_servers());
+    let server = ModelServer::start(&[&bundled_versions(dir.path()), &brokers]).await;
+    let mut api = RolloutServiceClient::connect(format!("http://{}", server.grpc)).await.unwrap();
+    // v2 is what runs today: a rollout held at weight 0 sends every unpinned request to it.
+    let held = rollout::RolloutSpec {
+        model: "car-anomaly".into(),
+        stable_version: 2,
+        canary_version: 3,
+        ..Default::default()
+    };
+    api.start_rollout(rollout::StartRolloutRequest { spec: Some(held) }).await.unwrap();
+    let processor = Processor::start(config(&kafka, &[server.grpc])).await;
+
+    // History: 20 s of a 40-car fleet, scored live by v2 from windows; the same cars
+    // drive on as the rollout's load.
+    let options =
+        FleetOptions { cars: 40, seed: 31, fault_share: 0.3, onset_window_s: (5.0, 60.0), ..Default::default() };
+    let mut fleet = Fleet::new(&options, support::two_hours_ago());
+    let history: Vec<_> = (0..20).flat_map(|_| fleet.step(1.0)).collect();
+    let started = std::time::SystemTime::now() - Duration::from_secs(60);
+    produce_readings(&kafka, &history).await;
+    let count = history.len();
+    let records = read(&kafka, SCORES, move |r| distinct(r) >= count).await;
+    assert!(scores(&records).iter().all(|s| s.model_version == 2), "v2 scored the history");
+    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "v2 took the windows");
+
+    // The replay: v3 over the same readings, beside v2's live scores.
+    let mut replays = ReplayServiceClient::connect(processor.grpc.clone()).await.unwrap();
+    let report = replays
+        .replay(ReplayRequest {
+            from: Some(started.into()),
+            to: Some(std::time::SystemTime::now().into()),
+            model: "car-anomaly".into(),
+            candidate_version: 3,
+            output_topic: "vigil-replay-v3".into(),
+            bounds: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("replay of v3: {report:?}");
+    assert!(report.passed, "{report:?}");
+    assert_eq!((report.replayed, report.compared, report.failed), (count as u64, count as u64, 0), "{report:?}");
+
+    // The rollout, under load.
+    api.abort_rollout(rollout::AbortRolloutRequest { model: "car-anomaly".into(), reason: "replay passed".into() })
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicUsize::new(count));
+    let load = {
+        let (stop, produced, kafka) = (stop.clone(), produced.clone(), kafka.bootstrap_servers().to_owned());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let readings = fleet.step(1.0);
+                produce_readings(&kafka, &readings).await;
+                produced.fetch_add(readings.len(), Ordering::Relaxed);
+            }
+        })
+    };
+    let mut request = rollout_to(3);
+    request.spec.as_mut().unwrap().stable_version = 2;
+    let promoted = concluded(&mut api, request).await;
+    assert_eq!(promoted.phase, rollout::Phase::Promoted as i32, "{promoted:?}");
+    eprintln!("rollout of v3: {promoted:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let total = produced.load(Ordering::Relaxed);
+
+    let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
+    assert_eq!(distinct(&records), total, "every reading is scored");
+    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "no Predict failed");
+    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
+    // Every device ends on v3, and none went back to v2 once on v3.
+    let mut by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for score in scores(&records) {
+        by_device.entry(score.device_id).or_default().push(score.model_version);
+    }
+    for (device, versions) in &by_device {
+        let first_v3 = versions.iter().position(|&v| v == 3).unwrap_or(versions.len());
+        assert!(versions[first_v3..].iter().all(|&v| v == 3), "{device}: {versions:?}");
+        assert_eq!(versions.last(), Some(&3), "{device} ends on the promoted version: {versions:?}");
+    }
+    let metrics = Endpoint::new(server.rest).metrics().await;
+    assert_eq!(
+        metric_total(&metrics, "model_server_rollout_decisions_total", &[("decision", "promoted")]),
+        1.0,
+        "one promotion"
+    );
+    processor.stop().await;
+    server.stop().await;
+}

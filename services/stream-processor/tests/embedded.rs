@@ -25,7 +25,7 @@ async fn every_reading_is_scored_once_in_order_by_the_model_in_the_process() {
     for (device, sequences) in sequences_by_device(&records) {
         assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{device}: scores out of order: {sequences:?}");
     }
-    assert!(scores(&records).iter().all(|s| s.model_version == 2), "the directory's latest scored");
+    assert!(scores(&records).iter().all(|s| s.model_version == 3), "the directory's latest (windowed) scored");
     assert_eq!(processor.metric("processor_scores_total").await, total as f64);
     assert_eq!(processor.metric("processor_model_rows_per_call_sum").await, total as f64);
     processor.stop().await;

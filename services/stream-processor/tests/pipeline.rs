@@ -41,9 +41,9 @@ async fn scored_once_in_order_across_two_replicas(calls: Calls) {
         let score = proto::vigil::scoring::v1::Score::decode(record.payload.as_slice()).unwrap();
         assert_eq!(record.key.as_deref(), Some(score.device_id.as_bytes()), "keyed by device");
         assert_eq!(score.model_name, "car-anomaly");
-        assert_eq!(score.model_version, 2, "the server's latest version answered");
+        assert_eq!(score.model_version, 3, "the server's latest version (windowed) answered");
         assert_eq!(score.is_anomaly, score.score > score.threshold);
-        assert_eq!(record.header("vigil.model.version"), Some(&b"2"[..]));
+        assert_eq!(record.header("vigil.model.version"), Some(&b"3"[..]));
     }
     // Anomalies: exactly the flagged scores, with their reading attached.
     let flagged = support::scores(&records).iter().filter(|s| s.is_anomaly).count();
@@ -82,7 +82,9 @@ async fn embedded_scores_are_tensorflows_for_the_golden_readings() {
     scores_are_tensorflows(true).await;
 }
 
-/// The golden readings' scores, through the model server or (`in_process`) embedded.
+/// The golden stretches' scores from the latest version, the windowed v3, through the
+/// model server or (`in_process`) embedded: each stretch is a car's consecutive readings
+/// from its first, so the processor's windows are TensorFlow's (padded alike at the start).
 async fn scores_are_tensorflows(in_process: bool) {
     let kafka = kafka();
     let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
@@ -95,24 +97,31 @@ async fn scores_are_tensorflows(in_process: bool) {
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/car_anomaly_golden.json")).unwrap())
             .unwrap();
-    let readings: Vec<sensor::SensorReading> = golden["readings"]
+    let now = std::time::SystemTime::now();
+    let mut readings = Vec::new();
+    let mut expected_scores = Vec::new();
+    for (stretch, tf_scores) in golden["sequences"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            let envelope = sensor::json::Envelope { topic_device_id: None, received_at: std::time::SystemTime::now() };
+        .zip(golden["versions"]["3"]["sequence_scores"].as_array().unwrap())
+    {
+        let stretch = stretch.as_array().unwrap();
+        for (i, (r, tf)) in stretch.iter().zip(tf_scores.as_array().unwrap()).enumerate() {
+            let envelope = sensor::json::Envelope { topic_device_id: None, received_at: now };
             let mut reading = sensor::json::parse(r.to_string().as_bytes(), &envelope).unwrap();
             // Recorded in January 2026; written now, so dated now (the processor refuses
-            // event times a day from their Kafka timestamp). The scores do not depend on it.
-            reading.event_time = Some(std::time::SystemTime::now().into());
-            reading
-        })
-        .collect();
+            // event times a day from their Kafka timestamp), a second apart as recorded.
+            // The scores do not depend on the date.
+            reading.event_time = Some((now - std::time::Duration::from_secs((stretch.len() - i) as u64)).into());
+            readings.push(reading);
+            expected_scores.push(tf.as_f64().unwrap());
+        }
+    }
     produce_readings(&kafka, &readings).await;
     let total = readings.len();
     let records = read(&kafka, SCORES, move |r| r.len() >= total).await;
-    let expected = &golden["versions"]["2"];
-    let threshold = expected["threshold"].as_f64().unwrap();
+    let threshold = golden["versions"]["3"]["threshold"].as_f64().unwrap();
     let mut checked = 0;
     for record in &records {
         let score: serde_json::Value = serde_json::from_slice(&record.payload).unwrap();
@@ -120,11 +129,11 @@ async fn scores_are_tensorflows(in_process: bool) {
             .iter()
             .position(|r| r.device_id == score["device_id"] && serde_json::json!(r.sequence) == score["sequence"])
             .unwrap();
-        let tf = expected["anomaly_score"][index].as_f64().unwrap();
+        let tf = expected_scores[index];
         let ours = score["score"].as_f64().unwrap();
         assert!((ours - tf).abs() <= 1e-4 * tf.abs().max(1.0), "reading {index}: {ours} vs TensorFlow's {tf}");
         assert!((score["threshold"].as_f64().unwrap() - threshold).abs() < 1e-5);
-        assert_eq!(score["model_version"], 2);
+        assert_eq!(score["model_version"], 3);
         assert_eq!(score["is_anomaly"], ours > score["threshold"].as_f64().unwrap());
         checked += 1;
     }

@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn the_rollout_hint_reads_the_bundled_models_versions() {
-        assert_eq!(versions_on_disk(&bundled_model()), [1, 2]);
+        assert_eq!(versions_on_disk(&bundled_model()), [1, 2, 3]);
         assert!(versions_on_disk(Path::new("/nonexistent")).is_empty());
     }
 }

@@ -92,7 +92,7 @@ impl Engine {
     }
 
     /// The served version's inputs, read from its signature.
-    pub(super) fn inputs(&self) -> Result<ModelInputs, SignatureError> {
+    pub(super) fn inputs(&self, max_window: usize) -> Result<ModelInputs, SignatureError> {
         let version = self.inference.repository.resolve(&self.model, &self.selector).map_err(|error| {
             // Not loaded (yet): a status the caller waits on, like a model server's.
             SignatureError::Status(tonic::Status::new(error.code(), error.to_string()))
@@ -104,8 +104,11 @@ impl Engine {
             ))
         })?;
         super::check_outputs(&self.model, version.version, &self.signature, |name| spec.outputs.contains_key(name))?;
-        let inputs = spec.inputs.iter().map(|(name, tensor)| (name.clone(), tensor.dtype == DataType::DtFloat));
-        super::reading_inputs(&self.model, version.version, inputs)
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|(name, tensor)| (name.clone(), tensor.dtype == DataType::DtFloat, tensor.shape.clone()));
+        super::reading_inputs(&self.model, version.version, inputs, max_window)
     }
 
     /// Scores `rows` in one run of the served version.
@@ -114,10 +117,14 @@ impl Engine {
         let tensors = inputs
             .inputs
             .iter()
-            .map(|(name, signal)| {
-                let values: Vec<f32> = rows.iter().map(|row| signal.get(&row.reading) as f32).collect();
-                let tensor = Tensor::from_shape(&[rows.len()], &values).map_err(|e| (Code::Internal, e.to_string()))?;
-                Ok((name.clone(), WireTensor::Decoded(tensor)))
+            .map(|input| {
+                let values = super::input_values(input, rows);
+                let shape = match input.window {
+                    None => vec![rows.len()],
+                    Some(k) => vec![rows.len(), k],
+                };
+                let tensor = Tensor::from_shape(&shape, &values).map_err(|e| (Code::Internal, e.to_string()))?;
+                Ok((input.name.clone(), WireTensor::Decoded(tensor)))
             })
             .collect::<Result<Vec<_>, (Code, String)>>()?;
         let request = InferenceRequest {

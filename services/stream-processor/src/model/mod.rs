@@ -7,7 +7,8 @@
 //! The model's inputs are not configured here: they are read from the served
 //! signature (`GetModelMetadata`), whose input names are reading signals
 //! (`coolant_temp`, ...), and refreshed periodically, so a new model version with other
-//! features needs no processor change. The signature's outputs `anomaly_score` and
+//! features needs no processor change. An input of shape `[-1, k]` asks for the device's
+//! last `k` readings of that signal ([`crate::windows`]); each row carries its window. The signature's outputs `anomaly_score` and
 //! `threshold` carry the score (the reconstruction error on the scaled reading, computed
 //! in the graph) and the threshold of the version that answered.
 
@@ -23,12 +24,14 @@ use proto::tensorflow::serving::{
 };
 use proto::tensorflow::{DataType, TensorProto, TensorShapeProto, tensor_shape_proto};
 use sensor::{SensorReading, Signal};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tonic::Code;
 use tower::ServiceExt as _;
 
 use crate::config::{ModelConfig, ModelMode};
 use crate::discovery::{self, Target};
 use crate::metrics::Metrics;
+use crate::windows::{self, Window};
 
 mod batch;
 mod embedded;
@@ -90,9 +93,46 @@ pub enum SignatureError {
 /// The model's inputs, in the signature's order: each a reading signal.
 #[derive(Debug, Clone)]
 pub struct ModelInputs {
-    pub inputs: Vec<(String, &'static Signal)>,
+    pub inputs: Vec<ModelInput>,
     /// The version whose signature this is.
     pub version: i64,
+}
+
+/// One input of the signature: a reading signal, alone or over a window.
+#[derive(Debug, Clone)]
+pub struct ModelInput {
+    pub name: String,
+    pub signal: &'static Signal,
+    /// Its place in [`sensor::signals`] (how [`Window`] holds values).
+    pub signal_index: usize,
+    /// `None`: shape `[-1]`, one value per reading; `Some(k)`: shape `[-1, k]`, the
+    /// device's last `k` values, oldest first.
+    pub window: Option<usize>,
+}
+
+impl ModelInputs {
+    /// The longest window any input asks for (1: none).
+    pub fn window(&self) -> usize {
+        self.inputs.iter().filter_map(|input| input.window).max().unwrap_or(1)
+    }
+}
+
+/// One input's values for `rows`, row after row: a value per row, or `k` per row.
+fn input_values(input: &ModelInput, rows: &[Row]) -> Vec<f32> {
+    match input.window {
+        None => rows.iter().map(|row| input.signal.get(&row.reading) as f32).collect(),
+        Some(k) => {
+            let mut values = Vec::with_capacity(rows.len() * k);
+            for row in rows {
+                if row.window.is_empty() {
+                    values.extend(std::iter::repeat_n(input.signal.get(&row.reading) as f32, k));
+                } else {
+                    row.window.extend_signal(input.signal_index, k, &mut values);
+                }
+            }
+            values
+        }
+    }
 }
 
 /// The signature's inputs and when they were read.
@@ -116,6 +156,8 @@ struct Caller {
     backend: Backend,
     config: Arc<ModelConfig>,
     inputs: Arc<RwLock<Option<CachedInputs>>>,
+    /// The window the last signature read asks for (0: none read yet).
+    window: Arc<AtomicUsize>,
     metrics: Metrics,
 }
 
@@ -143,10 +185,12 @@ impl Drop for DiscoveryTask {
     }
 }
 
-/// A reading to score and the span its call is traced under.
+/// A reading to score, its window (its device's readings up to it; empty: the reading
+/// alone) and the span its call is traced under.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub reading: SensorReading,
+    pub window: Window,
     pub trace: telemetry::Context,
 }
 
@@ -160,6 +204,7 @@ impl ModelClient {
                 backend: Backend::Embedded(engine),
                 config: Arc::new(config.clone()),
                 inputs: Arc::new(RwLock::new(None)),
+                window: Arc::new(AtomicUsize::new(0)),
                 metrics,
             };
             let batches = (config.max_rows_per_call > 1).then(|| batch::start(caller.clone()));
@@ -188,6 +233,7 @@ impl ModelClient {
             backend: Backend::Remote(Box::new(Remote { stack, metadata })),
             config: Arc::new(config.clone()),
             inputs: Arc::new(RwLock::new(None)),
+            window: Arc::new(AtomicUsize::new(0)),
             metrics,
         };
         let batches = (config.max_rows_per_call > 1).then(|| batch::start(caller.clone()));
@@ -197,6 +243,15 @@ impl ModelClient {
     /// The model's inputs, read from its signature (cached, refreshed periodically).
     pub async fn inputs(&self) -> Result<Arc<ModelInputs>, ScoreError> {
         self.caller.inputs().await
+    }
+
+    /// The window the served signature asks for, in readings (1: the reading alone), as
+    /// of the last time it was read; `None` before it was read at all.
+    pub fn window(&self) -> Option<usize> {
+        match self.caller.window.load(Ordering::Relaxed) {
+            0 => None,
+            window => Some(window),
+        }
     }
 
     /// Reads the signature now (not from the cache) and caches it; unlike [`Self::inputs`],
@@ -214,13 +269,14 @@ impl ModelClient {
     pub async fn score_with_retry(
         &self,
         reading: &SensorReading,
+        window: &Window,
         trace: &telemetry::Context,
         mut on_transient: impl FnMut(&str, u32) -> Retry,
     ) -> Result<Scored, ScoreError> {
         let (mut attempt, mut rejected_before) = (0u32, false);
         loop {
             attempt += 1;
-            match self.score(reading, trace).await {
+            match self.score(reading, window, trace).await {
                 Ok(scored) => return Ok(scored),
                 Err(ScoreError::Rejected(_)) if !rejected_before => rejected_before = true,
                 Err(rejected @ ScoreError::Rejected(_)) => return Err(rejected),
@@ -235,8 +291,13 @@ impl ModelClient {
     /// Scores one reading: alone in one call through the stack (which retries transient
     /// failures a few times under the budget), or as a row of a batched call; each
     /// attempt traced as a child of `trace` (of the first row's, in a batched call).
-    pub async fn score(&self, reading: &SensorReading, trace: &telemetry::Context) -> Result<Scored, ScoreError> {
-        let row = Row { reading: reading.clone(), trace: trace.clone() };
+    pub async fn score(
+        &self,
+        reading: &SensorReading,
+        window: &Window,
+        trace: &telemetry::Context,
+    ) -> Result<Scored, ScoreError> {
+        let row = Row { reading: reading.clone(), window: window.clone(), trace: trace.clone() };
         match &self.batches {
             Some(batches) => batch::submit(batches, row).await,
             None => self.caller.call(std::slice::from_ref(&row)).await.pop().expect("one result per row"),
@@ -263,7 +324,7 @@ impl Caller {
             return Ok(inputs.clone());
         }
         let fetched = Arc::new(self.fetch_inputs().await.map_err(|e| ScoreError::Transient(e.to_string()))?);
-        *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((fetched.clone(), Instant::now()));
+        self.cache(&fetched);
         Ok(fetched)
     }
 
@@ -278,16 +339,21 @@ impl Caller {
     /// served), did not answer, or served something the processor cannot score with.
     async fn signature(&self) -> Result<Arc<ModelInputs>, SignatureError> {
         let fetched = Arc::new(self.fetch_inputs().await?);
-        *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((fetched.clone(), Instant::now()));
+        self.cache(&fetched);
         Ok(fetched)
+    }
+
+    fn cache(&self, inputs: &Arc<ModelInputs>) {
+        self.window.store(inputs.window(), Ordering::Relaxed);
+        *self.inputs.write().unwrap_or_else(|e| e.into_inner()) = Some((inputs.clone(), Instant::now()));
     }
 
     async fn fetch_inputs(&self) -> Result<ModelInputs, SignatureError> {
         let inputs = match &self.backend {
             Backend::Remote(remote) => self.remote_inputs(&remote.metadata).await?,
-            Backend::Embedded(engine) => engine.inputs()?,
+            Backend::Embedded(engine) => engine.inputs(self.config.max_window_readings)?,
         };
-        tracing::info!(model = %self.config.name, version = inputs.version, inputs = inputs.inputs.len(), "read the model's signature");
+        tracing::info!(model = %self.config.name, version = inputs.version, inputs = inputs.inputs.len(), window = inputs.window(), "read the model's signature");
         Ok(inputs)
     }
 
@@ -319,37 +385,46 @@ impl Caller {
             ))
         })?;
         check_outputs(&self.config.name, version, &self.config.signature, |name| signature.outputs.contains_key(name))?;
-        let inputs = signature.inputs.iter().map(|(name, info)| (name.clone(), info.dtype == DataType::DtFloat as i32));
-        reading_inputs(&self.config.name, version, inputs)
+        let inputs = signature.inputs.iter().map(|(name, info)| {
+            let shape =
+                info.tensor_shape.as_ref().filter(|s| !s.unknown_rank).map(|s| s.dim.iter().map(|d| d.size).collect());
+            (name.clone(), info.dtype == DataType::DtFloat as i32, shape)
+        });
+        reading_inputs(&self.config.name, version, inputs, self.config.max_window_readings)
     }
 
-    /// The Predict request for `rows`: one float tensor of shape `[rows]` per input and,
+    /// The Predict request for `rows`: one float tensor of shape `[rows]` (or `[rows, k]`
+    /// for a window) per input and,
     /// for several rows with `per_row_routing`, each row's device id
     /// ([`canary::ROW_ROUTING_KEYS_INPUT`]).
     fn request(&self, inputs: &ModelInputs, rows: &[Row]) -> PredictRequest {
-        let shape = |n: usize| {
+        let shape = |dims: &[usize]| {
             Some(TensorShapeProto {
-                dim: vec![tensor_shape_proto::Dim { size: n as i64, ..Default::default() }],
+                dim: dims.iter().map(|&n| tensor_shape_proto::Dim { size: n as i64, ..Default::default() }).collect(),
                 ..Default::default()
             })
         };
         let mut tensors: BTreeMap<String, TensorProto> = inputs
             .inputs
             .iter()
-            .map(|(name, signal)| {
+            .map(|input| {
+                let dims = match input.window {
+                    None => vec![rows.len()],
+                    Some(k) => vec![rows.len(), k],
+                };
                 let tensor = TensorProto {
                     dtype: DataType::DtFloat as i32,
-                    tensor_shape: shape(rows.len()),
-                    float_val: rows.iter().map(|row| signal.get(&row.reading) as f32).collect(),
+                    tensor_shape: shape(&dims),
+                    float_val: input_values(input, rows),
                     ..Default::default()
                 };
-                (name.clone(), tensor)
+                (input.name.clone(), tensor)
             })
             .collect();
         if rows.len() > 1 && self.config.per_row_routing {
             let keys = TensorProto {
                 dtype: DataType::DtString as i32,
-                tensor_shape: shape(rows.len()),
+                tensor_shape: shape(&[rows.len()]),
                 string_val: rows.iter().map(|row| row.reading.device_id.clone().into_bytes()).collect(),
                 ..Default::default()
             };
@@ -522,23 +597,35 @@ fn check_outputs(model: &str, version: i64, signature: &str, has: impl Fn(&str) 
     }
 }
 
-/// A signature's inputs (name, whether float32) as reading signals, or why they are not.
+/// A signature's inputs (name, whether float32, shape when known) as reading signals,
+/// alone or over windows of at most `max_window` readings, or why they are not.
 fn reading_inputs(
     model: &str,
     version: i64,
-    inputs: impl IntoIterator<Item = (String, bool)>,
+    inputs: impl IntoIterator<Item = (String, bool, Option<Vec<i64>>)>,
+    max_window: usize,
 ) -> Result<ModelInputs, SignatureError> {
+    let unusable = |name: &str, why: String| {
+        SignatureError::Unusable(format!("model {model} version {version}: input {name:?} {why}"))
+    };
     let mut signals = Vec::new();
-    for (name, float) in inputs {
-        let signal = sensor::signal(&name).ok_or_else(|| {
-            SignatureError::Unusable(format!("model {model} version {version}: input {name:?} is not a reading signal"))
-        })?;
+    for (name, float, shape) in inputs {
+        let signal = sensor::signal(&name).ok_or_else(|| unusable(&name, "is not a reading signal".into()))?;
         if !float {
-            return Err(SignatureError::Unusable(format!(
-                "model {model} version {version}: input {name:?} is not float32"
-            )));
+            return Err(unusable(&name, "is not float32".into()));
         }
-        signals.push((name, signal));
+        let window = windows::window_length(shape.as_deref()).map_err(|why| unusable(&name, why))?;
+        if window.is_some_and(|k| k > max_window) {
+            return Err(unusable(
+                &name,
+                format!(
+                    "asks for a window of {} readings, more than model.max_window_readings ({max_window})",
+                    window.unwrap_or(0)
+                ),
+            ));
+        }
+        let signal_index = sensor::signals().iter().position(|s| std::ptr::eq(s, signal)).unwrap_or_default();
+        signals.push(ModelInput { name, signal, signal_index, window });
     }
     Ok(ModelInputs { inputs: signals, version })
 }

@@ -43,6 +43,7 @@ use crate::transactions::Transactions;
 
 mod consumer;
 mod produce;
+mod rebuild;
 mod worker;
 
 use consumer::set_paused;

@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, Stage};
 use crate::model::{Retry, ScoreError};
 use crate::output::{self, CARRIED_HEADERS, OutKind, OutRecord, Source};
 use crate::trace;
+use crate::windows::{Window, Windows};
 
 use super::*;
 
@@ -65,6 +66,16 @@ pub(super) async fn partition_worker(
     let mut open = true;
     let mut paused = false;
     let mut model_state = shared.model_state.subscribe();
+    // A windowed model needs its devices' recent readings: learn the window from the
+    // signature, then read back what came before this partition's committed offset.
+    let Some(window) = super::rebuild::window_when_known(&shared, &messages).await else { return };
+    let mut windows = Windows::new(&shared.config.windows);
+    windows.set_keep(window);
+    if window > 1 {
+        windows = super::rebuild::rebuild(&shared, &consumer, &topic, partition, windows, &messages).await;
+    }
+    let mut devices_counted = windows.devices();
+    shared.metrics.window_devices.add(devices_counted as i64);
     loop {
         // Take what there is room for: readings handed over by the poll thread first
         // (they are older), then the partition's own queue.
@@ -88,7 +99,12 @@ pub(super) async fn partition_worker(
                 },
             };
             shared.metrics.in_flight.inc();
-            scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+            scoring.push_back(take(&shared, &mut windows, message));
+        }
+        let devices = windows.devices();
+        if devices != devices_counted {
+            shared.metrics.window_devices.add(devices as i64 - devices_counted as i64);
+            devices_counted = devices;
         }
         if !open && scoring.is_empty() && writing.is_empty() {
             break;
@@ -175,7 +191,7 @@ pub(super) async fn partition_worker(
             message = messages.recv(), if open && !full => match message {
                 Some(message) => {
                     shared.metrics.in_flight.inc();
-                    scoring.push_back(Box::pin(prepare(shared.clone(), message)));
+                    scoring.push_back(take(&shared, &mut windows, message));
                 }
                 None => open = false,
             },
@@ -183,6 +199,25 @@ pub(super) async fn partition_worker(
     }
     if paused && set_paused(&consumer, &topic, partition, false) {
         shared.metrics.paused_partitions.dec();
+    }
+    shared.metrics.window_devices.sub(devices_counted as i64);
+}
+
+/// Takes one reading in the partition's order: decodes and checks it and, when valid,
+/// adds it to its device's window (now, not when scored: readings scored concurrently
+/// must still see exactly the readings before them); then scores it.
+fn take(shared: &Arc<WorkerResources>, windows: &mut Windows, message: OwnedMessage) -> BoxFuture<'static, Prepared> {
+    if let Some(window) = shared.model.window()
+        && window != windows.keep()
+    {
+        windows.set_keep(window);
+    }
+    match receive(shared, message) {
+        Received::Valid(reading) => {
+            let window = windows.push(&reading.reading);
+            Box::pin(prepare(shared.clone(), reading, window))
+        }
+        Received::Dead(prepared) => Box::pin(std::future::ready(*prepared)),
     }
 }
 
@@ -205,8 +240,22 @@ fn record_written(metrics: &Metrics, done: &Prepared) {
     done.trace.span().end();
 }
 
-/// Decodes and scores one reading; waits out model server trouble (never drops it).
-async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepared {
+/// A reading as taken from Kafka: valid, or already a dead letter.
+enum Received {
+    Valid(Box<ValidReading>),
+    Dead(Box<Prepared>),
+}
+
+struct ValidReading {
+    reading: SensorReading,
+    source: Source,
+    trace: telemetry::Context,
+    /// Kept for its payload, which a dead letter carries as it came.
+    message: OwnedMessage,
+}
+
+/// Decodes and checks one record.
+fn receive(shared: &WorkerResources, message: OwnedMessage) -> Received {
     let config = &shared.config;
     if let Some(fetched) = kafka::record_time(&message).and_then(|t| SystemTime::now().duration_since(t).ok()) {
         shared.metrics.stage(Stage::Fetch, fetched);
@@ -231,15 +280,7 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
     let trace = trace::reading(&mut source);
     let payload = message.payload().unwrap_or_default();
     let dead = |reason: &'static str, error: &str| {
-        trace::dead_lettered(&trace, reason, error);
-        Prepared {
-            offset: source.offset,
-            timestamp: source.timestamp,
-            records: vec![output::dead_letter(config, &source, payload, reason, error)],
-            model_version: None,
-            trace: trace.clone(),
-            scored_at: None,
-        }
+        Received::Dead(Box::new(dead_letter(config, &source, &trace, payload, reason, error)))
     };
     let reading = match SensorReading::decode(payload) {
         Ok(reading) => reading,
@@ -248,11 +289,38 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
     if let Err(invalid) = super::check_reading(config, &reading, source.timestamp) {
         return dead(invalid.reason(), &invalid.to_string());
     }
+    Received::Valid(Box::new(ValidReading { reading, source, trace, message }))
+}
+
+fn dead_letter(
+    config: &crate::config::ProcessorConfig,
+    source: &Source,
+    trace: &telemetry::Context,
+    payload: &[u8],
+    reason: &'static str,
+    error: &str,
+) -> Prepared {
+    trace::dead_lettered(trace, reason, error);
+    Prepared {
+        offset: source.offset,
+        timestamp: source.timestamp,
+        records: vec![output::dead_letter(config, source, payload, reason, error)],
+        model_version: None,
+        trace: trace.clone(),
+        scored_at: None,
+    }
+}
+
+/// Scores one valid reading with its window; waits out model server trouble (never
+/// drops it).
+async fn prepare(shared: Arc<WorkerResources>, valid: Box<ValidReading>, window: Window) -> Prepared {
+    let ValidReading { reading, source, trace, message } = *valid;
+    let config = &shared.config;
     let mut backoff = config.model.backoff();
     // Never given up: a reading the model server cannot score yet waits (and holds its
     // partition's window) until it can.
     let scored = loop {
-        let attempt = shared.model.score_with_retry(&reading, &trace, |error, _| {
+        let attempt = shared.model.score_with_retry(&reading, &window, &trace, |error, _| {
             shared.set_model_failing(true);
             shared.metrics.model_backoffs.inc();
             let wait = backoff.next_delay();
@@ -261,7 +329,10 @@ async fn prepare(shared: Arc<WorkerResources>, message: OwnedMessage) -> Prepare
         });
         match attempt.await {
             Ok(scored) => break scored,
-            Err(ScoreError::Rejected(error)) => return dead("model_rejected", &error),
+            Err(ScoreError::Rejected(error)) => {
+                let payload = message.payload().unwrap_or_default();
+                return dead_letter(config, &source, &trace, payload, "model_rejected", &error);
+            }
             Err(ScoreError::Transient(_)) => {}
         }
     };

@@ -51,6 +51,7 @@ use crate::config::{OutputFormat, ProcessorConfig};
 use crate::metrics::Metrics;
 use crate::model::{ModelClient, Retry, ScoreError, SignatureError};
 use crate::output::{self, OutKind, OutRecord, Source};
+use crate::windows::{Window, Windows};
 
 /// How much earlier than a reading's Kafka timestamp its live score's may be (clocks of
 /// the hosts writing readings and scores disagreeing): the live scores are read from
@@ -216,10 +217,13 @@ enum Outcome {
     Failed(String),
     /// Not a valid reading.
     Skipped,
+    /// Read before the range only to fill devices' windows.
+    History,
 }
 
 async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Result<ReplayReport, ReplayError> {
     let model = candidate(&config, plan).await?;
+    let model_window = model.window().unwrap_or(1);
     let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
     let group = replay_group_id(&config);
 
@@ -229,7 +233,15 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
         blocking(move || {
             let consumer = range::consumer(&config, &group)?;
             let readings = &config.readings_topic;
-            let spans = range::spans(&consumer, readings, from)?;
+            let mut spans = range::spans(&consumer, readings, from)?;
+            // A windowed candidate sees each device's readings before the range too, as
+            // the live path did (the records before the range only fill windows).
+            if model_window > 1 {
+                let back = i64::try_from(config.windows.rebuild_records).unwrap_or(i64::MAX);
+                for span in &mut spans {
+                    span.start = span.start.saturating_sub(back).max(0);
+                }
+            }
             let output = kafka::partitions_of(consumer.client(), &output)?;
             Ok((consumer, spans, output))
         })
@@ -245,7 +257,7 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
     let producer = producer(&config)?;
 
     // The reader: the range's readings, in each partition's order, to the scorers.
-    let (sender, mut receiver) = mpsc::channel::<OwnedMessage>(config.replay_concurrency);
+    let (sender, mut receiver) = mpsc::channel::<(OwnedMessage, bool)>(config.replay_concurrency);
     let reader = {
         let (readings, cancel, from, to) = (config.readings_topic.clone(), cancel.0.clone(), plan.from_ms, plan.to_ms);
         tokio::task::spawn_blocking(move || {
@@ -254,10 +266,11 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
                 if timestamp >= to {
                     return Take::PartitionDone;
                 }
-                if timestamp < from {
+                let history = timestamp < from;
+                if history && model_window <= 1 {
                     return Take::Next;
                 }
-                match sender.blocking_send(message.detach()) {
+                match sender.blocking_send((message.detach(), history)) {
                     Ok(()) => Take::Next,
                     Err(_) => Take::Stop, // the replay is gone
                 }
@@ -271,8 +284,15 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
     let mut deliveries = FuturesUnordered::new();
     let mut first_failure = None;
     let messages = futures::stream::poll_fn(|cx| receiver.poll_recv(cx));
-    let mut outcomes =
-        messages.map(|message| score(&model, &config, plan, message)).buffered(config.replay_concurrency);
+    // Windows are filled here, in each partition's order, before the readings are scored
+    // concurrently.
+    let mut windows: HashMap<i32, Windows> = HashMap::new();
+    let mut outcomes = messages
+        .map(|(message, history)| {
+            let taken = take(&config, &mut windows, model_window, &message);
+            score(&model, &config, plan, message, history, taken)
+        })
+        .buffered(config.replay_concurrency);
     while let Some(outcome) = outcomes.next().await {
         match outcome {
             Outcome::Scored { partition, offset, record, score, anomaly } => {
@@ -299,6 +319,7 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
                 tally.skipped += 1;
                 metrics.replay_readings.with_label_values(&["skipped"]).inc();
             }
+            Outcome::History => {}
         }
     }
     drop(outcomes);
@@ -406,12 +427,39 @@ fn producer(config: &ProcessorConfig) -> Result<FutureProducer, ReplayError> {
     Ok(client.create()?)
 }
 
-/// Scores one record of the range with the candidate.
-async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, message: OwnedMessage) -> Outcome {
-    let Ok(reading) = SensorReading::decode(message.payload().unwrap_or_default()) else { return Outcome::Skipped };
-    if crate::pipeline::check_reading(config, &reading, kafka::record_time(&message)).is_err() {
-        return Outcome::Skipped;
+/// Decodes and checks a record, and adds a valid reading to its device's window (in the
+/// partition's order, as the live path does); `None` for what the live path dead-letters.
+fn take(
+    config: &ProcessorConfig,
+    windows: &mut HashMap<i32, Windows>,
+    window: usize,
+    message: &OwnedMessage,
+) -> Option<(SensorReading, Window)> {
+    let reading = SensorReading::decode(message.payload().unwrap_or_default()).ok()?;
+    crate::pipeline::check_reading(config, &reading, kafka::record_time(message)).ok()?;
+    let windows = windows.entry(message.partition()).or_insert_with(|| {
+        let mut windows = Windows::new(&config.windows);
+        windows.set_keep(window);
+        windows
+    });
+    let window = windows.push(&reading);
+    Some((reading, window))
+}
+
+/// Scores one record of the range with the candidate (a record before the range only
+/// filled its device's window).
+async fn score(
+    model: &ModelClient,
+    config: &ProcessorConfig,
+    plan: &Plan,
+    message: OwnedMessage,
+    history: bool,
+    taken: Option<(SensorReading, Window)>,
+) -> Outcome {
+    if history {
+        return Outcome::History;
     }
+    let Some((reading, window)) = taken else { return Outcome::Skipped };
     let source = Source {
         topic: message.topic().to_owned(),
         partition: message.partition(),
@@ -428,7 +476,7 @@ async fn score(model: &ModelClient, config: &ProcessorConfig, plan: &Plan, messa
     let retry = |_: &str, attempt: u32| {
         if attempt >= ATTEMPTS { Retry::GiveUp } else { Retry::After(backoff.next_delay()) }
     };
-    let scored = match model.score_with_retry(&reading, &trace, retry).await {
+    let scored = match model.score_with_retry(&reading, &window, &trace, retry).await {
         Ok(scored) if scored.model_version == plan.version => scored,
         Ok(scored) => {
             return Outcome::Failed(format!(
