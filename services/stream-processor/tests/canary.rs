@@ -127,6 +127,32 @@ async fn conclusion(api: &mut RolloutServiceClient<tonic::transport::Channel>) -
     state
 }
 
+/// The fleet producing a rollout's load: its stop flag, its task and the readings produced.
+type Load = (Arc<AtomicBool>, tokio::task::JoinHandle<()>, Arc<AtomicUsize>);
+
+/// After a rollout concluded: a few more seconds of traffic, then the load stops; every
+/// reading it produced is scored, with no failed call and no dead letter. Each device's
+/// scoring versions, in order.
+async fn stop_load_and_check_nothing_lost(
+    kafka: &embedded_brokers::KafkaCluster,
+    processor: &Processor,
+    (stop, load, produced): Load,
+) -> BTreeMap<String, Vec<i64>> {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let total = produced.load(Ordering::Relaxed);
+    let records = read(kafka, SCORES, move |r| distinct(r) >= total).await;
+    assert_eq!(distinct(&records), total, "every reading is scored");
+    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "no Predict failed");
+    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
+    let mut by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for score in scores(&records) {
+        by_device.entry(score.device_id).or_default().push(score.model_version);
+    }
+    by_device
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
@@ -170,24 +196,10 @@ async fn under_load_a_bad_canary_is_rolled_back_and_a_good_one_promoted_with_not
     assert!(bad.last_decision.contains("anomaly rate"), "{}", bad.last_decision);
     let good = concluded(&mut api, rollout_to(2)).await;
     assert_eq!(good.phase, rollout::Phase::Promoted as i32, "{good:?}");
-    // A few more seconds of traffic after the promotion.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    fleet.await.unwrap();
-    let total = produced.load(Ordering::Relaxed);
-
-    // Every reading scored, none failed or dead-lettered.
-    let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
-    assert_eq!(distinct(&records), total, "every reading is scored");
-    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "no Predict failed");
-    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
+    let by_device = stop_load_and_check_nothing_lost(&kafka, &processor, (stop, fleet, produced)).await;
 
     // The score records tell the story: only devices in the canary's 20% of buckets ever
     // saw version 3, all before any version 2 score; every device ends on version 2.
-    let mut by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for score in scores(&records) {
-        by_device.entry(score.device_id).or_default().push(score.model_version);
-    }
     let first_step = Weight::from_percent(20.0).unwrap().basis_points();
     let mut saw_bad = 0;
     for (device, versions) in &by_device {
@@ -312,20 +324,8 @@ async fn a_windowed_v3_replayed_then_rolled_out_over_v2_is_promoted_with_nothing
     let promoted = concluded(&mut api, request).await;
     assert_eq!(promoted.phase, rollout::Phase::Promoted as i32, "{promoted:?}");
     eprintln!("rollout of v3: {promoted:?}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let total = produced.load(Ordering::Relaxed);
-
-    let records = read(&kafka, SCORES, move |r| distinct(r) >= total).await;
-    assert_eq!(distinct(&records), total, "every reading is scored");
-    assert_eq!(processor.metric("processor_model_errors_total").await, 0.0, "no Predict failed");
-    assert_eq!(processor.metric("processor_dead_lettered_total").await, 0.0);
+    let by_device = stop_load_and_check_nothing_lost(&kafka, &processor, (stop, load, produced)).await;
     // Every device ends on v3, and none went back to v2 once on v3.
-    let mut by_device: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for score in scores(&records) {
-        by_device.entry(score.device_id).or_default().push(score.model_version);
-    }
     for (device, versions) in &by_device {
         let first_v3 = versions.iter().position(|&v| v == 3).unwrap_or(versions.len());
         assert!(versions[first_v3..].iter().all(|&v| v == 3), "{device}: {versions:?}");

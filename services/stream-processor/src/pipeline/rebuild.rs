@@ -45,8 +45,9 @@ pub(super) async fn window_when_known(
         match shared.model.inputs().await {
             Ok(inputs) => return Some(inputs.window()),
             Err(error) => {
+                // As a failing call would: a warning now and then, the readings held.
                 let wait = backoff.next_delay();
-                tracing::debug!(%error, "reading the model's signature before scoring; trying again");
+                super::worker::warn_now_and_then(shared, &format!("reading the model's signature: {error}"), wait);
                 tokio::time::sleep(wait).await;
             }
         }

@@ -350,7 +350,7 @@ async fn prepare(shared: Arc<WorkerResources>, valid: Box<ValidReading>, window:
     }
 }
 
-fn warn_now_and_then(shared: &WorkerResources, error: &str, backoff: Duration) {
+pub(super) fn warn_now_and_then(shared: &WorkerResources, error: &str, backoff: Duration) {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let last = shared.last_warning.load(Ordering::Relaxed);
     if now >= last + 5 && shared.last_warning.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
