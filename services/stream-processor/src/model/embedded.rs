@@ -119,11 +119,8 @@ impl Engine {
             .iter()
             .map(|input| {
                 let values = super::input_values(input, rows);
-                let shape = match input.window {
-                    None => vec![rows.len()],
-                    Some(k) => vec![rows.len(), k],
-                };
-                let tensor = Tensor::from_shape(&shape, &values).map_err(|e| (Code::Internal, e.to_string()))?;
+                let tensor = Tensor::from_shape(&input.dims(rows.len()), &values)
+                    .map_err(|e| (Code::Internal, e.to_string()))?;
                 Ok((input.name.clone(), WireTensor::Decoded(tensor)))
             })
             .collect::<Result<Vec<_>, (Code, String)>>()?;

@@ -110,6 +110,16 @@ pub struct ModelInput {
     pub window: Option<usize>,
 }
 
+impl ModelInput {
+    /// The shape of this input's tensor for `rows` readings: `[rows]` or `[rows, k]`.
+    fn dims(&self, rows: usize) -> Vec<usize> {
+        match self.window {
+            None => vec![rows],
+            Some(k) => vec![rows, k],
+        }
+    }
+}
+
 impl ModelInputs {
     /// The longest window any input asks for (1: none).
     pub fn window(&self) -> usize {
@@ -408,13 +418,9 @@ impl Caller {
             .inputs
             .iter()
             .map(|input| {
-                let dims = match input.window {
-                    None => vec![rows.len()],
-                    Some(k) => vec![rows.len(), k],
-                };
                 let tensor = TensorProto {
                     dtype: DataType::DtFloat as i32,
-                    tensor_shape: shape(&dims),
+                    tensor_shape: shape(&input.dims(rows.len())),
                     float_val: input_values(input, rows),
                     ..Default::default()
                 };

@@ -64,6 +64,16 @@ pub fn check_reading(
     config.event_time.check(reading.event_time.as_ref(), arrival)
 }
 
+/// The reading a Kafka record holds, if the live path would score it (it decodes and
+/// passes [`check_reading`] against the record's timestamp); `None` for what it
+/// dead-letters. Replays and window rebuilds take records by this rule; the live path
+/// checks the same, keeping the reason for the dead letter.
+pub fn scorable_reading<M: rdkafka::Message>(config: &ProcessorConfig, message: &M) -> Option<sensor::SensorReading> {
+    let reading = <sensor::SensorReading as prost::Message>::decode(message.payload().unwrap_or_default()).ok()?;
+    check_reading(config, &reading, kafka::record_time(message)).ok()?;
+    Some(reading)
+}
+
 /// What every partition worker uses: the producer, the model client, the config and
 /// metrics, and the processor-wide failure signals.
 pub struct WorkerResources {

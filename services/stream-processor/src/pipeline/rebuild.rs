@@ -13,11 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
-use sensor::SensorReading;
 use tokio::sync::mpsc;
 
 use super::{RebalanceHandler, WorkerResources};
@@ -71,6 +68,8 @@ pub(super) async fn rebuild(
         return windows;
     }
     let started = Instant::now();
+    // What a panicked read-back leaves: empty windows of the same length.
+    let keep = windows.keep();
     let cancel = Arc::new(AtomicBool::new(false));
     let (shared, consumer, topic_owned, stop) = (shared.clone(), consumer.clone(), topic.to_owned(), cancel.clone());
     let mut reading = tokio::task::spawn_blocking(move || {
@@ -106,7 +105,9 @@ pub(super) async fn rebuild(
         }
         Err(error) => {
             tracing::error!(topic, partition, %error, "rebuilding the partition's windows panicked");
-            Windows::new(&crate::config::WindowConfig::default())
+            let mut windows = Windows::new(config);
+            windows.set_keep(keep);
+            windows
         }
     }
 }
@@ -144,9 +145,8 @@ fn read_back(
     let span = Span { partition, start, end };
     range::scan(&reader, topic, &[span], cancel, |message| {
         read += 1;
-        let Ok(reading) = SensorReading::decode(message.payload().unwrap_or_default()) else { return Take::Next };
         // Only what the live path scored was in its windows.
-        if super::check_reading(config, &reading, kafka::record_time(message)).is_ok() {
+        if let Some(reading) = super::scorable_reading(config, message) {
             windows.push(&reading);
         }
         if Instant::now() > deadline { Take::Stop } else { Take::Next }

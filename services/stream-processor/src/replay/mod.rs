@@ -435,8 +435,7 @@ fn take(
     window: usize,
     message: &OwnedMessage,
 ) -> Option<(SensorReading, Window)> {
-    let reading = SensorReading::decode(message.payload().unwrap_or_default()).ok()?;
-    crate::pipeline::check_reading(config, &reading, kafka::record_time(message)).ok()?;
+    let reading = crate::pipeline::scorable_reading(config, message)?;
     let windows = windows.entry(message.partition()).or_insert_with(|| {
         let mut windows = Windows::new(&config.windows);
         windows.set_keep(window);
