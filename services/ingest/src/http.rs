@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -46,18 +46,24 @@ pub struct HttpIngest {
     pub token: Option<admin::token::Token>,
 }
 
-/// The routes, with the body limit applied before any handler reads a byte, and at most
-/// `max_concurrent` requests handled at once (the others wait, their bodies unread).
+/// The routes, with the body limit applied before any handler reads a byte
+/// ([`admin::body_limit`]: refused past it with a 413 the client reads, counted as
+/// `body_too_large`), and at most `max_concurrent` requests handled at once (the others
+/// wait, their bodies unread).
 pub fn router(ingest: Arc<HttpIngest>, max_body_bytes: usize, max_concurrent: usize) -> Router {
-    Router::new()
-        .route(PATH, post(publish))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+    let limit = admin::body_limit::BodyLimit {
+        max_bytes: max_body_bytes,
+        setting: "http.max_body_bytes",
+        refused: Some(ingest.metrics.http_refused.with_label_values(&["body_too_large"])),
+    };
+    limit
+        .apply(Router::new().route(PATH, post(publish)))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(max_concurrent))
         .with_state(ingest)
 }
 
 /// A refusal: its status, the metric reason (a fixed set: an invalid reading's reason, or
-/// `unauthorized`, `unsupported_media_type`, `not_json`, `not_protobuf`,
+/// `body_too_large` (counted by the body limit), `unauthorized`, `unsupported_media_type`, `not_json`, `not_protobuf`,
 /// `too_many_readings`, `kafka_unavailable`) and the message the client reads.
 #[derive(Debug)]
 struct Refusal {

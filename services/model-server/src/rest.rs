@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -33,10 +32,13 @@ pub struct RestState {
 }
 
 /// The REST router; `monitoring_path` is the Prometheus path from `--monitoring_config_file`.
-/// Bodies over `max_body_bytes` are refused (413) before they are read whole: a JSON body
-/// expands ~16x once parsed (every number a 32-byte value), so this is the REST budget.
+/// Bodies over `max_body_bytes` are refused (413) before they are read whole
+/// ([`admin::body_limit`]): a JSON body expands ~16x once parsed (every number a 32-byte
+/// value), so this is the REST budget.
 pub fn router(state: RestState, monitoring_path: Option<String>, max_body_bytes: usize) -> Router {
-    let model_api = Router::new().fallback(model_api).layer(DefaultBodyLimit::max(max_body_bytes));
+    let limit =
+        admin::body_limit::BodyLimit { max_bytes: max_body_bytes, setting: "--rest_max_body_bytes", refused: None };
+    let model_api = limit.apply(Router::new().fallback(model_api));
     admin::health_routes(state.clone(), monitoring_path.as_deref()).merge(model_api.with_state(state))
 }
 

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod body_limit;
 pub mod layered_config;
 pub mod metrics;
 pub mod retry;
