@@ -85,36 +85,37 @@ enum Unread {
     Broken(axum::Error),
 }
 
-/// The body, whole, if it is at most `max` bytes; else reads and discards the rest within
-/// the drain budget.
+/// The body, whole, if it is at most `max` bytes; else reads and discards the rest, so that
+/// at most `max` + [`DRAIN_BYTES`] bytes of it are read in all.
 async fn read(mut body: Body, declared: Option<u64>, max: usize) -> Result<Bytes, Unread> {
     let max = max as u64;
-    if declared.is_some_and(|length| length > max) {
-        if declared.is_some_and(|length| length > max + DRAIN_BYTES) {
-            return Err(Unread::TooLarge { drained: false });
-        }
-        return Err(Unread::TooLarge { drained: drain(body, 0).await });
+    let budget = max + DRAIN_BYTES;
+    if let Some(length) = declared.filter(|&length| length > max) {
+        let drained = length <= budget && drain(body, budget).await;
+        return Err(Unread::TooLarge { drained });
     }
     let mut whole = Vec::new();
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame.map_err(Unread::Broken)?.into_data() else { continue };
-        if (whole.len() + data.len()) as u64 > max {
-            let over = (whole.len() + data.len()) as u64 - max;
-            return Err(Unread::TooLarge { drained: drain(body, over).await });
+        let read = (whole.len() + data.len()) as u64;
+        if read > max {
+            drop(whole);
+            return Err(Unread::TooLarge { drained: drain(body, budget - read.min(budget)).await });
         }
         whole.extend_from_slice(&data);
     }
     Ok(Bytes::from(whole))
 }
 
-/// Reads and discards the rest of `body`, `already` bytes past the limit so far; true when
-/// it ended within [`DRAIN_BYTES`] and [`DRAIN_TIME`].
-async fn drain(mut body: Body, mut already: u64) -> bool {
+/// Reads and discards the rest of `body`; true when it ended within `budget` bytes and
+/// [`DRAIN_TIME`].
+async fn drain(mut body: Body, budget: u64) -> bool {
     let to_end = async {
+        let mut discarded = 0_u64;
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { return false };
-            already += frame.data_ref().map_or(0, |data| data.len() as u64);
-            if already > DRAIN_BYTES {
+            discarded += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if discarded > budget {
                 return false;
             }
         }
@@ -140,14 +141,19 @@ mod tests {
     #[tokio::test]
     async fn a_body_over_the_limit_is_drained_when_the_rest_is_small_and_not_when_it_is_not() {
         assert!(matches!(read(streamed(5, 1000), None, 4000).await, Err(Unread::TooLarge { drained: true })));
-        let huge = (DRAIN_BYTES as usize / 1000) + 10;
+        let huge = (4000 + DRAIN_BYTES as usize) / 1000 + 1;
         assert!(matches!(read(streamed(huge, 1000), None, 4000).await, Err(Unread::TooLarge { drained: false })));
     }
 
     #[tokio::test]
     async fn a_declared_length_over_the_limit_is_refused_and_drained_only_within_the_budget() {
         assert!(matches!(read(streamed(5, 1000), Some(5000), 4000).await, Err(Unread::TooLarge { drained: true })));
-        let declared = 4000 + DRAIN_BYTES + 1;
-        assert!(matches!(read(Body::empty(), Some(declared), 4000).await, Err(Unread::TooLarge { drained: false })));
+        let most = 4000 + DRAIN_BYTES as usize;
+        let within = read(streamed(most / 1000, 1000), Some(most as u64), 4000).await;
+        assert!(matches!(within, Err(Unread::TooLarge { drained: true })));
+        assert!(matches!(
+            read(Body::empty(), Some(most as u64 + 1), 4000).await,
+            Err(Unread::TooLarge { drained: false })
+        ));
     }
 }
