@@ -36,15 +36,24 @@ training (seed 1001), a separate healthy validation fleet for the threshold (see
 and a labelled hold-out fleet with faults (seed 2002) for precision, recall and detection
 per fault.
 
+Or, with `--kafka-brokers`, training and validation come from a time range of a real
+readings topic (`vigil export-readings` writes it in the simulator's format): readings
+labelled with a fault are left out, the rest are taken as healthy (an autoencoder's
+premise: faults are rare), and every fourth device is kept for validation. The hold-out
+stays the simulator's labelled fleet, the only data with known faults.
+
 Run from the repository root (TensorFlow from tests/fixtures/requirements.txt):
 
     python3 deploy/models/train_car_anomaly.py                # every version
     python3 deploy/models/train_car_anomaly.py --versions 3   # retrain v3, evaluate all
+    python3 deploy/models/train_car_anomaly.py --versions 3 --model-dir /tmp/my-model \
+        --kafka-brokers localhost:9092 --kafka-from 2026-12-01T00:00:00Z --kafka-to 2026-12-02T00:00:00Z
 
 Writes deploy/models/car-anomaly/{1,2,3}/ (the versions retrained),
 deploy/models/car-anomaly/evaluation.json (evaluation.md beside it is written by hand from
 its figures) and tests/fixtures/car_anomaly_golden.json (readings, windows and
-TensorFlow's scores, for the Rust parity tests).
+TensorFlow's scores, for the Rust parity tests). With `--model-dir` elsewhere, only that
+directory's versions and evaluation.json: the goldens belong to the bundled model.
 """
 
 import argparse
@@ -88,8 +97,30 @@ def simulate(binary, path, seed, cars, seconds, fault_share):
             "--seconds", str(seconds), "--fault-share", str(fault_share),
             "--fault-onset-min", "60", "--fault-onset-max", str(seconds * 2 // 3)]
     subprocess.run(args, check=True)
+    return load_jsonl(path)
+
+
+def load_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def from_kafka(args, path):
+    """Training and validation readings from a time range of the readings topic, exported
+    by `vigil export-readings`: unlabelled or healthy-labelled readings, split by device
+    (every fourth device, in name order, for validation)."""
+    command = [args.vigil, "export-readings", "--kafka-brokers", args.kafka_brokers, "--topic", args.kafka_topic,
+               "--from", args.kafka_from, "--to", args.kafka_to, "--out", path]
+    for prop in args.kafka_property:
+        command += ["-X", prop]
+    subprocess.run(command, check=True)
+    readings = [r for r in load_jsonl(path) if r.get("fault", "none") == "none"]
+    devices = sorted({r["device_id"] for r in readings})
+    if len(devices) < 4 or len(readings) < 10_000:
+        sys.exit(f"{path}: {len(readings)} healthy readings of {len(devices)} devices; training needs at least "
+                 "10,000 readings of 4 devices: widen --kafka-from/--kafka-to")
+    held = set(devices[3::4])
+    return [r for r in readings if r["device_id"] not in held], [r for r in readings if r["device_id"] in held]
 
 
 def matrix(readings, features):
@@ -335,15 +366,35 @@ def main():
     parser.add_argument("--work", default="/tmp/vigil-car-anomaly")
     parser.add_argument("--versions", default=",".join(str(v) for v in VERSIONS),
                         help="versions to train and export (the others are only evaluated), e.g. 3")
+    parser.add_argument("--model-dir", default=MODEL_DIR,
+                        help="where the versions are (and retrained ones go) [the bundled model]")
+    kafka = parser.add_argument_group("training data from Kafka (instead of the simulator's healthy fleets)")
+    kafka.add_argument("--kafka-brokers", help="bootstrap servers of the cluster with the readings topic")
+    kafka.add_argument("--kafka-topic", default="vigil-readings")
+    kafka.add_argument("--kafka-from", help="the range's start: RFC 3339 or relative (-6h)")
+    kafka.add_argument("--kafka-to", default="now")
+    kafka.add_argument("--kafka-property", action="append", default=[], metavar="KEY=VALUE",
+                       help="a librdkafka property (security.protocol, sasl.*, ssl.*), repeatable")
+    kafka.add_argument("--vigil", default=os.path.join(ROOT, "target", "debug", "vigil"),
+                       help="the vigil binary whose export-readings reads the topic")
     args = parser.parse_args()
+    if args.kafka_brokers and not args.kafka_from:
+        parser.error("--kafka-brokers needs --kafka-from")
+    model_dir = os.path.abspath(args.model_dir)
+    bundled = model_dir == MODEL_DIR
     retrain = {int(v) for v in args.versions.split(",") if v}
-    if not os.path.exists(args.simulator):
-        subprocess.run(["cargo", "build", "-q", "-p", "device-simulator"], cwd=ROOT, check=True)
+    binaries = [(args.simulator, "device-simulator")] + ([(args.vigil, "vigil")] if args.kafka_brokers else [])
+    for binary, package in binaries:
+        if not os.path.exists(binary):
+            subprocess.run(["cargo", "build", "-q", "-p", package], cwd=ROOT, check=True)
     os.makedirs(args.work, exist_ok=True)
     w = lambda name: os.path.join(args.work, name)  # noqa: E731
 
-    train = simulate(args.simulator, w("train.jsonl"), 1001, 200, 1800, 0.0)
-    validation = simulate(args.simulator, w("validation.jsonl"), 1002, 60, 1800, 0.0)
+    if args.kafka_brokers:
+        train, validation = from_kafka(args, w("kafka.jsonl"))
+    else:
+        train = simulate(args.simulator, w("train.jsonl"), 1001, 200, 1800, 0.0)
+        validation = simulate(args.simulator, w("validation.jsonl"), 1002, 60, 1800, 0.0)
     holdout = simulate(args.simulator, w("holdout.jsonl"), 2002, 100, 1800, 0.3)
     features = [k for k in train[0] if k not in NOT_FEATURES]
     faulty = np.array([r["fault"] != "none" for r in holdout])
@@ -377,7 +428,9 @@ def main():
     report = {"features": features, "versions": {}}
 
     for version, params in VERSIONS.items():
-        path = os.path.join(MODEL_DIR, str(version))
+        path = os.path.join(model_dir, str(version))
+        if version not in retrain and not os.path.exists(path):
+            continue
         if version in retrain:
             shutil.rmtree(path, ignore_errors=True)
             meta = train_version(version, params, features, data, path)
@@ -426,11 +479,14 @@ def main():
                                                 "anomaly_score": outputs["anomaly_score"].numpy().tolist(),
                                                 "hold_out": hold_out}
 
-    with open(os.path.join(MODEL_DIR, "evaluation.json"), "w") as f:
+    report["training_data"] = (f"{args.kafka_topic} from {args.kafka_from} to {args.kafka_to}"
+                               if args.kafka_brokers else "simulated healthy fleets (seeds 1001, 1002)")
+    with open(os.path.join(model_dir, "evaluation.json"), "w") as f:
         json.dump(report, f, indent=2)
-    with open(GOLDEN, "w") as f:
-        json.dump(golden, f, indent=1)
-    print("exported", ", ".join(f"{MODEL_DIR}/{v}" for v in sorted(retrain)))
+    if bundled:
+        with open(GOLDEN, "w") as f:
+            json.dump(golden, f, indent=1)
+    print("exported", ", ".join(f"{model_dir}/{v}" for v in sorted(retrain)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 # poison records, and checks that nothing acknowledged is lost, every reading is scored,
 # repeats stay within the in-flight windows, scoring resumes within seconds, the alerts
 # equal a recount from the scores and every poison record is a counted dead letter. It
-# prints the figures it measured (docs/failure-model.md cites them).
+# prints the figures it measured (docs/failure-model.md cites them). On the same tansu,
+# `vigil export-readings` exports a time range (services/vigil/tests/export_cli.rs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -47,3 +48,6 @@ if ! cargo test -q --locked --workspace --test pipeline_faults -- --ignored --te
   echo "--- mosquitto log (last 40 lines)"; tail -40 "$work/mosquitto.log"
   exit 1
 fi
+# `vigil export-readings` on a real broker, which answers a range's start by timestamp
+# (the mock cluster cannot): services/vigil/tests/export_cli.rs.
+cargo test -q --locked -p vigil --test export_cli -- --ignored

@@ -6,12 +6,14 @@
 //! `vigil rollout` ([`rollout`]) steers a running model server's canary rollouts; `vigil
 //! replay` ([`replay`]) re-scores history through a candidate version on a running stream
 //! processor and reports how it differs from the live model; both dial through [`dial`] (TLS,
-//! bearer token).
+//! bearer token). `vigil export-readings` ([`export`]) writes a time range of the readings
+//! topic to a file the model's training script reads.
 
 #![forbid(unsafe_code)]
 
 pub mod detection;
 pub mod dial;
+pub mod export;
 pub mod grpc_errors;
 pub mod observe;
 pub mod replay;

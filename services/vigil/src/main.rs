@@ -42,6 +42,9 @@ enum Command {
     /// running stream processor and report how it differs from the live scores (exit 0:
     /// passed, 1: failed, 2: no report).
     Replay(vigil::replay::ReplayArgs),
+    /// Write a time range of the readings topic to a JSON-lines file, the format the
+    /// simulator's `generate` writes (training data for deploy/models/train_car_anomaly.py).
+    ExportReadings(vigil::export::ExportArgs),
     /// The model server (TF Serving's flags; `vigil model-server --help`).
     #[command(disable_help_flag = true)]
     ModelServer(Passed),
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         Command::Up(args) => return up(args),
         Command::Rollout(args) => return vigil::rollout::main(args),
         Command::Replay(args) => return vigil::replay::main(args),
+        Command::ExportReadings(args) => return vigil::export::main(args),
         Command::ModelServer(passed) => return model_server::cli::main(pass("model-server", passed)),
         Command::Ingest(passed) => ingest::cli::main(pass("ingest", passed)),
         Command::StreamProcessor(passed) => stream_processor::cli::main(pass("stream-processor", passed)),

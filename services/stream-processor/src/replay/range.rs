@@ -1,7 +1,14 @@
 //! Reading a time range of a topic without a consumer group: partitions are `assign`ed
 //! (never subscribed, so no group is joined and nobody's partitions move), start at the
-//! offset Kafka gives for the range's start, stop at the partition's end as it was when
-//! the read began, and no offset is committed anywhere. Blocking: run on a blocking thread.
+//! offset Kafka gives for the range's start, stop where the caller's time bound says or at
+//! the partition's end when the read gets there, and no offset is committed anywhere.
+//! Blocking: run on a blocking thread.
+//!
+//! A range's spans are open-ended rather than ending at the high watermark the broker
+//! reports when the read begins: tansu 0.6 reports one past a batch's first record rather
+//! than past its last, and a range bounded by it lost all but one record of each partition
+//! (found by `vigil export-readings` on tansu, services/vigil/tests/export_cli.rs; the
+//! same distrust as `kafka::read_partition_to_end`).
 //!
 //! Where Kafka answers `offsets_for_times` with "none" (every record is older, or the
 //! broker cannot tell, as librdkafka's mock cluster, `vigil up`'s default, always answers)
@@ -36,7 +43,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
     ("client.id", "vigil-stream-processor-replay"),
 ];
 
-/// Offsets `[start, end)` of one partition.
+/// Offsets `[start, end)` of one partition; a range's spans end at [`OPEN`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
     pub partition: i32,
@@ -108,8 +115,12 @@ pub fn consumer_config(config: &ProcessorConfig, group_id: &str) -> rdkafka::Cli
     client
 }
 
+/// No end: the partition is read until the caller's bound stops it or its log's end.
+pub const OPEN: i64 = i64::MAX;
+
 /// The partitions of `topic` and, for each, the offsets from the first record at or after
-/// `from_ms` to the partition's end now.
+/// `from_ms` (or earlier: the caller skips what is too early) on, open-ended; an empty
+/// partition's span is empty.
 pub fn spans(consumer: &RangeConsumer, topic: &str, from_ms: i64) -> Result<Vec<Span>, RangeError> {
     let metadata = consumer.fetch_metadata(Some(topic), REQUEST_TIMEOUT)?;
     let partitions: Vec<i32> = metadata
@@ -135,7 +146,7 @@ pub fn spans(consumer: &RangeConsumer, topic: &str, from_ms: i64) -> Result<Vec<
     for (&partition, &(low, high)) in &watermarks {
         let answer = answers.find_partition(topic, partition).map(|e| e.offset());
         match answer {
-            Some(Offset::Offset(offset)) => spans.push(Span { partition, start: offset.clamp(low, high), end: high }),
+            Some(Offset::Offset(offset)) => spans.push(Span { partition, start: offset.max(low), end: OPEN }),
             _ if high <= low => spans.push(Span { partition, start: high, end: high }),
             _ => unsettled.push((partition, low, high)),
         }
@@ -147,7 +158,7 @@ pub fn spans(consumer: &RangeConsumer, topic: &str, from_ms: i64) -> Result<Vec<
                 Some(&timestamp) if timestamp < from_ms => high,
                 _ => low,
             };
-            spans.push(Span { partition, start, end: high });
+            spans.push(Span { partition, start, end: OPEN });
         }
         tracing::debug!(topic, partitions = ?spans, "offsets for the range's start settled by the partitions' last records");
     }
