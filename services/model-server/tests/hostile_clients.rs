@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 const RSS_BOUND_MIB: u64 = 256;
 
 const MODEL: &str = "autoencoder";
+const BUNDLED: &str = "car-anomaly";
 
 /// The real `model-server` binary serving the autoencoder fixture from `models/autoencoder`
 /// (killed when dropped).
@@ -48,11 +49,25 @@ impl Server {
     fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let models =
             support::model_base(&dir.path().join("models"), MODEL, "autoencoder", &[1]).parent().unwrap().to_owned();
+        let model = [format!("--model_name={MODEL}"), format!("--model_base_path={}", models.join(MODEL).display())];
+        Server::spawn(dir, models, &model, extra)
+    }
+
+    /// Serves every version of the bundled car-anomaly model (v1 and v2 take one reading per
+    /// signal, `[-1]`; v3 a window of 10, `[-1, 10]`).
+    fn start_bundled() -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../deploy/models/car-anomaly");
+        let config = dir.path().join("models.config");
+        std::fs::write(&config, model_server::model_config::all_versions_config(BUNDLED, &base).unwrap()).unwrap();
+        Server::spawn(dir, base, &[format!("--model_config_file={}", config.display())], &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, models: PathBuf, model: &[String], extra: &[&str]) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_model-server"));
         command
             .args(["--port=0", "--bind_address=127.0.0.1", "--rest_api_address=127.0.0.1:0"])
-            .arg(format!("--model_name={MODEL}"))
-            .arg(format!("--model_base_path={}", models.join(MODEL).display()))
+            .args(model)
             .args(["--enable_grpc_healthcheck_service", "--file_system_poll_wait_seconds=0"])
             .args(extra)
             .env("RUST_LOG", "warn")
@@ -336,6 +351,69 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
     let (now, peak) = server.rss_kib();
     let grown_mib = peak.saturating_sub(baseline) / 1024;
     eprintln!("resident: {} MiB before, {} MiB peak, {} MiB now", baseline / 1024, peak / 1024, now / 1024);
+    assert!(grown_mib < RSS_BOUND_MIB, "peak RSS rose {grown_mib} MiB above the {} MiB baseline", baseline / 1024);
+    assert!(server.is_running());
+}
+
+/// A Predict request to a version of the bundled model: every signal `healthy`, except
+/// `speed`.
+fn bundled_request(version: i64, healthy: &TensorProto, speed: TensorProto) -> PredictRequest {
+    let mut request = predict_request(BUNDLED, "", Vec::new());
+    request.model_spec.as_mut().unwrap().version_choice =
+        Some(proto::tensorflow::serving::model_spec::VersionChoice::Version(version));
+    for signal in sensor::signals().iter().filter(|s| s.name != "control_unit_firmware") {
+        request.inputs.insert(signal.name.to_owned(), healthy.clone());
+    }
+    request.inputs.insert("speed".to_owned(), speed);
+    request
+}
+
+fn floats(dims: &[i64], values: Vec<f32>) -> TensorProto {
+    TensorProto { dtype: 1, tensor_shape: shape(dims), float_val: values, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_of_any_width_are_bounded_before_decoding_and_the_server_keeps_serving() {
+    let mut server = Server::start_bundled();
+    let channel = server.channel().await;
+    // A window of 64 readings of 1.0 per signal: every version takes its newest part.
+    let window = || floats(&[1, 64], vec![1.0; 64]);
+    for version in [1, 2, 3] {
+        predict(&channel, bundled_request(version, &window(), window()))
+            .await
+            .unwrap_or_else(|e| panic!("v{version}, a 64-reading window: {e:?}"));
+    }
+    let (baseline, _) = server.rss_kib();
+
+    // One float declaring a window of 2^40 readings, to a one-reading input and to a
+    // windowed one: refused by the decoded-bytes budget, naming the input.
+    for version in [2, 3] {
+        let request = bundled_request(version, &window(), floats(&[1, 1 << 40], vec![1.0]));
+        expect_code(predict(&channel, request).await, Code::InvalidArgument, "\"speed\"", "a 2^40-reading window");
+    }
+    // Many rows of a wide window; a window narrower than v3's, or empty; a third dimension.
+    let cases: [(i64, Vec<i64>, &str); 5] = [
+        (3, vec![1 << 30, 64], "rows"),
+        (2, vec![1 << 20, 1 << 20], "speed"),
+        (3, vec![1, 5], "speed"),
+        (2, vec![1, 0], "speed"),
+        (3, vec![1, 10, 1 << 30], "speed"),
+    ];
+    for (version, dims, needle) in cases {
+        let request = bundled_request(version, &window(), floats(&dims, vec![1.0]));
+        expect_code(predict(&channel, request).await, Code::InvalidArgument, needle, &format!("v{version} {dims:?}"));
+    }
+    // A window whose values do not fill its shape.
+    let request = bundled_request(3, &window(), floats(&[2, 64], vec![1.0; 65]));
+    expect_code(predict(&channel, request).await, Code::InvalidArgument, "speed", "65 values for [2, 64]");
+
+    for version in [1, 2, 3] {
+        predict(&channel, bundled_request(version, &window(), window()))
+            .await
+            .unwrap_or_else(|e| panic!("v{version} after the hostile windows: {e:?}"));
+    }
+    let (_, peak) = server.rss_kib();
+    let grown_mib = peak.saturating_sub(baseline) / 1024;
     assert!(grown_mib < RSS_BOUND_MIB, "peak RSS rose {grown_mib} MiB above the {} MiB baseline", baseline / 1024);
     assert!(server.is_running());
 }
