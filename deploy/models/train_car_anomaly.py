@@ -371,8 +371,9 @@ def main():
     kafka = parser.add_argument_group("training data from Kafka (instead of the simulator's healthy fleets)")
     kafka.add_argument("--kafka-brokers", help="bootstrap servers of the cluster with the readings topic")
     kafka.add_argument("--kafka-topic", default="vigil-readings")
-    kafka.add_argument("--kafka-from", help="the range's start: RFC 3339 or relative (-6h)")
-    kafka.add_argument("--kafka-to", default="now")
+    kafka.add_argument("--kafka-from",
+                       help="the range's start: RFC 3339, or relative to now after = (--kafka-from=-6h)")
+    kafka.add_argument("--kafka-to", default="now", help="the range's end, exclusive, as --kafka-from [now]")
     kafka.add_argument("--kafka-property", action="append", default=[], metavar="KEY=VALUE",
                        help="a librdkafka property (security.protocol, sasl.*, ssl.*), repeatable")
     kafka.add_argument("--vigil", default=os.path.join(ROOT, "target", "debug", "vigil"),
