@@ -6,10 +6,11 @@
 //! The range is read as a replay reads it ([`stream_processor::replay::range`]): partitions
 //! assigned, never subscribed, so no consumer group is joined and nothing is committed;
 //! readings by Kafka timestamp in `[from, to)`, each partition up to its first record at or
-//! past `to` (a partition's timestamps rise, as producers' create times do). A record that is not a `SensorReading` is
-//! skipped and counted, not fatal (the topic is the pipeline's, but anything may write to
-//! it). The file is written beside its final name and renamed once complete, so a failed or
-//! interrupted export leaves no half file to train on; `--max-readings` bounds its size.
+//! past `to` (a partition's timestamps rise, as producers' create times do). A record that
+//! is not a `SensorReading` is skipped and counted, not fatal (the topic is the pipeline's,
+//! but anything may write to it). The file is written as `<out>.partial` and renamed once
+//! complete, so a failed or interrupted export leaves no half file under the name a training
+//! run reads; `--max-readings` bounds its size.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
