@@ -63,8 +63,9 @@ pub fn router(ingest: Arc<HttpIngest>, max_body_bytes: usize, max_concurrent: us
 }
 
 /// A refusal: its status, the metric reason (a fixed set: an invalid reading's reason, or
-/// `body_too_large` (counted by the body limit), `unauthorized`, `unsupported_media_type`, `not_json`, `not_protobuf`,
-/// `too_many_readings`, `kafka_unavailable`) and the message the client reads.
+/// `body_too_large` (counted by the body limit), `unauthorized`, `unsupported_media_type`,
+/// `not_json`, `not_protobuf`, `too_many_readings`, `kafka_unavailable`) and the message the
+/// client reads.
 #[derive(Debug)]
 struct Refusal {
     status: StatusCode,

@@ -23,6 +23,7 @@ use rdkafka::message::Message as _;
 use sensor::SensorReading;
 use stream_processor::config::{DEFAULT_READINGS_TOPIC, ProcessorConfig};
 use stream_processor::replay::range::{self, Take};
+use stream_processor::replay::request::millis;
 
 use crate::replay::parse_time;
 
@@ -101,7 +102,7 @@ pub fn export(args: &ExportArgs) -> Result<Exported, ExportError> {
     let now = SystemTime::now();
     let millis = |flag: &str, text: &str| {
         let time = parse_time(flag, text, now).map_err(|failure| ExportError::BadArgument(failure.to_string()))?;
-        Ok::<_, ExportError>(time.seconds * 1000 + i64::from(time.nanos) / 1_000_000)
+        millis(&time).ok_or_else(|| ExportError::BadArgument(format!("{flag} {text:?} is out of range")))
     };
     let (from, to) = (millis("--from", &args.from)?, millis("--to", &args.to)?);
     if from >= to {

@@ -128,8 +128,9 @@ pub fn bounds(given: Option<&Bounds>) -> Result<Bounds, Invalid> {
 }
 
 /// Milliseconds since the epoch, rounded up: a Kafka timestamp (whole milliseconds) `t`
-/// is at or after the instant exactly when `t >= millis(instant)`.
-fn millis(time: &prost_types::Timestamp) -> Option<i64> {
+/// is at or after the instant exactly when `t >= millis(instant)`. `vigil export-readings`
+/// bounds its ranges by the same rule, so an export and a replay of one range agree.
+pub fn millis(time: &prost_types::Timestamp) -> Option<i64> {
     if !(0..1_000_000_000).contains(&time.nanos) {
         return None;
     }
