@@ -4,7 +4,8 @@
 //!
 //! - the README's default run (50 cars, 60 s, seed 42): every published reading is
 //!   acknowledged, ingested and scored exactly once, each device's scores are in order,
-//!   and the bundled model flags the injected faults with precision and recall >= 0.9;
+//!   and the bundled model meets issue 27's targets (precision >= 0.99, recall >= 0.95,
+//!   every faulty car caught, no false alarm, median onset to first anomaly under 5 s);
 //!   the alerts service fires exactly the alerts its rule gives on the scores the run
 //!   produced (recounted here from the score records), once each, and only on cars with
 //!   an injected fault;
@@ -49,9 +50,18 @@ async fn the_default_run_scores_every_reading_once_in_order_and_catches_the_faul
     assert_eq!(faulty_cars, summary.faulty_cars, "each faulty car under its one fault");
     assert_eq!(per_fault.healthy_cars + faulty_cars, summary.cars);
     assert!(per_fault.by_fault.values().all(|d| d.caught <= d.cars && d.alerted <= d.cars));
+    // Issue 27's targets for this run, met by the windowed v3 (2026-12-06: precision
+    // 1.000, recall 0.961, 32 of 812 faulty readings missed, most in a fault's first
+    // seconds).
     let (precision, recall) = (summary.precision.unwrap(), summary.recall.unwrap());
-    assert!(precision >= 0.9, "precision {precision}");
-    assert!(recall >= 0.9, "recall {recall}");
+    assert!(precision >= 0.99, "precision {precision}");
+    assert!(recall >= 0.95, "recall {recall}");
+    assert_eq!(summary.confusion.false_positives, 0, "no false alarm on a healthy car");
+    for (kind, detection) in &per_fault.by_fault {
+        assert_eq!(detection.caught, detection.cars, "every car with {kind} caught: {detection:?}");
+    }
+    let median = per_fault.all_faults.onset_to_anomaly_p50_s.unwrap();
+    assert!(median < 5.0, "median {median} s from a fault's onset to its car's first anomaly");
 
     // Alerts: the demo rule is per car, tumbling windows, a count of anomalies.
     assert_eq!(

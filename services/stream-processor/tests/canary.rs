@@ -320,7 +320,13 @@ async fn a_windowed_v3_replayed_then_rolled_out_over_v2_is_promoted_with_nothing
         })
     };
     let mut request = rollout_to(3);
-    request.spec.as_mut().unwrap().stable_version = 2;
+    let spec = request.spec.as_mut().unwrap();
+    spec.stable_version = 2;
+    // v3's score is the worst of 60 window features, v2's of 17 signals: on the same
+    // healthy readings v3's sits higher (P(v3 > v2) - 1/2 is 0.23 on `vigil up`'s fleet)
+    // while both flag alike. A rollout between model families widens the shift bound and
+    // relies on the anomaly rate (docs/windowed-models.md).
+    spec.analysis.as_mut().unwrap().max_score_shift = 0.35;
     let promoted = concluded(&mut api, request).await;
     assert_eq!(promoted.phase, rollout::Phase::Promoted as i32, "{promoted:?}");
     eprintln!("rollout of v3: {promoted:?}");

@@ -35,6 +35,8 @@ pub struct FaultDetection {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PerFault {
     pub by_fault: BTreeMap<String, FaultDetection>,
+    /// Every faulty car, whatever its fault: the fleet's time to detect a fault.
+    pub all_faults: FaultDetection,
     /// Cars with no faulty reading, the hours they drove (readings times the interval),
     /// and the anomalies flagged on them.
     pub healthy_cars: usize,
@@ -87,25 +89,24 @@ pub fn judge(observed: &Observed, interval: Duration) -> PerFault {
         by_kind.entry(fault.kind.as_str()).or_default().push((car, fault));
     }
     let seconds = |from: i64, to: i64| ((to - from).max(0) as f64 / 1000.0 * 10.0).round() / 10.0;
-    let by_fault = by_kind
-        .into_iter()
-        .map(|(kind, cars)| {
-            let to_anomaly: Vec<f64> =
-                cars.iter().filter_map(|(_, f)| f.first_anomaly_ms.map(|t| seconds(f.onset_ms, t))).collect();
-            let to_alert: Vec<f64> =
-                cars.iter().filter_map(|(car, f)| first_alert_ms.get(car).map(|&t| seconds(f.onset_ms, t))).collect();
-            let detection = FaultDetection {
-                cars: cars.len(),
-                caught: to_anomaly.len(),
-                onset_to_anomaly_p50_s: quantile(&to_anomaly, 0.5),
-                onset_to_anomaly_p90_s: quantile(&to_anomaly, 0.9),
-                alerted: to_alert.len(),
-                onset_to_alert_p50_s: quantile(&to_alert, 0.5),
-                onset_to_alert_p90_s: quantile(&to_alert, 0.9),
-            };
-            (kind.to_owned(), detection)
-        })
-        .collect();
+    let detection = |cars: &[(&str, &CarFault)]| {
+        let to_anomaly: Vec<f64> =
+            cars.iter().filter_map(|(_, f)| f.first_anomaly_ms.map(|t| seconds(f.onset_ms, t))).collect();
+        let to_alert: Vec<f64> =
+            cars.iter().filter_map(|(car, f)| first_alert_ms.get(car).map(|&t| seconds(f.onset_ms, t))).collect();
+        FaultDetection {
+            cars: cars.len(),
+            caught: to_anomaly.len(),
+            onset_to_anomaly_p50_s: quantile(&to_anomaly, 0.5),
+            onset_to_anomaly_p90_s: quantile(&to_anomaly, 0.9),
+            alerted: to_alert.len(),
+            onset_to_alert_p50_s: quantile(&to_alert, 0.5),
+            onset_to_alert_p90_s: quantile(&to_alert, 0.9),
+        }
+    };
+    let by_fault = by_kind.iter().map(|(kind, cars)| ((*kind).to_owned(), detection(cars))).collect();
+    let every_car: Vec<(&str, &CarFault)> = by_kind.into_values().flatten().collect();
+    let all_faults = detection(&every_car);
 
     let faulty: HashSet<&str> = faults.keys().copied().collect();
     let healthy: Vec<&str> = readings_by_car.keys().copied().filter(|car| !faulty.contains(car)).collect();
@@ -114,6 +115,7 @@ pub fn judge(observed: &Observed, interval: Duration) -> PerFault {
     let healthy_car_hours = healthy_readings as f64 * interval.as_secs_f64() / 3600.0;
     PerFault {
         by_fault,
+        all_faults,
         healthy_cars: healthy.len(),
         healthy_car_hours: (healthy_car_hours * 1000.0).round() / 1000.0,
         false_alarms,
@@ -144,7 +146,9 @@ impl PerFault {
             "  per fault  {:<20} {:>7}  {:>22}  {:>22}",
             "kind", "caught", "onset->anomaly p50/p90", "onset->alert p50/p90"
         )];
-        for (kind, d) in &self.by_fault {
+        for (kind, d) in
+            self.by_fault.iter().map(|(kind, d)| (kind.as_str(), d)).chain([("all faults", &self.all_faults)])
+        {
             lines.push(format!(
                 "             {kind:<20} {:>7}  {:>22}  {:>22}",
                 format!("{}/{}", d.caught, d.cars),
@@ -214,9 +218,13 @@ mod tests {
         assert_eq!(overheating.onset_to_alert_p50_s, Some(20.0), "the first window ending after onset");
         let stuck = &judged.by_fault["stuck_sensor"];
         assert_eq!((stuck.caught, stuck.onset_to_anomaly_p90_s, stuck.onset_to_alert_p50_s), (1, Some(0.0), None));
+        // Every faulty car: a, b and c, caught after 3 s and 0 s (the lower median: 0 s).
+        let all = &judged.all_faults;
+        assert_eq!((all.cars, all.caught, all.alerted), (3, 2, 1));
+        assert_eq!((all.onset_to_anomaly_p50_s, all.onset_to_anomaly_p90_s), (Some(0.0), Some(3.0)));
         // car-d drove 4 readings x 15 min = 1 hour.
         assert_eq!((judged.healthy_cars, judged.false_alarms), (1, 1));
         assert_eq!(judged.false_alarms_per_healthy_car_hour, Some(1.0));
-        assert_eq!(judged.render().len(), 4, "a header, two kinds, the false alarms");
+        assert_eq!(judged.render().len(), 5, "a header, two kinds, all faults, the false alarms");
     }
 }
