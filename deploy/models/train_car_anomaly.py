@@ -310,8 +310,8 @@ def per_fault(readings, flagged):
     services/vigil/src/detection.rs): per fault kind, and over every faulty car, the cars
     caught out of the cars that had it and the seconds from onset (its first labelled
     reading) to the first flagged reading; and flagged readings on cars without any fault
-    per hour of their driving. Alerts are the alerts service's rule over these scores, so they are judged in
-    `vigil up`, not here."""
+    per hour of their driving. Alerts are the alerts service's rule over these scores, so
+    they are judged in `vigil up`, not here."""
     kinds = {}
     healthy_cars, healthy_readings, false_alarms = 0, 0, 0
     for rows in by_car(readings).values():
@@ -329,6 +329,7 @@ def per_fault(readings, flagged):
         if hits:
             entry["caught"] += 1
             entry["delays"].append((hits[0] - onset) * READING_INTERVAL_S)
+
     def detection(entries):
         delays = [d for entry in entries for d in entry["delays"]]
         quantile = lambda q: float(np.quantile(delays, q, method="inverted_cdf")) if delays else None  # noqa: E731
