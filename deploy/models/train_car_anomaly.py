@@ -232,9 +232,10 @@ def window_features(w, signal_std, features):
     repeats = (run - tf.reduce_min(run, axis=1, keepdims=True)) / float(k)
     # Both kinds of wheel signal are neighbours in the reading: one block, each wheel's
     # value over the mean of its kind's other wheels (a block-diagonal product).
-    first, last = wheel_groups(features)[0][0], wheel_groups(features)[-1][1]
+    groups = wheel_groups(features)
+    first, last = groups[0][0], groups[-1][1]
     others = np.zeros((last - first + 1, last - first + 1), np.float32)
-    for a, b in wheel_groups(features):
+    for a, b in groups:
         others[a - first:b - first + 1, a - first:b - first + 1] = (1.0 - np.eye(b - a + 1)) / (b - a)
     wheels = newest[:, first:last + 1]
     balance = wheels / tf.maximum(tf.abs(tf.matmul(wheels, tf.constant(others))), 1e-3)
@@ -357,8 +358,7 @@ def train_version(version, params, features, data, path):
     window = params.get("window")
     if window:
         w_train, w_val = data["windows"][window]["train"], data["windows"][window]["validation"]
-        signal_std = np.maximum(x_train.std(axis=0), 1e-3)
-        signal_std = signal_std.astype(np.float32)
+        signal_std = np.maximum(x_train.std(axis=0), 1e-3).astype(np.float32)
         f_train = window_features(tf.constant(np.swapaxes(w_train, 1, 2)), signal_std, features).numpy()
         f_val = window_features(tf.constant(np.swapaxes(w_val, 1, 2)), signal_std, features).numpy()
     else:

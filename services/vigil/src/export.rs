@@ -100,11 +100,11 @@ pub fn main(args: ExportArgs) -> ExitCode {
 /// Writes the range's readings to `args.out`. Blocking.
 pub fn export(args: &ExportArgs) -> Result<Exported, ExportError> {
     let now = SystemTime::now();
-    let millis = |flag: &str, text: &str| {
+    let bound_ms = |flag: &str, text: &str| {
         let time = parse_time(flag, text, now).map_err(|failure| ExportError::BadArgument(failure.to_string()))?;
         millis(&time).ok_or_else(|| ExportError::BadArgument(format!("{flag} {text:?} is out of range")))
     };
-    let (from, to) = (millis("--from", &args.from)?, millis("--to", &args.to)?);
+    let (from, to) = (bound_ms("--from", &args.from)?, bound_ms("--to", &args.to)?);
     if from >= to {
         return Err(ExportError::BadArgument(format!("--from {} is not before --to {}", args.from, args.to)));
     }
