@@ -24,6 +24,9 @@ fn the_processors_windows_give_tensorflows_scores() {
             .unwrap();
     let expected = &golden["versions"]["3"];
     let plan = SavedModel::open(root().join("deploy/models/car-anomaly/3")).unwrap().load("serving_default").unwrap();
+    // Big calls run on a plan of their own (see savedmodel's plan.rs); both plans are
+    // checked against TensorFlow below.
+    assert!(plan.has_large_batch_plan(), "v3 gets a large-batch plan");
     let k = expected["window"].as_u64().unwrap() as usize;
     // The signature says the window: every input is [-1, k].
     for (name, input) in &plan.spec().inputs {
@@ -32,9 +35,13 @@ fn the_processors_windows_give_tensorflows_scores() {
     let threshold = expected["threshold"].as_f64().unwrap() as f32;
     let stretches = golden["sequences"].as_array().unwrap();
     assert!(stretches.len() >= 7, "a healthy car and one of every fault kind");
-    let mut flagged_faulty = 0;
-    for (stretch, tf_scores) in stretches.iter().zip(expected["sequence_scores"].as_array().unwrap()) {
-        let readings: Vec<SensorReading> = stretch
+    // Every stretch's readings, each with its window's values per signal and TensorFlow's score.
+    let mut readings: Vec<SensorReading> = Vec::new();
+    let mut columns: Vec<Vec<f32>> = vec![Vec::new(); plan.spec().inputs.len()];
+    let mut tf_scores: Vec<f32> = Vec::new();
+    let mut stretch_rows = Vec::new();
+    for (stretch, scores) in stretches.iter().zip(expected["sequence_scores"].as_array().unwrap()) {
+        let stretch: Vec<SensorReading> = stretch
             .as_array()
             .unwrap()
             .iter()
@@ -45,30 +52,49 @@ fn the_processors_windows_give_tensorflows_scores() {
             .collect();
         let mut windows = Windows::new(&WindowConfig::default());
         windows.set_keep(k);
-        let pushed: Vec<_> = readings.iter().map(|r| windows.push(r)).collect();
+        let pushed: Vec<_> = stretch.iter().map(|r| windows.push(r)).collect();
+        for (column, name) in columns.iter_mut().zip(plan.spec().inputs.keys()) {
+            let index = sensor::signals().iter().position(|s| s.name == name).unwrap();
+            for window in &pushed {
+                window.extend_signal(index, k, column);
+            }
+        }
+        stretch_rows.push(readings.len()..readings.len() + stretch.len());
+        tf_scores.extend(scores.as_array().unwrap().iter().map(|s| s.as_f64().unwrap() as f32));
+        readings.extend(stretch);
+    }
+    assert_eq!(tf_scores.len(), readings.len());
+    // Rows `range` of every input, scored in one call: (scores, thresholds).
+    let score = |range: std::ops::Range<usize>| {
         let inputs: Vec<(String, Tensor)> = plan
             .spec()
             .inputs
             .keys()
-            .map(|name| {
-                let index = sensor::signals().iter().position(|s| s.name == name).unwrap();
-                let mut values = Vec::new();
-                for window in &pushed {
-                    window.extend_signal(index, k, &mut values);
-                }
-                (name.clone(), Tensor::from_shape(&[readings.len(), k], &values).unwrap())
+            .zip(&columns)
+            .map(|(name, column)| {
+                let values = &column[range.start * k..range.end * k];
+                (name.clone(), Tensor::from_shape(&[range.len(), k], values).unwrap())
             })
             .collect();
         let outputs = plan.run(inputs).unwrap();
-        let ours = outputs["anomaly_score"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-        let thresholds = outputs["threshold"].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-        for (i, (reading, (score, tf))) in
-            readings.iter().zip(ours.iter().zip(tf_scores.as_array().unwrap())).enumerate()
-        {
-            let tf = tf.as_f64().unwrap() as f32;
+        let column = |key: &str| outputs[key].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        (column("anomaly_score"), column("threshold"))
+    };
+    // A stretch a call (fewer rows than LARGE_BATCH: the general plan), then all in one.
+    assert!(stretch_rows.iter().all(|r| r.len() < savedmodel::LARGE_BATCH));
+    assert!(readings.len() >= savedmodel::LARGE_BATCH);
+    let mut by_stretch = (Vec::new(), Vec::new());
+    for range in &stretch_rows {
+        let (scores, thresholds) = score(range.clone());
+        by_stretch.0.extend(scores);
+        by_stretch.1.extend(thresholds);
+    }
+    let mut flagged_faulty = 0;
+    for (plan_name, (scores, thresholds)) in [("general", by_stretch), ("large-batch", score(0..readings.len()))] {
+        for (i, (reading, (score, tf))) in readings.iter().zip(scores.iter().zip(&tf_scores)).enumerate() {
             assert!(
                 (score - tf).abs() <= 1e-4 * tf.abs().max(1.0),
-                "{} reading {i}: {score} vs TensorFlow's {tf}",
+                "{plan_name} plan, {} reading {i}: {score} vs TensorFlow's {tf}",
                 reading.device_id
             );
             assert_eq!(thresholds[i], threshold);

@@ -30,11 +30,12 @@ mod freeze;
 mod op_defaults;
 mod ops;
 mod plan;
+mod reduce;
 mod saved_model;
 mod sstable;
 
 pub use error::{LoadError, PredictError};
-pub use plan::{PreparedInputs, SignaturePlan};
+pub use plan::{LARGE_BATCH, PreparedInputs, SignaturePlan};
 pub use saved_model::{FrozenSignature, OpUse, SavedModel, SignatureSpec, TensorSpec};
 pub use tract_tensorflow::tfpb::tensorflow::DataType;
 pub use tract_tensorflow::tract_hir::prelude::{Datum, DatumType, Tensor, f16};

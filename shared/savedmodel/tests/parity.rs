@@ -2,6 +2,9 @@
 //! TensorFlow 2.21 itself, see tests/fixtures/export_savedmodels.py) must load and
 //! reproduce the golden outputs TensorFlow computed, at every recorded batch size, to
 //! within 1e-5 absolute for floats and exactly for integers.
+//!
+//! Two kinds of fixture check the large-batch plan itself: the keras_conv1d and
+//! elementwise_ops ones get one (a dense network does not: its second plan is the same).
 
 mod golden;
 
@@ -24,8 +27,17 @@ fn assert_parity(fixture: &str) {
     assert_eq!(spec.inputs.len(), golden.inputs.len(), "{fixture}: input count");
     assert_eq!(spec.outputs.len(), golden.outputs.len(), "{fixture}: output count");
 
-    // One plan serves every batch size: it is built once, outside the loop.
+    // The plans serve every batch size: they are built once, outside the loop. Where a
+    // signature has a large-batch plan, the recorded batches cover both plans.
     let plan = model.load(&golden.signature).unwrap();
+    if plan.has_large_batch_plan() {
+        let batches: Vec<usize> = golden.cases.iter().map(|c| c.batch()).collect();
+        assert!(
+            batches.iter().any(|&b| b < savedmodel::LARGE_BATCH)
+                && batches.iter().any(|&b| b >= savedmodel::LARGE_BATCH),
+            "{fixture}: batches {batches:?} run one of the two plans only"
+        );
+    }
     for case in &golden.cases {
         let inputs = case.inputs.iter().map(|(k, v)| (k.clone(), v.to_tensor()));
         let outputs = plan.run(inputs).unwrap();
@@ -94,4 +106,14 @@ fn keras_export_also_serves_its_serve_signature() {
     let out = serve.run(case.inputs.iter().map(|(k, v)| (k.clone(), v.to_tensor()))).unwrap();
     let expected = case.outputs.values().next().unwrap();
     assert!(expected.max_abs_diff(out.values().next().unwrap()) <= TOLERANCE);
+}
+
+#[test]
+fn broadcasting_graphs_get_a_large_batch_plan_and_dense_ones_do_not() {
+    let has_large = |fixture: &str| {
+        SavedModel::open(fixture_dir(fixture)).unwrap().load("serving_default").unwrap().has_large_batch_plan()
+    };
+    assert!(has_large("keras_conv1d"));
+    assert!(has_large("elementwise_ops"));
+    assert!(!has_large("autoencoder"));
 }
