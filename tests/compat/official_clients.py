@@ -5,6 +5,10 @@ TF-exported autoencoder fixture, then calls it the way users do:
 - tensorflow-serving-api: PredictionService.Predict (tf.make_tensor_proto input, as in TF
   Serving's own examples), GetModelMetadata, ModelService.GetModelStatus;
 - tritonclient[grpc]: server/model readiness, model metadata and infer (ModelInfer);
+- tritonclient[http]: the same over KServe v2's HTTP routes, with JSON and with binary
+  tensor data, and an error's message and status;
+- TF Serving's metric names at its monitoring path (`--monitoring_config_file`), counting
+  those calls as a TF Serving dashboard would;
 - tensorflow-serving-api again over TLS and mutual TLS configured by TF Serving's own
   --ssl_config_file (certificates made with the openssl command line), with management
   calls refused without the bearer token.
@@ -18,11 +22,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
 import grpc
 import numpy as np
 import tensorflow as tf
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
@@ -43,6 +50,28 @@ def start_server(binary, base, extra=()):
     return process, match.group(1)
 
 
+def rest_address(process):
+    """The REST address the server prints after its gRPC one (`--rest_api_address=...:0`)."""
+    line = process.stdout.readline()
+    match = re.search(r"Exporting HTTP/REST API at ([\d.]+:\d+)", line)
+    if not match:
+        process.kill()
+        raise SystemExit(f"model-server did not report its REST address: {line!r}")
+    return match.group(1)
+
+
+def sample(text, name, labels):
+    """The value of the Prometheus sample `name` with exactly these labels, or None."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        found = dict(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"', series[len(name):]))
+        if found == labels:
+            return float(value)
+    return None
+
+
 def main(binary):
     golden = json.load(open(os.path.join(FIXTURE, "golden.json")))
     cases = [(np.array(c["inputs"]["sensors"]["values"], np.float32).reshape(c["inputs"]["sensors"]["shape"]),
@@ -51,7 +80,12 @@ def main(binary):
     workdir = tempfile.mkdtemp()
     base = os.path.join(workdir, "autoencoder")
     shutil.copytree(os.path.join(FIXTURE, "1"), os.path.join(base, "1"))
-    process, address = start_server(binary, base)
+    monitoring = os.path.join(workdir, "monitoring.config")
+    with open(monitoring, "w") as f:
+        f.write('prometheus_config { enable: true path: "/monitoring/prometheus/metrics" }\n')
+    process, address = start_server(binary, base, ["--rest_api_address=127.0.0.1:0",
+                                                   f"--monitoring_config_file={monitoring}"])
+    rest = rest_address(process)
     try:
         channel = grpc.insecure_channel(address)
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -115,6 +149,51 @@ def main(binary):
             np.testing.assert_allclose(result.as_numpy("output_0"), expected, rtol=1e-5, atol=1e-5,
                                        err_msg=f"tritonclient infer case {index}")
         print(f"tritonclient infer: {len(cases)} cases match TensorFlow")
+
+        # tritonclient[http]: KServe v2 over HTTP, on the REST port.
+        http_client = triton_http.InferenceServerClient(url=rest)
+        assert http_client.is_server_live() and http_client.is_server_ready()
+        assert http_client.is_model_ready("autoencoder") and not http_client.is_model_ready("no-such-model")
+        http_metadata = http_client.get_model_metadata("autoencoder")
+        assert http_metadata["inputs"] == [{"name": "sensors", "datatype": "FP32", "shape": [-1, 18]}], http_metadata
+        assert "binary_tensor_data" in http_client.get_server_metadata()["extensions"]
+        for binary in (False, True):
+            for index, (inputs, expected) in enumerate(cases):
+                infer_input = triton_http.InferInput("sensors", list(inputs.shape), "FP32")
+                infer_input.set_data_from_numpy(inputs, binary_data=binary)
+                requested = triton_http.InferRequestedOutput("output_0", binary_data=binary)
+                result = http_client.infer("autoencoder", [infer_input], outputs=[requested])
+                np.testing.assert_allclose(result.as_numpy("output_0"), expected, rtol=1e-5, atol=1e-5,
+                                           err_msg=f"tritonclient.http infer case {index} binary={binary}")
+        # No outputs named: tritonclient asks for every output as binary data.
+        infer_input = triton_http.InferInput("sensors", list(cases[0][0].shape), "FP32")
+        infer_input.set_data_from_numpy(cases[0][0])
+        result = http_client.infer("autoencoder", [infer_input])
+        np.testing.assert_allclose(result.as_numpy("output_0"), cases[0][1], rtol=1e-5, atol=1e-5)
+        wrong = triton_http.InferInput("sensors", [1, 17], "FP32")
+        wrong.set_data_from_numpy(np.zeros((1, 17), np.float32))
+        try:
+            http_client.infer("autoencoder", [wrong])
+            raise AssertionError("a [1,17] input must be refused over HTTP")
+        except InferenceServerException as error:
+            assert error.status() == "400" and "sensors" in error.message(), (error.status(), error.message())
+        print(f"tritonclient.http infer: {len(cases)} cases match TensorFlow, JSON and binary; "
+              "errors come back with status 400 naming the input")
+
+        # What a TF Serving dashboard queries, after the calls above.
+        text = urllib.request.urlopen(f"http://{rest}/monitoring/prometheus/metrics", timeout=30).read().decode()
+        count = ":tensorflow:serving:request_count"
+        ok = sample(text, count, {"model_name": "autoencoder", "status": "OK"})
+        # Predict, gRPC ModelInfer, and HTTP infer: JSON, binary, and once with no outputs named.
+        answered = 4 * len(cases) + 1
+        assert ok == answered, f"{count} OK: {ok}, expected {answered}"
+        refused = sample(text, count, {"model_name": "autoencoder", "status": "INVALID_ARGUMENT"})
+        assert refused == 2, f"{count} INVALID_ARGUMENT: {refused} (one over gRPC, one over HTTP)"
+        latency = ":tensorflow:serving:request_latency_count"
+        predicts = sample(text, latency, {"model_name": "autoencoder", "API": "Predict", "entrypoint": "GRPC"})
+        assert predicts == len(cases), f"{latency} for Predict: {predicts}"
+        print(f"TF Serving's metric names: {count} OK {ok:.0f}, INVALID_ARGUMENT {refused:.0f}; "
+              f"{latency} Predict {predicts:.0f}")
     finally:
         process.terminate()
         code = process.wait(timeout=30)

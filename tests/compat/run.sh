@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compatibility with the clients users already have: our protos against the official ones,
-# then tensorflow-serving-api and tritonclient against the real model-server process.
+# then tensorflow-serving-api and tritonclient (gRPC and HTTP) against the real model-server process.
 # Installs the clients into a reusable venv on first use (about a minute), then reuses it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,7 +10,7 @@ venv="${VIGIL_COMPAT_VENV:-$HOME/.cache/vigil-ci/tf-venv}"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import tensorflow_serving.apis, tritonclient.grpc, grpc_tools.protoc, tensorflow" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import tensorflow_serving.apis, tritonclient.grpc, tritonclient.http, grpc_tools.protoc, tensorflow" 2>/dev/null; then
     "$venv/bin/pip" install --quiet -r tests/compat/requirements.txt
     "$venv/bin/pip" install --quiet --no-deps tensorflow-serving-api==2.21.0
 fi

@@ -391,6 +391,10 @@ impl SchedulerState {
         }
     }
 
+    fn is_batched(&self) -> bool {
+        matches!(self.mode, SchedulingMode::Batched(_))
+    }
+
     /// Whether submitters may run batches on their own (async) thread.
     fn runs_inline(&self) -> bool {
         self.batch_limits().1.is_zero() && self.cheap.load(Ordering::Relaxed)
@@ -442,6 +446,9 @@ impl SchedulerState {
                 break;
             }
             rows += task.rows;
+            if self.is_batched() {
+                self.metrics.observe_queued(task.enqueued.elapsed());
+            }
             batch.push(queue.tasks.pop_front().expect("front exists"));
         }
         queue.rows -= rows;
@@ -459,14 +466,14 @@ impl SchedulerState {
     fn answer(&self, batch: Vec<Task>) {
         if batch.len() == 1 && !self.needs_padding(batch[0].rows) {
             let task = batch.into_iter().next().expect("one task");
-            self.metrics.batch_size.observe(task.rows as f64);
+            self.metrics.observe_run(task.rows, task.rows, self.is_batched());
             let result = self.plan.run_prepared(task.inputs);
             let _ = task.reply.send(result); // the caller may have gone away; nothing to do
             return;
         }
         let rows: usize = batch.iter().map(|t| t.rows).sum();
         let pad_to = self.padded_size(rows);
-        self.metrics.batch_size.observe(pad_to.unwrap_or(rows) as f64);
+        self.metrics.observe_run(rows, pad_to.unwrap_or(rows), self.is_batched());
         let (inputs, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|t| (t.inputs, t.reply)).unzip();
         match self.plan.run_batch(inputs, pad_to) {
             Ok(outputs) => {

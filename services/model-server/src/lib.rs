@@ -23,6 +23,7 @@ pub mod model_config;
 pub mod overload;
 pub mod repository;
 pub mod rest;
+pub mod rest_kserve;
 pub mod rollout;
 pub mod security;
 pub mod server;

@@ -6,11 +6,15 @@
 //! resolved (a configured model, a loaded version, a signature the model defines) or fixed
 //! strings: a name a client sent that resolves to nothing counts under an empty label, so no
 //! request can add a series.
+//!
+//! TensorFlow Serving's own names are exported beside Vigil's, for the figures that mean
+//! the same ([`TfServingMetrics`]), so dashboards and alerts written for TF Serving work
+//! unchanged. docs/model-server.md has the table.
 
 use std::time::Duration;
 
 use admin::metrics::MetricsRegistrar;
-use prometheus::{Encoder, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder};
 
 /// Which front door a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,15 +23,30 @@ pub enum Api {
     GrpcMetadata,
     RestPredict,
     KserveInfer,
+    KserveRestInfer,
 }
 
 impl Api {
+    /// TF Serving's `API` and `entrypoint` labels for the inference calls it also has
+    /// (KServe's is named as its RPC is); `None` for calls TF Serving does not count.
+    fn tf_serving_labels(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Api::GrpcPredict => Some(("Predict", "GRPC")),
+            // TF Serving labels REST calls with the URL's verb, lower case.
+            Api::RestPredict => Some(("predict", "REST")),
+            Api::KserveInfer => Some(("ModelInfer", "GRPC")),
+            Api::KserveRestInfer => Some(("ModelInfer", "REST")),
+            Api::GrpcMetadata => None,
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Api::GrpcPredict => "grpc_predict",
             Api::GrpcMetadata => "grpc_metadata",
             Api::RestPredict => "rest_predict",
             Api::KserveInfer => "kserve_infer",
+            Api::KserveRestInfer => "kserve_rest_infer",
         }
     }
 }
@@ -50,13 +69,89 @@ pub struct Metrics {
     rollout_phase: IntGaugeVec,
     rollout_decisions: IntCounterVec,
     requests_shed: IntCounterVec,
+    tf_serving: TfServingMetrics,
+}
+
+/// TensorFlow Serving's metrics, with its names, labels, units (microseconds) and buckets.
+/// Its model label is `model_name`, holding the same resolved names as Vigil's `model`.
+#[derive(Debug, Clone)]
+struct TfServingMetrics {
+    /// `status`: the request's TF error code name (`OK`, `INVALID_ARGUMENT`, ...).
+    request_count: IntCounterVec,
+    /// Successful requests only, as TF Serving records them.
+    request_latency: HistogramVec,
+    /// `status`: `success` or `fail`, by version directory (`model_path`).
+    load_attempts: IntCounterVec,
+    /// Cumulative microseconds spent loading, by version directory: a counter in TF too.
+    load_latency: IntCounterVec,
+    batching: TfBatchingMetrics,
+}
+
+/// TF Serving's `batching_session` figures: process-wide, recorded in batched mode only.
+#[derive(Debug, Clone)]
+pub struct TfBatchingMetrics {
+    queuing_latency: Histogram,
+    input_batch_size: Histogram,
+    processed_batch_size: Histogram,
+    /// By `execution_batch_size`, one of the configured `allowed_batch_sizes`.
+    padding_size: HistogramVec,
 }
 
 /// The per-signature instruments the scheduler updates on its hot path.
 #[derive(Debug, Clone)]
 pub struct SignatureMetrics {
-    pub batch_size: prometheus::Histogram,
+    pub(crate) batch_size: Histogram,
     pub queue_depth: IntGauge,
+    tf_batching: TfBatchingMetrics,
+}
+
+impl SignatureMetrics {
+    /// Records one engine run of `rows` request rows, padded to `padded`; `batched` adds
+    /// TF Serving's batching figures.
+    pub fn observe_run(&self, rows: usize, padded: usize, batched: bool) {
+        self.batch_size.observe(padded as f64);
+        if batched {
+            let tf = &self.tf_batching;
+            tf.input_batch_size.observe(rows as f64);
+            tf.processed_batch_size.observe(padded as f64);
+            if padded > rows {
+                tf.padding_size.with_label_values(&[padded.to_string().as_str()]).observe((padded - rows) as f64);
+            }
+        }
+    }
+
+    /// Records how long a request waited in the batching queue for its run.
+    pub fn observe_queued(&self, waited: Duration) {
+        self.tf_batching.queuing_latency.observe(micros(waited));
+    }
+}
+
+fn micros(elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1e6
+}
+
+/// TensorFlow's name for a gRPC status code, as TF Serving's `status` labels use it.
+fn tf_status(code: Option<tonic::Code>) -> &'static str {
+    use tonic::Code;
+    match code {
+        None | Some(Code::Ok) => "OK",
+        Some(Code::Cancelled) => "CANCELLED",
+        Some(Code::Unknown) => "UNKNOWN",
+        Some(Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Some(Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Some(Code::NotFound) => "NOT_FOUND",
+        Some(Code::AlreadyExists) => "ALREADY_EXISTS",
+        Some(Code::PermissionDenied) => "PERMISSION_DENIED",
+        Some(Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Some(Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Some(Code::Aborted) => "ABORTED",
+        Some(Code::OutOfRange) => "OUT_OF_RANGE",
+        Some(Code::Unimplemented) => "UNIMPLEMENTED",
+        Some(Code::Internal) => "INTERNAL",
+        Some(Code::Unavailable) => "UNAVAILABLE",
+        Some(Code::DataLoss) => "DATA_LOSS",
+        Some(Code::Unauthenticated) => "UNAUTHENTICATED",
+    }
 }
 
 impl Metrics {
@@ -153,11 +248,76 @@ impl Metrics {
                 "Requests refused at once because the server had --max_in_flight_requests in flight",
                 &["api"],
             )?,
+            tf_serving: Self::declare_tf_serving(&metrics)?,
             registry: registry.clone(),
         };
         // process_start_time_seconds among them (the server declared its own before).
         admin::register_process_metrics(&registry);
         Ok(declared)
+    }
+
+    /// TF Serving's names, help texts and buckets (`ExponentialBuckets` in its source: the
+    /// first limit, the growth, the count).
+    fn declare_tf_serving(metrics: &MetricsRegistrar<'_>) -> prometheus::Result<TfServingMetrics> {
+        let latency_buckets = || prometheus::exponential_buckets(10.0, 1.8, 33);
+        let batch_buckets = || prometheus::exponential_buckets(1.0, 2.0, 14);
+        let queuing_latency = metrics.histogram_vec(
+            ":tensorflow:serving:batching_session:queuing_latency",
+            "Microseconds requests waited in the batching queue (TF Serving's name)",
+            prometheus::exponential_buckets(100.0, 1.2, 52)?,
+            &["thread_pool_name"],
+        )?;
+        Ok(TfServingMetrics {
+            request_count: metrics.counter_vec(
+                ":tensorflow:serving:request_count",
+                "Inference requests, by model and TF status code (TF Serving's name)",
+                &["model_name", "status"],
+            )?,
+            request_latency: metrics.histogram_vec(
+                ":tensorflow:serving:request_latency",
+                "Microseconds from request decoded to response built, successful requests (TF Serving's name)",
+                latency_buckets()?,
+                &["model_name", "API", "entrypoint"],
+            )?,
+            load_attempts: metrics.counter_vec(
+                ":tensorflow:cc:saved_model:load_attempt_count",
+                "SavedModel version loads attempted, by version directory and outcome (TensorFlow's name)",
+                &["model_path", "status"],
+            )?,
+            load_latency: metrics.counter_vec(
+                ":tensorflow:cc:saved_model:load_latency",
+                "Microseconds spent loading, summed over attempts, by version directory (TensorFlow's name)",
+                &["model_path"],
+            )?,
+            batching: TfBatchingMetrics {
+                // TF Serving's model server names no thread pool.
+                queuing_latency: queuing_latency.with_label_values(&[""]),
+                input_batch_size: metrics.histogram(
+                    ":tensorflow:serving:batching_session:input_batch_size",
+                    "Request rows per engine run, before padding (TF Serving's name)",
+                    batch_buckets()?,
+                )?,
+                processed_batch_size: metrics.histogram(
+                    ":tensorflow:serving:batching_session:processed_batch_size",
+                    "Rows per engine run, after padding (TF Serving's name)",
+                    batch_buckets()?,
+                )?,
+                padding_size: metrics.histogram_vec(
+                    ":tensorflow:serving:batching_session:padding_size",
+                    "Padding rows per padded engine run, by padded size (TF Serving's name)",
+                    batch_buckets()?,
+                    &["execution_batch_size"],
+                )?,
+            },
+        })
+    }
+
+    /// Records one attempt to load the version in `dir`, for TF Serving's load metrics.
+    pub fn observe_load(&self, dir: &std::path::Path, loaded: bool, elapsed: Duration) {
+        let path = dir.display().to_string();
+        let status = if loaded { "success" } else { "fail" };
+        self.tf_serving.load_attempts.with_label_values(&[path.as_str(), status]).inc();
+        self.tf_serving.load_latency.with_label_values(&[path.as_str()]).inc_by(elapsed.as_micros() as u64);
     }
 
     /// Counts a request refused for want of an in-flight permit (`api`: "grpc" or "rest").
@@ -171,6 +331,7 @@ impl Metrics {
         SignatureMetrics {
             batch_size: self.batch_size.with_label_values(&labels),
             queue_depth: self.queue_depth.with_label_values(&labels),
+            tf_batching: self.tf_serving.batching.clone(),
         }
     }
 
@@ -206,6 +367,15 @@ impl Metrics {
         if let Some(code) = code {
             let code = format!("{code:?}");
             self.errors.with_label_values(&[api.label(), model, version.as_str(), signature, code.as_str()]).inc();
+        }
+        if let Some((tf_api, entrypoint)) = api.tf_serving_labels() {
+            self.tf_serving.request_count.with_label_values(&[model, tf_status(code)]).inc();
+            if code.is_none() {
+                self.tf_serving
+                    .request_latency
+                    .with_label_values(&[model, tf_api, entrypoint])
+                    .observe(micros(elapsed));
+            }
         }
     }
 

@@ -413,6 +413,7 @@ impl Repository {
         if result.is_ok() {
             tracing::info!(%model, version, elapsed_ms = started.elapsed().as_millis() as u64, "available");
         }
+        self.shared.metrics.observe_load(&dir, result.is_ok(), started.elapsed());
         self.finish_load(&model, version, result);
     }
 

@@ -1,5 +1,6 @@
 //! TF Serving's REST API on `--rest_api_port`, plus the operational endpoints every Vigil
 //! service has (`/live`, `/ready`, `/metrics`, and the `--monitoring_config_file` path).
+//! KServe v2's HTTP routes (`/v2/...`) are in [`crate::rest_kserve`].
 //!
 //! TF Serving's paths put a verb after a colon inside a segment
 //! (`/v1/models/m/versions/2:predict`), which route patterns cannot express, so `/v1/`
@@ -110,6 +111,16 @@ async fn model_api(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if crate::rest_kserve::is_kserve_path(uri.path()) {
+        // Health checks are never shed; model calls hold a permit while they run.
+        if crate::rest_kserve::is_health_path(uri.path()) {
+            return crate::rest_kserve::handle(&state, &method, uri.path(), &headers, body).await;
+        }
+        let Some(_permit) = state.in_flight.try_acquire("rest") else {
+            return error_response(&ServeError::Overloaded(state.in_flight.refusal()));
+        };
+        return crate::rest_kserve::handle(&state, &method, uri.path(), &headers, body).await;
+    }
     let Some(path) = parse_model_path(uri.path()) else {
         return (StatusCode::NOT_FOUND, axum::Json(json!({ "error": format!("no such endpoint: {}", uri.path()) })))
             .into_response();

@@ -150,20 +150,30 @@ pub fn tensor_to_json(tensor: &Tensor) -> Value {
             }
         }
     }
-    let values: Vec<Value> = match tensor.datum_type() {
+    match flat_values(tensor) {
+        Ok(values) => nest(&values, tensor.shape()),
+        Err(e) => json!({ "error": e }),
+    }
+}
+
+/// A tensor's elements as JSON numbers (booleans for BOOL), row-major, flat.
+pub fn flat_values(tensor: &Tensor) -> Result<Vec<Value>, String> {
+    fn cast<T: savedmodel::Datum + Copy>(tensor: &Tensor) -> Result<Vec<T>, String> {
+        let cast = tensor.cast_to::<T>().map_err(|e| e.to_string())?;
+        Ok(plain::<T>(&cast))
+    }
+    Ok(match tensor.datum_type() {
         DatumType::Bool => plain::<bool>(tensor).into_iter().map(Value::from).collect(),
-        DatumType::I32 | DatumType::I64 => match tensor.cast_to::<i64>() {
-            Ok(t) => plain::<i64>(&t).into_iter().map(Value::from).collect(),
-            Err(e) => return json!({ "error": e.to_string() }),
-        },
+        DatumType::I8 | DatumType::I16 | DatumType::I32 | DatumType::I64 => {
+            cast::<i64>(tensor)?.into_iter().map(Value::from).collect()
+        }
+        DatumType::U8 | DatumType::U16 | DatumType::U32 | DatumType::U64 => {
+            cast::<u64>(tensor)?.into_iter().map(Value::from).collect()
+        }
         // Shortest f32 digits (0.021215577, not 0.02121557667851448), as TF Serving prints.
         DatumType::F32 => plain::<f32>(tensor).into_iter().map(shortest_f32).collect(),
-        _ => match tensor.cast_to::<f64>() {
-            Ok(t) => plain::<f64>(&t).into_iter().map(Value::from).collect(),
-            Err(e) => return json!({ "error": e.to_string() }),
-        },
-    };
-    nest(&values, tensor.shape())
+        _ => cast::<f64>(tensor)?.into_iter().map(Value::from).collect(),
+    })
 }
 
 /// An f32 as the f64 whose shortest form is the f32's shortest form. NaN and infinities,

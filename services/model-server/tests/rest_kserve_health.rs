@@ -180,3 +180,122 @@ async fn grpc_health_and_reflection() {
     }
     server.stop().await;
 }
+
+/// KServe v2 over HTTP: health, server and model metadata, readiness, and `infer` with
+/// JSON tensors (flat and nested) and with Triton's binary tensor data extension, each
+/// answer TensorFlow's; errors in the protocol's `{"error": ...}` form, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_over_http_with_json_and_binary_tensors() {
+    let (_root, server) = server(&[]).await;
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{}{path}", server.rest);
+    let status = async |path: &str| http.get(url(path)).send().await.unwrap().status().as_u16();
+    assert_eq!(status("/v2/health/live").await, 200);
+    assert_eq!(status("/v2/health/ready").await, 200);
+    assert_eq!(status("/v2/models/ae/ready").await, 200);
+    assert_eq!(status("/v2/models/ae/versions/4/ready").await, 200);
+    assert_eq!(status("/v2/models/ae/versions/5/ready").await, 400);
+    assert_eq!(status("/v2/models/nope/ready").await, 400);
+    let server_metadata: Value = http.get(url("/v2")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(server_metadata["extensions"], json!(["binary_tensor_data"]));
+    let metadata: Value = http.get(url("/v2/models/ae")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(metadata["versions"], json!(["4"]));
+    assert_eq!(metadata["inputs"], json!([{ "name": "sensors", "datatype": "FP32", "shape": [-1, 18] }]));
+
+    for (case, (dims, input, expected)) in autoencoder_golden().into_iter().enumerate() {
+        // JSON in, JSON out; nested data for one case, flat for the others.
+        let data = if case == 0 { json!([input.clone()]) } else { json!(input.clone()) };
+        let request = json!({
+            "id": format!("case-{case}"),
+            "inputs": [{ "name": "sensors", "shape": dims, "datatype": "FP32", "data": data }],
+        });
+        let (code, body) = post(server.rest, "/v2/models/ae/infer", request).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["id"], json!(format!("case-{case}")));
+        assert_eq!((body["model_name"].as_str(), body["model_version"].as_str()), (Some("ae"), Some("4")));
+        let output = &body["outputs"][0];
+        assert_eq!((output["name"].as_str(), output["datatype"].as_str()), (Some("output_0"), Some("FP32")));
+        assert_eq!(output["shape"], json!(dims));
+        assert_close(&floats(&output["data"]), &expected, &format!("JSON case {case}"));
+
+        // Binary in, binary out, as tritonclient.http sends by default.
+        let header = serde_json::to_vec(&json!({
+            "inputs": [{ "name": "sensors", "shape": dims, "datatype": "FP32",
+                         "parameters": { "binary_data_size": input.len() * 4 } }],
+            "outputs": [{ "name": "output_0", "parameters": { "binary_data": true } }],
+        }))
+        .unwrap();
+        let mut body = header.clone();
+        body.extend(input.iter().flat_map(|x| x.to_le_bytes()));
+        let response = http
+            .post(url("/v2/models/ae/versions/4/infer"))
+            .header("Inference-Header-Content-Length", header.len())
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let json_length: usize =
+            response.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
+        let bytes = response.bytes().await.unwrap();
+        let answer: Value = serde_json::from_slice(&bytes[..json_length]).unwrap();
+        assert_eq!(answer["outputs"][0]["parameters"]["binary_data_size"], json!(expected.len() * 4));
+        let got: Vec<f32> =
+            bytes[json_length..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_close(&got, &expected, &format!("binary case {case}"));
+    }
+
+    // Errors name what was wrong, with the protocol's form and the HTTP status of the code.
+    let refused = async |body: Vec<u8>, header_length: Option<usize>| {
+        let mut request = http.post(url("/v2/models/ae/infer")).body(body);
+        if let Some(length) = header_length {
+            request = request.header("Inference-Header-Content-Length", length);
+        }
+        let response = request.send().await.unwrap();
+        let code = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (code, body["error"].as_str().unwrap_or_default().to_owned())
+    };
+    let input = |extra: Value| {
+        let mut tensor = json!({ "name": "sensors", "shape": [1, 18], "datatype": "FP32" });
+        tensor.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::to_vec(&json!({ "inputs": [tensor] })).unwrap()
+    };
+    let (code, message) = refused(input(json!({ "data": vec![0.5; 17] })), None).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("sensors"), "{message}");
+    let (code, message) = refused(input(json!({ "data": [["x"]] })), None).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("\"sensors\"") && message.contains("a string"), "{message}");
+    let (code, message) = refused(br#"{"inputs": [{"name": "sensors", "shap": [1]}]}"#.to_vec(), None).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("shap"), "{message}");
+    let (code, message) = refused(input(json!({})), None).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("neither data nor binary_data_size"), "{message}");
+    // A binary size past the body, a header length past the body, bytes left over.
+    let claims_too_much = input(json!({ "parameters": { "binary_data_size": 1_u64 << 40 } }));
+    let length = claims_too_much.len();
+    let (code, message) = refused(claims_too_much, Some(length)).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("binary_data_size is 1099511627776"), "{message}");
+    let (code, message) = refused(input(json!({ "data": vec![0.5; 18] })), Some(1 << 30)).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("Inference-Header-Content-Length"), "{message}");
+    let mut left_over = input(json!({ "data": vec![0.5; 18] }));
+    let length = left_over.len();
+    left_over.extend([0u8; 8]);
+    let (code, message) = refused(left_over, Some(length)).await;
+    assert_eq!(code, 400);
+    assert!(message.contains("8 bytes of binary data follow"), "{message}");
+    let (code, message) = refused(input(json!({ "data": vec![0.5; 18] })), None).await;
+    assert_eq!(code, 200, "{message}");
+    let (code, body) = post(server.rest, "/v2/models/nope/infer", json!({ "inputs": [] })).await;
+    assert_eq!(code, 404, "{body}");
+
+    // Counted like the other front doors, under their own API label.
+    let metrics = get_text(server.rest, "/metrics").await;
+    let answered = metric(&metrics, "model_server_requests_total", &[("api", "kserve_rest_infer"), ("model", "ae")]);
+    assert!(answered.unwrap_or(0.0) >= 7.0, "{answered:?}");
+    server.stop().await;
+}

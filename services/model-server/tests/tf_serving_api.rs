@@ -228,3 +228,80 @@ async fn every_error_path_has_its_code_and_names_what_was_wrong() {
     assert!(status.message().contains("\"x\""), "{}", status.message());
     server.stop().await;
 }
+
+/// TF Serving's metric names at its monitoring path (`--monitoring_config_file`), from
+/// the same requests as Vigil's own: a TF Serving dashboard's queries find their series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tf_serving_metric_names_answer_at_the_monitoring_path() {
+    use test_support::metric;
+    let root = tempfile::tempdir().unwrap();
+    let base = model_base(root.path(), "ae", "autoencoder", &[1]);
+    let monitoring = root.path().join("monitoring.config");
+    std::fs::write(&monitoring, "prometheus_config { enable: true path: \"/monitoring/prometheus/metrics\" }\n")
+        .unwrap();
+    let batching = root.path().join("batching.config");
+    // A batch window, so every request goes through the queue; sizes padded to 8.
+    std::fs::write(
+        &batching,
+        "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\nallowed_batch_sizes: 8\n",
+    )
+    .unwrap();
+    let server = TestServer::start(&[
+        "--model_name=ae",
+        &format!("--model_base_path={}", base.display()),
+        "--enable_batching=true",
+        &format!("--batching_parameters_file={}", batching.display()),
+        &format!("--monitoring_config_file={}", monitoring.display()),
+    ])
+    .await;
+    let mut client = server.predict_client().await;
+    let predict = |model: &str, rows: usize, width: usize| PredictRequest {
+        model_spec: spec(model, None, None, ""),
+        inputs: [("sensors".to_owned(), float_tensor(&[rows, width], &vec![0.25; rows * width]))].into(),
+        output_filter: vec![],
+    };
+    let answered = 5;
+    for _ in 0..answered {
+        client.predict(predict("ae", 3, 18)).await.unwrap();
+    }
+    let wrong_shape = client.predict(predict("ae", 1, 17)).await.unwrap_err();
+    assert_eq!(wrong_shape.code(), Code::InvalidArgument);
+    let unknown = client.predict(predict("a-name-no-series-may-carry", 1, 18)).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    let text = get_text(server.rest, "/monitoring/prometheus/metrics").await;
+    let count = |labels: &[(&str, &str)]| metric(&text, ":tensorflow:serving:request_count", labels);
+    assert_eq!(count(&[("model_name", "ae"), ("status", "OK")]), Some(answered as f64));
+    assert_eq!(count(&[("model_name", "ae"), ("status", "INVALID_ARGUMENT")]), Some(1.0));
+    // A model name nobody configured is counted, under an empty name: never a new series.
+    assert_eq!(count(&[("model_name", ""), ("status", "NOT_FOUND")]), Some(1.0));
+    assert!(!text.contains("a-name-no-series-may-carry"), "a client's string became a label");
+    // Latency in microseconds, successful requests only, as TF Serving records it.
+    let latency = [("API", "Predict"), ("entrypoint", "GRPC"), ("model_name", "ae")];
+    assert_eq!(metric(&text, ":tensorflow:serving:request_latency_count", &latency), Some(answered as f64));
+    let mean_us = metric(&text, ":tensorflow:serving:request_latency_sum", &latency).unwrap() / answered as f64;
+    assert!((1.0..10_000_000.0).contains(&mean_us), "a mean latency of {mean_us} us");
+    // Batching: every answered request queued; 3 rows padded to 8 per run.
+    assert_eq!(
+        metric(&text, ":tensorflow:serving:batching_session:queuing_latency_count", &[("thread_pool_name", "")]),
+        Some(answered as f64)
+    );
+    let runs = metric(&text, ":tensorflow:serving:batching_session:processed_batch_size_count", &[]).unwrap();
+    assert!((1.0..=answered as f64).contains(&runs), "{runs} engine runs for {answered} requests");
+    let input_rows = metric(&text, ":tensorflow:serving:batching_session:input_batch_size_sum", &[]).unwrap();
+    assert_eq!(input_rows, (answered * 3) as f64, "every request's rows, before padding");
+    let processed = metric(&text, ":tensorflow:serving:batching_session:processed_batch_size_sum", &[]).unwrap();
+    assert_eq!(processed, runs * 8.0, "each run padded to 8 rows");
+    let padding =
+        metric(&text, ":tensorflow:serving:batching_session:padding_size_sum", &[("execution_batch_size", "8")]);
+    assert_eq!(padding, Some(processed - input_rows));
+    // The load, by version directory.
+    let path = base.join("1").display().to_string();
+    let load = [("model_path", path.as_str()), ("status", "success")];
+    assert_eq!(metric(&text, ":tensorflow:cc:saved_model:load_attempt_count", &load), Some(1.0));
+    let load_us = metric(&text, ":tensorflow:cc:saved_model:load_latency", &[("model_path", path.as_str())]).unwrap();
+    assert!(load_us > 0.0, "the load took {load_us} us");
+    // Vigil's own names are still there, beside TF Serving's.
+    assert!(text.contains("model_server_requests_total"));
+    server.stop().await;
+}

@@ -25,13 +25,17 @@ use crate::metrics::{Api, Metrics};
 use crate::repository::VersionSelector;
 use crate::tensor_codec::Element;
 
+/// The name KServe's server metadata gives.
+pub(crate) const SERVER_NAME: &str = "vigil-model-server";
+
 #[derive(Debug, Clone)]
 pub struct Kserve {
     pub inference: Inference,
     pub metrics: Metrics,
 }
 
-fn selector(version: &str) -> Result<VersionSelector, ServeError> {
+/// The version a request's `model_version` names (empty: the latest).
+pub(crate) fn selector(version: &str) -> Result<VersionSelector, ServeError> {
     if version.is_empty() {
         return Ok(VersionSelector::Latest);
     }
@@ -42,7 +46,7 @@ fn selector(version: &str) -> Result<VersionSelector, ServeError> {
 }
 
 /// KServe datatype for a signature tensor (`BYTES` for strings, which we cannot run).
-fn datatype(spec: &TensorSpec) -> String {
+pub(crate) fn datatype(spec: &TensorSpec) -> String {
     DatumType::try_from(spec.dtype)
         .ok()
         .and_then(Element::from_datum_type)
@@ -53,6 +57,98 @@ fn tensor_metadata(name: &str, spec: &TensorSpec) -> TensorMetadata {
     TensorMetadata { name: name.to_owned(), datatype: datatype(spec), shape: spec.shape.clone().unwrap_or_default() }
 }
 
+/// The model metadata KServe answers with, over gRPC and HTTP alike: the default
+/// signature's tensors (or the first signature's), and every version loaded.
+pub(crate) fn model_metadata(
+    inference: &Inference,
+    name: &str,
+    version: &str,
+) -> Result<ModelMetadataResponse, ServeError> {
+    let version = inference.repository.resolve(name, &selector(version)?)?;
+    let spec = version.specs.get(savedmodel::DEFAULT_SIGNATURE).or_else(|| version.specs.values().next());
+    let table = inference.repository.table();
+    let versions = table.models.get(name).map(|m| m.versions.keys().map(i64::to_string).collect()).unwrap_or_default();
+    Ok(ModelMetadataResponse {
+        name: version.model.clone(),
+        versions,
+        platform: "tensorflow_savedmodel".into(),
+        inputs: spec.map(|s| s.inputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
+        outputs: spec.map(|s| s.outputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
+    })
+}
+
+/// Whether the named version (empty: the latest) is there to answer.
+pub(crate) fn model_ready(inference: &Inference, name: &str, version: &str) -> bool {
+    selector(version).and_then(|s| inference.repository.resolve(name, &s)).is_ok()
+}
+
+/// One KServe inference, whichever transport carried it.
+pub(crate) struct KserveCall {
+    pub model: String,
+    /// `model_version` as sent (empty: the latest).
+    pub version: String,
+    pub signature: Option<String>,
+    /// As received, undecoded: admission checks each against the signature first.
+    pub inputs: Vec<(String, KserveTensor)>,
+    /// The outputs asked for, in the order to answer them (empty: all, signature order).
+    pub outputs: Vec<String>,
+    pub routing_key: Option<Vec<u8>>,
+}
+
+/// What a [`KserveCall`] answers: the version that ran and its outputs, in order.
+pub(crate) struct KserveAnswer {
+    pub model: String,
+    pub version: i64,
+    pub outputs: Vec<(String, Element, savedmodel::Tensor)>,
+}
+
+/// Runs a KServe inference through the shared inference path (admission, limits, canary
+/// routing, batching).
+pub(crate) async fn infer(
+    inference: &Inference,
+    call: KserveCall,
+    target: &mut Option<(String, i64, String)>,
+) -> Result<KserveAnswer, ServeError> {
+    if call.model.is_empty() {
+        return Err(ServeError::InvalidArgument("model_name is empty".into()));
+    }
+    let selector = selector(&call.version)?;
+    for (i, name) in call.outputs.iter().enumerate() {
+        if call.outputs[..i].contains(name) {
+            return Err(ServeError::InvalidArgument(format!("output {name:?} is asked for twice")));
+        }
+    }
+    let inputs = call.inputs.into_iter().map(|(name, tensor)| (name, WireTensor::Kserve(tensor))).collect();
+    let mut answer = inference
+        .run(
+            InferenceRequest {
+                model: call.model,
+                selector,
+                signature: call.signature,
+                inputs,
+                output_filter: call.outputs.clone(),
+                routing_key: call.routing_key,
+                row_keys: None,
+            },
+            target,
+        )
+        .await?;
+    // Requested outputs come back in the order asked; otherwise in signature order.
+    let order: Vec<String> =
+        if call.outputs.is_empty() { answer.outputs.keys().cloned().collect() } else { call.outputs };
+    let mut outputs = Vec::with_capacity(order.len());
+    for name in order {
+        let tensor = answer
+            .outputs
+            .remove(&name)
+            .ok_or_else(|| ServeError::Internal(format!("output {name:?} was not produced")))?;
+        let element = Element::from_datum_type(tensor.datum_type())
+            .ok_or_else(|| ServeError::Internal(format!("output {name:?} has type {:?}", tensor.datum_type())))?;
+        outputs.push((name, element, tensor));
+    }
+    Ok(KserveAnswer { model: answer.version.model.clone(), version: answer.version.version, outputs })
+}
+
 impl Kserve {
     async fn infer_inner(
         &self,
@@ -60,10 +156,6 @@ impl Kserve {
         routing_key: Option<Vec<u8>>,
         target: &mut Option<(String, i64, String)>,
     ) -> Result<ModelInferResponse, ServeError> {
-        if request.model_name.is_empty() {
-            return Err(ServeError::InvalidArgument("model_name is empty".into()));
-        }
-        let selector = selector(&request.model_version)?;
         let signature = match request.parameters.get("signature_name").and_then(|p| p.parameter_choice.as_ref()) {
             Some(ParameterChoice::StringParam(s)) => Some(s.clone()),
             Some(_) => return Err(ServeError::InvalidArgument("parameter signature_name must be a string".into())),
@@ -76,9 +168,7 @@ impl Kserve {
                 request.inputs.len()
             )));
         }
-        let model = request.model_name.clone();
-        // Undecoded (raw contents moved, not copied): admission checks each input against the
-        // signature, refusing duplicate names, before anything is allocated.
+        // Raw contents are moved, not copied.
         let mut raw = std::mem::take(&mut request.raw_input_contents).into_iter();
         let inputs = std::mem::take(&mut request.inputs)
             .into_iter()
@@ -89,48 +179,34 @@ impl Kserve {
                     contents: input.contents,
                     raw: raw.next(),
                 };
-                (input.name, WireTensor::Kserve(wire))
+                (input.name, wire)
             })
             .collect();
-        let output_filter = request.outputs.iter().map(|o| o.name.clone()).collect();
-        let answer = self
-            .inference
-            .run(
-                InferenceRequest {
-                    model: model.clone(),
-                    selector,
-                    signature,
-                    inputs,
-                    output_filter,
-                    routing_key,
-                    row_keys: None,
-                },
-                target,
-            )
-            .await?;
-        // Requested outputs come back in the order asked; otherwise in signature order.
-        let order: Vec<String> = if request.outputs.is_empty() {
-            answer.outputs.keys().cloned().collect()
-        } else {
-            request.outputs.iter().map(|o| o.name.clone()).collect()
+        let call = KserveCall {
+            model: std::mem::take(&mut request.model_name),
+            version: std::mem::take(&mut request.model_version),
+            signature,
+            inputs,
+            outputs: request.outputs.iter().map(|o| o.name.clone()).collect(),
+            routing_key,
         };
-        let mut outputs = Vec::with_capacity(order.len());
-        let mut raw = Vec::with_capacity(order.len());
-        for name in order {
-            let tensor = &answer.outputs[&name];
-            let element = Element::from_datum_type(tensor.datum_type())
-                .ok_or_else(|| ServeError::Internal(format!("output {name:?} has type {:?}", tensor.datum_type())))?;
-            outputs.push(InferOutputTensor {
-                name,
-                datatype: element.kserve_name().to_owned(),
-                shape: tensor.shape().iter().map(|&d| d as i64).collect(),
-                ..Default::default()
-            });
-            raw.push(tensor.as_bytes().to_vec());
-        }
+        let answer = infer(&self.inference, call, target).await?;
+        let (outputs, raw) = answer
+            .outputs
+            .into_iter()
+            .map(|(name, element, tensor)| {
+                let output = InferOutputTensor {
+                    name,
+                    datatype: element.kserve_name().to_owned(),
+                    shape: tensor.shape().iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                };
+                (output, tensor.as_bytes().to_vec())
+            })
+            .unzip();
         Ok(ModelInferResponse {
-            model_name: answer.version.model.clone(),
-            model_version: answer.version.version.to_string(),
+            model_name: answer.model,
+            model_version: answer.version.to_string(),
             id: request.id,
             outputs,
             raw_output_contents: raw,
@@ -151,9 +227,7 @@ impl GrpcInferenceService for Kserve {
 
     async fn model_ready(&self, request: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let ready =
-            selector(&request.version).and_then(|s| self.inference.repository.resolve(&request.name, &s)).is_ok();
-        Ok(Response::new(ModelReadyResponse { ready }))
+        Ok(Response::new(ModelReadyResponse { ready: model_ready(&self.inference, &request.name, &request.version) }))
     }
 
     async fn server_metadata(
@@ -161,7 +235,7 @@ impl GrpcInferenceService for Kserve {
         _: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
-            name: "vigil-model-server".into(),
+            name: SERVER_NAME.into(),
             version: env!("CARGO_PKG_VERSION").into(),
             extensions: Vec::new(),
         }))
@@ -172,21 +246,7 @@ impl GrpcInferenceService for Kserve {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
-        let version = self.inference.repository.resolve(&request.name, &selector(&request.version)?)?;
-        let spec = version.specs.get(savedmodel::DEFAULT_SIGNATURE).or_else(|| version.specs.values().next());
-        let table = self.inference.repository.table();
-        let versions = table
-            .models
-            .get(&request.name)
-            .map(|m| m.versions.keys().map(i64::to_string).collect())
-            .unwrap_or_default();
-        Ok(Response::new(ModelMetadataResponse {
-            name: version.model.clone(),
-            versions,
-            platform: "tensorflow_savedmodel".into(),
-            inputs: spec.map(|s| s.inputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
-            outputs: spec.map(|s| s.outputs.iter().map(|(n, t)| tensor_metadata(n, t)).collect()).unwrap_or_default(),
-        }))
+        Ok(Response::new(model_metadata(&self.inference, &request.name, &request.version)?))
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
