@@ -9,7 +9,10 @@
 //!   span under that; the score record's headers carry the processor's span;
 //! - every service's `/metrics` endpoint answers in the Prometheus text format with the
 //!   figures of what just happened, and every metric the Grafana dashboard
-//!   (`deploy/grafana/dashboards/vigil.json`) queries is exported by some service.
+//!   (`deploy/grafana/dashboards/vigil.json`) queries is exported by some service;
+//! - with a Prometheus binary (`VIGIL_PROMETHEUS`, which `tests/run-all.sh` installs and
+//!   sets), a real Prometheus scrapes all five services through the run, and every query
+//!   of the dashboard, evaluated through its HTTP API, returns data.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -480,6 +483,15 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
     tokio::spawn(admin::serve(simulator_listener, registry, admin::Readiness::new(), async {
         let _ = simulator_admin_stopped.await;
     }));
+    let endpoints = [
+        ("device-simulator", simulator_admin),
+        ("ingest", pipeline.ingest_admin),
+        ("stream-processor", pipeline.processor_admin),
+        ("model-server", pipeline.model_server_rest),
+        ("alerts", pipeline.alerts_admin),
+    ];
+    // Scraping from before the traffic, so rates over the run are not zero.
+    let prometheus = Prometheus::start_if_configured(&endpoints);
     let (cars, per_car) = (4usize, 25u64);
     let fleet = device_simulator::fleet::FleetOptions { cars, seed: 11, ..Default::default() };
     let mut options = device_simulator::publish::PublishOptions::new("127.0.0.1", pipeline.mqtt.v4.port());
@@ -525,13 +537,6 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
     // Every figure settles (the processor counts once its writes are confirmed, just
     // after the records appear; consumer lag comes with librdkafka's statistics; the
     // analysis decides once a second).
-    let endpoints = [
-        ("device-simulator", simulator_admin),
-        ("ingest", pipeline.ingest_admin),
-        ("stream-processor", pipeline.processor_admin),
-        ("model-server", pipeline.model_server_rest),
-        ("alerts", pipeline.alerts_admin),
-    ];
     let scrape_all = async || {
         let mut pages = Vec::new();
         for (service, address) in endpoints {
@@ -603,8 +608,101 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
         String::from_utf8_lossy(&output.stderr)
     );
 
+    if let Some(prometheus) = prometheus {
+        prometheus.evaluate_dashboard(&dashboard, scored).await;
+    }
     let _ = stop_simulator_admin.send(());
     pipeline.stop().await;
+}
+
+/// A real Prometheus scraping the test's services every second, from the binary named by
+/// `VIGIL_PROMETHEUS` (Debian's `prometheus`, which `tests/run-all.sh` installs). Killed
+/// when dropped.
+struct Prometheus {
+    process: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Starts it when `VIGIL_PROMETHEUS` is set. Unset, it says so, and fails instead when
+    /// `VIGIL_REQUIRE_PROMETHEUS=1` (as `tests/run-all.sh` sets it): CI never skips it.
+    fn start_if_configured(targets: &[(&str, SocketAddr)]) -> Option<Self> {
+        let Some(binary) = std::env::var_os("VIGIL_PROMETHEUS") else {
+            assert!(
+                std::env::var("VIGIL_REQUIRE_PROMETHEUS").as_deref() != Ok("1"),
+                "VIGIL_REQUIRE_PROMETHEUS=1 but VIGIL_PROMETHEUS names no Prometheus binary"
+            );
+            eprintln!("no VIGIL_PROMETHEUS: the dashboard's queries are not evaluated on a real Prometheus");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = String::from("global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n");
+        for (job, address) in targets {
+            config.push_str(&format!("  - job_name: {job}\n    static_configs:\n      - targets: ['{address}']\n"));
+        }
+        let config_file = dir.path().join("prometheus.yml");
+        std::fs::write(&config_file, config).unwrap();
+        // A port of the OS's choosing, given back for Prometheus to bind.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let process = std::process::Command::new(&binary)
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting Prometheus ({}): {e}", binary.to_string_lossy()));
+        Some(Self { process, url: format!("http://127.0.0.1:{port}"), _dir: dir })
+    }
+
+    /// The value of an instant query's first sample, if it has one.
+    async fn value(&self, query: &str) -> Option<f64> {
+        let response = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", query)])
+            .send()
+            .await
+            .ok()?;
+        let answer: serde_json::Value = response.json().await.ok()?;
+        answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until Prometheus has scraped the settled figures (every target up, all
+    /// `scored` readings counted) and holds a few samples of every target (a rate needs
+    /// two), then evaluates every query of the dashboard, and a TF Serving dashboard's
+    /// request rate, through its HTTP API: each must return data.
+    async fn evaluate_dashboard(&self, dashboard: &std::path::Path, scored: u64) {
+        let what = "Prometheus to scrape all five services, three times and after the run settled";
+        eventually(Duration::from_secs(60), what, async || {
+            self.value("count(up == 1)").await == Some(5.0)
+                && self.value("min(count_over_time(up[5m]))").await >= Some(3.0)
+                && self.value("sum(processor_scores_total)").await >= Some(scored as f64)
+                && self.value("sum(alerts_scores_consumed_total)").await >= Some(scored as f64)
+        })
+        .await;
+        let mut evaluate = std::process::Command::new("python3");
+        evaluate
+            .arg(root().join("deploy/grafana/evaluate_dashboard.py"))
+            .arg(dashboard)
+            .args(["--prometheus", &self.url, "--var", "model=car-anomaly", "--var", "version=.*"])
+            .args(["--rate-interval", "1m", "--range", "5m"])
+            .args(["--query", "sum by (status) (:tensorflow:serving:request_count{model_name=\"car-anomaly\"}) > 0"]);
+        for (metric, why) in NOT_REACHED {
+            evaluate.args(["--may-be-empty", &format!("{metric}: {why}")]);
+        }
+        let output = evaluate.output().expect("python3 runs");
+        let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "dashboard queries without data on a real Prometheus:\n{report}");
+        eprintln!("{report}");
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
 }
 
 /// A page in the Prometheus text format: `# HELP`/`# TYPE` comments and `name{labels}

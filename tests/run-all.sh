@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Vigil's whole test suite: the README's test command, and what .ci/run runs.
-# Needs only the Rust toolchain: fixtures are committed, servers start in-process.
+# Needs the Rust toolchain; installs what its checks run against (Prometheus, Mosquitto,
+# tansu, the official clients). Fixtures are committed; `cargo test` starts servers in-process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -15,7 +16,14 @@ step "lints (cargo clippy -D warnings)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests (cargo test --workspace)"
-cargo test --workspace --locked
+# tests/observability.rs evaluates the Grafana dashboard on a real Prometheus (Debian's).
+if ! command -v prometheus >/dev/null; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "installing prometheus from Debian"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+VIGIL_PROMETHEUS="$(command -v prometheus)" VIGIL_REQUIRE_PROMETHEUS=1 cargo test --workspace --locked
 
 # After the tests on purpose: the chart's last check runs the binaries `cargo test` built
 # with the flags, environment and files the chart renders (the rest takes seconds).
