@@ -341,6 +341,43 @@ async fn hostile_requests_get_clear_codes_and_the_server_keeps_serving_within_it
         assert_eq!(response.status(), 413, "streamed body {attempt}");
     }
 
+    // 9b. KServe v2 over HTTP: shapes and sizes that claim far more than the body holds,
+    // a bogus JSON length header, nesting past the parser's limit, a long model name.
+    let url = format!("{}/v2/models/{MODEL}/infer", server.rest);
+    let kserve = |tensor: serde_json::Value| serde_json::to_vec(&serde_json::json!({ "inputs": [tensor] })).unwrap();
+    let binary_claim = |shape: serde_json::Value, size: u64| {
+        kserve(serde_json::json!({ "name": "sensors", "shape": shape, "datatype": "FP32",
+                                   "parameters": { "binary_data_size": size } }))
+    };
+    let cases: Vec<(&str, Vec<u8>, Option<String>)> = vec![
+        ("a 2^31-row shape with 72 bytes", [binary_claim(serde_json::json!([1_i64 << 31, 18]), 72), vec![0; 72]].concat(), None),
+        ("a binary size of 2^62", binary_claim(serde_json::json!([1, 18]), 1 << 62), None),
+        ("a shape whose product overflows", kserve(serde_json::json!({ "name": "sensors", "shape": [i64::MAX, 4], "datatype": "FP32", "data": [] })), None),
+        ("a JSON length past the body", kserve(serde_json::json!({ "name": "sensors", "shape": [1, 18], "datatype": "FP32", "data": vec![0.5; 18] })), Some("99999999999999999999".into())),
+        ("200 levels of nesting", format!("{{\"inputs\": [{{\"name\": \"sensors\", \"shape\": [1, 18], \"datatype\": \"FP32\", \"data\": {}1{}}}]}}", "[".repeat(200), "]".repeat(200)).into_bytes(), None),
+        ("a million numbers for one row", kserve(serde_json::json!({ "name": "sensors", "shape": [1, 18], "datatype": "FP32", "data": vec![0; 1_000_000] })), None),
+    ];
+    for (case, body, header_length) in cases {
+        let mut request = http.post(&url).body(body);
+        if let Some(length) = header_length {
+            request = request.header("Inference-Header-Content-Length", length);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400, "{case}");
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()), "{case}: {answer}");
+        assert_serving(&server, &channel, case).await;
+    }
+    let long_name = "m".repeat(4096);
+    let response = http
+        .post(format!("{}/v2/models/{long_name}/infer", server.rest))
+        .body("{\"inputs\": []}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(!server.rest.metrics().await.contains(&long_name), "a client's model name became a label");
+
     // 10. Not HTTP/2 at all on the gRPC port, and a connection that sends half a preface.
     for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"PRI * HTTP/2.0\r\n", &[0xff; 4096][..]] {
         let mut stream = std::net::TcpStream::connect(server.grpc).unwrap();
