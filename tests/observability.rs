@@ -2,8 +2,9 @@
 //! (embedded MQTT broker and Kafka cluster, model server on the bundled model, stream
 //! processor, alerts, ingest, all on loopback):
 //!
-//! - one reading is one trace: a device's `traceparent` (an MQTT 5 user property, or gRPC
-//!   metadata on ingest's IngestService) is continued by ingest's span, the processor's
+//! - one reading is one trace: a device's `traceparent` (an MQTT 5 user property, as the
+//!   device simulator sets on its traced share, or gRPC metadata on ingest's IngestService)
+//!   is continued by ingest's span, the processor's
 //!   span under it, the processor's `Predict` client span (under it, or, for a reading
 //!   batched behind another reading in one call, linked to it), and the model server's
 //!   span under that; the score record's headers carry the processor's span;
@@ -398,8 +399,20 @@ async fn one_reading_is_one_trace_from_the_device_through_ingest_the_processor_a
     request.metadata_mut().insert("traceparent", traceparent(gateway_trace, gateway_span).parse().unwrap());
     ingest_client.publish(request).await.unwrap();
 
-    let readings = pipeline.read(READINGS, 3).await;
-    let scores = pipeline.read(SCORES, 3).await;
+    // A simulated car over MQTT 5 (the simulator's default), every reading traced: the
+    // device's own span is the trace's root.
+    let fleet = device_simulator::fleet::FleetOptions { cars: 1, seed: 5, ..Default::default() };
+    let simulated_device = device_simulator::fleet::car(&fleet, 0).device_id;
+    let mut publishing = device_simulator::publish::PublishOptions::new("127.0.0.1", pipeline.mqtt.v5.port());
+    publishing.readings_per_car = Some(1);
+    publishing.trace_share = 1.0;
+    publishing.client_id_prefix = "traced-fleet".into();
+    let metrics = device_simulator::metrics::PublishMetrics::unregistered();
+    device_simulator::publish::publish(&fleet, &publishing, &metrics, std::future::pending()).await.unwrap();
+    assert_eq!(metrics.traced.get(), 1);
+
+    let readings = pipeline.read(READINGS, 4).await;
+    let scores = pipeline.read(SCORES, 4).await;
     let by_device = |records: &[ReadRecord], device: &str| -> ReadRecord {
         records.iter().find(|r| r.key.as_deref() == Some(device.as_bytes())).cloned().unwrap()
     };
@@ -424,6 +437,18 @@ async fn one_reading_is_one_trace_from_the_device_through_ingest_the_processor_a
     let ingest = one(&spans, "vigil-ingest", "ingest reading");
     assert_eq!(ingest.parent_span_id, SpanId::INVALID, "a root span");
     assert_chain(&spans, ingest, &by_device(&scores, "car-untraced"));
+
+    // The simulated car's trace starts at the device: its span, a root, then ingest's.
+    let (simulated_trace, _) =
+        parse_traceparent(by_device(&readings, &simulated_device).header("traceparent").unwrap());
+    let spans = trace(simulated_trace).await;
+    let device = one(&spans, device_simulator::publish::TRACE_SCOPE, "publish reading");
+    assert_eq!(device.parent_span_id, SpanId::INVALID, "the device's span is the root");
+    assert_eq!(device.span_kind, SpanKind::Producer);
+    assert_eq!(attribute(device, "vigil.device.id"), Some(simulated_device.clone().into()));
+    let ingest = one(&spans, "vigil-ingest", "ingest reading");
+    assert_eq!(ingest.parent_span_id, device.span_context.span_id(), "ingest continues the device's span");
+    assert_chain(&spans, ingest, &by_device(&scores, &simulated_device));
 
     // The gateway's trace: gateway span -> ingest's server span -> the reading's span -> ...
     let spans = trace(gateway_trace).await;
@@ -495,6 +520,7 @@ async fn every_service_exports_metrics_that_add_up_and_cover_the_dashboard() {
     let (cars, per_car) = (4usize, 25u64);
     let fleet = device_simulator::fleet::FleetOptions { cars, seed: 11, ..Default::default() };
     let mut options = device_simulator::publish::PublishOptions::new("127.0.0.1", pipeline.mqtt.v4.port());
+    options.version = device_simulator::publish::MqttVersion::V311;
     options.interval = Duration::from_millis(100);
     options.readings_per_car = Some(per_car);
     options.client_id_prefix = "metrics-fleet".into();

@@ -197,10 +197,10 @@ failing here says so before anything is deployed.
 {{- if $sim.enabled -}}
 {{- $url := $sim.mqttUrl | default $v.mqtt.url -}}
 {{- if hasPrefix "mqtts://" $url -}}
-{{- fail (printf "deviceSimulator: the simulator speaks plain MQTT only, and %q is mqtts://; set deviceSimulator.mqttUrl to a plaintext listener" $url) -}}
+{{- fail (printf "deviceSimulator: this chart runs the simulator over plain MQTT only (it does not mount the simulator's TLS files yet), and %q is mqtts://; set deviceSimulator.mqttUrl to a plaintext listener" $url) -}}
 {{- end -}}
 {{- if and $v.mqtt.auth.enabled (not $sim.mqttUrl) -}}
-{{- fail "deviceSimulator: the simulator cannot send MQTT credentials and mqtt.auth is on; set deviceSimulator.mqttUrl to a listener that accepts it" -}}
+{{- fail "deviceSimulator: this chart does not give the simulator MQTT credentials yet, and mqtt.auth is on; set deviceSimulator.mqttUrl to a listener that accepts it" -}}
 {{- end -}}
 {{- if gt (float64 $sim.faultOnsetMinSeconds) (float64 $sim.faultOnsetMaxSeconds) -}}
 {{- fail "deviceSimulator: faultOnsetMinSeconds is after faultOnsetMaxSeconds" -}}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::fleet::{Fleet, FleetOptions};
 use crate::metrics::PublishMetrics;
 use crate::output::{Format, ReadingWriter};
-use crate::publish::{PublishOptions, publish};
+use crate::publish::{MqttVersion, PublishOptions, Replica, TlsOptions, publish};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -18,14 +18,21 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the variants' size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Publishes the fleet's readings over MQTT in real time until the reading count is
     /// reached or Ctrl-C / SIGTERM; prints a JSON report of what was sent and acknowledged.
     Run {
-        /// The broker.
+        /// The broker: `mqtt://host[:port]`, or `mqtts://host[:port]` for TLS (port 8883
+        /// when left out); a bare `host:port` is `mqtt://`.
         #[arg(long, env = "SIMULATOR_MQTT_URL", default_value = "mqtt://127.0.0.1:1883")]
         mqtt_url: String,
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(flatten)]
+        replicas: ReplicaArgs,
         /// Topic prefix; each car publishes to `<prefix>/<device-id>`.
         #[arg(long, env = "SIMULATOR_TOPIC_PREFIX", default_value = crate::publish::DEFAULT_TOPIC_PREFIX)]
         topic_prefix: String,
@@ -67,6 +74,105 @@ enum Command {
     },
 }
 
+/// How each car's connection talks to the broker.
+#[derive(clap::Args)]
+struct ConnectionArgs {
+    /// The MQTT version the cars speak.
+    #[arg(long, env = "SIMULATOR_MQTT_VERSION", value_enum, default_value = "5")]
+    mqtt_version: MqttVersion,
+    /// Log in with this username.
+    #[arg(long, env = "SIMULATOR_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// The password, read from this file (a mounted Secret); or set SIMULATOR_MQTT_PASSWORD.
+    #[arg(long, env = "SIMULATOR_MQTT_PASSWORD_FILE", conflicts_with = "mqtt_password")]
+    mqtt_password_file: Option<PathBuf>,
+    #[arg(long, env = "SIMULATOR_MQTT_PASSWORD", hide = true)]
+    mqtt_password: Option<String>,
+    /// With mqtts://: the CA (PEM) the broker's certificate is checked against (default:
+    /// the system's roots).
+    #[arg(long, env = "SIMULATOR_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
+    /// With mqtts://: the client certificate (PEM) for brokers that require one.
+    #[arg(long, env = "SIMULATOR_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// With mqtts://: the client certificate's PKCS#8 key (PEM).
+    #[arg(long, env = "SIMULATOR_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Share of readings (0-1) sent with a W3C `traceparent` user property (MQTT 5), so
+    /// their traces start at the device.
+    #[arg(long, env = "SIMULATOR_TRACE_SHARE", default_value_t = 0.01)]
+    trace_share: f64,
+}
+
+/// Several simulator replicas splitting one fleet.
+#[derive(clap::Args)]
+struct ReplicaArgs {
+    /// How many replicas publish the fleet; each takes the cars whose index modulo this is
+    /// its own index.
+    #[arg(long, env = "SIMULATOR_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// This replica's index (0-based). Default: `JOB_COMPLETION_INDEX` (an indexed Job's
+    /// pod), else the number ending `HOSTNAME` (a StatefulSet's pod, `name-2`).
+    #[arg(long, env = "SIMULATOR_REPLICA_INDEX")]
+    replica_index: Option<usize>,
+}
+
+impl ReplicaArgs {
+    fn replica(&self) -> anyhow::Result<Option<Replica>> {
+        anyhow::ensure!(self.replicas > 0, "--replicas must be at least 1");
+        if self.replicas == 1 {
+            return Ok(None);
+        }
+        let index = match self.replica_index {
+            Some(index) => index,
+            None => replica_index_from_env(|name| std::env::var(name).ok()).context(
+                "--replicas is over 1 but no --replica-index, JOB_COMPLETION_INDEX or HOSTNAME ending in a number",
+            )?,
+        };
+        anyhow::ensure!(index < self.replicas, "--replica-index {index} is not below --replicas {}", self.replicas);
+        Ok(Some(Replica { index, count: self.replicas }))
+    }
+}
+
+/// An indexed Job's `JOB_COMPLETION_INDEX`, else a StatefulSet pod's ordinal (`HOSTNAME`
+/// `simulator-3` is 3).
+fn replica_index_from_env(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    if let Some(index) = var("JOB_COMPLETION_INDEX") {
+        return index.trim().parse().ok();
+    }
+    var("HOSTNAME")?.rsplit_once('-')?.1.parse().ok()
+}
+
+impl ConnectionArgs {
+    fn apply(&self, tls: bool, options: &mut PublishOptions) -> anyhow::Result<()> {
+        anyhow::ensure!((0.0..=1.0).contains(&self.trace_share), "--trace-share must be between 0 and 1");
+        options.version = self.mqtt_version;
+        options.trace_share = if self.mqtt_version == MqttVersion::V5 { self.trace_share } else { 0.0 };
+        let password = match (&self.mqtt_password_file, &self.mqtt_password) {
+            (Some(file), _) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading the MQTT password from {}", file.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, password) => password.clone(),
+        };
+        options.credentials = match (&self.mqtt_username, password) {
+            (Some(user), password) => Some((user.clone(), password.unwrap_or_default())),
+            (None, Some(_)) => anyhow::bail!("an MQTT password is set without --mqtt-username"),
+            (None, None) => None,
+        };
+        let files = [&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file];
+        anyhow::ensure!(tls || files.iter().all(|f| f.is_none()), "TLS files are set but the URL is not mqtts://");
+        options.tls = tls.then(|| TlsOptions {
+            ca: self.tls_ca_file.clone(),
+            client_cert: self.tls_cert_file.clone(),
+            client_key: self.tls_key_file.clone(),
+        });
+        Ok(())
+    }
+}
+
 #[derive(clap::Args)]
 struct FleetArgs {
     /// Number of cars.
@@ -104,9 +210,22 @@ impl FleetArgs {
 pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
     admin::init_logs();
     match Cli::parse_from(args).command {
-        Command::Run { mqtt_url, topic_prefix, fleet, interval_ms, readings, cars_per_connection, admin_listen } => {
-            let (host, port) = crate::parse_mqtt_url(&mqtt_url).map_err(anyhow::Error::msg)?;
-            let mut options = PublishOptions::new(host, port);
+        Command::Run {
+            mqtt_url,
+            connection,
+            replicas,
+            topic_prefix,
+            fleet,
+            interval_ms,
+            readings,
+            cars_per_connection,
+            admin_listen,
+        } => {
+            let url = if mqtt_url.contains("://") { mqtt_url.clone() } else { format!("mqtt://{mqtt_url}") };
+            let endpoint = mqtt_client::parse_url(&url)?;
+            let mut options = PublishOptions::new(endpoint.host, endpoint.port);
+            connection.apply(endpoint.tls, &mut options)?;
+            options.replica = replicas.replica()?;
             options.topic_prefix = topic_prefix;
             options.interval = std::time::Duration::from_millis(interval_ms);
             options.readings_per_car = readings;
@@ -127,9 +246,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }
                 });
-                tracing::info!(cars = fleet.cars, %mqtt_url, "publishing");
+                let telemetry = telemetry::Tracing::from_env("vigil-device-simulator")?;
+                tracing::info!(cars = fleet.cars, %mqtt_url, replica = ?options.replica, "publishing");
                 let report = publish(&fleet, &options, &metrics, shutdown_signal()).await;
                 admin_endpoint.stop().await;
+                telemetry.shutdown().await;
                 report
             })?;
             println!(
@@ -172,4 +293,20 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> anyhow::Result<()> {
 async fn shutdown_signal() {
     admin::termination_signal().await;
     tracing::info!("stopping: finishing the readings in flight");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_index_comes_from_an_indexed_job_or_a_stateful_set_pod_name() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        };
+        assert_eq!(replica_index_from_env(env(&[("JOB_COMPLETION_INDEX", "2"), ("HOSTNAME", "sim-7")])), Some(2));
+        assert_eq!(replica_index_from_env(env(&[("HOSTNAME", "vigil-device-simulator-7")])), Some(7));
+        assert_eq!(replica_index_from_env(env(&[("HOSTNAME", "laptop")])), None);
+        assert_eq!(replica_index_from_env(env(&[])), None);
+    }
 }

@@ -15,18 +15,3 @@ pub mod fleet;
 pub mod metrics;
 pub mod output;
 pub mod publish;
-
-/// `mqtt://host:port`, `tcp://host:port` or `host:port` (port 1883 when left out) as host
-/// and port.
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").or_else(|| url.strip_prefix("tcp://")).unwrap_or(url);
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (host, port.parse().map_err(|_| format!("{url:?}: the port {port:?} is not a number"))?),
-        None => (rest, 1883),
-    };
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("{url:?} is not an MQTT address such as mqtt://127.0.0.1:1883"));
-    }
-    Ok((host.to_owned(), port))
-}

@@ -11,6 +11,10 @@ pub struct PublishMetrics {
     pub published: IntCounterVec,
     /// PUBACKs received from the broker.
     pub acknowledged: IntCounter,
+    /// Readings the broker refused in its PUBACK (MQTT 5 reason codes: not authorized, quota).
+    pub refused: IntCounter,
+    /// Readings sent with a `traceparent` user property (the device's span).
+    pub traced: IntCounter,
     /// Connection attempts or connections that failed (each one is retried after a backoff).
     pub connection_errors: IntCounter,
     /// MQTT connections currently up.
@@ -32,6 +36,14 @@ impl PublishMetrics {
             acknowledged: metrics.counter(
                 "simulator_readings_acknowledged_total",
                 "Readings the MQTT broker acknowledged (QoS 1 PUBACK)",
+            )?,
+            refused: metrics.counter(
+                "simulator_readings_refused_total",
+                "Readings the broker refused in its PUBACK (an MQTT 5 reason code)",
+            )?,
+            traced: metrics.counter(
+                "simulator_readings_traced_total",
+                "Readings sent with a W3C traceparent user property: their traces start at the device",
             )?,
             connection_errors: metrics.counter(
                 "simulator_connection_errors_total",

@@ -10,6 +10,12 @@
 //! persistent session and rumqttc resends the unacknowledged QoS 1 messages. At the end (reading count reached or
 //! shutdown) each connection waits for its outstanding acks before disconnecting, so the
 //! report's counts are final.
+//!
+//! Connections speak MQTT 5 by default, or 3.1.1 ([`MqttVersion`]), optionally logged in
+//! and over TLS with a client certificate. Over MQTT 5 a share of readings
+//! ([`PublishOptions::trace_share`]) carries a W3C `traceparent` user property naming a
+//! span of the device's own, so those readings' traces start at the device. Several
+//! simulator replicas split one fleet by car index ([`PublishOptions::replica`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,8 +23,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use opentelemetry::trace::{SpanKind, TraceContextExt as _, Tracer as _};
 use prost_types::Timestamp;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rand::rngs::StdRng;
+use rand::{RngExt as _, SeedableRng as _};
+use rumqttc::QoS;
 use tokio::sync::watch;
 
 use crate::car::Car;
@@ -27,6 +36,43 @@ use crate::metrics::PublishMetrics;
 
 /// The seed demo's topic layout; the device id is appended as the last level.
 pub const DEFAULT_TOPIC_PREFIX: &str = "vehicles/sensor/data";
+
+/// The instrumentation scope of the device's spans.
+pub const TRACE_SCOPE: &str = "vigil-device-simulator";
+
+/// The MQTT version a connection speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MqttVersion {
+    /// MQTT 5: user properties (trace context), reason codes on acks.
+    #[default]
+    #[value(name = "5")]
+    V5,
+    /// MQTT 3.1.1.
+    #[value(name = "3.1.1")]
+    V311,
+}
+
+/// TLS to the broker: the CA its certificate is checked against (`None`: the system's
+/// roots) and, for brokers that require one, the client's certificate and PKCS#8 key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    pub ca: Option<std::path::PathBuf>,
+    pub client_cert: Option<std::path::PathBuf>,
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// This replica's part of the fleet: cars whose index modulo `count` is `index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Replica {
+    fn owns(self, car: usize) -> bool {
+        car % self.count == self.index
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
@@ -48,6 +94,15 @@ pub struct PublishOptions {
     /// start at once. Event times still begin at `start`; fault onsets count from the
     /// car's own start, that is, they include this time.
     pub warm_up: Duration,
+    pub version: MqttVersion,
+    /// Username and password to log in with.
+    pub credentials: Option<(String, String)>,
+    /// TLS to the broker (`None`: plain TCP).
+    pub tls: Option<TlsOptions>,
+    /// Share of readings (0-1) that carry a `traceparent` user property (MQTT 5 only).
+    pub trace_share: f64,
+    /// Publish only this replica's cars (`None`: the whole fleet).
+    pub replica: Option<Replica>,
 }
 
 impl PublishOptions {
@@ -64,6 +119,11 @@ impl PublishOptions {
             start: std::time::SystemTime::now().into(),
             drain_timeout: Duration::from_secs(10),
             warm_up: Duration::ZERO,
+            version: MqttVersion::V5,
+            credentials: None,
+            tls: None,
+            trace_share: 0.0,
+            replica: None,
         }
     }
 }
@@ -87,18 +147,38 @@ pub async fn publish(
 ) -> anyhow::Result<Report> {
     anyhow::ensure!(options.cars_per_connection > 0, "cars per connection must be positive");
     anyhow::ensure!(!options.interval.is_zero(), "the publishing interval must be positive");
+    anyhow::ensure!((0.0..=1.0).contains(&options.trace_share), "the traced share must be between 0 and 1");
+    anyhow::ensure!(
+        options.trace_share == 0.0 || options.version == MqttVersion::V5,
+        "trace context travels as MQTT 5 user properties: tracing needs MQTT 5"
+    );
+    if let Some(replica) = options.replica {
+        anyhow::ensure!(replica.index < replica.count, "replica {} of {} does not exist", replica.index, replica.count);
+    }
+    let transport = match &options.tls {
+        Some(tls) => Some(mqtt_client::tls_transport(mqtt_client::TlsFiles {
+            ca: tls.ca.as_deref(),
+            client_cert: tls.client_cert.as_deref(),
+            client_key: tls.client_key.as_deref(),
+        })?),
+        None => None,
+    };
     let (stop, stopped) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
-    let indices: Vec<usize> = (0..fleet.cars).collect();
-    metrics.connections.set(fleet.cars.div_ceil(options.cars_per_connection) as i64);
+    let indices: Vec<usize> = (0..fleet.cars).filter(|&i| options.replica.is_none_or(|r| r.owns(i))).collect();
+    metrics.connections.set(indices.len().div_ceil(options.cars_per_connection) as i64);
     for (n, chunk) in indices.chunks(options.cars_per_connection).enumerate() {
         let cars: Vec<Car> = chunk.iter().map(|&i| crate::fleet::car(fleet, i)).collect();
-        let client_id = if options.cars_per_connection == 1 {
-            format!("{}-{}", options.client_id_prefix, cars[0].device_id)
-        } else {
-            format!("{}-conn-{n}", options.client_id_prefix)
+        // Client ids are unique across the fleet, so replicas never take over each
+        // other's sessions.
+        let prefix = &options.client_id_prefix;
+        let client_id = match (options.cars_per_connection, options.replica) {
+            (1, _) => format!("{prefix}-{}", cars[0].device_id),
+            (_, None) => format!("{prefix}-conn-{n}"),
+            (_, Some(replica)) => format!("{prefix}-replica-{}-conn-{n}", replica.index),
         };
-        connections.spawn(connection(client_id, cars, options.clone(), metrics.clone(), stopped.clone()));
+        let client = Connection { client_id, transport: transport.clone() };
+        connections.spawn(connection(client, cars, options.clone(), metrics.clone(), stopped.clone()));
     }
     let all_done = async {
         let mut report = Report::default();
@@ -122,59 +202,213 @@ pub async fn publish(
     }
 }
 
-async fn connection(
+/// A connection's MQTT client id and TLS transport (`None`: plain TCP).
+struct Connection {
     client_id: String,
+    transport: Option<rumqttc::Transport>,
+}
+
+/// A connection's client, in the MQTT version it speaks.
+enum Client {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    /// Opens the connection (a persistent session, so a dropped connection resumes and
+    /// rumqttc resends the unacknowledged readings) and starts its event loop.
+    fn open(
+        connection: Connection,
+        options: &PublishOptions,
+        mut counts: ConnectionCounts,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let Connection { client_id, transport } = connection;
+        let keep_alive = Duration::from_secs(30);
+        match options.version {
+            MqttVersion::V311 => {
+                let mut mqtt = rumqttc::MqttOptions::new(&client_id, &options.host, options.port);
+                mqtt.set_keep_alive(keep_alive).set_max_packet_size(1 << 20, 1 << 20).set_clean_session(false);
+                if let Some((user, password)) = &options.credentials {
+                    mqtt.set_credentials(user, password);
+                }
+                if let Some(transport) = transport {
+                    mqtt.set_transport(transport);
+                }
+                let (client, mut event_loop) = rumqttc::AsyncClient::new(mqtt, 64);
+                let driver = tokio::spawn(async move {
+                    use rumqttc::{Event, Packet};
+                    loop {
+                        match event_loop.poll().await {
+                            Ok(Event::Incoming(Packet::PubAck(_))) => counts.acknowledged(true),
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => counts.connected(),
+                            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return counts.disconnected(),
+                            Ok(_) => {}
+                            Err(error) => counts.failed(&error.to_string()).await,
+                        }
+                    }
+                });
+                (Client::V311(client), driver)
+            }
+            MqttVersion::V5 => {
+                let mut mqtt = rumqttc::v5::MqttOptions::new(&client_id, &options.host, options.port);
+                // MQTT 5 keeps a session only while its expiry interval runs: an hour.
+                mqtt.set_keep_alive(keep_alive)
+                    .set_max_packet_size(Some(1 << 20))
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(3600));
+                if let Some((user, password)) = &options.credentials {
+                    mqtt.set_credentials(user, password);
+                }
+                if let Some(transport) = transport {
+                    mqtt.set_transport(transport);
+                }
+                let (client, mut event_loop) = rumqttc::v5::AsyncClient::new(mqtt, 64);
+                let driver = tokio::spawn(async move {
+                    use rumqttc::v5::Event;
+                    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+                    loop {
+                        match event_loop.poll().await {
+                            Ok(Event::Incoming(Packet::PubAck(ack))) => counts.acknowledged(matches!(
+                                ack.reason,
+                                PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                            )),
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => counts.connected(),
+                            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return counts.disconnected(),
+                            Ok(_) => {}
+                            Err(error) => counts.failed(&error.to_string()).await,
+                        }
+                    }
+                });
+                (Client::V5(client), driver)
+            }
+        }
+    }
+
+    /// Queues one reading (QoS 1), with trace context as user properties over MQTT 5.
+    async fn publish(&self, topic: String, payload: String, context: Vec<(String, String)>) -> anyhow::Result<()> {
+        match self {
+            Client::V311(client) => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
+            Client::V5(client) => {
+                let properties =
+                    rumqttc::v5::mqttbytes::v5::PublishProperties { user_properties: context, ..Default::default() };
+                client
+                    .publish_with_properties(
+                        topic,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                        properties,
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn disconnect(&self) {
+        let _ = match self {
+            Client::V311(client) => client.disconnect().await.map_err(drop),
+            Client::V5(client) => client.disconnect().await.map_err(drop),
+        };
+    }
+}
+
+/// What a connection's event loop (its only owner) reports: acks, whether it is up,
+/// failures, and the backoff between attempts.
+struct ConnectionCounts {
+    client_id: String,
+    /// Shared with the publishing side, which waits for the acks at the end.
+    acknowledged: Arc<AtomicU64>,
+    metrics: PublishMetrics,
+    up: bool,
+    backoff: admin::retry::Backoff,
+}
+
+impl ConnectionCounts {
+    fn new(client_id: String, metrics: PublishMetrics) -> Self {
+        let backoff = admin::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        Self { client_id, acknowledged: Arc::new(AtomicU64::new(0)), metrics, up: false, backoff }
+    }
+
+    /// A PUBACK: the reading is the broker's (`accepted`), or it refused it (an MQTT 5
+    /// reason code such as not authorized), which is logged and not counted.
+    fn acknowledged(&self, accepted: bool) {
+        if accepted {
+            self.acknowledged.fetch_add(1, Ordering::Relaxed);
+            self.metrics.acknowledged.inc();
+        } else {
+            self.metrics.refused.inc();
+            tracing::warn!(client_id = self.client_id, "the broker refused a reading");
+        }
+    }
+
+    fn set_up(&mut self, now: bool) {
+        if self.up != now {
+            self.metrics.connected.add(if now { 1 } else { -1 });
+            self.up = now;
+        }
+    }
+
+    fn connected(&mut self) {
+        self.backoff.reset();
+        self.set_up(true);
+    }
+
+    fn disconnected(&mut self) {
+        self.set_up(false);
+    }
+
+    /// A failed connection or attempt: counted, then waited out before the next attempt.
+    async fn failed(&mut self, error: &str) {
+        self.set_up(false);
+        self.metrics.connection_errors.inc();
+        let wait = self.backoff.next_delay();
+        tracing::warn!(
+            client_id = self.client_id,
+            error,
+            retry_in_ms = wait.as_millis() as u64,
+            "mqtt connection failed"
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// The trace context a traced reading carries: a span of the device's own (exported when
+/// telemetry is configured) or, with no tracer installed, a new sampled root context, so
+/// the reading's trace starts at the device either way.
+fn device_trace_context(device_id: &str, ids: &mut StdRng) -> Vec<(String, String)> {
+    let tracer = telemetry::tracer(TRACE_SCOPE);
+    let span = tracer
+        .span_builder("publish reading")
+        .with_kind(SpanKind::Producer)
+        .with_attributes([opentelemetry::KeyValue::new("vigil.device.id", device_id.to_owned())])
+        .start_with_context(&tracer, &opentelemetry::Context::new());
+    let cx = opentelemetry::Context::new().with_span(span);
+    let mut headers: Vec<(String, String)> =
+        telemetry::context_headers(&cx).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    if headers.is_empty() {
+        let (trace_id, span_id) = (ids.random::<u128>().max(1), ids.random::<u64>().max(1));
+        headers.push((telemetry::TRACEPARENT.to_owned(), format!("00-{trace_id:032x}-{span_id:016x}-01")));
+    }
+    headers
+}
+
+async fn connection(
+    connection: Connection,
     mut cars: Vec<Car>,
     options: PublishOptions,
     metrics: PublishMetrics,
     mut stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<Report> {
-    let mut mqtt = MqttOptions::new(&client_id, &options.host, options.port);
-    // A persistent session (clean session off): after a dropped connection the broker
-    // resumes the session and rumqttc resends the unacknowledged QoS 1 readings; with a
-    // clean session it would discard them as belonging to the old one.
-    mqtt.set_keep_alive(Duration::from_secs(30)).set_max_packet_size(1 << 20, 1 << 20).set_clean_session(false);
-    let (client, mut event_loop) = AsyncClient::new(mqtt, 64);
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let driver = tokio::spawn({
-        let acknowledged = Arc::clone(&acknowledged);
-        let client_id = client_id.clone();
-        let metrics = metrics.clone();
-        async move {
-            let mut backoff = admin::retry::Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-            let mut up = false;
-            let mut set_up = |now: bool| {
-                if now != up {
-                    metrics.connected.add(if now { 1 } else { -1 });
-                    up = now;
-                }
-            };
-            loop {
-                match event_loop.poll().await {
-                    Ok(Event::Incoming(Packet::PubAck(_))) => {
-                        acknowledged.fetch_add(1, Ordering::Relaxed);
-                        metrics.acknowledged.inc();
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        backoff.reset();
-                        set_up(true);
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                        set_up(false);
-                        return;
-                    }
-                    Ok(_) => {}
-                    Err(error) => {
-                        set_up(false);
-                        metrics.connection_errors.inc();
-                        let wait = backoff.next_delay();
-                        tracing::warn!(client_id, %error, retry_in_ms = wait.as_millis() as u64, "mqtt connection failed");
-                        tokio::time::sleep(wait).await;
-                    }
-                }
-            }
-        }
-    });
+    let client_id = connection.client_id.clone();
+    let counts = ConnectionCounts::new(client_id.clone(), metrics.clone());
+    let acknowledged = Arc::clone(&counts.acknowledged);
+    let (client, driver) = Client::open(connection, &options, counts);
+    // Which readings are traced, and their ids when no tracer makes them.
+    let mut trace_rng = StdRng::seed_from_u64(
+        client_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64),
+    );
 
     let mut report = Report::default();
     let dt = options.interval.as_secs_f64();
@@ -202,7 +436,13 @@ async fn connection(
             let reading = car.step(dt, &start);
             let topic = format!("{}/{}", options.topic_prefix, reading.device_id);
             let label = sensor::fault_name(reading.fault());
-            client.publish(topic, QoS::AtLeastOnce, false, sensor::json::to_json(&reading)).await?;
+            let context = if options.trace_share > 0.0 && trace_rng.random_bool(options.trace_share) {
+                metrics.traced.inc();
+                device_trace_context(&reading.device_id, &mut trace_rng)
+            } else {
+                Vec::new()
+            };
+            client.publish(topic, sensor::json::to_json(&reading), context).await?;
             report.published += 1;
             metrics.published.with_label_values(&[label.as_str()]).inc();
             *report.by_label.entry(label).or_default() += 1;
@@ -224,7 +464,7 @@ async fn connection(
             "unacknowledged readings at shutdown"
         );
     }
-    let _ = client.disconnect().await;
+    client.disconnect().await;
     let mut driver = driver;
     if tokio::time::timeout(Duration::from_secs(2), &mut driver).await.is_err() {
         driver.abort();

@@ -86,6 +86,7 @@ async fn publish_fleet(brokers: &Brokers, cars: usize, per_connection: usize, pe
     let fleet = FleetOptions { cars, ..FleetOptions::default() };
     // The simulator speaks MQTT 3.1.1; rumqttd routes it to the MQTT 5 consumers.
     let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.publish_port);
+    options.version = device_simulator::publish::MqttVersion::V311;
     options.topic_prefix = prefix.to_owned();
     options.interval = Duration::from_millis(1);
     options.readings_per_car = Some(per_car);

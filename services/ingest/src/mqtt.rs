@@ -39,65 +39,31 @@ use crate::trace;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("mqtt url {url:?}: {problem}")]
-    Url { url: String, problem: String },
-    #[error("mqtt tls: {0}")]
-    Tls(String),
+    /// The broker's URL or TLS files.
+    #[error(transparent)]
+    Client(#[from] mqtt_client::MqttClientError),
     #[error(transparent)]
     Kafka(#[from] SinkError),
 }
 
 /// Where the broker is, from `mqtt.url`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-    pub tls: bool,
-}
+pub use mqtt_client::Endpoint;
 
 /// `mqtt://host[:port]` (or `tcp://`; port 1883 when left out) or `mqtts://host[:port]`
 /// (or `ssl://`; TLS, port 8883 when left out).
 pub fn parse_url(text: &str) -> Result<Endpoint, SourceError> {
-    let error = |problem: &str| SourceError::Url { url: text.to_owned(), problem: problem.to_owned() };
-    let url = url::Url::parse(text).map_err(|e| error(&e.to_string()))?;
-    let (tls, default_port) = match url.scheme() {
-        "mqtt" | "tcp" => (false, 1883),
-        "mqtts" | "ssl" => (true, 8883),
-        other => return Err(error(&format!("the scheme {other:?} is neither mqtt:// nor mqtts://"))),
-    };
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| error("no host"))?;
-    Ok(Endpoint {
-        host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
-        port: url.port().unwrap_or(default_port),
-        tls,
-    })
+    mqtt_client::parse_url(text).map_err(SourceError::from)
 }
 
 /// The TLS transport for `config`: the broker verified against the configured CA (or the
 /// system's roots), a client certificate when one is configured.
 fn tls_transport(config: &MqttTlsConfig) -> Result<rumqttc::Transport, SourceError> {
-    use rumqttc::tokio_native_tls::native_tls;
-    let read =
-        |path: &std::path::Path| std::fs::read(path).map_err(|e| SourceError::Tls(format!("{}: {e}", path.display())));
-    let mut builder = native_tls::TlsConnector::builder();
-    if let Some(path) = &config.ca_file {
-        let pem = read(path)?;
-        let certificate = native_tls::Certificate::from_pem(&pem)
-            .map_err(|e| SourceError::Tls(format!("{}: not a PEM certificate: {e}", path.display())))?;
-        builder.add_root_certificate(certificate);
-    }
-    if let (Some(cert_path), Some(key_path)) = (&config.client_cert_file, &config.client_key_file) {
-        let identity = native_tls::Identity::from_pkcs8(&read(cert_path)?, &read(key_path)?).map_err(|e| {
-            SourceError::Tls(format!(
-                "{} with {}: not a PEM certificate and PKCS#8 key: {e}",
-                cert_path.display(),
-                key_path.display()
-            ))
-        })?;
-        builder.identity(identity);
-    }
-    let connector = builder.build().map_err(|e| SourceError::Tls(e.to_string()))?;
-    Ok(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::NativeConnector(connector)))
+    let files = mqtt_client::TlsFiles {
+        ca: config.ca_file.as_deref(),
+        client_cert: config.client_cert_file.as_deref(),
+        client_key: config.client_key_file.as_deref(),
+    };
+    mqtt_client::tls_transport(files).map_err(SourceError::from)
 }
 
 /// What a PUBACK needs: the packet id, and which connection the PUBLISH came on. Packet

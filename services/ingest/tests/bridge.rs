@@ -30,6 +30,7 @@ fn publishing(
     cars_per_connection: usize,
 ) -> tokio::task::JoinHandle<Report> {
     let mut options = PublishOptions::new("127.0.0.1", brokers.mqtt.v4.port());
+    options.version = device_simulator::publish::MqttVersion::V311;
     options.interval = Duration::from_millis(interval_ms);
     options.readings_per_car = Some(per_car);
     options.cars_per_connection = cars_per_connection;

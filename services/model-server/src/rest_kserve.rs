@@ -55,35 +55,19 @@ enum Route {
 fn route(path: &str) -> Option<Route> {
     let rest = path.strip_prefix("/v2")?;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
-    let model = |m: &str, v: &str| (m.to_owned(), v.to_owned());
-    Some(match parts.as_slice() {
-        [] if rest.is_empty() || rest == "/" => Route::ServerMetadata,
-        ["health", "live"] => Route::Live,
-        ["health", "ready"] => Route::Ready,
-        ["models", m] | ["models", m, "versions", ""] => {
-            let (model, version) = model(m, "");
-            Route::ModelMetadata { model, version }
-        }
-        ["models", m, "versions", v] => {
-            let (model, version) = model(m, v);
-            Route::ModelMetadata { model, version }
-        }
-        ["models", m, "ready"] => {
-            let (model, version) = model(m, "");
-            Route::ModelReady { model, version }
-        }
-        ["models", m, "versions", v, "ready"] => {
-            let (model, version) = model(m, v);
-            Route::ModelReady { model, version }
-        }
-        ["models", m, "infer"] => {
-            let (model, version) = model(m, "");
-            Route::Infer { model, version }
-        }
-        ["models", m, "versions", v, "infer"] => {
-            let (model, version) = model(m, v);
-            Route::Infer { model, version }
-        }
+    let (model, version, action) = match parts.as_slice() {
+        [] if rest.is_empty() || rest == "/" => return Some(Route::ServerMetadata),
+        ["health", "live"] => return Some(Route::Live),
+        ["health", "ready"] => return Some(Route::Ready),
+        ["models", model, "versions", version, action @ ..] => (model, *version, action),
+        ["models", model, action @ ..] => (model, "", action),
+        _ => return None,
+    };
+    let (model, version) = ((*model).to_owned(), version.to_owned());
+    Some(match action {
+        [] => Route::ModelMetadata { model, version },
+        ["ready"] => Route::ModelReady { model, version },
+        ["infer"] => Route::Infer { model, version },
         _ => return None,
     })
 }
@@ -400,9 +384,15 @@ mod tests {
             Some(Route::ModelMetadata { model: m.clone(), version: v.clone() })
         );
         assert_eq!(route("/v2/models/ae/versions/2/infer"), Some(Route::Infer { model: m, version: v }));
-        for nothing in
-            ["/v2/models", "/v2/models/ae/predict", "/v2/health", "/v2/models/ae/versions/2/x/infer", "/v1/models/ae"]
-        {
+        let nothings = [
+            "/v2/models",
+            "/v2/models/ae/predict",
+            "/v2/health",
+            "/v2/models/ae/versions",
+            "/v2/models/ae/versions/2/x/infer",
+            "/v1/models/ae",
+        ];
+        for nothing in nothings {
             assert_eq!(route(nothing), None, "{nothing}");
         }
     }

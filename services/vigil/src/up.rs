@@ -279,6 +279,8 @@ async fn drive_fleet(
         ..FleetOptions::default()
     };
     let mut publishing = PublishOptions::new(brokers.mqtt.host.clone(), brokers.mqtt.publish_port);
+    // The embedded broker's 3.1.1 port (its MQTT 5 one is ingest's).
+    publishing.version = device_simulator::publish::MqttVersion::V311;
     publishing.topic_prefix.clone_from(&brokers.mqtt_prefix);
     publishing.interval = options.interval;
     publishing.cars_per_connection = 10;
