@@ -252,7 +252,7 @@ pub struct ServeArgs {
     )]
     pub request_timeout_seconds: u64,
 
-    /// Largest REST request body, in bytes (JSON expands in memory: see docs/model-server.md).
+    /// Largest REST request body, in bytes (JSON expands in memory: see docs/model-server-security.md).
     #[arg(
         long = "rest_max_body_bytes",
         visible_alias = "rest-max-body-bytes",

@@ -9,7 +9,7 @@
 //!
 //! TensorFlow Serving's own names are exported beside Vigil's, for the figures that mean
 //! the same ([`TfServingMetrics`]), so dashboards and alerts written for TF Serving work
-//! unchanged. docs/model-server.md has the table.
+//! unchanged. docs/observability.md has the table.
 
 use std::time::Duration;
 
