@@ -5,7 +5,7 @@ Usage: check_rendered.py RENDERED.yaml CHART_VALUES.yaml [OVERRIDES.yaml]
 The effective values are the chart's values.yaml with the overrides merged in the way Helm
 merges them (a null removes a key). Checks, each failing with the object it is about:
 
-- every Deployment: pod runAsNonRoot and seccomp RuntimeDefault, no service account token;
+- every Deployment (and the simulator's StatefulSet): pod runAsNonRoot and seccomp RuntimeDefault, no service account token;
   every container (init containers too): resource requests and limits, runAsNonRoot,
   readOnlyRootFilesystem, no privilege escalation, all capabilities dropped; every main
   container: startup, liveness and readiness probes, /tmp on an emptyDir, the binary at
@@ -13,8 +13,7 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 - the model server: gRPC health probes (HTTPS GETs with TLS on), the rollout Kafka flags
   exactly when enabled,
   --replica_id from the pod name; every flag and MODEL_SERVER_* variable it is given is
-  declared in services/model-server/src/config.rs; the device simulator's flags in its
-  cli.rs; the processor's, alerts' and ingest's flags in their cli.rs or, the common ones
+  declared in services/model-server/src/config.rs; the processor's, alerts' and ingest's flags in their cli.rs or, the common ones
   (--config, ...), in shared/admin/src/service.rs;
 - the model server's rollout Kafka security: on kafka.brokers, the --rollout_kafka_property
   flags are kafka's security (security.protocol, sasl.mechanism, ssl.*.location) and
@@ -49,6 +48,11 @@ merges them (a null removes a key). Checks, each failing with the object it is a
 - the processor's gRPC ReplayService: grpc_listen on streamProcessor.ports.grpc, which its
   container and Service expose as "grpc"; its NetworkPolicy admits
   networkPolicy.streamProcessor.replayFrom to that port and nothing else to it;
+- the device simulator: a StatefulSet (pods started in parallel, a headless governing
+  Service selecting them) of deviceSimulator.replicas pods, SIMULATOR_REPLICAS set and no
+  fixed index (each pod's HOSTNAME ordinal, which cli.rs reads); its flags and SIMULATOR_*
+  variables declared in its cli.rs; the login from mqtt.auth's Secret exactly when it is
+  on; over an mqtts:// URL the mqtt.tls Secret mounted and its files named, else neither;
 - replicas vs autoscaling, NetworkPolicy ingress of the model server, ServiceMonitor ports.
 """
 
@@ -565,6 +569,66 @@ def check_model_server_security(values: dict, deployments: dict, configmaps: dic
           f"{('from ' + (token['existingSecret'] or 'a generated Secret')) if token['enabled'] else 'off'}, {len(subjects)} allowed subjects")
 
 
+def check_simulator(values: dict, statefulset: dict, by_kind: dict) -> None:
+    """The device simulator's StatefulSet (see the module doc)."""
+    sim, mqtt = values["deviceSimulator"], values["mqtt"]
+    spec = statefulset["spec"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    where = "device-simulator"
+    source = (REPO / "services/device-simulator/src/cli.rs").read_text()
+    check(container["args"][0] == "run" and "Run {" in source, f"{where}: not its run subcommand")
+    flags = flag_args(container)
+    for flag in flags:
+        check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
+              f"{where}: --{flag} is not an argument in services/device-simulator/src/cli.rs")
+    url = sim["mqttUrl"] or mqtt["url"]
+    check(flags.get("mqtt-url") == url, f"{where}: --mqtt-url is {flags.get('mqtt-url')}, not {url}")
+    check(flags.get("mqtt-version") == sim["mqttVersion"], f"{where}: --mqtt-version is not {sim['mqttVersion']}")
+    check(numbers_equal(float(flags.get("trace-share", "nan")), sim["traceShare"]), f"{where}: --trace-share is not {sim['traceShare']}")
+
+    # Replicas: pods that start together, each taking its ordinal (HOSTNAME) as its index.
+    check(spec.get("podManagementPolicy") == "Parallel", f"{where}: podManagementPolicy is not Parallel")
+    governing = by_kind.get("Service", {}).get(spec.get("serviceName"))
+    if check(governing is not None, f"{where}: serviceName {spec.get('serviceName')} is not a rendered Service"):
+        check(governing["spec"].get("clusterIP") == "None", f"{where}: its governing Service is not headless")
+        check(governing["spec"]["selector"] == spec["selector"]["matchLabels"], f"{where}: its Service does not select its pods")
+    env = env_of(container)
+    check(env.get("SIMULATOR_REPLICAS", {}).get("value") == str(sim["replicas"]), f"{where}: SIMULATOR_REPLICAS is not {sim['replicas']}")
+    check("SIMULATOR_REPLICA_INDEX" not in env and "replica-index" not in flags,
+          f"{where}: sets a replica index, which would be the same in every pod (the ordinal is in HOSTNAME)")
+    check(pod.get("hostname") is None and pod.get("setHostnameAsFQDN") is not True,
+          f"{where}: the pod's hostname is overridden, so HOSTNAME does not end in its ordinal")
+
+    # The login from mqtt.auth's Secret; the TLS files from mqtt.tls's over an mqtts:// URL.
+    auth = mqtt["auth"]
+    for var, key in (("SIMULATOR_MQTT_USERNAME", "usernameKey"), ("SIMULATOR_MQTT_PASSWORD", "passwordKey")):
+        ref = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+        if auth["enabled"]:
+            check(ref == {"name": auth["existingSecret"], "key": auth[key]}, f"{where}: {var} is not key {auth[key]} of Secret {auth['existingSecret']}")
+        else:
+            check(var not in env, f"{where}: mqtt.auth is off but {var} is set")
+    tls = mqtt["tls"]
+    use_tls = url.startswith(("mqtts://", "ssl://")) and bool(tls["existingSecret"])
+    files = {"SIMULATOR_TLS_CA_FILE": tls["caKey"], "SIMULATOR_TLS_CERT_FILE": tls["certKey"], "SIMULATOR_TLS_KEY_FILE": tls["keyKey"]}
+    for var, key in files.items():
+        want = f"/etc/vigil/mqtt-tls/{key}" if use_tls and key else None
+        check(env.get(var, {}).get("value") == want, f"{where}: {var} is {env.get(var, {}).get('value')}, not {want}")
+    mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/etc/vigil/mqtt-tls"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if use_tls:
+        check(len(mounts) == 1 and volumes.get(mounts[0]["name"], {}).get("secret", {}).get("secretName") == tls["existingSecret"],
+              f"{where}: Secret {tls['existingSecret']} is not mounted at /etc/vigil/mqtt-tls")
+    else:
+        check(not mounts, f"{where}: the MQTT TLS Secret is mounted without an mqtts:// URL")
+    for var in env:
+        if var.startswith("SIMULATOR_") and var not in {e["name"] for e in sim["extraEnv"]}:
+            check(f'env = "{var}"' in source, f"{where}: {var} is not a variable services/device-simulator/src/cli.rs reads")
+    print(f"    device-simulator: a StatefulSet of {sim['replicas']} pod(s), MQTT {sim['mqttVersion']} to {url}"
+          f"{', logged in from ' + auth['existingSecret'] if auth['enabled'] else ''}"
+          f"{', TLS files from ' + tls['existingSecret'] if use_tls else ''}")
+
+
 def main() -> int:
     rendered_path, chart_values = sys.argv[1], sys.argv[2]
     values = yaml.safe_load(pathlib.Path(chart_values).read_text())
@@ -578,15 +642,19 @@ def main() -> int:
     def component_of(doc: dict) -> str:
         return doc["metadata"]["labels"]["app.kubernetes.io/component"]
 
-    deployments = {component_of(d): d for d in by_kind.get("Deployment", {}).values()}
+    # The simulator is a StatefulSet (its pods' ordinals split the fleet); the rest Deployments.
+    workloads = {component_of(d): d for kind in ("Deployment", "StatefulSet") for d in by_kind.get(kind, {}).values()}
     configmaps = {component_of(d): d for d in by_kind.get("ConfigMap", {}).values()}
     enabled = {c for c, key in COMPONENT_VALUES.items() if values[key]["enabled"]}
-    check(set(deployments) == enabled, f"Deployments {sorted(deployments)} != enabled components {sorted(enabled)}")
+    check(set(workloads) == enabled, f"Deployments and StatefulSets {sorted(workloads)} != enabled components {sorted(enabled)}")
+    for component, workload in workloads.items():
+        want = "StatefulSet" if component == "device-simulator" else "Deployment"
+        check(workload["kind"] == want, f"{component} is a {workload['kind']}, not a {want}")
 
     registry = values["image"]["registry"].rstrip("/")
-    for component, deployment in deployments.items():
+    for component, deployment in workloads.items():
         v = values[COMPONENT_VALUES[component]]
-        name = f"Deployment {deployment['metadata']['name']}"
+        name = f"{deployment['kind']} {deployment['metadata']['name']}"
         pod = deployment["spec"]["template"]["spec"]
         check(pod.get("securityContext", {}).get("runAsNonRoot") is True, f"{name}: pod runAsNonRoot is not true")
         check(pod.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault",
@@ -623,7 +691,9 @@ def main() -> int:
             check("replicas" not in deployment["spec"], f"{name}: sets replicas while an HPA scales it")
             check(any(h["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
                       for h in by_kind.get("HorizontalPodAutoscaler", {}).values()), f"{name}: autoscaling on but no HPA")
-        elif component != "device-simulator":
+        elif component == "device-simulator":
+            check(deployment["spec"].get("replicas") == v["replicas"], f"{name}: replicas is not {v['replicas']}")
+        else:
             check(deployment["spec"].get("replicas") == v["replicaCount"], f"{name}: replicas is not {v['replicaCount']}")
 
         env = env_of(container)
@@ -653,8 +723,8 @@ def main() -> int:
 
     # The model server: probes, flags, rollout state, the rollout file.
     ms = values["modelServer"]
-    if "model-server" in deployments:
-        container = deployments["model-server"]["spec"]["template"]["spec"]["containers"][0]
+    if "model-server" in workloads:
+        container = workloads["model-server"]["spec"]["template"]["spec"]["containers"][0]
         where = "model-server container"
         if not ms["security"]["tls"]["enabled"]:
             for probe in ("startupProbe", "readinessProbe"):
@@ -684,14 +754,14 @@ def main() -> int:
         actual = {k: v for k, v in flags.items()
                   if k.startswith("rollout_") and "config_file" not in k and k != "rollout_kafka_property"}
         check(actual == expected, f"{where}: rollout state flags {actual} != {expected}")
-        check_rollout_kafka_security(values, deployments["model-server"], container)
+        check_rollout_kafka_security(values, workloads["model-server"], container)
         check_managed_properties_agree()
 
         headless = [s for s in by_kind.get("Service", {}).values()
                     if component_of(s) == "model-server" and s["spec"].get("clusterIP") == "None"]
         if check(len(headless) == 1, "no headless model server Service"):
             service = headless[0]
-            pod_labels = deployments["model-server"]["spec"]["selector"]["matchLabels"]
+            pod_labels = workloads["model-server"]["spec"]["selector"]["matchLabels"]
             check(service["spec"]["selector"] == pod_labels, "the headless Service does not select the model server pods")
             check(service["spec"].get("publishNotReadyAddresses", False) is False, "the headless Service publishes unready pods")
             if "stream-processor" in configmaps and not values["streamProcessor"]["modelEndpoints"]:
@@ -699,7 +769,7 @@ def main() -> int:
                 scheme = "https" if ms["security"]["tls"]["enabled"] else "http"
                 want = [f"{scheme}://{service['metadata']['name']}:{ms['ports']['grpc']}"]
                 check(processor["model"]["endpoints"] == want, f"processor model.endpoints {processor['model']['endpoints']} != {want}")
-        check_model_server_security(values, deployments, configmaps, by_kind)
+        check_model_server_security(values, workloads, configmaps, by_kind)
 
         files = configmaps["model-server"]["data"]
         rollouts = tomllib.loads(files["rollouts.toml"]).get("rollouts", [])
@@ -718,21 +788,16 @@ def main() -> int:
             check(f'name: "{model["name"]}"' in files["models.config"], f"models.config does not serve {model['name']}")
 
     # The other binaries' flags exist in their command lines.
-    if "device-simulator" in deployments:
-        container = deployments["device-simulator"]["spec"]["template"]["spec"]["containers"][0]
-        source = (REPO / "services/device-simulator/src/cli.rs").read_text()
-        check(container["args"][0] == "run" and "Run {" in source, "device-simulator: not its run subcommand")
-        for flag in flag_args(container):
-            check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
-                  f"device-simulator: --{flag} is not an argument in services/device-simulator/src/cli.rs")
+    if "device-simulator" in workloads:
+        check_simulator(values, workloads["device-simulator"], by_kind)
     # The Kafka services declare their own flags; the common ones (--config, --kafka-brokers,
     # --admin-listen, --print-config) are the shared scaffold's.
     common = (REPO / "shared/admin/src/service.rs").read_text()
     common = common[common.index("pub struct CommonFlags"):]
     common = common[:common.index("\n}\n")]
     for component in ("stream-processor", "alerts", "ingest"):
-        if component in deployments:
-            container = deployments[component]["spec"]["template"]["spec"]["containers"][0]
+        if component in workloads:
+            container = workloads[component]["spec"]["template"]["spec"]["containers"][0]
             source = (REPO / f"services/{component}/src/cli.rs").read_text() + common
             for flag in flag_args(container):
                 check(re.search(rf"\b{flag.replace('-', '_')}: ", source) is not None,
@@ -753,23 +818,23 @@ def main() -> int:
         tls = values["kafka"]["tls"]
         if tls["enabled"] and tls["existingSecret"] and tls["caKey"]:
             check(kafka.get("ssl.ca.location") == f"/etc/vigil/kafka-tls/{tls['caKey']}", f"{key}: ssl.ca.location is not the mounted CA")
-            mounts = deployments[component]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+            mounts = workloads[component]["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
             check(any(m["mountPath"] == "/etc/vigil/kafka-tls" for m in mounts), f"{component}: the Kafka TLS Secret is not mounted")
 
-    if "alerts" in deployments:
-        check_alerts(values, deployments["alerts"], configmaps.get("alerts"), by_kind)
+    if "alerts" in workloads:
+        check_alerts(values, workloads["alerts"], configmaps.get("alerts"), by_kind)
 
-    if "stream-processor" in deployments:
-        check_processor_grpc(values, deployments["stream-processor"], configmaps["stream-processor"], by_kind)
+    if "stream-processor" in workloads:
+        check_processor_grpc(values, workloads["stream-processor"], configmaps["stream-processor"], by_kind)
 
-    if "ingest" in deployments:
-        check_ingest_devices(values, deployments["ingest"], configmaps["ingest"], by_kind)
+    if "ingest" in workloads:
+        check_ingest_devices(values, workloads["ingest"], configmaps["ingest"], by_kind)
 
     # NetworkPolicy: the processor may call the model server.
-    if values["networkPolicy"]["enabled"] and "model-server" in deployments and "stream-processor" in deployments:
+    if values["networkPolicy"]["enabled"] and "model-server" in workloads and "stream-processor" in workloads:
         policy = next((p for p in by_kind.get("NetworkPolicy", {}).values() if component_of(p) == "model-server"), None)
         if check(policy is not None, "networkPolicy.enabled but no model server NetworkPolicy"):
-            processor_labels = deployments["stream-processor"]["spec"]["selector"]["matchLabels"]
+            processor_labels = workloads["stream-processor"]["spec"]["selector"]["matchLabels"]
             check(any(peer.get("podSelector", {}).get("matchLabels") == processor_labels
                       for rule in policy["spec"]["ingress"] for peer in rule.get("from", [])),
                   "the model server NetworkPolicy does not admit the stream processor")
@@ -794,7 +859,7 @@ def main() -> int:
     for failure in failures:
         print(f"{pathlib.Path(rendered_path).name}: {failure}", file=sys.stderr)
     if not failures:
-        print(f"  {pathlib.Path(rendered_path).name}: {len(deployments)} Deployments, their config files and Services are as the values ask")
+        print(f"  {pathlib.Path(rendered_path).name}: {len(workloads)} Deployments and StatefulSets, their config files and Services are as the values ask")
     return 1 if failures else 0
 
 

@@ -3,7 +3,7 @@ environment variable and config file key the chart sets is one the code reads.
 
 Usage: run_rendered.py BIN_DIR RENDERED.yaml CHART_VALUES.yaml [OVERRIDES.yaml]
 
-For each Deployment, the container's command and args are run from BIN_DIR with the
+For each Deployment and StatefulSet, the container's command and args are run from BIN_DIR with the
 container's environment (a pod name for fieldRefs, "secret:<name>/<key>" for secretKeyRefs,
 a closed local port for the OTLP endpoint) and its ConfigMaps written to a temporary
 directory in place of their mount paths:
@@ -40,8 +40,11 @@ directory in place of their mount paths:
   accepted the properties and librdkafka created the producer and the reader with them
   (an unknown property, a bad value, an unreadable certificate or a mechanism the build
   lacks stops it earlier, naming the property); it then exits on the metadata timeout;
-- device-simulator with the broker address pointed at a closed port: it must get as far as
-  publishing (its arguments parsed); then it is killed.
+- device-simulator as the StatefulSet's last pod (HOSTNAME <name>-<replicas - 1>) with the
+  broker address pointed at a closed port (mqtts:// if the rendered URL is) and the MQTT TLS
+  Secret's files written where its variables point (a throwaway CA, certificate and PKCS#8
+  key): it must take its replica index from the pod name, load the TLS files and the
+  login, and get as far as connecting (the refused connection logged); then it is killed.
 """
 
 import atexit
@@ -331,6 +334,48 @@ def check_rollout_kafka_clients(binary: pathlib.Path, args: list[str], env: dict
               f"({time.monotonic() - began:.1f}s)")
 
 
+def check_simulator_running(binary: pathlib.Path, statefulset: dict, args: list[str], env: dict, work: pathlib.Path) -> None:
+    """The simulator as the StatefulSet's last pod, at a closed broker port (see the module doc)."""
+    began = time.monotonic()
+    replicas = statefulset["spec"]["replicas"]
+    env = {**env, "HOSTNAME": f"{statefulset['metadata']['name']}-{replicas - 1}"}
+    url = next(a.split("=", 1)[1] for a in args if a.startswith("--mqtt-url="))
+    scheme = "mqtts" if url.startswith(("mqtts://", "ssl://")) else "mqtt"
+    args = [re.sub(r"^--mqtt-url=.*", f"--mqtt-url={scheme}://127.0.0.1:1", a) for a in args]
+    args = [re.sub(r"^--admin-listen=.*", "--admin-listen=127.0.0.1:0", a) for a in args]
+    tls_vars = sorted(n for n in env if n.startswith("SIMULATOR_TLS_"))
+    if tls_vars:
+        directory = work / "device-simulator" / "mqtt-tls"
+        stand_in_server_tls(directory, "vigil-helm-check-broker", "ca.crt")
+        # The client certificate: the stand-in's, its key as PKCS#8 (what the simulator reads).
+        subprocess.run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", "tls.key", "-out", "tls.pkcs8.key"],
+                       check=True, capture_output=True, timeout=60, cwd=directory)
+        stand_ins = {"SIMULATOR_TLS_CA_FILE": "ca.crt", "SIMULATOR_TLS_CERT_FILE": "tls.crt", "SIMULATOR_TLS_KEY_FILE": "tls.pkcs8.key"}
+        for var in tls_vars:
+            check(env[var].startswith("/etc/vigil/mqtt-tls/"), f"device-simulator: {var} is {env[var]}, not in the MQTT TLS Secret's mount")
+            env[var] = str(directory / stand_ins[var])
+    process = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = Output(process)
+    try:
+        started = output.wait_for(r"publishing", 30)
+        if check(started is not None, f"device-simulator did not start: {output.tail(10)}"):
+            line = output.log[-1]
+            want = f"Replica {{ index: {replicas - 1}, count: {replicas} }}" if replicas > 1 else "replica=None"
+            check(want in line, f"device-simulator: as pod {env['HOSTNAME']} it is not {want}: {line}")
+        connecting = output.wait_for(r"mqtt connection failed", 30)
+        check(connecting is not None, f"device-simulator did not get as far as connecting to the broker: {output.tail(10)}")
+    finally:
+        # Killed, not stopped: with no broker its SIGTERM drain waits out its 10 s drain
+        # timeout, and only what it loaded is checked here.
+        process.kill()
+        process.wait()
+    if started and connecting:
+        login = "SIMULATOR_MQTT_USERNAME" in env
+        print(f"    device-simulator: as pod {env['HOSTNAME']} of {replicas}, publishing its share of the fleet"
+              f"{' with the login from the Secret' if login else ''}{' and stand-in TLS files (' + ', '.join(tls_vars) + ')' if tls_vars else ''};"
+              f" reached the (closed) broker port over {scheme}:// ({time.monotonic() - began:.1f}s)")
+
+
 # What the alerts service takes for a rule field left out (services/alerts/src/config.rs:
 # Option fields are absent from --print-config, allowed_lateness_seconds is 0).
 ALERTS_RULE_DEFAULTS = {"allowed_lateness_seconds": 0}
@@ -368,7 +413,7 @@ def main() -> int:
         merge(values, yaml.safe_load(pathlib.Path(override).read_text()) or {})
     docs = [d for d in yaml.safe_load_all(rendered.read_text()) if d]
     configmaps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
-    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    deployments = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
     work = pathlib.Path(tempfile.mkdtemp(prefix="vigil-helm-run-"))
     atexit.register(shutil.rmtree, work, True)
     print(f"  {rendered.name}:")
@@ -513,20 +558,7 @@ def main() -> int:
                 check_rollout_kafka_clients(binary, kafka_args, kafka_env, pod, container, work)
 
         elif component == "device-simulator":
-            args = [re.sub(r"^--mqtt-url=.*", "--mqtt-url=mqtt://127.0.0.1:1", a) for a in args]
-            args = [re.sub(r"^--admin-listen=.*", "--admin-listen=127.0.0.1:0", a) for a in args]
-            process = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            output = Output(process)
-            try:
-                started = output.wait_for(r"publishing", 30)
-                check(started is not None, f"device-simulator did not start: {output.tail(10)}")
-            finally:
-                # Killed, not stopped: with no broker its SIGTERM drain waits out its 10 s
-                # drain timeout, and only its arguments are checked here.
-                process.kill()
-                process.wait()
-            if started:
-                print(f"    device-simulator: started publishing with the rendered arguments ({time.monotonic() - began:.1f}s)")
+            check_simulator_running(binary, deployment, args, env, work)
 
     for failure in failures:
         print(f"{rendered.name}: {failure}", file=sys.stderr)

@@ -181,6 +181,10 @@ OpenTelemetry SDK variables; with it empty, no OTEL_* variable is set.
 
 {{- define "vigil.kafka.tlsDir" -}}/etc/vigil/kafka-tls{{- end -}}
 {{- define "vigil.mqtt.tlsDir" -}}/etc/vigil/mqtt-tls{{- end -}}
+{{/* "true" when the MQTT URL given as the context is TLS (mqtts:// or ssl://), else empty. */}}
+{{- define "vigil.mqtt.isTls" -}}
+{{- if or (hasPrefix "mqtts://" .) (hasPrefix "ssl://" .) }}true{{ end -}}
+{{- end -}}
 
 {{/*
 The librdkafka properties of ingest's, the stream processor's and alerts' Kafka clients, as

@@ -195,12 +195,8 @@ failing here says so before anything is deployed.
 
 {{- $sim := $v.deviceSimulator -}}
 {{- if $sim.enabled -}}
-{{- $url := $sim.mqttUrl | default $v.mqtt.url -}}
-{{- if hasPrefix "mqtts://" $url -}}
-{{- fail (printf "deviceSimulator: this chart runs the simulator over plain MQTT only (it does not mount the simulator's TLS files yet), and %q is mqtts://; set deviceSimulator.mqttUrl to a plaintext listener" $url) -}}
-{{- end -}}
-{{- if and $v.mqtt.auth.enabled (not $sim.mqttUrl) -}}
-{{- fail "deviceSimulator: this chart does not give the simulator MQTT credentials yet, and mqtt.auth is on; set deviceSimulator.mqttUrl to a listener that accepts it" -}}
+{{- if gt (int $sim.replicas) (int $sim.cars) -}}
+{{- fail (printf "deviceSimulator: replicas (%d) is more than cars (%d); a replica without cars has nothing to publish" (int $sim.replicas) (int $sim.cars)) -}}
 {{- end -}}
 {{- if gt (float64 $sim.faultOnsetMinSeconds) (float64 $sim.faultOnsetMaxSeconds) -}}
 {{- fail "deviceSimulator: faultOnsetMinSeconds is after faultOnsetMaxSeconds" -}}

@@ -166,6 +166,9 @@ pub async fn publish(
     let (stop, stopped) = watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     let indices: Vec<usize> = (0..fleet.cars).filter(|&i| options.replica.is_none_or(|r| r.owns(i))).collect();
+    if let (Some(replica), true) = (options.replica, indices.is_empty()) {
+        anyhow::bail!("replica {} of {} has no cars: the fleet has {}", replica.index, replica.count, fleet.cars);
+    }
     metrics.connections.set(indices.len().div_ceil(options.cars_per_connection) as i64);
     for (n, chunk) in indices.chunks(options.cars_per_connection).enumerate() {
         let cars: Vec<Car> = chunk.iter().map(|&i| crate::fleet::car(fleet, i)).collect();

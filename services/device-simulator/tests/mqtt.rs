@@ -195,3 +195,15 @@ async fn two_mqtt5_replicas_split_the_fleet_and_traced_readings_carry_trace_cont
     }
     assert_eq!(traces.len(), received.len(), "each traced reading starts its own trace");
 }
+
+#[tokio::test]
+async fn a_replica_without_cars_is_refused_before_connecting() {
+    // No broker: the refusal must come before any connection is tried.
+    let fleet = FleetOptions { cars: 2, ..FleetOptions::default() };
+    let mut publishing = PublishOptions::new("127.0.0.1", 1);
+    publishing.replica = Some(device_simulator::publish::Replica { index: 2, count: 3 });
+    let metrics = PublishMetrics::unregistered();
+    let error = publish(&fleet, &publishing, &metrics, std::future::pending()).await.unwrap_err();
+    assert_eq!(error.to_string(), "replica 2 of 3 has no cars: the fleet has 2");
+    assert_eq!(metrics.connection_errors.get(), 0);
+}
