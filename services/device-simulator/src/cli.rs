@@ -98,8 +98,8 @@ struct ConnectionArgs {
     /// With mqtts://: the client certificate's PKCS#8 key (PEM).
     #[arg(long, env = "SIMULATOR_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<PathBuf>,
-    /// Share of readings (0-1) sent with a W3C `traceparent` user property (MQTT 5), so
-    /// their traces start at the device.
+    /// Share of readings (0-1) sent with a W3C `traceparent` user property, so their traces
+    /// start at the device. MQTT 5 only: with 3.1.1 (no user properties) none is traced.
     #[arg(long, env = "SIMULATOR_TRACE_SHARE", default_value_t = 0.01)]
     trace_share: f64,
 }
