@@ -215,17 +215,7 @@ class Checker:
         self.checked["messages"] += 1
         if ours.GetOptions().map_entry != official.GetOptions().map_entry:
             self.problem(f"{ours.full_name}: map entry on one side only")
-        for field in ours.fields:
-            self.checked["fields"] += 1
-            other = official.fields_by_name.get(field.name)
-            if other is None:
-                self.problem(f"field {field.full_name} does not exist upstream")
-                continue
-            ours_desc, other_desc = describe(field), describe(other)
-            if ours_desc != other_desc:
-                diff = ", ".join(f"{k}: ours {ours_desc[k]!r}, upstream {other_desc[k]!r}"
-                                 for k in ours_desc if ours_desc[k] != other_desc[k])
-                self.problem(f"field {field.full_name}: {diff}")
+        self.check_members("field", ours.fields, official.fields_by_name, describe)
         for nested in ours.nested_types:
             self.check_message(nested)
         for enum in ours.enum_types:
@@ -252,19 +242,31 @@ class Checker:
             self.problem(f"service {ours.full_name} does not exist upstream")
             return
         self.checked["services"] += 1
-        for method in ours.methods:
-            self.checked["methods"] += 1
-            other = official.methods_by_name.get(method.name)
+        self.check_members("method", ours.methods, official.methods_by_name, describe_method)
+
+    def check_members(self, kind, ours, upstream, describe_member):
+        """Each of our fields or methods exists upstream by name and is described alike."""
+        for member in ours:
+            self.checked[kind + "s"] += 1
+            other = upstream.get(member.name)
             if other is None:
-                self.problem(f"method {method.full_name} does not exist upstream")
+                self.problem(f"{kind} {member.full_name} does not exist upstream")
                 continue
-            ours_sig = (method.input_type.full_name, method.output_type.full_name,
-                        method.client_streaming, method.server_streaming)
-            other_sig = (other.input_type.full_name, other.output_type.full_name,
-                         other.client_streaming, other.server_streaming)
-            if ours_sig != other_sig:
-                self.problem(f"method {method.full_name}: ours (in, out, client streaming, "
-                             f"server streaming) = {ours_sig}; upstream {other_sig}")
+            ours_desc, other_desc = describe_member(member), describe_member(other)
+            if ours_desc != other_desc:
+                diff = ", ".join(f"{k}: ours {ours_desc[k]!r}, upstream {other_desc[k]!r}"
+                                 for k in ours_desc if ours_desc[k] != other_desc[k])
+                self.problem(f"{kind} {member.full_name}: {diff}")
+
+
+def describe_method(method):
+    """A method's request and response types and streaming."""
+    return {
+        "input": method.input_type.full_name,
+        "output": method.output_type.full_name,
+        "client streaming": method.client_streaming,
+        "server streaming": method.server_streaming,
+    }
 
 
 def describe(field):

@@ -14,18 +14,10 @@ pub const SCOPE: &str = "vigil-ingest";
 
 /// Starts the span of a message that arrived on `mqtt_topic` with `user_properties`.
 pub fn mqtt_message(mqtt_topic: &str, user_properties: &[(String, String)]) -> Context {
-    let parent = telemetry::context_from_pairs(user_properties.iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
-    let tracer = telemetry::tracer(SCOPE);
-    let span = tracer
-        .span_builder("ingest reading")
-        .with_kind(SpanKind::Consumer)
-        .with_attributes([
-            KeyValue::new("messaging.system", "mqtt"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.destination.name", mqtt_topic.to_owned()),
-        ])
-        .start_with_context(&tracer, &parent);
-    parent.with_span(span)
+    let carrier = user_properties.iter().map(|(k, v)| (k.as_str(), v.as_bytes()));
+    let message =
+        telemetry::ReceivedMessage { system: "mqtt", destination: mqtt_topic.to_owned(), attributes: Vec::new() };
+    message.process_span(SCOPE, "ingest reading", carrier)
 }
 
 /// Starts the span of a reading that came in the current API call (gRPC or HTTP).

@@ -132,26 +132,7 @@ fn micros(elapsed: Duration) -> f64 {
 
 /// TensorFlow's name for a gRPC status code, as TF Serving's `status` labels use it.
 fn tf_status(code: Option<tonic::Code>) -> &'static str {
-    use tonic::Code;
-    match code {
-        None | Some(Code::Ok) => "OK",
-        Some(Code::Cancelled) => "CANCELLED",
-        Some(Code::Unknown) => "UNKNOWN",
-        Some(Code::InvalidArgument) => "INVALID_ARGUMENT",
-        Some(Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
-        Some(Code::NotFound) => "NOT_FOUND",
-        Some(Code::AlreadyExists) => "ALREADY_EXISTS",
-        Some(Code::PermissionDenied) => "PERMISSION_DENIED",
-        Some(Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
-        Some(Code::FailedPrecondition) => "FAILED_PRECONDITION",
-        Some(Code::Aborted) => "ABORTED",
-        Some(Code::OutOfRange) => "OUT_OF_RANGE",
-        Some(Code::Unimplemented) => "UNIMPLEMENTED",
-        Some(Code::Internal) => "INTERNAL",
-        Some(Code::Unavailable) => "UNAVAILABLE",
-        Some(Code::DataLoss) => "DATA_LOSS",
-        Some(Code::Unauthenticated) => "UNAUTHENTICATED",
-    }
+    code.map_or("OK", proto::status_code_name)
 }
 
 impl Metrics {

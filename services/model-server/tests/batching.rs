@@ -20,21 +20,13 @@ fn input(client: usize, rows: usize) -> Vec<f32> {
 async fn concurrent_requests_are_merged_and_each_gets_its_own_rows() {
     let root = tempfile::tempdir().unwrap();
     let base = model_base(root.path(), "ae", "autoencoder", &[1]);
-    let batching = root.path().join("batching.config");
     // A 5 ms window so concurrent requests reliably meet in one batch.
-    std::fs::write(
-        &batching,
+    let [enable, parameters] = batching_flags(
+        root.path(),
         "max_batch_size { value: 32 }\nbatch_timeout_micros { value: 5000 }\nnum_batch_threads { value: 2 }\n\
          max_enqueued_batches { value: 100 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16\nallowed_batch_sizes: 32\n",
-    )
-    .unwrap();
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        "--enable_batching=true",
-        &format!("--batching_parameters_file={}", batching.display()),
-    ])
-    .await;
+    );
+    let server = TestServer::serving("ae", &base, &[&enable, &parameters]).await;
 
     // The engine alone gives the expected answer for every client's rows.
     let plan = Arc::new(SavedModel::open(base.join("1")).unwrap().load("serving_default").unwrap());

@@ -62,14 +62,16 @@ async fn management_calls_need_the_token_or_an_allowed_certificate_and_reads_nee
     std::fs::write(&ssl, ssl_config(&ca.server(), Some(&ca), false)).unwrap();
     let token_file = root.path().join("token");
     std::fs::write(&token_file, "first-token\n").unwrap();
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        &format!("--ssl_config_file={}", ssl.display()),
-        &format!("--management_token_file={}", token_file.display()),
-        "--management_allowed_subject=deployer",
-        "--security_files_poll_wait_seconds=1",
-    ])
+    let server = TestServer::serving(
+        "ae",
+        &base,
+        &[
+            &format!("--ssl_config_file={}", ssl.display()),
+            &format!("--management_token_file={}", token_file.display()),
+            "--management_allowed_subject=deployer",
+            "--security_files_poll_wait_seconds=1",
+        ],
+    )
     .await;
     let anonymous = tls_channel(server.grpc, &ca, None).await.unwrap();
 

@@ -44,12 +44,7 @@ async fn statuses(channel: &Channel, model: &str) -> Vec<(i64, i32, String)> {
 async fn a_new_version_swaps_in_under_load_and_a_corrupt_one_never_replaces_it() {
     let root = tempfile::tempdir().unwrap();
     let base = model_base(root.path(), "ae", "autoencoder", &[1]);
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        "--file_system_poll_wait_seconds=1",
-    ])
-    .await;
+    let server = TestServer::serving("ae", &base, &["--file_system_poll_wait_seconds=1"]).await;
     let channel = server.channel().await;
 
     let stop = Arc::new(AtomicBool::new(false));

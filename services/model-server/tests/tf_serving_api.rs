@@ -56,12 +56,7 @@ async fn predict_matches_tensorflow_in_typed_and_content_encodings() {
 async fn tensor_content_responses_when_asked() {
     let root = tempfile::tempdir().unwrap();
     let base = model_base(root.path(), "ae", "autoencoder", &[1]);
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        "--enable_serialization_as_tensor_content",
-    ])
-    .await;
+    let server = TestServer::serving("ae", &base, &["--enable_serialization_as_tensor_content"]).await;
     let (shape, input, expected) = autoencoder_golden().remove(0);
     let request = PredictRequest {
         model_spec: spec("ae", None, None, ""),
@@ -122,16 +117,9 @@ async fn metadata_and_status_read_like_tf_serving() {
 async fn every_error_path_has_its_code_and_names_what_was_wrong() {
     let root = tempfile::tempdir().unwrap();
     let base = model_base(root.path(), "ae", "autoencoder", &[1]);
-    let batching = root.path().join("batching.config");
-    std::fs::write(&batching, "max_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n").unwrap();
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        "--enable_batching",
-        &format!("--batching_parameters_file={}", batching.display()),
-        "--max_request_rows=100",
-    ])
-    .await;
+    // The bare flag, as TF Serving's users write it.
+    let [_, parameters] = batching_flags(root.path(), "max_batch_size { value: 8 }\nnum_batch_threads { value: 1 }\n");
+    let server = TestServer::serving("ae", &base, &["--enable_batching", &parameters, "--max_request_rows=100"]).await;
     let mut client = server.predict_client().await;
     let row = vec![0.5f32; 18];
     let good = |rows: usize| [("sensors".to_owned(), float_tensor(&[rows, 18], &row.repeat(rows)))].into();
@@ -239,21 +227,13 @@ async fn tf_serving_metric_names_answer_at_the_monitoring_path() {
     let monitoring = root.path().join("monitoring.config");
     std::fs::write(&monitoring, "prometheus_config { enable: true path: \"/monitoring/prometheus/metrics\" }\n")
         .unwrap();
-    let batching = root.path().join("batching.config");
     // A batch window, so every request goes through the queue; sizes padded to 8.
-    std::fs::write(
-        &batching,
+    let [enable, parameters] = batching_flags(
+        root.path(),
         "max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\nallowed_batch_sizes: 8\n",
-    )
-    .unwrap();
-    let server = TestServer::start(&[
-        "--model_name=ae",
-        &format!("--model_base_path={}", base.display()),
-        "--enable_batching=true",
-        &format!("--batching_parameters_file={}", batching.display()),
-        &format!("--monitoring_config_file={}", monitoring.display()),
-    ])
-    .await;
+    );
+    let monitoring = format!("--monitoring_config_file={}", monitoring.display());
+    let server = TestServer::serving("ae", &base, &[&enable, &parameters, &monitoring]).await;
     let mut client = server.predict_client().await;
     let predict = |model: &str, rows: usize, width: usize| PredictRequest {
         model_spec: spec(model, None, None, ""),

@@ -9,7 +9,7 @@
 mod pki;
 mod support;
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use pki::{Ca, presented_certificate, ssl_config, tls_channel, tls_connect, write_atomically};
@@ -116,22 +116,11 @@ async fn rest_answers_over_tls_with_http1() {
 }
 
 /// What the server logged, for waiting on its file poller (this binary's tests share it).
-fn logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+fn logs() -> test_support::CapturedLogs {
+    static LOGS: OnceLock<test_support::CapturedLogs> = OnceLock::new();
     LOGS.get_or_init(|| {
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        #[derive(Clone)]
-        struct Writer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Writer {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let writer = Writer(logs.clone());
+        let logs = test_support::CapturedLogs::default();
+        let writer = logs.clone();
         tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).init();
         logs
     })
@@ -161,7 +150,7 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_an_invalid_fi
     write_atomically(&file, "server_cert: \"not a certificate\"\n");
     let reported = format!("{}", file.display());
     eventually(Duration::from_secs(30), "the invalid file to be reported", async || {
-        let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+        let text = logs.text();
         text.lines().any(|line| line.contains(&reported) && line.contains("not valid"))
     })
     .await;

@@ -18,20 +18,16 @@ const PREDICT: &str = "tensorflow.serving.PredictionService/Predict";
 
 /// Starts the span of the reading `source` describes and makes its headers carry it.
 pub fn reading(source: &mut Source) -> Context {
-    let parent = telemetry::context_from_pairs(source.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
-    let tracer = telemetry::tracer(SCOPE);
-    let span = tracer
-        .span_builder("score reading")
-        .with_kind(SpanKind::Consumer)
-        .with_attributes([
-            KeyValue::new("messaging.system", "kafka"),
-            KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.destination.name", source.topic.clone()),
+    let message = telemetry::ReceivedMessage {
+        system: "kafka",
+        destination: source.topic.clone(),
+        attributes: vec![
             KeyValue::new("messaging.destination.partition.id", source.partition.to_string()),
             KeyValue::new("messaging.kafka.offset", source.offset),
-        ])
-        .start_with_context(&tracer, &parent);
-    let cx = parent.with_span(span);
+        ],
+    };
+    let carrier = source.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+    let cx = message.process_span(SCOPE, "score reading", carrier);
     telemetry::set_context_headers(&mut source.headers, &cx);
     cx
 }

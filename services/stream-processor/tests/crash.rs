@@ -51,20 +51,14 @@ impl ProcessorProcess {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_processor_loses_no_reading_and_repeats_at_most_its_window() {
-    killed_and_restarted(false).await;
-}
+test_both_scorings!(killed_and_restarted:
+    a_killed_processor_loses_no_reading_and_repeats_at_most_its_window,
+    a_killed_embedded_processor_loses_no_reading_and_repeats_at_most_its_window);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_embedded_processor_loses_no_reading_and_repeats_at_most_its_window() {
-    killed_and_restarted(true).await;
-}
-
-/// The kill and restart, scoring through a model server or (`in_process`) embedded.
-async fn killed_and_restarted(in_process: bool) {
+/// The kill and restart of the processor binary.
+async fn killed_and_restarted(scoring: Scoring) {
     let kafka = kafka();
-    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
+    let (_, server) = scoring.setup(&kafka).await;
     let model = server.as_ref().map(|s| s.grpc);
     let readings = fleet_readings(50, 60, 13);
     let total = readings.len();

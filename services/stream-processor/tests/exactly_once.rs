@@ -46,6 +46,29 @@ async fn external_kafka() -> KafkaUnderTest {
     kafka
 }
 
+/// On the external broker: a model server, an exactly-once processor (transactional id
+/// `transactional_id`) and the first half of a fleet's readings produced to it.
+struct FirstHalf {
+    kafka: KafkaUnderTest,
+    server: ModelServer,
+    config: ProcessorConfig,
+    processor: Processor,
+    readings: Vec<sensor::SensorReading>,
+}
+
+impl FirstHalf {
+    async fn produced(transactional_id: &str, cars: usize, per_car: usize, seed: u64) -> Self {
+        let kafka = external_kafka().await;
+        let server = ModelServer::start(&[]).await;
+        let mut config = config(&kafka, &[server.grpc]);
+        exactly_once(&mut config, transactional_id);
+        let processor = Processor::start(config.clone()).await;
+        let readings = fleet_readings(cars, per_car, seed);
+        produce_readings(&kafka, &readings[..readings.len() / 2]).await;
+        Self { kafka, server, config, processor, readings }
+    }
+}
+
 /// Every score record on the topic: reads until more than `expected` are there or 5 s
 /// passed, so repeats would be seen.
 async fn all_scores(kafka: &impl Bootstrap, expected: usize) -> Vec<embedded_brokers::ReadRecord> {
@@ -60,25 +83,14 @@ fn assert_once_in_order(records: &[embedded_brokers::ReadRecord], expected: usiz
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_reading_is_written_once_in_order_through_committed_transactions() {
-    written_once_in_order(false).await;
-}
+test_both_scorings!(written_once_in_order:
+    every_reading_is_written_once_in_order_through_committed_transactions,
+    embedded_scoring_writes_every_reading_once_in_order_through_committed_transactions);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_scoring_writes_every_reading_once_in_order_through_committed_transactions() {
-    written_once_in_order(true).await;
-}
-
-/// Scoring through a model server or (`in_process`) embedded.
-async fn written_once_in_order(in_process: bool) {
+async fn written_once_in_order(scoring: Scoring) {
     let kafka = kafka();
-    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
-    let mut config = config(&kafka, &server.iter().map(|s| s.grpc).collect::<Vec<_>>());
-    if in_process {
-        embedded(&mut config, &bundled_model_dir());
-    }
-    exactly_once(&mut config, if in_process { "exactly-once-embedded" } else { "exactly-once-mock" });
+    let (mut config, server) = scoring.setup(&kafka).await;
+    exactly_once(&mut config, if scoring == Scoring::Embedded { "exactly-once-embedded" } else { "exactly-once-mock" });
     config.max_in_flight_per_partition = 64;
     let processor = Processor::start(config).await;
     let readings = fleet_readings(30, 30, 21);
@@ -122,14 +134,9 @@ async fn a_transaction_kafka_refuses_stops_the_processor_instead_of_committing_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Apache Kafka (VIGIL_TEST_KAFKA=host:port): the mock cluster does not apply transactional offsets"]
 async fn offsets_are_committed_with_the_outputs_and_a_restart_resumes_from_them() {
-    let kafka = external_kafka().await;
-    let server = ModelServer::start(&[]).await;
-    let mut config = config(&kafka, &[server.grpc]);
-    exactly_once(&mut config, "exactly-once-restart");
-    let processor = Processor::start(config.clone()).await;
-    let readings = fleet_readings(30, 30, 21);
+    let FirstHalf { kafka, server, config, processor, readings } =
+        FirstHalf::produced("exactly-once-restart", 30, 30, 21).await;
     let (early, late) = readings.split_at(readings.len() / 2);
-    produce_readings(&kafka, early).await;
     let count = early.len();
     read(&kafka, SCORES, move |r| r.len() >= count).await;
     processor.stop().await;
@@ -151,14 +158,9 @@ async fn offsets_are_committed_with_the_outputs_and_a_restart_resumes_from_them(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Apache Kafka (VIGIL_TEST_KAFKA=host:port): the mock cluster does not apply transactional offsets"]
 async fn a_rebalance_between_two_processors_writes_nothing_twice() {
-    let kafka = external_kafka().await;
-    let server = ModelServer::start(&[]).await;
-    let mut config = config(&kafka, &[server.grpc]);
-    exactly_once(&mut config, "exactly-once-first");
-    let first = Processor::start(config.clone()).await;
-    let readings = fleet_readings(40, 40, 9);
+    let FirstHalf { kafka, server, mut config, processor: first, readings } =
+        FirstHalf::produced("exactly-once-first", 40, 40, 9).await;
     let (early, late) = readings.split_at(readings.len() / 2);
-    produce_readings(&kafka, early).await;
     let count = early.len();
     read(&kafka, SCORES, move |r| r.len() >= count / 2).await;
     exactly_once(&mut config, "exactly-once-second");

@@ -72,26 +72,16 @@ async fn scored_once_in_order_across_two_replicas(calls: Calls) {
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scores_are_tensorflows_for_the_golden_readings() {
-    scores_are_tensorflows(false).await;
-}
+test_both_scorings!(scores_are_tensorflows:
+    scores_are_tensorflows_for_the_golden_readings,
+    embedded_scores_are_tensorflows_for_the_golden_readings);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_scores_are_tensorflows_for_the_golden_readings() {
-    scores_are_tensorflows(true).await;
-}
-
-/// The golden stretches' scores from the latest version, the windowed v3, through the
-/// model server or (`in_process`) embedded: each stretch is a car's consecutive readings
-/// from its first, so the processor's windows are TensorFlow's (padded alike at the start).
-async fn scores_are_tensorflows(in_process: bool) {
+/// The golden stretches' scores from the latest version, the windowed v3: each stretch is
+/// a car's consecutive readings from its first, so the processor's windows are
+/// TensorFlow's (padded alike at the start).
+async fn scores_are_tensorflows(scoring: Scoring) {
     let kafka = kafka();
-    let server = if in_process { None } else { Some(ModelServer::start(&[]).await) };
-    let mut config = config(&kafka, &server.iter().map(|s| s.grpc).collect::<Vec<_>>());
-    if in_process {
-        embedded(&mut config, &bundled_model_dir());
-    }
+    let (mut config, server) = scoring.setup(&kafka).await;
     config.output_format = stream_processor::config::OutputFormat::Json;
     let processor = Processor::start(config).await;
     let golden: serde_json::Value =

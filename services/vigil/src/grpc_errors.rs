@@ -3,27 +3,8 @@
 
 /// The gRPC code's canonical name in words ("invalid argument"), which operators search
 /// docs and dashboards by; tonic's own descriptions are sentences.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "ok",
-        Code::Cancelled => "cancelled",
-        Code::Unknown => "unknown",
-        Code::InvalidArgument => "invalid argument",
-        Code::DeadlineExceeded => "deadline exceeded",
-        Code::NotFound => "not found",
-        Code::AlreadyExists => "already exists",
-        Code::PermissionDenied => "permission denied",
-        Code::ResourceExhausted => "resource exhausted",
-        Code::FailedPrecondition => "failed precondition",
-        Code::Aborted => "aborted",
-        Code::OutOfRange => "out of range",
-        Code::Unimplemented => "unimplemented",
-        Code::Internal => "internal",
-        Code::Unavailable => "unavailable",
-        Code::DataLoss => "data loss",
-        Code::Unauthenticated => "unauthenticated",
-    }
+pub fn code_name(code: tonic::Code) -> String {
+    proto::status_code_name(code).to_ascii_lowercase().replace('_', " ")
 }
 
 /// The error and its causes, each once (tonic's transport errors say little at the top).

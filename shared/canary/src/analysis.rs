@@ -335,34 +335,37 @@ mod tests {
         WindowStats { requests: n as u64, errors, latencies_ms, scores, anomalies }
     }
 
+    /// One side's window: rows, mean score, threshold, latency (ms), errors.
+    type Drawn = (usize, f64, f64, f64, u64);
+
+    /// Stable's window, then the canary's, drawn from one generator seeded with `seed`, and
+    /// judged by the default bounds.
+    fn judge_drawn(seed: u64, stable: Drawn, canary: Drawn) -> Judgement {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let stable = window(&mut rng, stable.0, stable.1, stable.2, stable.3, stable.4);
+        let canary = window(&mut rng, canary.0, canary.1, canary.2, canary.3, canary.4);
+        judge(&stable, &canary, &Bounds::default())
+    }
+
     #[test]
     fn an_equivalent_canary_passes() {
-        let mut rng = StdRng::seed_from_u64(1);
-        let stable = window(&mut rng, 5_000, 0.6, 1.2, 10.0, 5);
-        let canary = window(&mut rng, 1_000, 0.6, 1.2, 10.5, 1);
-        let judgement = judge(&stable, &canary, &Bounds::default());
+        let judgement = judge_drawn(1, (5_000, 0.6, 1.2, 10.0, 5), (1_000, 0.6, 1.2, 10.5, 1));
         assert_eq!(judgement.verdict, Verdict::Pass, "{judgement:?}");
         assert!(judgement.scores.unwrap().shift.abs() < 0.05);
     }
 
     #[test]
     fn a_canary_that_flags_everything_fails_on_anomaly_rate_and_scores() {
-        let mut rng = StdRng::seed_from_u64(2);
-        let stable = window(&mut rng, 5_000, 0.6, 1.2, 10.0, 0);
-        let canary = window(&mut rng, 1_000, 3.0, 1.2, 10.0, 0);
-        let Verdict::Fail(breaches) = judge(&stable, &canary, &Bounds::default()).verdict else {
-            panic!("a flag-everything canary passed")
-        };
+        let judgement = judge_drawn(2, (5_000, 0.6, 1.2, 10.0, 0), (1_000, 3.0, 1.2, 10.0, 0));
+        let Verdict::Fail(breaches) = judgement.verdict else { panic!("a flag-everything canary passed") };
         assert!(matches!(breaches[0], Breach::AnomalyRate { canary, .. } if canary > 0.99), "{breaches:?}");
         assert!(matches!(breaches[1], Breach::ScoreDistribution { shift, .. } if shift > 0.45), "{breaches:?}");
     }
 
     #[test]
     fn errors_and_latency_beyond_bounds_fail() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let stable = window(&mut rng, 2_000, 0.6, 1.2, 10.0, 2);
-        let canary = window(&mut rng, 2_000, 0.6, 1.2, 20.0, 100);
-        let Verdict::Fail(breaches) = judge(&stable, &canary, &Bounds::default()).verdict else { panic!() };
+        let judgement = judge_drawn(3, (2_000, 0.6, 1.2, 10.0, 2), (2_000, 0.6, 1.2, 20.0, 100));
+        let Verdict::Fail(breaches) = judgement.verdict else { panic!() };
         assert!(matches!(breaches[0], Breach::ErrorRate { canary, .. } if (canary - 0.05).abs() < 1e-12));
         assert!(matches!(breaches[1], Breach::LatencyP99 { .. }), "{breaches:?}");
         assert_eq!(breaches.len(), 2, "{breaches:?}");
@@ -371,10 +374,7 @@ mod tests {
     #[test]
     fn a_small_but_significant_score_shift_passes() {
         // 50,000 each: a 0.02 shift in mean is highly significant and irrelevant.
-        let mut rng = StdRng::seed_from_u64(4);
-        let stable = window(&mut rng, 50_000, 0.60, 5.0, 10.0, 0);
-        let canary = window(&mut rng, 50_000, 0.62, 5.0, 10.0, 0);
-        let judgement = judge(&stable, &canary, &Bounds::default());
+        let judgement = judge_drawn(4, (50_000, 0.60, 5.0, 10.0, 0), (50_000, 0.62, 5.0, 10.0, 0));
         let test = judgement.scores.unwrap();
         assert!(test.p_value < 1e-3, "the shift is significant: {test:?}");
         assert_eq!(judgement.verdict, Verdict::Pass, "but small: {test:?}");
@@ -382,10 +382,8 @@ mod tests {
 
     #[test]
     fn too_few_samples_is_inconclusive_whatever_the_figures() {
-        let mut rng = StdRng::seed_from_u64(5);
-        let stable = window(&mut rng, 5_000, 0.6, 1.2, 10.0, 0);
-        let canary = window(&mut rng, 50, 3.0, 1.2, 100.0, 50);
-        let Verdict::Inconclusive(reason) = judge(&stable, &canary, &Bounds::default()).verdict else { panic!() };
+        let judgement = judge_drawn(5, (5_000, 0.6, 1.2, 10.0, 0), (50, 3.0, 1.2, 100.0, 50));
+        let Verdict::Inconclusive(reason) = judgement.verdict else { panic!() };
         assert!(reason.starts_with("canary: 50 requests"), "{reason}");
     }
 

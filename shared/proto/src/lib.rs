@@ -31,54 +31,63 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// `pub mod <api> { pub mod v1 { <package vigil.<api>.v1> } }` for each of Vigil's APIs.
+macro_rules! vigil_v1_packages {
+    ($($(#[$doc:meta])* $api:ident),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub mod $api {
+                #[doc = concat!("Package `vigil.", stringify!($api), ".v1`.")]
+                pub mod v1 {
+                    // tonic::include_proto! takes a literal; this is what it expands to.
+                    include!(concat!(env!("OUT_DIR"), "/vigil.", stringify!($api), ".v1.rs"));
+                }
+            }
+        )*
+    };
+}
+
 /// Vigil's own APIs.
 pub mod vigil {
-    /// The alerts service's records: alerts, and its changelog.
-    pub mod alerts {
-        /// Package `vigil.alerts.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.alerts.v1");
-        }
+    vigil_v1_packages! {
+        /// The alerts service's records: alerts, and its changelog.
+        alerts,
+        /// The ingest service's gRPC API.
+        ingest,
+        /// The model server's canary rollout API.
+        rollout,
+        /// The stream processor's score and anomaly records.
+        scoring,
+        /// Replaying history through a candidate model (the stream processor's API).
+        replay,
+        /// The car sensor reading every service shares.
+        sensor,
     }
+}
 
-    /// The ingest service's gRPC API.
-    pub mod ingest {
-        /// Package `vigil.ingest.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.ingest.v1");
-        }
-    }
-
-    /// The model server's canary rollout API.
-    pub mod rollout {
-        /// Package `vigil.rollout.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.rollout.v1");
-        }
-    }
-
-    /// The stream processor's score and anomaly records.
-    pub mod scoring {
-        /// Package `vigil.scoring.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.scoring.v1");
-        }
-    }
-
-    /// Replaying history through a candidate model (the stream processor's API).
-    pub mod replay {
-        /// Package `vigil.replay.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.replay.v1");
-        }
-    }
-
-    /// The car sensor reading every service shares.
-    pub mod sensor {
-        /// Package `vigil.sensor.v1`.
-        pub mod v1 {
-            tonic::include_proto!("vigil.sensor.v1");
-        }
+/// The canonical name of a gRPC status code (`INVALID_ARGUMENT`), as gRPC's docs, TF
+/// Serving's metric labels and operators' searches spell it; tonic's own descriptions are
+/// sentences. The services' metric labels and the CLI's messages are made from it.
+pub fn status_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 

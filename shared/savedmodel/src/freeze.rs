@@ -22,7 +22,7 @@ use std::path::Path;
 
 use tract_tensorflow::tfpb::tensorflow::attr_value::Value as AttrValueKind;
 use tract_tensorflow::tfpb::tensorflow::{
-    AttrValue, DataType, FunctionDef, GraphDef, NodeDef, SignatureDef, TensorProto,
+    AttrValue, DataType, FunctionDef, GraphDef, NodeDef, SignatureDef, TensorInfo, TensorProto,
 };
 
 use crate::bundle::TensorBundle;
@@ -103,12 +103,8 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
         detail,
     };
 
-    let mut inputs: Vec<_> = signature.inputs.iter().collect();
-    inputs.sort_by_key(|(key, _)| key.as_str());
     let mut input_nodes = Vec::new();
-    for (key, info) in inputs {
-        let tensor = dense_name(info.encoding.as_ref())
-            .ok_or_else(|| invalid(format!("input {key:?} is not a dense tensor")))?;
+    for (key, info, tensor) in dense_tensors(&signature.inputs, "input", invalid)? {
         let (node_name, _) = parse_tensor_name(tensor);
         let node = freezer
             .top_nodes
@@ -134,12 +130,8 @@ pub(crate) fn freeze(input: &FreezeInput<'_>, name: &str, signature: &SignatureD
         input_nodes.push((key.clone(), flat));
     }
 
-    let mut outputs: Vec<_> = signature.outputs.iter().collect();
-    outputs.sort_by_key(|(key, _)| key.as_str());
     let mut output_tensors = Vec::new();
-    for (key, info) in outputs {
-        let tensor = dense_name(info.encoding.as_ref())
-            .ok_or_else(|| invalid(format!("output {key:?} is not a dense tensor")))?;
+    for (key, info, tensor) in dense_tensors(&signature.outputs, "output", invalid)? {
         let (node_name, index) = parse_tensor_name(tensor);
         let index = index.ok_or_else(|| invalid(format!("output {key:?} has a malformed tensor name {tensor:?}")))?;
         let value = freezer.resolve_output(TOP, node_name, index)?;
@@ -160,6 +152,25 @@ pub(crate) fn call_target(node: &NodeDef) -> Option<&str> {
         Some(AttrValueKind::Func(f)) => Some(f.name.as_str()),
         _ => None,
     }
+}
+
+/// A signature's inputs or outputs (`side`) in key order, each with its dense tensor's
+/// name; a sparse or composite one is refused.
+fn dense_tensors<'s>(
+    tensors: &'s HashMap<String, TensorInfo>,
+    side: &str,
+    invalid: impl Fn(String) -> LoadError,
+) -> Result<Vec<(&'s String, &'s TensorInfo, &'s str)>, LoadError> {
+    let mut sorted: Vec<_> = tensors.iter().collect();
+    sorted.sort_by_key(|(key, _)| key.as_str());
+    sorted
+        .into_iter()
+        .map(|(key, info)| {
+            let tensor = dense_name(info.encoding.as_ref())
+                .ok_or_else(|| invalid(format!("{side} {key:?} is not a dense tensor")))?;
+            Ok((key, info, tensor))
+        })
+        .collect()
 }
 
 /// The dense tensor name of a `TensorInfo`, or `None` for sparse/composite encodings.

@@ -137,6 +137,43 @@ pub fn context_from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a [u8]
     TraceContextPropagator::new().extract(&carried)
 }
 
+/// A message a service took from a broker, as OpenTelemetry's messaging conventions
+/// describe it: the system (`mqtt`, `kafka`), where it came from, and more attributes (its
+/// partition and offset, say).
+pub struct ReceivedMessage {
+    pub system: &'static str,
+    pub destination: String,
+    pub attributes: Vec<KeyValue>,
+}
+
+impl ReceivedMessage {
+    /// Starts the consumer span `name` (in `scope`) that processes the message, a child of
+    /// the trace context its `carrier` (header or user-property pairs) holds, or the root
+    /// of a new trace.
+    pub fn process_span<'a>(
+        self,
+        scope: &'static str,
+        name: &'static str,
+        carrier: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Context {
+        use opentelemetry::trace::{SpanKind, Tracer as _};
+        let parent = context_from_pairs(carrier);
+        let tracer = tracer(scope);
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", self.system),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", self.destination),
+        ];
+        attributes.extend(self.attributes);
+        let span = tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(attributes)
+            .start_with_context(&tracer, &parent);
+        parent.with_span(span)
+    }
+}
+
 /// `cx`'s span as trace context headers (`traceparent`, and `tracestate` when it has
 /// one); empty when `cx` holds no valid span context.
 pub fn context_headers(cx: &Context) -> Vec<(&'static str, String)> {

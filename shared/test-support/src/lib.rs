@@ -16,6 +16,7 @@
 //!   `kafka` crate and the embedded brokers;
 //! - [`tail`]: topics followed from their beginning with each record's times, never
 //!   trusting a watermark (tansu's are wrong) ([`Tail`]);
+//! - [`logs`]: log output captured in memory ([`CapturedLogs`]);
 //! - [`pki`]: test certificates (a CA, server and client certificates) and a TLS client.
 //!
 //! What stays in each suite's own support: starting that service in process, its config and
@@ -27,6 +28,7 @@ pub mod child;
 pub mod endpoint;
 pub mod files;
 pub mod kafka;
+pub mod logs;
 pub mod metrics;
 pub mod names;
 pub mod pki;
@@ -36,6 +38,7 @@ pub mod wait;
 pub use child::{ChildService, Output};
 pub use endpoint::Endpoint;
 pub use files::{TempFile, copy_dir, temp_file};
+pub use logs::CapturedLogs;
 pub use metrics::{metric, metric_total};
 pub use names::unique_name;
 pub use tail::{Tail, TailedRecord};

@@ -255,8 +255,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use tower::ServiceExt as _;
 
     use super::*;
@@ -377,24 +375,10 @@ mod tests {
         assert!(Subject::from_der(b"not a certificate").is_none());
     }
 
-    /// Captures what the layer logs.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Calls the layer over a service answering 200 to everything; returns the gRPC
     /// status it answered ("0" when passed through) and the log lines.
     fn call(auth: &ManagementAuth, path: &str, authorization: Option<&str>) -> (String, String) {
-        let captured = Captured::default();
+        let captured = test_support::CapturedLogs::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
@@ -417,7 +401,7 @@ mod tests {
             let response = runtime.block_on(service.oneshot(request)).unwrap();
             response.headers().get("grpc-status").map_or("0".to_owned(), |v| v.to_str().unwrap().to_owned())
         });
-        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let logs = captured.text();
         (status, logs)
     }
 

@@ -65,6 +65,14 @@ pub fn add_version(base: &Path, fixture: &str, version: i64) {
     std::fs::rename(&staging, base.join(version.to_string())).unwrap();
 }
 
+/// `--enable_batching` with `parameters` (TF Serving's BatchingParameters, text format)
+/// written to a file under `root`: the flags for [`TestServer::serving`].
+pub fn batching_flags(root: &Path, parameters: &str) -> [String; 2] {
+    let file = root.join("batching.config");
+    std::fs::write(&file, parameters).unwrap();
+    ["--enable_batching=true".to_owned(), format!("--batching_parameters_file={}", file.display())]
+}
+
 pub struct TestServer {
     pub grpc: SocketAddr,
     pub rest: SocketAddr,
@@ -84,6 +92,13 @@ impl TestServer {
             let _ = stopped.await;
         }));
         TestServer { grpc: grpc_addr, rest: rest_addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// Starts a server of one model, `model` from `base`, with `flags` after its own.
+    pub async fn serving(model: &str, base: &Path, flags: &[&str]) -> TestServer {
+        let (name, base) = (format!("--model_name={model}"), format!("--model_base_path={}", base.display()));
+        let all: Vec<&str> = [name.as_str(), base.as_str()].into_iter().chain(flags.iter().copied()).collect();
+        TestServer::start(&all).await
     }
 
     pub async fn channel(&self) -> Channel {

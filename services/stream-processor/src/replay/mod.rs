@@ -22,6 +22,7 @@
 //! `replay_concurrency`, and one replay at a time per processor) and Kafka's fetch
 //! bandwidth.
 
+mod candidate;
 pub mod grpc;
 pub mod range;
 pub mod report;
@@ -41,17 +42,16 @@ use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message as _, OwnedMessage};
 use rdkafka::producer::{DeliveryFuture, FutureProducer};
-use sensor::SensorReading;
 use tokio::sync::{Semaphore, mpsc};
 
+use self::candidate::{Outcome, candidate, score, take};
 use self::range::{RangeError, Take};
 use self::report::{Pair, Tally};
 use self::request::{Invalid, Plan};
 use crate::config::{OutputFormat, ProcessorConfig};
 use crate::metrics::Metrics;
-use crate::model::{ModelClient, Retry, ScoreError, SignatureError};
-use crate::output::{self, OutKind, OutRecord, Source};
-use crate::windows::{Window, Windows};
+use crate::output::OutRecord;
+use crate::windows::Windows;
 
 /// How much earlier than a reading's Kafka timestamp its live score's may be (clocks of
 /// the hosts writing readings and scores disagreeing): the live scores are read from
@@ -205,22 +205,6 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(|e| ReplayError::Internal(format!("a replay task failed: {e}")))?
 }
 
-/// A reading's candidate score, or why there is none.
-enum Outcome {
-    Scored {
-        partition: i32,
-        offset: i64,
-        record: OutRecord,
-        score: f32,
-        anomaly: bool,
-    },
-    Failed(String),
-    /// Not a valid reading.
-    Skipped,
-    /// Read before the range only to fill devices' windows.
-    History,
-}
-
 async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Result<ReplayReport, ReplayError> {
     let model = candidate(&config, plan).await?;
     let model_window = model.window().unwrap_or(1);
@@ -350,54 +334,6 @@ async fn run(config: Arc<ProcessorConfig>, plan: &Plan, metrics: &Metrics) -> Re
     Ok(report::report(plan, &tally))
 }
 
-/// The candidate's client: the processor's model client settings, pinned to the version,
-/// after checking the model server serves it. Its calls stay out of the processor's
-/// `processor_model_*` metrics, which describe live scoring.
-async fn candidate(config: &ProcessorConfig, plan: &Plan) -> Result<ModelClient, ReplayError> {
-    let mut model_config = config.model.clone();
-    model_config.name.clone_from(&plan.model);
-    model_config.version = Some(plan.version);
-    model_config.version_label = None;
-    model_config.concurrency_limit = config.replay_concurrency;
-    model_config.calls_in_flight = model_config.calls_in_flight.min(config.replay_concurrency);
-    let unseen = Metrics::new(&prometheus::Registry::new()).map_err(|e| ReplayError::Internal(e.to_string()))?;
-    let client = ModelClient::new(&model_config, unseen).map_err(ReplayError::Internal)?;
-    let what = format!("model {} version {}", plan.model, plan.version);
-    let mut backoff = config.model.backoff();
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        let error = match client.signature().await {
-            Ok(inputs) if inputs.version == plan.version || inputs.version == 0 => return Ok(client),
-            Ok(inputs) => {
-                return Err(ReplayError::NotServed(format!(
-                    "{what}: the model server answered for version {} instead",
-                    inputs.version
-                )));
-            }
-            Err(SignatureError::Status(status))
-                if matches!(
-                    status.code(),
-                    tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-                ) =>
-            {
-                return Err(ReplayError::NotServed(format!(
-                    "{what} is not served by the model server: {}",
-                    status.message()
-                )));
-            }
-            Err(SignatureError::Unusable(why)) => {
-                return Err(ReplayError::NotServed(format!("the processor cannot score with {what}: {why}")));
-            }
-            Err(error) => error,
-        };
-        if tries >= ATTEMPTS {
-            return Err(ReplayError::ModelServer(format!("reading {what}'s signature: {error}")));
-        }
-        backoff.wait().await;
-    }
-}
-
 /// A group id no other consumer has, prefixed by the live one (Kafka ACLs often grant
 /// groups by prefix). Nothing is ever committed under it.
 fn replay_group_id(config: &ProcessorConfig) -> String {
@@ -425,83 +361,6 @@ fn producer(config: &ProcessorConfig) -> Result<FutureProducer, ReplayError> {
     let mut client = crate::kafka_clients::producer_config(config);
     client.set("message.timeout.ms", OUTPUT_TIMEOUT_MS).set("client.id", "vigil-stream-processor-replay");
     Ok(client.create()?)
-}
-
-/// Decodes and checks a record, and adds a valid reading to its device's window (in the
-/// partition's order, as the live path does); `None` for what the live path dead-letters.
-fn take(
-    config: &ProcessorConfig,
-    windows: &mut HashMap<i32, Windows>,
-    window: usize,
-    message: &OwnedMessage,
-) -> Option<(SensorReading, Window)> {
-    let reading = crate::pipeline::scorable_reading(config, message)?;
-    let windows = windows.entry(message.partition()).or_insert_with(|| {
-        let mut windows = Windows::new(&config.windows);
-        windows.set_keep(window);
-        windows
-    });
-    let window = windows.push(&reading);
-    Some((reading, window))
-}
-
-/// Scores one record of the range with the candidate (a record before the range only
-/// filled its device's window).
-async fn score(
-    model: &ModelClient,
-    config: &ProcessorConfig,
-    plan: &Plan,
-    message: OwnedMessage,
-    history: bool,
-    taken: Option<(SensorReading, Window)>,
-) -> Outcome {
-    if history {
-        return Outcome::History;
-    }
-    let Some((reading, window)) = taken else { return Outcome::Skipped };
-    let source = Source {
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        // A replayed score has no pipeline latency (its pipeline_latency_us is 0): the
-        // reading's age says nothing about the candidate.
-        timestamp: None,
-        headers: Vec::new(),
-    };
-    // No trace of its own: a replay is not a reading's journey.
-    let trace = telemetry::Context::new();
-    let mut backoff = config.model.backoff();
-    let retry = |_: &str, attempt: u32| {
-        if attempt >= ATTEMPTS { Retry::GiveUp } else { Retry::After(backoff.next_delay()) }
-    };
-    let scored = match model.score_with_retry(&reading, &window, &trace, retry).await {
-        Ok(scored) if scored.model_version == plan.version => scored,
-        Ok(scored) => {
-            return Outcome::Failed(format!(
-                "version {} answered instead of the candidate {}",
-                scored.model_version, plan.version
-            ));
-        }
-        Err(ScoreError::Rejected(error) | ScoreError::Transient(error)) => return Outcome::Failed(error),
-    };
-    let score = output::score(&source, &reading, &scored);
-    let record = OutRecord {
-        topic: plan.output_topic.clone(),
-        key: reading.device_id.clone().into_bytes(),
-        payload: output::encode_score(config.output_format, &score),
-        headers: output::model_headers(&scored).into(),
-        kind: OutKind::Score { anomaly: score.is_anomaly },
-        // Written now: a replay's records are a new run's, not the readings' history.
-        timestamp: None,
-    };
-    Outcome::Scored {
-        partition: source.partition,
-        offset: source.offset,
-        record,
-        score: score.score,
-        anomaly: score.is_anomaly,
-    }
 }
 
 /// Hands a record to the producer, waiting while its queue is full.
@@ -577,7 +436,7 @@ mod tests {
             ..Score::default()
         };
         for format in [OutputFormat::Protobuf, OutputFormat::Json] {
-            let payload = output::encode_score(format, &score);
+            let payload = crate::output::encode_score(format, &score);
             for reading_as in [OutputFormat::Protobuf, OutputFormat::Json] {
                 let read = decode_score(&payload, reading_as).unwrap();
                 assert_eq!(

@@ -1,6 +1,6 @@
 //! In-process Kafka (librdkafka's mock cluster), real model servers on the bundled model,
 //! readings produced the way ingest writes them, and the processor itself.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_macros)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -92,6 +92,50 @@ pub fn embedded(config: &mut ProcessorConfig, model_dir: &Path) {
     config.model.model_dir = Some(model_dir.to_owned());
     config.model.endpoints.clear();
 }
+
+/// How a test's processor scores: through a model server started for the test, or
+/// embedded, running the bundled model itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    ModelServer,
+    Embedded,
+}
+
+impl Scoring {
+    /// The processor's config for `kafka`, scoring this way, and the model server it calls
+    /// (none when embedded).
+    pub async fn setup(self, kafka: &impl Bootstrap) -> (ProcessorConfig, Option<ModelServer>) {
+        match self {
+            Scoring::ModelServer => {
+                let server = ModelServer::start(&[]).await;
+                (config(kafka, &[server.grpc]), Some(server))
+            }
+            Scoring::Embedded => {
+                let mut config = config(kafka, &[]);
+                embedded(&mut config, &bundled_model_dir());
+                (config, None)
+            }
+        }
+    }
+}
+
+/// Two tests of `$run(Scoring)`: `$through_server` scoring through a model server,
+/// `$embedded` embedded.
+macro_rules! test_both_scorings {
+    ($run:ident: $through_server:ident, $embedded:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $through_server() {
+            $run(Scoring::ModelServer).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $embedded() {
+            $run(Scoring::Embedded).await;
+        }
+    };
+}
+#[allow(unused_imports)] // Not every suite has paired tests.
+pub(crate) use test_both_scorings;
 
 #[derive(Parser)]
 struct ServeCli {
