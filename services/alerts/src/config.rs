@@ -130,16 +130,12 @@ impl ServiceConfig for AlertsConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         let error = |text: String| Err(ConfigError(text));
-        for (name, topic) in [
-            ("scores_topic", &self.scores_topic),
+        ConfigError::require_non_empty([
+            ("scores_topic", self.scores_topic.as_str()),
             ("alerts_topic", &self.alerts_topic),
             ("changelog_topic", &self.changelog_topic),
             ("dead_letter_topic", &self.dead_letter_topic),
-        ] {
-            if topic.is_empty() {
-                return error(format!("{name} is empty"));
-            }
-        }
+        ])?;
         if self.changelog_topic == self.scores_topic || self.alerts_topic == self.scores_topic {
             return error("alerts_topic and changelog_topic must differ from scores_topic".into());
         }
@@ -152,14 +148,12 @@ impl ServiceConfig for AlertsConfig {
         if self.rules.is_empty() {
             return error("rules is empty: nothing to alert on".into());
         }
-        for key in
-            ["group.id", "group.instance.id", "enable.auto.commit", "enable.auto.offset.store", "transactional.id"]
-        {
-            if self.kafka.contains_key(key) {
-                return error(format!(
-                    "kafka.\"{key}\" is set by the service (group_id and group_instance_id set the group)"
-                ));
-            }
+        let owned =
+            ["group.id", "group.instance.id", "enable.auto.commit", "enable.auto.offset.store", "transactional.id"];
+        if let Some(key) = kafka::service_owned(&self.kafka, &owned) {
+            return error(format!(
+                "kafka.\"{key}\" is set by the service (group_id and group_instance_id set the group)"
+            ));
         }
         let mut names = std::collections::HashSet::new();
         for (index, rule) in self.rules.iter().enumerate() {

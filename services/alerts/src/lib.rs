@@ -19,10 +19,10 @@ pub mod error;
 pub mod metrics;
 pub mod service;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use admin::Shutdown;
 use tokio::net::TcpListener;
 
 use crate::config::{AlertsConfig, ServiceConfig as _};
@@ -35,11 +35,7 @@ pub struct Listeners {
 /// Runs the service until `shutdown` resolves, then writes what is pending, commits and
 /// returns. An error (a write Kafka refused, a changelog that cannot be read) stops it
 /// without committing more: a restart redoes the rest.
-pub async fn run(
-    config: AlertsConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AlertsError> {
+pub async fn run(config: AlertsConfig, listeners: Listeners, shutdown: impl Shutdown) -> Result<(), AlertsError> {
     config.check()?;
     let registry = prometheus::Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;

@@ -247,10 +247,25 @@ fn by_id(alerts: Vec<Alert>) -> BTreeMap<String, Alert> {
     out
 }
 
+/// A one-broker cluster with the service's topics, named after `name`.
+fn cluster(name: &str) -> (KafkaCluster, Topics) {
+    let kafka = KafkaCluster::start(1).unwrap();
+    let topics = Topics::create(&kafka, name);
+    (kafka, topics)
+}
+
+/// A run in two halves: in the first, windows open on every partition and none closes yet
+/// (no tick); the second closes them. Also both together, per partition the first half's
+/// records first, as they are produced.
+fn two_halves() -> (Vec<Planned>, Vec<Planned>, Vec<Planned>) {
+    let (first, second) = (plan(0.0, 90.0, false), plan(90.0, 240.0, true));
+    let all = first.iter().chain(&second).cloned().collect();
+    (first, second, all)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lettered() {
-    let kafka = KafkaCluster::start(1).unwrap();
-    let topics = Topics::create(&kafka, "figures");
+    let (kafka, topics) = cluster("figures");
     let planned = plan(0.0, 240.0, true);
     let want = expected(&planned);
     assert!(want.len() >= 10, "the plan fires both rules: {:?}", want.keys().collect::<Vec<_>>());
@@ -295,8 +310,7 @@ async fn alerts_carry_their_windows_figures_and_unreadable_scores_are_dead_lette
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alert_kafka_refuses_for_good_is_dead_lettered_and_the_others_still_fire() {
-    let kafka = KafkaCluster::start(1).unwrap();
-    let topics = Topics::create(&kafka, "refused");
+    let (kafka, topics) = cluster("refused");
     let planned = plan(0.0, 240.0, true);
     let want: BTreeMap<String, Alert> =
         expected(&planned).into_iter().filter(|(id, _)| id.contains("/repeated/")).collect();
@@ -326,17 +340,8 @@ async fn an_alert_kafka_refuses_for_good_is_dead_lettered_and_the_others_still_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_survives_a_restart_redelivery_fires_nothing_twice_and_a_replay_gives_the_same_alerts() {
-    let kafka = KafkaCluster::start(1).unwrap();
-    let topics = Topics::create(&kafka, "restart");
-    // First half: windows open on every partition, none closes yet (no tick).
-    let first = plan(0.0, 90.0, false);
-    let second = plan(90.0, 240.0, true);
-    let all: Vec<Planned> = {
-        // Per partition, the first half's records come first: as produced.
-        let mut all = first.clone();
-        all.extend(second.iter().cloned());
-        all
-    };
+    let (kafka, topics) = cluster("restart");
+    let (first, second, all) = two_halves();
     let want = expected(&all);
 
     let service = Running::start(config(&kafka, "restart", &topics));
@@ -389,12 +394,8 @@ async fn state_survives_a_restart_redelivery_fires_nothing_twice_and_a_replay_gi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_once() {
-    let kafka = KafkaCluster::start(1).unwrap();
-    let topics = Topics::create(&kafka, "rebalance");
-    let first = plan(0.0, 90.0, false);
-    let second = plan(90.0, 240.0, true);
-    let mut all = first.clone();
-    all.extend(second.iter().cloned());
+    let (kafka, topics) = cluster("rebalance");
+    let (first, second, all) = two_halves();
     let want = expected(&all);
 
     let a = Running::start(config(&kafka, "rebalance", &topics));
@@ -423,8 +424,7 @@ async fn a_rebalance_moves_state_with_its_partitions_and_every_alert_is_written_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changelog_without_the_scores_partitions_stops_the_start_naming_both() {
-    let kafka = KafkaCluster::start(1).unwrap();
-    let topics = Topics::create(&kafka, "mismatch");
+    let (kafka, topics) = cluster("mismatch");
     let mut config = config(&kafka, "mismatch", &topics);
     config.changelog_topic = "mismatch.changelog-one".into();
     kafka.create_topic(&config.changelog_topic, 1).unwrap();

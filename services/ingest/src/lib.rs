@@ -35,10 +35,10 @@ pub mod routing;
 pub mod tls;
 pub mod trace;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use admin::Shutdown;
 use proto::vigil::ingest::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -72,11 +72,7 @@ pub struct Listeners {
 
 /// Runs ingest until `shutdown` resolves, then drains: stops taking messages, waits for
 /// Kafka to confirm what was taken, acknowledges it, and returns.
-pub async fn run(
-    config: IngestConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), IngestError> {
+pub async fn run(config: IngestConfig, listeners: Listeners, shutdown: impl Shutdown) -> Result<(), IngestError> {
     let registry = prometheus::Registry::new();
     let metrics = metrics::Metrics::new(&registry)?;
     let readiness = admin::Readiness::new();

@@ -52,11 +52,7 @@ const HEALTH_SERVICES: [&str; 6] = [
 
 /// Loads the configured models, then serves until `shutdown` resolves and in-flight
 /// requests have drained (or the grace period ran out).
-pub async fn run(
-    config: ServerConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+pub async fn run(config: ServerConfig, listeners: Listeners, shutdown: impl admin::Shutdown) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let repository = Repository::new(config.models.clone(), config.repository.clone(), metrics.clone())?;
 

@@ -54,14 +54,19 @@ async fn answered(client: &mut PredictionServiceClient<Channel>, version: Option
     }
 }
 
-/// A server with versions 1 and 2 and a rollout sending 25% to version 2 (the directory
-/// holding them goes with the first value).
-async fn quarter_on_the_canary() -> (tempfile::TempDir, TestServer) {
+/// A server with versions 1 and 2, a rollout file sending `weight`% from `stable` to
+/// `canary`, and `extra` flags (the directory holding them goes with the first value).
+async fn rolled_out(stable: i64, canary: i64, weight: f64, extra: &[&str]) -> (tempfile::TempDir, TestServer) {
     let root = tempfile::tempdir().unwrap();
     let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
-    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 25.0));
-    let server = TestServer::start(&[&models, &rollouts]).await;
-    (root, server)
+    let (models, rollouts) = configs(root.path(), &base, &rollout(stable, canary, weight));
+    let flags: Vec<&str> = [models.as_str(), rollouts.as_str()].into_iter().chain(extra.iter().copied()).collect();
+    (root, TestServer::start(&flags).await)
+}
+
+/// A server with versions 1 and 2 and a rollout sending 25% to version 2.
+async fn quarter_on_the_canary() -> (tempfile::TempDir, TestServer) {
+    rolled_out(1, 2, 25.0, &[]).await
 }
 
 /// `count` is within 5 standard deviations of a binomial(n, share) count.
@@ -109,11 +114,8 @@ async fn unpinned_requests_split_by_weight_and_each_device_sticks_to_its_side() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_is_not_loaded_leaves_every_request_to_stable() {
-    let root = tempfile::tempdir().unwrap();
-    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
     // Version 7 does not exist; 100% of traffic is meant for it.
-    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 7, 100.0));
-    let server = TestServer::start(&[&models, &rollouts]).await;
+    let (_root, server) = rolled_out(1, 7, 100.0, &[]).await;
     let mut client = server.predict_client().await;
     for i in 0..50 {
         assert_eq!(answered(&mut client, None, Some(&format!("car-{i}"))).await, 1);
@@ -123,10 +125,7 @@ async fn a_canary_that_is_not_loaded_leaves_every_request_to_stable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rollout_file_is_reread_and_a_bad_one_keeps_the_rollout_in_force() {
-    let root = tempfile::tempdir().unwrap();
-    let base = model_base(root.path(), MODEL, "autoencoder", &[1, 2]);
-    let (models, rollouts) = configs(root.path(), &base, &rollout(1, 2, 0.0));
-    let server = TestServer::start(&[&models, &rollouts, "--rollout_config_file_poll_wait_seconds=1"]).await;
+    let (root, server) = rolled_out(1, 2, 0.0, &["--rollout_config_file_poll_wait_seconds=1"]).await;
     let mut client = server.predict_client().await;
     for i in 0..20 {
         assert_eq!(answered(&mut client, None, Some(&format!("car-{i}"))).await, 1, "0%: all stable");

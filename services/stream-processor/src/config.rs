@@ -403,25 +403,22 @@ impl ServiceConfig for ProcessorConfig {
         if self.model.backoff_initial_ms == 0 || self.model.backoff_max_ms < self.model.backoff_initial_ms {
             return error("model.backoff_initial_ms must be at least 1 and at most model.backoff_max_ms".into());
         }
-        for (name, topic) in [
-            ("readings_topic", &self.readings_topic),
+        ConfigError::require_non_empty([
+            ("readings_topic", self.readings_topic.as_str()),
             ("scores_topic", &self.scores_topic),
             ("anomalies_topic", &self.anomalies_topic),
             ("dead_letter_topic", &self.dead_letter_topic),
-        ] {
-            if topic.is_empty() {
-                return error(format!("{name} is empty"));
-            }
-        }
+        ])?;
         if self.scores_topic == self.readings_topic || self.anomalies_topic == self.readings_topic {
             return error("the scores and anomalies topics must differ from the readings topic".into());
         }
-        for key in ["enable.auto.offset.store", "enable.auto.commit", "group.id"] {
-            if self.consumer.contains_key(key) || self.kafka.contains_key(key) {
-                return error(format!(
-                    "{key:?} is set by the processor (offsets are stored only once outputs are safe); remove it"
-                ));
-            }
+        let owned = ["enable.auto.offset.store", "enable.auto.commit", "group.id"];
+        if let Some(key) =
+            [&self.consumer, &self.kafka].into_iter().find_map(|table| kafka::service_owned(table, &owned))
+        {
+            return error(format!(
+                "{key:?} is set by the processor (offsets are stored only once outputs are safe); remove it"
+            ));
         }
         if self.consumer.contains_key("group.instance.id") || self.kafka.contains_key("group.instance.id") {
             return error("\"group.instance.id\" is set by the processor: use group_instance_id".into());

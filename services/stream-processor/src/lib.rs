@@ -36,11 +36,11 @@ pub mod trace;
 pub mod transactions;
 pub mod windows;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use admin::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::Producer as _;
 use tokio::net::TcpListener;
@@ -72,11 +72,7 @@ pub struct Listeners {
 /// Runs the processor until `shutdown` resolves, then drains: in-flight readings are
 /// finished and written, their offsets committed, and the group left. Needs a
 /// multi-threaded tokio runtime.
-pub async fn run(
-    config: ProcessorConfig,
-    listeners: Listeners,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ProcessorError> {
+pub async fn run(config: ProcessorConfig, listeners: Listeners, shutdown: impl Shutdown) -> Result<(), ProcessorError> {
     config.check().map_err(|e| ProcessorError::Config(e.to_string()))?;
     let config = Arc::new(config);
     let registry = prometheus::Registry::new();

@@ -57,8 +57,7 @@ test_both_scorings!(killed_and_restarted:
 
 /// The kill and restart of the processor binary.
 async fn killed_and_restarted(scoring: Scoring) {
-    let kafka = kafka();
-    let (_, server) = scoring.setup(&kafka).await;
+    let (kafka, _, server) = scoring.setup().await;
     let model = server.as_ref().map(|s| s.grpc);
     let readings = fleet_readings(50, 60, 13);
     let total = readings.len();

@@ -88,8 +88,7 @@ test_both_scorings!(written_once_in_order:
     embedded_scoring_writes_every_reading_once_in_order_through_committed_transactions);
 
 async fn written_once_in_order(scoring: Scoring) {
-    let kafka = kafka();
-    let (mut config, server) = scoring.setup(&kafka).await;
+    let (kafka, mut config, server) = scoring.setup().await;
     exactly_once(&mut config, if scoring == Scoring::Embedded { "exactly-once-embedded" } else { "exactly-once-mock" });
     config.max_in_flight_per_partition = 64;
     let processor = Processor::start(config).await;

@@ -80,8 +80,7 @@ test_both_scorings!(scores_are_tensorflows:
 /// a car's consecutive readings from its first, so the processor's windows are
 /// TensorFlow's (padded alike at the start).
 async fn scores_are_tensorflows(scoring: Scoring) {
-    let kafka = kafka();
-    let (mut config, server) = scoring.setup(&kafka).await;
+    let (kafka, mut config, server) = scoring.setup().await;
     config.output_format = stream_processor::config::OutputFormat::Json;
     let processor = Processor::start(config).await;
     let golden: serde_json::Value =

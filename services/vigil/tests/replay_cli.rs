@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 mod support;
 
-use support::Run;
+use support::{Run, assert_unreachable, words};
 
 const READINGS: &str = "vigil-readings";
 const SCORES: &str = "vigil-scores";
@@ -180,20 +180,9 @@ async fn vigil_replay_passes_a_good_candidate_and_fails_a_bad_one_naming_its_bou
     // JSON, with a bound given, and the processor named by the environment.
     let json = vigil(
         Some(processor),
-        &[
-            "replay",
-            "--from",
-            "-10m",
-            "--to",
-            "now",
-            "--version",
-            "3",
-            "--output-topic",
-            "vigil-replay-cli-json",
-            "--min-agreement",
-            "0.01",
-            "--json",
-        ],
+        &words(
+            "replay --from -10m --to now --version 3 --output-topic vigil-replay-cli-json --min-agreement 0.01 --json",
+        ),
     )
     .await;
     assert_eq!(json.code, 1, "{}", json.stderr);
@@ -227,9 +216,7 @@ async fn vigil_replay_passes_a_good_candidate_and_fails_a_bad_one_naming_its_bou
     assert!(bad_time.stderr.starts_with("error: --from \"yesterday\" is not a time"), "{}", bad_time.stderr);
     let unreachable =
         vigil(None, &["replay", "--processor", "http://127.0.0.1:1", "--from", "-1m", "--version", "2"]).await;
-    assert_eq!(unreachable.code, 2);
-    assert!(unreachable.stderr.contains("stream processor at http://127.0.0.1:1"), "{}", unreachable.stderr);
-    assert!(unreachable.stderr.contains("--processor") && unreachable.stderr.contains("VIGIL_PROCESSOR"));
+    assert_unreachable(&unreachable, 2, "stream processor", "http://127.0.0.1:1", "--processor", "VIGIL_PROCESSOR");
     stack.stop().await;
 }
 
@@ -239,24 +226,11 @@ async fn rollout_start_with_a_required_replay_starts_only_a_candidate_that_passe
     let start = |canary: &'static str| {
         let (server, processor) = (stack.model_server.clone(), stack.processor.clone());
         async move {
-            let args = [
-                "rollout",
-                "--server",
-                &server,
-                "start",
-                "car-anomaly",
-                "--stable",
-                "1",
-                "--canary",
-                canary,
-                "--weight",
-                "10",
-                "--require-replay-from",
-                "-10m",
-                "--processor",
-                &processor,
-            ];
-            vigil(None, &args).await
+            let line = format!(
+                "rollout --server {server} start car-anomaly --stable 1 --canary {canary} --weight 10 \
+                 --require-replay-from -10m --processor {processor}"
+            );
+            vigil(None, &words(&line)).await
         }
     };
 

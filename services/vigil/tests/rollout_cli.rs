@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 mod pki;
 mod support;
 
-use support::Run;
+use support::{Run, assert_unreachable, words};
 
 #[derive(clap::Parser)]
 struct ServeCli {
@@ -116,19 +116,8 @@ async fn the_rollout_cli_steers_a_rollout_and_passes_the_servers_errors_through(
 
     // A finished rollout makes way for the next; analysis options imply --analysis, and the
     // server fills in the defaults of the ones not given.
-    let analysed = rollout(&[
-        "start",
-        "car-anomaly",
-        "--stable",
-        "1",
-        "--canary",
-        "2",
-        "--steps",
-        "5,25",
-        "--interval-seconds",
-        "1",
-    ])
-    .await;
+    let line = format!("--server {url} start car-anomaly --stable 1 --canary 2 --steps 5,25 --interval-seconds 1");
+    let analysed = vigil(None, &words(&line)).await;
     assert_eq!(analysed.code, 0, "{}", analysed.stderr);
     assert!(analysed.field("analysis").starts_with("steps 5% 25%, a check every 1 s"), "{}", analysed.stdout);
     let status = rollout(&["status", "car-anomaly", "--json"]).await.json();
@@ -149,9 +138,7 @@ async fn the_rollout_cli_steers_a_rollout_and_passes_the_servers_errors_through(
     assert!(last.contains("revision 5: aborted, canary 0%: aborted by hand: testing the watch"), "{}", watched.stdout);
 
     let unreachable = vigil(None, &["--server", "http://127.0.0.1:1", "list"]).await;
-    assert_eq!(unreachable.code, 1);
-    assert!(unreachable.stderr.contains("model server at http://127.0.0.1:1"), "{}", unreachable.stderr);
-    assert!(unreachable.stderr.contains("--server") && unreachable.stderr.contains("VIGIL_MODEL_SERVER"));
+    assert_unreachable(&unreachable, 1, "model server", "http://127.0.0.1:1", "--server", "VIGIL_MODEL_SERVER");
     server.stop().await;
 }
 

@@ -33,6 +33,16 @@ pub struct EnvLayout<'a> {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+impl ConfigError {
+    /// Refuses the first of `values` (key, value) that is empty, naming its key.
+    pub fn require_non_empty<'a>(values: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<(), ConfigError> {
+        match values.into_iter().find(|(_, value)| value.is_empty()) {
+            Some((key, _)) => Err(ConfigError(format!("{key} is empty"))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A service's whole configuration: how its variables are named and what it checks
 /// beyond its types. [`ServiceConfig::load`] is every service's way in.
 pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
@@ -168,5 +178,17 @@ fn insert(dict: &mut Dict, path: &[&str], value: Value) {
                 insert(inner, rest, value);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConfigError;
+
+    #[test]
+    fn the_first_empty_value_is_refused_by_its_key() {
+        assert!(ConfigError::require_non_empty([("a", "x"), ("b", "y")]).is_ok());
+        let error = ConfigError::require_non_empty([("a", "x"), ("b", ""), ("c", "")]).unwrap_err();
+        assert_eq!(error.to_string(), "configuration: b is empty");
     }
 }

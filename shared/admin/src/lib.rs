@@ -127,12 +127,18 @@ pub fn health_routes<H: Health>(health: H, extra_metrics_path: Option<&str>) -> 
     router.with_state(health)
 }
 
+/// A service's signal to stop: a future that resolves when it should drain and return
+/// (SIGTERM or SIGINT in a binary, a channel in a test). Any such future is one.
+pub trait Shutdown: Future<Output = ()> + Send + 'static {}
+
+impl<F: Future<Output = ()> + Send + 'static> Shutdown for F {}
+
 /// Serves the endpoint on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Registry,
     readiness: Readiness,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Shutdown,
 ) -> std::io::Result<()> {
     axum::serve(listener, router(registry, readiness)).with_graceful_shutdown(shutdown).await
 }

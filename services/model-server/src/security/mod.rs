@@ -171,7 +171,7 @@ impl Tls {
         &self,
         listener: TcpListener,
         app: axum::Router,
-        stop: impl Future<Output = ()> + Send + 'static,
+        stop: impl admin::Shutdown,
     ) -> std::io::Result<()> {
         let tls = self.clone();
         let listener = server_tls::TlsListener::new(

@@ -102,18 +102,20 @@ pub enum Scoring {
 }
 
 impl Scoring {
-    /// The processor's config for `kafka`, scoring this way, and the model server it calls
-    /// (none when embedded).
-    pub async fn setup(self, kafka: &impl Bootstrap) -> (ProcessorConfig, Option<ModelServer>) {
+    /// A mock Kafka cluster with the processor's topics, the processor's config for it,
+    /// scoring this way, and the model server it calls (none when embedded).
+    pub async fn setup(self) -> (KafkaCluster, ProcessorConfig, Option<ModelServer>) {
+        let kafka = kafka();
         match self {
             Scoring::ModelServer => {
                 let server = ModelServer::start(&[]).await;
-                (config(kafka, &[server.grpc]), Some(server))
+                let config = config(&kafka, &[server.grpc]);
+                (kafka, config, Some(server))
             }
             Scoring::Embedded => {
-                let mut config = config(kafka, &[]);
+                let mut config = config(&kafka, &[]);
                 embedded(&mut config, &bundled_model_dir());
-                (config, None)
+                (kafka, config, None)
             }
         }
     }

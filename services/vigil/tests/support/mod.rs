@@ -26,6 +26,19 @@ impl Run {
     }
 }
 
+/// `run` exited with `code` because nothing answers at `url`, and said so naming the
+/// server it tried (`what`) and how to point it elsewhere (`flag`, `variable`).
+pub(crate) fn assert_unreachable(run: &Run, code: i32, what: &str, url: &str, flag: &str, variable: &str) {
+    assert_eq!(run.code, code, "{}", run.stderr);
+    assert!(run.stderr.contains(&format!("{what} at {url}")), "{}", run.stderr);
+    assert!(run.stderr.contains(flag) && run.stderr.contains(variable), "{}", run.stderr);
+}
+
+/// A command line's words, for arguments without spaces written as one line.
+pub(crate) fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 /// Runs `vigil <args>` with `env` set and the variables naming servers (`VIGIL_PROCESSOR`,
 /// `VIGIL_MODEL_SERVER`) otherwise removed; blocking, so off the runtime the services run on.
 pub(crate) async fn vigil(args: &[&str], env: &[(&str, &str)]) -> Run {
