@@ -159,11 +159,12 @@ impl ReceivedMessage {
         use opentelemetry::trace::{SpanKind, Tracer as _};
         let parent = context_from_pairs(carrier);
         let tracer = tracer(scope);
-        let mut attributes = vec![
+        let mut attributes = Vec::with_capacity(3 + self.attributes.len());
+        attributes.extend([
             KeyValue::new("messaging.system", self.system),
             KeyValue::new("messaging.operation.type", "process"),
             KeyValue::new("messaging.destination.name", self.destination),
-        ];
+        ]);
         attributes.extend(self.attributes);
         let span = tracer
             .span_builder(name)
