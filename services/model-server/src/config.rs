@@ -421,7 +421,7 @@ fn rollout_kafka_properties(
             .ok_or_else(|| format!("--rollout_kafka_property {flag:?}: expected KEY=VALUE"))?;
         properties.insert(key.trim().to_owned(), value.to_owned());
     }
-    if let Some(key) = properties.keys().find(|key| MANAGED_KAFKA_PROPERTIES.contains(&key.as_str())) {
+    if let Some(key) = kafka::service_owned(&properties, &MANAGED_KAFKA_PROPERTIES) {
         return Err(format!(
             "rollout Kafka property {key:?} is set by the model server itself{}",
             if key == "bootstrap.servers" { " (use --rollout_kafka_brokers)" } else { "" }
